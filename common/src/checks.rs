@@ -1,0 +1,180 @@
+//! The floor the code enforces, whatever any policy says: read-only SELECTs only, and at a
+//! trust, results that are aggregates of splittable functions, never rows.
+
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+
+use crate::error::{ErrorCode, TallyError};
+use crate::udaf::is_trust_side_aggregate;
+
+/// Longest SQL text accepted, in bytes.
+pub const MAX_SQL_BYTES: usize = 64 * 1024;
+
+/// Parses and plans `sql` as a read-only query: one SELECT (or WITH ... SELECT), nothing that
+/// writes, creates, copies, reads files by path, explains or changes settings.
+pub async fn plan_read_only(state: &SessionState, sql: &str) -> Result<LogicalPlan, TallyError> {
+    if sql.len() > MAX_SQL_BYTES {
+        return Err(TallyError::new(
+            ErrorCode::TooLarge,
+            format!("the query is {} bytes long; the limit is {MAX_SQL_BYTES}", sql.len()),
+        ));
+    }
+    let dialect = state.config().options().sql_parser.dialect;
+    let statement = state
+        .sql_to_statement(sql, &dialect)
+        .map_err(TallyError::from_planning)?;
+    match &statement {
+        DfStatement::Statement(inner) if matches!(inner.as_ref(), SqlStatement::Query(_)) => {}
+        _ => {
+            return Err(TallyError::new(
+                ErrorCode::ReadOnly,
+                "only read-only SELECT queries are accepted",
+            ));
+        }
+    }
+    let plan = state
+        .statement_to_plan(statement)
+        .await
+        .map_err(TallyError::from_planning)?;
+    reject_non_queries(&plan)?;
+    Ok(plan)
+}
+
+/// Refuses plan nodes that are not part of a read-only query (defence in depth behind the
+/// statement check: `SELECT ... INTO` is planned as a table creation, for instance).
+fn reject_non_queries(plan: &LogicalPlan) -> Result<(), TallyError> {
+    let mut refusal = None;
+    plan.apply_with_subqueries(|node| {
+        let bad = matches!(
+            node,
+            LogicalPlan::Ddl(_)
+                | LogicalPlan::Dml(_)
+                | LogicalPlan::Copy(_)
+                | LogicalPlan::Statement(_)
+                | LogicalPlan::Explain(_)
+                | LogicalPlan::Analyze(_)
+                | LogicalPlan::DescribeTable(_)
+        );
+        if bad {
+            refusal = Some(TallyError::new(
+                ErrorCode::ReadOnly,
+                "only read-only SELECT queries are accepted",
+            ));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(|_| TallyError::new(ErrorCode::Internal, "plan inspection failed"))?;
+    refusal.map_or(Ok(()), Err)
+}
+
+/// Checks that everything `plan` returns is an aggregate: every table is read only beneath
+/// an aggregate of splittable functions, with no window functions anywhere.
+pub fn check_aggregate_only(plan: &LogicalPlan) -> Result<(), TallyError> {
+    check_node(plan, false)
+}
+
+fn check_node(plan: &LogicalPlan, below_aggregate: bool) -> Result<(), TallyError> {
+    let below = match plan {
+        LogicalPlan::Window(_) => {
+            return Err(TallyError::new(
+                ErrorCode::Window,
+                "window functions are not accepted: they work on individual rows",
+            ));
+        }
+        LogicalPlan::TableScan(scan) if !below_aggregate => {
+            return Err(TallyError::new(
+                ErrorCode::NotAggregate,
+                format!(
+                    "the query returns rows of table '{}'; only aggregates (COUNT, SUM, AVG, ...) leave a trust",
+                    scan.table_name.table()
+                ),
+            ));
+        }
+        LogicalPlan::Aggregate(aggregate) => {
+            check_aggregate_exprs(&aggregate.aggr_expr)?;
+            if aggregate
+                .group_expr
+                .iter()
+                .any(|e| matches!(e, Expr::GroupingSet(_)))
+            {
+                return Err(TallyError::new(
+                    ErrorCode::UnsupportedShape,
+                    "ROLLUP, CUBE and GROUPING SETS are not supported",
+                ));
+            }
+            true
+        }
+        LogicalPlan::Extension(_) | LogicalPlan::RecursiveQuery(_) | LogicalPlan::Unnest(_) => {
+            return Err(TallyError::new(
+                ErrorCode::UnsupportedShape,
+                "recursive queries and UNNEST are not supported",
+            ));
+        }
+        _ => below_aggregate,
+    };
+    let mut result = Ok(());
+    plan.apply_subqueries(|subquery| {
+        result = check_node(subquery, below);
+        Ok(if result.is_err() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    })
+    .map_err(|_| TallyError::new(ErrorCode::Internal, "plan inspection failed"))?;
+    result?;
+    plan.inputs()
+        .into_iter()
+        .try_for_each(|input| check_node(input, below))
+}
+
+fn check_aggregate_exprs(aggr_expr: &[Expr]) -> Result<(), TallyError> {
+    if aggr_expr.is_empty() {
+        return Err(TallyError::new(
+            ErrorCode::NotAggregate,
+            "GROUP BY or DISTINCT without an aggregate function lists row values; add COUNT(*) or another aggregate",
+        ));
+    }
+    for expr in aggr_expr {
+        let Expr::AggregateFunction(function) = strip_alias(expr) else {
+            return Err(TallyError::new(
+                ErrorCode::UnsupportedShape,
+                "unexpected expression in an aggregate",
+            ));
+        };
+        let name = function.func.name();
+        if !is_trust_side_aggregate(name) {
+            return Err(TallyError::new(
+                ErrorCode::AggregateNotSplittable,
+                format!(
+                    "aggregate '{name}' is not accepted: only COUNT, SUM, AVG, MIN, MAX, VAR and STDDEV can be combined across trusts without moving row-level values"
+                ),
+            ));
+        }
+        if function.params.distinct {
+            return Err(TallyError::new(
+                ErrorCode::AggregateNotSplittable,
+                format!("{name}(DISTINCT ...) is not accepted: its partial state would list raw values"),
+            ));
+        }
+        if function.params.filter.is_some() || !function.params.order_by.is_empty() {
+            return Err(TallyError::new(
+                ErrorCode::UnsupportedShape,
+                format!("FILTER and ORDER BY clauses inside {name}(...) are not accepted"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The expression beneath any aliases.
+pub fn strip_alias(expr: &Expr) -> &Expr {
+    match expr {
+        Expr::Alias(alias) => strip_alias(&alias.expr),
+        other => other,
+    }
+}

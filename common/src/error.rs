@@ -1,0 +1,330 @@
+//! Tally's own error codes: the only error text an analyst (or a gateway) ever sees.
+//!
+//! Engine errors (DataFusion, Arrow, Parquet) are logged server-side with the query id and
+//! replaced by a code and a message written by us. Planning errors describe the query text
+//! only; execution errors can carry data values (a failed cast prints the value), so they are
+//! always replaced by a generic message.
+
+use std::fmt;
+
+use datafusion::error::DataFusionError;
+use datafusion::sql::sqlparser::parser::ParserError;
+use tonic::{Code, Status};
+
+/// Stable reason codes that analysts can look up in the README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The SQL text does not parse.
+    SqlSyntax,
+    /// The query names a table no trust serves.
+    UnknownTable,
+    /// The query names a column the table does not have.
+    UnknownColumn,
+    /// The query parses but cannot be planned (types, functions, ambiguity).
+    Plan,
+    /// The statement is not a read-only SELECT (DDL, DML, COPY, SET, EXPLAIN ...).
+    ReadOnly,
+    /// The result would contain row-level data instead of aggregates.
+    NotAggregate,
+    /// An aggregate whose state carries raw values, or that cannot be merged across trusts.
+    AggregateNotSplittable,
+    /// A window function.
+    Window,
+    /// A query shape Tally does not federate (LIMIT below an aggregate, ROLLUP, ...).
+    UnsupportedShape,
+    /// The same table has different schemas at different trusts.
+    SchemaMismatch,
+    /// A trust that must answer is down or unreachable.
+    TrustUnavailable,
+    /// A trust did not answer within the time limit.
+    TrustTimeout,
+    /// A trust refused the per-trust query.
+    TrustRefused,
+    /// A trust failed while running the per-trust query.
+    TrustFailed,
+    /// A trust answered with something that is not the agreed partial result.
+    TrustProtocol,
+    /// The engine failed while running the query (details are in the server log).
+    Execution,
+    /// Missing or invalid credentials.
+    Unauthenticated,
+    /// A malformed Flight SQL request.
+    BadRequest,
+    /// The query text is larger or deeper than the limits allow.
+    TooLarge,
+    /// A fault inside Tally itself.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, for documentation and tests.
+    pub const ALL: [ErrorCode; 20] = [
+        ErrorCode::SqlSyntax,
+        ErrorCode::UnknownTable,
+        ErrorCode::UnknownColumn,
+        ErrorCode::Plan,
+        ErrorCode::ReadOnly,
+        ErrorCode::NotAggregate,
+        ErrorCode::AggregateNotSplittable,
+        ErrorCode::Window,
+        ErrorCode::UnsupportedShape,
+        ErrorCode::SchemaMismatch,
+        ErrorCode::TrustUnavailable,
+        ErrorCode::TrustTimeout,
+        ErrorCode::TrustRefused,
+        ErrorCode::TrustFailed,
+        ErrorCode::TrustProtocol,
+        ErrorCode::Execution,
+        ErrorCode::Unauthenticated,
+        ErrorCode::BadRequest,
+        ErrorCode::TooLarge,
+        ErrorCode::Internal,
+    ];
+
+    /// The stable identifier, e.g. `E_NOT_AGGREGATE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::SqlSyntax => "E_SQL_SYNTAX",
+            ErrorCode::UnknownTable => "E_UNKNOWN_TABLE",
+            ErrorCode::UnknownColumn => "E_UNKNOWN_COLUMN",
+            ErrorCode::Plan => "E_PLAN",
+            ErrorCode::ReadOnly => "E_READ_ONLY",
+            ErrorCode::NotAggregate => "E_NOT_AGGREGATE",
+            ErrorCode::AggregateNotSplittable => "E_AGG_NOT_SPLITTABLE",
+            ErrorCode::Window => "E_WINDOW",
+            ErrorCode::UnsupportedShape => "E_UNSUPPORTED_SHAPE",
+            ErrorCode::SchemaMismatch => "E_SCHEMA_MISMATCH",
+            ErrorCode::TrustUnavailable => "E_TRUST_UNAVAILABLE",
+            ErrorCode::TrustTimeout => "E_TRUST_TIMEOUT",
+            ErrorCode::TrustRefused => "E_TRUST_REFUSED",
+            ErrorCode::TrustFailed => "E_TRUST_FAILED",
+            ErrorCode::TrustProtocol => "E_TRUST_PROTOCOL",
+            ErrorCode::Execution => "E_EXECUTION",
+            ErrorCode::Unauthenticated => "E_UNAUTHENTICATED",
+            ErrorCode::BadRequest => "E_BAD_REQUEST",
+            ErrorCode::TooLarge => "E_TOO_LARGE",
+            ErrorCode::Internal => "E_INTERNAL",
+        }
+    }
+
+    /// Parses a stable identifier back into a code.
+    pub fn parse(text: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|code| code.as_str() == text)
+    }
+
+    fn grpc_code(self) -> Code {
+        match self {
+            ErrorCode::SqlSyntax
+            | ErrorCode::UnknownTable
+            | ErrorCode::UnknownColumn
+            | ErrorCode::Plan
+            | ErrorCode::BadRequest
+            | ErrorCode::TooLarge => Code::InvalidArgument,
+            ErrorCode::ReadOnly
+            | ErrorCode::NotAggregate
+            | ErrorCode::AggregateNotSplittable
+            | ErrorCode::Window
+            | ErrorCode::UnsupportedShape
+            | ErrorCode::TrustRefused => Code::PermissionDenied,
+            ErrorCode::SchemaMismatch => Code::FailedPrecondition,
+            ErrorCode::TrustUnavailable => Code::Unavailable,
+            ErrorCode::TrustTimeout => Code::DeadlineExceeded,
+            ErrorCode::Unauthenticated => Code::Unauthenticated,
+            ErrorCode::TrustFailed
+            | ErrorCode::TrustProtocol
+            | ErrorCode::Execution
+            | ErrorCode::Internal => Code::Internal,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error Tally is willing to show: a stable code and a message written by us.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct TallyError {
+    /// The stable reason code.
+    pub code: ErrorCode,
+    /// A message for people; never engine text produced while reading data.
+    pub message: String,
+}
+
+impl TallyError {
+    /// Creates an error with the given code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        TallyError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The generic message for an engine failure during execution; details stay in the log.
+    pub fn execution(query_id: &str) -> Self {
+        TallyError::new(
+            ErrorCode::Execution,
+            format!("the query failed while running; the server log has the details under query id {query_id}"),
+        )
+    }
+
+    /// Maps an error raised while *planning* a query. Planning only sees the query text and
+    /// schemas, never data, so the description of what is wrong with the query is kept.
+    pub fn from_planning(err: DataFusionError) -> Self {
+        if let Some(tally) = find_tally_error(&err) {
+            return tally;
+        }
+        match err.find_root() {
+            DataFusionError::SQL(parse, _) => syntax_error(parse),
+            DataFusionError::SchemaError(schema_err, _) => {
+                use datafusion::common::SchemaError;
+                match schema_err.as_ref() {
+                    SchemaError::FieldNotFound { field, .. } => TallyError::new(
+                        ErrorCode::UnknownColumn,
+                        format!("column '{}' not found", field.name()),
+                    ),
+                    SchemaError::AmbiguousReference { field } => TallyError::new(
+                        ErrorCode::Plan,
+                        format!("column reference '{}' is ambiguous; qualify it with its table", field.name()),
+                    ),
+                    other => TallyError::new(ErrorCode::Plan, other.to_string()),
+                }
+            }
+            DataFusionError::Plan(msg) => plan_error(msg),
+            DataFusionError::NotImplemented(msg) => TallyError::new(
+                ErrorCode::Plan,
+                format!("not supported: {}", first_line(msg)),
+            ),
+            _ => TallyError::new(ErrorCode::Plan, "the query could not be planned"),
+        }
+    }
+
+    /// Maps an error raised while *executing* a query: our own errors pass through, engine
+    /// errors become the generic message and are logged with the query id.
+    pub fn from_execution(err: DataFusionError, query_id: &str) -> Self {
+        match find_tally_error(&err) {
+            Some(tally) => tally,
+            None => {
+                tracing::warn!(query_id, error = %err, "query failed inside the engine");
+                TallyError::execution(query_id)
+            }
+        }
+    }
+
+    /// Wraps this error so that it survives DataFusion's stream and planning boundaries.
+    pub fn into_datafusion(self) -> DataFusionError {
+        DataFusionError::External(Box::new(self))
+    }
+
+    /// The gRPC status carrying `CODE: message`.
+    pub fn to_status(&self) -> Status {
+        Status::new(self.code.grpc_code(), self.to_string())
+    }
+
+    /// Reads a status sent by a Tally peer back into a typed error, if it carries our format.
+    pub fn from_status(status: &Status) -> Option<Self> {
+        let (code, message) = status.message().split_once(": ")?;
+        Some(TallyError::new(ErrorCode::parse(code)?, message))
+    }
+}
+
+impl From<TallyError> for Status {
+    fn from(err: TallyError) -> Status {
+        err.to_status()
+    }
+}
+
+/// Looks through DataFusion's wrappers (context, shared, external) for one of our errors.
+pub fn find_tally_error(err: &DataFusionError) -> Option<TallyError> {
+    match err {
+        DataFusionError::External(inner) => inner.downcast_ref::<TallyError>().cloned().or_else(|| {
+            inner
+                .downcast_ref::<DataFusionError>()
+                .and_then(find_tally_error)
+        }),
+        DataFusionError::Context(_, inner) => find_tally_error(inner),
+        DataFusionError::Shared(inner) => find_tally_error(inner),
+        DataFusionError::Diagnostic(_, inner) => find_tally_error(inner),
+        DataFusionError::Collection(errors) => errors.iter().find_map(find_tally_error),
+        DataFusionError::ArrowError(arrow, _) => match arrow.as_ref() {
+            arrow::error::ArrowError::ExternalError(inner) => {
+                inner.downcast_ref::<TallyError>().cloned().or_else(|| {
+                    inner
+                        .downcast_ref::<DataFusionError>()
+                        .and_then(find_tally_error)
+                })
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn syntax_error(parse: &ParserError) -> TallyError {
+    let detail = match parse {
+        ParserError::TokenizerError(msg) | ParserError::ParserError(msg) => msg.clone(),
+        ParserError::RecursionLimitExceeded => {
+            return TallyError::new(ErrorCode::TooLarge, "the query is nested too deeply");
+        }
+    };
+    TallyError::new(ErrorCode::SqlSyntax, detail)
+}
+
+fn plan_error(msg: &str) -> TallyError {
+    let msg = first_line(msg);
+    if let Some(rest) = msg.strip_prefix("table '") {
+        let name = rest.split('\'').next().unwrap_or_default();
+        let short = name.rsplit('.').next().unwrap_or(name);
+        return TallyError::new(ErrorCode::UnknownTable, format!("table '{short}' not found"));
+    }
+    TallyError::new(ErrorCode::Plan, msg.to_string())
+}
+
+fn first_line(msg: &str) -> &str {
+    msg.lines().next().unwrap_or(msg).trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_through_status() {
+        for code in ErrorCode::ALL {
+            let err = TallyError::new(code, "something: with a colon");
+            let back = TallyError::from_status(&err.to_status()).expect("our format");
+            assert_eq!(back, err);
+        }
+    }
+
+    #[test]
+    fn foreign_status_is_not_ours() {
+        assert!(TallyError::from_status(&Status::internal("boom")).is_none());
+        assert!(TallyError::from_status(&Status::internal("E_NOPE: boom")).is_none());
+    }
+
+    #[test]
+    fn tally_error_survives_datafusion_wrapping() {
+        let inner = TallyError::new(ErrorCode::TrustTimeout, "trust RXA did not answer");
+        let wrapped = DataFusionError::Context(
+            "while scanning".into(),
+            Box::new(DataFusionError::Shared(std::sync::Arc::new(
+                inner.clone().into_datafusion(),
+            ))),
+        );
+        assert_eq!(find_tally_error(&wrapped), Some(inner.clone()));
+        assert_eq!(TallyError::from_execution(wrapped, "q1"), inner);
+    }
+
+    #[test]
+    fn engine_errors_become_generic_without_their_text() {
+        let err = DataFusionError::Execution("Cannot cast string 'RXA-P0001' to Int64".into());
+        let mapped = TallyError::from_execution(err, "q42");
+        assert_eq!(mapped.code, ErrorCode::Execution);
+        assert!(!mapped.message.contains("RXA-P0001"));
+        assert!(mapped.message.contains("q42"));
+    }
+}

@@ -1,0 +1,227 @@
+//! Flight SQL plumbing shared by the gateway (serving analysts) and the node agents
+//! (serving the gateway): FlightInfo construction, result streaming, catalogue metadata,
+//! and the client calls the gateway makes to a trust.
+
+use std::pin::Pin;
+use std::sync::LazyLock;
+
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use arrow_flight::sql::metadata::{GetCatalogsBuilder, SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::{
+    CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes,
+    CommandGetTables, ProstMessageExt, SqlInfo,
+};
+use arrow_flight::{FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
+use futures::{Stream, StreamExt, TryStreamExt};
+use prost::Message;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::error::{ErrorCode, TallyError};
+
+/// The catalogue name Tally reports in Flight SQL metadata.
+pub const CATALOG: &str = "tally";
+/// The schema name Tally reports in Flight SQL metadata.
+pub const SCHEMA: &str = "public";
+/// Request header carrying the gateway's query id to the trusts, for joined-up audit logs.
+pub const QUERY_ID_HEADER: &str = "x-tally-query-id";
+
+/// The stream type every `do_get` returns.
+pub type FlightDataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send>>;
+
+/// A FlightInfo for one endpoint whose ticket is `ticket`. Sizes are reported as unknown
+/// (-1): announcing a row count before disclosure control would leak it.
+pub fn flight_info(
+    schema: &Schema,
+    ticket: impl ProstMessageExt,
+    descriptor: FlightDescriptor,
+) -> Result<FlightInfo, Status> {
+    let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
+    FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|_| TallyError::new(ErrorCode::Internal, "result schema could not be encoded").to_status())
+        .map(|info| {
+            info.with_endpoint(endpoint)
+                .with_descriptor(descriptor)
+                .with_total_records(-1)
+                .with_total_bytes(-1)
+        })
+}
+
+/// Encodes a stream of batches as Flight data; errors are already Tally errors.
+pub fn encode_batches<S>(schema: SchemaRef, batches: S) -> FlightDataStream
+where
+    S: Stream<Item = Result<RecordBatch, TallyError>> + Send + 'static,
+{
+    let batches = batches.map_err(|e| FlightError::Tonic(Box::new(e.to_status())));
+    let encoded = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(batches)
+        .map_err(|e| match e {
+            FlightError::Tonic(status) => *status,
+            _ => TallyError::new(ErrorCode::Internal, "result could not be encoded").to_status(),
+        });
+    Box::pin(encoded)
+}
+
+/// One table as announced in the catalogue.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    /// Table name, unqualified.
+    pub name: String,
+    /// Arrow schema of the table.
+    pub schema: SchemaRef,
+}
+
+static SQL_INFO: LazyLock<SqlInfoData> = LazyLock::new(|| {
+    let mut builder = SqlInfoDataBuilder::new();
+    builder.append(SqlInfo::FlightSqlServerName, "Tally");
+    builder.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+    builder.append(SqlInfo::FlightSqlServerArrowVersion, "1.3");
+    builder.append(SqlInfo::FlightSqlServerReadOnly, true);
+    builder.append(SqlInfo::FlightSqlServerSql, true);
+    builder.append(SqlInfo::FlightSqlServerSubstrait, false);
+    builder.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+    builder.append(SqlInfo::FlightSqlServerCancel, false);
+    builder.append(SqlInfo::SqlDdlCatalog, false);
+    builder.append(SqlInfo::SqlDdlSchema, false);
+    builder.append(SqlInfo::SqlDdlTable, false);
+    builder.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+    builder.build().expect("static SqlInfo entries are valid")
+});
+
+/// The catalogue and server-information requests both services answer the same way.
+#[derive(Debug, Clone)]
+pub enum MetadataRequest {
+    /// `GetCatalogs`.
+    Catalogs(CommandGetCatalogs),
+    /// `GetDbSchemas`.
+    Schemas(CommandGetDbSchemas),
+    /// `GetTables` (optionally with schemas).
+    Tables(CommandGetTables),
+    /// `GetTableTypes`.
+    TableTypes(CommandGetTableTypes),
+    /// `GetSqlInfo`.
+    SqlInfo(CommandGetSqlInfo),
+}
+
+impl MetadataRequest {
+    fn schema(&self) -> SchemaRef {
+        match self.clone() {
+            MetadataRequest::Catalogs(cmd) => cmd.into_builder().schema(),
+            MetadataRequest::Schemas(cmd) => cmd.into_builder().schema(),
+            MetadataRequest::Tables(cmd) => cmd.into_builder().schema(),
+            MetadataRequest::TableTypes(cmd) => cmd.into_builder().schema(),
+            MetadataRequest::SqlInfo(cmd) => cmd.into_builder(&SQL_INFO).schema(),
+        }
+    }
+
+    /// The FlightInfo for this request; the ticket is the request itself.
+    pub fn flight_info(&self, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+        let schema = self.schema();
+        match self.clone() {
+            MetadataRequest::Catalogs(cmd) => flight_info(&schema, cmd, descriptor),
+            MetadataRequest::Schemas(cmd) => flight_info(&schema, cmd, descriptor),
+            MetadataRequest::Tables(cmd) => flight_info(&schema, cmd, descriptor),
+            MetadataRequest::TableTypes(cmd) => flight_info(&schema, cmd, descriptor),
+            MetadataRequest::SqlInfo(cmd) => flight_info(&schema, cmd, descriptor),
+        }
+    }
+
+    /// Answers the request for a server holding `tables`.
+    pub fn answer(&self, tables: &[TableInfo]) -> Result<FlightDataStream, Status> {
+        let internal = |_| TallyError::new(ErrorCode::Internal, "metadata could not be built").to_status();
+        let batch = match self.clone() {
+            MetadataRequest::Catalogs(cmd) => {
+                let mut builder: GetCatalogsBuilder = cmd.into_builder();
+                builder.append(CATALOG);
+                builder.build()
+            }
+            MetadataRequest::Schemas(cmd) => {
+                let mut builder = cmd.into_builder();
+                builder.append(CATALOG, SCHEMA);
+                builder.build()
+            }
+            MetadataRequest::Tables(cmd) => {
+                let mut builder = cmd.into_builder();
+                for table in tables {
+                    builder
+                        .append(CATALOG, SCHEMA, &table.name, "TABLE", &table.schema)
+                        .map_err(internal)?;
+                }
+                builder.build()
+            }
+            MetadataRequest::TableTypes(cmd) => {
+                let mut builder = cmd.into_builder();
+                builder.append("TABLE");
+                builder.build()
+            }
+            MetadataRequest::SqlInfo(cmd) => cmd.into_builder(&SQL_INFO).build(),
+        }
+        .map_err(internal)?;
+        let schema = batch.schema();
+        Ok(encode_batches(schema, futures::stream::once(async { Ok(batch) })))
+    }
+}
+
+/// A Flight SQL client over a pooled channel.
+pub type SqlClient = FlightSqlServiceClient<Channel>;
+
+/// Fetches every endpoint of `info` and collects the batches.
+pub async fn fetch_all(client: &mut SqlClient, info: FlightInfo) -> Result<Vec<RecordBatch>, FlightError> {
+    let mut batches = Vec::new();
+    for endpoint in info.endpoint {
+        let Some(ticket) = endpoint.ticket else {
+            return Err(FlightError::protocol("endpoint without a ticket"));
+        };
+        let mut stream = client.do_get(ticket).await?;
+        while let Some(batch) = stream.next().await {
+            batches.push(batch?);
+        }
+    }
+    Ok(batches)
+}
+
+/// Lists the tables (with schemas) a Flight SQL server announces.
+pub async fn list_tables(client: &mut SqlClient) -> Result<Vec<TableInfo>, FlightError> {
+    let info = client
+        .get_tables(CommandGetTables {
+            include_schema: true,
+            ..Default::default()
+        })
+        .await?;
+    let mut tables = Vec::new();
+    for batch in fetch_all(client, info).await? {
+        let names = string_column(&batch, "table_name")?;
+        let schemas = batch
+            .column_by_name("table_schema")
+            .and_then(|c| c.as_any().downcast_ref::<arrow::array::BinaryArray>())
+            .ok_or_else(|| FlightError::protocol("GetTables answer has no table_schema column"))?;
+        for row in 0..batch.num_rows() {
+            let schema = arrow::ipc::convert::try_schema_from_ipc_buffer(schemas.value(row))
+                .map_err(FlightError::Arrow)?;
+            tables.push(TableInfo {
+                name: names.value(row).to_string(),
+                schema: std::sync::Arc::new(schema),
+            });
+        }
+    }
+    Ok(tables)
+}
+
+fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::array::StringArray, FlightError> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+        .ok_or_else(|| FlightError::protocol(format!("GetTables answer has no {name} column")))
+}
+
+/// Decodes the SQL carried in a statement ticket we issued.
+pub fn ticket_sql(handle: &[u8]) -> Result<String, Status> {
+    String::from_utf8(handle.to_vec())
+        .map_err(|_| TallyError::new(ErrorCode::BadRequest, "the ticket does not carry SQL text").to_status())
+}

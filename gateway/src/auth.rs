@@ -1,0 +1,90 @@
+//! Analyst authentication: bearer tokens whose SHA-256 is listed in the config. Flight SQL
+//! clients may also use Basic auth in the handshake (user name + token as password); the
+//! handshake answers with the bearer token to use on later calls.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use sha2::{Digest, Sha256};
+use tally_common::{ErrorCode, TallyError};
+use tonic::metadata::MetadataMap;
+
+use crate::config::UserConfig;
+
+/// An authenticated analyst.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// User name.
+    pub user: String,
+}
+
+/// The known analysts.
+#[derive(Debug, Clone, Default)]
+pub struct Users {
+    users: Vec<UserConfig>,
+}
+
+/// Hex SHA-256 of a token, as stored in the config.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn unauthenticated(message: &str) -> TallyError {
+    TallyError::new(ErrorCode::Unauthenticated, message)
+}
+
+impl Users {
+    /// Users from the config.
+    pub fn new(users: Vec<UserConfig>) -> Self {
+        Users { users }
+    }
+
+    fn by_token(&self, token: &str) -> Option<Identity> {
+        let hash = token_hash(token);
+        self.users
+            .iter()
+            .find(|u| u.token_sha256.eq_ignore_ascii_case(&hash))
+            .map(|u| Identity { user: u.name.clone() })
+    }
+
+    /// Authenticates a call carrying `authorization: Bearer <token>`.
+    pub fn bearer(&self, metadata: &MetadataMap) -> Result<Identity, TallyError> {
+        let header = authorization(metadata)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| unauthenticated("expected 'authorization: Bearer <token>'"))?;
+        self.by_token(token.trim())
+            .ok_or_else(|| unauthenticated("unknown or revoked token"))
+    }
+
+    /// Authenticates a handshake with Basic (user:token) or Bearer credentials; returns the
+    /// identity and the token the client should send as a bearer token from now on.
+    pub fn handshake(&self, metadata: &MetadataMap) -> Result<(Identity, String), TallyError> {
+        let header = authorization(metadata)?;
+        if let Some(encoded) = header.strip_prefix("Basic ") {
+            let decoded = STANDARD
+                .decode(encoded.trim())
+                .ok()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .ok_or_else(|| unauthenticated("Basic credentials are not valid base64 text"))?;
+            let (user, token) = decoded
+                .split_once(':')
+                .ok_or_else(|| unauthenticated("Basic credentials must be user:token"))?;
+            let identity = self
+                .by_token(token)
+                .filter(|identity| identity.user == user)
+                .ok_or_else(|| unauthenticated("unknown user or wrong token"))?;
+            return Ok((identity, token.to_string()));
+        }
+        let identity = self.bearer(metadata)?;
+        let token = header.trim_start_matches("Bearer ").trim().to_string();
+        Ok((identity, token))
+    }
+}
+
+fn authorization(metadata: &MetadataMap) -> Result<&str, TallyError> {
+    metadata
+        .get("authorization")
+        .ok_or_else(|| unauthenticated("credentials required: send a bearer token or Basic auth in the handshake"))?
+        .to_str()
+        .map_err(|_| unauthenticated("the authorization header is not text"))
+}

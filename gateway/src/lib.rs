@@ -1,0 +1,124 @@
+//! Tally gateway: answers analysts' SQL with aggregates computed where the data lives.
+//!
+//! It plans each query with DataFusion, splits it at the lowest aggregate into per-trust SQL,
+//! sends that to every trust's node agent in parallel, merges the partial aggregates and runs
+//! whatever the query does after aggregating.
+
+pub mod auth;
+pub mod catalogue;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod fanout;
+pub mod service;
+pub mod split;
+pub mod trusts;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arrow_flight::flight_service_server::FlightServiceServer;
+use tally_common::audit::AuditLog;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use auth::{Identity, Users, token_hash};
+pub use config::{GatewayConfig, NodeEndpoint, UserConfig};
+pub use engine::{Gateway, GatewayAuditRecord, QueryOutcome};
+pub use error::GatewayError;
+pub use service::{ELAPSED_HEADER, GatewayService, TRUSTS_HEADER};
+
+use catalogue::Catalogue;
+use trusts::Trust;
+
+/// A running gateway.
+pub struct GatewayHandle {
+    /// The address analysts connect to (with the real port when configured with port 0).
+    pub addr: SocketAddr,
+    /// The engine, for in-process use and inspection.
+    pub gateway: Arc<Gateway>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+    refresher: JoinHandle<()>,
+}
+
+impl GatewayHandle {
+    /// Stops serving and waits until the listener is closed.
+    pub async fn stop(mut self) {
+        self.refresher.abort();
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until the server stops.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Builds the catalogue from the nodes (those that are down are marked unavailable and
+/// retried) and starts serving Flight SQL on `config.listen`.
+pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError> {
+    let trusts = config
+        .nodes
+        .iter()
+        .map(|node| Trust::new(node, config.connect_timeout(), config.request_timeout()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let catalogue = Arc::new(Catalogue::new(trusts));
+    let snapshot = catalogue.refresh().await;
+    for err in snapshot.unavailable() {
+        tracing::warn!(error = %err, "starting without this trust; it will be asked again");
+    }
+    let audit = Arc::new(match &config.audit_log {
+        Some(path) => AuditLog::open(path).map_err(|source| GatewayError::Audit {
+            path: path.clone(),
+            source,
+        })?,
+        None => AuditLog::in_memory(),
+    });
+    let gateway = Arc::new(Gateway::new(catalogue.clone(), audit)?);
+    let service = GatewayService::new(gateway.clone(), Users::new(config.users.clone()));
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| GatewayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let refresh_every = config.catalogue_refresh();
+    let refresher = tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(refresh_every);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            catalogue.refresh_if_incomplete().await;
+        }
+    });
+    let (shutdown, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(FlightServiceServer::new(service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stopped.await;
+            })
+            .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "gateway stopped");
+        }
+    });
+    tracing::info!(%addr, "gateway serving Flight SQL");
+    Ok(GatewayHandle {
+        addr,
+        gateway,
+        shutdown: Some(shutdown),
+        task,
+        refresher,
+    })
+}

@@ -1,0 +1,294 @@
+//! The analysts' Flight SQL endpoint: statements, prepared statements (as JDBC and ADBC
+//! clients use them), catalogue metadata and bearer-token authentication.
+
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use arrow::datatypes::Schema;
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandStatementQuery, DoPutPreparedStatementResult, SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{
+    Action, FlightDescriptor, FlightInfo, HandshakeRequest, HandshakeResponse, IpcMessage,
+    SchemaAsIpc, Ticket,
+};
+use futures::{Stream, StreamExt};
+use tally_common::flight::{
+    FlightDataStream, MetadataRequest, QUERY_ID_HEADER, encode_batches, flight_info, ticket_sql,
+};
+use tally_common::{ErrorCode, TallyError};
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{Identity, Users};
+use crate::engine::Gateway;
+
+/// Response header listing the trusts that answered, comma-separated.
+pub const TRUSTS_HEADER: &str = "x-tally-trusts";
+/// Response header with the gateway's wall time for the query, in milliseconds.
+pub const ELAPSED_HEADER: &str = "x-tally-elapsed-ms";
+
+/// The Flight SQL service analysts talk to.
+#[derive(Clone)]
+pub struct GatewayService {
+    gateway: Arc<Gateway>,
+    users: Arc<Users>,
+}
+
+impl GatewayService {
+    /// A service over `gateway`, admitting `users`.
+    pub fn new(gateway: Arc<Gateway>, users: Users) -> Self {
+        GatewayService {
+            gateway,
+            users: Arc::new(users),
+        }
+    }
+
+    fn identify<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
+        self.users
+            .bearer(request.metadata())
+            .map_err(|e| e.to_status())
+    }
+
+    fn metadata(&self, request: MetadataRequest) -> Result<Response<FlightDataStream>, Status> {
+        Ok(Response::new(request.answer(&self.gateway.tables())?))
+    }
+
+    /// Runs `sql` and streams the answer, with the query id and the answering trusts in the
+    /// response headers.
+    async fn answer(&self, identity: &Identity, sql: &str) -> Result<Response<FlightDataStream>, Status> {
+        let outcome = self.gateway.run(identity, sql).await?;
+        let schema = outcome.schema.clone();
+        let batches = futures::stream::iter(outcome.batches.clone().into_iter().map(Ok));
+        let mut response = Response::new(encode_batches(schema, batches));
+        let headers = response.metadata_mut();
+        for (name, value) in [
+            (QUERY_ID_HEADER, outcome.query_id.clone()),
+            (TRUSTS_HEADER, outcome.trusts().join(",")),
+            (ELAPSED_HEADER, format!("{:.3}", outcome.elapsed.as_secs_f64() * 1e3)),
+        ] {
+            if let Ok(value) = MetadataValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
+        Ok(response)
+    }
+}
+
+fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
+    let message: IpcMessage = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+        .try_into()
+        .map_err(|_| TallyError::new(ErrorCode::Internal, "schema could not be encoded").to_status())?;
+    Ok(message.0)
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for GatewayService {
+    type FlightService = GatewayService;
+
+    async fn do_handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>, Status>
+    {
+        let (identity, token) = self.users.handshake(request.metadata())?;
+        tracing::info!(user = %identity.user, "analyst authenticated");
+        let reply = HandshakeResponse {
+            protocol_version: 0,
+            payload: token.clone().into(),
+        };
+        let mut response: Response<Pin<Box<dyn Stream<Item = _> + Send>>> =
+            Response::new(Box::pin(futures::stream::once(async { Ok(reply) })));
+        let bearer = MetadataValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| TallyError::new(ErrorCode::Unauthenticated, "token is not valid header text").to_status())?;
+        response.metadata_mut().insert("authorization", bearer);
+        Ok(response)
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request)?;
+        let schema = self.gateway.describe(&query.query).await?;
+        let ticket = TicketStatementQuery {
+            statement_handle: query.query.into_bytes().into(),
+        };
+        Ok(Response::new(flight_info(&schema, ticket, request.into_inner())?))
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let identity = self.identify(&request)?;
+        let sql = ticket_sql(&ticket.statement_handle)?;
+        self.answer(&identity, &sql).await
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        self.identify(&request)?;
+        let schema = self.gateway.describe(&query.query).await?;
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: query.query.into_bytes().into(),
+            dataset_schema: schema_bytes(&schema)?,
+            parameter_schema: schema_bytes(&Schema::empty())?,
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<(), Status> {
+        self.identify(&request)?;
+        Ok(())
+    }
+
+    async fn do_put_prepared_statement_query(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        self.identify(&request)?;
+        let mut stream = request.into_inner();
+        while let Some(message) = stream.next().await {
+            if !message?.data_body.is_empty() {
+                return Err(TallyError::new(
+                    ErrorCode::BadRequest,
+                    "query parameters are not supported; write the values into the SQL",
+                )
+                .into());
+            }
+        }
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(query.prepared_statement_handle),
+        })
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request)?;
+        let sql = ticket_sql(&query.prepared_statement_handle)?;
+        let schema = self.gateway.describe(&sql).await?;
+        Ok(Response::new(flight_info(&schema, query, request.into_inner())?))
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let identity = self.identify(&request)?;
+        let sql = ticket_sql(&query.prepared_statement_handle)?;
+        self.answer(&identity, &sql).await
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request)?;
+        Ok(Response::new(MetadataRequest::Catalogs(query).flight_info(request.into_inner())?))
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request)?;
+        Ok(Response::new(MetadataRequest::Schemas(query).flight_info(request.into_inner())?))
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request)?;
+        Ok(Response::new(MetadataRequest::Tables(query).flight_info(request.into_inner())?))
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request)?;
+        Ok(Response::new(MetadataRequest::TableTypes(query).flight_info(request.into_inner())?))
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.identify(&request)?;
+        Ok(Response::new(MetadataRequest::SqlInfo(query).flight_info(request.into_inner())?))
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.identify(&request)?;
+        self.metadata(MetadataRequest::Catalogs(query))
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.identify(&request)?;
+        self.metadata(MetadataRequest::Schemas(query))
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.identify(&request)?;
+        self.metadata(MetadataRequest::Tables(query))
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.identify(&request)?;
+        self.metadata(MetadataRequest::TableTypes(query))
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.identify(&request)?;
+        self.metadata(MetadataRequest::SqlInfo(query))
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}

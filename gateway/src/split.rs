@@ -1,0 +1,393 @@
+//! Splits an analyst's logical plan at the lowest aggregate over federated tables.
+//!
+//! Each such aggregate becomes a *fragment*: SQL text that every trust runs on its own rows,
+//! returning one row per group with partial aggregates (`COUNT`, `SUM`, `MIN`, `MAX` as they
+//! are; `AVG`, `VAR`, `STDDEV` as `__tally_state_*` structs). In the gateway's plan the
+//! aggregate is replaced by a scan of the trusts' partials, a merge aggregate, and a
+//! projection that restores the original column names, so every operator above (HAVING,
+//! ORDER BY, LIMIT, CTEs, expressions over aggregates) runs unchanged at the gateway.
+//! Anything that would still read a federated table at the gateway is refused.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
+use datafusion::catalog::default_table_source::source_as_provider;
+use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
+use datafusion::common::{DFSchemaRef, Result as DfResult};
+use datafusion::datasource::provider_as_source;
+use datafusion::functions_aggregate::expr_fn::{max, min, sum};
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::type_coercion::functions::fields_with_udf;
+use datafusion::logical_expr::{
+    Aggregate, AggregateUDF, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, TableScan, cast,
+    col, lit,
+};
+use datafusion::functions::expr_fn::coalesce;
+use datafusion::sql::unparser::plan_to_sql;
+use tally_common::checks::strip_alias;
+use tally_common::udaf::{SplitKind, merge_udaf, split_kind, state_udaf};
+use tally_common::{ErrorCode, TallyError};
+
+use crate::catalogue::FederatedTableProvider;
+use crate::fanout::{PartialScan, QueryFanout};
+
+/// One per-trust query.
+#[derive(Debug)]
+pub struct Fragment {
+    /// Position of the fragment within its query.
+    pub id: usize,
+    /// The SQL every trust runs.
+    pub sql: String,
+    /// Lower-case names of the federated tables it reads.
+    pub tables: BTreeSet<String>,
+    /// The partial result's schema (all columns nullable).
+    pub schema: SchemaRef,
+}
+
+/// Rewrites `plan` so that federated tables are only read inside fragments.
+pub fn split(plan: LogicalPlan, fanout: &Arc<QueryFanout>) -> Result<LogicalPlan, TallyError> {
+    let mut refusal: Option<TallyError> = None;
+    let rewritten = plan
+        .transform_up_with_subqueries(|node| {
+            let LogicalPlan::Aggregate(aggregate) = &node else {
+                return node.recompute_schema().map(Transformed::yes);
+            };
+            let reads = reads_tables(&aggregate.input);
+            if refusal.is_some() || !reads.federated || reads.partial {
+                return node.recompute_schema().map(Transformed::yes);
+            }
+            match split_aggregate(aggregate, fanout) {
+                Ok(plan) => Ok(Transformed::yes(plan)),
+                Err(err) => {
+                    refusal = Some(err);
+                    Ok(Transformed::no(node))
+                }
+            }
+        })
+        .map_err(TallyError::from_planning)?;
+    if let Some(err) = refusal {
+        return Err(err);
+    }
+    ensure_no_federated_scan(&rewritten.data)?;
+    Ok(rewritten.data)
+}
+
+/// What kinds of table a subtree reads.
+#[derive(Default)]
+struct Reads {
+    federated: bool,
+    partial: bool,
+    tables: BTreeSet<String>,
+}
+
+fn reads_tables(plan: &LogicalPlan) -> Reads {
+    let mut reads = Reads::default();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            match scan_kind(scan) {
+                ScanKind::Federated(name) => {
+                    reads.federated = true;
+                    reads.tables.insert(name);
+                }
+                ScanKind::Partial => reads.partial = true,
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    reads
+}
+
+enum ScanKind {
+    Federated(String),
+    Partial,
+}
+
+fn scan_kind(scan: &TableScan) -> ScanKind {
+    let provider = source_as_provider(&scan.source).ok();
+    match provider
+        .as_ref()
+        .and_then(|p| p.downcast_ref::<FederatedTableProvider>())
+    {
+        Some(table) => ScanKind::Federated(table.table.name.to_lowercase()),
+        None if provider
+            .as_ref()
+            .is_some_and(|p| p.is::<PartialScan>()) =>
+        {
+            ScanKind::Partial
+        }
+        // Only federated and partial tables exist at the gateway; treat anything else as
+        // federated so that it is refused rather than read.
+        None => ScanKind::Federated(scan.table_name.table().to_lowercase()),
+    }
+}
+
+/// Refuses operators below an aggregate whose per-trust result would differ from the result
+/// over all trusts' rows together.
+fn ensure_pushable(input: &LogicalPlan) -> Result<(), TallyError> {
+    let mut refusal = None;
+    let _ = input.apply_with_subqueries(|node| {
+        let problem = match node {
+            LogicalPlan::Limit(_) => Some((
+                ErrorCode::UnsupportedShape,
+                "LIMIT or OFFSET below an aggregate is not supported: each trust would apply it to its own rows",
+            )),
+            LogicalPlan::Sort(sort) if sort.fetch.is_some() => Some((
+                ErrorCode::UnsupportedShape,
+                "ORDER BY with LIMIT below an aggregate is not supported",
+            )),
+            LogicalPlan::Window(_) => Some((
+                ErrorCode::Window,
+                "window functions are not accepted: they work on individual rows",
+            )),
+            LogicalPlan::Distinct(_) => Some((
+                ErrorCode::UnsupportedShape,
+                "DISTINCT or UNION below an aggregate is not supported: it would need rows from every trust in one place",
+            )),
+            LogicalPlan::Aggregate(_) => Some((
+                ErrorCode::UnsupportedShape,
+                "an aggregate over another aggregate's rows that mixes trusts' raw rows is not supported",
+            )),
+            LogicalPlan::Values(_)
+            | LogicalPlan::Unnest(_)
+            | LogicalPlan::RecursiveQuery(_)
+            | LogicalPlan::Extension(_) => Some((
+                ErrorCode::UnsupportedShape,
+                "VALUES, UNNEST and recursive queries are not supported below an aggregate",
+            )),
+            _ => None,
+        };
+        match problem {
+            Some((code, message)) => {
+                refusal = Some(TallyError::new(code, message));
+                Ok(TreeNodeRecursion::Stop)
+            }
+            None => Ok(TreeNodeRecursion::Continue),
+        }
+    });
+    refusal.map_or(Ok(()), Err)
+}
+
+/// How one aggregate of the original query is computed in two steps.
+struct SplitAggregate {
+    /// The expression each trust evaluates.
+    partial: Expr,
+    /// The expression the gateway evaluates over the partial column.
+    merge: Box<dyn Fn(Expr) -> Expr>,
+    /// COUNT over no trust rows must still be 0, not NULL.
+    is_count: bool,
+}
+
+fn split_one(expr: &Expr, input_schema: &DFSchemaRef) -> Result<SplitAggregate, TallyError> {
+    let Expr::AggregateFunction(function) = strip_alias(expr) else {
+        return Err(TallyError::new(
+            ErrorCode::UnsupportedShape,
+            "unexpected expression in an aggregate",
+        ));
+    };
+    let name = function.func.name().to_string();
+    let Some(kind) = split_kind(&name) else {
+        return Err(TallyError::new(
+            ErrorCode::AggregateNotSplittable,
+            format!(
+                "aggregate '{name}' is not accepted: only COUNT, SUM, AVG, MIN, MAX, VAR and STDDEV can be combined across trusts without moving row-level values"
+            ),
+        ));
+    };
+    let params = &function.params;
+    if params.distinct {
+        return Err(TallyError::new(
+            ErrorCode::AggregateNotSplittable,
+            format!("{name}(DISTINCT ...) is not accepted: its partial state would list raw values"),
+        ));
+    }
+    if params.filter.is_some() || !params.order_by.is_empty() {
+        return Err(TallyError::new(
+            ErrorCode::UnsupportedShape,
+            format!("FILTER and ORDER BY clauses inside {name}(...) are not accepted"),
+        ));
+    }
+    match kind {
+        SplitKind::SelfMerging { merge_function } => Ok(SplitAggregate {
+            partial: Expr::AggregateFunction(function.clone()),
+            merge: Box::new(move |partial| match merge_function {
+                "min" => min(partial),
+                "max" => max(partial),
+                _ => sum(partial),
+            }),
+            is_count: name == "count",
+        }),
+        SplitKind::ViaState => {
+            let input_fields = argument_fields(&function.params.args, &function.func, input_schema)?;
+            let inner = function.func.clone();
+            let partial = Expr::AggregateFunction(AggregateFunction::new_udf(
+                Arc::new(state_udaf(inner.clone())),
+                params.args.clone(),
+                false,
+                None,
+                vec![],
+                None,
+            ));
+            Ok(SplitAggregate {
+                partial,
+                merge: Box::new(move |state| {
+                    Expr::AggregateFunction(AggregateFunction::new_udf(
+                        Arc::new(merge_udaf(inner.clone(), input_fields.clone())),
+                        vec![state],
+                        false,
+                        None,
+                        vec![],
+                        None,
+                    ))
+                }),
+                is_count: false,
+            })
+        }
+    }
+}
+
+/// The argument fields the trusts' accumulator will see, after the function's own coercion.
+fn argument_fields(args: &[Expr], func: &AggregateUDF, schema: &DFSchemaRef) -> Result<Vec<FieldRef>, TallyError> {
+    let fields: Vec<FieldRef> = args
+        .iter()
+        .map(|arg| arg.to_field(schema.as_ref()).map(|(_, field)| field))
+        .collect::<DfResult<_>>()
+        .map_err(TallyError::from_planning)?;
+    fields_with_udf(&fields, func).map_err(TallyError::from_planning)
+}
+
+fn split_aggregate(aggregate: &Aggregate, fanout: &Arc<QueryFanout>) -> Result<LogicalPlan, TallyError> {
+    if aggregate
+        .group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(_)))
+    {
+        return Err(TallyError::new(
+            ErrorCode::UnsupportedShape,
+            "ROLLUP, CUBE and GROUPING SETS are not supported",
+        ));
+    }
+    ensure_pushable(&aggregate.input)?;
+    let input_schema = aggregate.input.schema();
+    let splits = aggregate
+        .aggr_expr
+        .iter()
+        .map(|e| split_one(e, input_schema))
+        .collect::<Result<Vec<_>, _>>()?;
+    if splits.is_empty() {
+        return Err(TallyError::new(
+            ErrorCode::NotAggregate,
+            "GROUP BY or DISTINCT without an aggregate function lists row values; add COUNT(*) or another aggregate",
+        ));
+    }
+    let group_names: Vec<String> = (0..aggregate.group_expr.len()).map(|i| format!("g{i}")).collect();
+    let partial_names: Vec<String> = (0..splits.len()).map(|i| format!("p{i}")).collect();
+
+    let fragment = build_fragment(aggregate, &splits, &group_names, &partial_names, fanout.next_fragment_id())?;
+    let scan_name = format!("__tally_partial_{}", fragment.id);
+    let scan = PartialScan::new(Arc::new(fragment), fanout.clone());
+    let plan_err = TallyError::from_planning;
+    let merged = LogicalPlanBuilder::scan(scan_name, provider_as_source(Arc::new(scan)), None)
+        .and_then(|b| {
+            b.aggregate(
+                group_names.iter().map(|g| col(g.as_str())),
+                splits
+                    .iter()
+                    .zip(&partial_names)
+                    .map(|(s, p)| (s.merge)(col(p.as_str())).alias(p)),
+            )
+        })
+        .map_err(plan_err)?;
+    let merged_schema = merged.schema().clone();
+    let restore = aggregate
+        .schema
+        .iter()
+        .zip(group_names.iter().chain(&partial_names))
+        .enumerate()
+        .map(|(index, ((qualifier, field), merged_name))| {
+            let mut expr = col(merged_name.as_str());
+            let is_count = index >= group_names.len() && splits[index - group_names.len()].is_count;
+            if is_count {
+                expr = coalesce(vec![expr, lit(0i64)]);
+            }
+            let merged_type = expr.get_type(merged_schema.as_ref()).map_err(plan_err)?;
+            if &merged_type != field.data_type() {
+                expr = cast(expr, field.data_type().clone());
+            }
+            Ok(expr.alias_qualified(qualifier.cloned(), field.name()))
+        })
+        .collect::<Result<Vec<_>, TallyError>>()?;
+    merged.project(restore).and_then(|b| b.build()).map_err(plan_err)
+}
+
+fn build_fragment(
+    aggregate: &Aggregate,
+    splits: &[SplitAggregate],
+    group_names: &[String],
+    partial_names: &[String],
+    id: usize,
+) -> Result<Fragment, TallyError> {
+    let groups = aggregate
+        .group_expr
+        .iter()
+        .zip(group_names)
+        .map(|(e, name)| strip_alias(e).clone().alias(name));
+    let partials = splits
+        .iter()
+        .zip(partial_names)
+        .map(|(s, name)| s.partial.clone().alias(name));
+    let plan = LogicalPlanBuilder::from(aggregate.input.as_ref().clone())
+        .aggregate(groups, partials)
+        .and_then(|b| b.build())
+        .map_err(TallyError::from_planning)?;
+    let sql = plan_to_sql(&plan)
+        .map_err(|err| {
+            tracing::warn!(error = %err, "per-trust SQL could not be written");
+            TallyError::new(
+                ErrorCode::UnsupportedShape,
+                "this query's per-trust part cannot be expressed as SQL for the trusts",
+            )
+        })?
+        .to_string();
+    let fields: Vec<Field> = plan
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    Ok(Fragment {
+        id,
+        sql,
+        tables: reads_tables(&aggregate.input).tables,
+        schema: Arc::new(Schema::new(fields)),
+    })
+}
+
+/// The last line of defence at the gateway: no federated table may be read outside a
+/// fragment.
+fn ensure_no_federated_scan(plan: &LogicalPlan) -> Result<(), TallyError> {
+    let mut found = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let ScanKind::Federated(name) = scan_kind(scan)
+        {
+            found = Some(name);
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    match found {
+        None => Ok(()),
+        Some(table) => Err(TallyError::new(
+            ErrorCode::NotAggregate,
+            format!(
+                "this query needs row-level data from '{table}' at the gateway; read every table beneath an aggregate (COUNT, SUM, AVG, ...) so that only aggregates leave the trusts"
+            ),
+        )),
+    }
+}
+
+/// Data types of a schema, for comparing partial results.
+pub fn data_types(schema: &Schema) -> Vec<DataType> {
+    schema.fields().iter().map(|f| f.data_type().clone()).collect()
+}

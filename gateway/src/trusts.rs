@@ -1,0 +1,147 @@
+//! Connections to the trusts' node agents: one pooled channel per trust, every call bounded
+//! by a timeout, every failure turned into a typed error that names the trust.
+
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use arrow_flight::error::FlightError;
+use tally_common::flight::{QUERY_ID_HEADER, SqlClient, TableInfo, fetch_all, list_tables};
+use tally_common::{ErrorCode, TallyError};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::NodeEndpoint;
+use crate::error::GatewayError;
+
+/// One trust's node agent, as the gateway reaches it.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    /// The trust's code.
+    pub code: String,
+    /// The trust's name, for messages.
+    pub name: String,
+    channel: Channel,
+    request_timeout: Duration,
+}
+
+/// What one trust answered to one per-trust query.
+#[derive(Debug, Clone)]
+pub struct TrustAnswer {
+    /// The trust's code.
+    pub trust: String,
+    /// The partial-aggregate batches.
+    pub batches: Vec<RecordBatch>,
+    /// Wall time of the call.
+    pub elapsed: Duration,
+}
+
+impl Trust {
+    /// A lazily connecting client for `endpoint`.
+    pub fn new(endpoint: &NodeEndpoint, connect_timeout: Duration, request_timeout: Duration) -> Result<Self, GatewayError> {
+        let bad_url = || GatewayError::NodeUrl {
+            code: endpoint.code.clone(),
+            url: endpoint.url.clone(),
+        };
+        let channel = Endpoint::from_shared(endpoint.url.clone())
+            .map_err(|_| bad_url())?
+            .connect_timeout(connect_timeout)
+            .timeout(request_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Trust {
+            code: endpoint.code.clone(),
+            name: endpoint.name.clone().unwrap_or_else(|| endpoint.code.clone()),
+            channel,
+            request_timeout,
+        })
+    }
+
+    fn client(&self, query_id: Option<&str>) -> SqlClient {
+        let mut client = SqlClient::new(self.channel.clone());
+        if let Some(id) = query_id {
+            client.set_header(QUERY_ID_HEADER, id);
+        }
+        client
+    }
+
+    /// The tables the trust announces.
+    pub async fn tables(&self) -> Result<Vec<TableInfo>, TallyError> {
+        let mut client = self.client(None);
+        self.bounded(list_tables(&mut client)).await
+    }
+
+    /// Runs one per-trust query and collects its partial result.
+    pub async fn run(&self, sql: &str, query_id: &str) -> Result<TrustAnswer, TallyError> {
+        let started = Instant::now();
+        let mut client = self.client(Some(query_id));
+        let batches = self
+            .bounded(async {
+                let info = client.execute(sql.to_string(), None).await?;
+                fetch_all(&mut client, info).await
+            })
+            .await?;
+        Ok(TrustAnswer {
+            trust: self.code.clone(),
+            batches,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    async fn bounded<T>(&self, call: impl Future<Output = Result<T, FlightError>>) -> Result<T, TallyError> {
+        match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(self.describe_failure(err)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    fn timed_out(&self) -> TallyError {
+        TallyError::new(
+            ErrorCode::TrustTimeout,
+            format!(
+                "trust {} ({}) did not answer within {:.0} s",
+                self.code,
+                self.name,
+                self.request_timeout.as_secs_f64()
+            ),
+        )
+    }
+
+    /// Turns a failed call into an error naming the trust. A node's own reason code is kept;
+    /// any other text from the node is not passed on.
+    fn describe_failure(&self, err: FlightError) -> TallyError {
+        let status = match err {
+            FlightError::Tonic(status) => *status,
+            other => {
+                tracing::warn!(trust = %self.code, error = %other, "unexpected answer from trust");
+                return TallyError::new(
+                    ErrorCode::TrustProtocol,
+                    format!("trust {} ({}) sent an answer Tally cannot read", self.code, self.name),
+                );
+            }
+        };
+        if let Some(reason) = TallyError::from_status(&status) {
+            let code = match reason.code {
+                ErrorCode::Execution | ErrorCode::Internal => ErrorCode::TrustFailed,
+                _ => ErrorCode::TrustRefused,
+            };
+            let verb = if code == ErrorCode::TrustFailed { "failed to run" } else { "refused" };
+            return TallyError::new(
+                code,
+                format!("trust {} ({}) {verb} the query: {reason}", self.code, self.name),
+            );
+        }
+        tracing::warn!(trust = %self.code, status = ?status, "trust call failed");
+        match status.code() {
+            Code::DeadlineExceeded | Code::Cancelled => self.timed_out(),
+            Code::Unavailable | Code::Unknown => TallyError::new(
+                ErrorCode::TrustUnavailable,
+                format!("trust {} ({}) could not be reached", self.code, self.name),
+            ),
+            _ => TallyError::new(
+                ErrorCode::TrustFailed,
+                format!("trust {} ({}) failed to answer", self.code, self.name),
+            ),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! `tally demo`: generated data, three trusts and a gateway on loopback, a showcase of
+//! queries, then serving until Ctrl-C.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tally::client::AnalystClient;
+use tally::federation::{self, DEMO_TOKEN, DEMO_USER};
+use tally::output::{self, Format};
+
+/// The showcase: a title, the SQL, and whether Tally should refuse it.
+pub const SHOWCASE: &[(&str, &str)] = &[
+    (
+        "Emergency admissions by month and trust, first quarter of 2024",
+        "SELECT trust_code, date_trunc('month', admission_date) AS month, COUNT(*) AS admissions \
+         FROM episodes WHERE admission_method IN ('21', '22', '23', '24', '28') \
+         AND admission_date >= DATE '2024-01-01' AND admission_date < DATE '2024-04-01' \
+         GROUP BY trust_code, date_trunc('month', admission_date) ORDER BY trust_code, month",
+    ),
+    (
+        "Emergency admissions by age band (all trusts)",
+        "SELECT CASE WHEN age_at_admission < 18 THEN '0-17' WHEN age_at_admission < 65 THEN '18-64' \
+         ELSE '65+' END AS age_band, COUNT(*) AS admissions, AVG(length_of_stay) AS mean_stay_days \
+         FROM episodes WHERE admission_method IN ('21', '22', '23', '24', '28') \
+         GROUP BY 1 ORDER BY 1",
+    ),
+    (
+        "Length of stay by specialty: the five busiest",
+        "SELECT specialty, COUNT(*) AS episodes, AVG(length_of_stay) AS mean_stay, \
+         STDDEV(length_of_stay) AS sd_stay FROM episodes GROUP BY specialty \
+         ORDER BY episodes DESC LIMIT 5",
+    ),
+    (
+        "Cost by diagnosis chapter (join with the public ICD-10 reference table)",
+        "SELECT c.chapter, c.title, COUNT(*) AS episodes, SUM(e.cost) AS total_cost \
+         FROM episodes e JOIN icd10_chapters c \
+         ON substr(e.diagnosis_icd10, 1, 3) BETWEEN c.code_from AND c.code_to \
+         GROUP BY c.chapter, c.title ORDER BY total_cost DESC LIMIT 5",
+    ),
+    (
+        "Mean cost per episode by sex and deprivation decile (patients joined with episodes)",
+        "SELECT p.sex, p.imd_decile, COUNT(*) AS episodes, AVG(e.cost) AS mean_cost \
+         FROM episodes e JOIN patients p ON e.person_id = p.person_id \
+         WHERE p.sex IN ('F', 'M') AND p.imd_decile IN (1, 10) \
+         GROUP BY p.sex, p.imd_decile ORDER BY p.sex, p.imd_decile",
+    ),
+    (
+        "Refused: asking for patient rows",
+        "SELECT nhs_number, postcode FROM patients LIMIT 5",
+    ),
+];
+
+/// Runs the demo.
+pub async fn run(data_dir: &Path, patients: usize, port: u16, exit: bool) -> Result<(), String> {
+    if federation::ensure_data(data_dir, patients, 42)? {
+        println!("Generated synthetic data for {patients} patients in {}", data_dir.display());
+    } else {
+        println!("Using the synthetic data in {}", data_dir.display());
+    }
+    let local = federation::start(data_dir, SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    for (trust, node) in tally_synth::default_trusts().iter().zip(&local.nodes) {
+        println!("  node agent {} ({}) on {}", trust.code, trust.name, node.addr);
+    }
+    let url = local.gateway_url();
+    println!("  gateway on {url}\n");
+    let mut client = AnalystClient::connect(&url, DEMO_TOKEN)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut failures = 0;
+    for (title, sql) in SHOWCASE {
+        println!("== {title}\n{sql}\n");
+        match client.query(sql).await {
+            Ok(answer) => {
+                let mut stdout = std::io::stdout();
+                output::write(Format::Table, &answer.schema, &answer.batches, &mut stdout, None)?;
+                println!(
+                    "{:.1} ms, trusts answered: {}\n",
+                    answer.elapsed.as_secs_f64() * 1e3,
+                    answer.trusts.join(", ")
+                );
+                if title.starts_with("Refused") {
+                    failures += 1;
+                }
+            }
+            Err(err) => {
+                println!("refused: {err}\n");
+                if !title.starts_with("Refused") {
+                    failures += 1;
+                }
+            }
+        }
+    }
+    println!("Flight SQL endpoint: {url}");
+    println!("Credentials: user '{DEMO_USER}', token '{DEMO_TOKEN}' (Basic auth in the handshake, or 'authorization: Bearer {DEMO_TOKEN}')");
+    println!("Try: tally query --gateway {url} --token {DEMO_TOKEN} \"SELECT sex, COUNT(*) FROM patients GROUP BY sex\"");
+    let _ = std::io::stdout().flush();
+    if failures > 0 {
+        local.stop().await;
+        return Err(format!("{failures} showcase queries did not behave as expected"));
+    }
+    if !exit {
+        println!("Serving until Ctrl-C.");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    local.stop().await;
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! The `tally` command line: the analyst client, output formats and the local federation
+//! that the demo and the integration tests run on.
+
+pub mod client;
+pub mod federation;
+pub mod output;

@@ -1,0 +1,218 @@
+//! `tally`: federated SQL across NHS trusts where only aggregates ever travel.
+
+mod demo;
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tally::client::AnalystClient;
+use tally::federation;
+use tally::output::{self, Format};
+use tally_gateway::GatewayConfig;
+use tally_node::NodeConfig;
+use tally_synth::SynthConfig;
+
+#[derive(Parser)]
+#[command(name = "tally", version, about = "Federated SQL across NHS trusts where only aggregates ever travel")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate data, start three trusts and a gateway on loopback, run a showcase, serve.
+    Demo {
+        /// Folder for the generated data (reused when present).
+        #[arg(long, default_value_os_t = federation::default_data_dir())]
+        data: PathBuf,
+        /// Patients to generate across all trusts (only when generating).
+        #[arg(long, default_value_t = 20_000)]
+        patients: usize,
+        /// Gateway port on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value_t = 50050)]
+        port: u16,
+        /// Stop after the showcase instead of serving until Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+    },
+    /// Run a trust's node agent.
+    Node {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the gateway.
+    Gateway {
+        /// The gateway's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Send SQL to a gateway and print the answer (an interactive shell without SQL).
+    Query {
+        /// The gateway's Flight SQL URL.
+        #[arg(long, default_value = "http://127.0.0.1:50050")]
+        gateway: String,
+        /// Bearer token (or set TALLY_TOKEN).
+        #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Write the answer to this file instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// The SQL; omit it for an interactive shell (statements end with ';').
+        sql: Option<String>,
+    },
+    /// Write deterministic synthetic HES-like data, one Parquet set per trust.
+    Generate {
+        /// Output folder.
+        #[arg(long, default_value_os_t = federation::default_data_dir())]
+        out: PathBuf,
+        /// Patients across all trusts.
+        #[arg(long, default_value_t = 20_000)]
+        patients: usize,
+        /// Random seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Demo {
+            data,
+            patients,
+            port,
+            exit,
+        } => demo::run(&data, patients, port, exit).await,
+        Command::Node { config } => {
+            let config = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            let node = tally_node::start(&config).await.map_err(|e| e.to_string())?;
+            eprintln!("node agent for {} ({}) on {}", config.trust.code, config.trust.name, node.addr);
+            serve_until_ctrl_c(node.wait()).await;
+            Ok(())
+        }
+        Command::Gateway { config } => {
+            let config = GatewayConfig::load(&config).map_err(|e| e.to_string())?;
+            let gateway = tally_gateway::start(&config).await.map_err(|e| e.to_string())?;
+            eprintln!("gateway on http://{}", gateway.addr);
+            serve_until_ctrl_c(gateway.wait()).await;
+            Ok(())
+        }
+        Command::Query {
+            gateway,
+            token,
+            format,
+            output,
+            sql,
+        } => {
+            let mut client = AnalystClient::connect(&gateway, &token)
+                .await
+                .map_err(|e| e.to_string())?;
+            match sql {
+                Some(sql) => query_once(&mut client, &sql, format, output.as_deref()).await,
+                None => shell(&mut client, format).await,
+            }
+        }
+        Command::Generate {
+            out,
+            patients,
+            seed,
+        } => {
+            let summary = tally_synth::generate(&out, &SynthConfig { patients, seed }).map_err(|e| e.to_string())?;
+            for trust in summary.trusts {
+                println!(
+                    "{}: {} patients, {} episodes, {} opted out",
+                    trust.code, trust.patients, trust.episodes, trust.opted_out
+                );
+            }
+            println!("written to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+async fn serve_until_ctrl_c(server: impl Future<Output = ()>) {
+    tokio::select! {
+        () = server => {}
+        _ = tokio::signal::ctrl_c() => eprintln!("stopping"),
+    }
+}
+
+async fn query_once(
+    client: &mut AnalystClient,
+    sql: &str,
+    format: Format,
+    path: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let answer = client.query(sql).await.map_err(|e| e.to_string())?;
+    match (format, path) {
+        (Format::Parquet, _) | (_, None) => {
+            let mut stdout = std::io::stdout();
+            output::write(format, &answer.schema, &answer.batches, &mut stdout, path)?;
+        }
+        (_, Some(path)) => {
+            let mut file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            output::write(format, &answer.schema, &answer.batches, &mut file, None)?;
+        }
+    }
+    let rows: usize = answer.batches.iter().map(|b| b.num_rows()).sum();
+    eprintln!(
+        "{rows} rows in {:.1} ms; trusts answered: {}",
+        answer.elapsed.as_secs_f64() * 1e3,
+        if answer.trusts.is_empty() { "none".to_string() } else { answer.trusts.join(", ") }
+    );
+    Ok(())
+}
+
+/// A minimal shell: statements end with ';', errors are printed and the shell goes on.
+async fn shell(client: &mut AnalystClient, format: Format) -> Result<(), String> {
+    let stdin = std::io::stdin();
+    let mut buffer = String::new();
+    eprint!("tally> ");
+    let _ = std::io::stderr().flush();
+    for line in stdin.lock().lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        buffer.push_str(&line);
+        buffer.push('\n');
+        if line.trim_end().ends_with(';') {
+            let sql = buffer.trim().trim_end_matches(';').to_string();
+            buffer.clear();
+            if let Err(err) = query_once(client, &sql, format, None).await {
+                eprintln!("error: {err}");
+            }
+        }
+        eprint!("{}", if buffer.is_empty() { "tally> " } else { "   ... " });
+        let _ = std::io::stderr().flush();
+    }
+    Ok(())
+}

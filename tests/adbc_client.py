@@ -1,0 +1,28 @@
+"""Drives a running Tally gateway with the ADBC Flight SQL driver (a real third-party client).
+
+Usage: python3 tests/adbc_client.py URL USER TOKEN
+Prints one JSON object: the rows of a plain statement and of a prepared statement.
+"""
+import json
+import sys
+
+import adbc_driver_flightsql.dbapi as flight_sql
+
+PLAIN = "SELECT specialty, COUNT(*) AS n, AVG(cost) AS mean_cost FROM episodes GROUP BY specialty ORDER BY specialty"
+PREPARED = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex"
+
+
+def main() -> None:
+    url, user, token = sys.argv[1:4]
+    with flight_sql.connect(url, db_kwargs={"username": user, "password": token}) as conn:
+        with conn.cursor() as cur:
+            cur.execute(PLAIN)
+            plain = [list(row) for row in cur.fetchall()]
+            parameters = cur.adbc_prepare(PREPARED)
+            cur.execute(PREPARED)
+            prepared = [list(row) for row in cur.fetchall()]
+    print(json.dumps({"plain": plain, "prepared": prepared, "parameters": len(parameters)}))
+
+
+if __name__ == "__main__":
+    main()

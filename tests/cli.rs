@@ -1,0 +1,67 @@
+//! The `tally` binary as a newcomer uses it: `--help`, `demo --exit`, `query` formats.
+
+use std::process::Command;
+
+use tally::federation::DEMO_TOKEN;
+
+use crate::support::{data_dir, start_federation};
+
+fn tally() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in ["demo", "node", "gateway", "query", "generate"] {
+        let out = tally().args([sub, "--help"]).output().unwrap();
+        assert!(out.status.success(), "{sub} --help");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: tally"), "{sub} --help prints usage");
+    }
+}
+
+#[test]
+fn demo_runs_its_showcase_and_exits() {
+    let out = tally()
+        .args(["demo", "--exit", "--port", "0", "--data"])
+        .arg(data_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("refused: E_NOT_AGGREGATE"), "{stdout}");
+    assert_eq!(stdout.matches("trusts answered: RXA, RXB, RXC").count(), 5, "{stdout}");
+    assert!(stdout.contains(&format!("token '{DEMO_TOKEN}'")), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_prints_csv_and_json() {
+    let local = start_federation().await;
+    let url = local.gateway_url();
+    let sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex";
+    let run = |format: &'static str, sql: &'static str| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            tally()
+                .args(["query", "--gateway", &url, "--token", DEMO_TOKEN, "--format", format, sql])
+                .output()
+                .unwrap()
+        })
+    };
+    let csv = run("csv", sql).await.unwrap();
+    assert!(csv.status.success(), "{}", String::from_utf8_lossy(&csv.stderr));
+    let text = String::from_utf8_lossy(&csv.stdout);
+    assert!(text.starts_with("sex,n\n"), "{text}");
+    assert!(String::from_utf8_lossy(&csv.stderr).contains("trusts answered: RXA, RXB, RXC"));
+    let json = run("json", sql).await.unwrap();
+    let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("valid JSON");
+    let total: i64 = parsed.as_array().unwrap().iter().map(|r| r["n"].as_i64().unwrap()).sum();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data_dir().join("manifest.json")).unwrap()).unwrap();
+    let patients: i64 = manifest["trusts"].as_array().unwrap().iter().map(|t| t["patients"].as_i64().unwrap()).sum();
+    assert_eq!(total, patients, "counts add up to the generated patients");
+    let refused = run("table", "SELECT nhs_number FROM patients").await.unwrap();
+    assert!(!refused.status.success(), "a refusal exits non-zero");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("error: E_NOT_AGGREGATE"), "{stderr}");
+    local.stop().await;
+}

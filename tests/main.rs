@@ -1,0 +1,10 @@
+//! End-to-end tests: real node agents and a real gateway on 127.0.0.1:0, real Parquet files,
+//! real Flight SQL clients. One test binary, so DataFusion is linked once.
+
+mod support;
+
+mod adbc;
+mod bad_input;
+mod cli;
+mod equivalence;
+mod node_floor;

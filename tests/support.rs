@@ -1,0 +1,147 @@
+//! Shared fixtures: generated data (once per test run), a local federation, a centralised
+//! DataFusion context over the union of every trust's files, and answer comparison.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use arrow::array::{ArrayRef, RecordBatch};
+use datafusion::common::ScalarValue;
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use tally::client::{AnalystClient, Answer};
+use tally::federation::{self, DEMO_TOKEN, LocalFederation};
+use tally_synth::default_trusts;
+
+/// Patients in the test data: small enough to build fast, large enough for many groups.
+pub const TEST_PATIENTS: usize = 3_000;
+
+/// The generated test data, shared by every test in this binary.
+pub fn data_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        federation::ensure_data(dir.path(), TEST_PATIENTS, 7).expect("generate test data");
+        dir
+    })
+    .path()
+}
+
+/// Starts three trusts and a gateway over the test data.
+pub async fn start_federation() -> LocalFederation {
+    federation::start(data_dir(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("federation starts")
+}
+
+/// An analyst client connected to `local`'s gateway.
+pub async fn analyst(local: &LocalFederation) -> AnalystClient {
+    AnalystClient::connect(&local.gateway_url(), DEMO_TOKEN)
+        .await
+        .expect("analyst connects")
+}
+
+/// What a central platform would do after copying every trust's files: one DataFusion
+/// context over their union (with `trust_code` filled per trust).
+pub async fn centralised() -> SessionContext {
+    let ctx = SessionContext::new();
+    for table in ["patients", "episodes"] {
+        let mut parts = Vec::new();
+        for trust in default_trusts() {
+            let name = format!("{table}_{}", trust.code);
+            let path = data_dir().join(trust.code).join(format!("{table}.parquet"));
+            ctx.register_parquet(&name, path.to_str().unwrap(), ParquetReadOptions::default())
+                .await
+                .unwrap();
+            parts.push(format!("SELECT *, '{}' AS trust_code FROM {name}", trust.code));
+        }
+        ctx.sql(&format!("CREATE VIEW {table} AS {}", parts.join(" UNION ALL ")))
+            .await
+            .unwrap();
+    }
+    let reference = data_dir().join(default_trusts()[0].code).join("icd10_chapters.parquet");
+    ctx.register_parquet("icd10_chapters", reference.to_str().unwrap(), ParquetReadOptions::default())
+        .await
+        .unwrap();
+    ctx
+}
+
+/// Every row of `batches` as scalar values.
+pub fn rows(batches: &[RecordBatch]) -> Vec<Vec<ScalarValue>> {
+    let mut rows = Vec::new();
+    for batch in batches {
+        for row in 0..batch.num_rows() {
+            rows.push(
+                batch
+                    .columns()
+                    .iter()
+                    .map(|c: &ArrayRef| ScalarValue::try_from_array(c.as_ref(), row).unwrap())
+                    .collect(),
+            );
+        }
+    }
+    rows
+}
+
+fn sort_rows(rows: &mut [Vec<ScalarValue>]) {
+    rows.sort_by(|a, b| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal))
+            .find(|o| o.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+}
+
+fn values_match(got: &ScalarValue, want: &ScalarValue) -> bool {
+    match (got, want) {
+        (ScalarValue::Float64(Some(g)), ScalarValue::Float64(Some(w))) => {
+            let scale = g.abs().max(w.abs());
+            scale == 0.0 || (g - w).abs() / scale < 1e-9
+        }
+        _ => got == want,
+    }
+}
+
+/// Asserts that two answers hold the same rows (order-insensitive unless `ordered`), exactly
+/// for integers and strings, within a relative error of 1e-9 for floats.
+pub fn assert_same_answer(sql: &str, got: &[RecordBatch], want: &[RecordBatch], ordered: bool) {
+    let mut got_rows = rows(got);
+    let mut want_rows = rows(want);
+    assert_eq!(got_rows.len(), want_rows.len(), "row count differs for: {sql}");
+    if !ordered {
+        sort_rows(&mut got_rows);
+        sort_rows(&mut want_rows);
+    }
+    for (g, w) in got_rows.iter().zip(&want_rows) {
+        assert_eq!(g.len(), w.len(), "column count differs for: {sql}");
+        for (x, y) in g.iter().zip(w) {
+            assert_eq!(x.data_type(), y.data_type(), "column type differs for: {sql}");
+            assert!(values_match(x, y), "value differs for: {sql}\n got: {g:?}\nwant: {w:?}");
+        }
+    }
+}
+
+/// The answer's error text, or a panic if it succeeded.
+pub fn expect_refusal(result: Result<Answer, tally::client::ClientError>) -> String {
+    match result {
+        Ok(answer) => panic!("expected a refusal, got {} batches", answer.batches.len()),
+        Err(err) => err.to_string(),
+    }
+}
+
+/// Copies the test data of every trust to a fresh folder the test may damage.
+pub fn copy_of_data() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().to_path_buf();
+    for trust in default_trusts() {
+        let from = data_dir().join(trust.code);
+        let to = target.join(trust.code);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(data_dir().join("manifest.json"), target.join("manifest.json")).unwrap();
+    (dir, target)
+}
+
