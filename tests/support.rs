@@ -25,8 +25,16 @@ pub fn data_dir() -> &'static Path {
     .path()
 }
 
+/// Sends the servers' logs to the test output (shown for failing tests); `RUST_LOG` filters.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
 /// Starts three trusts and a gateway over the test data.
 pub async fn start_federation() -> LocalFederation {
+    init_logging();
     federation::start(data_dir(), "127.0.0.1:0".parse().unwrap())
         .await
         .expect("federation starts")

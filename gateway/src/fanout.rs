@@ -17,7 +17,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use tally_common::{ErrorCode, TallyError};
 
 use crate::catalogue::Catalogue;
-use crate::split::{Fragment, data_types};
+use crate::split::Fragment;
 use crate::trusts::TrustAnswer;
 
 /// What one trust returned for one fragment: the record kept for metadata and audit.
@@ -116,26 +116,35 @@ impl QueryFanout {
     }
 }
 
-/// Checks a trust's batches against the fragment's schema and relabels them with it.
+/// Checks a trust's batches against the fragment's schema (columns found by name, of the
+/// expected types) and relabels them with it.
 fn conform(answer: &TrustAnswer, schema: &SchemaRef) -> Result<Vec<RecordBatch>, TallyError> {
-    let expected = data_types(schema);
+    let mismatch = || {
+        TallyError::new(
+            ErrorCode::TrustProtocol,
+            format!("trust {} answered with columns Tally did not ask for", answer.trust),
+        )
+    };
     answer
         .batches
         .iter()
         .map(|batch| {
-            if data_types(&batch.schema()) != expected {
-                tracing::warn!(trust = %answer.trust, got = ?batch.schema(), want = ?schema, "partial result schema differs");
-                return Err(TallyError::new(
-                    ErrorCode::TrustProtocol,
-                    format!("trust {} answered with columns of unexpected types", answer.trust),
-                ));
+            if batch.num_columns() != schema.fields().len() {
+                return Err(mismatch());
             }
-            RecordBatch::try_new(schema.clone(), batch.columns().to_vec()).map_err(|_| {
-                TallyError::new(
-                    ErrorCode::TrustProtocol,
-                    format!("trust {} answered with an unreadable partial result", answer.trust),
-                )
-            })
+            let columns = schema
+                .fields()
+                .iter()
+                .map(|field| {
+                    let column = batch.column_by_name(field.name()).ok_or_else(mismatch)?;
+                    if column.data_type() != field.data_type() {
+                        tracing::warn!(trust = %answer.trust, column = %field.name(), got = %column.data_type(), want = %field.data_type(), "partial result type differs");
+                        return Err(mismatch());
+                    }
+                    Ok(column.clone())
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            RecordBatch::try_new(schema.clone(), columns).map_err(|_| mismatch())
         })
         .collect()
 }

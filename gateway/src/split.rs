@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
+use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
 use datafusion::catalog::default_table_source::source_as_provider;
 use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
 use datafusion::common::{DFSchemaRef, Result as DfResult};
@@ -385,9 +385,4 @@ fn ensure_no_federated_scan(plan: &LogicalPlan) -> Result<(), TallyError> {
             ),
         )),
     }
-}
-
-/// Data types of a schema, for comparing partial results.
-pub fn data_types(schema: &Schema) -> Vec<DataType> {
-    schema.fields().iter().map(|f| f.data_type().clone()).collect()
 }

@@ -19,11 +19,11 @@ pub(crate) const MAX_EPISODES: usize = 8;
 /// Chance that a later episode is a readmission for the previous diagnosis.
 const READMISSION: f64 = 0.3;
 /// Chance that a diagnosis with typical procedures records one.
-const PROCEDURE_RATE: f64 = 0.8;
+const PROCEDURE_RATE: f64 = 0.7;
 /// Chance of an extreme-cost episode (critical care, complex surgery).
 const EXTREME_COST_RATE: f64 = 0.002;
 /// Cost of each bed day, in pounds.
-const BED_DAY_COST: f64 = 350.0;
+const BED_DAY_COST: f64 = 300.0;
 
 /// One generated episode, before ids are attached.
 #[derive(Debug, Clone, Copy)]
@@ -116,9 +116,9 @@ impl EpisodeGenerator {
             };
             let procedure = (!dx.procedures.is_empty() && rng.random_bool(PROCEDURE_RATE))
                 .then(|| dx.procedures[rng.random_range(0..dx.procedures.len())]);
-            // Pareto-like stay: heavy right tail, mean ≈ dx.los, often 0.
+            // Pareto-like stay (tail index 2): mean ≈ dx.los, often 0, rarely months.
             let mean = dx.los * if age >= 75 { 1.5 } else { 1.0 };
-            let mut length_of_stay = (mean * (1.0 / unit_open(rng).sqrt() - 1.0)).min(365.0) as i32;
+            let mut length_of_stay = (mean * (1.0 / unit_open(rng).sqrt() - 1.0)).round().min(365.0) as i32;
             if let Some(&next) = days[..count].get(i + 1) {
                 length_of_stay = length_of_stay.min(next - admission);
             }

@@ -121,11 +121,14 @@ fn same_seed_gives_byte_identical_files() {
     assert!(fa.keys().all(|p| !p.to_string_lossy().ends_with(".tmp")));
 }
 
+/// Column name, type and nullability.
+type Column<'a> = (&'a str, DataType, bool);
+
 #[test]
 fn schemas_match_the_contract() {
     let (out, _) = run("schema", 500, 1);
     let utf8 = DataType::Utf8;
-    let expected: [(&str, Vec<(&str, DataType, bool)>); 4] = [
+    let expected: [(&str, Vec<Column>); 4] = [
         (
             "patients",
             vec![
@@ -168,7 +171,7 @@ fn schemas_match_the_contract() {
     for trust in codes() {
         for (name, fields) in &expected {
             let batch = table(&out.0, trust, name);
-            let actual: Vec<(&str, DataType, bool)> = batch
+            let actual: Vec<Column> = batch
                 .schema_ref()
                 .fields()
                 .iter()
