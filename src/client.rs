@@ -73,7 +73,11 @@ impl AnalystClient {
     /// Runs `sql` and collects the answer.
     pub async fn query(&mut self, sql: &str) -> Result<Answer, ClientError> {
         let started = Instant::now();
-        let info = self.inner.execute(sql.to_string(), None).await.map_err(refused)?;
+        let info = self
+            .inner
+            .execute(sql.to_string(), None)
+            .await
+            .map_err(refused)?;
         let schema: SchemaRef = std::sync::Arc::new(
             info.clone()
                 .try_decode_schema()
@@ -82,15 +86,22 @@ impl AnalystClient {
         let mut batches = Vec::new();
         let mut trusts = Vec::new();
         for endpoint in info.endpoint {
-            let Some(ticket) = endpoint.ticket else { continue };
+            let Some(ticket) = endpoint.ticket else {
+                continue;
+            };
             let stream = self.inner.do_get(ticket).await.map_err(refused)?;
-            if let Some(value) = stream.headers().get(TRUSTS_HEADER).and_then(|v| v.to_str().ok()) {
-                trusts = value.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+            if let Some(value) = stream
+                .headers()
+                .get(TRUSTS_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                trusts = value
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect();
             }
-            let mut got: Vec<RecordBatch> = stream
-                .try_collect()
-                .await
-                .map_err(refused)?;
+            let mut got: Vec<RecordBatch> = stream.try_collect().await.map_err(refused)?;
             batches.append(&mut got);
         }
         Ok(Answer {

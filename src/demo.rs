@@ -54,13 +54,19 @@ pub const SHOWCASE: &[(&str, &str)] = &[
 /// Runs the demo.
 pub async fn run(data_dir: &Path, patients: usize, port: u16, exit: bool) -> Result<(), String> {
     if federation::ensure_data(data_dir, patients, 42)? {
-        println!("Generated synthetic data for {patients} patients in {}", data_dir.display());
+        println!(
+            "Generated synthetic data for {patients} patients in {}",
+            data_dir.display()
+        );
     } else {
         println!("Using the synthetic data in {}", data_dir.display());
     }
     let local = federation::start(data_dir, SocketAddr::from(([127, 0, 0, 1], port))).await?;
     for (trust, node) in tally_synth::default_trusts().iter().zip(&local.nodes) {
-        println!("  node agent {} ({}) on {}", trust.code, trust.name, node.addr);
+        println!(
+            "  node agent {} ({}) on {}",
+            trust.code, trust.name, node.addr
+        );
     }
     let url = local.gateway_url();
     println!("  gateway on {url}\n");
@@ -73,7 +79,13 @@ pub async fn run(data_dir: &Path, patients: usize, port: u16, exit: bool) -> Res
         match client.query(sql).await {
             Ok(answer) => {
                 let mut stdout = std::io::stdout();
-                output::write(Format::Table, &answer.schema, &answer.batches, &mut stdout, None)?;
+                output::write(
+                    Format::Table,
+                    &answer.schema,
+                    &answer.batches,
+                    &mut stdout,
+                    None,
+                )?;
                 println!(
                     "{:.1} ms, trusts answered: {}\n",
                     answer.elapsed.as_secs_f64() * 1e3,
@@ -92,12 +104,18 @@ pub async fn run(data_dir: &Path, patients: usize, port: u16, exit: bool) -> Res
         }
     }
     println!("Flight SQL endpoint: {url}");
-    println!("Credentials: user '{DEMO_USER}', token '{DEMO_TOKEN}' (Basic auth in the handshake, or 'authorization: Bearer {DEMO_TOKEN}')");
-    println!("Try: tally query --gateway {url} --token {DEMO_TOKEN} \"SELECT sex, COUNT(*) FROM patients GROUP BY sex\"");
+    println!(
+        "Credentials: user '{DEMO_USER}', token '{DEMO_TOKEN}' (Basic auth in the handshake, or 'authorization: Bearer {DEMO_TOKEN}')"
+    );
+    println!(
+        "Try: tally query --gateway {url} --token {DEMO_TOKEN} \"SELECT sex, COUNT(*) FROM patients GROUP BY sex\""
+    );
     let _ = std::io::stdout().flush();
     if failures > 0 {
         local.stop().await;
-        return Err(format!("{failures} showcase queries did not behave as expected"));
+        return Err(format!(
+            "{failures} showcase queries did not behave as expected"
+        ));
     }
     if !exit {
         println!("Serving until Ctrl-C.");

@@ -15,7 +15,11 @@ use tally_node::NodeConfig;
 use tally_synth::SynthConfig;
 
 #[derive(Parser)]
-#[command(name = "tally", version, about = "Federated SQL across NHS trusts where only aggregates ever travel")]
+#[command(
+    name = "tally",
+    version,
+    about = "Federated SQL across NHS trusts where only aggregates ever travel"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -116,14 +120,21 @@ async fn run(command: Command) -> Result<(), String> {
         } => demo::run(&data, patients, port, exit).await,
         Command::Node { config } => {
             let config = NodeConfig::load(&config).map_err(|e| e.to_string())?;
-            let node = tally_node::start(&config).await.map_err(|e| e.to_string())?;
-            eprintln!("node agent for {} ({}) on {}", config.trust.code, config.trust.name, node.addr);
+            let node = tally_node::start(&config)
+                .await
+                .map_err(|e| e.to_string())?;
+            eprintln!(
+                "node agent for {} ({}) on {}",
+                config.trust.code, config.trust.name, node.addr
+            );
             serve_until_ctrl_c(node.wait()).await;
             Ok(())
         }
         Command::Gateway { config } => {
             let config = GatewayConfig::load(&config).map_err(|e| e.to_string())?;
-            let gateway = tally_gateway::start(&config).await.map_err(|e| e.to_string())?;
+            let gateway = tally_gateway::start(&config)
+                .await
+                .map_err(|e| e.to_string())?;
             eprintln!("gateway on http://{}", gateway.addr);
             serve_until_ctrl_c(gateway.wait()).await;
             Ok(())
@@ -148,7 +159,8 @@ async fn run(command: Command) -> Result<(), String> {
             patients,
             seed,
         } => {
-            let summary = tally_synth::generate(&out, &SynthConfig { patients, seed }).map_err(|e| e.to_string())?;
+            let summary = tally_synth::generate(&out, &SynthConfig { patients, seed })
+                .map_err(|e| e.to_string())?;
             for trust in summary.trusts {
                 println!(
                     "{}: {} patients, {} episodes, {} opted out",
@@ -181,7 +193,8 @@ async fn query_once(
             output::write(format, &answer.schema, &answer.batches, &mut stdout, path)?;
         }
         (_, Some(path)) => {
-            let mut file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut file =
+                std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
             output::write(format, &answer.schema, &answer.batches, &mut file, None)?;
         }
     }
@@ -189,7 +202,11 @@ async fn query_once(
     eprintln!(
         "{rows} rows in {:.1} ms; trusts answered: {}",
         answer.elapsed.as_secs_f64() * 1e3,
-        if answer.trusts.is_empty() { "none".to_string() } else { answer.trusts.join(", ") }
+        if answer.trusts.is_empty() {
+            "none".to_string()
+        } else {
+            answer.trusts.join(", ")
+        }
     );
     Ok(())
 }
@@ -211,7 +228,14 @@ async fn shell(client: &mut AnalystClient, format: Format) -> Result<(), String>
                 eprintln!("error: {err}");
             }
         }
-        eprint!("{}", if buffer.is_empty() { "tally> " } else { "   ... " });
+        eprint!(
+            "{}",
+            if buffer.is_empty() {
+                "tally> "
+            } else {
+                "   ... "
+            }
+        );
         let _ = std::io::stderr().flush();
     }
     Ok(())

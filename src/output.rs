@@ -32,17 +32,23 @@ pub fn write(
     let fail = |e: &dyn std::fmt::Display| format!("could not write the answer: {e}");
     match format {
         Format::Table => {
-            let table = arrow::util::pretty::pretty_format_batches(batches).map_err(|e| fail(&e))?;
+            let table =
+                arrow::util::pretty::pretty_format_batches(batches).map_err(|e| fail(&e))?;
             writeln!(out, "{table}").map_err(|e| fail(&e))
         }
         Format::Csv => {
-            let mut writer = arrow::csv::WriterBuilder::new().with_header(true).build(out);
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(out);
             if batches.is_empty() {
                 writer
                     .write(&RecordBatch::new_empty(schema.clone()))
                     .map_err(|e| fail(&e))?;
             }
-            batches.iter().try_for_each(|b| writer.write(b)).map_err(|e| fail(&e))
+            batches
+                .iter()
+                .try_for_each(|b| writer.write(b))
+                .map_err(|e| fail(&e))
         }
         Format::Json => {
             let mut writer = arrow::json::ArrayWriter::new(out);
@@ -53,9 +59,12 @@ pub fn write(
         Format::Parquet => {
             let path = path.ok_or("--format parquet needs --output FILE")?;
             let file = File::create(path).map_err(|e| fail(&e))?;
-            let mut writer =
-                parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None).map_err(|e| fail(&e))?;
-            batches.iter().try_for_each(|b| writer.write(b)).map_err(|e| fail(&e))?;
+            let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None)
+                .map_err(|e| fail(&e))?;
+            batches
+                .iter()
+                .try_for_each(|b| writer.write(b))
+                .map_err(|e| fail(&e))?;
             writer.close().map(|_| ()).map_err(|e| fail(&e))
         }
     }

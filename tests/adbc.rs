@@ -8,7 +8,7 @@ use crate::support::{centralised, rows, start_federation};
 
 fn as_json(value: &ScalarValue) -> serde_json::Value {
     match value {
-        ScalarValue::Utf8(Some(s)) => serde_json::json!(s),
+        ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => serde_json::json!(s),
         ScalarValue::Int64(Some(n)) => serde_json::json!(n),
         ScalarValue::Float64(Some(f)) => serde_json::json!(f),
         other => panic!("unexpected value {other:?}"),
@@ -17,7 +17,9 @@ fn as_json(value: &ScalarValue) -> serde_json::Value {
 
 fn close(got: &serde_json::Value, want: &serde_json::Value) -> bool {
     match (got.as_f64(), want.as_f64()) {
-        (Some(g), Some(w)) if !got.is_i64() || !want.is_i64() => (g - w).abs() <= 1e-9 * g.abs().max(w.abs()),
+        (Some(g), Some(w)) if !got.is_i64() || !want.is_i64() => {
+            (g - w).abs() <= 1e-9 * g.abs().max(w.abs())
+        }
         _ => got == want,
     }
 }
@@ -40,12 +42,22 @@ async fn python_adbc_driver_gets_the_right_numbers() {
         output.status.success(),
         "the ADBC client failed (install with: pip install adbc-driver-flightsql pyarrow; bash .ci/run does):\n{stderr}"
     );
-    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON from the client");
-    assert_eq!(answer["parameters"], 0, "the prepared statement takes no parameters");
+    let answer: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("JSON from the client");
+    assert_eq!(
+        answer["parameters"], 0,
+        "the prepared statement takes no parameters"
+    );
     let central = centralised().await;
     for (key, sql) in [
-        ("plain", "SELECT specialty, COUNT(*) AS n, AVG(cost) AS mean_cost FROM episodes GROUP BY specialty ORDER BY specialty"),
-        ("prepared", "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex"),
+        (
+            "plain",
+            "SELECT specialty, COUNT(*) AS n, AVG(cost) AS mean_cost FROM episodes GROUP BY specialty ORDER BY specialty",
+        ),
+        (
+            "prepared",
+            "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex",
+        ),
     ] {
         let expected = rows(&central.sql(sql).await.unwrap().collect().await.unwrap());
         let got = answer[key].as_array().expect("rows");
@@ -53,7 +65,10 @@ async fn python_adbc_driver_gets_the_right_numbers() {
         for (got_row, want_row) in got.iter().zip(&expected) {
             let got_row = got_row.as_array().unwrap();
             for (g, w) in got_row.iter().zip(want_row) {
-                assert!(close(g, &as_json(w)), "{key}: got {got_row:?}, want {want_row:?}");
+                assert!(
+                    close(g, &as_json(w)),
+                    "{key}: got {got_row:?}, want {want_row:?}"
+                );
             }
         }
     }

@@ -13,22 +13,55 @@ use crate::support::{analyst, copy_of_data, data_dir, expect_refusal, start_fede
 async fn malformed_and_refused_queries_get_our_codes() {
     let local = start_federation().await;
     let mut client = analyst(&local).await;
-    let deep = format!("SELECT COUNT(*) FROM episodes WHERE cost > {}1{}", "(".repeat(300), ")".repeat(300));
-    let long = format!("SELECT COUNT(*) FROM episodes WHERE specialty IN ({})", vec!["'100'"; 20_000].join(","));
+    let deep = format!(
+        "SELECT COUNT(*) FROM episodes WHERE cost > {}1{}",
+        "(".repeat(300),
+        ")".repeat(300)
+    );
+    let long = format!(
+        "SELECT COUNT(*) FROM episodes WHERE specialty IN ({})",
+        vec!["'100'"; 20_000].join(",")
+    );
     let cases: Vec<(String, &str)> = vec![
         ("SELEC COUNT(*) FROM episodes".into(), "E_SQL_SYNTAX"),
         ("SELECT COUNT(* FROM episodes".into(), "E_SQL_SYNTAX"),
         ("SELECT COUNT(*) FROM admissions".into(), "E_UNKNOWN_TABLE"),
-        ("SELECT COUNT(*) FROM episodes WHERE colour = 'red'".into(), "E_UNKNOWN_COLUMN"),
+        (
+            "SELECT COUNT(*) FROM episodes WHERE colour = 'red'".into(),
+            "E_UNKNOWN_COLUMN",
+        ),
         ("SELECT SUM(specialty) FROM episodes".into(), "E_PLAN"),
         ("SELECT * FROM episodes".into(), "E_NOT_AGGREGATE"),
-        ("SELECT e.cost, c.n FROM episodes e CROSS JOIN (SELECT COUNT(*) AS n FROM patients) c".into(), "E_NOT_AGGREGATE"),
-        ("SELECT MEDIAN(cost) FROM episodes".into(), "E_AGG_NOT_SPLITTABLE"),
-        ("SELECT COUNT(DISTINCT person_id) FROM episodes".into(), "E_AGG_NOT_SPLITTABLE"),
-        ("SELECT COUNT(*) FROM (SELECT * FROM episodes LIMIT 10) t".into(), "E_UNSUPPORTED_SHAPE"),
-        ("SELECT specialty, COUNT(*) FROM episodes GROUP BY ROLLUP(specialty)".into(), "E_UNSUPPORTED_SHAPE"),
-        ("SELECT COUNT(*) FROM (SELECT cost, RANK() OVER (ORDER BY cost) AS r FROM episodes) t".into(), "E_WINDOW"),
-        ("INSERT INTO episodes SELECT * FROM episodes".into(), "E_READ_ONLY"),
+        (
+            "SELECT e.cost, c.n FROM episodes e CROSS JOIN (SELECT COUNT(*) AS n FROM patients) c"
+                .into(),
+            "E_NOT_AGGREGATE",
+        ),
+        (
+            "SELECT MEDIAN(cost) FROM episodes".into(),
+            "E_AGG_NOT_SPLITTABLE",
+        ),
+        (
+            "SELECT COUNT(DISTINCT person_id) FROM episodes".into(),
+            "E_AGG_NOT_SPLITTABLE",
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT * FROM episodes LIMIT 10) t".into(),
+            "E_UNSUPPORTED_SHAPE",
+        ),
+        (
+            "SELECT specialty, COUNT(*) FROM episodes GROUP BY ROLLUP(specialty)".into(),
+            "E_UNSUPPORTED_SHAPE",
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT cost, RANK() OVER (ORDER BY cost) AS r FROM episodes) t"
+                .into(),
+            "E_WINDOW",
+        ),
+        (
+            "INSERT INTO episodes SELECT * FROM episodes".into(),
+            "E_READ_ONLY",
+        ),
         ("DROP TABLE episodes".into(), "E_READ_ONLY"),
         ("SHOW ALL".into(), "E_READ_ONLY"),
         (deep, "E_TOO_LARGE"),
@@ -37,14 +70,26 @@ async fn malformed_and_refused_queries_get_our_codes() {
     for (sql, code) in &cases {
         let started = Instant::now();
         let err = expect_refusal(client.query(sql).await);
-        assert!(err.starts_with(code), "{}: expected {code}, got {err}", &sql[..sql.len().min(80)]);
-        assert!(started.elapsed() < Duration::from_secs(10), "refusals are quick");
+        assert!(
+            err.starts_with(code),
+            "{}: expected {code}, got {err}",
+            &sql[..sql.len().min(80)]
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "refusals are quick"
+        );
     }
     // None of these reached a trust.
     for node in &local.nodes {
-        assert!(node.audit.recent().iter().all(|r| r.step != "run"), "refused queries never run");
+        assert!(
+            node.audit.recent().iter().all(|r| r.step != "run"),
+            "refused queries never run"
+        );
     }
-    let mut stranger = AnalystClient::connect(&local.gateway_url(), "not-a-token").await.unwrap();
+    let mut stranger = AnalystClient::connect(&local.gateway_url(), "not-a-token")
+        .await
+        .unwrap();
     let err = expect_refusal(stranger.query("SELECT COUNT(*) FROM episodes").await);
     assert!(err.starts_with("E_UNAUTHENTICATED"), "{err}");
     local.stop().await;
@@ -54,14 +99,21 @@ async fn malformed_and_refused_queries_get_our_codes() {
 async fn a_trust_that_is_down_is_named_quickly() {
     let mut local = start_federation().await;
     let mut client = analyst(&local).await;
-    client.query("SELECT COUNT(*) FROM episodes").await.expect("all up");
+    client
+        .query("SELECT COUNT(*) FROM episodes")
+        .await
+        .expect("all up");
     let down = local.nodes.pop().unwrap();
     down.stop().await;
     let started = Instant::now();
     let err = expect_refusal(client.query("SELECT COUNT(*) FROM episodes").await);
     assert!(err.starts_with("E_TRUST_UNAVAILABLE"), "{err}");
     assert!(err.contains("RXC"), "names the trust: {err}");
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
     local.stop().await;
 }
 
@@ -77,21 +129,42 @@ async fn a_slow_trust_times_out_with_its_name() {
         }
     });
     let trusts = default_trusts();
-    let node = tally_node::start(&federation::node_config(data_dir(), &trusts[0])).await.unwrap();
+    let node = tally_node::start(&federation::node_config(data_dir(), &trusts[0]))
+        .await
+        .unwrap();
     let endpoints = vec![
-        (trusts[0].code.to_string(), trusts[0].name.to_string(), node.addr),
-        ("SLOW".to_string(), "Silent Hospital".to_string(), silent_addr),
+        (
+            trusts[0].code.to_string(),
+            trusts[0].name.to_string(),
+            node.addr,
+        ),
+        (
+            "SLOW".to_string(),
+            "Silent Hospital".to_string(),
+            silent_addr,
+        ),
     ];
     let mut config = federation::gateway_config("127.0.0.1:0".parse().unwrap(), &endpoints);
     config.request_timeout_secs = 1.0;
     config.connect_timeout_secs = 1.0;
-    let gateway = tally_gateway::start(&config).await.expect("gateway starts with a trust down");
-    let mut client = AnalystClient::connect(&format!("http://{}", gateway.addr), DEMO_TOKEN).await.unwrap();
+    let gateway = tally_gateway::start(&config)
+        .await
+        .expect("gateway starts with a trust down");
+    let mut client = AnalystClient::connect(&format!("http://{}", gateway.addr), DEMO_TOKEN)
+        .await
+        .unwrap();
     let started = Instant::now();
     let err = expect_refusal(client.query("SELECT COUNT(*) FROM episodes").await);
     assert!(err.starts_with("E_TRUST_UNAVAILABLE"), "{err}");
-    assert!(err.contains("SLOW") && err.contains("did not answer within 1 s"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        err.contains("SLOW") && err.contains("did not answer within 1 s"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
     gateway.stop().await;
     node.stop().await;
     holder.abort();
@@ -102,7 +175,9 @@ async fn a_schema_mismatch_names_the_trust_and_column() {
     let (_keep, dir) = copy_of_data();
     let rxc = dir.join("RXC").join("episodes.parquet");
     let ctx = datafusion::prelude::SessionContext::new();
-    ctx.register_parquet("e", rxc.to_str().unwrap(), Default::default()).await.unwrap();
+    ctx.register_parquet("e", rxc.to_str().unwrap(), Default::default())
+        .await
+        .unwrap();
     let changed = ctx
         .sql(
             "SELECT episode_id, person_id, admission_date, discharge_date, admission_method, specialty, \
@@ -119,12 +194,17 @@ async fn a_schema_mismatch_names_the_trust_and_column() {
         writer.write(batch).unwrap();
     }
     writer.close().unwrap();
-    let local = federation::start(&dir, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let local = federation::start(&dir, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let mut client = analyst(&local).await;
     let err = expect_refusal(client.query("SELECT SUM(cost) FROM episodes").await);
     assert!(err.starts_with("E_SCHEMA_MISMATCH"), "{err}");
     assert!(err.contains("RXC") && err.contains("'cost'"), "{err}");
-    let fine = client.query("SELECT COUNT(*) FROM patients").await.expect("other tables still work");
+    let fine = client
+        .query("SELECT COUNT(*) FROM patients")
+        .await
+        .expect("other tables still work");
     assert_eq!(fine.trusts.len(), 3);
     local.stop().await;
 }
@@ -132,20 +212,31 @@ async fn a_schema_mismatch_names_the_trust_and_column() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_parquet_file_is_a_typed_error() {
     let (_keep, dir) = copy_of_data();
-    let local = federation::start(&dir, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let local = federation::start(&dir, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let mut client = analyst(&local).await;
-    client.query("SELECT COUNT(*) FROM episodes").await.expect("healthy first");
+    client
+        .query("SELECT COUNT(*) FROM episodes")
+        .await
+        .expect("healthy first");
     let rxb = dir.join("RXB").join("episodes.parquet");
     let size = std::fs::metadata(&rxb).unwrap().len() as usize;
     std::fs::write(&rxb, vec![0x5a; size]).unwrap();
     let err = expect_refusal(client.query("SELECT SUM(cost) FROM episodes").await);
     assert!(err.starts_with("E_TRUST_FAILED"), "{err}");
     assert!(err.contains("RXB"), "{err}");
-    assert!(!err.to_lowercase().contains("parquet"), "no engine text: {err}");
+    assert!(
+        !err.to_lowercase().contains("parquet"),
+        "no engine text: {err}"
+    );
     local.stop().await;
 
     // A node refuses to start on a corrupt file, naming the table.
     let config = federation::node_config(&dir, &default_trusts()[1]);
-    let err = tally_node::start(&config).await.err().expect("corrupt file at start-up");
+    let err = tally_node::start(&config)
+        .await
+        .err()
+        .expect("corrupt file at start-up");
     assert!(err.to_string().contains("table 'episodes'"), "{err}");
 }

@@ -15,7 +15,10 @@ fn every_subcommand_has_help() {
     for sub in ["demo", "node", "gateway", "query", "generate"] {
         let out = tally().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success(), "{sub} --help");
-        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: tally"), "{sub} --help prints usage");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage: tally"),
+            "{sub} --help prints usage"
+        );
     }
 }
 
@@ -27,10 +30,21 @@ fn demo_runs_its_showcase_and_exits() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("refused: E_NOT_AGGREGATE"), "{stdout}");
-    assert_eq!(stdout.matches("trusts answered: RXA, RXB, RXC").count(), 5, "{stdout}");
-    assert!(stdout.contains(&format!("token '{DEMO_TOKEN}'")), "{stdout}");
+    assert_eq!(
+        stdout.matches("trusts answered: RXA, RXB, RXC").count(),
+        5,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("token '{DEMO_TOKEN}'")),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,24 +56,50 @@ async fn query_prints_csv_and_json() {
         let url = url.clone();
         tokio::task::spawn_blocking(move || {
             tally()
-                .args(["query", "--gateway", &url, "--token", DEMO_TOKEN, "--format", format, sql])
+                .args([
+                    "query",
+                    "--gateway",
+                    &url,
+                    "--token",
+                    DEMO_TOKEN,
+                    "--format",
+                    format,
+                    sql,
+                ])
                 .output()
                 .unwrap()
         })
     };
     let csv = run("csv", sql).await.unwrap();
-    assert!(csv.status.success(), "{}", String::from_utf8_lossy(&csv.stderr));
+    assert!(
+        csv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&csv.stderr)
+    );
     let text = String::from_utf8_lossy(&csv.stdout);
     assert!(text.starts_with("sex,n\n"), "{text}");
     assert!(String::from_utf8_lossy(&csv.stderr).contains("trusts answered: RXA, RXB, RXC"));
     let json = run("json", sql).await.unwrap();
     let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("valid JSON");
-    let total: i64 = parsed.as_array().unwrap().iter().map(|r| r["n"].as_i64().unwrap()).sum();
+    let total: i64 = parsed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["n"].as_i64().unwrap())
+        .sum();
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data_dir().join("manifest.json")).unwrap()).unwrap();
-    let patients: i64 = manifest["trusts"].as_array().unwrap().iter().map(|t| t["patients"].as_i64().unwrap()).sum();
+        serde_json::from_str(&std::fs::read_to_string(data_dir().join("manifest.json")).unwrap())
+            .unwrap();
+    let patients: i64 = manifest["trusts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["patients"].as_i64().unwrap())
+        .sum();
     assert_eq!(total, patients, "counts add up to the generated patients");
-    let refused = run("table", "SELECT nhs_number FROM patients").await.unwrap();
+    let refused = run("table", "SELECT nhs_number FROM patients")
+        .await
+        .unwrap();
     assert!(!refused.status.success(), "a refusal exits non-zero");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("error: E_NOT_AGGREGATE"), "{stderr}");

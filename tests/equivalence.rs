@@ -7,13 +7,34 @@ use crate::support::{analyst, assert_same_answer, centralised, start_federation}
 /// groups. `true` marks queries whose ORDER BY fixes the row order.
 const QUERIES: &[(&str, bool)] = &[
     ("SELECT COUNT(*) FROM episodes", false),
-    ("SELECT COUNT(procedure_opcs4) AS with_procedure FROM episodes", false),
-    ("SELECT SUM(cost), AVG(cost), SUM(length_of_stay), AVG(age_at_admission) FROM episodes", false),
-    ("SELECT MIN(cost), MAX(cost), MIN(admission_date), MAX(discharge_date), MIN(specialty) FROM episodes", false),
-    ("SELECT STDDEV(length_of_stay), VAR(length_of_stay), STDDEV_POP(cost), VAR_POP(cost) FROM episodes", false),
-    ("SELECT specialty, COUNT(*), AVG(length_of_stay), STDDEV(cost) FROM episodes GROUP BY specialty", false),
-    ("SELECT trust_code, COUNT(*) AS n FROM episodes GROUP BY trust_code", false),
-    ("SELECT trust_code, specialty, SUM(cost), VAR(cost) FROM episodes GROUP BY trust_code, specialty", false),
+    (
+        "SELECT COUNT(procedure_opcs4) AS with_procedure FROM episodes",
+        false,
+    ),
+    (
+        "SELECT SUM(cost), AVG(cost), SUM(length_of_stay), AVG(age_at_admission) FROM episodes",
+        false,
+    ),
+    (
+        "SELECT MIN(cost), MAX(cost), MIN(admission_date), MAX(discharge_date), MIN(specialty) FROM episodes",
+        false,
+    ),
+    (
+        "SELECT STDDEV(length_of_stay), VAR(length_of_stay), STDDEV_POP(cost), VAR_POP(cost) FROM episodes",
+        false,
+    ),
+    (
+        "SELECT specialty, COUNT(*), AVG(length_of_stay), STDDEV(cost) FROM episodes GROUP BY specialty",
+        false,
+    ),
+    (
+        "SELECT trust_code, COUNT(*) AS n FROM episodes GROUP BY trust_code",
+        false,
+    ),
+    (
+        "SELECT trust_code, specialty, SUM(cost), VAR(cost) FROM episodes GROUP BY trust_code, specialty",
+        false,
+    ),
     (
         "SELECT trust_code, admission_method, specialty, COUNT(*), AVG(cost), MAX(length_of_stay) \
          FROM episodes GROUP BY 1, 2, 3",
@@ -45,8 +66,14 @@ const QUERIES: &[(&str, bool)] = &[
          GROUP BY c.chapter, c.title",
         false,
     ),
-    ("SELECT specialty, COUNT(*) AS c FROM episodes GROUP BY specialty HAVING COUNT(*) > 100", false),
-    ("SELECT specialty, AVG(cost) FROM episodes GROUP BY specialty HAVING AVG(cost) > 3000", false),
+    (
+        "SELECT specialty, COUNT(*) AS c FROM episodes GROUP BY specialty HAVING COUNT(*) > 100",
+        false,
+    ),
+    (
+        "SELECT specialty, AVG(cost) FROM episodes GROUP BY specialty HAVING AVG(cost) > 3000",
+        false,
+    ),
     (
         "SELECT specialty, COUNT(*) AS c FROM episodes GROUP BY specialty ORDER BY c DESC, specialty LIMIT 3",
         true,
@@ -61,11 +88,26 @@ const QUERIES: &[(&str, bool)] = &[
          GROUP BY specialty",
         false,
     ),
-    ("SELECT * FROM (SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex) t WHERE n > 10", false),
-    ("SELECT specialty, COUNT(*) FROM episodes WHERE cost < 0 GROUP BY specialty", false),
-    ("SELECT COUNT(*), SUM(cost), AVG(cost), MIN(cost), STDDEV(cost) FROM episodes WHERE cost < 0", false),
-    ("SELECT ethnicity, COUNT(*) FROM patients GROUP BY ethnicity", false),
-    ("SELECT procedure_opcs4 IS NULL AS no_procedure, COUNT(*) FROM episodes GROUP BY 1", false),
+    (
+        "SELECT * FROM (SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex) t WHERE n > 10",
+        false,
+    ),
+    (
+        "SELECT specialty, COUNT(*) FROM episodes WHERE cost < 0 GROUP BY specialty",
+        false,
+    ),
+    (
+        "SELECT COUNT(*), SUM(cost), AVG(cost), MIN(cost), STDDEV(cost) FROM episodes WHERE cost < 0",
+        false,
+    ),
+    (
+        "SELECT ethnicity, COUNT(*) FROM patients GROUP BY ethnicity",
+        false,
+    ),
+    (
+        "SELECT procedure_opcs4 IS NULL AS no_procedure, COUNT(*) FROM episodes GROUP BY 1",
+        false,
+    ),
     (
         "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty \
          HAVING COUNT(*) > (SELECT COUNT(*) FROM episodes) / 20",
@@ -75,7 +117,10 @@ const QUERIES: &[(&str, bool)] = &[
         "SELECT COUNT(*) FROM episodes WHERE person_id IN (SELECT person_id FROM patients WHERE sex = 'F')",
         false,
     ),
-    ("SELECT year_of_birth / 10 * 10 AS decade, COUNT(*) FROM patients GROUP BY 1", false),
+    (
+        "SELECT year_of_birth / 10 * 10 AS decade, COUNT(*) FROM patients GROUP BY 1",
+        false,
+    ),
     (
         "WITH a AS (SELECT COUNT(*) AS n FROM episodes), b AS (SELECT COUNT(*) AS m FROM patients) \
          SELECT n, m, CAST(n AS DOUBLE) / m AS per_patient FROM a CROSS JOIN b",
@@ -104,7 +149,11 @@ async fn gateway_answers_equal_centralised_answers() {
             .unwrap_or_else(|e| panic!("gateway refused {sql}: {e}"));
         let expected = central.sql(sql).await.unwrap().collect().await.unwrap();
         assert_same_answer(sql, &answer.batches, &expected, *ordered);
-        assert_eq!(answer.trusts, vec!["RXA", "RXB", "RXC"], "every trust answers: {sql}");
+        assert_eq!(
+            answer.trusts,
+            vec!["RXA", "RXB", "RXC"],
+            "every trust answers: {sql}"
+        );
     }
     local.stop().await;
 }

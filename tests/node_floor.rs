@@ -21,8 +21,14 @@ async fn node_client(addr: std::net::SocketAddr) -> SqlClient {
 }
 
 /// Runs `sql` directly at a node and returns the batches or the error text.
-async fn ask_node(client: &mut SqlClient, sql: &str) -> Result<Vec<arrow::array::RecordBatch>, String> {
-    let info = client.execute(sql.to_string(), None).await.map_err(|e| e.to_string())?;
+async fn ask_node(
+    client: &mut SqlClient,
+    sql: &str,
+) -> Result<Vec<arrow::array::RecordBatch>, String> {
+    let info = client
+        .execute(sql.to_string(), None)
+        .await
+        .map_err(|e| e.to_string())?;
     fetch_all(client, info).await.map_err(|e| e.to_string())
 }
 
@@ -48,8 +54,13 @@ async fn per_trust_results_hold_one_row_per_group() {
         assert_eq!(received.len(), 3, "each node ran each per-trust query once");
         let mut direct = node_client(node.addr).await;
         for sql in received {
-            assert!(sql.contains("GROUP BY") || !sql.contains(" g0"), "per-trust SQL aggregates: {sql}");
-            let batches = ask_node(&mut direct, &sql).await.expect("node answers its own fragment");
+            assert!(
+                sql.contains("GROUP BY") || !sql.contains(" g0"),
+                "per-trust SQL aggregates: {sql}"
+            );
+            let batches = ask_node(&mut direct, &sql)
+                .await
+                .expect("node answers its own fragment");
             let schema = batches[0].schema();
             let group_columns: Vec<usize> = schema
                 .fields()
@@ -61,7 +72,12 @@ async fn per_trust_results_hold_one_row_per_group() {
             let all_rows = rows(&batches);
             let keys: HashSet<String> = all_rows
                 .iter()
-                .map(|row| format!("{:?}", group_columns.iter().map(|&i| &row[i]).collect::<Vec<_>>()))
+                .map(|row| {
+                    format!(
+                        "{:?}",
+                        group_columns.iter().map(|&i| &row[i]).collect::<Vec<_>>()
+                    )
+                })
                 .collect();
             assert_eq!(keys.len(), all_rows.len(), "one row per group in: {sql}");
             if group_columns.is_empty() {
@@ -80,14 +96,35 @@ async fn node_refuses_row_level_queries_sent_directly() {
     for (sql, code) in [
         ("SELECT * FROM episodes", "E_NOT_AGGREGATE"),
         ("SELECT cost FROM episodes", "E_NOT_AGGREGATE"),
-        ("SELECT DISTINCT nhs_number FROM patients", "E_NOT_AGGREGATE"),
-        ("SELECT nhs_number FROM patients GROUP BY nhs_number", "E_NOT_AGGREGATE"),
-        ("SELECT cost, ROW_NUMBER() OVER (ORDER BY cost) FROM episodes", "E_WINDOW"),
-        ("SELECT SUM(cost) OVER (PARTITION BY specialty) FROM episodes", "E_WINDOW"),
+        (
+            "SELECT DISTINCT nhs_number FROM patients",
+            "E_NOT_AGGREGATE",
+        ),
+        (
+            "SELECT nhs_number FROM patients GROUP BY nhs_number",
+            "E_NOT_AGGREGATE",
+        ),
+        (
+            "SELECT cost, ROW_NUMBER() OVER (ORDER BY cost) FROM episodes",
+            "E_WINDOW",
+        ),
+        (
+            "SELECT SUM(cost) OVER (PARTITION BY specialty) FROM episodes",
+            "E_WINDOW",
+        ),
         ("SELECT MEDIAN(cost) FROM episodes", "E_AGG_NOT_SPLITTABLE"),
-        ("SELECT ARRAY_AGG(nhs_number) FROM patients", "E_AGG_NOT_SPLITTABLE"),
-        ("SELECT COUNT(DISTINCT person_id) FROM episodes", "E_AGG_NOT_SPLITTABLE"),
-        ("SELECT c.n, p.nhs_number FROM (SELECT COUNT(*) AS n FROM episodes) c CROSS JOIN patients p", "E_NOT_AGGREGATE"),
+        (
+            "SELECT ARRAY_AGG(nhs_number) FROM patients",
+            "E_AGG_NOT_SPLITTABLE",
+        ),
+        (
+            "SELECT COUNT(DISTINCT person_id) FROM episodes",
+            "E_AGG_NOT_SPLITTABLE",
+        ),
+        (
+            "SELECT c.n, p.nhs_number FROM (SELECT COUNT(*) AS n FROM episodes) c CROSS JOIN patients p",
+            "E_NOT_AGGREGATE",
+        ),
         ("COPY episodes TO '/tmp/tally-leak.csv'", "E_READ_ONLY"),
         ("CREATE TABLE leak AS SELECT * FROM patients", "E_READ_ONLY"),
         ("EXPLAIN SELECT COUNT(*) FROM episodes", "E_READ_ONLY"),
@@ -99,18 +136,34 @@ async fn node_refuses_row_level_queries_sent_directly() {
     }
     // A forged ticket that skips GetFlightInfo is checked all the same.
     let forged = TicketStatementQuery {
-        statement_handle: "SELECT nhs_number, postcode FROM patients".as_bytes().to_vec().into(),
+        statement_handle: "SELECT nhs_number, postcode FROM patients"
+            .as_bytes()
+            .to_vec()
+            .into(),
     };
     let ticket = Ticket::new(forged.as_any().encode_to_vec());
     let err = match direct.do_get(ticket).await {
         Ok(mut stream) => {
             use futures::StreamExt;
-            stream.next().await.expect("an answer").expect_err("refused").to_string()
+            stream
+                .next()
+                .await
+                .expect("an answer")
+                .expect_err("refused")
+                .to_string()
         }
         Err(err) => err.to_string(),
     };
     assert!(err.contains("E_NOT_AGGREGATE"), "forged ticket: {err}");
-    let refused = node.audit.recent().iter().filter(|r| r.outcome == "refused").count();
-    assert!(refused >= 16, "every refusal is in the trust's audit log, got {refused}");
+    let refused = node
+        .audit
+        .recent()
+        .iter()
+        .filter(|r| r.outcome == "refused")
+        .count();
+    assert!(
+        refused >= 16,
+        "every refusal is in the trust's audit log, got {refused}"
+    );
     local.stop().await;
 }

@@ -29,7 +29,10 @@ pub fn data_dir() -> &'static Path {
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// Starts three trusts and a gateway over the test data.
@@ -59,16 +62,28 @@ pub async fn centralised() -> SessionContext {
             ctx.register_parquet(&name, path.to_str().unwrap(), ParquetReadOptions::default())
                 .await
                 .unwrap();
-            parts.push(format!("SELECT *, '{}' AS trust_code FROM {name}", trust.code));
+            parts.push(format!(
+                "SELECT *, '{}' AS trust_code FROM {name}",
+                trust.code
+            ));
         }
-        ctx.sql(&format!("CREATE VIEW {table} AS {}", parts.join(" UNION ALL ")))
-            .await
-            .unwrap();
-    }
-    let reference = data_dir().join(default_trusts()[0].code).join("icd10_chapters.parquet");
-    ctx.register_parquet("icd10_chapters", reference.to_str().unwrap(), ParquetReadOptions::default())
+        ctx.sql(&format!(
+            "CREATE VIEW {table} AS {}",
+            parts.join(" UNION ALL ")
+        ))
         .await
         .unwrap();
+    }
+    let reference = data_dir()
+        .join(default_trusts()[0].code)
+        .join("icd10_chapters.parquet");
+    ctx.register_parquet(
+        "icd10_chapters",
+        reference.to_str().unwrap(),
+        ParquetReadOptions::default(),
+    )
+    .await
+    .unwrap();
     ctx
 }
 
@@ -114,7 +129,11 @@ fn values_match(got: &ScalarValue, want: &ScalarValue) -> bool {
 pub fn assert_same_answer(sql: &str, got: &[RecordBatch], want: &[RecordBatch], ordered: bool) {
     let mut got_rows = rows(got);
     let mut want_rows = rows(want);
-    assert_eq!(got_rows.len(), want_rows.len(), "row count differs for: {sql}");
+    assert_eq!(
+        got_rows.len(),
+        want_rows.len(),
+        "row count differs for: {sql}"
+    );
     if !ordered {
         sort_rows(&mut got_rows);
         sort_rows(&mut want_rows);
@@ -122,8 +141,15 @@ pub fn assert_same_answer(sql: &str, got: &[RecordBatch], want: &[RecordBatch], 
     for (g, w) in got_rows.iter().zip(&want_rows) {
         assert_eq!(g.len(), w.len(), "column count differs for: {sql}");
         for (x, y) in g.iter().zip(w) {
-            assert_eq!(x.data_type(), y.data_type(), "column type differs for: {sql}");
-            assert!(values_match(x, y), "value differs for: {sql}\n got: {g:?}\nwant: {w:?}");
+            assert_eq!(
+                x.data_type(),
+                y.data_type(),
+                "column type differs for: {sql}"
+            );
+            assert!(
+                values_match(x, y),
+                "value differs for: {sql}\n got: {g:?}\nwant: {w:?}"
+            );
         }
     }
 }
@@ -149,7 +175,10 @@ pub fn copy_of_data() -> (tempfile::TempDir, PathBuf) {
             std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
         }
     }
-    std::fs::copy(data_dir().join("manifest.json"), target.join("manifest.json")).unwrap();
+    std::fs::copy(
+        data_dir().join("manifest.json"),
+        target.join("manifest.json"),
+    )
+    .unwrap();
     (dir, target)
 }
-

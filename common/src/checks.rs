@@ -19,7 +19,10 @@ pub async fn plan_read_only(state: &SessionState, sql: &str) -> Result<LogicalPl
     if sql.len() > MAX_SQL_BYTES {
         return Err(TallyError::new(
             ErrorCode::TooLarge,
-            format!("the query is {} bytes long; the limit is {MAX_SQL_BYTES}", sql.len()),
+            format!(
+                "the query is {} bytes long; the limit is {MAX_SQL_BYTES}",
+                sql.len()
+            ),
         ));
     }
     let dialect = state.config().options().sql_parser.dialect;
@@ -158,7 +161,9 @@ fn check_aggregate_exprs(aggr_expr: &[Expr]) -> Result<(), TallyError> {
         if function.params.distinct {
             return Err(TallyError::new(
                 ErrorCode::AggregateNotSplittable,
-                format!("{name}(DISTINCT ...) is not accepted: its partial state would list raw values"),
+                format!(
+                    "{name}(DISTINCT ...) is not accepted: its partial state would list raw values"
+                ),
             ));
         }
         if function.params.filter.is_some() || !function.params.order_by.is_empty() {

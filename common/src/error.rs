@@ -109,7 +109,9 @@ impl ErrorCode {
 
     /// Parses a stable identifier back into a code.
     pub fn parse(text: &str) -> Option<ErrorCode> {
-        ErrorCode::ALL.into_iter().find(|code| code.as_str() == text)
+        ErrorCode::ALL
+            .into_iter()
+            .find(|code| code.as_str() == text)
     }
 
     fn grpc_code(self) -> Code {
@@ -167,7 +169,9 @@ impl TallyError {
     pub fn execution(query_id: &str) -> Self {
         TallyError::new(
             ErrorCode::Execution,
-            format!("the query failed while running; the server log has the details under query id {query_id}"),
+            format!(
+                "the query failed while running; the server log has the details under query id {query_id}"
+            ),
         )
     }
 
@@ -188,7 +192,10 @@ impl TallyError {
                     ),
                     SchemaError::AmbiguousReference { field } => TallyError::new(
                         ErrorCode::Plan,
-                        format!("column reference '{}' is ambiguous; qualify it with its table", field.name()),
+                        format!(
+                            "column reference '{}' is ambiguous; qualify it with its table",
+                            field.name()
+                        ),
                     ),
                     other => TallyError::new(ErrorCode::Plan, other.to_string()),
                 }
@@ -240,11 +247,13 @@ impl From<TallyError> for Status {
 /// Looks through DataFusion's wrappers (context, shared, external) for one of our errors.
 pub fn find_tally_error(err: &DataFusionError) -> Option<TallyError> {
     match err {
-        DataFusionError::External(inner) => inner.downcast_ref::<TallyError>().cloned().or_else(|| {
-            inner
-                .downcast_ref::<DataFusionError>()
-                .and_then(find_tally_error)
-        }),
+        DataFusionError::External(inner) => {
+            inner.downcast_ref::<TallyError>().cloned().or_else(|| {
+                inner
+                    .downcast_ref::<DataFusionError>()
+                    .and_then(find_tally_error)
+            })
+        }
         DataFusionError::Context(_, inner) => find_tally_error(inner),
         DataFusionError::Shared(inner) => find_tally_error(inner),
         DataFusionError::Diagnostic(_, inner) => find_tally_error(inner),
@@ -278,7 +287,10 @@ fn plan_error(msg: &str) -> TallyError {
     if let Some(rest) = msg.strip_prefix("table '") {
         let name = rest.split('\'').next().unwrap_or_default();
         let short = name.rsplit('.').next().unwrap_or(name);
-        return TallyError::new(ErrorCode::UnknownTable, format!("table '{short}' not found"));
+        return TallyError::new(
+            ErrorCode::UnknownTable,
+            format!("table '{short}' not found"),
+        );
     }
     TallyError::new(ErrorCode::Plan, msg.to_string())
 }

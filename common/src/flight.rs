@@ -43,7 +43,9 @@ pub fn flight_info(
     let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
     FlightInfo::new()
         .try_with_schema(schema)
-        .map_err(|_| TallyError::new(ErrorCode::Internal, "result schema could not be encoded").to_status())
+        .map_err(|_| {
+            TallyError::new(ErrorCode::Internal, "result schema could not be encoded").to_status()
+        })
         .map(|info| {
             info.with_endpoint(endpoint)
                 .with_descriptor(descriptor)
@@ -134,7 +136,8 @@ impl MetadataRequest {
 
     /// Answers the request for a server holding `tables`.
     pub fn answer(&self, tables: &[TableInfo]) -> Result<FlightDataStream, Status> {
-        let internal = |_| TallyError::new(ErrorCode::Internal, "metadata could not be built").to_status();
+        let internal =
+            |_| TallyError::new(ErrorCode::Internal, "metadata could not be built").to_status();
         let batch = match self.clone() {
             MetadataRequest::Catalogs(cmd) => {
                 let mut builder: GetCatalogsBuilder = cmd.into_builder();
@@ -164,7 +167,10 @@ impl MetadataRequest {
         }
         .map_err(internal)?;
         let schema = batch.schema();
-        Ok(encode_batches(schema, futures::stream::once(async { Ok(batch) })))
+        Ok(encode_batches(
+            schema,
+            futures::stream::once(async { Ok(batch) }),
+        ))
     }
 }
 
@@ -172,7 +178,10 @@ impl MetadataRequest {
 pub type SqlClient = FlightSqlServiceClient<Channel>;
 
 /// Fetches every endpoint of `info` and collects the batches.
-pub async fn fetch_all(client: &mut SqlClient, info: FlightInfo) -> Result<Vec<RecordBatch>, FlightError> {
+pub async fn fetch_all(
+    client: &mut SqlClient,
+    info: FlightInfo,
+) -> Result<Vec<RecordBatch>, FlightError> {
     let mut batches = Vec::new();
     for endpoint in info.endpoint {
         let Some(ticket) = endpoint.ticket else {
@@ -213,7 +222,10 @@ pub async fn list_tables(client: &mut SqlClient) -> Result<Vec<TableInfo>, Fligh
     Ok(tables)
 }
 
-fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::array::StringArray, FlightError> {
+fn string_column<'a>(
+    batch: &'a RecordBatch,
+    name: &str,
+) -> Result<&'a arrow::array::StringArray, FlightError> {
     batch
         .column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
@@ -222,6 +234,7 @@ fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::ar
 
 /// Decodes the SQL carried in a statement ticket we issued.
 pub fn ticket_sql(handle: &[u8]) -> Result<String, Status> {
-    String::from_utf8(handle.to_vec())
-        .map_err(|_| TallyError::new(ErrorCode::BadRequest, "the ticket does not carry SQL text").to_status())
+    String::from_utf8(handle.to_vec()).map_err(|_| {
+        TallyError::new(ErrorCode::BadRequest, "the ticket does not carry SQL text").to_status()
+    })
 }

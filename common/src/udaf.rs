@@ -224,7 +224,9 @@ struct MergeUdaf {
 
 impl PartialEq for MergeUdaf {
     fn eq(&self, other: &Self) -> bool {
-        self.name == other.name && self.inner == other.inner && self.input_fields == other.input_fields
+        self.name == other.name
+            && self.inner == other.inner
+            && self.input_fields == other.input_fields
     }
 }
 
@@ -248,7 +250,11 @@ impl AggregateUDFImpl for MergeUdaf {
     }
 
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
-        Ok(self.inner.return_field(&self.input_fields)?.data_type().clone())
+        Ok(self
+            .inner
+            .return_field(&self.input_fields)?
+            .data_type()
+            .clone())
     }
 
     fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
@@ -269,7 +275,9 @@ struct MergeAccumulator {
 
 impl Accumulator for MergeAccumulator {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        let Some(packed) = values.first().and_then(|v| v.as_any().downcast_ref::<StructArray>())
+        let Some(packed) = values
+            .first()
+            .and_then(|v| v.as_any().downcast_ref::<StructArray>())
         else {
             return exec_err!("merge aggregate expects one struct argument");
         };

@@ -43,7 +43,9 @@ impl Users {
         self.users
             .iter()
             .find(|u| u.token_sha256.eq_ignore_ascii_case(&hash))
-            .map(|u| Identity { user: u.name.clone() })
+            .map(|u| Identity {
+                user: u.name.clone(),
+            })
     }
 
     /// Authenticates a call carrying `authorization: Bearer <token>`.
@@ -84,7 +86,11 @@ impl Users {
 fn authorization(metadata: &MetadataMap) -> Result<&str, TallyError> {
     metadata
         .get("authorization")
-        .ok_or_else(|| unauthenticated("credentials required: send a bearer token or Basic auth in the handshake"))?
+        .ok_or_else(|| {
+            unauthenticated(
+                "credentials required: send a bearer token or Basic auth in the handshake",
+            )
+        })?
         .to_str()
         .map_err(|_| unauthenticated("the authorization header is not text"))
 }

@@ -54,7 +54,9 @@ impl Snapshot {
     fn build(trusts: Vec<(String, TrustStatus)>) -> Self {
         let mut tables: BTreeMap<String, FederatedTable> = BTreeMap::new();
         for (code, status) in &trusts {
-            let TrustStatus::Available(infos) = status else { continue };
+            let TrustStatus::Available(infos) = status else {
+                continue;
+            };
             for info in infos {
                 let key = info.name.to_lowercase();
                 match tables.get_mut(&key) {
@@ -122,13 +124,19 @@ impl Snapshot {
 fn reconcile(known: &Schema, other: &Schema) -> Result<SchemaRef, String> {
     for field in other.fields() {
         if known.field_with_name(field.name()).is_err() {
-            return Err(format!("column '{}' exists only at the second", field.name()));
+            return Err(format!(
+                "column '{}' exists only at the second",
+                field.name()
+            ));
         }
     }
     let mut fields = Vec::with_capacity(known.fields().len());
     for (index, field) in known.fields().iter().enumerate() {
         let Ok(theirs) = other.field_with_name(field.name()) else {
-            return Err(format!("column '{}' exists only at the first", field.name()));
+            return Err(format!(
+                "column '{}' exists only at the first",
+                field.name()
+            ));
         };
         if theirs.data_type() != field.data_type() {
             return Err(format!(
@@ -139,7 +147,10 @@ fn reconcile(known: &Schema, other: &Schema) -> Result<SchemaRef, String> {
             ));
         }
         if other.index_of(field.name()).ok() != Some(index) {
-            return Err(format!("column '{}' is in a different position", field.name()));
+            return Err(format!(
+                "column '{}' is in a different position",
+                field.name()
+            ));
         }
         fields.push(Field::new(
             field.name(),
@@ -173,7 +184,10 @@ impl Catalogue {
 
     /// The current view.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Asks every trust (all at once) for its tables and replaces the view.
@@ -185,7 +199,10 @@ impl Catalogue {
                     tracing::warn!(trust = %trust.code, error = %err, "trust unavailable");
                     TrustStatus::Unavailable(TallyError::new(
                         ErrorCode::TrustUnavailable,
-                        format!("trust {} ({}) is unavailable: {}", trust.code, trust.name, err.message),
+                        format!(
+                            "trust {} ({}) is unavailable: {}",
+                            trust.code, trust.name, err.message
+                        ),
                     ))
                 }
             };
@@ -230,7 +247,12 @@ impl CatalogueSchema {
 #[async_trait]
 impl SchemaProvider for CatalogueSchema {
     fn table_names(&self) -> Vec<String> {
-        self.catalogue.snapshot().tables.values().map(|t| t.name.clone()).collect()
+        self.catalogue
+            .snapshot()
+            .tables
+            .values()
+            .map(|t| t.name.clone())
+            .collect()
     }
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
@@ -247,7 +269,10 @@ impl SchemaProvider for CatalogueSchema {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.catalogue.snapshot().tables.contains_key(&name.to_lowercase())
+        self.catalogue
+            .snapshot()
+            .tables
+            .contains_key(&name.to_lowercase())
     }
 }
 

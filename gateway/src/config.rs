@@ -111,13 +111,20 @@ impl GatewayConfig {
                 return Err(format!("trust '{}' is listed twice", node.code));
             }
             if !(node.url.starts_with("http://") || node.url.starts_with("https://")) {
-                return Err(format!("node url '{}' must start with http:// or https://", node.url));
+                return Err(format!(
+                    "node url '{}' must start with http:// or https://",
+                    node.url
+                ));
             }
         }
         for user in &self.users {
-            let valid = user.token_sha256.len() == 64 && user.token_sha256.chars().all(|c| c.is_ascii_hexdigit());
+            let valid = user.token_sha256.len() == 64
+                && user.token_sha256.chars().all(|c| c.is_ascii_hexdigit());
             if !valid {
-                return Err(format!("user '{}': token_sha256 must be 64 hex digits", user.name));
+                return Err(format!(
+                    "user '{}': token_sha256 must be 64 hex digits",
+                    user.name
+                ));
             }
         }
         Ok(())

@@ -83,7 +83,10 @@ pub struct Gateway {
 
 impl Gateway {
     /// An engine planning over `catalogue`'s tables.
-    pub fn new(catalogue: Arc<Catalogue>, audit: Arc<AuditLog<GatewayAuditRecord>>) -> Result<Self, GatewayError> {
+    pub fn new(
+        catalogue: Arc<Catalogue>,
+        audit: Arc<AuditLog<GatewayAuditRecord>>,
+    ) -> Result<Self, GatewayError> {
         let engine = |e: datafusion::error::DataFusionError| GatewayError::Engine(e.to_string());
         let ctx = new_context().map_err(engine)?;
         let default_catalog = ctx
@@ -133,7 +136,11 @@ impl Gateway {
         let result = self.execute(sql, &fanout).await;
         let runs = fanout.runs();
         let (outcome, code, rows) = match &result {
-            Ok((_, batches)) => ("answered", None, Some(batches.iter().map(RecordBatch::num_rows).sum())),
+            Ok((_, batches)) => (
+                "answered",
+                None,
+                Some(batches.iter().map(RecordBatch::num_rows).sum()),
+            ),
             Err(err) if is_failure(err.code) => ("failed", Some(err.code.to_string()), None),
             Err(err) => ("refused", Some(err.code.to_string()), None),
         };

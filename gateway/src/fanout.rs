@@ -112,7 +112,10 @@ impl QueryFanout {
             bytes: batches.iter().map(RecordBatch::get_array_memory_size).sum(),
             elapsed: answer.elapsed,
         };
-        self.runs.lock().unwrap_or_else(|p| p.into_inner()).push(run);
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(run);
     }
 }
 
@@ -122,7 +125,10 @@ fn conform(answer: &TrustAnswer, schema: &SchemaRef) -> Result<Vec<RecordBatch>,
     let mismatch = || {
         TallyError::new(
             ErrorCode::TrustProtocol,
-            format!("trust {} answered with columns Tally did not ask for", answer.trust),
+            format!(
+                "trust {} answered with columns Tally did not ask for",
+                answer.trust
+            ),
         )
     };
     answer
@@ -188,7 +194,8 @@ impl TableProvider for PartialScan {
         if partitions.is_empty() {
             partitions.push(Vec::new());
         }
-        let exec = MemorySourceConfig::try_new_exec(&partitions, self.schema(), projection.cloned())?;
+        let exec =
+            MemorySourceConfig::try_new_exec(&partitions, self.schema(), projection.cloned())?;
         Ok(exec)
     }
 }

@@ -63,7 +63,11 @@ impl GatewayService {
 
     /// Runs `sql` and streams the answer, with the query id and the answering trusts in the
     /// response headers.
-    async fn answer(&self, identity: &Identity, sql: &str) -> Result<Response<FlightDataStream>, Status> {
+    async fn answer(
+        &self,
+        identity: &Identity,
+        sql: &str,
+    ) -> Result<Response<FlightDataStream>, Status> {
         let outcome = self.gateway.run(identity, sql).await?;
         let schema = outcome.schema.clone();
         let batches = futures::stream::iter(outcome.batches.clone().into_iter().map(Ok));
@@ -72,7 +76,10 @@ impl GatewayService {
         for (name, value) in [
             (QUERY_ID_HEADER, outcome.query_id.clone()),
             (TRUSTS_HEADER, outcome.trusts().join(",")),
-            (ELAPSED_HEADER, format!("{:.3}", outcome.elapsed.as_secs_f64() * 1e3)),
+            (
+                ELAPSED_HEADER,
+                format!("{:.3}", outcome.elapsed.as_secs_f64() * 1e3),
+            ),
         ] {
             if let Ok(value) = MetadataValue::from_str(&value) {
                 headers.insert(name, value);
@@ -85,7 +92,9 @@ impl GatewayService {
 fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
     let message: IpcMessage = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
         .try_into()
-        .map_err(|_| TallyError::new(ErrorCode::Internal, "schema could not be encoded").to_status())?;
+        .map_err(|_| {
+            TallyError::new(ErrorCode::Internal, "schema could not be encoded").to_status()
+        })?;
     Ok(message.0)
 }
 
@@ -96,8 +105,10 @@ impl FlightSqlService for GatewayService {
     async fn do_handshake(
         &self,
         request: Request<Streaming<HandshakeRequest>>,
-    ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>, Status>
-    {
+    ) -> Result<
+        Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
+        Status,
+    > {
         let (identity, token) = self.users.handshake(request.metadata())?;
         tracing::info!(user = %identity.user, "analyst authenticated");
         let reply = HandshakeResponse {
@@ -106,8 +117,10 @@ impl FlightSqlService for GatewayService {
         };
         let mut response: Response<Pin<Box<dyn Stream<Item = _> + Send>>> =
             Response::new(Box::pin(futures::stream::once(async { Ok(reply) })));
-        let bearer = MetadataValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| TallyError::new(ErrorCode::Unauthenticated, "token is not valid header text").to_status())?;
+        let bearer = MetadataValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            TallyError::new(ErrorCode::Unauthenticated, "token is not valid header text")
+                .to_status()
+        })?;
         response.metadata_mut().insert("authorization", bearer);
         Ok(response)
     }
@@ -122,7 +135,11 @@ impl FlightSqlService for GatewayService {
         let ticket = TicketStatementQuery {
             statement_handle: query.query.into_bytes().into(),
         };
-        Ok(Response::new(flight_info(&schema, ticket, request.into_inner())?))
+        Ok(Response::new(flight_info(
+            &schema,
+            ticket,
+            request.into_inner(),
+        )?))
     }
 
     async fn do_get_statement(
@@ -187,7 +204,11 @@ impl FlightSqlService for GatewayService {
         self.identify(&request)?;
         let sql = ticket_sql(&query.prepared_statement_handle)?;
         let schema = self.gateway.describe(&sql).await?;
-        Ok(Response::new(flight_info(&schema, query, request.into_inner())?))
+        Ok(Response::new(flight_info(
+            &schema,
+            query,
+            request.into_inner(),
+        )?))
     }
 
     async fn do_get_prepared_statement(
@@ -206,7 +227,9 @@ impl FlightSqlService for GatewayService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.identify(&request)?;
-        Ok(Response::new(MetadataRequest::Catalogs(query).flight_info(request.into_inner())?))
+        Ok(Response::new(
+            MetadataRequest::Catalogs(query).flight_info(request.into_inner())?,
+        ))
     }
 
     async fn get_flight_info_schemas(
@@ -215,7 +238,9 @@ impl FlightSqlService for GatewayService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.identify(&request)?;
-        Ok(Response::new(MetadataRequest::Schemas(query).flight_info(request.into_inner())?))
+        Ok(Response::new(
+            MetadataRequest::Schemas(query).flight_info(request.into_inner())?,
+        ))
     }
 
     async fn get_flight_info_tables(
@@ -224,7 +249,9 @@ impl FlightSqlService for GatewayService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.identify(&request)?;
-        Ok(Response::new(MetadataRequest::Tables(query).flight_info(request.into_inner())?))
+        Ok(Response::new(
+            MetadataRequest::Tables(query).flight_info(request.into_inner())?,
+        ))
     }
 
     async fn get_flight_info_table_types(
@@ -233,7 +260,9 @@ impl FlightSqlService for GatewayService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.identify(&request)?;
-        Ok(Response::new(MetadataRequest::TableTypes(query).flight_info(request.into_inner())?))
+        Ok(Response::new(
+            MetadataRequest::TableTypes(query).flight_info(request.into_inner())?,
+        ))
     }
 
     async fn get_flight_info_sql_info(
@@ -242,7 +271,9 @@ impl FlightSqlService for GatewayService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.identify(&request)?;
-        Ok(Response::new(MetadataRequest::SqlInfo(query).flight_info(request.into_inner())?))
+        Ok(Response::new(
+            MetadataRequest::SqlInfo(query).flight_info(request.into_inner())?,
+        ))
     }
 
     async fn do_get_catalogs(

@@ -16,6 +16,7 @@ use datafusion::catalog::default_table_source::source_as_provider;
 use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
 use datafusion::common::{DFSchemaRef, Result as DfResult};
 use datafusion::datasource::provider_as_source;
+use datafusion::functions::expr_fn::coalesce;
 use datafusion::functions_aggregate::expr_fn::{max, min, sum};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::type_coercion::functions::fields_with_udf;
@@ -23,7 +24,6 @@ use datafusion::logical_expr::{
     Aggregate, AggregateUDF, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, TableScan, cast,
     col, lit,
 };
-use datafusion::functions::expr_fn::coalesce;
 use datafusion::sql::unparser::plan_to_sql;
 use tally_common::checks::strip_alias;
 use tally_common::udaf::{SplitKind, merge_udaf, split_kind, state_udaf};
@@ -110,12 +110,7 @@ fn scan_kind(scan: &TableScan) -> ScanKind {
         .and_then(|p| p.downcast_ref::<FederatedTableProvider>())
     {
         Some(table) => ScanKind::Federated(table.table.name.to_lowercase()),
-        None if provider
-            .as_ref()
-            .is_some_and(|p| p.is::<PartialScan>()) =>
-        {
-            ScanKind::Partial
-        }
+        None if provider.as_ref().is_some_and(|p| p.is::<PartialScan>()) => ScanKind::Partial,
         // Only federated and partial tables exist at the gateway; treat anything else as
         // federated so that it is refused rather than read.
         None => ScanKind::Federated(scan.table_name.table().to_lowercase()),
@@ -198,7 +193,9 @@ fn split_one(expr: &Expr, input_schema: &DFSchemaRef) -> Result<SplitAggregate, 
     if params.distinct {
         return Err(TallyError::new(
             ErrorCode::AggregateNotSplittable,
-            format!("{name}(DISTINCT ...) is not accepted: its partial state would list raw values"),
+            format!(
+                "{name}(DISTINCT ...) is not accepted: its partial state would list raw values"
+            ),
         ));
     }
     if params.filter.is_some() || !params.order_by.is_empty() {
@@ -218,7 +215,8 @@ fn split_one(expr: &Expr, input_schema: &DFSchemaRef) -> Result<SplitAggregate, 
             is_count: name == "count",
         }),
         SplitKind::ViaState => {
-            let input_fields = argument_fields(&function.params.args, &function.func, input_schema)?;
+            let input_fields =
+                argument_fields(&function.params.args, &function.func, input_schema)?;
             let inner = function.func.clone();
             let partial = Expr::AggregateFunction(AggregateFunction::new_udf(
                 Arc::new(state_udaf(inner.clone())),
@@ -247,7 +245,11 @@ fn split_one(expr: &Expr, input_schema: &DFSchemaRef) -> Result<SplitAggregate, 
 }
 
 /// The argument fields the trusts' accumulator will see, after the function's own coercion.
-fn argument_fields(args: &[Expr], func: &AggregateUDF, schema: &DFSchemaRef) -> Result<Vec<FieldRef>, TallyError> {
+fn argument_fields(
+    args: &[Expr],
+    func: &AggregateUDF,
+    schema: &DFSchemaRef,
+) -> Result<Vec<FieldRef>, TallyError> {
     let fields: Vec<FieldRef> = args
         .iter()
         .map(|arg| arg.to_field(schema.as_ref()).map(|(_, field)| field))
@@ -256,7 +258,10 @@ fn argument_fields(args: &[Expr], func: &AggregateUDF, schema: &DFSchemaRef) -> 
     fields_with_udf(&fields, func).map_err(TallyError::from_planning)
 }
 
-fn split_aggregate(aggregate: &Aggregate, fanout: &Arc<QueryFanout>) -> Result<LogicalPlan, TallyError> {
+fn split_aggregate(
+    aggregate: &Aggregate,
+    fanout: &Arc<QueryFanout>,
+) -> Result<LogicalPlan, TallyError> {
     if aggregate
         .group_expr
         .iter()
@@ -280,10 +285,18 @@ fn split_aggregate(aggregate: &Aggregate, fanout: &Arc<QueryFanout>) -> Result<L
             "GROUP BY or DISTINCT without an aggregate function lists row values; add COUNT(*) or another aggregate",
         ));
     }
-    let group_names: Vec<String> = (0..aggregate.group_expr.len()).map(|i| format!("g{i}")).collect();
+    let group_names: Vec<String> = (0..aggregate.group_expr.len())
+        .map(|i| format!("g{i}"))
+        .collect();
     let partial_names: Vec<String> = (0..splits.len()).map(|i| format!("p{i}")).collect();
 
-    let fragment = build_fragment(aggregate, &splits, &group_names, &partial_names, fanout.next_fragment_id())?;
+    let fragment = build_fragment(
+        aggregate,
+        &splits,
+        &group_names,
+        &partial_names,
+        fanout.next_fragment_id(),
+    )?;
     let scan_name = format!("__tally_partial_{}", fragment.id);
     let scan = PartialScan::new(Arc::new(fragment), fanout.clone());
     let plan_err = TallyError::from_planning;
@@ -317,7 +330,10 @@ fn split_aggregate(aggregate: &Aggregate, fanout: &Arc<QueryFanout>) -> Result<L
             Ok(expr.alias_qualified(qualifier.cloned(), field.name()))
         })
         .collect::<Result<Vec<_>, TallyError>>()?;
-    merged.project(restore).and_then(|b| b.build()).map_err(plan_err)
+    merged
+        .project(restore)
+        .and_then(|b| b.build())
+        .map_err(plan_err)
 }
 
 fn build_fragment(

@@ -37,7 +37,11 @@ pub struct TrustAnswer {
 
 impl Trust {
     /// A lazily connecting client for `endpoint`.
-    pub fn new(endpoint: &NodeEndpoint, connect_timeout: Duration, request_timeout: Duration) -> Result<Self, GatewayError> {
+    pub fn new(
+        endpoint: &NodeEndpoint,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, GatewayError> {
         let bad_url = || GatewayError::NodeUrl {
             code: endpoint.code.clone(),
             url: endpoint.url.clone(),
@@ -50,7 +54,10 @@ impl Trust {
             .connect_lazy();
         Ok(Trust {
             code: endpoint.code.clone(),
-            name: endpoint.name.clone().unwrap_or_else(|| endpoint.code.clone()),
+            name: endpoint
+                .name
+                .clone()
+                .unwrap_or_else(|| endpoint.code.clone()),
             channel,
             request_timeout,
         })
@@ -87,7 +94,10 @@ impl Trust {
         })
     }
 
-    async fn bounded<T>(&self, call: impl Future<Output = Result<T, FlightError>>) -> Result<T, TallyError> {
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, FlightError>>,
+    ) -> Result<T, TallyError> {
         match tokio::time::timeout(self.request_timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(self.describe_failure(err)),
@@ -116,7 +126,10 @@ impl Trust {
                 tracing::warn!(trust = %self.code, error = %other, "unexpected answer from trust");
                 return TallyError::new(
                     ErrorCode::TrustProtocol,
-                    format!("trust {} ({}) sent an answer Tally cannot read", self.code, self.name),
+                    format!(
+                        "trust {} ({}) sent an answer Tally cannot read",
+                        self.code, self.name
+                    ),
                 );
             }
         };
@@ -125,10 +138,17 @@ impl Trust {
                 ErrorCode::Execution | ErrorCode::Internal => ErrorCode::TrustFailed,
                 _ => ErrorCode::TrustRefused,
             };
-            let verb = if code == ErrorCode::TrustFailed { "failed to run" } else { "refused" };
+            let verb = if code == ErrorCode::TrustFailed {
+                "failed to run"
+            } else {
+                "refused"
+            };
             return TallyError::new(
                 code,
-                format!("trust {} ({}) {verb} the query: {reason}", self.code, self.name),
+                format!(
+                    "trust {} ({}) {verb} the query: {reason}",
+                    self.code, self.name
+                ),
             );
         }
         tracing::warn!(trust = %self.code, status = ?status, "trust call failed");

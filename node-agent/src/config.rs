@@ -59,12 +59,11 @@ pub enum TableFormat {
 impl TableConfig {
     /// The table's format, from the config or the file extension.
     pub fn format(&self) -> TableFormat {
-        self.format.unwrap_or_else(|| {
-            match self.path.extension().and_then(|e| e.to_str()) {
+        self.format
+            .unwrap_or_else(|| match self.path.extension().and_then(|e| e.to_str()) {
                 Some(ext) if ext.eq_ignore_ascii_case("csv") => TableFormat::Csv,
                 _ => TableFormat::Parquet,
-            }
-        })
+            })
     }
 }
 
@@ -104,7 +103,10 @@ impl NodeConfig {
     /// Checks what TOML types cannot: names, codes, duplicates.
     pub fn validate(&self) -> Result<(), String> {
         if !is_identifier(&self.trust.code) {
-            return Err(format!("trust code '{}' must be letters, digits or '_'", self.trust.code));
+            return Err(format!(
+                "trust code '{}' must be letters, digits or '_'",
+                self.trust.code
+            ));
         }
         if self.tables.is_empty() {
             return Err("at least one [[tables]] entry is required".into());
@@ -112,7 +114,10 @@ impl NodeConfig {
         let mut seen = std::collections::BTreeSet::new();
         for table in &self.tables {
             if !is_identifier(&table.name) {
-                return Err(format!("table name '{}' must be letters, digits or '_'", table.name));
+                return Err(format!(
+                    "table name '{}' must be letters, digits or '_'",
+                    table.name
+                ));
             }
             if !seen.insert(table.name.to_lowercase()) {
                 return Err(format!("table '{}' is listed twice", table.name));

@@ -90,7 +90,9 @@ impl RequestContext {
     fn record(&self, step: &'static str, outcome: Result<usize, &TallyError>) -> NodeAuditRecord {
         let (outcome, code, rows) = match outcome {
             Ok(rows) => ("answered", None, Some(rows)),
-            Err(err) if err.code == ErrorCode::Execution => ("failed", Some(err.code.to_string()), None),
+            Err(err) if err.code == ErrorCode::Execution => {
+                ("failed", Some(err.code.to_string()), None)
+            }
             Err(err) => ("refused", Some(err.code.to_string()), None),
         };
         NodeAuditRecord {
@@ -109,7 +111,11 @@ impl RequestContext {
 
 impl NodeService {
     /// A service over `ctx`, whose tables are listed in `tables`.
-    pub fn new(ctx: SessionContext, tables: Vec<TableInfo>, audit: Arc<AuditLog<NodeAuditRecord>>) -> Self {
+    pub fn new(
+        ctx: SessionContext,
+        tables: Vec<TableInfo>,
+        audit: Arc<AuditLog<NodeAuditRecord>>,
+    ) -> Self {
         NodeService {
             ctx,
             tables: Arc::new(tables),
@@ -125,7 +131,11 @@ impl NodeService {
     }
 
     /// Plans, checks and audits; refusals are logged before they are returned.
-    async fn admit(&self, request: &RequestContext, step: &'static str) -> Result<LogicalPlan, Status> {
+    async fn admit(
+        &self,
+        request: &RequestContext,
+        step: &'static str,
+    ) -> Result<LogicalPlan, Status> {
         self.plan_checked(&request.sql).await.map_err(|err| {
             tracing::info!(query_id = %request.query_id, code = %err.code, "refused");
             self.audit.append(request.record(step, Err(&err)));
@@ -181,10 +191,14 @@ impl FlightSqlService for NodeService {
     async fn do_handshake(
         &self,
         _request: Request<Streaming<HandshakeRequest>>,
-    ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>, Status>
-    {
+    ) -> Result<
+        Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
+        Status,
+    > {
         let reply = HandshakeResponse::default();
-        Ok(Response::new(Box::pin(futures::stream::once(async { Ok(reply) }))))
+        Ok(Response::new(Box::pin(futures::stream::once(async {
+            Ok(reply)
+        }))))
     }
 
     async fn get_flight_info_statement(
@@ -199,7 +213,11 @@ impl FlightSqlService for NodeService {
             statement_handle: query.query.into_bytes().into(),
         };
         self.audit.append(context.record("describe", Ok(0)));
-        Ok(Response::new(flight_info(&schema, ticket, request.into_inner())?))
+        Ok(Response::new(flight_info(
+            &schema,
+            ticket,
+            request.into_inner(),
+        )?))
     }
 
     async fn do_get_statement(
@@ -226,7 +244,9 @@ impl FlightSqlService for NodeService {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        Ok(Response::new(MetadataRequest::Catalogs(query).flight_info(request.into_inner())?))
+        Ok(Response::new(
+            MetadataRequest::Catalogs(query).flight_info(request.into_inner())?,
+        ))
     }
 
     async fn get_flight_info_schemas(
@@ -234,7 +254,9 @@ impl FlightSqlService for NodeService {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        Ok(Response::new(MetadataRequest::Schemas(query).flight_info(request.into_inner())?))
+        Ok(Response::new(
+            MetadataRequest::Schemas(query).flight_info(request.into_inner())?,
+        ))
     }
 
     async fn get_flight_info_tables(
@@ -242,7 +264,9 @@ impl FlightSqlService for NodeService {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        Ok(Response::new(MetadataRequest::Tables(query).flight_info(request.into_inner())?))
+        Ok(Response::new(
+            MetadataRequest::Tables(query).flight_info(request.into_inner())?,
+        ))
     }
 
     async fn get_flight_info_table_types(
@@ -250,7 +274,9 @@ impl FlightSqlService for NodeService {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        Ok(Response::new(MetadataRequest::TableTypes(query).flight_info(request.into_inner())?))
+        Ok(Response::new(
+            MetadataRequest::TableTypes(query).flight_info(request.into_inner())?,
+        ))
     }
 
     async fn get_flight_info_sql_info(
@@ -258,7 +284,9 @@ impl FlightSqlService for NodeService {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        Ok(Response::new(MetadataRequest::SqlInfo(query).flight_info(request.into_inner())?))
+        Ok(Response::new(
+            MetadataRequest::SqlInfo(query).flight_info(request.into_inner())?,
+        ))
     }
 
     async fn do_get_catalogs(

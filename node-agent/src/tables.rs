@@ -32,7 +32,9 @@ pub async fn register_tables(
         if raw.schema().field_with_name(TRUST_CODE_COLUMN).is_ok() {
             return Err(NodeError::Table {
                 table: table.name.clone(),
-                reason: format!("its files already have a '{TRUST_CODE_COLUMN}' column, which the node adds itself"),
+                reason: format!(
+                    "its files already have a '{TRUST_CODE_COLUMN}' column, which the node adds itself"
+                ),
             });
         }
         let wrapped = TrustTable::new(raw, trust_code);
@@ -46,7 +48,10 @@ pub async fn register_tables(
 }
 
 /// Opens the files of one table (inferring their schema) without registering it.
-async fn load_table(ctx: &SessionContext, table: &TableConfig) -> Result<Arc<dyn TableProvider>, NodeError> {
+async fn load_table(
+    ctx: &SessionContext,
+    table: &TableConfig,
+) -> Result<Arc<dyn TableProvider>, NodeError> {
     let path = table.path.to_str().ok_or_else(|| NodeError::Table {
         table: table.name.clone(),
         reason: "the path is not valid UTF-8".into(),
@@ -70,7 +75,11 @@ async fn load_table(ctx: &SessionContext, table: &TableConfig) -> Result<Arc<dyn
     };
     let fail = |e: datafusion::error::DataFusionError| NodeError::Table {
         table: table.name.clone(),
-        reason: format!("{} could not be read: {}", table.path.display(), e.message()),
+        reason: format!(
+            "{} could not be read: {}",
+            table.path.display(),
+            e.message()
+        ),
     };
     loaded.map_err(fail)?;
     let provider = ctx.deregister_table(&staging).map_err(fail)?;
@@ -92,7 +101,11 @@ impl TrustTable {
     /// Wraps `inner`, appending `trust_code` to its schema.
     pub fn new(inner: Arc<dyn TableProvider>, trust_code: &str) -> Self {
         let mut fields: Vec<Arc<Field>> = inner.schema().fields().iter().cloned().collect();
-        fields.push(Arc::new(Field::new(TRUST_CODE_COLUMN, DataType::Utf8, false)));
+        fields.push(Arc::new(Field::new(
+            TRUST_CODE_COLUMN,
+            DataType::Utf8,
+            false,
+        )));
         TrustTable {
             inner,
             schema: Arc::new(Schema::new(fields)),
@@ -121,7 +134,10 @@ impl TableProvider for TrustTable {
         TableType::Base
     }
 
-    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
         let inner: Vec<&Expr> = filters
             .iter()
             .copied()
@@ -154,7 +170,11 @@ impl TableProvider for TrustTable {
             Some(p) => p.clone(),
             None => (0..=code_index).collect(),
         };
-        let inner_projection: Vec<usize> = wanted.iter().copied().filter(|&i| i != code_index).collect();
+        let inner_projection: Vec<usize> = wanted
+            .iter()
+            .copied()
+            .filter(|&i| i != code_index)
+            .collect();
         let inner_filters: Vec<Expr> = filters
             .iter()
             .filter(|f| !mentions_trust_code(f))

@@ -13,7 +13,16 @@ pub(crate) const FIRST_DAY: i32 = 17_897;
 pub(crate) const LAST_DAY: i32 = 20_088;
 
 /// Episodes per patient (1..=8) with weights giving a mean of about 2.5.
-const EPISODE_COUNTS: [(usize, u32); 8] = [(1, 38), (2, 24), (3, 14), (4, 9), (5, 6), (6, 4), (7, 3), (8, 2)];
+const EPISODE_COUNTS: [(usize, u32); 8] = [
+    (1, 38),
+    (2, 24),
+    (3, 14),
+    (4, 9),
+    (5, 6),
+    (6, 4),
+    (7, 3),
+    (8, 2),
+];
 /// Most episodes a patient can have.
 pub(crate) const MAX_EPISODES: usize = 8;
 /// Chance that a later episode is a readmission for the previous diagnosis.
@@ -66,7 +75,13 @@ impl EpisodeGenerator {
     /// Replaces `out` with the episodes of one patient row, in admission
     /// order. `planted` episodes (at most [`MAX_EPISODES`]) get the planted
     /// diagnosis; no other episode can.
-    pub(crate) fn patient(&self, rng: &mut impl Rng, person: &Person, planted: usize, out: &mut Vec<Episode>) {
+    pub(crate) fn patient(
+        &self,
+        rng: &mut impl Rng,
+        person: &Person,
+        planted: usize,
+        out: &mut Vec<Episode>,
+    ) {
         out.clear();
         let count = if planted > 0 {
             (planted + rng.random_range(0..=2)).min(MAX_EPISODES)
@@ -94,7 +109,10 @@ impl EpisodeGenerator {
             let may_be_pregnant = person.sex == "F" && (15..=50).contains(&age);
             let routes = ELECTIVE | EMERGENCY | if may_be_pregnant { MATERNITY } else { 0 };
             let (dx, method) = if is_planted(i) {
-                (&catalogue::PLANTED, catalogue::pick_method(rng, EMERGENCY).0)
+                (
+                    &catalogue::PLANTED,
+                    catalogue::pick_method(rng, EMERGENCY).0,
+                )
             } else {
                 let readmit = previous
                     .filter(|d| d.routes & routes != 0 && d.fits(person.sex, age, admission))
@@ -103,7 +121,10 @@ impl EpisodeGenerator {
                     Some(d) => (d, catalogue::pick_method(rng, d.routes & routes).0),
                     None => {
                         let (method, route) = catalogue::pick_method(rng, routes);
-                        (self.catalogue.pick(rng, route, person.sex, age, admission), method)
+                        (
+                            self.catalogue.pick(rng, route, person.sex, age, admission),
+                            method,
+                        )
                     }
                 };
                 previous = Some(dx);
@@ -118,14 +139,17 @@ impl EpisodeGenerator {
                 .then(|| dx.procedures[rng.random_range(0..dx.procedures.len())]);
             // Pareto-like stay (tail index 2): mean ≈ dx.los, often 0, rarely months.
             let mean = dx.los * if age >= 75 { 1.5 } else { 1.0 };
-            let mut length_of_stay = (mean * (1.0 / unit_open(rng).sqrt() - 1.0)).round().min(365.0) as i32;
+            let mut length_of_stay = (mean * (1.0 / unit_open(rng).sqrt() - 1.0))
+                .round()
+                .min(365.0) as i32;
             if let Some(&next) = days[..count].get(i + 1) {
                 length_of_stay = length_of_stay.min(next - admission);
             }
             let cost = if rng.random_bool(EXTREME_COST_RATE) {
                 100_000.0 / (1.0 - 0.95 * rng.random::<f64>())
             } else {
-                dx.tariff * (0.75 + 0.5 * rng.random::<f64>()) + BED_DAY_COST * f64::from(length_of_stay)
+                dx.tariff * (0.75 + 0.5 * rng.random::<f64>())
+                    + BED_DAY_COST * f64::from(length_of_stay)
             };
             out.push(Episode {
                 admission,

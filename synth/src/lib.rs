@@ -34,8 +34,8 @@ use crate::population::{Person, Population};
 use crate::random::Domain;
 use crate::tables::{EpisodeColumns, OptOutColumns, PatientColumns};
 use crate::trusts::TRUSTS;
-use crate::writer::{Table, io_error};
 pub use crate::trusts::{TrustSpec, default_trusts};
+use crate::writer::{Table, io_error};
 
 /// The public ICD-10 chapter reference table (`chapter,code_from,code_to,title`).
 pub const ICD10_CHAPTERS_CSV: &str = include_str!("../../examples/reference/icd10_chapters.csv");
@@ -144,7 +144,13 @@ struct Manifest<'a> {
 /// Needs `config.patients` of at least 9 (so every trust has a patient and
 /// the planted trust has the whole cohort) and at most 50,000,000.
 pub fn generate(out_dir: &Path, config: &SynthConfig) -> Result<Summary, SynthError> {
-    let minimum = TRUSTS.map(|t| if t.spec.code == PLANTED_TRUST { PLANTED_PATIENTS } else { 1 });
+    let minimum = TRUSTS.map(|t| {
+        if t.spec.code == PLANTED_TRUST {
+            PLANTED_PATIENTS
+        } else {
+            1
+        }
+    });
     let least = minimum.iter().sum::<usize>();
     if !(least..=MAX_PATIENTS).contains(&config.patients) {
         return Err(SynthError::InvalidConfig(format!(
@@ -173,7 +179,10 @@ pub fn generate(out_dir: &Path, config: &SynthConfig) -> Result<Summary, SynthEr
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
             .collect::<Result<Vec<_>, SynthError>>()
     })?;
     let summary = Summary { trusts };
@@ -193,7 +202,12 @@ pub fn generate(out_dir: &Path, config: &SynthConfig) -> Result<Summary, SynthEr
 /// Rows of the planted cohort at a trust with `rows` patients, spread
 /// evenly, with the number of planted episodes for each.
 fn planted_rows(rows: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..PLANTED_PATIENTS).map(move |p| ((2 * p + 1) * rows / (2 * PLANTED_PATIENTS), PLANTED_COUNTS[p]))
+    (0..PLANTED_PATIENTS).map(move |p| {
+        (
+            (2 * p + 1) * rows / (2 * PLANTED_PATIENTS),
+            PLANTED_COUNTS[p],
+        )
+    })
 }
 
 /// Streams the patients, episodes and opt-outs of trust `t` into `dir`.
@@ -215,10 +229,16 @@ fn write_trust(
         EpisodeColumns::new(),
         &["episode_id", "person_id", "cost"],
     )?;
-    let mut opt_outs = Table::create(dir.join("opt_outs.parquet"), OptOutColumns::new(), &["nhs_number"])?;
+    let mut opt_outs = Table::create(
+        dir.join("opt_outs.parquet"),
+        OptOutColumns::new(),
+        &["nhs_number"],
+    )?;
 
     let rows = population.rows(t);
-    let mut planted = planted_rows(rows).filter(|_| code == PLANTED_TRUST).peekable();
+    let mut planted = planted_rows(rows)
+        .filter(|_| code == PLANTED_TRUST)
+        .peekable();
     let mut rng = random::stream(random::key(seed, Domain::Trust), t as u64);
     let mut summary = TrustSummary {
         code: code.to_string(),
@@ -226,7 +246,8 @@ fn write_trust(
         episodes: 0,
         opted_out: 0,
     };
-    let (mut person, mut person_id, mut episode_id) = (Person::default(), String::new(), String::new());
+    let (mut person, mut person_id, mut episode_id) =
+        (Person::default(), String::new(), String::new());
     let mut batch = Vec::with_capacity(episodes::MAX_EPISODES);
     for row in 0..rows {
         population.identity(population.person_at(t, row), &mut person);

@@ -117,8 +117,9 @@ pub(crate) mod tests {
     #[test]
     fn every_slot_of_a_prefix_is_valid_and_distinct() {
         for prefix in [0u64, 1_234_567, PREFIXES - 1] {
-            let numbers: std::collections::BTreeSet<[u8; 10]> =
-                (0..SLOTS).map(|slot| encode(prefix * SLOTS + slot)).collect();
+            let numbers: std::collections::BTreeSet<[u8; 10]> = (0..SLOTS)
+                .map(|slot| encode(prefix * SLOTS + slot))
+                .collect();
             assert_eq!(numbers.len(), SLOTS as usize);
             for n in numbers {
                 assert!(is_valid(std::str::from_utf8(&n).expect("ascii")));

@@ -109,7 +109,8 @@ impl<'a> Population<'a> {
                         if s == d {
                             0
                         } else {
-                            let expected = rows[s] as f64 * SHARED_RATE * share(d) / (1.0 - share(s));
+                            let expected =
+                                rows[s] as f64 * SHARED_RATE * share(d) / (1.0 - share(s));
                             expected.round() as usize
                         }
                     })
@@ -191,7 +192,8 @@ impl<'a> Population<'a> {
         debug_assert!(global < nhs_number::CAPACITY);
         let mut rng = random::stream(self.person_key, global);
         out.nhs_number.clear();
-        out.nhs_number.extend(self.nhs.number(global).map(char::from));
+        out.nhs_number
+            .extend(self.nhs.number(global).map(char::from));
         out.sex = match rng.random_range(0..10_000) {
             0..10 => "U",
             10..5_110 => "F",
@@ -206,10 +208,12 @@ impl<'a> Population<'a> {
         out.postcode.clear();
         out.postcode.push_str(area.code);
         out.postcode.push(' ');
-        out.postcode.push(char::from(b'0' + rng.random_range(1..10u8)));
+        out.postcode
+            .push(char::from(b'0' + rng.random_range(1..10u8)));
         for _ in 0..2 {
-            out.postcode
-                .push(char::from(INWARD_LETTERS[rng.random_range(0..INWARD_LETTERS.len())]));
+            out.postcode.push(char::from(
+                INWARD_LETTERS[rng.random_range(0..INWARD_LETTERS.len())],
+            ));
         }
         let block = key.index / OPT_OUT_BLOCK;
         let chosen = mix(self.seed ^ mix(((key.trust as u64) << 48) | block as u64));
@@ -223,7 +227,8 @@ fn split(trusts: &[TrustDef], minimum: &[usize], total: usize) -> Vec<usize> {
     let exact: Vec<f64> = trusts.iter().map(|t| t.spec.share * total as f64).collect();
     let mut rows: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
     let mut by_remainder: Vec<usize> = (0..trusts.len()).collect();
-    by_remainder.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    by_remainder
+        .sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
     let missing = total - rows.iter().sum::<usize>();
     for &t in by_remainder.iter().cycle().take(missing) {
         rows[t] += 1;
@@ -256,7 +261,10 @@ mod tests {
             for t in 0..3 {
                 let l = &pop.layout[t];
                 assert!(rows[t] >= MIN[t]);
-                assert!(l.home >= 1 && l.exports.iter().sum::<usize>() <= l.home, "{total}");
+                assert!(
+                    l.home >= 1 && l.exports.iter().sum::<usize>() <= l.home,
+                    "{total}"
+                );
             }
         }
     }
@@ -287,6 +295,10 @@ mod tests {
                 person.opted_out
             })
             .count();
-        assert_eq!(opted, pop.layout[0].home / OPT_OUT_BLOCK + usize::from(opted > pop.layout[0].home / OPT_OUT_BLOCK));
+        assert_eq!(
+            opted,
+            pop.layout[0].home / OPT_OUT_BLOCK
+                + usize::from(opted > pop.layout[0].home / OPT_OUT_BLOCK)
+        );
     }
 }

@@ -3,7 +3,9 @@
 use std::io::Cursor;
 use std::sync::Arc;
 
-use arrow::array::{ArrayBuilder, ArrayRef, Date32Builder, Float64Builder, Int32Builder, RecordBatch, StringBuilder};
+use arrow::array::{
+    ArrayBuilder, ArrayRef, Date32Builder, Float64Builder, Int32Builder, RecordBatch, StringBuilder,
+};
 use arrow::csv::ReaderBuilder;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
@@ -39,7 +41,11 @@ pub(crate) fn format_id(out: &mut String, code: &str, kind: char, n: usize, widt
     out.push_str(code);
     out.push('-');
     out.push(kind);
-    out.extend(digits[i.min(digits.len() - width)..].iter().map(|&d| char::from(d)));
+    out.extend(
+        digits[i.min(digits.len() - width)..]
+            .iter()
+            .map(|&d| char::from(d)),
+    );
 }
 
 /// A set of column builders that can be drained into a record batch.

@@ -20,7 +20,8 @@ impl OutDir {
     fn new(tag: &str) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("tally-synth-{tag}-{}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("tally-synth-{tag}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         Self(dir)
     }
@@ -65,7 +66,10 @@ fn strings(batch: &RecordBatch, column: &str) -> Vec<Option<String>> {
 }
 
 fn required(batch: &RecordBatch, column: &str) -> Vec<String> {
-    strings(batch, column).into_iter().map(|v| v.expect("not null")).collect()
+    strings(batch, column)
+        .into_iter()
+        .map(|v| v.expect("not null"))
+        .collect()
 }
 
 fn int32s(batch: &RecordBatch, column: &str) -> Vec<i32> {
@@ -117,7 +121,10 @@ fn same_seed_gives_byte_identical_files() {
     let expected = 1 + 4 * codes().len();
     assert_eq!(fa.len(), expected, "{:?}", fa.keys().collect::<Vec<_>>());
     assert_eq!(fa, fb);
-    assert_ne!(fa[Path::new("RXA/episodes.parquet")], fc[Path::new("RXA/episodes.parquet")]);
+    assert_ne!(
+        fa[Path::new("RXA/episodes.parquet")],
+        fc[Path::new("RXA/episodes.parquet")]
+    );
     assert!(fa.keys().all(|p| !p.to_string_lossy().ends_with(".tmp")));
 }
 
@@ -181,7 +188,10 @@ fn schemas_match_the_contract() {
         }
         let reference = table(&out.0, trust, "icd10_chapters");
         assert_eq!(reference.num_rows(), 22);
-        assert_eq!(required(&reference, "title")[3], "Endocrine, nutritional and metabolic diseases");
+        assert_eq!(
+            required(&reference, "title")[3],
+            "Endocrine, nutritional and metabolic diseases"
+        );
     }
 }
 
@@ -201,7 +211,10 @@ fn planted_cohort_is_exact_at_every_scale() {
                 .collect();
             if trust == PLANTED_TRUST {
                 assert_eq!(planted.len(), PLANTED_EPISODES, "{patients}");
-                assert_eq!(planted.iter().collect::<BTreeSet<_>>().len(), PLANTED_PATIENTS);
+                assert_eq!(
+                    planted.iter().collect::<BTreeSet<_>>().len(),
+                    PLANTED_PATIENTS
+                );
             } else {
                 assert!(planted.is_empty(), "{trust} at {patients}");
             }
@@ -217,7 +230,11 @@ fn shared_patients_link_across_trusts_by_nhs_number() {
     for trust in codes() {
         let patients = table(&out.0, trust, "patients");
         let nhs = required(&patients, "nhs_number");
-        assert_eq!(nhs.iter().collect::<BTreeSet<_>>().len(), nhs.len(), "unique within {trust}");
+        assert_eq!(
+            nhs.iter().collect::<BTreeSet<_>>().len(),
+            nhs.len(),
+            "unique within {trust}"
+        );
         let rows = nhs
             .into_iter()
             .zip(required(&patients, "person_id"))
@@ -239,7 +256,8 @@ fn shared_patients_link_across_trusts_by_nhs_number() {
         *per_trust.entry(b.0).or_default() += 1;
     }
     for (trust, summary) in codes().into_iter().zip(&summary.trusts) {
-        let share = per_trust.get(trust).copied().unwrap_or_default() as f64 / summary.patients as f64;
+        let share =
+            per_trust.get(trust).copied().unwrap_or_default() as f64 / summary.patients as f64;
         assert!((0.015..0.09).contains(&share), "{trust} shares {share}");
     }
 }
@@ -252,26 +270,59 @@ fn patients_are_plausible_and_opt_outs_are_their_own() {
         assert_eq!(patients.num_rows(), counts.patients);
         let nhs = required(&patients, "nhs_number");
         assert!(nhs.iter().all(|n| is_valid(n)), "{trust}: modulus 11");
-        assert!(required(&patients, "sex").iter().all(|s| ["F", "M", "U"].contains(&s.as_str())));
-        assert!(int32s(&patients, "year_of_birth").iter().all(|y| (1919..=2024).contains(y)));
-        assert!(int32s(&patients, "imd_decile").iter().all(|d| (1..=10).contains(d)));
+        assert!(
+            required(&patients, "sex")
+                .iter()
+                .all(|s| ["F", "M", "U"].contains(&s.as_str()))
+        );
+        assert!(
+            int32s(&patients, "year_of_birth")
+                .iter()
+                .all(|y| (1919..=2024).contains(y))
+        );
+        assert!(
+            int32s(&patients, "imd_decile")
+                .iter()
+                .all(|d| (1..=10).contains(d))
+        );
         let ethnicity = strings(&patients, "ethnicity");
-        let missing = ethnicity.iter().filter(|e| e.is_none()).count() as f64 / ethnicity.len() as f64;
-        assert!((0.01..0.1).contains(&missing), "{trust}: ethnicity missing {missing}");
-        assert!(ethnicity.iter().flatten().all(|e| e.len() == 1 && ("A"..="S").contains(&e.as_str())));
+        let missing =
+            ethnicity.iter().filter(|e| e.is_none()).count() as f64 / ethnicity.len() as f64;
+        assert!(
+            (0.01..0.1).contains(&missing),
+            "{trust}: ethnicity missing {missing}"
+        );
+        assert!(
+            ethnicity
+                .iter()
+                .flatten()
+                .all(|e| e.len() == 1 && ("A"..="S").contains(&e.as_str()))
+        );
         for postcode in required(&patients, "postcode") {
             let (outward, inward) = postcode.split_once(' ').expect("space");
-            assert!((2..=4).contains(&outward.len()) && inward.len() == 3, "{postcode}");
-            assert!(inward.as_bytes()[0].is_ascii_digit() && inward[1..].bytes().all(|b| b.is_ascii_uppercase()));
+            assert!(
+                (2..=4).contains(&outward.len()) && inward.len() == 3,
+                "{postcode}"
+            );
+            assert!(
+                inward.as_bytes()[0].is_ascii_digit()
+                    && inward[1..].bytes().all(|b| b.is_ascii_uppercase())
+            );
         }
 
         let opted = required(&table(&out.0, trust, "opt_outs"), "nhs_number");
         assert_eq!(opted.len(), counts.opted_out);
         assert!(!opted.is_empty(), "{trust} has opt-outs");
         let known: BTreeSet<&String> = nhs.iter().collect();
-        assert!(opted.iter().all(|n| known.contains(n)), "{trust}: opt-outs are own patients");
+        assert!(
+            opted.iter().all(|n| known.contains(n)),
+            "{trust}: opt-outs are own patients"
+        );
         let rate = opted.len() as f64 / nhs.len() as f64;
-        assert!((0.015..0.05).contains(&rate), "{trust}: opt-out rate {rate}");
+        assert!(
+            (0.015..0.05).contains(&rate),
+            "{trust}: opt-out rate {rate}"
+        );
     }
 }
 
@@ -297,17 +348,27 @@ fn episodes_are_consistent_with_patients() {
         let stay = int32s(&episodes, "length_of_stay");
         let age = int32s(&episodes, "age_at_admission");
         let method = required(&episodes, "admission_method");
-        let cost = episodes.column_by_name("cost").expect("cost").as_primitive::<Float64Type>().values().to_vec();
+        let cost = episodes
+            .column_by_name("cost")
+            .expect("cost")
+            .as_primitive::<Float64Type>()
+            .values()
+            .to_vec();
         for i in 0..episodes.num_rows() {
             assert!((FIRST_DAY..=LAST_DAY).contains(&admission[i]));
             assert!(discharge[i] >= admission[i]);
             assert_eq!(stay[i], discharge[i] - admission[i]);
             let yob = birth[&person[i]];
-            assert_eq!(age[i], year_of(admission[i]) - yob, "age from year of birth");
+            assert_eq!(
+                age[i],
+                year_of(admission[i]) - yob,
+                "age from year of birth"
+            );
             assert!((0..=105).contains(&age[i]));
             assert!(cost[i] > 0.0);
             assert!(
-                ["11", "12", "13", "21", "22", "23", "24", "28", "31", "81"].contains(&method[i].as_str()),
+                ["11", "12", "13", "21", "22", "23", "24", "28", "31", "81"]
+                    .contains(&method[i].as_str()),
                 "{}",
                 method[i]
             );
@@ -316,7 +377,10 @@ fn episodes_are_consistent_with_patients() {
         assert!(per_patient.len() <= counts.patients);
         total += episodes.num_rows();
         emergency += method.iter().filter(|m| m.starts_with('2')).count();
-        no_procedure += strings(&episodes, "procedure_opcs4").iter().filter(|p| p.is_none()).count();
+        no_procedure += strings(&episodes, "procedure_opcs4")
+            .iter()
+            .filter(|p| p.is_none())
+            .count();
         extreme += cost.iter().filter(|&&c| c >= 100_000.0).count();
         for d in required(&episodes, "diagnosis_icd10") {
             *diagnoses.entry(d).or_default() += 1;
@@ -326,12 +390,24 @@ fn episodes_are_consistent_with_patients() {
     let mean = total as f64 / patients as f64;
     assert!((2.2..2.9).contains(&mean), "episodes per patient {mean}");
     let emergency = emergency as f64 / total as f64;
-    assert!((0.33..0.47).contains(&emergency), "emergency share {emergency}");
+    assert!(
+        (0.33..0.47).contains(&emergency),
+        "emergency share {emergency}"
+    );
     let no_procedure = no_procedure as f64 / total as f64;
-    assert!((0.25..0.45).contains(&no_procedure), "no procedure {no_procedure}");
-    assert!(extreme > 0 && (extreme as f64) < 0.01 * total as f64, "{extreme} extreme costs");
+    assert!(
+        (0.25..0.45).contains(&no_procedure),
+        "no procedure {no_procedure}"
+    );
+    assert!(
+        extreme > 0 && (extreme as f64) < 0.01 * total as f64,
+        "{extreme} extreme costs"
+    );
     let chapters = diagnoses.keys().map(|d| &d[..1]).collect::<BTreeSet<_>>();
-    assert!(chapters.len() >= 20, "diagnoses span the alphabet: {chapters:?}");
+    assert!(
+        chapters.len() >= 20,
+        "diagnoses span the alphabet: {chapters:?}"
+    );
     assert!(diagnoses.values().any(|&n| n <= 5), "some rare codes");
 }
 
@@ -339,11 +415,18 @@ fn episodes_are_consistent_with_patients() {
 fn manifest_records_config_and_counts() {
     let (out, summary) = run("manifest", 500, 21);
     let json: serde_json::Value =
-        serde_json::from_slice(&fs::read(out.0.join("manifest.json")).expect("manifest")).expect("json");
+        serde_json::from_slice(&fs::read(out.0.join("manifest.json")).expect("manifest"))
+            .expect("json");
     assert_eq!(json["config"]["patients"], 500);
     assert_eq!(json["config"]["seed"], 21);
-    assert_eq!(json["trusts"], serde_json::to_value(&summary.trusts).expect("serialize"));
-    assert_eq!(summary.trusts.iter().map(|t| t.patients).sum::<usize>(), 500);
+    assert_eq!(
+        json["trusts"],
+        serde_json::to_value(&summary.trusts).expect("serialize")
+    );
+    assert_eq!(
+        summary.trusts.iter().map(|t| t.patients).sum::<usize>(),
+        500
+    );
 }
 
 #[test]
