@@ -7,6 +7,7 @@ use arrow::record_batch::RecordBatch;
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
+use tally_common::flight::http_url;
 use tally_gateway::TRUSTS_HEADER;
 use tonic::transport::{Channel, Endpoint};
 
@@ -56,7 +57,7 @@ fn refused(err: FlightError) -> ClientError {
 impl AnalystClient {
     /// Connects to `url`; every call carries `token` as a bearer token.
     pub async fn connect(url: &str, token: &str) -> Result<Self, ClientError> {
-        let channel = Endpoint::from_shared(url.to_string())
+        let channel = Endpoint::from_shared(http_url(url))
             .map_err(|_| ClientError::Url(url.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .connect()

@@ -28,7 +28,7 @@ pub struct LocalFederation {
 impl LocalFederation {
     /// The gateway's URL for Flight SQL clients.
     pub fn gateway_url(&self) -> String {
-        format!("http://{}", self.gateway.addr)
+        format!("grpc://{}", self.gateway.addr)
     }
 
     /// Stops the gateway, then every node.

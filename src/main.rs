@@ -57,7 +57,7 @@ enum Command {
     /// Send SQL to a gateway and print the answer (an interactive shell without SQL).
     Query {
         /// The gateway's Flight SQL URL.
-        #[arg(long, default_value = "http://127.0.0.1:50050")]
+        #[arg(long, default_value = "grpc://127.0.0.1:50050")]
         gateway: String,
         /// Bearer token (or set TALLY_TOKEN).
         #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]
@@ -135,7 +135,7 @@ async fn run(command: Command) -> Result<(), String> {
             let gateway = tally_gateway::start(&config)
                 .await
                 .map_err(|e| e.to_string())?;
-            eprintln!("gateway on http://{}", gateway.addr);
+            eprintln!("gateway on grpc://{}", gateway.addr);
             serve_until_ctrl_c(gateway.wait()).await;
             Ok(())
         }

@@ -105,3 +105,35 @@ async fn query_prints_csv_and_json() {
     assert!(stderr.contains("error: E_NOT_AGGREGATE"), "{stderr}");
     local.stop().await;
 }
+
+#[test]
+fn example_configs_load_and_bad_configs_say_why() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    for code in ["rxa", "rxb", "rxc"] {
+        let config = tally_node::NodeConfig::load(&examples.join(format!("node-{code}.toml"))).expect("example node config");
+        assert_eq!(config.trust.code, code.to_uppercase());
+        assert_eq!(config.tables.len(), 3);
+        assert!(config.tables.iter().all(|t| t.path.is_absolute() || t.path.starts_with(&examples)));
+    }
+    let gateway = tally_gateway::GatewayConfig::load(&examples.join("gateway.toml")).expect("example gateway config");
+    assert_eq!(gateway.nodes.len(), 3);
+    assert_eq!(gateway.users[0].token_sha256, tally_gateway::token_hash(DEMO_TOKEN));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("listen = \"127.0.0.1:1\"\ntables = []\n[trust]\ncode = \"RXA\"\nname = \"A\"\n", "at least one [[tables]]"),
+        ("[trust]\ncode = \"R X\"\nname = \"A\"\n[[tables]]\nname = \"t\"\npath = \"t.parquet\"\n", "trust code 'R X'"),
+        ("[trust]\ncode = \"RXA\"\nname = \"A\"\ncolour = 1\n[[tables]]\nname = \"t\"\npath = \"t.parquet\"\n", "unknown field `colour`"),
+        ("[trust]\ncode = \"RXA\"\n", "missing field"),
+    ];
+    for (text, expected) in cases {
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).unwrap();
+        let err = tally_node::NodeConfig::load(&path).expect_err(text).to_string();
+        assert!(err.contains(expected), "{err}");
+    }
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, "request_timeout_secs = -1\n[[nodes]]\ncode = \"A\"\nurl = \"http://127.0.0.1:1\"\n").unwrap();
+    let err = tally_gateway::GatewayConfig::load(&path).expect_err("negative timeout").to_string();
+    assert!(err.contains("request_timeout_secs"), "{err}");
+}

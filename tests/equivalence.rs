@@ -134,6 +134,11 @@ const QUERIES: &[(&str, bool)] = &[
         "SELECT trust_code, COUNT(*) FROM episodes GROUP BY trust_code ORDER BY trust_code",
         true,
     ),
+    (
+        "SELECT specialty, COUNT(*) AS n, RANK() OVER (ORDER BY COUNT(*) DESC) AS busiest FROM episodes \
+         GROUP BY specialty",
+        false,
+    ),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

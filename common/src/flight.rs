@@ -232,6 +232,16 @@ fn string_column<'a>(
         .ok_or_else(|| FlightError::protocol(format!("GetTables answer has no {name} column")))
 }
 
+/// Flight SQL clients write `grpc://` and `grpc+tls://`; tonic wants `http://` and `https://`.
+pub fn http_url(url: &str) -> String {
+    for (flight, http) in [("grpc+tls://", "https://"), ("grpc+tcp://", "http://"), ("grpc://", "http://")] {
+        if let Some(rest) = url.strip_prefix(flight) {
+            return format!("{http}{rest}");
+        }
+    }
+    url.to_string()
+}
+
 /// Decodes the SQL carried in a statement ticket we issued.
 pub fn ticket_sql(handle: &[u8]) -> Result<String, Status> {
     String::from_utf8(handle.to_vec()).map_err(|_| {

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod checks;
 pub mod error;
 pub mod flight;
+pub mod server;
 pub mod session;
 pub mod udaf;
 

@@ -87,6 +87,7 @@ impl QueryFanout {
                 })
             })
             .collect();
+        tracing::debug!(query_id = %self.query_id, sql = %fragment.sql, trusts = targets.len(), "per-trust query");
         let answers = futures::future::join_all(
             targets
                 .iter()

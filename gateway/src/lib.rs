@@ -17,12 +17,9 @@ pub mod trusts;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arrow_flight::flight_service_server::FlightServiceServer;
 use tally_common::audit::AuditLog;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tally_common::server::RunningServer;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use auth::{Identity, Users, token_hash};
 pub use config::{GatewayConfig, NodeEndpoint, UserConfig};
@@ -39,24 +36,20 @@ pub struct GatewayHandle {
     pub addr: SocketAddr,
     /// The engine, for in-process use and inspection.
     pub gateway: Arc<Gateway>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    server: RunningServer,
     refresher: JoinHandle<()>,
 }
 
 impl GatewayHandle {
     /// Stops serving and waits until the listener is closed.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
         self.refresher.abort();
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        let _ = (&mut self.task).await;
+        self.server.stop().await;
     }
 
     /// Waits until the server stops.
     pub async fn wait(self) {
-        let _ = self.task.await;
+        self.server.wait().await;
     }
 }
 
@@ -82,16 +75,13 @@ pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError
     });
     let gateway = Arc::new(Gateway::new(catalogue.clone(), audit)?);
     let service = GatewayService::new(gateway.clone(), Users::new(config.users.clone()));
-    let listener = TcpListener::bind(config.listen)
+    let server = RunningServer::start(service, config.listen, "gateway")
         .await
         .map_err(|source| GatewayError::Bind {
             addr: config.listen,
             source,
         })?;
-    let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let addr = server.addr;
     let refresh_every = config.catalogue_refresh();
     let refresher = tokio::spawn(async move {
         let mut ticks = tokio::time::interval(refresh_every);
@@ -101,24 +91,11 @@ pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError
             catalogue.refresh_if_incomplete().await;
         }
     });
-    let (shutdown, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
-            .add_service(FlightServiceServer::new(service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            })
-            .await;
-        if let Err(err) = served {
-            tracing::error!(error = %err, "gateway stopped");
-        }
-    });
     tracing::info!(%addr, "gateway serving Flight SQL");
     Ok(GatewayHandle {
         addr,
         gateway,
-        shutdown: Some(shutdown),
-        task,
+        server,
         refresher,
     })
 }

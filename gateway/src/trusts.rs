@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
 use arrow_flight::error::FlightError;
-use tally_common::flight::{QUERY_ID_HEADER, SqlClient, TableInfo, fetch_all, list_tables};
+use tally_common::flight::{QUERY_ID_HEADER, SqlClient, TableInfo, fetch_all, http_url, list_tables};
 use tally_common::{ErrorCode, TallyError};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -46,7 +46,7 @@ impl Trust {
             code: endpoint.code.clone(),
             url: endpoint.url.clone(),
         };
-        let channel = Endpoint::from_shared(endpoint.url.clone())
+        let channel = Endpoint::from_shared(http_url(&endpoint.url))
             .map_err(|_| bad_url())?
             .connect_timeout(connect_timeout)
             .timeout(request_timeout)

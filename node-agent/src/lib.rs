@@ -9,13 +9,9 @@ pub mod tables;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arrow_flight::flight_service_server::FlightServiceServer;
 use tally_common::audit::AuditLog;
 use tally_common::flight::TableInfo;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tally_common::server::RunningServer;
 
 pub use config::{NodeConfig, TableConfig, TableFormat, TrustConfig};
 pub use error::NodeError;
@@ -27,22 +23,18 @@ pub struct NodeHandle {
     pub addr: SocketAddr,
     /// The trust's audit log.
     pub audit: Arc<AuditLog<NodeAuditRecord>>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    server: RunningServer,
 }
 
 impl NodeHandle {
     /// Stops serving and waits until the listener is closed.
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        let _ = (&mut self.task).await;
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 
     /// Waits until the server stops (it only stops on error or `stop`).
     pub async fn wait(self) {
-        let _ = self.task.await;
+        self.server.wait().await;
     }
 }
 
@@ -69,34 +61,17 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         None => AuditLog::in_memory(),
     });
     let service = NodeService::new(ctx, table_infos, audit.clone());
-    let listener = TcpListener::bind(config.listen)
+    let server = RunningServer::start(service, config.listen, "node agent")
         .await
         .map_err(|source| NodeError::Bind {
             addr: config.listen,
             source,
         })?;
-    let addr = listener.local_addr().map_err(|source| NodeError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-    let (shutdown, stopped) = oneshot::channel::<()>();
-    let trust = config.trust.code.clone();
-    let task = tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
-            .add_service(FlightServiceServer::new(service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            })
-            .await;
-        if let Err(err) = served {
-            tracing::error!(trust = %trust, error = %err, "node agent stopped");
-        }
-    });
+    let addr = server.addr;
     tracing::info!(trust = %config.trust.code, %addr, "node agent serving Flight SQL");
     Ok(NodeHandle {
         addr,
         audit,
-        shutdown: Some(shutdown),
-        task,
+        server,
     })
 }
