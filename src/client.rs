@@ -7,8 +7,8 @@ use arrow::record_batch::RecordBatch;
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
-use tally_common::flight::http_url;
-use tally_gateway::TRUSTS_HEADER;
+use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, header_text, http_url};
+use tally_gateway::{SUPPRESSED_HEADER, TRUSTS_HEADER};
 use tonic::transport::{Channel, Endpoint};
 
 /// A connected, authenticated analyst client.
@@ -24,6 +24,8 @@ pub struct Answer {
     pub batches: Vec<RecordBatch>,
     /// Trusts that contributed, as reported by the gateway.
     pub trusts: Vec<String>,
+    /// Groups dropped by disclosure control, as reported by the gateway.
+    pub suppressed: usize,
     /// Round-trip time seen by the client.
     pub elapsed: Duration,
 }
@@ -57,6 +59,11 @@ fn refused(err: FlightError) -> ClientError {
 impl AnalystClient {
     /// Connects to `url`; every call carries `token` as a bearer token.
     pub async fn connect(url: &str, token: &str) -> Result<Self, ClientError> {
+        Self::connect_for(url, token, "", "").await
+    }
+
+    /// Connects to `url` for `project` and `purpose` (empty: the user's defaults).
+    pub async fn connect_for(url: &str, token: &str, project: &str, purpose: &str) -> Result<Self, ClientError> {
         let channel = Endpoint::from_shared(http_url(url))
             .map_err(|_| ClientError::Url(url.to_string()))?
             .connect_timeout(Duration::from_secs(5))
@@ -68,6 +75,11 @@ impl AnalystClient {
             })?;
         let mut inner = FlightSqlServiceClient::new(channel);
         inner.set_token(token.to_string());
+        for (header, value) in [(PROJECT_HEADER, project), (PURPOSE_HEADER, purpose)] {
+            if !value.is_empty() {
+                inner.set_header(header, value);
+            }
+        }
         Ok(AnalystClient { inner })
     }
 
@@ -86,22 +98,19 @@ impl AnalystClient {
         );
         let mut batches = Vec::new();
         let mut trusts = Vec::new();
+        let mut suppressed = 0;
         for endpoint in info.endpoint {
             let Some(ticket) = endpoint.ticket else {
                 continue;
             };
             let stream = self.inner.do_get(ticket).await.map_err(refused)?;
-            if let Some(value) = stream
-                .headers()
-                .get(TRUSTS_HEADER)
-                .and_then(|v| v.to_str().ok())
-            {
-                trusts = value
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect();
-            }
+            let headers = stream.headers();
+            trusts = header_text(headers, TRUSTS_HEADER)
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            suppressed = header_text(headers, SUPPRESSED_HEADER).parse().unwrap_or(0);
             let mut got: Vec<RecordBatch> = stream.try_collect().await.map_err(refused)?;
             batches.append(&mut got);
         }
@@ -109,6 +118,7 @@ impl AnalystClient {
             schema,
             batches,
             trusts,
+            suppressed,
             elapsed: started.elapsed(),
         })
     }

@@ -13,17 +13,16 @@ use tally::output::{self, Format};
 pub const SHOWCASE: &[(&str, &str)] = &[
     (
         "Emergency admissions by month and trust, first quarter of 2024",
-        "SELECT trust_code, date_trunc('month', admission_date) AS month, COUNT(*) AS admissions \
+        "SELECT trust_code, month(admission_date) AS month, COUNT(*) AS admissions \
          FROM episodes WHERE admission_method IN ('21', '22', '23', '24', '28') \
          AND admission_date >= DATE '2024-01-01' AND admission_date < DATE '2024-04-01' \
-         GROUP BY trust_code, date_trunc('month', admission_date) ORDER BY trust_code, month",
+         GROUP BY trust_code, month(admission_date) ORDER BY trust_code, month",
     ),
     (
         "Emergency admissions by age band (all trusts)",
-        "SELECT CASE WHEN age_at_admission < 18 THEN '0-17' WHEN age_at_admission < 65 THEN '18-64' \
-         ELSE '65+' END AS age_band, COUNT(*) AS admissions, AVG(length_of_stay) AS mean_stay_days \
-         FROM episodes WHERE admission_method IN ('21', '22', '23', '24', '28') \
-         GROUP BY 1 ORDER BY 1",
+        "SELECT age_band(age_at_admission) AS age_band, COUNT(*) AS admissions, \
+         AVG(length_of_stay) AS mean_stay_days FROM episodes \
+         WHERE admission_method IN ('21', '22', '23', '24', '28') GROUP BY 1 ORDER BY 1",
     ),
     (
         "Length of stay by specialty: the five busiest",
@@ -52,7 +51,7 @@ pub const SHOWCASE: &[(&str, &str)] = &[
 ];
 
 /// Runs the demo.
-pub async fn run(data_dir: &Path, patients: usize, port: u16, exit: bool) -> Result<(), String> {
+pub async fn run(data_dir: &Path, patients: usize, port: u16, policies: &Path, exit: bool) -> Result<(), String> {
     if federation::ensure_data(data_dir, patients, 42)? {
         println!(
             "Generated synthetic data for {patients} patients in {}",
@@ -61,7 +60,7 @@ pub async fn run(data_dir: &Path, patients: usize, port: u16, exit: bool) -> Res
     } else {
         println!("Using the synthetic data in {}", data_dir.display());
     }
-    let local = federation::start(data_dir, SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    let local = federation::start(data_dir, SocketAddr::from(([127, 0, 0, 1], port)), policies).await?;
     for (trust, node) in tally_synth::default_trusts().iter().zip(&local.nodes) {
         println!(
             "  node agent {} ({}) on {}",
@@ -87,9 +86,10 @@ pub async fn run(data_dir: &Path, patients: usize, port: u16, exit: bool) -> Res
                     None,
                 )?;
                 println!(
-                    "{:.1} ms, trusts answered: {}\n",
+                    "{:.1} ms, trusts answered: {}, groups suppressed: {}\n",
                     answer.elapsed.as_secs_f64() * 1e3,
-                    answer.trusts.join(", ")
+                    answer.trusts.join(", "),
+                    answer.suppressed
                 );
                 if title.starts_with("Refused") {
                     failures += 1;

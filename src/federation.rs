@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use tally_gateway::{GatewayConfig, GatewayHandle, NodeEndpoint, UserConfig, token_hash};
-use tally_node::{NodeConfig, NodeHandle, TableConfig, TrustConfig};
+use tally_node::{NodeConfig, NodeHandle, OptOutConfig, TableConfig, TrustConfig};
 use tally_synth::{SynthConfig, TrustSpec, default_trusts};
 
 /// Tables every demo trust serves, by file stem.
@@ -40,8 +40,12 @@ impl LocalFederation {
     }
 }
 
-/// The node config for one trust's generated data under `data_dir`, listening on loopback.
-pub fn node_config(data_dir: &Path, trust: &TrustSpec) -> NodeConfig {
+/// The demo analyst's project.
+pub const DEMO_PROJECT: &str = "uec-demand";
+
+/// The node config for one trust's generated data under `data_dir`, listening on loopback,
+/// deciding with the policy folder `policies`.
+pub fn node_config(data_dir: &Path, trust: &TrustSpec, policies: &Path) -> NodeConfig {
     NodeConfig {
         trust: TrustConfig {
             code: trust.code.to_string(),
@@ -49,6 +53,12 @@ pub fn node_config(data_dir: &Path, trust: &TrustSpec) -> NodeConfig {
         },
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         audit_log: None,
+        policies: policies.to_path_buf(),
+        opt_out: Some(OptOutConfig {
+            path: data_dir.join(trust.code).join("opt_outs.parquet"),
+            patients_table: "patients".into(),
+            person_column: "person_id".into(),
+        }),
         tables: DEMO_TABLES
             .iter()
             .map(|table| TableConfig {
@@ -60,8 +70,8 @@ pub fn node_config(data_dir: &Path, trust: &TrustSpec) -> NodeConfig {
     }
 }
 
-/// A gateway config over `nodes` with the demo analyst.
-pub fn gateway_config(listen: SocketAddr, nodes: &[(String, String, SocketAddr)]) -> GatewayConfig {
+/// A gateway config over `nodes` with the demo analyst, deciding with `policies`.
+pub fn gateway_config(listen: SocketAddr, nodes: &[(String, String, SocketAddr)], policies: &Path) -> GatewayConfig {
     GatewayConfig {
         listen,
         nodes: nodes
@@ -75,7 +85,13 @@ pub fn gateway_config(listen: SocketAddr, nodes: &[(String, String, SocketAddr)]
         users: vec![UserConfig {
             name: DEMO_USER.to_string(),
             token_sha256: token_hash(DEMO_TOKEN),
+            groups: vec!["analysts".into()],
+            projects: vec![DEMO_PROJECT.into(), "cardiac-audit".into()],
+            default_project: Some(DEMO_PROJECT.into()),
+            default_purpose: Some("planning".into()),
         }],
+        users_file: None,
+        policies: policies.to_path_buf(),
         connect_timeout_secs: 2.0,
         request_timeout_secs: 30.0,
         catalogue_refresh_secs: 10.0,
@@ -93,21 +109,27 @@ pub fn ensure_data(data_dir: &Path, patients: usize, seed: u64) -> Result<bool, 
     Ok(true)
 }
 
-/// Starts a node per default trust over `data_dir` and a gateway on `gateway_listen`.
-pub async fn start(data_dir: &Path, gateway_listen: SocketAddr) -> Result<LocalFederation, String> {
+/// Starts a node per default trust over `data_dir` and a gateway on `gateway_listen`, all
+/// deciding with the policy folder `policies`.
+pub async fn start(data_dir: &Path, gateway_listen: SocketAddr, policies: &Path) -> Result<LocalFederation, String> {
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
     for trust in default_trusts() {
-        let node = tally_node::start(&node_config(data_dir, &trust))
+        let node = tally_node::start(&node_config(data_dir, &trust, policies))
             .await
             .map_err(|e| format!("trust {}: {e}", trust.code))?;
         endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
         nodes.push(node);
     }
-    let gateway = tally_gateway::start(&gateway_config(gateway_listen, &endpoints))
+    let gateway = tally_gateway::start(&gateway_config(gateway_listen, &endpoints, policies))
         .await
         .map_err(|e| e.to_string())?;
     Ok(LocalFederation { nodes, gateway })
+}
+
+/// The default policy folder of this repository.
+pub fn default_policies() -> PathBuf {
+    PathBuf::from("policies")
 }
 
 /// Where the demo keeps its data by default.

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use tally::client::AnalystClient;
 use tally::federation;
 use tally::output::{self, Format};
+use tally_common::admission::RequestIdentity;
 use tally_gateway::GatewayConfig;
 use tally_node::NodeConfig;
 use tally_synth::SynthConfig;
@@ -38,6 +39,9 @@ enum Command {
         /// Gateway port on 127.0.0.1 (0 picks a free one).
         #[arg(long, default_value_t = 50050)]
         port: u16,
+        /// Policy folder used by the gateway and every node.
+        #[arg(long, default_value_os_t = federation::default_policies())]
+        policies: PathBuf,
         /// Stop after the showcase instead of serving until Ctrl-C.
         #[arg(long)]
         exit: bool,
@@ -62,6 +66,12 @@ enum Command {
         /// Bearer token (or set TALLY_TOKEN).
         #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]
         token: String,
+        /// Project the query is for (default: the user's default project).
+        #[arg(long, default_value = "")]
+        project: String,
+        /// Purpose of the query, e.g. planning, research, direct_care (default: the user's).
+        #[arg(long, default_value = "")]
+        purpose: String,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -70,6 +80,23 @@ enum Command {
         output: Option<PathBuf>,
         /// The SQL; omit it for an interactive shell (statements end with ';').
         sql: Option<String>,
+    },
+    /// Governance tools: run a policy folder's tests, explain a decision.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Measure policy evaluation (see BENCHMARKS.md).
+    Bench {
+        /// The policy folder.
+        #[arg(long, default_value_os_t = federation::default_policies())]
+        policies: PathBuf,
+        /// Data folder whose first trust's tables give the schemas.
+        #[arg(long, default_value_os_t = federation::default_data_dir())]
+        data: PathBuf,
+        /// Evaluations per query.
+        #[arg(long, default_value_t = 2_000)]
+        iterations: usize,
     },
     /// Write deterministic synthetic HES-like data, one Parquet set per trust.
     Generate {
@@ -82,6 +109,39 @@ enum Command {
         /// Random seed.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Run every test_* rule in the policy folder and report pass/fail per test.
+    Test {
+        /// The policy folder.
+        #[arg(default_value_os_t = federation::default_policies())]
+        dir: PathBuf,
+    },
+    /// Print the facts of a query, the decision, reasons and obligations, without running it.
+    Explain {
+        /// The policy folder.
+        #[arg(long, default_value_os_t = federation::default_policies())]
+        policies: PathBuf,
+        /// Data folder whose first trust's tables give the schemas.
+        #[arg(long, default_value_os_t = federation::default_data_dir())]
+        data: PathBuf,
+        /// User name.
+        #[arg(long)]
+        user: String,
+        /// Groups, comma-separated.
+        #[arg(long, default_value = "")]
+        groups: String,
+        /// Project.
+        #[arg(long)]
+        project: String,
+        /// Purpose.
+        #[arg(long, default_value = "planning")]
+        purpose: String,
+        /// The SQL.
+        sql: String,
     },
 }
 
@@ -116,8 +176,40 @@ async fn run(command: Command) -> Result<(), String> {
             data,
             patients,
             port,
+            policies,
             exit,
-        } => demo::run(&data, patients, port, exit).await,
+        } => demo::run(&data, patients, port, &policies, exit).await,
+        Command::Bench {
+            policies,
+            data,
+            iterations,
+        } => {
+            federation::ensure_data(&data, 20_000, 42)?;
+            println!("{}", tally::bench::policy(&policies, &data, iterations.max(1)).await?);
+            Ok(())
+        }
+        Command::Policy { command } => match command {
+            PolicyCommand::Test { dir } => tally::policy_cli::test(&dir),
+            PolicyCommand::Explain {
+                policies,
+                data,
+                user,
+                groups,
+                project,
+                purpose,
+                sql,
+            } => {
+                let identity = RequestIdentity {
+                    user,
+                    groups: groups.split(',').filter(|g| !g.is_empty()).map(str::to_string).collect(),
+                    project,
+                    purpose,
+                };
+                let text = tally::policy_cli::explain(&policies, &data, identity, &sql).await?;
+                println!("{text}");
+                Ok(())
+            }
+        },
         Command::Node { config } => {
             let config = NodeConfig::load(&config).map_err(|e| e.to_string())?;
             let node = tally_node::start(&config)
@@ -142,11 +234,13 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Query {
             gateway,
             token,
+            project,
+            purpose,
             format,
             output,
             sql,
         } => {
-            let mut client = AnalystClient::connect(&gateway, &token)
+            let mut client = AnalystClient::connect_for(&gateway, &token, &project, &purpose)
                 .await
                 .map_err(|e| e.to_string())?;
             match sql {

@@ -7,7 +7,9 @@ use tally::client::AnalystClient;
 use tally::federation::{self, DEMO_TOKEN};
 use tally_synth::default_trusts;
 
-use crate::support::{analyst, copy_of_data, data_dir, expect_refusal, start_federation};
+use crate::support::{
+    analyst, copy_of_data, data_dir, expect_refusal, open_policies, start_federation, start_federation_over,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_refused_queries_get_our_codes() {
@@ -129,7 +131,7 @@ async fn a_slow_trust_times_out_with_its_name() {
         }
     });
     let trusts = default_trusts();
-    let node = tally_node::start(&federation::node_config(data_dir(), &trusts[0]))
+    let node = tally_node::start(&federation::node_config(data_dir(), &trusts[0], &open_policies()))
         .await
         .unwrap();
     let endpoints = vec![
@@ -144,7 +146,7 @@ async fn a_slow_trust_times_out_with_its_name() {
             silent_addr,
         ),
     ];
-    let mut config = federation::gateway_config("127.0.0.1:0".parse().unwrap(), &endpoints);
+    let mut config = federation::gateway_config("127.0.0.1:0".parse().unwrap(), &endpoints, &open_policies());
     config.request_timeout_secs = 1.0;
     config.connect_timeout_secs = 1.0;
     let gateway = tally_gateway::start(&config)
@@ -194,9 +196,7 @@ async fn a_schema_mismatch_names_the_trust_and_column() {
         writer.write(batch).unwrap();
     }
     writer.close().unwrap();
-    let local = federation::start(&dir, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let local = start_federation_over(&dir, &open_policies()).await;
     let mut client = analyst(&local).await;
     let err = expect_refusal(client.query("SELECT SUM(cost) FROM episodes").await);
     assert!(err.starts_with("E_SCHEMA_MISMATCH"), "{err}");
@@ -212,9 +212,7 @@ async fn a_schema_mismatch_names_the_trust_and_column() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_parquet_file_is_a_typed_error() {
     let (_keep, dir) = copy_of_data();
-    let local = federation::start(&dir, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let local = start_federation_over(&dir, &open_policies()).await;
     let mut client = analyst(&local).await;
     client
         .query("SELECT COUNT(*) FROM episodes")
@@ -233,7 +231,7 @@ async fn a_corrupt_parquet_file_is_a_typed_error() {
     local.stop().await;
 
     // A node refuses to start on a corrupt file, naming the table.
-    let config = federation::node_config(&dir, &default_trusts()[1]);
+    let config = federation::node_config(&dir, &default_trusts()[1], &open_policies());
     let err = tally_node::start(&config)
         .await
         .err()

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use tally::federation::DEMO_TOKEN;
 
-use crate::support::{data_dir, start_federation};
+use crate::support::{data_dir, default_policies, start_federation};
 
 fn tally() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -27,6 +27,8 @@ fn demo_runs_its_showcase_and_exits() {
     let out = tally()
         .args(["demo", "--exit", "--port", "0", "--data"])
         .arg(data_dir())
+        .arg("--policies")
+        .arg(default_policies())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -103,6 +105,11 @@ async fn query_prints_csv_and_json() {
     assert!(!refused.status.success(), "a refusal exits non-zero");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("error: E_NOT_AGGREGATE"), "{stderr}");
+
+    let tests = tally().args(["policy", "test"]).arg(default_policies()).output().unwrap();
+    let report = String::from_utf8_lossy(&tests.stdout);
+    assert!(tests.status.success(), "{report}");
+    assert!(report.contains(" passed, 0 failed"), "{report}");
     local.stop().await;
 }
 

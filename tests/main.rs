@@ -8,3 +8,4 @@ mod bad_input;
 mod cli;
 mod equivalence;
 mod node_floor;
+mod policy;

@@ -29,7 +29,10 @@ async fn ask_node(
         .execute(sql.to_string(), None)
         .await
         .map_err(|e| e.to_string())?;
-    fetch_all(client, info).await.map_err(|e| e.to_string())
+    fetch_all(client, info)
+        .await
+        .map(|(batches, _)| batches)
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

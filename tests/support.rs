@@ -35,12 +35,28 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Starts three trusts and a gateway over the test data.
-pub async fn start_federation() -> LocalFederation {
+/// The repository's default policy folder (the NHS disclosure rules).
+pub fn default_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+/// A policy that allows what the code's floor allows, without disclosure control or
+/// opt-outs: answers must then equal a central DataFusion's exactly.
+pub fn open_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policies/open")
+}
+
+/// Starts three trusts and a gateway over `data`, all deciding with `policies`.
+pub async fn start_federation_over(data: &Path, policies: &Path) -> LocalFederation {
     init_logging();
-    federation::start(data_dir(), "127.0.0.1:0".parse().unwrap())
+    federation::start(data, "127.0.0.1:0".parse().unwrap(), policies)
         .await
         .expect("federation starts")
+}
+
+/// Starts three trusts and a gateway over the test data under the open policy.
+pub async fn start_federation() -> LocalFederation {
+    start_federation_over(data_dir(), &open_policies()).await
 }
 
 /// An analyst client connected to `local`'s gateway.

@@ -8,14 +8,24 @@ use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 
 use crate::error::{ErrorCode, TallyError};
+use crate::facts::{SyntaxFacts, is_hidden_patient_count, syntax_facts};
 use crate::udaf::is_trust_side_aggregate;
 
 /// Longest SQL text accepted, in bytes.
 pub const MAX_SQL_BYTES: usize = 64 * 1024;
 
+/// A planned read-only query.
+#[derive(Debug, Clone)]
+pub struct PlannedQuery {
+    /// The logical plan, before optimisation.
+    pub plan: LogicalPlan,
+    /// Features read off the syntax tree.
+    pub syntax: SyntaxFacts,
+}
+
 /// Parses and plans `sql` as a read-only query: one SELECT (or WITH ... SELECT), nothing that
 /// writes, creates, copies, reads files by path, explains or changes settings.
-pub async fn plan_read_only(state: &SessionState, sql: &str) -> Result<LogicalPlan, TallyError> {
+pub async fn plan_read_only(state: &SessionState, sql: &str) -> Result<PlannedQuery, TallyError> {
     if sql.len() > MAX_SQL_BYTES {
         return Err(TallyError::new(
             ErrorCode::TooLarge,
@@ -29,21 +39,29 @@ pub async fn plan_read_only(state: &SessionState, sql: &str) -> Result<LogicalPl
     let statement = state
         .sql_to_statement(sql, &dialect)
         .map_err(TallyError::from_planning)?;
-    match &statement {
-        DfStatement::Statement(inner) if matches!(inner.as_ref(), SqlStatement::Query(_)) => {}
+    let syntax = match &statement {
+        DfStatement::Statement(inner) if matches!(inner.as_ref(), SqlStatement::Query(_)) => {
+            syntax_facts(inner)
+        }
         _ => {
             return Err(TallyError::new(
                 ErrorCode::ReadOnly,
                 "only read-only SELECT queries are accepted",
             ));
         }
+    };
+    if syntax.information_schema {
+        return Err(TallyError::new(
+            ErrorCode::Metadata,
+            "information_schema is not available; the tables are listed by Flight SQL GetTables",
+        ));
     }
     let plan = state
         .statement_to_plan(statement)
         .await
         .map_err(TallyError::from_planning)?;
     reject_non_queries(&plan)?;
-    Ok(plan)
+    Ok(PlannedQuery { plan, syntax })
 }
 
 /// Refuses plan nodes that are not part of a read-only query (defence in depth behind the
@@ -142,7 +160,7 @@ fn check_aggregate_exprs(aggr_expr: &[Expr]) -> Result<(), TallyError> {
             "GROUP BY or DISTINCT without an aggregate function lists row values; add COUNT(*) or another aggregate",
         ));
     }
-    for expr in aggr_expr {
+    for expr in aggr_expr.iter().filter(|e| !is_hidden_patient_count(e)) {
         let Expr::AggregateFunction(function) = strip_alias(expr) else {
             return Err(TallyError::new(
                 ErrorCode::UnsupportedShape,

@@ -54,11 +54,49 @@ pub enum ErrorCode {
     TooLarge,
     /// A fault inside Tally itself.
     Internal,
+    /// information_schema or other catalogue metadata through SQL.
+    Metadata,
+    /// The project is unknown, or the user is not a member of it.
+    Project,
+    /// The purpose is not approved for the project.
+    Purpose,
+    /// The project has no access to a table.
+    TableNotAllowed,
+    /// An aggregate the policy does not allow (MIN, MAX, ...).
+    AggregateNotAllowed,
+    /// An aggregate over an expression, CASE, cast, DISTINCT or FILTER.
+    ExpressionShape,
+    /// A column the governance catalogue does not classify.
+    UnclassifiedColumn,
+    /// An identifier used outside a bare same-trust join.
+    IdentifierColumn,
+    /// A quasi-identifier grouped or shown without a generalising function.
+    QuasiIdentifier,
+    /// A measure used other than as the bare argument of an aggregate.
+    MeasureUsage,
+    /// A scalar function not on the allowed list.
+    FunctionNotAllowed,
+    /// UNION, INTERSECT or EXCEPT.
+    SetOperation,
+    /// A VALUES list.
+    Values,
+    /// A table function.
+    TableFunction,
+    /// ROLLUP, CUBE or GROUPING SETS.
+    GroupingSets,
+    /// LIMIT or ORDER BY below an aggregate.
+    LimitBelowAggregate,
+    /// Disclosure control cannot be applied to this query shape.
+    Disclosure,
+    /// The policy refused with a reason code Tally does not know.
+    PolicyDenied,
+    /// The policy could not decide (fail closed).
+    PolicyError,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 39] = [
         ErrorCode::SqlSyntax,
         ErrorCode::UnknownTable,
         ErrorCode::UnknownColumn,
@@ -79,6 +117,25 @@ impl ErrorCode {
         ErrorCode::BadRequest,
         ErrorCode::TooLarge,
         ErrorCode::Internal,
+        ErrorCode::Metadata,
+        ErrorCode::Project,
+        ErrorCode::Purpose,
+        ErrorCode::TableNotAllowed,
+        ErrorCode::AggregateNotAllowed,
+        ErrorCode::ExpressionShape,
+        ErrorCode::UnclassifiedColumn,
+        ErrorCode::IdentifierColumn,
+        ErrorCode::QuasiIdentifier,
+        ErrorCode::MeasureUsage,
+        ErrorCode::FunctionNotAllowed,
+        ErrorCode::SetOperation,
+        ErrorCode::Values,
+        ErrorCode::TableFunction,
+        ErrorCode::GroupingSets,
+        ErrorCode::LimitBelowAggregate,
+        ErrorCode::Disclosure,
+        ErrorCode::PolicyDenied,
+        ErrorCode::PolicyError,
     ];
 
     /// The stable identifier, e.g. `E_NOT_AGGREGATE`.
@@ -104,6 +161,25 @@ impl ErrorCode {
             ErrorCode::BadRequest => "E_BAD_REQUEST",
             ErrorCode::TooLarge => "E_TOO_LARGE",
             ErrorCode::Internal => "E_INTERNAL",
+            ErrorCode::Metadata => "E_METADATA",
+            ErrorCode::Project => "E_PROJECT",
+            ErrorCode::Purpose => "E_PURPOSE",
+            ErrorCode::TableNotAllowed => "E_TABLE_NOT_ALLOWED",
+            ErrorCode::AggregateNotAllowed => "E_AGG_NOT_ALLOWED",
+            ErrorCode::ExpressionShape => "E_EXPR_SHAPE",
+            ErrorCode::UnclassifiedColumn => "E_UNCLASSIFIED_COLUMN",
+            ErrorCode::IdentifierColumn => "E_IDENTIFIER_COLUMN",
+            ErrorCode::QuasiIdentifier => "E_QUASI_IDENTIFIER",
+            ErrorCode::MeasureUsage => "E_MEASURE_USAGE",
+            ErrorCode::FunctionNotAllowed => "E_FUNCTION_NOT_ALLOWED",
+            ErrorCode::SetOperation => "E_SETOP",
+            ErrorCode::Values => "E_VALUES",
+            ErrorCode::TableFunction => "E_TABLE_FUNCTION",
+            ErrorCode::GroupingSets => "E_GROUPING_SETS",
+            ErrorCode::LimitBelowAggregate => "E_LIMIT_BELOW_AGGREGATE",
+            ErrorCode::Disclosure => "E_DISCLOSURE",
+            ErrorCode::PolicyDenied => "E_POLICY_DENIED",
+            ErrorCode::PolicyError => "E_POLICY_ERROR",
         }
     }
 
@@ -127,7 +203,26 @@ impl ErrorCode {
             | ErrorCode::AggregateNotSplittable
             | ErrorCode::Window
             | ErrorCode::UnsupportedShape
-            | ErrorCode::TrustRefused => Code::PermissionDenied,
+            | ErrorCode::TrustRefused
+            | ErrorCode::Metadata
+            | ErrorCode::Project
+            | ErrorCode::Purpose
+            | ErrorCode::TableNotAllowed
+            | ErrorCode::AggregateNotAllowed
+            | ErrorCode::ExpressionShape
+            | ErrorCode::UnclassifiedColumn
+            | ErrorCode::IdentifierColumn
+            | ErrorCode::QuasiIdentifier
+            | ErrorCode::MeasureUsage
+            | ErrorCode::FunctionNotAllowed
+            | ErrorCode::SetOperation
+            | ErrorCode::Values
+            | ErrorCode::TableFunction
+            | ErrorCode::GroupingSets
+            | ErrorCode::LimitBelowAggregate
+            | ErrorCode::Disclosure
+            | ErrorCode::PolicyDenied
+            => Code::PermissionDenied,
             ErrorCode::SchemaMismatch => Code::FailedPrecondition,
             ErrorCode::TrustUnavailable => Code::Unavailable,
             ErrorCode::TrustTimeout => Code::DeadlineExceeded,
@@ -135,7 +230,8 @@ impl ErrorCode {
             ErrorCode::TrustFailed
             | ErrorCode::TrustProtocol
             | ErrorCode::Execution
-            | ErrorCode::Internal => Code::Internal,
+            | ErrorCode::Internal
+            | ErrorCode::PolicyError => Code::Internal,
         }
     }
 }

@@ -21,6 +21,7 @@ use prost::Message;
 use tonic::Status;
 use tonic::transport::Channel;
 
+use crate::admission::RequestIdentity;
 use crate::error::{ErrorCode, TallyError};
 
 /// The catalogue name Tally reports in Flight SQL metadata.
@@ -29,6 +30,52 @@ pub const CATALOG: &str = "tally";
 pub const SCHEMA: &str = "public";
 /// Request header carrying the gateway's query id to the trusts, for joined-up audit logs.
 pub const QUERY_ID_HEADER: &str = "x-tally-query-id";
+
+/// Request headers carrying the analyst's identity from the gateway to the trusts.
+pub const USER_HEADER: &str = "x-tally-user";
+/// Comma-separated groups of the user.
+pub const GROUPS_HEADER: &str = "x-tally-groups";
+/// The project a query is for (also sent by analysts to the gateway).
+pub const PROJECT_HEADER: &str = "x-tally-project";
+/// The purpose of a query (also sent by analysts to the gateway).
+pub const PURPOSE_HEADER: &str = "x-tally-purpose";
+/// Response header: the strictest small-number threshold the trust demands.
+pub const MIN_PATIENTS_HEADER: &str = "x-tally-min-patients";
+
+/// Reads one header as text (empty when absent or not text), at most 256 characters.
+pub fn header_text(metadata: &tonic::metadata::MetadataMap, name: &str) -> String {
+    metadata
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .chars()
+        .take(256)
+        .collect()
+}
+
+/// The identity headers of a request.
+pub fn identity_from_headers(metadata: &tonic::metadata::MetadataMap) -> RequestIdentity {
+    RequestIdentity {
+        user: header_text(metadata, USER_HEADER),
+        groups: header_text(metadata, GROUPS_HEADER)
+            .split(',')
+            .filter(|g| !g.is_empty())
+            .map(str::to_string)
+            .collect(),
+        project: header_text(metadata, PROJECT_HEADER),
+        purpose: header_text(metadata, PURPOSE_HEADER),
+    }
+}
+
+/// The identity as request headers (values that are not valid header text are dropped).
+pub fn identity_headers(identity: &RequestIdentity) -> Vec<(&'static str, String)> {
+    vec![
+        (USER_HEADER, identity.user.clone()),
+        (GROUPS_HEADER, identity.groups.join(",")),
+        (PROJECT_HEADER, identity.project.clone()),
+        (PURPOSE_HEADER, identity.purpose.clone()),
+    ]
+}
 
 /// The stream type every `do_get` returns.
 pub type FlightDataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send>>;
@@ -177,22 +224,24 @@ impl MetadataRequest {
 /// A Flight SQL client over a pooled channel.
 pub type SqlClient = FlightSqlServiceClient<Channel>;
 
-/// Fetches every endpoint of `info` and collects the batches.
+/// Fetches every endpoint of `info` and collects the batches and the response headers.
 pub async fn fetch_all(
     client: &mut SqlClient,
     info: FlightInfo,
-) -> Result<Vec<RecordBatch>, FlightError> {
+) -> Result<(Vec<RecordBatch>, tonic::metadata::MetadataMap), FlightError> {
     let mut batches = Vec::new();
+    let mut headers = tonic::metadata::MetadataMap::new();
     for endpoint in info.endpoint {
         let Some(ticket) = endpoint.ticket else {
             return Err(FlightError::protocol("endpoint without a ticket"));
         };
         let mut stream = client.do_get(ticket).await?;
+        headers = stream.headers().clone();
         while let Some(batch) = stream.next().await {
             batches.push(batch?);
         }
     }
-    Ok(batches)
+    Ok((batches, headers))
 }
 
 /// Lists the tables (with schemas) a Flight SQL server announces.
@@ -204,7 +253,7 @@ pub async fn list_tables(client: &mut SqlClient) -> Result<Vec<TableInfo>, Fligh
         })
         .await?;
     let mut tables = Vec::new();
-    for batch in fetch_all(client, info).await? {
+    for batch in fetch_all(client, info).await?.0 {
         let names = string_column(&batch, "table_name")?;
         let schemas = batch
             .column_by_name("table_schema")

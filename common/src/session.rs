@@ -13,5 +13,6 @@ pub fn new_context() -> Result<SessionContext> {
         .with_create_default_catalog_and_schema(true);
     let mut ctx = SessionContext::new_with_config(config);
     register_state_udafs(&mut ctx)?;
+    crate::generalise::register(&mut ctx)?;
     Ok(ctx)
 }

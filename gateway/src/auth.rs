@@ -5,6 +5,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
+use tally_common::admission::RequestIdentity;
+use tally_common::flight::PROJECT_HEADER;
 use tally_common::{ErrorCode, TallyError};
 use tonic::metadata::MetadataMap;
 
@@ -15,6 +17,45 @@ use crate::config::UserConfig;
 pub struct Identity {
     /// User name.
     pub user: String,
+    /// The user's groups.
+    pub groups: Vec<String>,
+    /// Projects the user may query for.
+    pub projects: Vec<String>,
+    /// Project when a request names none.
+    pub default_project: Option<String>,
+    /// Purpose when a request names none.
+    pub default_purpose: Option<String>,
+}
+
+impl Identity {
+    /// The identity the policy sees for a request naming `project` and `purpose` (empty:
+    /// the user's defaults). A project the user is not a member of is refused.
+    pub fn for_request(&self, project: &str, purpose: &str) -> Result<RequestIdentity, TallyError> {
+        let pick = |asked: &str, default: &Option<String>| {
+            if asked.is_empty() {
+                default.clone().unwrap_or_default()
+            } else {
+                asked.to_string()
+            }
+        };
+        let project = pick(project, &self.default_project);
+        if !self.projects.contains(&project) {
+            return Err(TallyError::new(
+                ErrorCode::Project,
+                if project.is_empty() {
+                    format!("user '{}' must name a project (header {PROJECT_HEADER})", self.user)
+                } else {
+                    format!("user '{}' is not a member of project '{project}'", self.user)
+                },
+            ));
+        }
+        Ok(RequestIdentity {
+            user: self.user.clone(),
+            groups: self.groups.clone(),
+            project,
+            purpose: pick(purpose, &self.default_purpose),
+        })
+    }
 }
 
 /// The known analysts.
@@ -45,6 +86,10 @@ impl Users {
             .find(|u| u.token_sha256.eq_ignore_ascii_case(&hash))
             .map(|u| Identity {
                 user: u.name.clone(),
+                groups: u.groups.clone(),
+                projects: u.projects.clone(),
+                default_project: u.default_project.clone(),
+                default_purpose: u.default_purpose.clone(),
             })
     }
 

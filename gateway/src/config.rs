@@ -20,6 +20,11 @@ pub struct GatewayConfig {
     /// Analysts allowed to query, with the SHA-256 of their bearer token.
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// A TOML file of further `[[users]]`, relative to this file.
+    #[serde(default)]
+    pub users_file: Option<PathBuf>,
+    /// The gateway's policy folder (`.rego` files and JSON data), relative to this file.
+    pub policies: PathBuf,
     /// Seconds to wait for a node's connection to open.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: f64,
@@ -55,6 +60,25 @@ pub struct UserConfig {
     pub name: String,
     /// Hex SHA-256 of the user's token; the token itself is never stored.
     pub token_sha256: String,
+    /// Groups, passed to the policy.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Projects the user may query for.
+    #[serde(default)]
+    pub projects: Vec<String>,
+    /// Project used when a request names none.
+    #[serde(default)]
+    pub default_project: Option<String>,
+    /// Purpose used when a request names none.
+    #[serde(default)]
+    pub default_purpose: Option<String>,
+}
+
+/// A users file: `[[users]]` entries only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    users: Vec<UserConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -82,10 +106,20 @@ impl GatewayConfig {
         };
         let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
         let mut config: GatewayConfig = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
         if let Some(log) = &mut config.audit_log
             && log.is_relative()
         {
-            *log = path.parent().unwrap_or(Path::new(".")).join(&*log);
+            *log = base.join(&*log);
+        }
+        if config.policies.is_relative() {
+            config.policies = base.join(&config.policies);
+        }
+        if let Some(file) = &config.users_file {
+            let file = base.join(file);
+            let text = std::fs::read_to_string(&file).map_err(|e| fail(format!("users file {}: {e}", file.display())))?;
+            let users: UsersFile = toml::from_str(&text).map_err(|e| fail(format!("users file {}: {e}", file.display())))?;
+            config.users.extend(users.users);
         }
         config.validate().map_err(fail)?;
         Ok(config)

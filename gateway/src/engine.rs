@@ -9,13 +9,15 @@ use arrow::record_batch::RecordBatch;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{DataFrame, SessionContext};
 use serde::Serialize;
+use tally_common::admission::{Refused, RequestIdentity, admit, policy_input};
 use tally_common::audit::{AuditLog, now_millis};
 use tally_common::checks::plan_read_only;
+use tally_common::facts::query_facts;
 use tally_common::flight::TableInfo;
+use tally_common::policy::{Decision, Obligations, Policy};
 use tally_common::session::new_context;
 use tally_common::{ErrorCode, TallyError};
 
-use crate::auth::Identity;
 use crate::catalogue::{Catalogue, CatalogueSchema};
 use crate::error::GatewayError;
 use crate::fanout::{FragmentRun, QueryFanout};
@@ -28,20 +30,26 @@ pub struct GatewayAuditRecord {
     pub time_ms: u64,
     /// The query id, also sent to every trust.
     pub query_id: String,
-    /// Who asked.
-    pub user: String,
+    /// Who asked, for which project and purpose.
+    pub identity: RequestIdentity,
     /// The analyst's SQL.
     pub sql: String,
+    /// The version of the policy that decided (absent when the policy was not reached).
+    pub policy_version: Option<String>,
+    /// The obligations applied, when allowed.
+    pub obligations: Option<Obligations>,
     /// The per-trust SQL, one entry per fragment.
     pub fragments: Vec<String>,
     /// Trusts that answered.
     pub trusts: Vec<String>,
     /// `answered`, `refused` or `failed`.
     pub outcome: &'static str,
-    /// Our reason code when refused or failed.
-    pub code: Option<String>,
+    /// Our reason codes when refused or failed.
+    pub codes: Vec<String>,
     /// Rows in the answer.
     pub rows: Option<usize>,
+    /// Groups dropped by disclosure control (a count, never which).
+    pub groups_suppressed: Option<usize>,
     /// Wall time in milliseconds.
     pub duration_ms: f64,
 }
@@ -57,6 +65,10 @@ pub struct QueryOutcome {
     pub batches: Vec<RecordBatch>,
     /// What each trust returned for each fragment.
     pub runs: Vec<FragmentRun>,
+    /// Groups dropped by disclosure control.
+    pub suppressed: usize,
+    /// The version of the policy that allowed the query.
+    pub policy_version: String,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -74,17 +86,28 @@ impl QueryOutcome {
     }
 }
 
+/// What the policy made of a query, without running it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    /// The policy input document.
+    pub input: serde_json::Value,
+    /// The decision.
+    pub decision: Decision,
+}
+
 /// The gateway's engine.
 pub struct Gateway {
     ctx: SessionContext,
     catalogue: Arc<Catalogue>,
+    policy: Arc<Policy>,
     audit: Arc<AuditLog<GatewayAuditRecord>>,
 }
 
 impl Gateway {
-    /// An engine planning over `catalogue`'s tables.
+    /// An engine planning over `catalogue`'s tables under `policy`.
     pub fn new(
         catalogue: Arc<Catalogue>,
+        policy: Arc<Policy>,
         audit: Arc<AuditLog<GatewayAuditRecord>>,
     ) -> Result<Self, GatewayError> {
         let engine = |e: datafusion::error::DataFusionError| GatewayError::Engine(e.to_string());
@@ -98,6 +121,7 @@ impl Gateway {
         Ok(Gateway {
             ctx,
             catalogue,
+            policy,
             audit,
         })
     }
@@ -105,6 +129,11 @@ impl Gateway {
     /// The catalogue.
     pub fn catalogue(&self) -> &Arc<Catalogue> {
         &self.catalogue
+    }
+
+    /// The gateway's policy.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
     }
 
     /// The gateway's audit log.
@@ -117,66 +146,110 @@ impl Gateway {
         self.catalogue.snapshot().table_infos()
     }
 
-    async fn plan(&self, sql: &str, fanout: &Arc<QueryFanout>) -> Result<LogicalPlan, TallyError> {
-        let plan = plan_read_only(&self.ctx.state(), sql).await?;
-        split(plan, fanout)
+    fn trust_codes(&self) -> Vec<String> {
+        self.catalogue.trusts().iter().map(|t| t.code.clone()).collect()
+    }
+
+    /// Admits `sql` for `identity` and splits it into fragments.
+    async fn plan(&self, identity: &RequestIdentity, sql: &str, query_id: &str) -> Result<(LogicalPlan, Arc<QueryFanout>), Refused> {
+        let state = self.ctx.state();
+        let admitted = admit(&state, sql, &self.policy, identity, query_id, self.trust_codes()).await?;
+        let fanout = Arc::new(QueryFanout::new(
+            query_id.to_string(),
+            self.catalogue.clone(),
+            identity.clone(),
+            admitted.decision.obligations.clone(),
+        ));
+        let plan = split(admitted.plan, &fanout, &self.policy.data()).map_err(|error| Refused {
+            error,
+            decision: Some(admitted.decision),
+        })?;
+        Ok((plan, fanout))
+    }
+
+    /// The policy input and decision for `sql`, without running it.
+    pub async fn explain(&self, identity: &RequestIdentity, sql: &str) -> Result<Explanation, TallyError> {
+        let planned = plan_read_only(&self.ctx.state(), sql).await?;
+        let facts = query_facts(sql, &planned.plan, &planned.syntax, &self.policy.data(), self.trust_codes());
+        let input = policy_input(identity, "explain", &self.policy.version(), &facts);
+        let decision = self.policy.decide(&input)?;
+        Ok(Explanation { input, decision })
     }
 
     /// Plans `sql` without running it: the answer's schema, or why it is refused.
-    pub async fn describe(&self, sql: &str) -> Result<SchemaRef, TallyError> {
-        let fanout = Arc::new(QueryFanout::new(new_query_id(), self.catalogue.clone()));
-        let plan = self.plan(sql, &fanout).await?;
+    pub async fn describe(&self, identity: &RequestIdentity, sql: &str) -> Result<SchemaRef, TallyError> {
+        let (plan, _) = self.plan(identity, sql, &new_query_id()).await.map_err(|r| r.error)?;
         Ok(Arc::new(plan.schema().as_arrow().clone()))
     }
 
     /// Runs `sql` for `identity` and records the outcome in the audit log.
-    pub async fn run(&self, identity: &Identity, sql: &str) -> Result<QueryOutcome, TallyError> {
+    pub async fn run(&self, identity: &RequestIdentity, sql: &str) -> Result<QueryOutcome, TallyError> {
         let started = Instant::now();
-        let fanout = Arc::new(QueryFanout::new(new_query_id(), self.catalogue.clone()));
-        let result = self.execute(sql, &fanout).await;
-        let runs = fanout.runs();
-        let (outcome, code, rows) = match &result {
-            Ok((_, batches)) => (
-                "answered",
-                None,
-                Some(batches.iter().map(RecordBatch::num_rows).sum()),
-            ),
-            Err(err) if is_failure(err.code) => ("failed", Some(err.code.to_string()), None),
-            Err(err) => ("refused", Some(err.code.to_string()), None),
-        };
-        let mut fragments: Vec<String> = runs.iter().map(|r| r.sql.clone()).collect();
-        fragments.dedup();
-        let mut trusts: Vec<String> = runs.iter().map(|r| r.trust.clone()).collect();
-        trusts.sort();
-        trusts.dedup();
-        self.audit.append(GatewayAuditRecord {
+        let query_id = new_query_id();
+        let mut record = GatewayAuditRecord {
             time_ms: now_millis(),
-            query_id: fanout.query_id.clone(),
-            user: identity.user.clone(),
+            query_id: query_id.clone(),
+            identity: identity.clone(),
             sql: sql.to_string(),
-            fragments,
-            trusts,
-            outcome,
-            code,
-            rows,
-            duration_ms: started.elapsed().as_secs_f64() * 1e3,
-        });
+            policy_version: None,
+            obligations: None,
+            fragments: Vec::new(),
+            trusts: Vec::new(),
+            outcome: "refused",
+            codes: Vec::new(),
+            rows: None,
+            groups_suppressed: None,
+            duration_ms: 0.0,
+        };
+        let (plan, fanout) = match self.plan(identity, sql, &query_id).await {
+            Ok(planned) => planned,
+            Err(refused) => {
+                record.policy_version = refused.decision.as_ref().map(|d| d.policy_version.clone());
+                record.codes = match &refused.decision {
+                    Some(d) if !d.allow => d.reasons.iter().map(|r| r.code.clone()).collect(),
+                    _ => vec![refused.error.code.to_string()],
+                };
+                record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+                self.audit.append(record);
+                return Err(refused.error);
+            }
+        };
+        record.policy_version = Some(self.policy.version());
+        record.obligations = Some(fanout.obligations().clone());
+        let result = self.execute(plan, &fanout).await;
+        let runs = fanout.runs();
+        record.fragments = runs.iter().map(|r| r.sql.clone()).collect();
+        record.fragments.dedup();
+        record.trusts = runs.iter().map(|r| r.trust.clone()).collect();
+        record.trusts.sort();
+        record.trusts.dedup();
+        record.groups_suppressed = Some(fanout.suppressed());
+        match &result {
+            Ok((_, batches)) => {
+                record.outcome = "answered";
+                record.rows = Some(batches.iter().map(RecordBatch::num_rows).sum());
+            }
+            Err(err) => {
+                record.outcome = if is_failure(err.code) { "failed" } else { "refused" };
+                record.codes = vec![err.code.to_string()];
+            }
+        }
+        record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        let policy_version = record.policy_version.clone().unwrap_or_default();
+        self.audit.append(record);
         let (schema, batches) = result?;
         Ok(QueryOutcome {
-            query_id: fanout.query_id.clone(),
+            query_id,
             schema,
             batches,
             runs,
+            suppressed: fanout.suppressed(),
+            policy_version,
             elapsed: started.elapsed(),
         })
     }
 
-    async fn execute(
-        &self,
-        sql: &str,
-        fanout: &Arc<QueryFanout>,
-    ) -> Result<(SchemaRef, Vec<RecordBatch>), TallyError> {
-        let plan = self.plan(sql, fanout).await?;
+    async fn execute(&self, plan: LogicalPlan, fanout: &Arc<QueryFanout>) -> Result<(SchemaRef, Vec<RecordBatch>), TallyError> {
         let frame = DataFrame::new(self.ctx.state(), plan);
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
         let batches = frame
@@ -196,6 +269,7 @@ fn is_failure(code: ErrorCode) -> bool {
             | ErrorCode::TrustTimeout
             | ErrorCode::TrustFailed
             | ErrorCode::TrustProtocol
+            | ErrorCode::PolicyError
     )
 }
 

@@ -1,5 +1,6 @@
-//! Sends a query's fragments to the trusts, all at once, and hands the partial results to
-//! DataFusion as one partition per trust.
+//! Sends a query's fragments to the trusts allowed to answer, all at once, with the
+//! analyst's identity, and collects the partial results (one partition per trust) and the
+//! trusts' small-number thresholds.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,16 +8,11 @@ use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use async_trait::async_trait;
-use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::Result as DfResult;
-use datafusion::datasource::TableType;
-use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::logical_expr::Expr;
-use datafusion::physical_plan::ExecutionPlan;
+use tally_common::admission::RequestIdentity;
+use tally_common::policy::Obligations;
 use tally_common::{ErrorCode, TallyError};
 
-use crate::catalogue::Catalogue;
+use crate::catalogue::{Catalogue, TrustStatus};
 use crate::split::Fragment;
 use crate::trusts::TrustAnswer;
 
@@ -43,17 +39,24 @@ pub struct QueryFanout {
     /// The query id sent to every trust.
     pub query_id: String,
     catalogue: Arc<Catalogue>,
+    identity: RequestIdentity,
+    obligations: Obligations,
     next_fragment: AtomicUsize,
+    suppressed: AtomicUsize,
     runs: Mutex<Vec<FragmentRun>>,
 }
 
 impl QueryFanout {
-    /// A fan-out for query `query_id` over the trusts of `catalogue`.
-    pub fn new(query_id: String, catalogue: Arc<Catalogue>) -> Self {
+    /// A fan-out for query `query_id`, on behalf of `identity`, under the gateway policy's
+    /// `obligations` (allowed trusts, threshold, rounding).
+    pub fn new(query_id: String, catalogue: Arc<Catalogue>, identity: RequestIdentity, obligations: Obligations) -> Self {
         QueryFanout {
             query_id,
             catalogue,
+            identity,
+            obligations,
             next_fragment: AtomicUsize::new(0),
+            suppressed: AtomicUsize::new(0),
             runs: Mutex::new(Vec::new()),
         }
     }
@@ -68,16 +71,53 @@ impl QueryFanout {
         self.runs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Runs `fragment` at every trust that holds its tables; all must answer.
-    async fn run(&self, fragment: &Fragment) -> Result<Vec<Vec<RecordBatch>>, TallyError> {
+    /// The gateway policy's obligations for this query.
+    pub fn obligations(&self) -> &Obligations {
+        &self.obligations
+    }
+
+    /// Counts are rounded to a multiple of this.
+    pub fn round_to(&self) -> u64 {
+        self.obligations.round_to
+    }
+
+    /// Adds groups dropped by disclosure control.
+    pub fn record_suppressed(&self, groups: usize) {
+        self.suppressed.fetch_add(groups, Ordering::Relaxed);
+    }
+
+    /// Groups dropped by disclosure control so far.
+    pub fn suppressed(&self) -> usize {
+        self.suppressed.load(Ordering::Relaxed)
+    }
+
+    /// Runs `fragment` at every allowed trust that holds its tables; all must answer.
+    /// Returns one partition per trust and the strictest small-number threshold among the
+    /// gateway and the trusts that answered.
+    pub async fn run(&self, fragment: &Fragment) -> Result<(Vec<Vec<RecordBatch>>, u64), TallyError> {
         let snapshot = self.catalogue.refresh_if_incomplete().await;
-        if let Some(err) = snapshot.unavailable().first() {
-            return Err((*err).clone());
+        let allowed = |code: &String| {
+            self.obligations
+                .trusts
+                .as_ref()
+                .is_none_or(|trusts| trusts.contains(code))
+        };
+        if let Some(err) = snapshot
+            .trusts
+            .iter()
+            .filter(|(code, _)| allowed(code))
+            .find_map(|(_, status)| match status {
+                TrustStatus::Unavailable(err) => Some(err),
+                TrustStatus::Available(_) => None,
+            })
+        {
+            return Err(err.clone());
         }
         let targets: Vec<_> = self
             .catalogue
             .trusts()
             .iter()
+            .filter(|trust| allowed(&trust.code))
             .filter(|trust| {
                 fragment.tables.iter().all(|name| {
                     snapshot
@@ -91,17 +131,19 @@ impl QueryFanout {
         let answers = futures::future::join_all(
             targets
                 .iter()
-                .map(|trust| trust.run(&fragment.sql, &self.query_id)),
+                .map(|trust| trust.run(&fragment.sql, &self.query_id, &self.identity)),
         )
         .await;
         let mut partitions = Vec::with_capacity(answers.len());
+        let mut threshold = self.obligations.min_distinct_patients;
         for answer in answers {
             let answer = answer?;
             let batches = conform(&answer, &fragment.schema)?;
+            threshold = threshold.max(answer.min_patients);
             self.record(fragment, &answer, &batches);
             partitions.push(batches);
         }
-        Ok(partitions)
+        Ok((partitions, threshold))
     }
 
     fn record(&self, fragment: &Fragment, answer: &TrustAnswer, batches: &[RecordBatch]) {
@@ -113,10 +155,7 @@ impl QueryFanout {
             bytes: batches.iter().map(RecordBatch::get_array_memory_size).sum(),
             elapsed: answer.elapsed,
         };
-        self.runs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(run);
+        self.runs.lock().unwrap_or_else(|p| p.into_inner()).push(run);
     }
 }
 
@@ -154,49 +193,4 @@ fn conform(answer: &TrustAnswer, schema: &SchemaRef) -> Result<Vec<RecordBatch>,
             RecordBatch::try_new(schema.clone(), columns).map_err(|_| mismatch())
         })
         .collect()
-}
-
-/// The trusts' partial results for one fragment, as a table the gateway's plan scans.
-#[derive(Debug)]
-pub struct PartialScan {
-    fragment: Arc<Fragment>,
-    fanout: Arc<QueryFanout>,
-}
-
-impl PartialScan {
-    /// The partial-result table of `fragment` within `fanout`'s query.
-    pub fn new(fragment: Arc<Fragment>, fanout: Arc<QueryFanout>) -> Self {
-        PartialScan { fragment, fanout }
-    }
-}
-
-#[async_trait]
-impl TableProvider for PartialScan {
-    fn schema(&self) -> SchemaRef {
-        self.fragment.schema.clone()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Temporary
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let mut partitions = self
-            .fanout
-            .run(&self.fragment)
-            .await
-            .map_err(TallyError::into_datafusion)?;
-        if partitions.is_empty() {
-            partitions.push(Vec::new());
-        }
-        let exec =
-            MemorySourceConfig::try_new_exec(&partitions, self.schema(), projection.cloned())?;
-        Ok(exec)
-    }
 }

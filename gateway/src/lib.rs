@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod fanout;
+pub mod merge;
 pub mod service;
 pub mod split;
 pub mod trusts;
@@ -18,14 +19,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tally_common::audit::AuditLog;
+use tally_common::policy::Policy;
 use tally_common::server::RunningServer;
 use tokio::task::JoinHandle;
 
 pub use auth::{Identity, Users, token_hash};
 pub use config::{GatewayConfig, NodeEndpoint, UserConfig};
-pub use engine::{Gateway, GatewayAuditRecord, QueryOutcome};
+pub use engine::{Explanation, Gateway, GatewayAuditRecord, QueryOutcome};
 pub use error::GatewayError;
-pub use service::{ELAPSED_HEADER, GatewayService, TRUSTS_HEADER};
+pub use service::{
+    ELAPSED_HEADER, GatewayService, POLICY_VERSION_HEADER, SUPPRESSED_HEADER, TRUSTS_HEADER,
+};
+
+/// How often the policy folder is checked for changes.
+const POLICY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 use catalogue::Catalogue;
 use trusts::Trust;
@@ -38,12 +45,14 @@ pub struct GatewayHandle {
     pub gateway: Arc<Gateway>,
     server: RunningServer,
     refresher: JoinHandle<()>,
+    policy_watcher: JoinHandle<()>,
 }
 
 impl GatewayHandle {
     /// Stops serving and waits until the listener is closed.
     pub async fn stop(self) {
         self.refresher.abort();
+        self.policy_watcher.abort();
         self.server.stop().await;
     }
 
@@ -73,7 +82,9 @@ pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError
         })?,
         None => AuditLog::in_memory(),
     });
-    let gateway = Arc::new(Gateway::new(catalogue.clone(), audit)?);
+    let policy = Arc::new(Policy::load(&config.policies).map_err(|e| GatewayError::Policy(e.to_string()))?);
+    let policy_watcher = policy.watch(POLICY_POLL);
+    let gateway = Arc::new(Gateway::new(catalogue.clone(), policy, audit)?);
     let service = GatewayService::new(gateway.clone(), Users::new(config.users.clone()));
     let server = RunningServer::start(service, config.listen, "gateway")
         .await
@@ -97,5 +108,6 @@ pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError
         gateway,
         server,
         refresher,
+        policy_watcher,
     })
 }

@@ -20,20 +20,26 @@ use arrow_flight::{
     SchemaAsIpc, Ticket,
 };
 use futures::{Stream, StreamExt};
+use tally_common::admission::RequestIdentity;
 use tally_common::flight::{
-    FlightDataStream, MetadataRequest, QUERY_ID_HEADER, encode_batches, flight_info, ticket_sql,
+    FlightDataStream, MetadataRequest, PROJECT_HEADER, PURPOSE_HEADER, QUERY_ID_HEADER,
+    encode_batches, flight_info, header_text, ticket_sql,
 };
 use tally_common::{ErrorCode, TallyError};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{Identity, Users};
+use crate::auth::Users;
 use crate::engine::Gateway;
 
 /// Response header listing the trusts that answered, comma-separated.
 pub const TRUSTS_HEADER: &str = "x-tally-trusts";
 /// Response header with the gateway's wall time for the query, in milliseconds.
 pub const ELAPSED_HEADER: &str = "x-tally-elapsed-ms";
+/// Response header: how many groups disclosure control dropped (never which).
+pub const SUPPRESSED_HEADER: &str = "x-tally-suppressed";
+/// Response header: the version of the policy that allowed the query.
+pub const POLICY_VERSION_HEADER: &str = "x-tally-policy-version";
 
 /// The Flight SQL service analysts talk to.
 #[derive(Clone)]
@@ -51,10 +57,15 @@ impl GatewayService {
         }
     }
 
-    fn identify<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
-        self.users
-            .bearer(request.metadata())
-            .map_err(|e| e.to_status())
+    /// The caller's identity for this request: bearer token, then the project and purpose
+    /// the request names (or the user's defaults).
+    fn identify<T>(&self, request: &Request<T>) -> Result<RequestIdentity, Status> {
+        let metadata = request.metadata();
+        let identity = self.users.bearer(metadata)?;
+        Ok(identity.for_request(
+            &header_text(metadata, PROJECT_HEADER),
+            &header_text(metadata, PURPOSE_HEADER),
+        )?)
     }
 
     fn metadata(&self, request: MetadataRequest) -> Result<Response<FlightDataStream>, Status> {
@@ -65,7 +76,7 @@ impl GatewayService {
     /// response headers.
     async fn answer(
         &self,
-        identity: &Identity,
+        identity: &RequestIdentity,
         sql: &str,
     ) -> Result<Response<FlightDataStream>, Status> {
         let outcome = self.gateway.run(identity, sql).await?;
@@ -130,8 +141,8 @@ impl FlightSqlService for GatewayService {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request)?;
-        let schema = self.gateway.describe(&query.query).await?;
+        let identity = self.identify(&request)?;
+        let schema = self.gateway.describe(&identity, &query.query).await?;
         let ticket = TicketStatementQuery {
             statement_handle: query.query.into_bytes().into(),
         };
@@ -157,8 +168,8 @@ impl FlightSqlService for GatewayService {
         query: ActionCreatePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        self.identify(&request)?;
-        let schema = self.gateway.describe(&query.query).await?;
+        let identity = self.identify(&request)?;
+        let schema = self.gateway.describe(&identity, &query.query).await?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: query.query.into_bytes().into(),
             dataset_schema: schema_bytes(&schema)?,
@@ -201,9 +212,9 @@ impl FlightSqlService for GatewayService {
         query: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request)?;
+        let identity = self.identify(&request)?;
         let sql = ticket_sql(&query.prepared_statement_handle)?;
-        let schema = self.gateway.describe(&sql).await?;
+        let schema = self.gateway.describe(&identity, &sql).await?;
         Ok(Response::new(flight_info(
             &schema,
             query,

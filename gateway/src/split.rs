@@ -2,11 +2,12 @@
 //!
 //! Each such aggregate becomes a *fragment*: SQL text that every trust runs on its own rows,
 //! returning one row per group with partial aggregates (`COUNT`, `SUM`, `MIN`, `MAX` as they
-//! are; `AVG`, `VAR`, `STDDEV` as `__tally_state_*` structs). In the gateway's plan the
-//! aggregate is replaced by a scan of the trusts' partials, a merge aggregate, and a
-//! projection that restores the original column names, so every operator above (HAVING,
-//! ORDER BY, LIMIT, CTEs, expressions over aggregates) runs unchanged at the gateway.
-//! Anything that would still read a federated table at the gateway is refused.
+//! are; `AVG`, `VAR`, `STDDEV` as `__tally_state_*` structs) and the hidden count of
+//! distinct patients. In the gateway's plan the aggregate is replaced by a scan of the
+//! merged, disclosure-controlled result ([`MergedAggregate`]) and a projection that
+//! restores the original column names, so every operator above (HAVING, ORDER BY, LIMIT,
+//! CTEs, expressions over aggregates) runs unchanged at the gateway, on released groups
+//! only. Anything that would still read a federated table at the gateway is refused.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -14,23 +15,24 @@ use std::sync::Arc;
 use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
 use datafusion::catalog::default_table_source::source_as_provider;
 use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
-use datafusion::common::{DFSchemaRef, Result as DfResult};
+use datafusion::common::{Column, DFSchemaRef, Result as DfResult};
 use datafusion::datasource::provider_as_source;
-use datafusion::functions::expr_fn::coalesce;
+use datafusion::functions_aggregate::count::count_udaf;
 use datafusion::functions_aggregate::expr_fn::{max, min, sum};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::type_coercion::functions::fields_with_udf;
 use datafusion::logical_expr::{
-    Aggregate, AggregateUDF, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, TableScan, cast,
-    col, lit,
+    Aggregate, AggregateUDF, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, TableScan, col,
 };
 use datafusion::sql::unparser::plan_to_sql;
 use tally_common::checks::strip_alias;
+use tally_common::facts::{PATIENTS_COLUMN, privacy_unit_column, reads_people};
 use tally_common::udaf::{SplitKind, merge_udaf, split_kind, state_udaf};
 use tally_common::{ErrorCode, TallyError};
 
 use crate::catalogue::FederatedTableProvider;
-use crate::fanout::{PartialScan, QueryFanout};
+use crate::fanout::QueryFanout;
+use crate::merge::{MergeColumn, MergeSpec, MergedAggregate, output_name};
 
 /// One per-trust query.
 #[derive(Debug)]
@@ -45,8 +47,9 @@ pub struct Fragment {
     pub schema: SchemaRef,
 }
 
-/// Rewrites `plan` so that federated tables are only read inside fragments.
-pub fn split(plan: LogicalPlan, fanout: &Arc<QueryFanout>) -> Result<LogicalPlan, TallyError> {
+/// Rewrites `plan` so that federated tables are only read inside fragments. `catalogue` is
+/// the governance catalogue (privacy units of person-level tables).
+pub fn split(plan: LogicalPlan, fanout: &Arc<QueryFanout>, catalogue: &serde_json::Value) -> Result<LogicalPlan, TallyError> {
     let mut refusal: Option<TallyError> = None;
     let rewritten = plan
         .transform_up_with_subqueries(|node| {
@@ -57,7 +60,7 @@ pub fn split(plan: LogicalPlan, fanout: &Arc<QueryFanout>) -> Result<LogicalPlan
             if refusal.is_some() || !reads.federated || reads.partial {
                 return node.recompute_schema().map(Transformed::yes);
             }
-            match split_aggregate(aggregate, fanout) {
+            match split_aggregate(aggregate, fanout, catalogue) {
                 Ok(plan) => Ok(Transformed::yes(plan)),
                 Err(err) => {
                     refusal = Some(err);
@@ -110,7 +113,7 @@ fn scan_kind(scan: &TableScan) -> ScanKind {
         .and_then(|p| p.downcast_ref::<FederatedTableProvider>())
     {
         Some(table) => ScanKind::Federated(table.table.name.to_lowercase()),
-        None if provider.as_ref().is_some_and(|p| p.is::<PartialScan>()) => ScanKind::Partial,
+        None if provider.as_ref().is_some_and(|p| p.is::<MergedAggregate>()) => ScanKind::Partial,
         // Only federated and partial tables exist at the gateway; treat anything else as
         // federated so that it is refused rather than read.
         None => ScanKind::Federated(scan.table_name.table().to_lowercase()),
@@ -168,7 +171,7 @@ struct SplitAggregate {
     /// The expression each trust evaluates.
     partial: Expr,
     /// The expression the gateway evaluates over the partial column.
-    merge: Box<dyn Fn(Expr) -> Expr>,
+    merge: Box<dyn Fn(Expr) -> Expr + Send + Sync>,
     /// COUNT over no trust rows must still be 0, not NULL.
     is_count: bool,
 }
@@ -261,6 +264,7 @@ fn argument_fields(
 fn split_aggregate(
     aggregate: &Aggregate,
     fanout: &Arc<QueryFanout>,
+    catalogue: &serde_json::Value,
 ) -> Result<LogicalPlan, TallyError> {
     if aggregate
         .group_expr
@@ -285,55 +289,53 @@ fn split_aggregate(
             "GROUP BY or DISTINCT without an aggregate function lists row values; add COUNT(*) or another aggregate",
         ));
     }
-    let group_names: Vec<String> = (0..aggregate.group_expr.len())
-        .map(|i| format!("g{i}"))
-        .collect();
+    let patients = privacy_unit_column(&aggregate.input, catalogue);
+    if patients.is_none() && reads_people(&aggregate.input, catalogue) {
+        return Err(TallyError::new(
+            ErrorCode::Disclosure,
+            "disclosure control needs each aggregate to see the patient identifier of the rows it counts; aggregate the tables directly rather than a subquery that drops it",
+        ));
+    }
+    let group_names: Vec<String> = (0..aggregate.group_expr.len()).map(|i| format!("g{i}")).collect();
     let partial_names: Vec<String> = (0..splits.len()).map(|i| format!("p{i}")).collect();
-
     let fragment = build_fragment(
         aggregate,
         &splits,
         &group_names,
         &partial_names,
+        patients,
         fanout.next_fragment_id(),
     )?;
-    let scan_name = format!("__tally_partial_{}", fragment.id);
-    let scan = PartialScan::new(Arc::new(fragment), fanout.clone());
-    let plan_err = TallyError::from_planning;
-    let merged = LogicalPlanBuilder::scan(scan_name, provider_as_source(Arc::new(scan)), None)
-        .and_then(|b| {
-            b.aggregate(
-                group_names.iter().map(|g| col(g.as_str())),
-                splits
-                    .iter()
-                    .zip(&partial_names)
-                    .map(|(s, p)| (s.merge)(col(p.as_str())).alias(p)),
-            )
-        })
-        .map_err(plan_err)?;
-    let merged_schema = merged.schema().clone();
+    let counts_patients = fragment.schema.field_with_name(PATIENTS_COLUMN).is_ok();
+    let types = aggregate.schema.fields().iter().map(|f| f.data_type().clone());
+    let columns = group_names
+        .into_iter()
+        .map(|partial| MergeColumn::Group { partial })
+        .chain(splits.into_iter().zip(partial_names).map(|(split, partial)| MergeColumn::Aggregate {
+            partial,
+            merge: split.merge,
+            is_count: split.is_count,
+        }))
+        .zip(types)
+        .collect();
+    let scan_name = format!("__tally_merged_{}", fragment.id);
+    let merged = MergedAggregate::new(
+        Arc::new(fragment),
+        MergeSpec {
+            columns,
+            counts_patients,
+        },
+        fanout.clone(),
+    );
     let restore = aggregate
         .schema
         .iter()
-        .zip(group_names.iter().chain(&partial_names))
         .enumerate()
-        .map(|(index, ((qualifier, field), merged_name))| {
-            let mut expr = col(merged_name.as_str());
-            let is_count = index >= group_names.len() && splits[index - group_names.len()].is_count;
-            if is_count {
-                expr = coalesce(vec![expr, lit(0i64)]);
-            }
-            let merged_type = expr.get_type(merged_schema.as_ref()).map_err(plan_err)?;
-            if &merged_type != field.data_type() {
-                expr = cast(expr, field.data_type().clone());
-            }
-            Ok(expr.alias_qualified(qualifier.cloned(), field.name()))
-        })
-        .collect::<Result<Vec<_>, TallyError>>()?;
-    merged
-        .project(restore)
+        .map(|(index, (qualifier, field))| col(output_name(index)).alias_qualified(qualifier.cloned(), field.name()));
+    LogicalPlanBuilder::scan(scan_name, provider_as_source(Arc::new(merged)), None)
+        .and_then(|b| b.project(restore))
         .and_then(|b| b.build())
-        .map_err(plan_err)
+        .map_err(TallyError::from_planning)
 }
 
 fn build_fragment(
@@ -341,6 +343,7 @@ fn build_fragment(
     splits: &[SplitAggregate],
     group_names: &[String],
     partial_names: &[String],
+    patients: Option<Column>,
     id: usize,
 ) -> Result<Fragment, TallyError> {
     let groups = aggregate
@@ -348,10 +351,22 @@ fn build_fragment(
         .iter()
         .zip(group_names)
         .map(|(e, name)| strip_alias(e).clone().alias(name));
+    let patient_count = patients.map(|column| {
+        Expr::AggregateFunction(AggregateFunction::new_udf(
+            count_udaf(),
+            vec![Expr::Column(column)],
+            true,
+            None,
+            vec![],
+            None,
+        ))
+        .alias(PATIENTS_COLUMN)
+    });
     let partials = splits
         .iter()
         .zip(partial_names)
-        .map(|(s, name)| s.partial.clone().alias(name));
+        .map(|(s, name)| s.partial.clone().alias(name))
+        .chain(patient_count);
     let plan = LogicalPlanBuilder::from(aggregate.input.as_ref().clone())
         .aggregate(groups, partials)
         .and_then(|b| b.build())

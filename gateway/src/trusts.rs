@@ -5,7 +5,11 @@ use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
 use arrow_flight::error::FlightError;
-use tally_common::flight::{QUERY_ID_HEADER, SqlClient, TableInfo, fetch_all, http_url, list_tables};
+use tally_common::admission::RequestIdentity;
+use tally_common::flight::{
+    MIN_PATIENTS_HEADER, QUERY_ID_HEADER, SqlClient, TableInfo, fetch_all, header_text, http_url,
+    identity_headers, list_tables,
+};
 use tally_common::{ErrorCode, TallyError};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -33,6 +37,8 @@ pub struct TrustAnswer {
     pub batches: Vec<RecordBatch>,
     /// Wall time of the call.
     pub elapsed: Duration,
+    /// The small-number threshold the trust demands (0 when it states none).
+    pub min_patients: u64,
 }
 
 impl Trust {
@@ -63,34 +69,36 @@ impl Trust {
         })
     }
 
-    fn client(&self, query_id: Option<&str>) -> SqlClient {
-        let mut client = SqlClient::new(self.channel.clone());
-        if let Some(id) = query_id {
-            client.set_header(QUERY_ID_HEADER, id);
-        }
-        client
+    fn client(&self) -> SqlClient {
+        SqlClient::new(self.channel.clone())
     }
 
     /// The tables the trust announces.
     pub async fn tables(&self) -> Result<Vec<TableInfo>, TallyError> {
-        let mut client = self.client(None);
+        let mut client = self.client();
         self.bounded(list_tables(&mut client)).await
     }
 
-    /// Runs one per-trust query and collects its partial result.
-    pub async fn run(&self, sql: &str, query_id: &str) -> Result<TrustAnswer, TallyError> {
+    /// Runs one per-trust query on behalf of `identity` and collects its partial result.
+    pub async fn run(&self, sql: &str, query_id: &str, identity: &RequestIdentity) -> Result<TrustAnswer, TallyError> {
         let started = Instant::now();
-        let mut client = self.client(Some(query_id));
-        let batches = self
+        let mut client = self.client();
+        client.set_header(QUERY_ID_HEADER, query_id);
+        for (name, value) in identity_headers(identity) {
+            client.set_header(name, value);
+        }
+        let (batches, headers) = self
             .bounded(async {
                 let info = client.execute(sql.to_string(), None).await?;
                 fetch_all(&mut client, info).await
             })
             .await?;
+        let min_patients = header_text(&headers, MIN_PATIENTS_HEADER).parse().unwrap_or(0);
         Ok(TrustAnswer {
             trust: self.code.clone(),
             batches,
             elapsed: started.elapsed(),
+            min_patients,
         })
     }
 

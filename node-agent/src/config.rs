@@ -19,8 +19,36 @@ pub struct NodeConfig {
     /// Append-only JSON-lines audit log of every request; none if absent.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// The trust's own policy folder (`.rego` files and JSON data); relative to this file.
+    pub policies: PathBuf,
+    /// The National Data Opt-out list; without it no opt-out can be applied and the node
+    /// refuses queries whose decision requires one.
+    #[serde(default)]
+    pub opt_out: Option<OptOutConfig>,
     /// The tables this trust serves.
     pub tables: Vec<TableConfig>,
+}
+
+/// Where the trust's National Data Opt-out list is, and how to map it to its patients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptOutConfig {
+    /// Parquet or CSV file with an `nhs_number` column; relative to the config file.
+    pub path: PathBuf,
+    /// The served table that maps NHS numbers to person ids.
+    #[serde(default = "default_patients_table")]
+    pub patients_table: String,
+    /// Column holding the person id in every person-level table.
+    #[serde(default = "default_person_column")]
+    pub person_column: String,
+}
+
+fn default_patients_table() -> String {
+    "patients".into()
+}
+
+fn default_person_column() -> String {
+    "person_id".into()
 }
 
 /// Who the trust is.
@@ -93,6 +121,14 @@ impl NodeConfig {
         {
             *log = base.join(&*log);
         }
+        if config.policies.is_relative() {
+            config.policies = base.join(&config.policies);
+        }
+        if let Some(opt_out) = &mut config.opt_out
+            && opt_out.path.is_relative()
+        {
+            opt_out.path = base.join(&opt_out.path);
+        }
         config.validate().map_err(|reason| NodeError::Config {
             path: path.to_path_buf(),
             reason,
@@ -107,6 +143,11 @@ impl NodeConfig {
                 "trust code '{}' must be letters, digits or '_'",
                 self.trust.code
             ));
+        }
+        if let Some(opt_out) = &self.opt_out
+            && !self.tables.iter().any(|t| t.name == opt_out.patients_table)
+        {
+            return Err(format!("opt_out.patients_table '{}' is not among the tables", opt_out.patients_table));
         }
         if self.tables.is_empty() {
             return Err("at least one [[tables]] entry is required".into());

@@ -37,6 +37,9 @@ pub enum NodeError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The policy folder could not be loaded.
+    #[error("{0}")]
+    Policy(String),
     /// The query engine could not be set up.
     #[error("engine set-up failed: {0}")]
     Engine(String),

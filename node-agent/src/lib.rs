@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod opt_out;
 pub mod service;
 pub mod tables;
 
@@ -11,11 +12,15 @@ use std::sync::Arc;
 
 use tally_common::audit::AuditLog;
 use tally_common::flight::TableInfo;
+use tally_common::policy::Policy;
 use tally_common::server::RunningServer;
 
-pub use config::{NodeConfig, TableConfig, TableFormat, TrustConfig};
+pub use config::{NodeConfig, OptOutConfig, TableConfig, TableFormat, TrustConfig};
 pub use error::NodeError;
-pub use service::{NodeAuditRecord, NodeService};
+pub use service::{Contexts, NodeAuditRecord, NodeService};
+
+/// How often the policy folder is checked for changes.
+const POLICY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A running node agent.
 pub struct NodeHandle {
@@ -23,12 +28,16 @@ pub struct NodeHandle {
     pub addr: SocketAddr,
     /// The trust's audit log.
     pub audit: Arc<AuditLog<NodeAuditRecord>>,
+    /// The trust's policy (reloaded when its files change or on SIGHUP).
+    pub policy: Arc<Policy>,
     server: RunningServer,
+    watcher: tokio::task::JoinHandle<()>,
 }
 
 impl NodeHandle {
     /// Stops serving and waits until the listener is closed.
     pub async fn stop(self) {
+        self.watcher.abort();
         self.server.stop().await;
     }
 
@@ -38,21 +47,35 @@ impl NodeHandle {
     }
 }
 
-/// Opens the trust's tables and starts serving Flight SQL on `config.listen`.
+/// Opens the trust's tables, its policy and its opt-out list, and starts serving Flight
+/// SQL on `config.listen`.
 pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
-    let ctx = tally_common::session::new_context().map_err(|e| NodeError::Engine(e.to_string()))?;
-    tables::register_tables(&ctx, &config.tables, &config.trust.code).await?;
-    let mut table_infos = Vec::new();
-    for table in &config.tables {
-        let provider = ctx
-            .table_provider(table.name.as_str())
-            .await
-            .map_err(|e| NodeError::Engine(e.to_string()))?;
-        table_infos.push(TableInfo {
-            name: table.name.clone(),
-            schema: provider.schema(),
-        });
+    let engine = |e: datafusion::error::DataFusionError| NodeError::Engine(e.to_string());
+    let full = tally_common::session::new_context().map_err(engine)?;
+    let opted_out = tally_common::session::new_context().map_err(engine)?;
+    let tables = tables::open_tables(&full, &config.tables, &config.trust.code).await?;
+    for (name, table) in &tables {
+        full.register_table(name.as_str(), table.clone()).map_err(engine)?;
     }
+    let excluded = match &config.opt_out {
+        Some(opt_out) => Some(Arc::new(opt_out::load(&full, opt_out).await?)),
+        None => None,
+    };
+    for (name, table) in &tables {
+        let table = match &excluded {
+            Some(excluded) => Arc::new(table.excluding(excluded)),
+            None => table.clone(),
+        };
+        opted_out.register_table(name.as_str(), table).map_err(engine)?;
+    }
+    let table_infos = tables
+        .iter()
+        .map(|(name, table)| TableInfo {
+            name: name.clone(),
+            schema: datafusion::catalog::TableProvider::schema(table.as_ref()),
+        })
+        .collect();
+    let policy = Arc::new(Policy::load(&config.policies).map_err(|e| NodeError::Policy(e.to_string()))?);
     let audit = Arc::new(match &config.audit_log {
         Some(path) => AuditLog::open(path).map_err(|source| NodeError::Audit {
             path: path.clone(),
@@ -60,7 +83,15 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         })?,
         None => AuditLog::in_memory(),
     });
-    let service = NodeService::new(ctx, table_infos, audit.clone());
+    let service = NodeService::new(
+        Contexts {
+            full,
+            opted_out: excluded.is_some().then_some(opted_out),
+        },
+        table_infos,
+        policy.clone(),
+        audit.clone(),
+    );
     let server = RunningServer::start(service, config.listen, "node agent")
         .await
         .map_err(|source| NodeError::Bind {
@@ -68,10 +99,13 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
             source,
         })?;
     let addr = server.addr;
-    tracing::info!(trust = %config.trust.code, %addr, "node agent serving Flight SQL");
+    let watcher = policy.watch(POLICY_POLL);
+    tracing::info!(trust = %config.trust.code, %addr, policy = %policy.version(), "node agent serving Flight SQL");
     Ok(NodeHandle {
         addr,
         audit,
+        policy,
         server,
+        watcher,
     })
 }

@@ -1,6 +1,9 @@
 //! The node's Flight SQL service. Every statement is planned here, with the node's own
-//! DataFusion context, and checked against the floor (read-only, aggregates only) both when
-//! it is described (`GetFlightInfo`) and when it is run (`DoGet`): a ticket is never trusted.
+//! DataFusion context, checked against the floor (read-only, aggregates only) and the
+//! trust's own policy both when it is described (`GetFlightInfo`) and when it is run
+//! (`DoGet`): a ticket is never trusted. The trust applies its own obligations: the
+//! National Data Opt-out whenever its policy says so, whatever the gateway asked, and it
+//! reports its small-number threshold with every result.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,17 +18,21 @@ use arrow_flight::sql::{
     CommandGetTables, CommandStatementQuery, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{FlightDescriptor, FlightInfo, HandshakeRequest, HandshakeResponse, Ticket};
-use datafusion::logical_expr::LogicalPlan;
+use std::str::FromStr;
+
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
+use tally_common::admission::{Admitted, Refused, RequestIdentity, admit};
 use tally_common::audit::{AuditLog, now_millis};
 use tally_common::checks::{check_aggregate_only, plan_read_only};
 use tally_common::flight::{
-    FlightDataStream, MetadataRequest, QUERY_ID_HEADER, TableInfo, encode_batches, flight_info,
-    ticket_sql,
+    FlightDataStream, MIN_PATIENTS_HEADER, MetadataRequest, QUERY_ID_HEADER, TableInfo,
+    encode_batches, flight_info, header_text, identity_from_headers, ticket_sql,
 };
+use tally_common::policy::{Decision, Policy};
 use tally_common::{ErrorCode, TallyError};
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
 /// One line of the trust's own audit log.
@@ -37,25 +44,43 @@ pub struct NodeAuditRecord {
     pub query_id: String,
     /// Network address of the caller.
     pub peer: String,
+    /// Who the caller says is asking, and why.
+    pub identity: RequestIdentity,
     /// `describe` (GetFlightInfo) or `run` (DoGet).
     pub step: &'static str,
     /// The SQL as received.
     pub sql: String,
     /// `answered`, `refused` or `failed`.
     pub outcome: &'static str,
-    /// Our reason code when refused or failed.
-    pub code: Option<String>,
+    /// Our reason codes when refused or failed.
+    pub codes: Vec<String>,
+    /// The version of the trust's policy that decided (absent if it was not reached).
+    pub policy_version: Option<String>,
+    /// Whether the National Data Opt-out was applied.
+    pub opt_out_applied: Option<bool>,
+    /// The small-number threshold the trust demanded.
+    pub min_distinct_patients: Option<u64>,
     /// Rows returned (groups), when answered.
     pub rows: Option<usize>,
     /// Wall time in milliseconds.
     pub duration_ms: f64,
 }
 
+/// The node's two views of its tables: everything, and without opted-out patients.
+#[derive(Clone)]
+pub struct Contexts {
+    /// Every row.
+    pub full: SessionContext,
+    /// Without the rows of patients on the National Data Opt-out (absent without a list).
+    pub opted_out: Option<SessionContext>,
+}
+
 /// The Flight SQL service of one trust.
 #[derive(Clone)]
 pub struct NodeService {
-    ctx: SessionContext,
+    contexts: Contexts,
     tables: Arc<Vec<TableInfo>>,
+    policy: Arc<Policy>,
     audit: Arc<AuditLog<NodeAuditRecord>>,
 }
 
@@ -63,88 +88,158 @@ pub struct NodeService {
 struct RequestContext {
     query_id: String,
     peer: String,
+    identity: RequestIdentity,
     sql: String,
     started: Instant,
 }
 
+/// How a request ended, for its audit record.
+#[derive(Default)]
+struct Outcome {
+    codes: Vec<String>,
+    decision: Option<Decision>,
+    rows: Option<usize>,
+    failed: bool,
+}
+
 impl RequestContext {
     fn new<T>(request: &Request<T>, sql: String) -> Self {
-        let query_id = request
-            .metadata()
-            .get(QUERY_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .chars()
-            .take(64)
-            .collect();
+        let query_id = header_text(request.metadata(), QUERY_ID_HEADER);
         RequestContext {
-            query_id,
+            query_id: if query_id.is_empty() { "-".into() } else { query_id },
             peer: request
                 .remote_addr()
                 .map_or_else(|| "unknown".into(), |a| a.to_string()),
+            identity: identity_from_headers(request.metadata()),
             sql,
             started: Instant::now(),
         }
     }
 
-    fn record(&self, step: &'static str, outcome: Result<usize, &TallyError>) -> NodeAuditRecord {
-        let (outcome, code, rows) = match outcome {
-            Ok(rows) => ("answered", None, Some(rows)),
-            Err(err) if err.code == ErrorCode::Execution => {
-                ("failed", Some(err.code.to_string()), None)
-            }
-            Err(err) => ("refused", Some(err.code.to_string()), None),
+    fn record(&self, step: &'static str, outcome: Outcome) -> NodeAuditRecord {
+        let label = match (&outcome.rows, outcome.failed) {
+            (_, true) => "failed",
+            (Some(_), false) => "answered",
+            (None, false) if outcome.codes.is_empty() => "answered",
+            (None, false) => "refused",
         };
         NodeAuditRecord {
             time_ms: now_millis(),
             query_id: self.query_id.clone(),
             peer: self.peer.clone(),
+            identity: self.identity.clone(),
             step,
             sql: self.sql.clone(),
-            outcome,
-            code,
-            rows,
+            outcome: label,
+            codes: outcome.codes,
+            policy_version: outcome.decision.as_ref().map(|d| d.policy_version.clone()),
+            opt_out_applied: outcome.decision.as_ref().map(|d| d.obligations.apply_opt_out),
+            min_distinct_patients: outcome.decision.as_ref().map(|d| d.obligations.min_distinct_patients),
+            rows: outcome.rows,
             duration_ms: self.started.elapsed().as_secs_f64() * 1e3,
         }
     }
 }
 
 impl NodeService {
-    /// A service over `ctx`, whose tables are listed in `tables`.
+    /// A service over `contexts`, whose tables are listed in `tables`, deciding with `policy`.
     pub fn new(
-        ctx: SessionContext,
+        contexts: Contexts,
         tables: Vec<TableInfo>,
+        policy: Arc<Policy>,
         audit: Arc<AuditLog<NodeAuditRecord>>,
     ) -> Self {
         NodeService {
-            ctx,
+            contexts,
             tables: Arc::new(tables),
+            policy,
             audit,
         }
     }
 
-    /// Plans `sql` and enforces the floor.
-    async fn plan_checked(&self, sql: &str) -> Result<LogicalPlan, TallyError> {
-        let plan = plan_read_only(&self.ctx.state(), sql).await?;
-        check_aggregate_only(&plan)?;
-        Ok(plan)
+    /// The floor, the trust's own policy, and the aggregate-only check; refusals are
+    /// audited before they are returned.
+    async fn admit(&self, request: &RequestContext, step: &'static str) -> Result<Admitted, Status> {
+        let state = self.contexts.full.state();
+        let admitted = admit(
+            &state,
+            &request.sql,
+            &self.policy,
+            &request.identity,
+            &request.query_id,
+            Vec::new(),
+        )
+        .await
+        .and_then(|admitted| {
+            check_aggregate_only(&admitted.plan).map_err(|error| Refused {
+                error,
+                decision: Some(admitted.decision.clone()),
+            })?;
+            Ok(admitted)
+        });
+        admitted.map_err(|refused| {
+            tracing::info!(query_id = %request.query_id, code = %refused.error.code, "refused");
+            let codes = match &refused.decision {
+                Some(d) if !d.allow => d.reasons.iter().map(|r| r.code.clone()).collect(),
+                _ => vec![refused.error.code.to_string()],
+            };
+            let outcome = Outcome {
+                codes,
+                decision: refused.decision,
+                ..Outcome::default()
+            };
+            self.audit.append(request.record(step, outcome));
+            refused.error.to_status()
+        })
     }
 
-    /// Plans, checks and audits; refusals are logged before they are returned.
-    async fn admit(
-        &self,
-        request: &RequestContext,
-        step: &'static str,
-    ) -> Result<LogicalPlan, Status> {
-        self.plan_checked(&request.sql).await.map_err(|err| {
-            tracing::info!(query_id = %request.query_id, code = %err.code, "refused");
-            self.audit.append(request.record(step, Err(&err)));
-            err.to_status()
+    /// The context to run in: without opted-out patients whenever the decision says so.
+    fn context_for(&self, decision: &Decision) -> Result<&SessionContext, TallyError> {
+        if !decision.obligations.apply_opt_out {
+            return Ok(&self.contexts.full);
+        }
+        self.contexts.opted_out.as_ref().ok_or_else(|| {
+            TallyError::new(
+                ErrorCode::PolicyError,
+                "this query requires the National Data Opt-out, and this trust has no opt-out list configured",
+            )
         })
     }
 
     fn metadata(&self, request: MetadataRequest) -> Result<Response<FlightDataStream>, Status> {
         Ok(Response::new(request.answer(&self.tables)?))
+    }
+
+    async fn run(&self, context: RequestContext) -> Result<Response<FlightDataStream>, Status> {
+        let admitted = self.admit(&context, "run").await?;
+        let fail = |err: TallyError, decision: &Decision| {
+            let outcome = Outcome {
+                codes: vec![err.code.to_string()],
+                decision: Some(decision.clone()),
+                failed: true,
+                ..Outcome::default()
+            };
+            self.audit.append(context.record("run", outcome));
+            err.to_status()
+        };
+        let decision = admitted.decision;
+        let ctx = self.context_for(&decision).map_err(|e| fail(e, &decision))?;
+        let planned = plan_read_only(&ctx.state(), &context.sql)
+            .await
+            .map_err(|e| fail(e, &decision))?;
+        let frame = DataFrame::new(ctx.state(), planned.plan);
+        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+        let stream = match frame.execute_stream().await {
+            Ok(stream) => stream,
+            Err(err) => return Err(fail(TallyError::from_execution(err, &context.query_id), &decision)),
+        };
+        let threshold = decision.obligations.min_distinct_patients;
+        let batches = audited(stream, context, decision, self.audit.clone());
+        let mut response = Response::new(encode_batches(schema, batches));
+        if let Ok(value) = MetadataValue::from_str(&threshold.to_string()) {
+            response.metadata_mut().insert(MIN_PATIENTS_HEADER, value);
+        }
+        Ok(response)
     }
 }
 
@@ -152,6 +247,7 @@ impl NodeService {
 fn audited<S>(
     stream: S,
     request: RequestContext,
+    decision: Decision,
     audit: Arc<AuditLog<NodeAuditRecord>>,
 ) -> impl Stream<Item = Result<arrow::record_batch::RecordBatch, TallyError>> + Send
 where
@@ -174,9 +270,11 @@ where
     });
     let finish = futures::stream::once(async move {
         let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let outcome = match &failure {
-            Some(err) => Err(err),
-            None => Ok(rows.load(Ordering::Relaxed)),
+        let outcome = Outcome {
+            failed: failure.is_some(),
+            codes: failure.map(|e| vec![e.code.to_string()]).unwrap_or_default(),
+            rows: Some(rows.load(Ordering::Relaxed)),
+            decision: Some(decision),
         };
         audit.append(request.record("run", outcome));
     })
@@ -207,12 +305,16 @@ impl FlightSqlService for NodeService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let context = RequestContext::new(&request, query.query.clone());
-        let plan = self.admit(&context, "describe").await?;
-        let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
+        let admitted = self.admit(&context, "describe").await?;
+        let schema: SchemaRef = Arc::new(admitted.plan.schema().as_arrow().clone());
         let ticket = TicketStatementQuery {
             statement_handle: query.query.into_bytes().into(),
         };
-        self.audit.append(context.record("describe", Ok(0)));
+        let outcome = Outcome {
+            decision: Some(admitted.decision),
+            ..Outcome::default()
+        };
+        self.audit.append(context.record("describe", outcome));
         Ok(Response::new(flight_info(
             &schema,
             ticket,
@@ -226,17 +328,7 @@ impl FlightSqlService for NodeService {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let sql = ticket_sql(&ticket.statement_handle)?;
-        let context = RequestContext::new(&request, sql);
-        let plan = self.admit(&context, "run").await?;
-        let frame = DataFrame::new(self.ctx.state(), plan);
-        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-        let stream = frame.execute_stream().await.map_err(|err| {
-            let err = TallyError::from_execution(err, &context.query_id);
-            self.audit.append(context.record("run", Err(&err)));
-            err.to_status()
-        })?;
-        let batches = audited(stream, context, self.audit.clone());
-        Ok(Response::new(encode_batches(schema, batches)))
+        self.run(RequestContext::new(&request, sql)).await
     }
 
     async fn get_flight_info_catalogs(

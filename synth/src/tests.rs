@@ -438,3 +438,12 @@ fn invalid_sizes_are_rejected_before_writing() {
         assert!(!out.0.exists());
     }
 }
+
+#[test]
+fn unwritable_output_is_an_io_error() {
+    let out = OutDir::new("io");
+    fs::write(&out.0, b"not a directory").expect("write");
+    let err = generate(&out.0, &SynthConfig::default()).expect_err("cannot write under a file");
+    assert!(matches!(err, SynthError::Io { .. }), "{err}");
+    let _ = fs::remove_file(&out.0);
+}

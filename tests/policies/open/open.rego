@@ -1,0 +1,12 @@
+# A policy that allows every query the code's floor allows, with no disclosure control and
+# no opt-out: the configuration in which the gateway's answers must equal a central
+# DataFusion's answers exactly. For tests only.
+package tally
+
+import rego.v1
+
+decision := {
+	"allow": true,
+	"reasons": [],
+	"obligations": {"min_distinct_patients": 0, "round_to": 1, "apply_opt_out": false},
+}
