@@ -34,7 +34,8 @@ pub async fn policy(policies: &Path, data: &Path, iterations: usize) -> Result<S
         .await
         .map_err(|e| e.to_string())?
     {
-        ctx.register_table(name.as_str(), table).map_err(|e| e.to_string())?;
+        ctx.register_table(name.as_str(), table)
+            .map_err(|e| e.to_string())?;
     }
     let identity = RequestIdentity {
         user: "analyst".into(),
@@ -44,15 +45,26 @@ pub async fn policy(policies: &Path, data: &Path, iterations: usize) -> Result<S
     };
     let catalogue = policy.data();
     let codes: Vec<String> = trusts.iter().map(|t| t.code.to_string()).collect();
-    let mut report = format!("policy evaluation, {iterations} iterations per query (microseconds)\n");
-    report.push_str("query | decide median | decide p95 | facts+decide median | facts+decide p95\n");
+    let mut report =
+        format!("policy evaluation, {iterations} iterations per query (microseconds)\n");
+    report
+        .push_str("query | decide median | decide p95 | facts+decide median | facts+decide p95\n");
     for sql in QUERIES {
-        let planned = plan_read_only(&ctx.state(), sql).await.map_err(|e| e.to_string())?;
+        let planned = plan_read_only(&ctx.state(), sql)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut decide = Vec::with_capacity(iterations);
         let mut whole = Vec::with_capacity(iterations);
         for _ in 0..iterations {
             let started = Instant::now();
-            let facts = query_facts(sql, &planned.plan, &planned.syntax, &catalogue, codes.clone());
+            let facts = query_facts(
+                sql,
+                &planned.plan,
+                &planned.syntax,
+                &catalogue,
+                codes.clone(),
+                &[],
+            );
             let input = policy_input(&identity, "bench", &policy.version(), &facts);
             let decided = Instant::now();
             policy.decide(&input).map_err(|e| e.to_string())?;

@@ -63,7 +63,12 @@ impl AnalystClient {
     }
 
     /// Connects to `url` for `project` and `purpose` (empty: the user's defaults).
-    pub async fn connect_for(url: &str, token: &str, project: &str, purpose: &str) -> Result<Self, ClientError> {
+    pub async fn connect_for(
+        url: &str,
+        token: &str,
+        project: &str,
+        purpose: &str,
+    ) -> Result<Self, ClientError> {
         let channel = Endpoint::from_shared(http_url(url))
             .map_err(|_| ClientError::Url(url.to_string()))?
             .connect_timeout(Duration::from_secs(5))

@@ -51,7 +51,13 @@ pub const SHOWCASE: &[(&str, &str)] = &[
 ];
 
 /// Runs the demo.
-pub async fn run(data_dir: &Path, patients: usize, port: u16, policies: &Path, exit: bool) -> Result<(), String> {
+pub async fn run(
+    data_dir: &Path,
+    patients: usize,
+    port: u16,
+    policies: &Path,
+    exit: bool,
+) -> Result<(), String> {
     if federation::ensure_data(data_dir, patients, 42)? {
         println!(
             "Generated synthetic data for {patients} patients in {}",
@@ -60,7 +66,8 @@ pub async fn run(data_dir: &Path, patients: usize, port: u16, policies: &Path, e
     } else {
         println!("Using the synthetic data in {}", data_dir.display());
     }
-    let local = federation::start(data_dir, SocketAddr::from(([127, 0, 0, 1], port)), policies).await?;
+    let local =
+        federation::start(data_dir, SocketAddr::from(([127, 0, 0, 1], port)), policies).await?;
     for (trust, node) in tally_synth::default_trusts().iter().zip(&local.nodes) {
         println!(
             "  node agent {} ({}) on {}",

@@ -71,7 +71,11 @@ pub fn node_config(data_dir: &Path, trust: &TrustSpec, policies: &Path) -> NodeC
 }
 
 /// A gateway config over `nodes` with the demo analyst, deciding with `policies`.
-pub fn gateway_config(listen: SocketAddr, nodes: &[(String, String, SocketAddr)], policies: &Path) -> GatewayConfig {
+pub fn gateway_config(
+    listen: SocketAddr,
+    nodes: &[(String, String, SocketAddr)],
+    policies: &Path,
+) -> GatewayConfig {
     GatewayConfig {
         listen,
         nodes: nodes
@@ -111,7 +115,11 @@ pub fn ensure_data(data_dir: &Path, patients: usize, seed: u64) -> Result<bool, 
 
 /// Starts a node per default trust over `data_dir` and a gateway on `gateway_listen`, all
 /// deciding with the policy folder `policies`.
-pub async fn start(data_dir: &Path, gateway_listen: SocketAddr, policies: &Path) -> Result<LocalFederation, String> {
+pub async fn start(
+    data_dir: &Path,
+    gateway_listen: SocketAddr,
+    policies: &Path,
+) -> Result<LocalFederation, String> {
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
     for trust in default_trusts() {

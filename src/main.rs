@@ -185,7 +185,10 @@ async fn run(command: Command) -> Result<(), String> {
             iterations,
         } => {
             federation::ensure_data(&data, 20_000, 42)?;
-            println!("{}", tally::bench::policy(&policies, &data, iterations.max(1)).await?);
+            println!(
+                "{}",
+                tally::bench::policy(&policies, &data, iterations.max(1)).await?
+            );
             Ok(())
         }
         Command::Policy { command } => match command {
@@ -201,7 +204,11 @@ async fn run(command: Command) -> Result<(), String> {
             } => {
                 let identity = RequestIdentity {
                     user,
-                    groups: groups.split(',').filter(|g| !g.is_empty()).map(str::to_string).collect(),
+                    groups: groups
+                        .split(',')
+                        .filter(|g| !g.is_empty())
+                        .map(str::to_string)
+                        .collect(),
                     project,
                     purpose,
                 };

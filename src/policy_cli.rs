@@ -32,7 +32,12 @@ pub fn test(dir: &Path) -> Result<(), String> {
 
 /// Prints the policy input and decision for `sql`, planned against one trust's tables in
 /// `data_dir` (schemas only; nothing is run).
-pub async fn explain(policies: &Path, data_dir: &Path, identity: RequestIdentity, sql: &str) -> Result<String, String> {
+pub async fn explain(
+    policies: &Path,
+    data_dir: &Path,
+    identity: RequestIdentity,
+    sql: &str,
+) -> Result<String, String> {
     let policy = Policy::load(policies).map_err(|e| e.to_string())?;
     let trusts = default_trusts();
     let config = crate::federation::node_config(data_dir, &trusts[0], policies);
@@ -41,12 +46,23 @@ pub async fn explain(policies: &Path, data_dir: &Path, identity: RequestIdentity
         .await
         .map_err(|e| format!("{e} (generate data with `tally generate`, or pass --data)"))?
     {
-        ctx.register_table(name.as_str(), table).map_err(|e| e.to_string())?;
+        ctx.register_table(name.as_str(), table)
+            .map_err(|e| e.to_string())?;
     }
-    let planned = plan_read_only(&ctx.state(), sql).await.map_err(|e| e.to_string())?;
+    let planned = plan_read_only(&ctx.state(), sql)
+        .await
+        .map_err(|e| e.to_string())?;
     let codes = trusts.iter().map(|t| t.code.to_string()).collect();
-    let facts = query_facts(sql, &planned.plan, &planned.syntax, &policy.data(), codes);
+    let facts = query_facts(
+        sql,
+        &planned.plan,
+        &planned.syntax,
+        &policy.data(),
+        codes,
+        &[],
+    );
     let input = policy_input(&identity, "explain", &policy.version(), &facts);
     let decision = policy.decide(&input).map_err(|e| e.to_string())?;
-    serde_json::to_string_pretty(&serde_json::json!({ "input": input, "decision": decision })).map_err(|e| e.to_string())
+    serde_json::to_string_pretty(&serde_json::json!({ "input": input, "decision": decision }))
+        .map_err(|e| e.to_string())
 }

@@ -37,7 +37,11 @@ fn demo_runs_its_showcase_and_exits() {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("refused: E_NOT_AGGREGATE"), "{stdout}");
+    assert!(stdout.contains("refused: E_IDENTIFIER_COLUMN"), "{stdout}");
+    assert!(
+        stdout.contains("(E_NOT_AGGREGATE)") && stdout.contains("(E_QUASI_IDENTIFIER)"),
+        "{stdout}"
+    );
     assert_eq!(
         stdout.matches("trusts answered: RXA, RXB, RXC").count(),
         5,
@@ -106,7 +110,11 @@ async fn query_prints_csv_and_json() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("error: E_NOT_AGGREGATE"), "{stderr}");
 
-    let tests = tally().args(["policy", "test"]).arg(default_policies()).output().unwrap();
+    let tests = tally()
+        .args(["policy", "test"])
+        .arg(default_policies())
+        .output()
+        .unwrap();
     let report = String::from_utf8_lossy(&tests.stdout);
     assert!(tests.status.success(), "{report}");
     assert!(report.contains(" passed, 0 failed"), "{report}");
@@ -117,30 +125,53 @@ async fn query_prints_csv_and_json() {
 fn example_configs_load_and_bad_configs_say_why() {
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     for code in ["rxa", "rxb", "rxc"] {
-        let config = tally_node::NodeConfig::load(&examples.join(format!("node-{code}.toml"))).expect("example node config");
+        let config = tally_node::NodeConfig::load(&examples.join(format!("node-{code}.toml")))
+            .expect("example node config");
         assert_eq!(config.trust.code, code.to_uppercase());
         assert_eq!(config.tables.len(), 3);
-        assert!(config.tables.iter().all(|t| t.path.is_absolute() || t.path.starts_with(&examples)));
+        assert!(
+            config
+                .tables
+                .iter()
+                .all(|t| t.path.is_absolute() || t.path.starts_with(&examples))
+        );
     }
-    let gateway = tally_gateway::GatewayConfig::load(&examples.join("gateway.toml")).expect("example gateway config");
+    let gateway = tally_gateway::GatewayConfig::load(&examples.join("gateway.toml"))
+        .expect("example gateway config");
     assert_eq!(gateway.nodes.len(), 3);
-    assert_eq!(gateway.users[0].token_sha256, tally_gateway::token_hash(DEMO_TOKEN));
+    assert_eq!(
+        gateway.users[0].token_sha256,
+        tally_gateway::token_hash(DEMO_TOKEN)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("listen = \"127.0.0.1:1\"\ntables = []\n[trust]\ncode = \"RXA\"\nname = \"A\"\n", "at least one [[tables]]"),
-        ("[trust]\ncode = \"R X\"\nname = \"A\"\n[[tables]]\nname = \"t\"\npath = \"t.parquet\"\n", "trust code 'R X'"),
-        ("[trust]\ncode = \"RXA\"\nname = \"A\"\ncolour = 1\n[[tables]]\nname = \"t\"\npath = \"t.parquet\"\n", "unknown field `colour`"),
+        (
+            "listen = \"127.0.0.1:1\"\npolicies = \"p\"\ntables = []\n[trust]\ncode = \"RXA\"\nname = \"A\"\n",
+            "at least one [[tables]]",
+        ),
+        (
+            "policies = \"p\"\n[trust]\ncode = \"R X\"\nname = \"A\"\n[[tables]]\nname = \"t\"\npath = \"t.parquet\"\n",
+            "trust code 'R X'",
+        ),
+        (
+            "policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\ncolour = 1\n[[tables]]\nname = \"t\"\npath = \"t.parquet\"\n",
+            "unknown field `colour`",
+        ),
         ("[trust]\ncode = \"RXA\"\n", "missing field"),
     ];
     for (text, expected) in cases {
         let path = dir.path().join("node.toml");
         std::fs::write(&path, text).unwrap();
-        let err = tally_node::NodeConfig::load(&path).expect_err(text).to_string();
+        let err = tally_node::NodeConfig::load(&path)
+            .expect_err(text)
+            .to_string();
         assert!(err.contains(expected), "{err}");
     }
     let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, "request_timeout_secs = -1\n[[nodes]]\ncode = \"A\"\nurl = \"http://127.0.0.1:1\"\n").unwrap();
-    let err = tally_gateway::GatewayConfig::load(&path).expect_err("negative timeout").to_string();
+    std::fs::write(&path, "request_timeout_secs = -1\npolicies = \"p\"\n[[nodes]]\ncode = \"A\"\nurl = \"http://127.0.0.1:1\"\n").unwrap();
+    let err = tally_gateway::GatewayConfig::load(&path)
+        .expect_err("negative timeout")
+        .to_string();
     assert!(err.contains("request_timeout_secs"), "{err}");
 }

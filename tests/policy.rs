@@ -30,19 +30,37 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/policy_cases.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/policy_cases.toml"
+    ))
+    .unwrap();
     toml::from_str::<Cases>(&text).unwrap().case
 }
 
 /// Runs `sql` directly at a node, as a gateway would, for the given project and purpose.
-async fn ask_node(addr: std::net::SocketAddr, sql: &str, project: &str, purpose: &str) -> Result<usize, String> {
-    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+async fn ask_node(
+    addr: std::net::SocketAddr,
+    sql: &str,
+    project: &str,
+    purpose: &str,
+) -> Result<usize, String> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut client = SqlClient::new(channel);
     client.set_header(USER_HEADER, DEMO_USER);
     client.set_header(PROJECT_HEADER, project);
     client.set_header(PURPOSE_HEADER, purpose);
-    let info = client.execute(sql.to_string(), None).await.map_err(|e| e.to_string())?;
-    let (batches, _) = fetch_all(&mut client, info).await.map_err(|e| e.to_string())?;
+    let info = client
+        .execute(sql.to_string(), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (batches, _) = fetch_all(&mut client, info)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(batches.iter().map(|b| b.num_rows()).sum())
 }
 
@@ -55,7 +73,9 @@ async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
     for case in &cases {
         let project = case.project.as_deref().unwrap_or(federation::DEMO_PROJECT);
         let purpose = case.purpose.as_deref().unwrap_or("planning");
-        let mut client = AnalystClient::connect_for(&url, DEMO_TOKEN, project, purpose).await.unwrap();
+        let mut client = AnalystClient::connect_for(&url, DEMO_TOKEN, project, purpose)
+            .await
+            .unwrap();
         let at_gateway = client.query(&case.sql).await;
         let at_node = ask_node(local.nodes[1].addr, &case.sql, project, purpose).await;
         if case.expect == "allow" {
@@ -69,9 +89,17 @@ async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
         }
     }
     // Every refusal at the node is in the trust's own audit log, with its reason codes.
-    let refused = local.nodes[1].audit.recent().into_iter().filter(|r| r.outcome == "refused").count();
+    let refused = local.nodes[1]
+        .audit
+        .recent()
+        .into_iter()
+        .filter(|r| r.outcome == "refused")
+        .count();
     let expected = cases.iter().filter(|c| c.expect != "allow").count();
-    assert!(refused >= expected, "node audit has {refused} refusals, expected {expected}");
+    assert!(
+        refused >= expected,
+        "node audit has {refused} refusals, expected {expected}"
+    );
     local.stop().await;
 }
 
@@ -83,7 +111,10 @@ async fn central_groups() -> BTreeMap<String, (i64, i64)> {
     for trust in tally_synth::default_trusts() {
         let path = data_dir().join(trust.code).join("opt_outs.parquet");
         let name = format!("opt_outs_{}", trust.code);
-        central.register_parquet(&name, path.to_str().unwrap(), Default::default()).await.unwrap();
+        central
+            .register_parquet(&name, path.to_str().unwrap(), Default::default())
+            .await
+            .unwrap();
         opted.push(format!(
             "SELECT p.person_id FROM patients p JOIN {name} o ON p.nhs_number = o.nhs_number WHERE p.trust_code = '{}'",
             trust.code
@@ -108,11 +139,18 @@ async fn central_groups() -> BTreeMap<String, (i64, i64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disclosure_control_suppresses_small_groups_and_rounds_counts() {
     let local = start_federation_over(data_dir(), &default_policies()).await;
-    let mut client = AnalystClient::connect_for(&local.gateway_url(), DEMO_TOKEN, federation::DEMO_PROJECT, "research")
-        .await
-        .unwrap();
+    let mut client = AnalystClient::connect_for(
+        &local.gateway_url(),
+        DEMO_TOKEN,
+        federation::DEMO_PROJECT,
+        "research",
+    )
+    .await
+    .unwrap();
     let answer = client
-        .query("SELECT diagnosis_icd10, COUNT(*) AS episodes FROM episodes GROUP BY diagnosis_icd10")
+        .query(
+            "SELECT diagnosis_icd10, COUNT(*) AS episodes FROM episodes GROUP BY diagnosis_icd10",
+        )
         .await
         .unwrap();
     let released: BTreeMap<String, i64> = rows(&answer.batches)
@@ -127,41 +165,74 @@ async fn disclosure_control_suppresses_small_groups_and_rounds_counts() {
     for (diagnosis, (patients, episodes)) in &central {
         if *patients < 8 {
             expected_suppressed += 1;
-            assert!(!released.contains_key(diagnosis), "{diagnosis} has {patients} patients and must not appear");
+            assert!(
+                !released.contains_key(diagnosis),
+                "{diagnosis} has {patients} patients and must not appear"
+            );
         } else {
             let rounded = (episodes + 2) / 5 * 5;
-            assert_eq!(released.get(diagnosis), Some(&rounded), "{diagnosis}: {episodes} episodes");
+            assert_eq!(
+                released.get(diagnosis),
+                Some(&rounded),
+                "{diagnosis}: {episodes} episodes"
+            );
         }
     }
     assert_eq!(released.len() + expected_suppressed, central.len());
-    assert_eq!(answer.suppressed, expected_suppressed, "metadata counts the suppressed groups");
-    assert!(released.values().all(|n| n % 5 == 0), "counts are multiples of 5");
+    assert_eq!(
+        answer.suppressed, expected_suppressed,
+        "metadata counts the suppressed groups"
+    );
+    assert!(
+        released.values().all(|n| n % 5 == 0),
+        "counts are multiples of 5"
+    );
     // The planted group: 7 patients with 30 episodes between them.
-    let planted = central.get(tally_synth::PLANTED_DIAGNOSIS).expect("planted diagnosis present");
-    assert!(planted.0 <= 7 && planted.1 >= 7, "planted group {planted:?}");
+    let planted = central
+        .get(tally_synth::PLANTED_DIAGNOSIS)
+        .expect("planted diagnosis present");
+    assert!(
+        planted.0 <= 7 && planted.1 >= 7,
+        "planted group {planted:?}"
+    );
     assert!(!released.contains_key(tally_synth::PLANTED_DIAGNOSIS));
 
     let small = client
         .query("SELECT diagnosis_icd10, COUNT(*) FROM episodes GROUP BY diagnosis_icd10 HAVING COUNT(*) < 8")
         .await
         .unwrap();
-    assert_eq!(rows(&small.batches).len(), 0, "HAVING COUNT(*) < 8 sees only released groups");
+    assert_eq!(
+        rows(&small.batches).len(),
+        0,
+        "HAVING COUNT(*) < 8 sees only released groups"
+    );
 
     let broken = expect_refusal(
         client
             .query("SELECT specialty, COUNT(*) FROM episodes WHERE CAST(diagnosis_icd10 AS INT) > 0 GROUP BY specialty")
             .await,
     );
-    assert!(broken.contains("E_EXECUTION") && broken.contains("query id"), "{broken}");
-    assert!(!broken.to_lowercase().contains("cast"), "no engine text: {broken}");
+    assert!(
+        broken.contains("E_EXECUTION") && broken.contains("query id"),
+        "{broken}"
+    );
+    assert!(
+        !broken.to_lowercase().contains("cast"),
+        "no engine text: {broken}"
+    );
     for diagnosis in central.keys() {
-        assert!(!broken.contains(diagnosis.as_str()), "no data value: {broken}");
+        assert!(
+            !broken.contains(diagnosis.as_str()),
+            "no data value: {broken}"
+        );
     }
     local.stop().await;
 }
 
 async fn count_by_trust(url: &str, purpose: &str) -> BTreeMap<String, i64> {
-    let mut client = AnalystClient::connect_for(url, DEMO_TOKEN, federation::DEMO_PROJECT, purpose).await.unwrap();
+    let mut client = AnalystClient::connect_for(url, DEMO_TOKEN, federation::DEMO_PROJECT, purpose)
+        .await
+        .unwrap();
     let answer = client
         .query("SELECT trust_code, COUNT(*) FROM patients GROUP BY trust_code")
         .await
@@ -174,21 +245,33 @@ async fn count_by_trust(url: &str, purpose: &str) -> BTreeMap<String, i64> {
 
 fn opted_out_per_trust() -> BTreeMap<String, i64> {
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data_dir().join("manifest.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(data_dir().join("manifest.json")).unwrap())
+            .unwrap();
     manifest["trusts"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| (t["code"].as_str().unwrap().to_string(), t["opted_out"].as_i64().unwrap()))
+        .map(|t| {
+            (
+                t["code"].as_str().unwrap().to_string(),
+                t["opted_out"].as_i64().unwrap(),
+            )
+        })
         .collect()
 }
 
 /// A copy of the default policy with `settings` overridden.
 fn policy_variant(settings: serde_json::Value) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(default_policies().join("tally.rego"), dir.path().join("tally.rego")).unwrap();
-    let mut catalogue: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(default_policies().join("catalogue.json")).unwrap()).unwrap();
+    std::fs::copy(
+        default_policies().join("tally.rego"),
+        dir.path().join("tally.rego"),
+    )
+    .unwrap();
+    let mut catalogue: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(default_policies().join("catalogue.json")).unwrap(),
+    )
+    .unwrap();
     for (key, value) in settings.as_object().unwrap() {
         catalogue["governance"]["settings"][key] = value.clone();
     }
@@ -205,10 +288,24 @@ async fn opt_out_depends_on_purpose_and_is_applied_by_the_node() {
     let direct_care = count_by_trust(&url, "direct_care").await;
     let opted = opted_out_per_trust();
     for (trust, all) in &direct_care {
-        assert_eq!(all - research[trust], opted[trust], "{trust}: the difference is the opted-out patients");
+        assert_eq!(
+            all - research[trust],
+            opted[trust],
+            "{trust}: the difference is the opted-out patients"
+        );
     }
-    let record = local.nodes[0].audit.recent().into_iter().rev().find(|r| r.step == "run").unwrap();
-    assert_eq!(record.opt_out_applied, Some(false), "last query was for direct care");
+    let record = local.nodes[0]
+        .audit
+        .recent()
+        .into_iter()
+        .rev()
+        .find(|r| r.step == "run")
+        .unwrap();
+    assert_eq!(
+        record.opt_out_applied,
+        Some(false),
+        "last query was for direct care"
+    );
     local.stop().await;
 
     // A gateway whose policy says "no opt-out" cannot switch it off at the trusts.
@@ -216,14 +313,20 @@ async fn opt_out_depends_on_purpose_and_is_applied_by_the_node() {
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
     for trust in tally_synth::default_trusts() {
-        let node = tally_node::start(&federation::node_config(data_dir(), &trust, exact.path())).await.unwrap();
+        let node = tally_node::start(&federation::node_config(data_dir(), &trust, exact.path()))
+            .await
+            .unwrap();
         endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
         nodes.push(node);
     }
-    let config = federation::gateway_config("127.0.0.1:0".parse().unwrap(), &endpoints, &open_policies());
+    let config =
+        federation::gateway_config("127.0.0.1:0".parse().unwrap(), &endpoints, &open_policies());
     let gateway = tally_gateway::start(&config).await.unwrap();
     let lenient = count_by_trust(&format!("grpc://{}", gateway.addr), "research").await;
-    assert_eq!(lenient, research, "the trusts applied the opt-out themselves");
+    assert_eq!(
+        lenient, research,
+        "the trusts applied the opt-out themselves"
+    );
     gateway.stop().await;
     for node in nodes {
         node.stop().await;
@@ -233,7 +336,10 @@ async fn opt_out_depends_on_purpose_and_is_applied_by_the_node() {
 fn wait_for_version_change(policy: &tally_common::policy::Policy, old: &str) {
     let started = Instant::now();
     while policy.version() == old {
-        assert!(started.elapsed() < Duration::from_secs(10), "policy was not reloaded");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "policy was not reloaded"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -242,7 +348,9 @@ fn wait_for_version_change(policy: &tally_common::policy::Policy, old: &str) {
 async fn editing_a_rule_changes_the_next_decision_without_a_restart() {
     let dir = policy_variant(serde_json::json!({}));
     let local = start_federation_over(data_dir(), dir.path()).await;
-    let mut client = AnalystClient::connect(&local.gateway_url(), DEMO_TOKEN).await.unwrap();
+    let mut client = AnalystClient::connect(&local.gateway_url(), DEMO_TOKEN)
+        .await
+        .unwrap();
     let sql = "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty";
     client.query(sql).await.expect("allowed before the edit");
     let policy = local.gateway.gateway.policy().clone();
@@ -254,14 +362,21 @@ async fn editing_a_rule_changes_the_next_decision_without_a_restart() {
     std::fs::write(&path, format!("{original}{rule}")).unwrap();
     wait_for_version_change(&policy, &before);
     let err = expect_refusal(client.query(sql).await);
-    assert!(err.contains("E_TABLE_NOT_ALLOWED") && err.contains("maintenance"), "{err}");
+    assert!(
+        err.contains("E_TABLE_NOT_ALLOWED") && err.contains("maintenance"),
+        "{err}"
+    );
     let closed = policy.version();
 
     std::fs::write(&path, format!("{original}{rule}\nthis is not rego {{")).unwrap();
     let reload = policy.reload();
     let error = reload.expect_err("a syntax error is reported").to_string();
     assert!(error.contains("tally.rego"), "{error}");
-    assert_eq!(policy.version(), closed, "the previous policy stays in force");
+    assert_eq!(
+        policy.version(),
+        closed,
+        "the previous policy stays in force"
+    );
     let err = expect_refusal(client.query(sql).await);
     assert!(err.contains("E_TABLE_NOT_ALLOWED"), "{err}");
     local.stop().await;
@@ -281,5 +396,8 @@ fn default_policy_tests_pass_with_one_per_rule() {
     for code in codes {
         assert!(tests.contains(&format!("\"{code}\"")), "no test for {code}");
     }
-    assert!(Path::new(&default_policies()).join("README.md").exists(), "reason codes are documented");
+    assert!(
+        Path::new(&default_policies()).join("README.md").exists(),
+        "reason codes are documented"
+    );
 }

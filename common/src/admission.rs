@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checks::plan_read_only;
 use crate::error::TallyError;
-use crate::facts::{QueryFacts, query_facts};
+use crate::facts::{QueryFacts, hidden_patient_counts, query_facts};
 use crate::policy::{Decision, Policy};
 
 /// Who is asking and why, as the policy sees it.
@@ -53,7 +53,12 @@ impl From<TallyError> for Refused {
 }
 
 /// The policy input document for these facts.
-pub fn policy_input(identity: &RequestIdentity, query_id: &str, policy_version: &str, facts: &QueryFacts) -> serde_json::Value {
+pub fn policy_input(
+    identity: &RequestIdentity,
+    query_id: &str,
+    policy_version: &str,
+    facts: &QueryFacts,
+) -> serde_json::Value {
     serde_json::json!({
         "context": {
             "identity": identity,
@@ -64,6 +69,15 @@ pub fn policy_input(identity: &RequestIdentity, query_id: &str, policy_version: 
     })
 }
 
+/// Where a query comes from, which decides whether its hidden patient count is trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// An analyst's SQL at the gateway: every aggregate is the analyst's.
+    Analyst,
+    /// A per-trust query from a gateway: its `__tally_patients` count is disclosure control's.
+    Gateway,
+}
+
 /// Plans `sql` read-only, derives its facts and asks `policy`.
 pub async fn admit(
     state: &SessionState,
@@ -72,10 +86,22 @@ pub async fn admit(
     identity: &RequestIdentity,
     query_id: &str,
     trusts: Vec<String>,
+    origin: Origin,
 ) -> Result<Admitted, Refused> {
     let planned = plan_read_only(state, sql).await?;
     let catalogue = policy.data();
-    let facts = query_facts(sql, &planned.plan, &planned.syntax, &catalogue, trusts);
+    let hidden = match origin {
+        Origin::Analyst => Vec::new(),
+        Origin::Gateway => hidden_patient_counts(&planned.plan),
+    };
+    let facts = query_facts(
+        sql,
+        &planned.plan,
+        &planned.syntax,
+        &catalogue,
+        trusts,
+        &hidden,
+    );
     let input = policy_input(identity, query_id, &policy.version(), &facts);
     let decision = policy.decide(&input)?;
     if let Some(error) = decision.refusal() {

@@ -8,7 +8,7 @@ use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 
 use crate::error::{ErrorCode, TallyError};
-use crate::facts::{SyntaxFacts, is_hidden_patient_count, syntax_facts};
+use crate::facts::{SyntaxFacts, hidden_patient_counts, is_hidden_patient_count, syntax_facts};
 use crate::udaf::is_trust_side_aggregate;
 
 /// Longest SQL text accepted, in bytes.
@@ -95,10 +95,14 @@ fn reject_non_queries(plan: &LogicalPlan) -> Result<(), TallyError> {
 /// Checks that everything `plan` returns is an aggregate: every table is read only beneath
 /// an aggregate of splittable functions, with no window functions anywhere.
 pub fn check_aggregate_only(plan: &LogicalPlan) -> Result<(), TallyError> {
-    check_node(plan, false)
+    check_node(plan, false, &hidden_patient_counts(plan))
 }
 
-fn check_node(plan: &LogicalPlan, below_aggregate: bool) -> Result<(), TallyError> {
+fn check_node(
+    plan: &LogicalPlan,
+    below_aggregate: bool,
+    hidden: &[String],
+) -> Result<(), TallyError> {
     let below = match plan {
         LogicalPlan::Window(_) => {
             return Err(TallyError::new(
@@ -116,7 +120,7 @@ fn check_node(plan: &LogicalPlan, below_aggregate: bool) -> Result<(), TallyErro
             ));
         }
         LogicalPlan::Aggregate(aggregate) => {
-            check_aggregate_exprs(&aggregate.aggr_expr)?;
+            check_aggregate_exprs(&aggregate.aggr_expr, hidden)?;
             if aggregate
                 .group_expr
                 .iter()
@@ -139,7 +143,7 @@ fn check_node(plan: &LogicalPlan, below_aggregate: bool) -> Result<(), TallyErro
     };
     let mut result = Ok(());
     plan.apply_subqueries(|subquery| {
-        result = check_node(subquery, below);
+        result = check_node(subquery, below, &[]);
         Ok(if result.is_err() {
             TreeNodeRecursion::Stop
         } else {
@@ -150,17 +154,20 @@ fn check_node(plan: &LogicalPlan, below_aggregate: bool) -> Result<(), TallyErro
     result?;
     plan.inputs()
         .into_iter()
-        .try_for_each(|input| check_node(input, below))
+        .try_for_each(|input| check_node(input, below, hidden))
 }
 
-fn check_aggregate_exprs(aggr_expr: &[Expr]) -> Result<(), TallyError> {
+fn check_aggregate_exprs(aggr_expr: &[Expr], hidden: &[String]) -> Result<(), TallyError> {
     if aggr_expr.is_empty() {
         return Err(TallyError::new(
             ErrorCode::NotAggregate,
             "GROUP BY or DISTINCT without an aggregate function lists row values; add COUNT(*) or another aggregate",
         ));
     }
-    for expr in aggr_expr.iter().filter(|e| !is_hidden_patient_count(e)) {
+    for expr in aggr_expr
+        .iter()
+        .filter(|e| !is_hidden_patient_count(e, hidden))
+    {
         let Expr::AggregateFunction(function) = strip_alias(expr) else {
             return Err(TallyError::new(
                 ErrorCode::UnsupportedShape,

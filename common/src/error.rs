@@ -221,8 +221,7 @@ impl ErrorCode {
             | ErrorCode::GroupingSets
             | ErrorCode::LimitBelowAggregate
             | ErrorCode::Disclosure
-            | ErrorCode::PolicyDenied
-            => Code::PermissionDenied,
+            | ErrorCode::PolicyDenied => Code::PermissionDenied,
             ErrorCode::SchemaMismatch => Code::FailedPrecondition,
             ErrorCode::TrustUnavailable => Code::Unavailable,
             ErrorCode::TrustTimeout => Code::DeadlineExceeded,

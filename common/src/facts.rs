@@ -40,7 +40,11 @@ pub fn syntax_facts(statement: &sql::Statement) -> SyntaxFacts {
             ControlFlow::Continue(())
         }
         fn pre_visit_relation(&mut self, relation: &sql::ObjectName) -> ControlFlow<()> {
-            let first = relation.0.first().and_then(|p| p.as_ident()).map(|i| i.value.to_lowercase());
+            let first = relation
+                .0
+                .first()
+                .and_then(|p| p.as_ident())
+                .map(|i| i.value.to_lowercase());
             if relation.0.len() > 1 && first.as_deref() == Some("information_schema") {
                 self.0.information_schema = true;
             }
@@ -173,16 +177,20 @@ pub fn column_class(catalogue: &serde_json::Value, table: &str, column: &str) ->
         .to_string()
 }
 
-/// Derives the facts of `plan` (planned from `sql`).
+/// Derives the facts of `plan` (planned from `sql`). `hidden` names the aggregates that
+/// are the gateway's hidden patient count (empty for an analyst's own SQL); they are not
+/// the analyst's and are left out of the facts.
 pub fn query_facts(
     sql: &str,
     plan: &LogicalPlan,
     syntax: &SyntaxFacts,
     catalogue: &serde_json::Value,
     trusts: Vec<String>,
+    hidden: &[String],
 ) -> QueryFacts {
     let mut collector = FactCollector {
         catalogue,
+        hidden,
         columns: BTreeSet::new(),
         aggregates: Vec::new(),
         functions: BTreeSet::new(),
@@ -225,6 +233,7 @@ struct BaseColumn {
 
 struct FactCollector<'a> {
     catalogue: &'a serde_json::Value,
+    hidden: &'a [String],
     columns: BTreeSet<ColumnFact>,
     aggregates: Vec<AggregateFact>,
     functions: BTreeSet<String>,
@@ -282,8 +291,12 @@ impl FactCollector<'_> {
                     self.expr_columns(filter, &inputs, Usage::Join);
                 }
             }
-            LogicalPlan::Filter(filter) => self.expr_columns(&filter.predicate, &inputs, Usage::Filter),
-            LogicalPlan::SubqueryAlias(alias) if !matches!(alias.input.as_ref(), LogicalPlan::TableScan(_)) => {
+            LogicalPlan::Filter(filter) => {
+                self.expr_columns(&filter.predicate, &inputs, Usage::Filter)
+            }
+            LogicalPlan::SubqueryAlias(alias)
+                if !matches!(alias.input.as_ref(), LogicalPlan::TableScan(_)) =>
+            {
                 self.features.subquery = true;
             }
             LogicalPlan::Subquery(_) => self.features.subquery = true,
@@ -326,7 +339,7 @@ impl FactCollector<'_> {
         let Expr::AggregateFunction(function) = strip_alias(expr) else {
             return;
         };
-        if is_hidden_patient_count(expr) {
+        if is_hidden_patient_count(expr, self.hidden) {
             return;
         }
         let name = function.func.name();
@@ -358,13 +371,34 @@ impl FactCollector<'_> {
     }
 }
 
-/// `COUNT(DISTINCT <column>) AS __tally_patients`: the count disclosure control needs.
-pub fn is_hidden_patient_count(expr: &Expr) -> bool {
-    let Expr::Alias(alias) = expr else { return false };
-    let Expr::AggregateFunction(function) = strip_alias(&alias.expr) else {
+/// Output names of the aggregates that a plan returns as `__tally_patients`: the hidden
+/// distinct-patient count the gateway adds to every per-trust query.
+pub fn hidden_patient_counts(plan: &LogicalPlan) -> Vec<String> {
+    let LogicalPlan::Projection(projection) = plan else {
+        return Vec::new();
+    };
+    projection
+        .expr
+        .iter()
+        .filter_map(|expr| match expr {
+            Expr::Alias(alias) if alias.name == PATIENTS_COLUMN => match alias.expr.as_ref() {
+                Expr::Column(column) => Some(column.name.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether `expr` is `COUNT(DISTINCT <column>)` returned as the hidden patient count
+/// (`hidden` lists the output names from [`hidden_patient_counts`]).
+pub fn is_hidden_patient_count(expr: &Expr, hidden: &[String]) -> bool {
+    let Expr::AggregateFunction(function) = strip_alias(expr) else {
         return false;
     };
-    alias.name == PATIENTS_COLUMN
+    let returned_as_hidden = matches!(expr, Expr::Alias(alias) if alias.name == PATIENTS_COLUMN)
+        || hidden.contains(&expr.schema_name().to_string());
+    returned_as_hidden
         && function.func.name() == "count"
         && function.params.distinct
         && function.params.filter.is_none()
@@ -429,7 +463,9 @@ fn lineage(plan: &LogicalPlan, index: usize, functions: Vec<String>) -> Vec<Base
             functions,
         }],
         LogicalPlan::Projection(projection) => {
-            let Some(expr) = projection.expr.get(index) else { return Vec::new() };
+            let Some(expr) = projection.expr.get(index) else {
+                return Vec::new();
+            };
             columns_with_functions(expr)
                 .into_iter()
                 .flat_map(|(column, inner)| {
@@ -502,7 +538,8 @@ pub fn privacy_unit_column(plan: &LogicalPlan, catalogue: &serde_json::Value) ->
     (0..plan.schema().fields().len()).find_map(|index| {
         let [base] = lineage(plan, index, Vec::new()).try_into().ok()?;
         let base: BaseColumn = base;
-        let is_unit = base.functions.is_empty() && privacy_unit(catalogue, &base.table) == Some(base.column.as_str());
+        let is_unit = base.functions.is_empty()
+            && privacy_unit(catalogue, &base.table) == Some(base.column.as_str());
         is_unit.then(|| {
             let (qualifier, field) = plan.schema().qualified_field(index);
             Column::new(qualifier.cloned(), field.name())

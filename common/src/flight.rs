@@ -283,7 +283,11 @@ fn string_column<'a>(
 
 /// Flight SQL clients write `grpc://` and `grpc+tls://`; tonic wants `http://` and `https://`.
 pub fn http_url(url: &str) -> String {
-    for (flight, http) in [("grpc+tls://", "https://"), ("grpc+tcp://", "http://"), ("grpc://", "http://")] {
+    for (flight, http) in [
+        ("grpc+tls://", "https://"),
+        ("grpc+tcp://", "http://"),
+        ("grpc://", "http://"),
+    ] {
         if let Some(rest) = url.strip_prefix(flight) {
             return format!("{http}{rest}");
         }

@@ -35,7 +35,9 @@ fn unary(
     let array = arg.to_array(1)?;
     let result = f(array.as_ref())?;
     if is_scalar {
-        Ok(ColumnarValue::Scalar(datafusion::common::ScalarValue::try_from_array(&result, 0)?))
+        Ok(ColumnarValue::Scalar(
+            datafusion::common::ScalarValue::try_from_array(&result, 0)?,
+        ))
     } else {
         Ok(ColumnarValue::Array(result))
     }

@@ -145,10 +145,18 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("rego" | "json")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("rego" | "json")
+            )
+        })
         .collect();
     files.sort();
-    if !files.iter().any(|p| p.extension().is_some_and(|e| e == "rego")) {
+    if !files
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "rego"))
+    {
         return Err(PolicyError {
             path: dir.to_path_buf(),
             reason: "no .rego files".into(),
@@ -168,7 +176,11 @@ fn load(dir: &Path) -> Result<Loaded, PolicyError> {
             reason,
         };
         let text = std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?;
-        hasher.update(path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        hasher.update(
+            path.file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default(),
+        );
         hasher.update([0]);
         hasher.update(text.as_bytes());
         hasher.update([0]);
@@ -177,7 +189,8 @@ fn load(dir: &Path) -> Result<Loaded, PolicyError> {
                 .add_policy(path.display().to_string(), text)
                 .map_err(|e| fail(e.to_string()))?;
         } else {
-            let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
             merge_json(&mut data, value.clone());
             engine
                 .add_data(regorus::Value::from_json_str(&text).map_err(|e| fail(e.to_string()))?)
@@ -220,7 +233,8 @@ impl Loaded {
                 "the policy could not decide, so the query is refused",
             )
         };
-        let input = regorus::Value::from_json_str(&input.to_string()).map_err(|e| broken(&e.to_string()))?;
+        let input = regorus::Value::from_json_str(&input.to_string())
+            .map_err(|e| broken(&e.to_string()))?;
         let value = {
             let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
             engine.set_input(input);
@@ -229,7 +243,8 @@ impl Loaded {
                 .map_err(|e| broken(&e.to_string()))?
         };
         let json = value.to_json_str().map_err(|e| broken(&e.to_string()))?;
-        let mut decision: Decision = serde_json::from_str(&json).map_err(|e| broken(&e.to_string()))?;
+        let mut decision: Decision =
+            serde_json::from_str(&json).map_err(|e| broken(&e.to_string()))?;
         decision.policy_version = self.version.clone();
         Ok(decision)
     }
@@ -246,7 +261,10 @@ impl Policy {
     }
 
     fn current(&self) -> Arc<Loaded> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The folder this policy is loaded from.
@@ -352,7 +370,10 @@ pub struct TestOutcome {
 /// Runs every `test_*` rule of the policy folder.
 pub fn run_tests(dir: &Path) -> Result<Vec<TestOutcome>, PolicyError> {
     let loaded = load(dir)?;
-    let mut engine = loaded.engine.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut engine = loaded
+        .engine
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
     let mut names = Vec::new();
     for path in policy_files(dir)? {
         if path.extension().is_some_and(|e| e == "rego") {
@@ -365,7 +386,10 @@ pub fn run_tests(dir: &Path) -> Result<Vec<TestOutcome>, PolicyError> {
                 .to_string();
             for line in text.lines() {
                 if let Some(rest) = line.strip_prefix("test_") {
-                    let rule: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                    let rule: String = rest
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
                     let name = format!("data.{package}.test_{rule}");
                     if !names.contains(&name) {
                         names.push(name);

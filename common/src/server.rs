@@ -18,7 +18,11 @@ pub struct RunningServer {
 
 impl RunningServer {
     /// Binds `addr` and serves `service` until stopped.
-    pub async fn start<S: FlightService>(service: S, addr: SocketAddr, name: &'static str) -> std::io::Result<Self> {
+    pub async fn start<S: FlightService>(
+        service: S,
+        addr: SocketAddr,
+        name: &'static str,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -43,9 +43,15 @@ impl Identity {
             return Err(TallyError::new(
                 ErrorCode::Project,
                 if project.is_empty() {
-                    format!("user '{}' must name a project (header {PROJECT_HEADER})", self.user)
+                    format!(
+                        "user '{}' must name a project (header {PROJECT_HEADER})",
+                        self.user
+                    )
                 } else {
-                    format!("user '{}' is not a member of project '{project}'", self.user)
+                    format!(
+                        "user '{}' is not a member of project '{project}'",
+                        self.user
+                    )
                 },
             ));
         }

@@ -117,8 +117,10 @@ impl GatewayConfig {
         }
         if let Some(file) = &config.users_file {
             let file = base.join(file);
-            let text = std::fs::read_to_string(&file).map_err(|e| fail(format!("users file {}: {e}", file.display())))?;
-            let users: UsersFile = toml::from_str(&text).map_err(|e| fail(format!("users file {}: {e}", file.display())))?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| fail(format!("users file {}: {e}", file.display())))?;
+            let users: UsersFile = toml::from_str(&text)
+                .map_err(|e| fail(format!("users file {}: {e}", file.display())))?;
             config.users.extend(users.users);
         }
         config.validate().map_err(fail)?;

@@ -9,7 +9,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{DataFrame, SessionContext};
 use serde::Serialize;
-use tally_common::admission::{Refused, RequestIdentity, admit, policy_input};
+use tally_common::admission::{Origin, Refused, RequestIdentity, admit, policy_input};
 use tally_common::audit::{AuditLog, now_millis};
 use tally_common::checks::plan_read_only;
 use tally_common::facts::query_facts;
@@ -147,13 +147,31 @@ impl Gateway {
     }
 
     fn trust_codes(&self) -> Vec<String> {
-        self.catalogue.trusts().iter().map(|t| t.code.clone()).collect()
+        self.catalogue
+            .trusts()
+            .iter()
+            .map(|t| t.code.clone())
+            .collect()
     }
 
     /// Admits `sql` for `identity` and splits it into fragments.
-    async fn plan(&self, identity: &RequestIdentity, sql: &str, query_id: &str) -> Result<(LogicalPlan, Arc<QueryFanout>), Refused> {
+    async fn plan(
+        &self,
+        identity: &RequestIdentity,
+        sql: &str,
+        query_id: &str,
+    ) -> Result<(LogicalPlan, Arc<QueryFanout>), Refused> {
         let state = self.ctx.state();
-        let admitted = admit(&state, sql, &self.policy, identity, query_id, self.trust_codes()).await?;
+        let admitted = admit(
+            &state,
+            sql,
+            &self.policy,
+            identity,
+            query_id,
+            self.trust_codes(),
+            Origin::Analyst,
+        )
+        .await?;
         let fanout = Arc::new(QueryFanout::new(
             query_id.to_string(),
             self.catalogue.clone(),
@@ -168,22 +186,44 @@ impl Gateway {
     }
 
     /// The policy input and decision for `sql`, without running it.
-    pub async fn explain(&self, identity: &RequestIdentity, sql: &str) -> Result<Explanation, TallyError> {
+    pub async fn explain(
+        &self,
+        identity: &RequestIdentity,
+        sql: &str,
+    ) -> Result<Explanation, TallyError> {
         let planned = plan_read_only(&self.ctx.state(), sql).await?;
-        let facts = query_facts(sql, &planned.plan, &planned.syntax, &self.policy.data(), self.trust_codes());
+        let facts = query_facts(
+            sql,
+            &planned.plan,
+            &planned.syntax,
+            &self.policy.data(),
+            self.trust_codes(),
+            &[],
+        );
         let input = policy_input(identity, "explain", &self.policy.version(), &facts);
         let decision = self.policy.decide(&input)?;
         Ok(Explanation { input, decision })
     }
 
     /// Plans `sql` without running it: the answer's schema, or why it is refused.
-    pub async fn describe(&self, identity: &RequestIdentity, sql: &str) -> Result<SchemaRef, TallyError> {
-        let (plan, _) = self.plan(identity, sql, &new_query_id()).await.map_err(|r| r.error)?;
+    pub async fn describe(
+        &self,
+        identity: &RequestIdentity,
+        sql: &str,
+    ) -> Result<SchemaRef, TallyError> {
+        let (plan, _) = self
+            .plan(identity, sql, &new_query_id())
+            .await
+            .map_err(|r| r.error)?;
         Ok(Arc::new(plan.schema().as_arrow().clone()))
     }
 
     /// Runs `sql` for `identity` and records the outcome in the audit log.
-    pub async fn run(&self, identity: &RequestIdentity, sql: &str) -> Result<QueryOutcome, TallyError> {
+    pub async fn run(
+        &self,
+        identity: &RequestIdentity,
+        sql: &str,
+    ) -> Result<QueryOutcome, TallyError> {
         let started = Instant::now();
         let query_id = new_query_id();
         let mut record = GatewayAuditRecord {
@@ -230,7 +270,11 @@ impl Gateway {
                 record.rows = Some(batches.iter().map(RecordBatch::num_rows).sum());
             }
             Err(err) => {
-                record.outcome = if is_failure(err.code) { "failed" } else { "refused" };
+                record.outcome = if is_failure(err.code) {
+                    "failed"
+                } else {
+                    "refused"
+                };
                 record.codes = vec![err.code.to_string()];
             }
         }
@@ -249,7 +293,11 @@ impl Gateway {
         })
     }
 
-    async fn execute(&self, plan: LogicalPlan, fanout: &Arc<QueryFanout>) -> Result<(SchemaRef, Vec<RecordBatch>), TallyError> {
+    async fn execute(
+        &self,
+        plan: LogicalPlan,
+        fanout: &Arc<QueryFanout>,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>), TallyError> {
         let frame = DataFrame::new(self.ctx.state(), plan);
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
         let batches = frame

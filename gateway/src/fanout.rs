@@ -49,7 +49,12 @@ pub struct QueryFanout {
 impl QueryFanout {
     /// A fan-out for query `query_id`, on behalf of `identity`, under the gateway policy's
     /// `obligations` (allowed trusts, threshold, rounding).
-    pub fn new(query_id: String, catalogue: Arc<Catalogue>, identity: RequestIdentity, obligations: Obligations) -> Self {
+    pub fn new(
+        query_id: String,
+        catalogue: Arc<Catalogue>,
+        identity: RequestIdentity,
+        obligations: Obligations,
+    ) -> Self {
         QueryFanout {
             query_id,
             catalogue,
@@ -94,7 +99,10 @@ impl QueryFanout {
     /// Runs `fragment` at every allowed trust that holds its tables; all must answer.
     /// Returns one partition per trust and the strictest small-number threshold among the
     /// gateway and the trusts that answered.
-    pub async fn run(&self, fragment: &Fragment) -> Result<(Vec<Vec<RecordBatch>>, u64), TallyError> {
+    pub async fn run(
+        &self,
+        fragment: &Fragment,
+    ) -> Result<(Vec<Vec<RecordBatch>>, u64), TallyError> {
         let snapshot = self.catalogue.refresh_if_incomplete().await;
         let allowed = |code: &String| {
             self.obligations
@@ -155,7 +163,10 @@ impl QueryFanout {
             bytes: batches.iter().map(RecordBatch::get_array_memory_size).sum(),
             elapsed: answer.elapsed,
         };
-        self.runs.lock().unwrap_or_else(|p| p.into_inner()).push(run);
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(run);
     }
 }
 

@@ -82,7 +82,8 @@ pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError
         })?,
         None => AuditLog::in_memory(),
     });
-    let policy = Arc::new(Policy::load(&config.policies).map_err(|e| GatewayError::Policy(e.to_string()))?);
+    let policy =
+        Arc::new(Policy::load(&config.policies).map_err(|e| GatewayError::Policy(e.to_string()))?);
     let policy_watcher = policy.watch(POLICY_POLL);
     let gateway = Arc::new(Gateway::new(catalogue.clone(), policy, audit)?);
     let service = GatewayService::new(gateway.clone(), Users::new(config.users.clone()));

@@ -10,10 +10,10 @@
 
 use std::sync::Arc;
 
+use arrow::array::Int64Array;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::compute::filter_record_batch;
 use arrow::compute::kernels::cmp::gt_eq;
-use arrow::array::Int64Array;
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
@@ -97,7 +97,11 @@ impl MergedAggregate {
     }
 
     /// Merges the partials of every trust into one row per group (plus the patient count).
-    async fn merge(&self, state: &SessionState, partitions: Vec<Vec<RecordBatch>>) -> DfResult<Vec<RecordBatch>> {
+    async fn merge(
+        &self,
+        state: &SessionState,
+        partitions: Vec<Vec<RecordBatch>>,
+    ) -> DfResult<Vec<RecordBatch>> {
         let partials = MemTable::try_new(self.fragment.schema.clone(), partitions)?;
         let mut groups = Vec::new();
         let mut aggregates = Vec::new();
@@ -110,11 +114,15 @@ impl MergedAggregate {
             }
         }
         if self.spec.counts_patients {
-            aggregates.push(datafusion::functions_aggregate::expr_fn::sum(col(PATIENTS_COLUMN)).alias(PATIENTS_COLUMN));
+            aggregates.push(
+                datafusion::functions_aggregate::expr_fn::sum(col(PATIENTS_COLUMN))
+                    .alias(PATIENTS_COLUMN),
+            );
         }
-        let plan = LogicalPlanBuilder::scan("partials", provider_as_source(Arc::new(partials)), None)?
-            .aggregate(groups, aggregates)?
-            .build()?;
+        let plan =
+            LogicalPlanBuilder::scan("partials", provider_as_source(Arc::new(partials)), None)?
+                .aggregate(groups, aggregates)?
+                .build()?;
         DataFrame::new(state.clone(), plan).collect().await
     }
 
@@ -139,31 +147,43 @@ impl MergedAggregate {
 
     /// Restores the original aggregate's output: counts as zero when absent and rounded,
     /// every column cast to its original type, the patient count dropped.
-    async fn finish(&self, state: &SessionState, released: Vec<RecordBatch>, round_to: u64) -> DfResult<Vec<RecordBatch>> {
+    async fn finish(
+        &self,
+        state: &SessionState,
+        released: Vec<RecordBatch>,
+        round_to: u64,
+    ) -> DfResult<Vec<RecordBatch>> {
         let Some(first) = released.first() else {
             return Ok(Vec::new());
         };
         let table = MemTable::try_new(first.schema(), vec![released])?;
         let round = i64::try_from(round_to).unwrap_or(1).max(1);
-        let exprs = self.spec.columns.iter().enumerate().map(|(i, (column, data_type))| {
-            let expr = match column {
-                MergeColumn::Group { partial } => col(partial.as_str()),
-                MergeColumn::Aggregate { partial, is_count, .. } => {
-                    let merged = col(partial.as_str());
-                    if *is_count {
-                        let counted = coalesce(vec![merged, lit(0i64)]);
-                        if round > 1 {
-                            (counted + lit(round / 2)) / lit(round) * lit(round)
+        let exprs = self
+            .spec
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (column, data_type))| {
+                let expr = match column {
+                    MergeColumn::Group { partial } => col(partial.as_str()),
+                    MergeColumn::Aggregate {
+                        partial, is_count, ..
+                    } => {
+                        let merged = col(partial.as_str());
+                        if *is_count {
+                            let counted = coalesce(vec![merged, lit(0i64)]);
+                            if round > 1 {
+                                (counted + lit(round / 2)) / lit(round) * lit(round)
+                            } else {
+                                counted
+                            }
                         } else {
-                            counted
+                            merged
                         }
-                    } else {
-                        merged
                     }
-                }
-            };
-            cast(expr, data_type.clone()).alias(output_name(i))
-        });
+                };
+                cast(expr, data_type.clone()).alias(output_name(i))
+            });
         let plan = LogicalPlanBuilder::scan("merged", provider_as_source(Arc::new(table)), None)?
             .project(exprs)?
             .build()?;
@@ -191,7 +211,9 @@ impl TableProvider for MergedAggregate {
         let state = session
             .as_any()
             .downcast_ref::<SessionState>()
-            .ok_or_else(|| TallyError::new(ErrorCode::Internal, "unexpected session type").into_datafusion())?;
+            .ok_or_else(|| {
+                TallyError::new(ErrorCode::Internal, "unexpected session type").into_datafusion()
+            })?;
         let (mut partitions, threshold) = self
             .fanout
             .run(&self.fragment)
@@ -204,7 +226,8 @@ impl TableProvider for MergedAggregate {
         let merged_groups: usize = merged.iter().map(RecordBatch::num_rows).sum();
         let released = self.suppress(merged, threshold)?;
         let released_groups: usize = released.iter().map(RecordBatch::num_rows).sum();
-        self.fanout.record_suppressed(merged_groups - released_groups);
+        self.fanout
+            .record_suppressed(merged_groups - released_groups);
         let output = self.finish(state, released, self.fanout.round_to()).await?;
         MemorySourceConfig::try_new_exec(&[output], self.schema.clone(), projection.cloned())
             .map(|exec| exec as Arc<dyn ExecutionPlan>)

@@ -91,6 +91,8 @@ impl GatewayService {
                 ELAPSED_HEADER,
                 format!("{:.3}", outcome.elapsed.as_secs_f64() * 1e3),
             ),
+            (SUPPRESSED_HEADER, outcome.suppressed.to_string()),
+            (POLICY_VERSION_HEADER, outcome.policy_version.clone()),
         ] {
             if let Ok(value) = MetadataValue::from_str(&value) {
                 headers.insert(name, value);

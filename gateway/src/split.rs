@@ -49,7 +49,11 @@ pub struct Fragment {
 
 /// Rewrites `plan` so that federated tables are only read inside fragments. `catalogue` is
 /// the governance catalogue (privacy units of person-level tables).
-pub fn split(plan: LogicalPlan, fanout: &Arc<QueryFanout>, catalogue: &serde_json::Value) -> Result<LogicalPlan, TallyError> {
+pub fn split(
+    plan: LogicalPlan,
+    fanout: &Arc<QueryFanout>,
+    catalogue: &serde_json::Value,
+) -> Result<LogicalPlan, TallyError> {
     let mut refusal: Option<TallyError> = None;
     let rewritten = plan
         .transform_up_with_subqueries(|node| {
@@ -296,7 +300,9 @@ fn split_aggregate(
             "disclosure control needs each aggregate to see the patient identifier of the rows it counts; aggregate the tables directly rather than a subquery that drops it",
         ));
     }
-    let group_names: Vec<String> = (0..aggregate.group_expr.len()).map(|i| format!("g{i}")).collect();
+    let group_names: Vec<String> = (0..aggregate.group_expr.len())
+        .map(|i| format!("g{i}"))
+        .collect();
     let partial_names: Vec<String> = (0..splits.len()).map(|i| format!("p{i}")).collect();
     let fragment = build_fragment(
         aggregate,
@@ -307,15 +313,24 @@ fn split_aggregate(
         fanout.next_fragment_id(),
     )?;
     let counts_patients = fragment.schema.field_with_name(PATIENTS_COLUMN).is_ok();
-    let types = aggregate.schema.fields().iter().map(|f| f.data_type().clone());
+    let types = aggregate
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.data_type().clone());
     let columns = group_names
         .into_iter()
         .map(|partial| MergeColumn::Group { partial })
-        .chain(splits.into_iter().zip(partial_names).map(|(split, partial)| MergeColumn::Aggregate {
-            partial,
-            merge: split.merge,
-            is_count: split.is_count,
-        }))
+        .chain(
+            splits
+                .into_iter()
+                .zip(partial_names)
+                .map(|(split, partial)| MergeColumn::Aggregate {
+                    partial,
+                    merge: split.merge,
+                    is_count: split.is_count,
+                }),
+        )
         .zip(types)
         .collect();
     let scan_name = format!("__tally_merged_{}", fragment.id);
@@ -331,7 +346,9 @@ fn split_aggregate(
         .schema
         .iter()
         .enumerate()
-        .map(|(index, (qualifier, field))| col(output_name(index)).alias_qualified(qualifier.cloned(), field.name()));
+        .map(|(index, (qualifier, field))| {
+            col(output_name(index)).alias_qualified(qualifier.cloned(), field.name())
+        });
     LogicalPlanBuilder::scan(scan_name, provider_as_source(Arc::new(merged)), None)
         .and_then(|b| b.project(restore))
         .and_then(|b| b.build())

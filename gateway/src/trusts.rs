@@ -80,7 +80,12 @@ impl Trust {
     }
 
     /// Runs one per-trust query on behalf of `identity` and collects its partial result.
-    pub async fn run(&self, sql: &str, query_id: &str, identity: &RequestIdentity) -> Result<TrustAnswer, TallyError> {
+    pub async fn run(
+        &self,
+        sql: &str,
+        query_id: &str,
+        identity: &RequestIdentity,
+    ) -> Result<TrustAnswer, TallyError> {
         let started = Instant::now();
         let mut client = self.client();
         client.set_header(QUERY_ID_HEADER, query_id);
@@ -93,7 +98,9 @@ impl Trust {
                 fetch_all(&mut client, info).await
             })
             .await?;
-        let min_patients = header_text(&headers, MIN_PATIENTS_HEADER).parse().unwrap_or(0);
+        let min_patients = header_text(&headers, MIN_PATIENTS_HEADER)
+            .parse()
+            .unwrap_or(0);
         Ok(TrustAnswer {
             trust: self.code.clone(),
             batches,

@@ -147,7 +147,10 @@ impl NodeConfig {
         if let Some(opt_out) = &self.opt_out
             && !self.tables.iter().any(|t| t.name == opt_out.patients_table)
         {
-            return Err(format!("opt_out.patients_table '{}' is not among the tables", opt_out.patients_table));
+            return Err(format!(
+                "opt_out.patients_table '{}' is not among the tables",
+                opt_out.patients_table
+            ));
         }
         if self.tables.is_empty() {
             return Err("at least one [[tables]] entry is required".into());

@@ -55,7 +55,8 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
     let opted_out = tally_common::session::new_context().map_err(engine)?;
     let tables = tables::open_tables(&full, &config.tables, &config.trust.code).await?;
     for (name, table) in &tables {
-        full.register_table(name.as_str(), table.clone()).map_err(engine)?;
+        full.register_table(name.as_str(), table.clone())
+            .map_err(engine)?;
     }
     let excluded = match &config.opt_out {
         Some(opt_out) => Some(Arc::new(opt_out::load(&full, opt_out).await?)),
@@ -66,7 +67,9 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
             Some(excluded) => Arc::new(table.excluding(excluded)),
             None => table.clone(),
         };
-        opted_out.register_table(name.as_str(), table).map_err(engine)?;
+        opted_out
+            .register_table(name.as_str(), table)
+            .map_err(engine)?;
     }
     let table_infos = tables
         .iter()
@@ -75,7 +78,8 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
             schema: datafusion::catalog::TableProvider::schema(table.as_ref()),
         })
         .collect();
-    let policy = Arc::new(Policy::load(&config.policies).map_err(|e| NodeError::Policy(e.to_string()))?);
+    let policy =
+        Arc::new(Policy::load(&config.policies).map_err(|e| NodeError::Policy(e.to_string()))?);
     let audit = Arc::new(match &config.audit_log {
         Some(path) => AuditLog::open(path).map_err(|source| NodeError::Audit {
             path: path.clone(),

@@ -24,7 +24,8 @@ pub async fn load(ctx: &SessionContext, config: &OptOutConfig) -> Result<Exclude
         reason,
     };
     let list = load_table(ctx, OPT_OUT_TABLE, &config.path, format).await?;
-    ctx.register_table(OPT_OUT_TABLE, list).map_err(|e| fail(e.to_string()))?;
+    ctx.register_table(OPT_OUT_TABLE, list)
+        .map_err(|e| fail(e.to_string()))?;
     let sql = format!(
         "SELECT DISTINCT p.{person} FROM {patients} p JOIN {OPT_OUT_TABLE} o ON CAST(p.nhs_number AS VARCHAR) = CAST(o.nhs_number AS VARCHAR)",
         person = config.person_column,
@@ -32,13 +33,22 @@ pub async fn load(ctx: &SessionContext, config: &OptOutConfig) -> Result<Exclude
     );
     let batches = async { ctx.sql(&sql).await?.collect().await }
         .await
-        .map_err(|e| fail(format!("the opt-out list could not be matched to patients: {}", e.message())));
+        .map_err(|e| {
+            fail(format!(
+                "the opt-out list could not be matched to patients: {}",
+                e.message()
+            ))
+        });
     let _ = ctx.deregister_table(OPT_OUT_TABLE);
     let mut people = Vec::new();
     for batch in batches? {
         let ids = cast(batch.column(0), &DataType::Utf8).map_err(|e| fail(e.to_string()))?;
         let ids = ids.as_string::<i32>();
-        people.extend((0..ids.len()).filter(|&i| ids.is_valid(i)).map(|i| ids.value(i).to_string()));
+        people.extend(
+            (0..ids.len())
+                .filter(|&i| ids.is_valid(i))
+                .map(|i| ids.value(i).to_string()),
+        );
     }
     people.sort();
     Ok(Excluded {

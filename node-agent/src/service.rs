@@ -23,7 +23,7 @@ use std::str::FromStr;
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
-use tally_common::admission::{Admitted, Refused, RequestIdentity, admit};
+use tally_common::admission::{Admitted, Origin, Refused, RequestIdentity, admit};
 use tally_common::audit::{AuditLog, now_millis};
 use tally_common::checks::{check_aggregate_only, plan_read_only};
 use tally_common::flight::{
@@ -106,7 +106,11 @@ impl RequestContext {
     fn new<T>(request: &Request<T>, sql: String) -> Self {
         let query_id = header_text(request.metadata(), QUERY_ID_HEADER);
         RequestContext {
-            query_id: if query_id.is_empty() { "-".into() } else { query_id },
+            query_id: if query_id.is_empty() {
+                "-".into()
+            } else {
+                query_id
+            },
             peer: request
                 .remote_addr()
                 .map_or_else(|| "unknown".into(), |a| a.to_string()),
@@ -133,8 +137,14 @@ impl RequestContext {
             outcome: label,
             codes: outcome.codes,
             policy_version: outcome.decision.as_ref().map(|d| d.policy_version.clone()),
-            opt_out_applied: outcome.decision.as_ref().map(|d| d.obligations.apply_opt_out),
-            min_distinct_patients: outcome.decision.as_ref().map(|d| d.obligations.min_distinct_patients),
+            opt_out_applied: outcome
+                .decision
+                .as_ref()
+                .map(|d| d.obligations.apply_opt_out),
+            min_distinct_patients: outcome
+                .decision
+                .as_ref()
+                .map(|d| d.obligations.min_distinct_patients),
             rows: outcome.rows,
             duration_ms: self.started.elapsed().as_secs_f64() * 1e3,
         }
@@ -159,7 +169,11 @@ impl NodeService {
 
     /// The floor, the trust's own policy, and the aggregate-only check; refusals are
     /// audited before they are returned.
-    async fn admit(&self, request: &RequestContext, step: &'static str) -> Result<Admitted, Status> {
+    async fn admit(
+        &self,
+        request: &RequestContext,
+        step: &'static str,
+    ) -> Result<Admitted, Status> {
         let state = self.contexts.full.state();
         let admitted = admit(
             &state,
@@ -168,6 +182,7 @@ impl NodeService {
             &request.identity,
             &request.query_id,
             Vec::new(),
+            Origin::Gateway,
         )
         .await
         .and_then(|admitted| {
@@ -223,7 +238,9 @@ impl NodeService {
             err.to_status()
         };
         let decision = admitted.decision;
-        let ctx = self.context_for(&decision).map_err(|e| fail(e, &decision))?;
+        let ctx = self
+            .context_for(&decision)
+            .map_err(|e| fail(e, &decision))?;
         let planned = plan_read_only(&ctx.state(), &context.sql)
             .await
             .map_err(|e| fail(e, &decision))?;
@@ -231,7 +248,12 @@ impl NodeService {
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
         let stream = match frame.execute_stream().await {
             Ok(stream) => stream,
-            Err(err) => return Err(fail(TallyError::from_execution(err, &context.query_id), &decision)),
+            Err(err) => {
+                return Err(fail(
+                    TallyError::from_execution(err, &context.query_id),
+                    &decision,
+                ));
+            }
         };
         let threshold = decision.obligations.min_distinct_patients;
         let batches = audited(stream, context, decision, self.audit.clone());
@@ -272,7 +294,9 @@ where
         let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
         let outcome = Outcome {
             failed: failure.is_some(),
-            codes: failure.map(|e| vec![e.code.to_string()]).unwrap_or_default(),
+            codes: failure
+                .map(|e| vec![e.code.to_string()])
+                .unwrap_or_default(),
             rows: Some(rows.load(Ordering::Relaxed)),
             decision: Some(decision),
         };

@@ -17,7 +17,6 @@ use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
 
-
 use crate::config::{TableConfig, TableFormat};
 use crate::error::NodeError;
 
@@ -36,10 +35,15 @@ pub async fn open_tables(
         if raw.schema().field_with_name(TRUST_CODE_COLUMN).is_ok() {
             return Err(NodeError::Table {
                 table: table.name.clone(),
-                reason: format!("its files already have a '{TRUST_CODE_COLUMN}' column, which the node adds itself"),
+                reason: format!(
+                    "its files already have a '{TRUST_CODE_COLUMN}' column, which the node adds itself"
+                ),
             });
         }
-        opened.push((table.name.clone(), Arc::new(TrustTable::new(raw, trust_code))));
+        opened.push((
+            table.name.clone(),
+            Arc::new(TrustTable::new(raw, trust_code)),
+        ));
     }
     Ok(opened)
 }
@@ -73,7 +77,11 @@ pub async fn load_table(
         }
     };
     let unreadable = |e: datafusion::error::DataFusionError| {
-        fail(format!("{} could not be read: {}", path.display(), e.message()))
+        fail(format!(
+            "{} could not be read: {}",
+            path.display(),
+            e.message()
+        ))
     };
     loaded.map_err(unreadable)?;
     let provider = ctx.deregister_table(&staging).map_err(unreadable)?;
@@ -102,7 +110,11 @@ impl TrustTable {
     /// Wraps `inner`, appending `trust_code` to its schema.
     pub fn new(inner: Arc<dyn TableProvider>, trust_code: &str) -> Self {
         let mut fields: Vec<Arc<Field>> = inner.schema().fields().iter().cloned().collect();
-        fields.push(Arc::new(Field::new(TRUST_CODE_COLUMN, DataType::Utf8, false)));
+        fields.push(Arc::new(Field::new(
+            TRUST_CODE_COLUMN,
+            DataType::Utf8,
+            false,
+        )));
         TrustTable {
             inner,
             schema: Arc::new(Schema::new(fields)),
@@ -113,7 +125,11 @@ impl TrustTable {
 
     /// The same table without the rows of `excluded` people (when it has their column).
     pub fn excluding(&self, excluded: &Arc<Excluded>) -> Self {
-        let applies = self.inner.schema().field_with_name(&excluded.column).is_ok();
+        let applies = self
+            .inner
+            .schema()
+            .field_with_name(&excluded.column)
+            .is_ok();
         TrustTable {
             inner: self.inner.clone(),
             schema: self.schema.clone(),
@@ -127,7 +143,11 @@ impl TrustTable {
     }
 
     /// `person NOT IN (excluded)` over the inner scan's output.
-    fn exclusion_filter(&self, excluded: &Excluded, input: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    fn exclusion_filter(
+        &self,
+        excluded: &Excluded,
+        input: Arc<dyn ExecutionPlan>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
         let schema = input.schema();
         let index = schema.index_of(&excluded.column)?;
         let column_type = schema.field(index).data_type();
@@ -197,7 +217,11 @@ impl TableProvider for TrustTable {
             Some(p) => p.clone(),
             None => (0..=code_index).collect(),
         };
-        let mut inner_projection: Vec<usize> = wanted.iter().copied().filter(|&i| i != code_index).collect();
+        let mut inner_projection: Vec<usize> = wanted
+            .iter()
+            .copied()
+            .filter(|&i| i != code_index)
+            .collect();
         if let Some(excluded) = &self.excluded {
             let index = self.inner.schema().index_of(&excluded.column)?;
             if !inner_projection.contains(&index) {
@@ -228,7 +252,10 @@ impl TableProvider for TrustTable {
                     Ok((Arc::new(Literal::new(value)) as Arc<dyn PhysicalExpr>, name))
                 } else {
                     let position = inner_schema.index_of(&name)?;
-                    Ok((Arc::new(ColumnExpr::new(&name, position)) as Arc<dyn PhysicalExpr>, name))
+                    Ok((
+                        Arc::new(ColumnExpr::new(&name, position)) as Arc<dyn PhysicalExpr>,
+                        name,
+                    ))
                 }
             })
             .collect::<Result<_>>()?;
