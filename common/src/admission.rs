@@ -39,8 +39,8 @@ pub struct Admitted {
 pub struct Refused {
     /// The error for the caller.
     pub error: TallyError,
-    /// The policy's decision, when the refusal came from the policy.
-    pub decision: Option<Decision>,
+    /// The policy's decision, when the policy was reached.
+    pub decision: Option<Box<Decision>>,
 }
 
 impl From<TallyError> for Refused {
@@ -107,7 +107,7 @@ pub async fn admit(
     if let Some(error) = decision.refusal() {
         return Err(Refused {
             error,
-            decision: Some(decision),
+            decision: Some(Box::new(decision)),
         });
     }
     Ok(Admitted {

@@ -180,7 +180,7 @@ impl Gateway {
         ));
         let plan = split(admitted.plan, &fanout, &self.policy.data()).map_err(|error| Refused {
             error,
-            decision: Some(admitted.decision),
+            decision: Some(Box::new(admitted.decision)),
         })?;
         Ok((plan, fanout))
     }

@@ -188,7 +188,7 @@ impl NodeService {
         .and_then(|admitted| {
             check_aggregate_only(&admitted.plan).map_err(|error| Refused {
                 error,
-                decision: Some(admitted.decision.clone()),
+                decision: Some(Box::new(admitted.decision.clone())),
             })?;
             Ok(admitted)
         });
@@ -200,7 +200,7 @@ impl NodeService {
             };
             let outcome = Outcome {
                 codes,
-                decision: refused.decision,
+                decision: refused.decision.map(|d| *d),
                 ..Outcome::default()
             };
             self.audit.append(request.record(step, outcome));
