@@ -3,13 +3,14 @@
 
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 
 use crate::error::{ErrorCode, TallyError};
 use crate::facts::{SyntaxFacts, hidden_patient_counts, is_hidden_patient_count, syntax_facts};
-use crate::udaf::is_trust_side_aggregate;
+use crate::udaf::{STATE_PREFIX, SplitKind, split_kind};
 
 /// Longest SQL text accepted, in bytes.
 pub const MAX_SQL_BYTES: usize = 64 * 1024;
@@ -120,17 +121,8 @@ fn check_node(
             ));
         }
         LogicalPlan::Aggregate(aggregate) => {
-            check_aggregate_exprs(&aggregate.aggr_expr, hidden)?;
-            if aggregate
-                .group_expr
-                .iter()
-                .any(|e| matches!(e, Expr::GroupingSet(_)))
-            {
-                return Err(TallyError::new(
-                    ErrorCode::UnsupportedShape,
-                    "ROLLUP, CUBE and GROUPING SETS are not supported",
-                ));
-            }
+            splittable_aggregates(&aggregate.aggr_expr, hidden, Side::Trust)?;
+            reject_grouping_sets(&aggregate.group_expr)?;
             true
         }
         LogicalPlan::Extension(_) | LogicalPlan::RecursiveQuery(_) | LogicalPlan::Unnest(_) => {
@@ -157,46 +149,77 @@ fn check_node(
         .try_for_each(|input| check_node(input, below, hidden))
 }
 
-fn check_aggregate_exprs(aggr_expr: &[Expr], hidden: &[String]) -> Result<(), TallyError> {
+/// Which aggregate calls may appear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// An analyst's SQL at the gateway: the splittable aggregates only.
+    Gateway,
+    /// A per-trust query: also the state wrappers (`__tally_state_avg`, ...).
+    Trust,
+}
+
+/// Checks that every aggregate of an Aggregate node can be combined across trusts without
+/// moving row-level values, and returns each call with how it splits. `hidden` names the
+/// gateway's hidden patient counts, which are skipped.
+pub fn splittable_aggregates<'a>(
+    aggr_expr: &'a [Expr],
+    hidden: &[String],
+    side: Side,
+) -> Result<Vec<(&'a AggregateFunction, SplitKind)>, TallyError> {
     if aggr_expr.is_empty() {
         return Err(TallyError::new(
             ErrorCode::NotAggregate,
             "GROUP BY or DISTINCT without an aggregate function lists row values; add COUNT(*) or another aggregate",
         ));
     }
-    for expr in aggr_expr
+    aggr_expr
         .iter()
         .filter(|e| !is_hidden_patient_count(e, hidden))
-    {
-        let Expr::AggregateFunction(function) = strip_alias(expr) else {
-            return Err(TallyError::new(
-                ErrorCode::UnsupportedShape,
-                "unexpected expression in an aggregate",
-            ));
-        };
-        let name = function.func.name();
-        if !is_trust_side_aggregate(name) {
-            return Err(TallyError::new(
-                ErrorCode::AggregateNotSplittable,
-                format!(
-                    "aggregate '{name}' is not accepted: only COUNT, SUM, AVG, MIN, MAX, VAR and STDDEV can be combined across trusts without moving row-level values"
-                ),
-            ));
-        }
-        if function.params.distinct {
-            return Err(TallyError::new(
-                ErrorCode::AggregateNotSplittable,
-                format!(
-                    "{name}(DISTINCT ...) is not accepted: its partial state would list raw values"
-                ),
-            ));
-        }
-        if function.params.filter.is_some() || !function.params.order_by.is_empty() {
-            return Err(TallyError::new(
-                ErrorCode::UnsupportedShape,
-                format!("FILTER and ORDER BY clauses inside {name}(...) are not accepted"),
-            ));
-        }
+        .map(|expr| {
+            let Expr::AggregateFunction(function) = strip_alias(expr) else {
+                return Err(TallyError::new(
+                    ErrorCode::UnsupportedShape,
+                    "unexpected expression in an aggregate",
+                ));
+            };
+            let name = function.func.name();
+            let kind = match (name.strip_prefix(STATE_PREFIX), side) {
+                (Some(inner), Side::Trust) => split_kind(inner).filter(|k| *k == SplitKind::ViaState),
+                (Some(_), Side::Gateway) => None,
+                (None, _) => split_kind(name),
+            };
+            let Some(kind) = kind else {
+                return Err(TallyError::new(
+                    ErrorCode::AggregateNotSplittable,
+                    format!(
+                        "aggregate '{name}' is not accepted: only COUNT, SUM, AVG, MIN, MAX, VAR and STDDEV can be combined across trusts without moving row-level values"
+                    ),
+                ));
+            };
+            if function.params.distinct {
+                return Err(TallyError::new(
+                    ErrorCode::AggregateNotSplittable,
+                    format!("{name}(DISTINCT ...) is not accepted: its partial state would list raw values"),
+                ));
+            }
+            if function.params.filter.is_some() || !function.params.order_by.is_empty() {
+                return Err(TallyError::new(
+                    ErrorCode::UnsupportedShape,
+                    format!("FILTER and ORDER BY clauses inside {name}(...) are not accepted"),
+                ));
+            }
+            Ok((function, kind))
+        })
+        .collect()
+}
+
+/// Refuses ROLLUP, CUBE and GROUPING SETS, whose subtotals cannot be merged across trusts.
+pub fn reject_grouping_sets(group_expr: &[Expr]) -> Result<(), TallyError> {
+    if group_expr.iter().any(|e| matches!(e, Expr::GroupingSet(_))) {
+        return Err(TallyError::new(
+            ErrorCode::UnsupportedShape,
+            "ROLLUP, CUBE and GROUPING SETS are not supported",
+        ));
     }
     Ok(())
 }

@@ -56,15 +56,6 @@ pub fn split_kind(function: &str) -> Option<SplitKind> {
     }
 }
 
-/// Aggregates that may appear in the SQL a trust receives: the splittable set and their
-/// state wrappers.
-pub fn is_trust_side_aggregate(function: &str) -> bool {
-    match function.strip_prefix(STATE_PREFIX) {
-        Some(inner) => split_kind(inner) == Some(SplitKind::ViaState),
-        None => split_kind(function).is_some(),
-    }
-}
-
 /// Registers `__tally_state_<name>` for every state-split aggregate of `registry`.
 pub fn register_state_udafs(registry: &mut dyn FunctionRegistry) -> Result<()> {
     for name in ["avg", "var", "var_pop", "stddev", "stddev_pop"] {

@@ -25,9 +25,9 @@ use datafusion::logical_expr::{
     Aggregate, AggregateUDF, Expr, ExprSchemable, LogicalPlan, LogicalPlanBuilder, TableScan, col,
 };
 use datafusion::sql::unparser::plan_to_sql;
-use tally_common::checks::strip_alias;
+use tally_common::checks::{Side, reject_grouping_sets, splittable_aggregates, strip_alias};
 use tally_common::facts::{PATIENTS_COLUMN, privacy_unit_column, reads_people};
-use tally_common::udaf::{SplitKind, merge_udaf, split_kind, state_udaf};
+use tally_common::udaf::{SplitKind, merge_udaf, state_udaf};
 use tally_common::{ErrorCode, TallyError};
 
 use crate::catalogue::FederatedTableProvider;
@@ -180,37 +180,13 @@ struct SplitAggregate {
     is_count: bool,
 }
 
-fn split_one(expr: &Expr, input_schema: &DFSchemaRef) -> Result<SplitAggregate, TallyError> {
-    let Expr::AggregateFunction(function) = strip_alias(expr) else {
-        return Err(TallyError::new(
-            ErrorCode::UnsupportedShape,
-            "unexpected expression in an aggregate",
-        ));
-    };
+fn split_one(
+    function: &AggregateFunction,
+    kind: SplitKind,
+    input_schema: &DFSchemaRef,
+) -> Result<SplitAggregate, TallyError> {
     let name = function.func.name().to_string();
-    let Some(kind) = split_kind(&name) else {
-        return Err(TallyError::new(
-            ErrorCode::AggregateNotSplittable,
-            format!(
-                "aggregate '{name}' is not accepted: only COUNT, SUM, AVG, MIN, MAX, VAR and STDDEV can be combined across trusts without moving row-level values"
-            ),
-        ));
-    };
     let params = &function.params;
-    if params.distinct {
-        return Err(TallyError::new(
-            ErrorCode::AggregateNotSplittable,
-            format!(
-                "{name}(DISTINCT ...) is not accepted: its partial state would list raw values"
-            ),
-        ));
-    }
-    if params.filter.is_some() || !params.order_by.is_empty() {
-        return Err(TallyError::new(
-            ErrorCode::UnsupportedShape,
-            format!("FILTER and ORDER BY clauses inside {name}(...) are not accepted"),
-        ));
-    }
     match kind {
         SplitKind::SelfMerging { merge_function } => Ok(SplitAggregate {
             partial: Expr::AggregateFunction(function.clone()),
@@ -270,29 +246,13 @@ fn split_aggregate(
     fanout: &Arc<QueryFanout>,
     catalogue: &serde_json::Value,
 ) -> Result<LogicalPlan, TallyError> {
-    if aggregate
-        .group_expr
-        .iter()
-        .any(|e| matches!(e, Expr::GroupingSet(_)))
-    {
-        return Err(TallyError::new(
-            ErrorCode::UnsupportedShape,
-            "ROLLUP, CUBE and GROUPING SETS are not supported",
-        ));
-    }
+    reject_grouping_sets(&aggregate.group_expr)?;
     ensure_pushable(&aggregate.input)?;
     let input_schema = aggregate.input.schema();
-    let splits = aggregate
-        .aggr_expr
-        .iter()
-        .map(|e| split_one(e, input_schema))
+    let splits = splittable_aggregates(&aggregate.aggr_expr, &[], Side::Gateway)?
+        .into_iter()
+        .map(|(function, kind)| split_one(function, kind, input_schema))
         .collect::<Result<Vec<_>, _>>()?;
-    if splits.is_empty() {
-        return Err(TallyError::new(
-            ErrorCode::NotAggregate,
-            "GROUP BY or DISTINCT without an aggregate function lists row values; add COUNT(*) or another aggregate",
-        ));
-    }
     let patients = privacy_unit_column(&aggregate.input, catalogue);
     if patients.is_none() && reads_people(&aggregate.input, catalogue) {
         return Err(TallyError::new(
