@@ -175,3 +175,70 @@ fn example_configs_load_and_bad_configs_say_why() {
         .to_string();
     assert!(err.contains("request_timeout_secs"), "{err}");
 }
+
+#[test]
+fn policy_explain_prints_facts_and_decision() {
+    let out = tally()
+        .args([
+            "policy",
+            "explain",
+            "--user",
+            "analyst",
+            "--project",
+            "uec-demand",
+            "--purpose",
+            "research",
+            "--policies",
+        ])
+        .arg(default_policies())
+        .arg("--data")
+        .arg(data_dir())
+        .arg("SELECT postcode, COUNT(*) FROM patients GROUP BY postcode")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let explained: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(explained["decision"]["allow"], false);
+    let codes: Vec<&str> = explained["decision"]["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, vec!["E_QUASI_IDENTIFIER"]);
+    assert_eq!(explained["decision"]["obligations"]["apply_opt_out"], true);
+    let columns = explained["input"]["action"]["columns"].as_array().unwrap();
+    assert!(columns.iter().any(|c| c["column"] == "postcode"
+        && c["class"] == "quasi_identifier"
+        && c["usage"] == "group_by"));
+    assert_eq!(
+        explained["input"]["context"]["identity"]["purpose"],
+        "research"
+    );
+}
+
+#[test]
+fn a_users_file_adds_analysts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("users.toml"),
+        format!(
+            "[[users]]\nname = \"ada\"\ntoken_sha256 = \"{}\"\nprojects = [\"uec-demand\"]\n",
+            tally_gateway::token_hash("ada-token")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        "policies = \"policies\"\nusers_file = \"users.toml\"\n[[nodes]]\ncode = \"RXA\"\nurl = \"grpc://127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let config = tally_gateway::GatewayConfig::load(&dir.path().join("gateway.toml")).unwrap();
+    assert_eq!(config.users.len(), 1);
+    assert_eq!(config.users[0].name, "ada");
+    assert_eq!(config.policies, dir.path().join("policies"));
+}

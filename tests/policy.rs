@@ -88,6 +88,15 @@ async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
             assert!(err.contains(&case.expect), "node: {} -> {err}", case.sql);
         }
     }
+    // A project's trusts are an obligation: cardiac-audit may only query RXA and RXB.
+    let mut cardiac = AnalystClient::connect_for(&url, DEMO_TOKEN, "cardiac-audit", "research")
+        .await
+        .unwrap();
+    let answer = cardiac
+        .query("SELECT COUNT(*) FROM episodes")
+        .await
+        .unwrap();
+    assert_eq!(answer.trusts, vec!["RXA", "RXB"]);
     // Every refusal at the node is in the trust's own audit log, with its reason codes.
     let refused = local.nodes[1]
         .audit

@@ -146,9 +146,11 @@ impl GatewayConfig {
             if !codes.insert(node.code.as_str()) {
                 return Err(format!("trust '{}' is listed twice", node.code));
             }
-            if !(node.url.starts_with("http://") || node.url.starts_with("https://")) {
+            // TLS to the nodes (grpc+tls://) arrives with mutual TLS; plaintext until then.
+            let schemes = ["grpc://", "grpc+tcp://", "http://"];
+            if !schemes.iter().any(|scheme| node.url.starts_with(scheme)) {
                 return Err(format!(
-                    "node url '{}' must start with http:// or https://",
+                    "node url '{}' must start with grpc:// or http:// (TLS is not supported yet)",
                     node.url
                 ));
             }
