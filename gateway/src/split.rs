@@ -61,7 +61,7 @@ pub fn split(
                 return node.recompute_schema().map(Transformed::yes);
             };
             let reads = reads_tables(&aggregate.input);
-            if refusal.is_some() || !reads.federated || reads.partial {
+            if refusal.is_some() || !reads.federated || reads.merged {
                 return node.recompute_schema().map(Transformed::yes);
             }
             match split_aggregate(aggregate, fanout, catalogue) {
@@ -80,11 +80,11 @@ pub fn split(
     Ok(rewritten.data)
 }
 
-/// What kinds of table a subtree reads.
+/// What kinds of table a subtree reads: trusts' tables (by name) and merged results.
 #[derive(Default)]
 struct Reads {
     federated: bool,
-    partial: bool,
+    merged: bool,
     tables: BTreeSet<String>,
 }
 
@@ -97,7 +97,7 @@ fn reads_tables(plan: &LogicalPlan) -> Reads {
                     reads.federated = true;
                     reads.tables.insert(name);
                 }
-                ScanKind::Partial => reads.partial = true,
+                ScanKind::Merged => reads.merged = true,
             }
         }
         Ok(TreeNodeRecursion::Continue)
@@ -107,7 +107,7 @@ fn reads_tables(plan: &LogicalPlan) -> Reads {
 
 enum ScanKind {
     Federated(String),
-    Partial,
+    Merged,
 }
 
 fn scan_kind(scan: &TableScan) -> ScanKind {
@@ -117,8 +117,8 @@ fn scan_kind(scan: &TableScan) -> ScanKind {
         .and_then(|p| p.downcast_ref::<FederatedTableProvider>())
     {
         Some(table) => ScanKind::Federated(table.table.name.to_lowercase()),
-        None if provider.as_ref().is_some_and(|p| p.is::<MergedAggregate>()) => ScanKind::Partial,
-        // Only federated and partial tables exist at the gateway; treat anything else as
+        None if provider.as_ref().is_some_and(|p| p.is::<MergedAggregate>()) => ScanKind::Merged,
+        // Only federated tables and merged results exist at the gateway; treat anything else as
         // federated so that it is refused rather than read.
         None => ScanKind::Federated(scan.table_name.table().to_lowercase()),
     }
