@@ -83,6 +83,20 @@ async fn malformed_and_refused_queries_get_our_codes() {
             "refusals are quick"
         );
     }
+    let unknown = expect_refusal(
+        client
+            .query("SELECT frobnicate(specialty), COUNT(*) FROM episodes GROUP BY 1")
+            .await,
+    );
+    assert!(
+        unknown.starts_with("E_PLAN: unknown function 'frobnicate'"),
+        "{unknown}"
+    );
+    let types = expect_refusal(client.query("SELECT SUM(specialty) FROM episodes").await);
+    assert!(
+        !types.contains("Utf8") && !types.contains("DataFusion"),
+        "no engine wording: {types}"
+    );
     // None of these reached a trust.
     for node in &local.nodes {
         assert!(

@@ -270,8 +270,9 @@ impl TallyError {
         )
     }
 
-    /// Maps an error raised while *planning* a query. Planning only sees the query text and
-    /// schemas, never data, so the description of what is wrong with the query is kept.
+    /// Maps an error raised while *planning* a query. Syntax errors (which quote only the
+    /// analyst's own text), unknown tables, columns and functions keep their names; any other
+    /// engine wording is logged and replaced by our own message.
     pub fn from_planning(err: DataFusionError) -> Self {
         if let Some(tally) = find_tally_error(&err) {
             return tally;
@@ -292,15 +293,18 @@ impl TallyError {
                             field.name()
                         ),
                     ),
-                    other => TallyError::new(ErrorCode::Plan, other.to_string()),
+                    other => engine_plan_error(&other.to_string()),
                 }
             }
             DataFusionError::Plan(msg) => plan_error(msg),
-            DataFusionError::NotImplemented(msg) => TallyError::new(
-                ErrorCode::Plan,
-                format!("not supported: {}", first_line(msg)),
-            ),
-            _ => TallyError::new(ErrorCode::Plan, "the query could not be planned"),
+            DataFusionError::NotImplemented(msg) => {
+                tracing::info!(detail = %first_line(msg), "query uses an unsupported feature");
+                TallyError::new(
+                    ErrorCode::Plan,
+                    "the query uses a SQL feature Tally does not support",
+                )
+            }
+            other => engine_plan_error(&other.to_string()),
         }
     }
 
@@ -387,7 +391,20 @@ fn plan_error(msg: &str) -> TallyError {
             format!("table '{short}' not found"),
         );
     }
-    TallyError::new(ErrorCode::Plan, msg.to_string())
+    if let Some(rest) = msg.strip_prefix("Invalid function '") {
+        let name = rest.split('\'').next().unwrap_or_default();
+        return TallyError::new(ErrorCode::Plan, format!("unknown function '{name}'"));
+    }
+    engine_plan_error(msg)
+}
+
+/// Any other planning failure: the engine's wording stays in the server log.
+fn engine_plan_error(detail: &str) -> TallyError {
+    tracing::info!(detail = %first_line(detail), "query could not be planned");
+    TallyError::new(
+        ErrorCode::Plan,
+        "the query could not be planned: check that column types suit the operators and functions used",
+    )
 }
 
 fn first_line(msg: &str) -> &str {
