@@ -27,16 +27,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Times fact derivation and policy evaluation per query; returns a report.
 pub async fn policy(policies: &Path, data: &Path, iterations: usize) -> Result<String, String> {
     let policy = Policy::load(policies).map_err(|e| e.to_string())?;
-    let trusts = default_trusts();
-    let config = crate::federation::node_config(data, &trusts[0], policies);
-    let ctx = tally_common::session::new_context().map_err(|e| e.to_string())?;
-    for (name, table) in tally_node::tables::open_tables(&ctx, &config.tables, &config.trust.code)
-        .await
-        .map_err(|e| e.to_string())?
-    {
-        ctx.register_table(name.as_str(), table)
-            .map_err(|e| e.to_string())?;
-    }
+    let ctx = crate::federation::local_tables(data, policies).await?;
     let identity = RequestIdentity {
         user: "analyst".into(),
         groups: vec!["analysts".into()],
@@ -44,7 +35,10 @@ pub async fn policy(policies: &Path, data: &Path, iterations: usize) -> Result<S
         purpose: "research".into(),
     };
     let catalogue = policy.data();
-    let codes: Vec<String> = trusts.iter().map(|t| t.code.to_string()).collect();
+    let codes: Vec<String> = default_trusts()
+        .iter()
+        .map(|t| t.code.to_string())
+        .collect();
     let mut report =
         format!("policy evaluation, {iterations} iterations per query (microseconds)\n");
     report

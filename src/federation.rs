@@ -135,6 +135,24 @@ pub async fn start(
     Ok(LocalFederation { nodes, gateway })
 }
 
+/// A session over the first trust's tables under `data_dir`: their schemas, for planning
+/// queries locally (policy explain, benchmarks). Nothing is served.
+pub async fn local_tables(
+    data_dir: &Path,
+    policies: &Path,
+) -> Result<datafusion::prelude::SessionContext, String> {
+    let config = node_config(data_dir, &default_trusts()[0], policies);
+    let ctx = tally_common::session::new_context().map_err(|e| e.to_string())?;
+    let tables = tally_node::tables::open_tables(&ctx, &config.tables, &config.trust.code)
+        .await
+        .map_err(|e| format!("{e} (generate data with `tally generate`, or pass --data)"))?;
+    for (name, table) in tables {
+        ctx.register_table(name.as_str(), table)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(ctx)
+}
+
 /// The default policy folder of this repository.
 pub fn default_policies() -> PathBuf {
     PathBuf::from("policies")

@@ -39,20 +39,14 @@ pub async fn explain(
     sql: &str,
 ) -> Result<String, String> {
     let policy = Policy::load(policies).map_err(|e| e.to_string())?;
-    let trusts = default_trusts();
-    let config = crate::federation::node_config(data_dir, &trusts[0], policies);
-    let ctx = tally_common::session::new_context().map_err(|e| e.to_string())?;
-    for (name, table) in tally_node::tables::open_tables(&ctx, &config.tables, &config.trust.code)
-        .await
-        .map_err(|e| format!("{e} (generate data with `tally generate`, or pass --data)"))?
-    {
-        ctx.register_table(name.as_str(), table)
-            .map_err(|e| e.to_string())?;
-    }
+    let ctx = crate::federation::local_tables(data_dir, policies).await?;
     let planned = plan_read_only(&ctx.state(), sql)
         .await
         .map_err(|e| e.to_string())?;
-    let codes = trusts.iter().map(|t| t.code.to_string()).collect();
+    let codes = default_trusts()
+        .iter()
+        .map(|t| t.code.to_string())
+        .collect();
     let facts = query_facts(
         sql,
         &planned.plan,
