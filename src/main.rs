@@ -86,6 +86,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Measure policy evaluation (see BENCHMARKS.md).
     Bench {
         /// The policy folder.
@@ -109,6 +114,15 @@ enum Command {
         /// Random seed.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check an audit log's hash chain; reports the first record that breaks it.
+    Verify {
+        /// The JSON-lines audit log.
+        file: PathBuf,
     },
 }
 
@@ -179,6 +193,15 @@ async fn run(command: Command) -> Result<(), String> {
             policies,
             exit,
         } => demo::run(&data, patients, port, &policies, exit).await,
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match tally_common::audit::verify(&file) {
+            Ok(records) => {
+                println!("{}: {records} records, chain intact", file.display());
+                Ok(())
+            }
+            Err(err) => Err(format!("{}: {err}", file.display())),
+        },
         Command::Bench {
             policies,
             data,

@@ -205,30 +205,16 @@ impl Gateway {
         Ok(Explanation { input, decision })
     }
 
-    /// Plans `sql` without running it: the answer's schema, or why it is refused.
-    pub async fn describe(
+    /// A fresh audit record for a query, before anything is known of its outcome.
+    fn new_record(
         &self,
         identity: &RequestIdentity,
         sql: &str,
-    ) -> Result<SchemaRef, TallyError> {
-        let (plan, _) = self
-            .plan(identity, sql, &new_query_id())
-            .await
-            .map_err(|r| r.error)?;
-        Ok(Arc::new(plan.schema().as_arrow().clone()))
-    }
-
-    /// Runs `sql` for `identity` and records the outcome in the audit log.
-    pub async fn run(
-        &self,
-        identity: &RequestIdentity,
-        sql: &str,
-    ) -> Result<QueryOutcome, TallyError> {
-        let started = Instant::now();
-        let query_id = new_query_id();
-        let mut record = GatewayAuditRecord {
+        query_id: &str,
+    ) -> GatewayAuditRecord {
+        GatewayAuditRecord {
             time_ms: now_millis(),
-            query_id: query_id.clone(),
+            query_id: query_id.to_string(),
             identity: identity.clone(),
             sql: sql.to_string(),
             policy_version: None,
@@ -240,19 +226,57 @@ impl Gateway {
             rows: None,
             groups_suppressed: None,
             duration_ms: 0.0,
+        }
+    }
+
+    /// Records a refusal (with the policy's reason codes when it decided) and returns the
+    /// error for the analyst.
+    fn audit_refusal(
+        &self,
+        mut record: GatewayAuditRecord,
+        refused: Refused,
+        started: Instant,
+    ) -> TallyError {
+        record.policy_version = refused.decision.as_ref().map(|d| d.policy_version.clone());
+        record.codes = match &refused.decision {
+            Some(d) if !d.allow => d.reasons.iter().map(|r| r.code.clone()).collect(),
+            _ => vec![refused.error.code.to_string()],
         };
+        record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        self.audit.append(record);
+        refused.error
+    }
+
+    /// Plans `sql` without running it: the answer's schema, or why it is refused.
+    pub async fn describe(
+        &self,
+        identity: &RequestIdentity,
+        sql: &str,
+    ) -> Result<SchemaRef, TallyError> {
+        let started = Instant::now();
+        let query_id = new_query_id();
+        let (plan, _) = self
+            .plan(identity, sql, &query_id)
+            .await
+            .map_err(|refused| {
+                let record = self.new_record(identity, sql, &query_id);
+                self.audit_refusal(record, refused, started)
+            })?;
+        Ok(Arc::new(plan.schema().as_arrow().clone()))
+    }
+
+    /// Runs `sql` for `identity` and records the outcome in the audit log.
+    pub async fn run(
+        &self,
+        identity: &RequestIdentity,
+        sql: &str,
+    ) -> Result<QueryOutcome, TallyError> {
+        let started = Instant::now();
+        let query_id = new_query_id();
+        let mut record = self.new_record(identity, sql, &query_id);
         let (plan, fanout) = match self.plan(identity, sql, &query_id).await {
             Ok(planned) => planned,
-            Err(refused) => {
-                record.policy_version = refused.decision.as_ref().map(|d| d.policy_version.clone());
-                record.codes = match &refused.decision {
-                    Some(d) if !d.allow => d.reasons.iter().map(|r| r.code.clone()).collect(),
-                    _ => vec![refused.error.code.to_string()],
-                };
-                record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
-                self.audit.append(record);
-                return Err(refused.error);
-            }
+            Err(refused) => return Err(self.audit_refusal(record, refused, started)),
         };
         record.policy_version = Some(self.policy.version());
         record.obligations = Some(fanout.obligations().clone());
