@@ -43,6 +43,16 @@ pub struct Refused {
     pub decision: Option<Box<Decision>>,
 }
 
+impl Refused {
+    /// The reason codes for the audit log: the policy's when it refused, else ours.
+    pub fn codes(&self) -> Vec<String> {
+        match &self.decision {
+            Some(d) if !d.allow => d.reasons.iter().map(|r| r.code.clone()).collect(),
+            _ => vec![self.error.code.to_string()],
+        }
+    }
+}
+
 impl From<TallyError> for Refused {
     fn from(error: TallyError) -> Self {
         Refused {

@@ -238,10 +238,7 @@ impl Gateway {
         started: Instant,
     ) -> TallyError {
         record.policy_version = refused.decision.as_ref().map(|d| d.policy_version.clone());
-        record.codes = match &refused.decision {
-            Some(d) if !d.allow => d.reasons.iter().map(|r| r.code.clone()).collect(),
-            _ => vec![refused.error.code.to_string()],
-        };
+        record.codes = refused.codes();
         record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
         self.audit.append(record);
         refused.error

@@ -194,10 +194,7 @@ impl NodeService {
         });
         admitted.map_err(|refused| {
             tracing::info!(query_id = %request.query_id, code = %refused.error.code, "refused");
-            let codes = match &refused.decision {
-                Some(d) if !d.allow => d.reasons.iter().map(|r| r.code.clone()).collect(),
-                _ => vec![refused.error.code.to_string()],
-            };
+            let codes = refused.codes();
             let outcome = Outcome {
                 codes,
                 decision: refused.decision.map(|d| *d),
