@@ -1,5 +1,6 @@
 //! The analyst's side of Flight SQL: connect to a gateway, authenticate, run one query.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
@@ -8,8 +9,37 @@ use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
 use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, header_text, http_url};
+use tally_common::tls::client_tls;
 use tally_gateway::{SUPPRESSED_HEADER, TRUSTS_HEADER};
 use tonic::transport::{Channel, Endpoint};
+
+/// Where a gateway is, and the CA certificate that signs its TLS certificate.
+#[derive(Debug, Clone)]
+pub struct GatewayTarget {
+    /// `grpc+tls://host:port`, or `grpc://` for a gateway serving plaintext on loopback.
+    pub url: String,
+    /// The CA to verify the gateway with (required for `grpc+tls://`).
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl GatewayTarget {
+    /// A gateway at `url` verified with `ca_cert`.
+    pub fn new(url: impl Into<String>, ca_cert: Option<PathBuf>) -> Self {
+        GatewayTarget {
+            url: url.into(),
+            ca_cert,
+        }
+    }
+
+    /// A plaintext gateway on loopback.
+    pub fn plaintext(url: impl Into<String>) -> Self {
+        Self::new(url, None)
+    }
+
+    fn uses_tls(&self) -> bool {
+        self.url.starts_with("grpc+tls://") || self.url.starts_with("https://")
+    }
+}
 
 /// A connected, authenticated analyst client.
 pub struct AnalystClient {
@@ -36,6 +66,9 @@ pub enum ClientError {
     /// The gateway URL is malformed.
     #[error("invalid gateway url '{0}'")]
     Url(String),
+    /// TLS cannot be set up as asked.
+    #[error("{0}")]
+    Tls(String),
     /// The gateway could not be reached.
     #[error("cannot reach the gateway at {url}: {reason}")]
     Connect {
@@ -49,6 +82,18 @@ pub enum ClientError {
     Refused(String),
 }
 
+/// An error and its causes, joined: transport errors say little on their own.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn refused(err: FlightError) -> ClientError {
     ClientError::Refused(match err {
         FlightError::Tonic(status) => status.message().to_string(),
@@ -57,26 +102,41 @@ fn refused(err: FlightError) -> ClientError {
 }
 
 impl AnalystClient {
-    /// Connects to `url`; every call carries `token` as a bearer token.
-    pub async fn connect(url: &str, token: &str) -> Result<Self, ClientError> {
-        Self::connect_for(url, token, "", "").await
+    /// Connects to `target`; every call carries `token` as a bearer token.
+    pub async fn connect(target: &GatewayTarget, token: &str) -> Result<Self, ClientError> {
+        Self::connect_for(target, token, "", "").await
     }
 
-    /// Connects to `url` for `project` and `purpose` (empty: the user's defaults).
+    /// Connects to `target` for `project` and `purpose` (empty: the user's defaults).
     pub async fn connect_for(
-        url: &str,
+        target: &GatewayTarget,
         token: &str,
         project: &str,
         purpose: &str,
     ) -> Result<Self, ClientError> {
-        let channel = Endpoint::from_shared(http_url(url))
-            .map_err(|_| ClientError::Url(url.to_string()))?
+        let url = &target.url;
+        let mut endpoint =
+            Endpoint::from_shared(http_url(url)).map_err(|_| ClientError::Url(url.to_string()))?;
+        if target.uses_tls() {
+            let ca = target.ca_cert.as_ref().ok_or_else(|| {
+                ClientError::Tls(format!(
+                    "{url} uses TLS: give the CA certificate that signs the gateway's certificate (--ca-cert)"
+                ))
+            })?;
+            let host = endpoint.uri().host().unwrap_or_default().to_string();
+            let config =
+                client_tls(ca, None, &host).map_err(|e| ClientError::Tls(e.to_string()))?;
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| ClientError::Tls(e.to_string()))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
             .map_err(|e| ClientError::Connect {
                 url: url.to_string(),
-                reason: e.to_string(),
+                reason: error_chain(&e),
             })?;
         let mut inner = FlightSqlServiceClient::new(channel);
         inner.set_token(token.to_string());

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use tally::client::AnalystClient;
-use tally::federation::{self, DEMO_TOKEN, DEMO_USER};
+use tally::federation::{self, DEMO_TOKEN, DEMO_USER, Security};
 use tally::output::{self, Format};
 
 /// The showcase: a title, the SQL, and whether Tally should refuse it.
@@ -57,6 +57,7 @@ pub async fn run(
     port: u16,
     policies: &Path,
     exit: bool,
+    insecure_loopback: bool,
 ) -> Result<(), String> {
     if federation::ensure_data(data_dir, patients, 42)? {
         println!(
@@ -66,17 +67,32 @@ pub async fn run(
     } else {
         println!("Using the synthetic data in {}", data_dir.display());
     }
-    let local =
-        federation::start(data_dir, SocketAddr::from(([127, 0, 0, 1], port)), policies).await?;
+    let security = if insecure_loopback {
+        Security::InsecureLoopback
+    } else {
+        Security::tls_in(&data_dir.join("certs"))?
+    };
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let local = federation::start(data_dir, listen, policies, security).await?;
+    match &local.security {
+        Security::Tls(folder) => println!(
+            "TLS on: mutual TLS between the gateway and each trust, TLS for analysts (CA: {})",
+            folder.ca().display()
+        ),
+        Security::InsecureLoopback => {
+            println!("TLS off (--insecure-loopback): plaintext on loopback")
+        }
+    }
     for (trust, node) in tally_synth::default_trusts().iter().zip(&local.nodes) {
         println!(
             "  node agent {} ({}) on {}",
             trust.code, trust.name, node.addr
         );
     }
-    let url = local.gateway_url();
+    let target = local.gateway_target();
+    let url = target.url.clone();
     println!("  gateway on {url}\n");
-    let mut client = AnalystClient::connect(&url, DEMO_TOKEN)
+    let mut client = AnalystClient::connect(&target, DEMO_TOKEN)
         .await
         .map_err(|e| e.to_string())?;
     let mut failures = 0;
@@ -114,8 +130,13 @@ pub async fn run(
     println!(
         "Credentials: user '{DEMO_USER}', token '{DEMO_TOKEN}' (Basic auth in the handshake, or 'authorization: Bearer {DEMO_TOKEN}')"
     );
+    let ca_flag = target
+        .ca_cert
+        .as_ref()
+        .map(|ca| format!(" --ca-cert {}", ca.display()))
+        .unwrap_or_default();
     println!(
-        "Try: tally query --gateway {url} --token {DEMO_TOKEN} \"SELECT sex, COUNT(*) FROM patients GROUP BY sex\""
+        "Try: tally query --gateway {url}{ca_flag} --token {DEMO_TOKEN} \"SELECT sex, COUNT(*) FROM patients GROUP BY sex\""
     );
     let _ = std::io::stdout().flush();
     if failures > 0 {

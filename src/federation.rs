@@ -4,9 +4,40 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use tally_gateway::{GatewayConfig, GatewayHandle, NodeEndpoint, UserConfig, token_hash};
-use tally_node::{NodeConfig, NodeHandle, OptOutConfig, TableConfig, TrustConfig};
+use tally_gateway::{
+    GatewayConfig, GatewayHandle, GatewayLimits, NodeEndpoint, NodeTlsConfig as GatewayNodeTls,
+    UserConfig, token_hash,
+};
+use tally_node::{
+    NodeConfig, NodeHandle, NodeLimits, NodeTlsConfig, OptOutConfig, TableConfig, TrustConfig,
+};
 use tally_synth::{SynthConfig, TrustSpec, default_trusts};
+
+use crate::certs::{CertFolder, GATEWAY_IDENTITY};
+use crate::client::GatewayTarget;
+
+/// How a local federation's links are secured.
+#[derive(Debug, Clone)]
+pub enum Security {
+    /// TLS everywhere with the certificates in this folder (see `tally certs`).
+    Tls(CertFolder),
+    /// Plaintext on loopback (`--insecure-loopback`).
+    InsecureLoopback,
+}
+
+impl Security {
+    /// TLS with the certificates in `dir`, created there first if any are missing.
+    pub fn tls_in(dir: &Path) -> Result<Self, String> {
+        let folder = CertFolder {
+            dir: dir.to_path_buf(),
+        };
+        let codes: Vec<&str> = default_trusts().iter().map(|t| t.code).collect();
+        if folder.is_complete(&codes) {
+            return Ok(Security::Tls(folder));
+        }
+        crate::certs::create(dir, &codes).map(Security::Tls)
+    }
+}
 
 /// Tables every demo trust serves, by file stem.
 pub const DEMO_TABLES: [&str; 3] = ["patients", "episodes", "icd10_chapters"];
@@ -23,12 +54,19 @@ pub struct LocalFederation {
     pub nodes: Vec<NodeHandle>,
     /// The gateway.
     pub gateway: GatewayHandle,
+    /// How its links are secured.
+    pub security: Security,
 }
 
 impl LocalFederation {
     /// The gateway's URL for Flight SQL clients.
     pub fn gateway_url(&self) -> String {
-        format!("grpc://{}", self.gateway.addr)
+        gateway_url(&self.security, self.gateway.addr)
+    }
+
+    /// The gateway's URL and the CA to verify it with.
+    pub fn gateway_target(&self) -> GatewayTarget {
+        GatewayTarget::new(self.gateway_url(), ca_cert(&self.security))
     }
 
     /// Stops the gateway, then every node.
@@ -43,9 +81,30 @@ impl LocalFederation {
 /// The demo analyst's project.
 pub const DEMO_PROJECT: &str = "uec-demand";
 
+/// The URL a gateway at `addr` serves analysts on.
+pub fn gateway_url(security: &Security, addr: SocketAddr) -> String {
+    match security {
+        Security::Tls(_) => format!("grpc+tls://{addr}"),
+        Security::InsecureLoopback => format!("grpc://{addr}"),
+    }
+}
+
+/// The CA analysts' clients verify the gateway with, under TLS.
+pub fn ca_cert(security: &Security) -> Option<PathBuf> {
+    match security {
+        Security::Tls(folder) => Some(folder.ca()),
+        Security::InsecureLoopback => None,
+    }
+}
+
 /// The node config for one trust's generated data under `data_dir`, listening on loopback,
-/// deciding with the policy folder `policies`.
-pub fn node_config(data_dir: &Path, trust: &TrustSpec, policies: &Path) -> NodeConfig {
+/// deciding with the policy folder `policies`, secured as `security` says.
+pub fn node_config(
+    data_dir: &Path,
+    trust: &TrustSpec,
+    policies: &Path,
+    security: &Security,
+) -> NodeConfig {
     NodeConfig {
         trust: TrustConfig {
             code: trust.code.to_string(),
@@ -53,6 +112,21 @@ pub fn node_config(data_dir: &Path, trust: &TrustSpec, policies: &Path) -> NodeC
         },
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         audit_log: None,
+        audit_rotate_mb: 64,
+        tls: match security {
+            Security::Tls(folder) => {
+                let leaf = folder.node(trust.code);
+                Some(NodeTlsConfig {
+                    cert: leaf.cert,
+                    key: leaf.key,
+                    client_ca: folder.ca(),
+                    allowed_gateways: vec![GATEWAY_IDENTITY.to_string()],
+                })
+            }
+            Security::InsecureLoopback => None,
+        },
+        limits: NodeLimits::default(),
+        insecure_loopback: matches!(security, Security::InsecureLoopback),
         policies: policies.to_path_buf(),
         opt_out: Some(OptOutConfig {
             path: data_dir.join(trust.code).join("opt_outs.parquet"),
@@ -70,12 +144,18 @@ pub fn node_config(data_dir: &Path, trust: &TrustSpec, policies: &Path) -> NodeC
     }
 }
 
-/// A gateway config over `nodes` with the demo analyst, deciding with `policies`.
+/// A gateway config over `nodes` with the demo analyst, deciding with `policies`, secured
+/// as `security` says.
 pub fn gateway_config(
     listen: SocketAddr,
     nodes: &[(String, String, SocketAddr)],
     policies: &Path,
+    security: &Security,
 ) -> GatewayConfig {
+    let scheme = match security {
+        Security::Tls(_) => "grpc+tls",
+        Security::InsecureLoopback => "grpc",
+    };
     GatewayConfig {
         listen,
         nodes: nodes
@@ -83,7 +163,8 @@ pub fn gateway_config(
             .map(|(code, name, addr)| NodeEndpoint {
                 code: code.clone(),
                 name: Some(name.clone()),
-                url: format!("http://{addr}"),
+                url: format!("{scheme}://{addr}"),
+                tls_name: None,
             })
             .collect(),
         users: vec![UserConfig {
@@ -100,6 +181,25 @@ pub fn gateway_config(
         request_timeout_secs: 30.0,
         catalogue_refresh_secs: 10.0,
         audit_log: None,
+        audit_rotate_mb: 64,
+        tls: match security {
+            Security::Tls(folder) => Some(folder.gateway_server()),
+            Security::InsecureLoopback => None,
+        },
+        node_tls: match security {
+            Security::Tls(folder) => {
+                let leaf = folder.gateway_client();
+                Some(GatewayNodeTls {
+                    cert: leaf.cert,
+                    key: leaf.key,
+                    ca: folder.ca(),
+                })
+            }
+            Security::InsecureLoopback => None,
+        },
+        jwt: None,
+        limits: GatewayLimits::default(),
+        insecure_loopback: matches!(security, Security::InsecureLoopback),
     }
 }
 
@@ -114,25 +214,31 @@ pub fn ensure_data(data_dir: &Path, patients: usize, seed: u64) -> Result<bool, 
 }
 
 /// Starts a node per default trust over `data_dir` and a gateway on `gateway_listen`, all
-/// deciding with the policy folder `policies`.
+/// deciding with the policy folder `policies`, secured as `security` says.
 pub async fn start(
     data_dir: &Path,
     gateway_listen: SocketAddr,
     policies: &Path,
+    security: Security,
 ) -> Result<LocalFederation, String> {
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
     for trust in default_trusts() {
-        let node = tally_node::start(&node_config(data_dir, &trust, policies))
+        let node = tally_node::start(&node_config(data_dir, &trust, policies, &security))
             .await
             .map_err(|e| format!("trust {}: {e}", trust.code))?;
         endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
         nodes.push(node);
     }
-    let gateway = tally_gateway::start(&gateway_config(gateway_listen, &endpoints, policies))
+    let config = gateway_config(gateway_listen, &endpoints, policies, &security);
+    let gateway = tally_gateway::start(&config)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(LocalFederation { nodes, gateway })
+    Ok(LocalFederation {
+        nodes,
+        gateway,
+        security,
+    })
 }
 
 /// A session over the first trust's tables under `data_dir`: their schemas, for planning
@@ -141,7 +247,12 @@ pub async fn local_tables(
     data_dir: &Path,
     policies: &Path,
 ) -> Result<datafusion::prelude::SessionContext, String> {
-    let config = node_config(data_dir, &default_trusts()[0], policies);
+    let config = node_config(
+        data_dir,
+        &default_trusts()[0],
+        policies,
+        &Security::InsecureLoopback,
+    );
     let ctx = tally_common::session::new_context().map_err(|e| e.to_string())?;
     let tables = tally_node::tables::open_tables(&ctx, &config.tables, &config.trust.code)
         .await

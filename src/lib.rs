@@ -2,6 +2,7 @@
 //! that the demo and the integration tests run on.
 
 pub mod bench;
+pub mod certs;
 pub mod client;
 pub mod federation;
 pub mod output;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tally::client::AnalystClient;
+use tally::client::{AnalystClient, GatewayTarget};
 use tally::federation;
 use tally::output::{self, Format};
 use tally_common::admission::RequestIdentity;
@@ -45,24 +45,50 @@ enum Command {
         /// Stop after the showcase instead of serving until Ctrl-C.
         #[arg(long)]
         exit: bool,
+        /// Plaintext on loopback instead of TLS (certificates are otherwise made in
+        /// DATA/certs).
+        #[arg(long)]
+        insecure_loopback: bool,
     },
     /// Run a trust's node agent.
     Node {
         /// The node's TOML config.
         #[arg(long)]
         config: PathBuf,
+        /// Serve plaintext (no [tls] section needed); only on a loopback address.
+        #[arg(long)]
+        insecure_loopback: bool,
     },
     /// Run the gateway.
     Gateway {
         /// The gateway's TOML config.
         #[arg(long)]
         config: PathBuf,
+        /// Serve analysts and reach nodes in plaintext; only on loopback addresses.
+        #[arg(long)]
+        insecure_loopback: bool,
+    },
+    /// Create a demo certificate authority and the certificates for TLS everywhere.
+    Certs {
+        /// Output folder.
+        #[arg(long, default_value_os_t = federation::default_data_dir().join("certs"))]
+        out: PathBuf,
+        /// Trust codes to make node certificates for (repeatable).
+        #[arg(long = "trust", default_values_t = ["RXA".to_string(), "RXB".to_string(), "RXC".to_string()])]
+        trusts: Vec<String>,
+        /// Instead of a new CA: issue one more client certificate with this identity from
+        /// the CA already in the folder (e.g. a second gateway).
+        #[arg(long)]
+        client: Option<String>,
     },
     /// Send SQL to a gateway and print the answer (an interactive shell without SQL).
     Query {
-        /// The gateway's Flight SQL URL.
-        #[arg(long, default_value = "grpc://127.0.0.1:50050")]
+        /// The gateway's Flight SQL URL (`grpc://` only for a plaintext loopback gateway).
+        #[arg(long, default_value = "grpc+tls://127.0.0.1:50050")]
         gateway: String,
+        /// The CA certificate that signs the gateway's certificate (default: the demo's).
+        #[arg(long, env = "TALLY_CA_CERT", default_value_os_t = federation::default_data_dir().join("certs").join("ca.pem"))]
+        ca_cert: PathBuf,
         /// Bearer token (or set TALLY_TOKEN).
         #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]
         token: String,
@@ -119,9 +145,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check an audit log's hash chain; reports the first record that breaks it.
+    /// Check an audit log's hash chain (across its rotated files); reports the first record
+    /// that breaks it.
     Verify {
-        /// The JSON-lines audit log.
+        /// The JSON-lines audit log (the active file; rotated `FILE.000001`... are found).
         file: PathBuf,
     },
 }
@@ -192,16 +219,27 @@ async fn run(command: Command) -> Result<(), String> {
             port,
             policies,
             exit,
-        } => demo::run(&data, patients, port, &policies, exit).await,
+            insecure_loopback,
+        } => demo::run(&data, patients, port, &policies, exit, insecure_loopback).await,
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => match tally_common::audit::verify(&file) {
-            Ok(records) => {
-                println!("{}: {records} records, chain intact", file.display());
+            Ok(verified) => {
+                println!(
+                    "{}: {} records in {} file(s), chain intact",
+                    file.display(),
+                    verified.records,
+                    verified.files.len()
+                );
                 Ok(())
             }
-            Err(err) => Err(format!("{}: {err}", file.display())),
+            Err(err) => Err(format!("chain broken at {err}")),
         },
+        Command::Certs {
+            out,
+            trusts,
+            client,
+        } => certs(&out, &trusts, client.as_deref()),
         Command::Bench {
             policies,
             data,
@@ -240,8 +278,12 @@ async fn run(command: Command) -> Result<(), String> {
                 Ok(())
             }
         },
-        Command::Node { config } => {
-            let config = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+        Command::Node {
+            config,
+            insecure_loopback,
+        } => {
+            let mut config = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            config.insecure_loopback = insecure_loopback;
             let node = tally_node::start(&config)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -252,17 +294,27 @@ async fn run(command: Command) -> Result<(), String> {
             serve_until_ctrl_c(node.wait()).await;
             Ok(())
         }
-        Command::Gateway { config } => {
-            let config = GatewayConfig::load(&config).map_err(|e| e.to_string())?;
+        Command::Gateway {
+            config,
+            insecure_loopback,
+        } => {
+            let mut config = GatewayConfig::load(&config).map_err(|e| e.to_string())?;
+            config.insecure_loopback = insecure_loopback;
             let gateway = tally_gateway::start(&config)
                 .await
                 .map_err(|e| e.to_string())?;
-            eprintln!("gateway on grpc://{}", gateway.addr);
+            let scheme = if config.tls.is_some() {
+                "grpc+tls"
+            } else {
+                "grpc"
+            };
+            eprintln!("gateway on {scheme}://{}", gateway.addr);
             serve_until_ctrl_c(gateway.wait()).await;
             Ok(())
         }
         Command::Query {
             gateway,
+            ca_cert,
             token,
             project,
             purpose,
@@ -270,7 +322,8 @@ async fn run(command: Command) -> Result<(), String> {
             output,
             sql,
         } => {
-            let mut client = AnalystClient::connect_for(&gateway, &token, &project, &purpose)
+            let target = GatewayTarget::new(gateway, Some(ca_cert));
+            let mut client = AnalystClient::connect_for(&target, &token, &project, &purpose)
                 .await
                 .map_err(|e| e.to_string())?;
             match sql {
@@ -295,6 +348,37 @@ async fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// `tally certs`: a new CA and every certificate, or one more client certificate.
+fn certs(out: &std::path::Path, trusts: &[String], client: Option<&str>) -> Result<(), String> {
+    let folder = tally::certs::CertFolder {
+        dir: out.to_path_buf(),
+    };
+    if let Some(identity) = client {
+        let file = format!("client-{identity}");
+        let files = tally::certs::issue_from_folder(
+            &folder,
+            &file,
+            identity,
+            &[],
+            tally::certs::Role::Client,
+        )?;
+        println!(
+            "client certificate '{identity}': {} and {}",
+            files.cert.display(),
+            files.key.display()
+        );
+        return Ok(());
+    }
+    let codes: Vec<&str> = trusts.iter().map(String::as_str).collect();
+    tally::certs::create(out, &codes)?;
+    println!(
+        "demo CA and certificates in {} (gateway identity '{}'; nodes named <code>.node.tally)",
+        out.display(),
+        tally::certs::GATEWAY_IDENTITY
+    );
+    Ok(())
 }
 
 async fn serve_until_ctrl_c(server: impl Future<Output = ()>) {

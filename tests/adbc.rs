@@ -27,11 +27,13 @@ fn close(got: &serde_json::Value, want: &serde_json::Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_adbc_driver_gets_the_right_numbers() {
     let local = start_federation().await;
-    let url = format!("grpc://{}", local.gateway.addr);
+    let target = local.gateway_target();
+    let ca = target.ca_cert.clone().expect("the federation runs TLS");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/adbc_client.py");
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")
-            .args([script, &url, DEMO_USER, DEMO_TOKEN])
+            .args([script, &target.url, DEMO_USER, DEMO_TOKEN])
+            .arg(ca)
             .output()
             .expect("python3 runs")
     })

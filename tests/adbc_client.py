@@ -1,6 +1,7 @@
 """Drives a running Tally gateway with the ADBC Flight SQL driver (a real third-party client).
 
-Usage: python3 tests/adbc_client.py URL USER TOKEN
+Usage: python3 tests/adbc_client.py URL USER TOKEN [CA_PEM]
+With CA_PEM, the gateway's TLS certificate is verified against that CA.
 Prints one JSON object: the rows of a plain statement and of a prepared statement.
 """
 import json
@@ -14,7 +15,11 @@ PREPARED = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex"
 
 def main() -> None:
     url, user, token = sys.argv[1:4]
-    with flight_sql.connect(url, db_kwargs={"username": user, "password": token}) as conn:
+    db_kwargs = {"username": user, "password": token}
+    if len(sys.argv) > 4:
+        with open(sys.argv[4], encoding="ascii") as ca:
+            db_kwargs["adbc.flight.sql.client_option.tls_root_certs"] = ca.read()
+    with flight_sql.connect(url, db_kwargs=db_kwargs) as conn:
         with conn.cursor() as cur:
             cur.execute(PLAIN)
             plain = [list(row) for row in cur.fetchall()]

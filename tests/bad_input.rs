@@ -8,8 +8,8 @@ use tally::federation::{self, DEMO_TOKEN};
 use tally_synth::default_trusts;
 
 use crate::support::{
-    analyst, copy_of_data, data_dir, expect_refusal, open_policies, start_federation,
-    start_federation_over,
+    analyst, copy_of_data, data_dir, expect_refusal, gateway_target, open_policies,
+    start_federation, start_federation_over, tls,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +104,7 @@ async fn malformed_and_refused_queries_get_our_codes() {
             "refused queries never run"
         );
     }
-    let mut stranger = AnalystClient::connect(&local.gateway_url(), "not-a-token")
+    let mut stranger = AnalystClient::connect(&local.gateway_target(), "not-a-token")
         .await
         .unwrap();
     let err = expect_refusal(stranger.query("SELECT COUNT(*) FROM episodes").await);
@@ -150,6 +150,7 @@ async fn a_slow_trust_times_out_with_its_name() {
         data_dir(),
         &trusts[0],
         &open_policies(),
+        &tls(),
     ))
     .await
     .unwrap();
@@ -165,14 +166,18 @@ async fn a_slow_trust_times_out_with_its_name() {
             silent_addr,
         ),
     ];
-    let mut config =
-        federation::gateway_config("127.0.0.1:0".parse().unwrap(), &endpoints, &open_policies());
+    let mut config = federation::gateway_config(
+        "127.0.0.1:0".parse().unwrap(),
+        &endpoints,
+        &open_policies(),
+        &tls(),
+    );
     config.request_timeout_secs = 1.0;
     config.connect_timeout_secs = 1.0;
     let gateway = tally_gateway::start(&config)
         .await
         .expect("gateway starts with a trust down");
-    let mut client = AnalystClient::connect(&format!("http://{}", gateway.addr), DEMO_TOKEN)
+    let mut client = AnalystClient::connect(&gateway_target(gateway.addr), DEMO_TOKEN)
         .await
         .unwrap();
     let started = Instant::now();
@@ -251,7 +256,7 @@ async fn a_corrupt_parquet_file_is_a_typed_error() {
     local.stop().await;
 
     // A node refuses to start on a corrupt file, naming the table.
-    let config = federation::node_config(&dir, &default_trusts()[1], &open_policies());
+    let config = federation::node_config(&dir, &default_trusts()[1], &open_policies(), &tls());
     let err = tally_node::start(&config)
         .await
         .err()

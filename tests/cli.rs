@@ -4,7 +4,7 @@ use std::process::Command;
 
 use tally::federation::DEMO_TOKEN;
 
-use crate::support::{data_dir, default_policies, start_federation};
+use crate::support::{data_dir, default_policies, gateway_target, start_federation, tls};
 
 fn tally() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -59,15 +59,18 @@ fn demo_runs_its_showcase_and_exits() {
 async fn query_prints_csv_and_json() {
     let local = start_federation().await;
     let url = local.gateway_url();
+    let ca = crate::support::certs().ca();
     let sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex";
     let run = |format: &'static str, sql: &'static str| {
-        let url = url.clone();
+        let (url, ca) = (url.clone(), ca.clone());
         tokio::task::spawn_blocking(move || {
             tally()
                 .args([
                     "query",
                     "--gateway",
                     &url,
+                    "--ca-cert",
+                    ca.to_str().unwrap(),
                     "--token",
                     DEMO_TOKEN,
                     "--format",
@@ -250,7 +253,7 @@ async fn audit_logs_written_by_a_federation_verify_and_tampering_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let trusts = tally_synth::default_trusts();
     let mut node_config =
-        tally::federation::node_config(data_dir(), &trusts[0], &default_policies());
+        tally::federation::node_config(data_dir(), &trusts[0], &default_policies(), &tls());
     node_config.audit_log = Some(dir.path().join("rxa.jsonl"));
     let node = tally_node::start(&node_config).await.unwrap();
     let endpoints = vec![(
@@ -262,11 +265,12 @@ async fn audit_logs_written_by_a_federation_verify_and_tampering_is_named() {
         "127.0.0.1:0".parse().unwrap(),
         &endpoints,
         &default_policies(),
+        &tls(),
     );
     config.audit_log = Some(dir.path().join("gateway.jsonl"));
     let gateway = tally_gateway::start(&config).await.unwrap();
     let mut client =
-        tally::client::AnalystClient::connect(&format!("grpc://{}", gateway.addr), DEMO_TOKEN)
+        tally::client::AnalystClient::connect(&gateway_target(gateway.addr), DEMO_TOKEN)
             .await
             .unwrap();
     client
@@ -309,7 +313,7 @@ async fn audit_logs_written_by_a_federation_verify_and_tampering_is_named() {
             .unwrap();
         assert!(!out.status.success());
         assert!(
-            String::from_utf8_lossy(&out.stderr).contains("line 1"),
+            String::from_utf8_lossy(&out.stderr).contains("record 1"),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );

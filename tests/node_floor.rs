@@ -7,18 +7,9 @@ use arrow_flight::Ticket;
 use arrow_flight::sql::{ProstMessageExt, TicketStatementQuery};
 use prost::Message;
 use tally_common::flight::{SqlClient, fetch_all};
-use tonic::transport::Channel;
+use tally_synth::default_trusts;
 
-use crate::support::{analyst, rows, start_federation};
-
-async fn node_client(addr: std::net::SocketAddr) -> SqlClient {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    SqlClient::new(channel)
-}
+use crate::support::{analyst, node_client, rows, start_federation};
 
 /// Runs `sql` directly at a node and returns the batches or the error text.
 async fn ask_node(
@@ -46,7 +37,7 @@ async fn per_trust_results_hold_one_row_per_group() {
     ] {
         client.query(sql).await.unwrap();
     }
-    for node in &local.nodes {
+    for (node, trust) in local.nodes.iter().zip(default_trusts()) {
         let received: Vec<String> = node
             .audit
             .recent()
@@ -55,7 +46,7 @@ async fn per_trust_results_hold_one_row_per_group() {
             .map(|r| r.sql)
             .collect();
         assert_eq!(received.len(), 3, "each node ran each per-trust query once");
-        let mut direct = node_client(node.addr).await;
+        let mut direct = node_client(node.addr, trust.code).await;
         for sql in received {
             assert!(
                 sql.contains("GROUP BY") || !sql.contains(" g0"),
@@ -95,7 +86,7 @@ async fn per_trust_results_hold_one_row_per_group() {
 async fn node_refuses_row_level_queries_sent_directly() {
     let local = start_federation().await;
     let node = &local.nodes[0];
-    let mut direct = node_client(node.addr).await;
+    let mut direct = node_client(node.addr, default_trusts()[0].code).await;
     for (sql, code) in [
         ("SELECT * FROM episodes", "E_NOT_AGGREGATE"),
         ("SELECT cost FROM episodes", "E_NOT_AGGREGATE"),

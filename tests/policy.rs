@@ -6,14 +6,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use tally::client::AnalystClient;
+use tally::client::{AnalystClient, GatewayTarget};
 use tally::federation::{self, DEMO_TOKEN, DEMO_USER};
-use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, SqlClient, USER_HEADER, fetch_all};
-use tonic::transport::Channel;
+use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, USER_HEADER, fetch_all};
 
 use crate::support::{
-    centralised, data_dir, default_policies, expect_refusal, init_logging, open_policies, rows,
-    start_federation_over,
+    centralised, data_dir, default_policies, expect_refusal, gateway_target, init_logging,
+    node_client, open_policies, rows, start_federation_over, tls,
 };
 
 #[derive(Deserialize)]
@@ -45,12 +44,7 @@ async fn ask_node(
     project: &str,
     purpose: &str,
 ) -> Result<usize, String> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = SqlClient::new(channel);
+    let mut client = node_client(addr, "RXB").await;
     client.set_header(USER_HEADER, DEMO_USER);
     client.set_header(PROJECT_HEADER, project);
     client.set_header(PURPOSE_HEADER, purpose);
@@ -69,11 +63,11 @@ async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
     let cases = cases();
     assert!(cases.len() >= 40, "at least 40 cases");
     let local = start_federation_over(data_dir(), &default_policies()).await;
-    let url = local.gateway_url();
+    let target = local.gateway_target();
     for case in &cases {
         let project = case.project.as_deref().unwrap_or(federation::DEMO_PROJECT);
         let purpose = case.purpose.as_deref().unwrap_or("planning");
-        let mut client = AnalystClient::connect_for(&url, DEMO_TOKEN, project, purpose)
+        let mut client = AnalystClient::connect_for(&target, DEMO_TOKEN, project, purpose)
             .await
             .unwrap();
         let at_gateway = client.query(&case.sql).await;
@@ -89,7 +83,7 @@ async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
         }
     }
     // A project's trusts are an obligation: cardiac-audit may only query RXA and RXB.
-    let mut cardiac = AnalystClient::connect_for(&url, DEMO_TOKEN, "cardiac-audit", "research")
+    let mut cardiac = AnalystClient::connect_for(&target, DEMO_TOKEN, "cardiac-audit", "research")
         .await
         .unwrap();
     let answer = cardiac
@@ -149,7 +143,7 @@ async fn central_groups() -> BTreeMap<String, (i64, i64)> {
 async fn disclosure_control_suppresses_small_groups_and_rounds_counts() {
     let local = start_federation_over(data_dir(), &default_policies()).await;
     let mut client = AnalystClient::connect_for(
-        &local.gateway_url(),
+        &local.gateway_target(),
         DEMO_TOKEN,
         federation::DEMO_PROJECT,
         "research",
@@ -238,10 +232,11 @@ async fn disclosure_control_suppresses_small_groups_and_rounds_counts() {
     local.stop().await;
 }
 
-async fn count_by_trust(url: &str, purpose: &str) -> BTreeMap<String, i64> {
-    let mut client = AnalystClient::connect_for(url, DEMO_TOKEN, federation::DEMO_PROJECT, purpose)
-        .await
-        .unwrap();
+async fn count_by_trust(target: &GatewayTarget, purpose: &str) -> BTreeMap<String, i64> {
+    let mut client =
+        AnalystClient::connect_for(target, DEMO_TOKEN, federation::DEMO_PROJECT, purpose)
+            .await
+            .unwrap();
     let answer = client
         .query("SELECT trust_code, COUNT(*) FROM patients GROUP BY trust_code")
         .await
@@ -292,9 +287,9 @@ fn policy_variant(settings: serde_json::Value) -> tempfile::TempDir {
 async fn opt_out_depends_on_purpose_and_is_applied_by_the_node() {
     let exact = policy_variant(serde_json::json!({"round_to": 1}));
     let local = start_federation_over(data_dir(), exact.path()).await;
-    let url = local.gateway_url();
-    let research = count_by_trust(&url, "research").await;
-    let direct_care = count_by_trust(&url, "direct_care").await;
+    let target = local.gateway_target();
+    let research = count_by_trust(&target, "research").await;
+    let direct_care = count_by_trust(&target, "direct_care").await;
     let opted = opted_out_per_trust();
     for (trust, all) in &direct_care {
         assert_eq!(
@@ -322,16 +317,25 @@ async fn opt_out_depends_on_purpose_and_is_applied_by_the_node() {
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
     for trust in tally_synth::default_trusts() {
-        let node = tally_node::start(&federation::node_config(data_dir(), &trust, exact.path()))
-            .await
-            .unwrap();
+        let node = tally_node::start(&federation::node_config(
+            data_dir(),
+            &trust,
+            exact.path(),
+            &tls(),
+        ))
+        .await
+        .unwrap();
         endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
         nodes.push(node);
     }
-    let config =
-        federation::gateway_config("127.0.0.1:0".parse().unwrap(), &endpoints, &open_policies());
+    let config = federation::gateway_config(
+        "127.0.0.1:0".parse().unwrap(),
+        &endpoints,
+        &open_policies(),
+        &tls(),
+    );
     let gateway = tally_gateway::start(&config).await.unwrap();
-    let lenient = count_by_trust(&format!("grpc://{}", gateway.addr), "research").await;
+    let lenient = count_by_trust(&gateway_target(gateway.addr), "research").await;
     assert_eq!(
         lenient, research,
         "the trusts applied the opt-out themselves"
@@ -357,7 +361,7 @@ fn wait_for_version_change(policy: &tally_common::policy::Policy, old: &str) {
 async fn editing_a_rule_changes_the_next_decision_without_a_restart() {
     let dir = policy_variant(serde_json::json!({}));
     let local = start_federation_over(data_dir(), dir.path()).await;
-    let mut client = AnalystClient::connect(&local.gateway_url(), DEMO_TOKEN)
+    let mut client = AnalystClient::connect(&local.gateway_target(), DEMO_TOKEN)
         .await
         .unwrap();
     let sql = "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty";

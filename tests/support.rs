@@ -7,9 +7,14 @@ use std::sync::OnceLock;
 use arrow::array::{ArrayRef, RecordBatch};
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
-use tally::client::{AnalystClient, Answer};
-use tally::federation::{self, DEMO_TOKEN, LocalFederation};
+use tally::certs::CertFolder;
+use tally::client::{AnalystClient, Answer, GatewayTarget};
+use tally::federation::{self, DEMO_TOKEN, LocalFederation, Security};
+use tally_common::flight::SqlClient;
+use tally_common::tls::{CertificateFiles, client_tls};
+use tally_gateway::default_node_name;
 use tally_synth::default_trusts;
+use tonic::transport::Endpoint;
 
 /// Patients in the test data: small enough to build fast, large enough for many groups.
 pub const TEST_PATIENTS: usize = 3_000;
@@ -23,6 +28,57 @@ pub fn data_dir() -> &'static Path {
         dir
     })
     .path()
+}
+
+/// The test run's demo CA and certificates (made once, like `tally certs`).
+pub fn certs() -> &'static CertFolder {
+    static CERTS: OnceLock<(tempfile::TempDir, CertFolder)> = OnceLock::new();
+    &CERTS
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let codes: Vec<&str> = default_trusts().iter().map(|t| t.code).collect();
+            let folder = tally::certs::create(dir.path(), &codes).expect("certificates");
+            (dir, folder)
+        })
+        .1
+}
+
+/// TLS everywhere, as the demo runs.
+pub fn tls() -> Security {
+    Security::Tls(certs().clone())
+}
+
+/// The analysts' view of a TLS gateway listening on `addr`.
+pub fn gateway_target(addr: std::net::SocketAddr) -> GatewayTarget {
+    GatewayTarget::new(federation::gateway_url(&tls(), addr), Some(certs().ca()))
+}
+
+/// A Flight SQL client to the node of trust `code` at `addr`, over mutual TLS presenting
+/// `identity` (the gateway's client certificate when `None`).
+pub async fn node_client_as(
+    addr: std::net::SocketAddr,
+    code: &str,
+    identity: Option<&CertificateFiles>,
+) -> Result<SqlClient, String> {
+    let gateway = certs().gateway_client();
+    let identity = identity.unwrap_or(&gateway);
+    let config = client_tls(&certs().ca(), Some(identity), &default_node_name(code))
+        .map_err(|e| e.to_string())?;
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(config)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(SqlClient::new(channel))
+}
+
+/// A Flight SQL client to a node, as the gateway connects to it.
+pub async fn node_client(addr: std::net::SocketAddr, code: &str) -> SqlClient {
+    node_client_as(addr, code, None)
+        .await
+        .expect("the gateway's certificate is accepted")
 }
 
 /// Sends the servers' logs to the test output (shown for failing tests); `RUST_LOG` filters.
@@ -49,7 +105,7 @@ pub fn open_policies() -> PathBuf {
 /// Starts three trusts and a gateway over `data`, all deciding with `policies`.
 pub async fn start_federation_over(data: &Path, policies: &Path) -> LocalFederation {
     init_logging();
-    federation::start(data, "127.0.0.1:0".parse().unwrap(), policies)
+    federation::start(data, "127.0.0.1:0".parse().unwrap(), policies, tls())
         .await
         .expect("federation starts")
 }
@@ -61,7 +117,7 @@ pub async fn start_federation() -> LocalFederation {
 
 /// An analyst client connected to `local`'s gateway.
 pub async fn analyst(local: &LocalFederation) -> AnalystClient {
-    AnalystClient::connect(&local.gateway_url(), DEMO_TOKEN)
+    AnalystClient::connect(&local.gateway_target(), DEMO_TOKEN)
         .await
         .expect("analyst connects")
 }

@@ -1,33 +1,44 @@
 //! Append-only audit logs, one JSON object per line, plus the most recent records in memory
 //! for the process's own inspection (status pages and tests).
 //!
-//! Every line carries `prev`, the SHA-256 of the line before it (64 zeros for the first), so
-//! editing, deleting or reordering any line breaks the chain; [`verify`] finds where. Each
-//! line is written and synced to disk before `append` returns, and a log reopened after a
-//! restart (or a crash) continues the chain from its last line.
+//! Every line ends with `"hash"`, the SHA-256 of the line's text before that field, and
+//! carries `"prev"`, the hash of the record before it (64 zeros for the very first). Editing
+//! a record breaks its own hash; deleting or reordering records breaks a `prev`; [`verify`]
+//! names the first record that fails. Each line is written and synced to disk before
+//! `append` returns, and a log reopened after a restart (or a crash) continues the chain.
+//!
+//! A log may rotate: when the active file would grow past its size limit it is renamed to
+//! `<name>.000001` (then `.000002`, ...) and a new file starts, whose first record chains to
+//! the last record of the one before. [`segments`] lists a log's files in chain order.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-/// The `prev` of a log's first line.
+/// The `prev` of a log's first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-fn line_hash(line: &str) -> String {
-    hex::encode(Sha256::digest(line.as_bytes()))
+/// Every line ends with this field, then the 64 hex digits of its hash, then `"}`.
+const HASH_FIELD: &str = ",\"hash\":\"";
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
-/// The file and the hash of its last line.
+/// The active file, its size, and the hash of its last record.
 #[derive(Debug)]
 struct ChainedFile {
+    path: PathBuf,
     file: File,
+    size: u64,
     last: String,
+    rotate_bytes: Option<u64>,
 }
 
 /// How many recent records stay in memory.
@@ -49,24 +60,38 @@ impl<R: Serialize + Clone> AuditLog<R> {
         }
     }
 
-    /// A log that also appends to `path` (created if absent, never truncated).
-    pub fn open(path: &Path) -> std::io::Result<Self> {
+    /// A log that also appends to `path` (created if absent, never truncated except for a
+    /// torn last line left by a crash mid-write, which is moved aside to `<path>.torn`).
+    /// With `rotate_bytes`, the file is rotated before it would grow past that size.
+    pub fn open(path: &Path, rotate_bytes: Option<u64>) -> std::io::Result<Self> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let last = match File::open(path) {
-            Ok(existing) => BufReader::new(existing)
-                .lines()
-                .map_while(Result::ok)
-                .filter(|line| !line.is_empty())
-                .last()
-                .map_or_else(|| GENESIS.to_string(), |line| line_hash(&line)),
-            Err(_) => GENESIS.to_string(),
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        set_aside_torn_tail(path, &mut file)?;
+        let last = match last_record_hash(&file)? {
+            Some(hash) => hash,
+            None => match segments(path)?.iter().rev().nth(1) {
+                Some(previous) => {
+                    last_record_hash(&File::open(previous)?)?.unwrap_or_else(|| GENESIS.to_string())
+                }
+                None => GENESIS.to_string(),
+            },
         };
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
         Ok(AuditLog {
             recent: Mutex::new(VecDeque::new()),
-            file: Some(Mutex::new(ChainedFile { file, last })),
+            file: Some(Mutex::new(ChainedFile {
+                path: path.to_path_buf(),
+                file,
+                size,
+                last,
+                rotate_bytes,
+            })),
         })
     }
 
@@ -74,16 +99,8 @@ impl<R: Serialize + Clone> AuditLog<R> {
     pub fn append(&self, record: R) {
         if let Some(file) = &self.file {
             let mut chained = file.lock().unwrap_or_else(|p| p.into_inner());
-            match chained_line(&record, &chained.last) {
-                Ok(line) => {
-                    let written =
-                        writeln!(chained.file, "{line}").and_then(|_| chained.file.sync_data());
-                    match written {
-                        Ok(()) => chained.last = line_hash(&line),
-                        Err(err) => tracing::error!(error = %err, "audit log write failed"),
-                    }
-                }
-                Err(err) => tracing::error!(error = %err, "audit record could not be serialised"),
+            if let Err(err) = chained.append(&record) {
+                tracing::error!(error = %err, path = %chained.path.display(), "audit log write failed");
             }
         }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -100,59 +117,233 @@ impl<R: Serialize + Clone> AuditLog<R> {
     }
 }
 
-/// The JSON line for `record`, chained to the previous line's hash.
-fn chained_line<R: Serialize>(record: &R, prev: &str) -> serde_json::Result<String> {
-    let mut value = serde_json::to_value(record)?;
-    if let serde_json::Value::Object(fields) = &mut value {
-        fields.insert("prev".into(), serde_json::Value::String(prev.to_string()));
+impl ChainedFile {
+    fn append<R: Serialize>(&mut self, record: &R) -> std::io::Result<()> {
+        let (line, hash) = chained_line(record, &self.last)?;
+        let length = line.len() as u64 + 1;
+        if self
+            .rotate_bytes
+            .is_some_and(|limit| self.size > 0 && self.size + length > limit)
+        {
+            self.rotate()?;
+        }
+        writeln!(self.file, "{line}")?;
+        self.file.sync_data()?;
+        self.size += length;
+        self.last = hash;
+        Ok(())
     }
-    serde_json::to_string(&value)
+
+    /// Renames the active file to the next numbered segment and starts a new one.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let next = rotated_numbers(&self.path)?.last().map_or(1, |n| n + 1);
+        std::fs::rename(&self.path, segment_path(&self.path, next))?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&self.path)?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        self.size = 0;
+        Ok(())
+    }
+}
+
+/// The JSON line for `record`, chained to `prev`, and its hash.
+fn chained_line<R: Serialize>(record: &R, prev: &str) -> std::io::Result<(String, String)> {
+    let mut value = serde_json::to_value(record)?;
+    let serde_json::Value::Object(fields) = &mut value else {
+        return Err(std::io::Error::other(
+            "an audit record must be a JSON object",
+        ));
+    };
+    fields.remove("hash");
+    fields.insert("prev".into(), serde_json::Value::String(prev.to_string()));
+    let body = serde_json::to_string(&value)?;
+    let hash = sha256_hex(&body);
+    let open = body.strip_suffix('}').unwrap_or(&body);
+    Ok((format!("{open}{HASH_FIELD}{hash}\"}}"), hash))
+}
+
+/// Splits a line into its hashed text and the hash it claims; `None` if it has no hash.
+fn split_hash(line: &str) -> Option<(String, &str)> {
+    let stripped = line.strip_suffix("\"}")?;
+    let at = stripped.rfind(HASH_FIELD)?;
+    let hash = &stripped[at + HASH_FIELD.len()..];
+    (hash.len() == 64).then(|| (format!("{}}}", &stripped[..at]), hash))
+}
+
+/// The hash of the last record of `file`, if it has one.
+fn last_record_hash(file: &File) -> std::io::Result<Option<String>> {
+    let mut last = None;
+    for line in BufReader::new(file.try_clone()?).lines() {
+        let line = line?;
+        if let Some((_, hash)) = split_hash(&line) {
+            last = Some(hash.to_string());
+        }
+    }
+    Ok(last)
+}
+
+/// A crash in the middle of a write can leave a last line without its newline: that record
+/// was never acknowledged. It is moved to `<path>.torn` (for inspection) and cut off, so the
+/// chain continues from the last complete record.
+fn set_aside_torn_tail(path: &Path, file: &mut File) -> std::io::Result<()> {
+    let mut content = Vec::new();
+    file.seek(SeekFrom::Start(0))?;
+    file.read_to_end(&mut content)?;
+    if content.is_empty() || content.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = content
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let mut torn_name = path.as_os_str().to_owned();
+    torn_name.push(".torn");
+    let mut torn = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&torn_name)?;
+    torn.write_all(&content[keep..])?;
+    torn.write_all(b"\n")?;
+    torn.sync_all()?;
+    file.set_len(keep as u64)?;
+    file.sync_all()?;
+    tracing::warn!(path = %path.display(), torn = %Path::new(&torn_name).display(), "audit log ended in a torn line; it was moved aside");
+    Ok(())
+}
+
+fn segment_path(path: &Path, number: u64) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{number:06}"));
+    PathBuf::from(name)
+}
+
+/// The numbers of the rotated segments of the log at `path`, ascending.
+fn rotated_numbers(path: &Path) -> std::io::Result<Vec<u64>> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(Vec::new());
+    };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let prefix = format!("{name}.");
+    let mut numbers: Vec<u64> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let file = entry.file_name().into_string().ok()?;
+            let digits = file.strip_prefix(&prefix)?;
+            digits
+                .chars()
+                .all(|c| c.is_ascii_digit())
+                .then(|| digits.parse().ok())
+                .flatten()
+        })
+        .collect();
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+/// The files of the log whose active file is `path`, in chain order: the rotated segments,
+/// oldest first, then the active file (if it exists).
+pub fn segments(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = rotated_numbers(path)?
+        .into_iter()
+        .map(|n| segment_path(path, n))
+        .collect();
+    if path.exists() {
+        files.push(path.to_path_buf());
+    }
+    Ok(files)
 }
 
 /// Where a log's chain breaks.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("line {line}: {reason}")]
+#[error("{}, record {line}: {reason}", file.display())]
 pub struct ChainBreak {
-    /// The first line (1-based) that does not follow from the one before.
+    /// The file holding the record.
+    pub file: PathBuf,
+    /// The first record (1-based line number in `file`) that fails.
     pub line: usize,
     /// Why.
     pub reason: String,
 }
 
-/// Checks the hash chain of the log at `path`; returns the number of records.
-pub fn verify(path: &Path) -> Result<usize, ChainBreak> {
-    let file = File::open(path).map_err(|e| ChainBreak {
-        line: 0,
-        reason: e.to_string(),
-    })?;
-    let mut expected = GENESIS.to_string();
-    let mut count = 0;
-    for (index, line) in BufReader::new(file).lines().enumerate() {
-        let number = index + 1;
-        let fail = |reason: &str| ChainBreak {
-            line: number,
-            reason: reason.to_string(),
-        };
-        let line = line.map_err(|e| fail(&e.to_string()))?;
-        if line.is_empty() {
-            continue;
-        }
-        let value: serde_json::Value =
-            serde_json::from_str(&line).map_err(|_| fail("not a JSON record"))?;
-        let prev = value
-            .get("prev")
-            .and_then(|p| p.as_str())
-            .ok_or_else(|| fail("no prev hash"))?;
-        if prev != expected {
-            return Err(fail(&format!(
-                "its prev hash does not match line {}: that line was edited, or a record between them was removed or moved",
-                number - 1
-            )));
-        }
-        expected = line_hash(&line);
-        count += 1;
+/// What a verified log holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedLog {
+    /// Records checked.
+    pub records: usize,
+    /// Files checked, in chain order.
+    pub files: Vec<PathBuf>,
+}
+
+/// Checks the hash chain of the log whose active file is `path`, across its rotated
+/// segments; names the first record that fails.
+pub fn verify(path: &Path) -> Result<VerifiedLog, ChainBreak> {
+    let mut records = 0;
+    let files = read_chain(path, |_| records += 1)?;
+    Ok(VerifiedLog { records, files })
+}
+
+/// Every record of the log whose active file is `path`, oldest first, after checking the
+/// chain (a log that does not verify is not read).
+pub fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, ChainBreak> {
+    let mut records = Vec::new();
+    read_chain(path, |record| records.push(record))?;
+    Ok(records)
+}
+
+/// Walks the chain across every segment, passing each verified record to `visit`.
+fn read_chain(
+    path: &Path,
+    mut visit: impl FnMut(serde_json::Value),
+) -> Result<Vec<PathBuf>, ChainBreak> {
+    let fail = |file: &Path, line: usize, reason: String| ChainBreak {
+        file: file.to_path_buf(),
+        line,
+        reason,
+    };
+    let files = segments(path).map_err(|e| fail(path, 0, e.to_string()))?;
+    if files.is_empty() {
+        return Err(fail(path, 0, "no such log".into()));
     }
-    Ok(count)
+    let mut expected = GENESIS.to_string();
+    for file in &files {
+        let reader = File::open(file).map_err(|e| fail(file, 0, e.to_string()))?;
+        for (index, line) in BufReader::new(reader).lines().enumerate() {
+            let number = index + 1;
+            let line = line.map_err(|e| fail(file, number, e.to_string()))?;
+            let (body, hash) = split_hash(&line)
+                .ok_or_else(|| fail(file, number, "the record has no hash".into()))?;
+            if sha256_hex(&body) != hash {
+                return Err(fail(
+                    file,
+                    number,
+                    "its content does not match its hash: the record was edited".into(),
+                ));
+            }
+            let record: serde_json::Value = serde_json::from_str(&body)
+                .map_err(|_| fail(file, number, "not a JSON record".into()))?;
+            let prev = record.get("prev").and_then(|p| p.as_str()).unwrap_or("");
+            if prev != expected {
+                let reason = if expected == GENESIS {
+                    "it continues a chain whose earlier records are missing".to_string()
+                } else {
+                    "it does not follow the record before it: a record was removed or moved"
+                        .to_string()
+                };
+                return Err(fail(file, number, reason));
+            }
+            expected = hash.to_string();
+            visit(record);
+        }
+    }
+    Ok(files)
 }
 
 /// Milliseconds since the Unix epoch, for record timestamps.
@@ -170,56 +361,105 @@ mod tests {
     #[derive(Clone, Serialize)]
     struct Entry {
         n: u32,
+        note: String,
     }
 
-    fn write_log(path: &Path, from: u32, to: u32) {
-        let log = AuditLog::open(path).unwrap();
+    fn write_log(path: &Path, from: u32, to: u32, rotate: Option<u64>) {
+        let log = AuditLog::open(path, rotate).unwrap();
         for n in from..to {
-            log.append(Entry { n });
+            log.append(Entry {
+                n,
+                note: format!("record \"{n}\"}}"),
+            });
         }
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     #[test]
     fn chain_verifies_and_continues_after_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        write_log(&path, 0, 3);
-        write_log(&path, 3, 5);
-        assert_eq!(verify(&path), Ok(5));
+        write_log(&path, 0, 3, None);
+        write_log(&path, 3, 5, None);
+        assert_eq!(verify(&path).unwrap().records, 5);
+        let records = read_records(&path).unwrap();
+        assert_eq!(records[4]["n"], 4);
+        assert_eq!(records[4]["note"], "record \"4\"}");
     }
 
     #[test]
-    fn edits_deletions_and_reordering_are_found() {
+    fn edits_deletions_and_reordering_name_the_record() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        write_log(&path, 0, 4);
-        let lines: Vec<String> = std::fs::read_to_string(&path)
-            .unwrap()
-            .lines()
-            .map(str::to_string)
-            .collect();
+        write_log(&path, 0, 4, None);
+        let original = lines(&path);
         let rewrite = |lines: &[String]| std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let broken_at = |lines: &[String]| {
+            rewrite(lines);
+            verify(&path).unwrap_err().line
+        };
 
-        let mut edited = lines.clone();
+        let mut edited = original.clone();
         edited[1] = edited[1].replace("\"n\":1", "\"n\":9");
-        rewrite(&edited);
-        assert_eq!(
-            verify(&path).unwrap_err().line,
-            3,
-            "the line after the edit no longer follows"
-        );
+        assert_eq!(broken_at(&edited), 2, "the edited record itself");
 
-        let mut deleted = lines.clone();
+        let mut deleted = original.clone();
         deleted.remove(1);
-        rewrite(&deleted);
-        assert_eq!(verify(&path).unwrap_err().line, 2);
+        assert_eq!(broken_at(&deleted), 2, "the record after the gap");
 
-        let mut moved = lines.clone();
+        let mut moved = original.clone();
         moved.swap(1, 2);
-        rewrite(&moved);
-        assert_eq!(verify(&path).unwrap_err().line, 2);
+        assert_eq!(broken_at(&moved), 2);
 
-        rewrite(&lines);
-        assert_eq!(verify(&path), Ok(4));
+        let mut first_gone = original.clone();
+        first_gone.remove(0);
+        assert_eq!(broken_at(&first_gone), 1);
+
+        rewrite(&original);
+        assert_eq!(verify(&path).unwrap().records, 4);
+    }
+
+    #[test]
+    fn rotation_keeps_one_chain_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_log(&path, 0, 10, Some(200));
+        write_log(&path, 10, 12, Some(200));
+        let verified = verify(&path).unwrap();
+        assert_eq!(verified.records, 12);
+        assert!(verified.files.len() > 3, "{:?}", verified.files);
+        assert_eq!(verified.files.last(), Some(&path));
+        let ns: Vec<u64> = read_records(&path)
+            .unwrap()
+            .iter()
+            .map(|r| r["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ns, (0..12).collect::<Vec<_>>());
+
+        std::fs::remove_file(&verified.files[1]).unwrap();
+        let broken = verify(&path).unwrap_err();
+        assert_eq!(broken.file, verified.files[2]);
+        assert_eq!(broken.line, 1);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_set_aside_and_the_chain_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_log(&path, 0, 2, None);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"n\":2,\"no").unwrap();
+        drop(file);
+        write_log(&path, 3, 4, None);
+        assert_eq!(verify(&path).unwrap().records, 3);
+        let torn = std::fs::read_to_string(dir.path().join("audit.jsonl.torn")).unwrap();
+        assert_eq!(torn, "{\"n\":2,\"no\n");
     }
 }

@@ -92,11 +92,19 @@ pub enum ErrorCode {
     PolicyDenied,
     /// The policy could not decide (fail closed).
     PolicyError,
+    /// The user or project has sent more queries than its rate limit allows.
+    RateLimited,
+    /// The query ran longer than the time limit.
+    QueryTimeout,
+    /// The query needed more memory than the node's limit.
+    ResourcesExhausted,
+    /// A client certificate was missing, from another CA, or not an allowed gateway.
+    ClientCertificate,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 39] = [
+    pub const ALL: [ErrorCode; 43] = [
         ErrorCode::SqlSyntax,
         ErrorCode::UnknownTable,
         ErrorCode::UnknownColumn,
@@ -136,6 +144,10 @@ impl ErrorCode {
         ErrorCode::Disclosure,
         ErrorCode::PolicyDenied,
         ErrorCode::PolicyError,
+        ErrorCode::RateLimited,
+        ErrorCode::QueryTimeout,
+        ErrorCode::ResourcesExhausted,
+        ErrorCode::ClientCertificate,
     ];
 
     /// The stable identifier, e.g. `E_NOT_AGGREGATE`.
@@ -180,6 +192,10 @@ impl ErrorCode {
             ErrorCode::Disclosure => "E_DISCLOSURE",
             ErrorCode::PolicyDenied => "E_POLICY_DENIED",
             ErrorCode::PolicyError => "E_POLICY_ERROR",
+            ErrorCode::RateLimited => "E_RATE_LIMITED",
+            ErrorCode::QueryTimeout => "E_QUERY_TIMEOUT",
+            ErrorCode::ResourcesExhausted => "E_RESOURCES",
+            ErrorCode::ClientCertificate => "E_CLIENT_CERT",
         }
     }
 
@@ -224,8 +240,9 @@ impl ErrorCode {
             | ErrorCode::PolicyDenied => Code::PermissionDenied,
             ErrorCode::SchemaMismatch => Code::FailedPrecondition,
             ErrorCode::TrustUnavailable => Code::Unavailable,
-            ErrorCode::TrustTimeout => Code::DeadlineExceeded,
-            ErrorCode::Unauthenticated => Code::Unauthenticated,
+            ErrorCode::TrustTimeout | ErrorCode::QueryTimeout => Code::DeadlineExceeded,
+            ErrorCode::Unauthenticated | ErrorCode::ClientCertificate => Code::Unauthenticated,
+            ErrorCode::RateLimited | ErrorCode::ResourcesExhausted => Code::ResourceExhausted,
             ErrorCode::TrustFailed
             | ErrorCode::TrustProtocol
             | ErrorCode::Execution
@@ -313,6 +330,15 @@ impl TallyError {
     pub fn from_execution(err: DataFusionError, query_id: &str) -> Self {
         match find_tally_error(&err) {
             Some(tally) => tally,
+            None if matches!(err.find_root(), DataFusionError::ResourcesExhausted(_)) => {
+                tracing::warn!(query_id, error = %err, "query exceeded the memory limit");
+                TallyError::new(
+                    ErrorCode::ResourcesExhausted,
+                    format!(
+                        "the query needed more memory than the limit allows (query id {query_id})"
+                    ),
+                )
+            }
             None => {
                 tracing::warn!(query_id, error = %err, "query failed inside the engine");
                 TallyError::execution(query_id)

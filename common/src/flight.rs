@@ -13,7 +13,7 @@ use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::metadata::{GetCatalogsBuilder, SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::{
     CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes,
-    CommandGetTables, ProstMessageExt, SqlInfo,
+    CommandGetTables, ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -235,11 +235,35 @@ pub async fn fetch_all(
         let Some(ticket) = endpoint.ticket else {
             return Err(FlightError::protocol("endpoint without a ticket"));
         };
-        let mut stream = client.do_get(ticket).await?;
-        headers = stream.headers().clone();
-        while let Some(batch) = stream.next().await {
-            batches.push(batch?);
-        }
+        let (more, last_headers) = fetch_ticket(client, ticket).await?;
+        batches.extend(more);
+        headers = last_headers;
+    }
+    Ok((batches, headers))
+}
+
+/// Runs `sql` at a Tally node straight from its statement ticket, without a GetFlightInfo
+/// round trip: the node admits, runs and audits each statement once, when it runs.
+pub async fn run_statement(
+    client: &mut SqlClient,
+    sql: &str,
+) -> Result<(Vec<RecordBatch>, tonic::metadata::MetadataMap), FlightError> {
+    let ticket = TicketStatementQuery {
+        statement_handle: sql.as_bytes().to_vec().into(),
+    };
+    fetch_ticket(client, Ticket::new(ticket.as_any().encode_to_vec())).await
+}
+
+/// Fetches one ticket's batches and the response headers.
+async fn fetch_ticket(
+    client: &mut SqlClient,
+    ticket: Ticket,
+) -> Result<(Vec<RecordBatch>, tonic::metadata::MetadataMap), FlightError> {
+    let mut stream = client.do_get(ticket).await?;
+    let headers = stream.headers().clone();
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        batches.push(batch?);
     }
     Ok((batches, headers))
 }

@@ -11,6 +11,7 @@ pub mod generalise;
 pub mod policy;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod udaf;
 
 pub use error::{ErrorCode, TallyError};

@@ -1,4 +1,5 @@
-//! Starting and stopping a Flight SQL server on a TCP listener (port 0 picks a free port).
+//! Starting and stopping a Flight SQL server on a TCP listener (port 0 picks a free port),
+//! with TLS, or in plaintext on loopback only.
 
 use std::net::SocketAddr;
 
@@ -8,40 +9,63 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
+use crate::tls::{OnRefused, ServerTls, accept_tls, require_loopback};
+
+/// How a server talks to its clients.
+pub enum Transport {
+    /// TLS (mutual when the [`ServerTls`] asks for client certificates); refused
+    /// connections are reported to the callback.
+    Tls(ServerTls, OnRefused),
+    /// Plaintext, allowed on loopback addresses only (`--insecure-loopback`).
+    InsecureLoopback,
+}
+
 /// A Flight service running in the background.
 pub struct RunningServer {
     /// The bound address (with the real port).
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    acceptor: Option<JoinHandle<()>>,
 }
 
 impl RunningServer {
-    /// Binds `addr` and serves `service` until stopped.
+    /// Binds `addr` and serves `service` over `transport` until stopped.
     pub async fn start<S: FlightService>(
         service: S,
         addr: SocketAddr,
         name: &'static str,
+        transport: Transport,
     ) -> std::io::Result<Self> {
+        if matches!(transport, Transport::InsecureLoopback) {
+            require_loopback(&addr.ip().to_string())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        }
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (shutdown, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
-                .add_service(FlightServiceServer::new(service))
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(err) = served {
-                tracing::error!(server = name, error = %err, "server stopped");
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        let server =
+            tonic::transport::Server::builder().add_service(FlightServiceServer::new(service));
+        let (task, acceptor) = match transport {
+            Transport::Tls(tls, on_refused) => {
+                let (incoming, acceptor) = accept_tls(listener, tls, on_refused);
+                let serving = server.serve_with_incoming_shutdown(incoming, stopped);
+                (tokio::spawn(report(serving, name)), Some(acceptor))
             }
-        });
+            Transport::InsecureLoopback => {
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                let serving = server.serve_with_incoming_shutdown(incoming, stopped);
+                (tokio::spawn(report(serving, name)), None)
+            }
+        };
         Ok(RunningServer {
             addr,
             shutdown: Some(shutdown),
             task,
+            acceptor,
         })
     }
 
@@ -51,10 +75,23 @@ impl RunningServer {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+        if let Some(acceptor) = self.acceptor.take() {
+            acceptor.abort();
+        }
     }
 
     /// Waits until the server stops (on error or `stop` from elsewhere).
     pub async fn wait(self) {
         let _ = self.task.await;
+    }
+}
+
+/// Awaits a server and logs why it stopped, if it failed.
+async fn report(
+    serving: impl Future<Output = Result<(), tonic::transport::Error>>,
+    name: &'static str,
+) {
+    if let Err(err) = serving.await {
+        tracing::error!(server = name, error = %err, "server stopped");
     }
 }

@@ -1,18 +1,40 @@
 //! The DataFusion session both sides plan with: no information_schema, no file paths as
 //! tables, the state-wrapper aggregates registered.
 
+use std::sync::Arc;
+
 use datafusion::common::Result;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::udaf::register_state_udafs;
 
-/// A fresh, locked-down session context.
+/// A fresh, locked-down session context with no memory limit.
 pub fn new_context() -> Result<SessionContext> {
+    new_context_in(Arc::new(RuntimeEnv::default()))
+}
+
+/// A fresh, locked-down session context running in `runtime` (its memory pool is shared
+/// by every context in it).
+pub fn new_context_in(runtime: Arc<RuntimeEnv>) -> Result<SessionContext> {
     let config = SessionConfig::new()
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(true);
-    let mut ctx = SessionContext::new_with_config(config);
+    let mut ctx = SessionContext::new_with_config_rt(config, runtime);
     register_state_udafs(&mut ctx)?;
     crate::generalise::register(&mut ctx)?;
     Ok(ctx)
+}
+
+/// A runtime whose queries together may hold at most `bytes` of memory. Spilling is off:
+/// a query over the limit fails (E_RESOURCES) rather than writing patient-derived
+/// intermediate data to temporary files.
+pub fn memory_limited_runtime(bytes: usize) -> Result<Arc<RuntimeEnv>> {
+    RuntimeEnvBuilder::new()
+        .with_memory_limit(bytes, 1.0)
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()
 }

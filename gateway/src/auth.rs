@@ -1,6 +1,7 @@
-//! Analyst authentication: bearer tokens whose SHA-256 is listed in the config. Flight SQL
-//! clients may also use Basic auth in the handshake (user name + token as password); the
-//! handshake answers with the bearer token to use on later calls.
+//! Analyst authentication: signed JWTs (verified against the issuer's key set) or bearer
+//! tokens whose SHA-256 is listed in the config. Flight SQL clients may also use Basic auth
+//! in the handshake (user name + token as password); the handshake answers with the bearer
+//! token to use on later calls.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -11,6 +12,7 @@ use tally_common::{ErrorCode, TallyError};
 use tonic::metadata::MetadataMap;
 
 use crate::config::UserConfig;
+use crate::jwt::JwtVerifier;
 
 /// An authenticated analyst.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,10 +66,11 @@ impl Identity {
     }
 }
 
-/// The known analysts.
+/// The known analysts, and the JWT issuer when one is configured.
 #[derive(Debug, Clone, Default)]
 pub struct Users {
     users: Vec<UserConfig>,
+    jwt: Option<JwtVerifier>,
 }
 
 /// Hex SHA-256 of a token, as stored in the config.
@@ -80,9 +83,9 @@ fn unauthenticated(message: &str) -> TallyError {
 }
 
 impl Users {
-    /// Users from the config.
-    pub fn new(users: Vec<UserConfig>) -> Self {
-        Users { users }
+    /// Users from the config, and JWTs verified by `jwt`.
+    pub fn new(users: Vec<UserConfig>, jwt: Option<JwtVerifier>) -> Self {
+        Users { users, jwt }
     }
 
     fn by_token(&self, token: &str) -> Option<Identity> {
@@ -105,7 +108,13 @@ impl Users {
         let token = header
             .strip_prefix("Bearer ")
             .ok_or_else(|| unauthenticated("expected 'authorization: Bearer <token>'"))?;
-        self.by_token(token.trim())
+        let token = token.trim();
+        if let Some(jwt) = &self.jwt
+            && JwtVerifier::looks_like_jwt(token)
+        {
+            return jwt.verify(token);
+        }
+        self.by_token(token)
             .ok_or_else(|| unauthenticated("unknown or revoked token"))
     }
 

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tally_common::tls::{CertificateFiles, require_loopback};
 
 use crate::error::GatewayError;
 
@@ -37,6 +38,152 @@ pub struct GatewayConfig {
     /// Append-only JSON-lines audit log; none if absent.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// Rotate the audit log before it grows past this many MiB (0: never).
+    #[serde(default = "default_rotate_mb")]
+    pub audit_rotate_mb: u64,
+    /// The certificate analysts' clients verify; required unless `--insecure-loopback`.
+    #[serde(default)]
+    pub tls: Option<CertificateFiles>,
+    /// The gateway's side of mutual TLS with the nodes (for `grpc+tls://` node URLs).
+    #[serde(default)]
+    pub node_tls: Option<NodeTlsConfig>,
+    /// Signed JWTs accepted as bearer tokens, besides the listed users' tokens.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+    /// Limits that protect the trusts.
+    #[serde(default)]
+    pub limits: GatewayLimits,
+    /// Serve analysts and reach nodes in plaintext on loopback (set by
+    /// `--insecure-loopback`, never by the file).
+    #[serde(skip)]
+    pub insecure_loopback: bool,
+}
+
+/// The gateway's client certificate and the CA that signs the nodes' certificates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTlsConfig {
+    /// The gateway's client certificate chain (PEM); its common name is the identity
+    /// nodes list in `allowed_gateways`.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA the nodes' certificates must chain to (PEM).
+    pub ca: PathBuf,
+}
+
+impl NodeTlsConfig {
+    /// The gateway's client certificate and key.
+    pub fn identity(&self) -> CertificateFiles {
+        CertificateFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// How signed JWTs are verified and mapped to an analyst.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// JSON Web Key Set file with the issuer's public keys.
+    pub jwks: PathBuf,
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// The `aud` every token must carry.
+    pub audience: String,
+    /// Claim holding the user name.
+    #[serde(default = "default_user_claim")]
+    pub user_claim: String,
+    /// Claim holding the user's groups (a list of strings).
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Claim holding the projects the user may query for (a list of strings).
+    #[serde(default = "default_projects_claim")]
+    pub projects_claim: String,
+    /// Seconds of clock difference tolerated on `exp` and `nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+/// Limits on what analysts can ask of the trusts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayLimits {
+    /// Queries one user may run per minute.
+    #[serde(default = "default_user_rate")]
+    pub queries_per_minute_per_user: u32,
+    /// Queries one project may run per minute, across its users.
+    #[serde(default = "default_project_rate")]
+    pub queries_per_minute_per_project: u32,
+    /// Longest SQL text accepted, in bytes.
+    #[serde(default = "default_max_sql")]
+    pub max_sql_bytes: usize,
+    /// Deepest logical plan accepted (nested subqueries, joins, expressions).
+    #[serde(default = "default_max_depth")]
+    pub max_plan_depth: usize,
+    /// Seconds one query may take at the gateway, end to end.
+    #[serde(default = "default_query_timeout")]
+    pub query_timeout_secs: f64,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        GatewayLimits {
+            queries_per_minute_per_user: default_user_rate(),
+            queries_per_minute_per_project: default_project_rate(),
+            max_sql_bytes: default_max_sql(),
+            max_plan_depth: default_max_depth(),
+            query_timeout_secs: default_query_timeout(),
+        }
+    }
+}
+
+impl GatewayLimits {
+    /// The end-to-end time limit of one query.
+    pub fn query_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.query_timeout_secs)
+    }
+}
+
+fn default_user_rate() -> u32 {
+    60
+}
+
+fn default_project_rate() -> u32 {
+    600
+}
+
+fn default_max_sql() -> usize {
+    tally_common::checks::MAX_SQL_BYTES
+}
+
+fn default_max_depth() -> usize {
+    tally_common::checks::MAX_PLAN_DEPTH
+}
+
+fn default_query_timeout() -> f64 {
+    120.0
+}
+
+fn default_rotate_mb() -> u64 {
+    64
+}
+
+fn default_user_claim() -> String {
+    "sub".into()
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+fn default_projects_claim() -> String {
+    "projects".into()
+}
+
+fn default_leeway() -> u64 {
+    30
 }
 
 /// One trust's node agent.
@@ -48,8 +195,41 @@ pub struct NodeEndpoint {
     /// Human-readable trust name (for messages).
     #[serde(default)]
     pub name: Option<String>,
-    /// Flight SQL URL of the node, e.g. `http://127.0.0.1:50051`.
+    /// Flight SQL URL of the node: `grpc+tls://host:port` (mutual TLS), or `grpc://` on
+    /// loopback with `--insecure-loopback`.
     pub url: String,
+    /// The name the node's certificate must carry (default: `<code>.node.tally`, lower case).
+    #[serde(default)]
+    pub tls_name: Option<String>,
+}
+
+impl NodeEndpoint {
+    /// Whether the URL asks for TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.url.starts_with("grpc+tls://") || self.url.starts_with("https://")
+    }
+
+    /// The name the node's certificate must carry.
+    pub fn expected_name(&self) -> String {
+        self.tls_name
+            .clone()
+            .unwrap_or_else(|| default_node_name(&self.code))
+    }
+
+    /// The host part of the URL.
+    fn host(&self) -> &str {
+        let rest = self.url.split_once("://").map_or("", |(_, rest)| rest);
+        let authority = rest.split('/').next().unwrap_or_default();
+        match authority.rsplit_once(':') {
+            Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+            _ => authority,
+        }
+    }
+}
+
+/// The certificate name a trust's node carries unless configured otherwise.
+pub fn default_node_name(code: &str) -> String {
+    format!("{}.node.tally", code.to_ascii_lowercase())
 }
 
 /// One analyst account.
@@ -115,6 +295,21 @@ impl GatewayConfig {
         if config.policies.is_relative() {
             config.policies = base.join(&config.policies);
         }
+        for files in [config.tls.as_mut()].into_iter().flatten() {
+            files.resolve(base);
+        }
+        if let Some(node_tls) = &mut config.node_tls {
+            for file in [&mut node_tls.cert, &mut node_tls.key, &mut node_tls.ca] {
+                if file.is_relative() {
+                    *file = base.join(&*file);
+                }
+            }
+        }
+        if let Some(jwt) = &mut config.jwt
+            && jwt.jwks.is_relative()
+        {
+            jwt.jwks = base.join(&jwt.jwks);
+        }
         if let Some(file) = &config.users_file {
             let file = base.join(file);
             let text = std::fs::read_to_string(&file)
@@ -123,16 +318,32 @@ impl GatewayConfig {
                 .map_err(|e| fail(format!("users file {}: {e}", file.display())))?;
             config.users.extend(users.users);
         }
-        config.validate().map_err(fail)?;
+        config.validate_fields().map_err(fail)?;
         Ok(config)
     }
 
-    /// Checks what TOML types cannot: durations, duplicates, hashes.
+    /// Checks everything, including that plaintext is only used as `--insecure-loopback`
+    /// allows (run by `start`, after command-line flags are applied).
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_fields()?;
+        for node in &self.nodes {
+            self.validate_node_url(node)?;
+        }
+        if self.tls.is_none() && !self.insecure_loopback {
+            return Err(
+                "no [tls] section: give the gateway a certificate for analysts, or pass --insecure-loopback to serve plaintext on loopback".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks what TOML types cannot: durations, duplicates, hashes, limits.
+    fn validate_fields(&self) -> Result<(), String> {
         for (name, secs) in [
             ("connect_timeout_secs", self.connect_timeout_secs),
             ("request_timeout_secs", self.request_timeout_secs),
             ("catalogue_refresh_secs", self.catalogue_refresh_secs),
+            ("limits.query_timeout_secs", self.limits.query_timeout_secs),
         ] {
             if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
                 return Err(format!("{name} must be between 0 and 86400 seconds"));
@@ -146,14 +357,14 @@ impl GatewayConfig {
             if !codes.insert(node.code.as_str()) {
                 return Err(format!("trust '{}' is listed twice", node.code));
             }
-            // TLS to the nodes (grpc+tls://) arrives with mutual TLS; plaintext until then.
-            let schemes = ["grpc://", "grpc+tcp://", "http://"];
-            if !schemes.iter().any(|scheme| node.url.starts_with(scheme)) {
-                return Err(format!(
-                    "node url '{}' must start with grpc:// or http:// (TLS is not supported yet)",
-                    node.url
-                ));
-            }
+        }
+        let limits = &self.limits;
+        if limits.queries_per_minute_per_user == 0
+            || limits.queries_per_minute_per_project == 0
+            || limits.max_sql_bytes == 0
+            || limits.max_plan_depth == 0
+        {
+            return Err("limits must be at least 1".into());
         }
         for user in &self.users {
             let valid = user.token_sha256.len() == 64
@@ -166,6 +377,39 @@ impl GatewayConfig {
             }
         }
         Ok(())
+    }
+
+    /// Only `grpc+tls://` with a `[node_tls]` section, or plaintext to loopback when
+    /// started with `--insecure-loopback`.
+    fn validate_node_url(&self, node: &NodeEndpoint) -> Result<(), String> {
+        if node.uses_tls() {
+            if self.node_tls.is_none() {
+                return Err(format!(
+                    "node {} uses TLS but there is no [node_tls] section",
+                    node.code
+                ));
+            }
+            return Ok(());
+        }
+        let plaintext = ["grpc://", "grpc+tcp://", "http://"];
+        if !plaintext.iter().any(|scheme| node.url.starts_with(scheme)) {
+            return Err(format!(
+                "node url '{}' must start with grpc+tls:// (or grpc:// with --insecure-loopback)",
+                node.url
+            ));
+        }
+        if !self.insecure_loopback {
+            return Err(format!(
+                "node {} is plaintext ({}); use grpc+tls://, or pass --insecure-loopback for loopback nodes",
+                node.code, node.url
+            ));
+        }
+        require_loopback(node.host()).map_err(|e| format!("node {}: {e}", node.code))
+    }
+
+    /// The audit log's rotation size in bytes, if it rotates.
+    pub fn audit_rotate_bytes(&self) -> Option<u64> {
+        (self.audit_rotate_mb > 0).then(|| self.audit_rotate_mb.saturating_mul(1024 * 1024))
     }
 
     /// Connect timeout as a duration.

@@ -11,7 +11,7 @@ use datafusion::prelude::{DataFrame, SessionContext};
 use serde::Serialize;
 use tally_common::admission::{Origin, Refused, RequestIdentity, admit, policy_input};
 use tally_common::audit::{AuditLog, now_millis};
-use tally_common::checks::plan_read_only;
+use tally_common::checks::{QueryLimits, plan_read_only};
 use tally_common::facts::query_facts;
 use tally_common::flight::TableInfo;
 use tally_common::policy::{Decision, Obligations, Policy};
@@ -19,8 +19,10 @@ use tally_common::session::new_context;
 use tally_common::{ErrorCode, TallyError};
 
 use crate::catalogue::{Catalogue, CatalogueSchema};
+use crate::config::GatewayLimits;
 use crate::error::GatewayError;
 use crate::fanout::{FragmentRun, QueryFanout};
+use crate::limits::RateLimiter;
 use crate::split::split;
 
 /// One line of the gateway's audit log.
@@ -28,9 +30,11 @@ use crate::split::split;
 pub struct GatewayAuditRecord {
     /// Milliseconds since the Unix epoch.
     pub time_ms: u64,
-    /// The query id, also sent to every trust.
+    /// The query id, also sent to every trust (`-` for a request refused before it had one).
     pub query_id: String,
-    /// Who asked, for which project and purpose.
+    /// The analyst's network address.
+    pub peer: String,
+    /// Who asked, for which project and purpose (empty when authentication failed).
     pub identity: RequestIdentity,
     /// The analyst's SQL.
     pub sql: String,
@@ -52,6 +56,8 @@ pub struct GatewayAuditRecord {
     pub groups_suppressed: Option<usize>,
     /// Wall time in milliseconds.
     pub duration_ms: f64,
+    /// Why a request was refused before planning (authentication, project, rate limit).
+    pub detail: Option<String>,
 }
 
 /// A query's answer and how it was obtained.
@@ -101,17 +107,34 @@ pub struct Gateway {
     catalogue: Arc<Catalogue>,
     policy: Arc<Policy>,
     audit: Arc<AuditLog<GatewayAuditRecord>>,
+    rates: RateLimiter,
+    query_timeout: Duration,
+}
+
+/// Who sent a request and from where, for its audit record.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The analyst's network address.
+    pub peer: String,
+    /// Who asked, for which project and purpose.
+    pub identity: RequestIdentity,
 }
 
 impl Gateway {
-    /// An engine planning over `catalogue`'s tables under `policy`.
+    /// An engine planning over `catalogue`'s tables under `policy`, within `limits`.
     pub fn new(
         catalogue: Arc<Catalogue>,
         policy: Arc<Policy>,
         audit: Arc<AuditLog<GatewayAuditRecord>>,
+        limits: &GatewayLimits,
     ) -> Result<Self, GatewayError> {
         let engine = |e: datafusion::error::DataFusionError| GatewayError::Engine(e.to_string());
         let ctx = new_context().map_err(engine)?;
+        QueryLimits {
+            max_sql_bytes: limits.max_sql_bytes,
+            max_plan_depth: limits.max_plan_depth,
+        }
+        .install(&ctx);
         let default_catalog = ctx
             .catalog("datafusion")
             .ok_or_else(|| GatewayError::Engine("default catalogue missing".into()))?;
@@ -123,6 +146,11 @@ impl Gateway {
             catalogue,
             policy,
             audit,
+            rates: RateLimiter::new(
+                limits.queries_per_minute_per_user,
+                limits.queries_per_minute_per_project,
+            ),
+            query_timeout: limits.query_timeout(),
         })
     }
 
@@ -206,16 +234,12 @@ impl Gateway {
     }
 
     /// A fresh audit record for a query, before anything is known of its outcome.
-    fn new_record(
-        &self,
-        identity: &RequestIdentity,
-        sql: &str,
-        query_id: &str,
-    ) -> GatewayAuditRecord {
+    fn new_record(&self, caller: &Caller, sql: &str, query_id: &str) -> GatewayAuditRecord {
         GatewayAuditRecord {
             time_ms: now_millis(),
             query_id: query_id.to_string(),
-            identity: identity.clone(),
+            peer: caller.peer.clone(),
+            identity: caller.identity.clone(),
             sql: sql.to_string(),
             policy_version: None,
             obligations: None,
@@ -226,7 +250,23 @@ impl Gateway {
             rows: None,
             groups_suppressed: None,
             duration_ms: 0.0,
+            detail: None,
         }
+    }
+
+    /// Records a request refused before it reached the planner (credentials, project
+    /// membership) and returns the error for the analyst.
+    pub fn audit_rejected_request(
+        &self,
+        caller: &Caller,
+        sql: &str,
+        error: TallyError,
+    ) -> TallyError {
+        let mut record = self.new_record(caller, sql, &new_query_id());
+        record.codes = vec![error.code.to_string()];
+        record.detail = Some(error.message.clone());
+        self.audit.append(record);
+        error
     }
 
     /// Records a refusal (with the policy's reason codes when it decided) and returns the
@@ -245,39 +285,48 @@ impl Gateway {
     }
 
     /// Plans `sql` without running it: the answer's schema, or why it is refused.
-    pub async fn describe(
-        &self,
-        identity: &RequestIdentity,
-        sql: &str,
-    ) -> Result<SchemaRef, TallyError> {
+    pub async fn describe(&self, caller: &Caller, sql: &str) -> Result<SchemaRef, TallyError> {
         let started = Instant::now();
         let query_id = new_query_id();
         let (plan, _) = self
-            .plan(identity, sql, &query_id)
+            .plan(&caller.identity, sql, &query_id)
             .await
             .map_err(|refused| {
-                let record = self.new_record(identity, sql, &query_id);
+                let record = self.new_record(caller, sql, &query_id);
                 self.audit_refusal(record, refused, started)
             })?;
         Ok(Arc::new(plan.schema().as_arrow().clone()))
     }
 
-    /// Runs `sql` for `identity` and records the outcome in the audit log.
-    pub async fn run(
-        &self,
-        identity: &RequestIdentity,
-        sql: &str,
-    ) -> Result<QueryOutcome, TallyError> {
+    /// Runs `sql` for `caller` and records the outcome in the audit log.
+    pub async fn run(&self, caller: &Caller, sql: &str) -> Result<QueryOutcome, TallyError> {
         let started = Instant::now();
         let query_id = new_query_id();
-        let mut record = self.new_record(identity, sql, &query_id);
-        let (plan, fanout) = match self.plan(identity, sql, &query_id).await {
+        let mut record = self.new_record(caller, sql, &query_id);
+        if let Err(error) = self.rates.admit(&caller.identity) {
+            let refused = Refused {
+                error,
+                decision: None,
+            };
+            return Err(self.audit_refusal(record, refused, started));
+        }
+        let (plan, fanout) = match self.plan(&caller.identity, sql, &query_id).await {
             Ok(planned) => planned,
             Err(refused) => return Err(self.audit_refusal(record, refused, started)),
         };
         record.policy_version = Some(self.policy.version());
         record.obligations = Some(fanout.obligations().clone());
-        let result = self.execute(plan, &fanout).await;
+        let result = tokio::time::timeout(self.query_timeout, self.execute(plan, &fanout))
+            .await
+            .unwrap_or_else(|_| {
+                Err(TallyError::new(
+                    ErrorCode::QueryTimeout,
+                    format!(
+                        "the query took longer than the gateway's limit of {:.0} s",
+                        self.query_timeout.as_secs_f64()
+                    ),
+                ))
+            });
         let runs = fanout.runs();
         record.fragments = runs.iter().map(|r| r.sql.clone()).collect();
         record.fragments.dedup();
@@ -339,6 +388,8 @@ fn is_failure(code: ErrorCode) -> bool {
             | ErrorCode::TrustFailed
             | ErrorCode::TrustProtocol
             | ErrorCode::PolicyError
+            | ErrorCode::QueryTimeout
+            | ErrorCode::ResourcesExhausted
     )
 }
 

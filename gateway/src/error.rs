@@ -37,6 +37,17 @@ pub enum GatewayError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The JWT key set could not be read.
+    #[error("JWKS {path}: {reason}")]
+    Jwks {
+        /// The key set file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The TLS set-up is missing or unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The policy folder could not be loaded.
     #[error("{0}")]
     Policy(String),

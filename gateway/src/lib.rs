@@ -10,6 +10,8 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod fanout;
+pub mod jwt;
+pub mod limits;
 pub mod merge;
 pub mod service;
 pub mod split;
@@ -20,13 +22,18 @@ use std::sync::Arc;
 
 use tally_common::audit::AuditLog;
 use tally_common::policy::Policy;
-use tally_common::server::RunningServer;
+use tally_common::server::{RunningServer, Transport};
+use tally_common::tls::ServerTls;
 use tokio::task::JoinHandle;
 
 pub use auth::{Identity, Users, token_hash};
-pub use config::{GatewayConfig, NodeEndpoint, UserConfig};
-pub use engine::{Explanation, Gateway, GatewayAuditRecord, QueryOutcome};
+pub use config::{
+    GatewayConfig, GatewayLimits, JwtConfig, NodeEndpoint, NodeTlsConfig, UserConfig,
+    default_node_name,
+};
+pub use engine::{Caller, Explanation, Gateway, GatewayAuditRecord, QueryOutcome};
 pub use error::GatewayError;
+pub use jwt::JwtVerifier;
 pub use service::{
     ELAPSED_HEADER, GatewayService, POLICY_VERSION_HEADER, SUPPRESSED_HEADER, TRUSTS_HEADER,
 };
@@ -65,29 +72,55 @@ impl GatewayHandle {
 /// Builds the catalogue from the nodes (those that are down are marked unavailable and
 /// retried) and starts serving Flight SQL on `config.listen`.
 pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError> {
+    config.validate().map_err(|reason| GatewayError::Config {
+        path: "(gateway config)".into(),
+        reason,
+    })?;
     let trusts = config
         .nodes
         .iter()
-        .map(|node| Trust::new(node, config.connect_timeout(), config.request_timeout()))
+        .map(|node| {
+            Trust::new(
+                node,
+                config.node_tls.as_ref(),
+                config.connect_timeout(),
+                config.request_timeout(),
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
+    let jwt = config.jwt.as_ref().map(JwtVerifier::load).transpose()?;
+    let transport = match &config.tls {
+        Some(files) => Transport::Tls(
+            ServerTls::server_only(files).map_err(|e| GatewayError::Tls(e.to_string()))?,
+            Arc::new(|_| {}),
+        ),
+        None => Transport::InsecureLoopback,
+    };
     let catalogue = Arc::new(Catalogue::new(trusts));
     let snapshot = catalogue.refresh().await;
     for err in snapshot.unavailable() {
         tracing::warn!(error = %err, "starting without this trust; it will be asked again");
     }
     let audit = Arc::new(match &config.audit_log {
-        Some(path) => AuditLog::open(path).map_err(|source| GatewayError::Audit {
-            path: path.clone(),
-            source,
+        Some(path) => AuditLog::open(path, config.audit_rotate_bytes()).map_err(|source| {
+            GatewayError::Audit {
+                path: path.clone(),
+                source,
+            }
         })?,
         None => AuditLog::in_memory(),
     });
     let policy =
         Arc::new(Policy::load(&config.policies).map_err(|e| GatewayError::Policy(e.to_string()))?);
     let policy_watcher = policy.watch(POLICY_POLL);
-    let gateway = Arc::new(Gateway::new(catalogue.clone(), policy, audit)?);
-    let service = GatewayService::new(gateway.clone(), Users::new(config.users.clone()));
-    let server = RunningServer::start(service, config.listen, "gateway")
+    let gateway = Arc::new(Gateway::new(
+        catalogue.clone(),
+        policy,
+        audit,
+        &config.limits,
+    )?);
+    let service = GatewayService::new(gateway.clone(), Users::new(config.users.clone(), jwt));
+    let server = RunningServer::start(service, config.listen, "gateway", transport)
         .await
         .map_err(|source| GatewayError::Bind {
             addr: config.listen,

@@ -20,7 +20,6 @@ use arrow_flight::{
     SchemaAsIpc, Ticket,
 };
 use futures::{Stream, StreamExt};
-use tally_common::admission::RequestIdentity;
 use tally_common::flight::{
     FlightDataStream, MetadataRequest, PROJECT_HEADER, PURPOSE_HEADER, QUERY_ID_HEADER,
     encode_batches, flight_info, header_text, ticket_sql,
@@ -30,7 +29,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Users;
-use crate::engine::Gateway;
+use crate::engine::{Caller, Gateway};
 
 /// Response header listing the trusts that answered, comma-separated.
 pub const TRUSTS_HEADER: &str = "x-tally-trusts";
@@ -57,15 +56,38 @@ impl GatewayService {
         }
     }
 
-    /// The caller's identity for this request: bearer token, then the project and purpose
-    /// the request names (or the user's defaults).
-    fn identify<T>(&self, request: &Request<T>) -> Result<RequestIdentity, Status> {
+    /// Who is calling: bearer token (or JWT), then the project and purpose the request
+    /// names (or the user's defaults). A refusal is audited with the `sql` it carried.
+    fn identify<T>(&self, request: &Request<T>, sql: &str) -> Result<Caller, Status> {
         let metadata = request.metadata();
-        let identity = self.users.bearer(metadata)?;
-        Ok(identity.for_request(
-            &header_text(metadata, PROJECT_HEADER),
-            &header_text(metadata, PURPOSE_HEADER),
-        )?)
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".into(), |a| a.to_string());
+        let project = header_text(metadata, PROJECT_HEADER);
+        let purpose = header_text(metadata, PURPOSE_HEADER);
+        let mut caller = Caller {
+            peer,
+            identity: Default::default(),
+        };
+        let identity = match self.users.bearer(metadata) {
+            Ok(identity) => identity,
+            Err(error) => return Err(self.refuse(&caller, sql, error)),
+        };
+        caller.identity.user = identity.user.clone();
+        match identity.for_request(&project, &purpose) {
+            Ok(resolved) => {
+                caller.identity = resolved;
+                Ok(caller)
+            }
+            Err(error) => Err(self.refuse(&caller, sql, error)),
+        }
+    }
+
+    fn refuse(&self, caller: &Caller, sql: &str, error: TallyError) -> Status {
+        tracing::info!(peer = %caller.peer, code = %error.code, "request refused before planning");
+        self.gateway
+            .audit_rejected_request(caller, sql, error)
+            .to_status()
     }
 
     fn metadata(&self, request: MetadataRequest) -> Result<Response<FlightDataStream>, Status> {
@@ -76,10 +98,10 @@ impl GatewayService {
     /// response headers.
     async fn answer(
         &self,
-        identity: &RequestIdentity,
+        caller: &Caller,
         sql: &str,
     ) -> Result<Response<FlightDataStream>, Status> {
-        let outcome = self.gateway.run(identity, sql).await?;
+        let outcome = self.gateway.run(caller, sql).await?;
         let schema = outcome.schema.clone();
         let batches = futures::stream::iter(outcome.batches.clone().into_iter().map(Ok));
         let mut response = Response::new(encode_batches(schema, batches));
@@ -122,7 +144,16 @@ impl FlightSqlService for GatewayService {
         Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
         Status,
     > {
-        let (identity, token) = self.users.handshake(request.metadata())?;
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".into(), |a| a.to_string());
+        let (identity, token) = self.users.handshake(request.metadata()).map_err(|error| {
+            let caller = Caller {
+                peer,
+                identity: Default::default(),
+            };
+            self.refuse(&caller, "", error)
+        })?;
         tracing::info!(user = %identity.user, "analyst authenticated");
         let reply = HandshakeResponse {
             protocol_version: 0,
@@ -143,8 +174,8 @@ impl FlightSqlService for GatewayService {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let identity = self.identify(&request)?;
-        let schema = self.gateway.describe(&identity, &query.query).await?;
+        let caller = self.identify(&request, &query.query)?;
+        let schema = self.gateway.describe(&caller, &query.query).await?;
         let ticket = TicketStatementQuery {
             statement_handle: query.query.into_bytes().into(),
         };
@@ -160,9 +191,9 @@ impl FlightSqlService for GatewayService {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let identity = self.identify(&request)?;
         let sql = ticket_sql(&ticket.statement_handle)?;
-        self.answer(&identity, &sql).await
+        let caller = self.identify(&request, &sql)?;
+        self.answer(&caller, &sql).await
     }
 
     async fn do_action_create_prepared_statement(
@@ -170,8 +201,8 @@ impl FlightSqlService for GatewayService {
         query: ActionCreatePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let identity = self.identify(&request)?;
-        let schema = self.gateway.describe(&identity, &query.query).await?;
+        let caller = self.identify(&request, &query.query)?;
+        let schema = self.gateway.describe(&caller, &query.query).await?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: query.query.into_bytes().into(),
             dataset_schema: schema_bytes(&schema)?,
@@ -184,7 +215,7 @@ impl FlightSqlService for GatewayService {
         _query: ActionClosePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<(), Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         Ok(())
     }
 
@@ -193,7 +224,7 @@ impl FlightSqlService for GatewayService {
         query: CommandPreparedStatementQuery,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         let mut stream = request.into_inner();
         while let Some(message) = stream.next().await {
             if !message?.data_body.is_empty() {
@@ -214,9 +245,9 @@ impl FlightSqlService for GatewayService {
         query: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let identity = self.identify(&request)?;
         let sql = ticket_sql(&query.prepared_statement_handle)?;
-        let schema = self.gateway.describe(&identity, &sql).await?;
+        let caller = self.identify(&request, &sql)?;
+        let schema = self.gateway.describe(&caller, &sql).await?;
         Ok(Response::new(flight_info(
             &schema,
             query,
@@ -229,9 +260,9 @@ impl FlightSqlService for GatewayService {
         query: CommandPreparedStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let identity = self.identify(&request)?;
         let sql = ticket_sql(&query.prepared_statement_handle)?;
-        self.answer(&identity, &sql).await
+        let caller = self.identify(&request, &sql)?;
+        self.answer(&caller, &sql).await
     }
 
     async fn get_flight_info_catalogs(
@@ -239,7 +270,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         Ok(Response::new(
             MetadataRequest::Catalogs(query).flight_info(request.into_inner())?,
         ))
@@ -250,7 +281,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         Ok(Response::new(
             MetadataRequest::Schemas(query).flight_info(request.into_inner())?,
         ))
@@ -261,7 +292,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         Ok(Response::new(
             MetadataRequest::Tables(query).flight_info(request.into_inner())?,
         ))
@@ -272,7 +303,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         Ok(Response::new(
             MetadataRequest::TableTypes(query).flight_info(request.into_inner())?,
         ))
@@ -283,7 +314,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         Ok(Response::new(
             MetadataRequest::SqlInfo(query).flight_info(request.into_inner())?,
         ))
@@ -294,7 +325,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetCatalogs,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         self.metadata(MetadataRequest::Catalogs(query))
     }
 
@@ -303,7 +334,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetDbSchemas,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         self.metadata(MetadataRequest::Schemas(query))
     }
 
@@ -312,7 +343,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTables,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         self.metadata(MetadataRequest::Tables(query))
     }
 
@@ -321,7 +352,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTableTypes,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         self.metadata(MetadataRequest::TableTypes(query))
     }
 
@@ -330,7 +361,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetSqlInfo,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request)?;
+        self.identify(&request, "")?;
         self.metadata(MetadataRequest::SqlInfo(query))
     }
 

@@ -7,14 +7,15 @@ use arrow::record_batch::RecordBatch;
 use arrow_flight::error::FlightError;
 use tally_common::admission::RequestIdentity;
 use tally_common::flight::{
-    MIN_PATIENTS_HEADER, QUERY_ID_HEADER, SqlClient, TableInfo, fetch_all, header_text, http_url,
-    identity_headers, list_tables,
+    MIN_PATIENTS_HEADER, QUERY_ID_HEADER, SqlClient, TableInfo, header_text, http_url,
+    identity_headers, list_tables, run_statement,
 };
+use tally_common::tls::client_tls;
 use tally_common::{ErrorCode, TallyError};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::config::NodeEndpoint;
+use crate::config::{NodeEndpoint, NodeTlsConfig};
 use crate::error::GatewayError;
 
 /// One trust's node agent, as the gateway reaches it.
@@ -42,9 +43,11 @@ pub struct TrustAnswer {
 }
 
 impl Trust {
-    /// A lazily connecting client for `endpoint`.
+    /// A lazily connecting client for `endpoint`; over mutual TLS (presenting the
+    /// gateway's certificate, expecting the trust's name) when its URL asks for TLS.
     pub fn new(
         endpoint: &NodeEndpoint,
+        tls: Option<&NodeTlsConfig>,
         connect_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<Self, GatewayError> {
@@ -52,8 +55,21 @@ impl Trust {
             code: endpoint.code.clone(),
             url: endpoint.url.clone(),
         };
-        let channel = Endpoint::from_shared(http_url(&endpoint.url))
-            .map_err(|_| bad_url())?
+        let mut channel = Endpoint::from_shared(http_url(&endpoint.url)).map_err(|_| bad_url())?;
+        if endpoint.uses_tls() {
+            let tls = tls.ok_or_else(|| {
+                GatewayError::Tls(format!(
+                    "node {} uses TLS but there is no [node_tls] section",
+                    endpoint.code
+                ))
+            })?;
+            let config = client_tls(&tls.ca, Some(&tls.identity()), &endpoint.expected_name())
+                .map_err(|e| GatewayError::Tls(e.to_string()))?;
+            channel = channel
+                .tls_config(config)
+                .map_err(|e| GatewayError::Tls(format!("node {}: {e}", endpoint.code)))?;
+        }
+        let channel = channel
             .connect_timeout(connect_timeout)
             .timeout(request_timeout)
             .tcp_nodelay(true)
@@ -92,12 +108,7 @@ impl Trust {
         for (name, value) in identity_headers(identity) {
             client.set_header(name, value);
         }
-        let (batches, headers) = self
-            .bounded(async {
-                let info = client.execute(sql.to_string(), None).await?;
-                fetch_all(&mut client, info).await
-            })
-            .await?;
+        let (batches, headers) = self.bounded(run_statement(&mut client, sql)).await?;
         let min_patients = header_text(&headers, MIN_PATIENTS_HEADER)
             .parse()
             .unwrap_or(0);
@@ -149,14 +160,12 @@ impl Trust {
             }
         };
         if let Some(reason) = TallyError::from_status(&status) {
-            let code = match reason.code {
-                ErrorCode::Execution | ErrorCode::Internal => ErrorCode::TrustFailed,
-                _ => ErrorCode::TrustRefused,
-            };
-            let verb = if code == ErrorCode::TrustFailed {
-                "failed to run"
-            } else {
-                "refused"
+            let (code, verb) = match reason.code {
+                ErrorCode::Execution | ErrorCode::Internal | ErrorCode::ResourcesExhausted => {
+                    (ErrorCode::TrustFailed, "failed to run")
+                }
+                ErrorCode::QueryTimeout => (ErrorCode::TrustTimeout, "stopped"),
+                _ => (ErrorCode::TrustRefused, "refused"),
             };
             return TallyError::new(
                 code,

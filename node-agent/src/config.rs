@@ -2,8 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
+use tally_common::tls::CertificateFiles;
 
 use crate::error::NodeError;
 
@@ -19,6 +21,19 @@ pub struct NodeConfig {
     /// Append-only JSON-lines audit log of every request; none if absent.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// Rotate the audit log before it grows past this many MiB (0: never).
+    #[serde(default = "default_rotate_mb")]
+    pub audit_rotate_mb: u64,
+    /// Mutual TLS with the gateway; required unless started with `--insecure-loopback`.
+    #[serde(default)]
+    pub tls: Option<NodeTlsConfig>,
+    /// Limits that protect the trust's machine.
+    #[serde(default)]
+    pub limits: NodeLimits,
+    /// Serve plaintext on a loopback address instead of TLS (set by `--insecure-loopback`,
+    /// never by the file).
+    #[serde(skip)]
+    pub insecure_loopback: bool,
     /// The trust's own policy folder (`.rego` files and JSON data); relative to this file.
     pub policies: PathBuf,
     /// The National Data Opt-out list; without it no opt-out can be applied and the node
@@ -27,6 +42,75 @@ pub struct NodeConfig {
     pub opt_out: Option<OptOutConfig>,
     /// The tables this trust serves.
     pub tables: Vec<TableConfig>,
+}
+
+/// The node's side of mutual TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTlsConfig {
+    /// The node's certificate chain (PEM); it must name the trust as the gateway expects.
+    pub cert: PathBuf,
+    /// The node's private key (PEM).
+    pub key: PathBuf,
+    /// The CA whose client certificates are accepted (PEM).
+    pub client_ca: PathBuf,
+    /// Identities (certificate common names) of the gateways allowed to ask.
+    pub allowed_gateways: Vec<String>,
+}
+
+impl NodeTlsConfig {
+    /// The node's own certificate and key.
+    pub fn identity(&self) -> CertificateFiles {
+        CertificateFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// Limits on the work one query can make the node do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeLimits {
+    /// Seconds one query may run, from admission to its last batch.
+    #[serde(default = "default_query_timeout")]
+    pub query_timeout_secs: f64,
+    /// MiB of memory the query engine may hold across all running queries.
+    #[serde(default = "default_memory_mb")]
+    pub memory_limit_mb: u64,
+}
+
+impl Default for NodeLimits {
+    fn default() -> Self {
+        NodeLimits {
+            query_timeout_secs: default_query_timeout(),
+            memory_limit_mb: default_memory_mb(),
+        }
+    }
+}
+
+impl NodeLimits {
+    /// The per-query time limit.
+    pub fn query_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.query_timeout_secs)
+    }
+
+    /// The engine's memory limit in bytes.
+    pub fn memory_limit_bytes(&self) -> usize {
+        usize::try_from(self.memory_limit_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
+    }
+}
+
+fn default_query_timeout() -> f64 {
+    60.0
+}
+
+fn default_memory_mb() -> u64 {
+    2048
+}
+
+fn default_rotate_mb() -> u64 {
+    64
 }
 
 /// Where the trust's National Data Opt-out list is, and how to map it to its patients.
@@ -100,6 +184,11 @@ fn default_listen() -> SocketAddr {
 }
 
 impl NodeConfig {
+    /// The audit log's rotation size in bytes, if it rotates.
+    pub fn audit_rotate_bytes(&self) -> Option<u64> {
+        (self.audit_rotate_mb > 0).then(|| self.audit_rotate_mb.saturating_mul(1024 * 1024))
+    }
+
     /// Reads and validates a config file; relative paths become relative to its folder.
     pub fn load(path: &Path) -> Result<Self, NodeError> {
         let text = std::fs::read_to_string(path).map_err(|e| NodeError::Config {
@@ -129,6 +218,13 @@ impl NodeConfig {
         {
             opt_out.path = base.join(&opt_out.path);
         }
+        if let Some(tls) = &mut config.tls {
+            for file in [&mut tls.cert, &mut tls.key, &mut tls.client_ca] {
+                if file.is_relative() {
+                    *file = base.join(&*file);
+                }
+            }
+        }
         config.validate().map_err(|reason| NodeError::Config {
             path: path.to_path_buf(),
             reason,
@@ -136,8 +232,20 @@ impl NodeConfig {
         Ok(config)
     }
 
-    /// Checks what TOML types cannot: names, codes, duplicates.
+    /// Checks what TOML types cannot: names, codes, duplicates, limits.
     pub fn validate(&self) -> Result<(), String> {
+        let timeout = self.limits.query_timeout_secs;
+        if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0) {
+            return Err("limits.query_timeout_secs must be between 0 and 86400 seconds".into());
+        }
+        if self.limits.memory_limit_mb == 0 {
+            return Err("limits.memory_limit_mb must be at least 1".into());
+        }
+        if let Some(tls) = &self.tls
+            && tls.allowed_gateways.is_empty()
+        {
+            return Err("tls.allowed_gateways must name at least one gateway".into());
+        }
         if !is_identifier(&self.trust.code) {
             return Err(format!(
                 "trust code '{}' must be letters, digits or '_'",

@@ -37,6 +37,9 @@ pub enum NodeError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The TLS set-up is missing or unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The policy folder could not be loaded.
     #[error("{0}")]
     Policy(String),

@@ -13,9 +13,12 @@ use std::sync::Arc;
 use tally_common::audit::AuditLog;
 use tally_common::flight::TableInfo;
 use tally_common::policy::Policy;
-use tally_common::server::RunningServer;
+use tally_common::server::{RunningServer, Transport};
+use tally_common::tls::{RefusedConnection, ServerTls};
 
-pub use config::{NodeConfig, OptOutConfig, TableConfig, TableFormat, TrustConfig};
+pub use config::{
+    NodeConfig, NodeLimits, NodeTlsConfig, OptOutConfig, TableConfig, TableFormat, TrustConfig,
+};
 pub use error::NodeError;
 pub use service::{Contexts, NodeAuditRecord, NodeService};
 
@@ -51,8 +54,10 @@ impl NodeHandle {
 /// SQL on `config.listen`.
 pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
     let engine = |e: datafusion::error::DataFusionError| NodeError::Engine(e.to_string());
-    let full = tally_common::session::new_context().map_err(engine)?;
-    let opted_out = tally_common::session::new_context().map_err(engine)?;
+    let runtime = tally_common::session::memory_limited_runtime(config.limits.memory_limit_bytes())
+        .map_err(engine)?;
+    let full = tally_common::session::new_context_in(runtime.clone()).map_err(engine)?;
+    let opted_out = tally_common::session::new_context_in(runtime).map_err(engine)?;
     let tables = tables::open_tables(&full, &config.tables, &config.trust.code).await?;
     for (name, table) in &tables {
         full.register_table(name.as_str(), table.clone())
@@ -81,9 +86,11 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
     let policy =
         Arc::new(Policy::load(&config.policies).map_err(|e| NodeError::Policy(e.to_string()))?);
     let audit = Arc::new(match &config.audit_log {
-        Some(path) => AuditLog::open(path).map_err(|source| NodeError::Audit {
-            path: path.clone(),
-            source,
+        Some(path) => AuditLog::open(path, config.audit_rotate_bytes()).map_err(|source| {
+            NodeError::Audit {
+                path: path.clone(),
+                source,
+            }
         })?,
         None => AuditLog::in_memory(),
     });
@@ -95,8 +102,10 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         table_infos,
         policy.clone(),
         audit.clone(),
+        config.limits.query_timeout(),
     );
-    let server = RunningServer::start(service, config.listen, "node agent")
+    let transport = transport(config, &audit)?;
+    let server = RunningServer::start(service, config.listen, "node agent", transport)
         .await
         .map_err(|source| NodeError::Bind {
             addr: config.listen,
@@ -112,4 +121,31 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         server,
         watcher,
     })
+}
+
+/// Mutual TLS from the `[tls]` section (refused connections go to the audit log), or
+/// plaintext on loopback when started with `--insecure-loopback`.
+fn transport(
+    config: &NodeConfig,
+    audit: &Arc<AuditLog<NodeAuditRecord>>,
+) -> Result<Transport, NodeError> {
+    let Some(tls) = &config.tls else {
+        if config.insecure_loopback {
+            return Ok(Transport::InsecureLoopback);
+        }
+        return Err(NodeError::Tls(
+            "no [tls] section: configure mutual TLS, or pass --insecure-loopback to serve plaintext on loopback".into(),
+        ));
+    };
+    let server = ServerTls::mutual(
+        &tls.identity(),
+        &tls.client_ca,
+        tls.allowed_gateways.clone(),
+    )
+    .map_err(|e| NodeError::Tls(e.to_string()))?;
+    let audit = audit.clone();
+    let on_refused = Arc::new(move |refused: RefusedConnection| {
+        audit.append(NodeAuditRecord::refused_connection(&refused));
+    });
+    Ok(Transport::Tls(server, on_refused))
 }

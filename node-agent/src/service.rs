@@ -8,7 +8,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
 use arrow_flight::flight_service_server::FlightService;
@@ -31,6 +31,7 @@ use tally_common::flight::{
     encode_batches, flight_info, header_text, identity_from_headers, ticket_sql,
 };
 use tally_common::policy::{Decision, Policy};
+use tally_common::tls::{RefusedConnection, certificate_identity};
 use tally_common::{ErrorCode, TallyError};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
@@ -44,9 +45,11 @@ pub struct NodeAuditRecord {
     pub query_id: String,
     /// Network address of the caller.
     pub peer: String,
+    /// The identity named by the caller's TLS client certificate (absent in plaintext).
+    pub gateway: Option<String>,
     /// Who the caller says is asking, and why.
     pub identity: RequestIdentity,
-    /// `describe` (GetFlightInfo) or `run` (DoGet).
+    /// `connect` (a refused connection), `describe` (GetFlightInfo) or `run` (DoGet).
     pub step: &'static str,
     /// The SQL as received.
     pub sql: String,
@@ -64,6 +67,31 @@ pub struct NodeAuditRecord {
     pub rows: Option<usize>,
     /// Wall time in milliseconds.
     pub duration_ms: f64,
+    /// Why a connection was refused.
+    pub detail: Option<String>,
+}
+
+impl NodeAuditRecord {
+    /// The record of a connection refused during the TLS handshake or identity check.
+    pub fn refused_connection(refused: &RefusedConnection) -> Self {
+        NodeAuditRecord {
+            time_ms: now_millis(),
+            query_id: "-".into(),
+            peer: refused.peer.to_string(),
+            gateway: refused.identity.clone(),
+            identity: RequestIdentity::default(),
+            step: "connect",
+            sql: String::new(),
+            outcome: "refused",
+            codes: vec![ErrorCode::ClientCertificate.to_string()],
+            policy_version: None,
+            opt_out_applied: None,
+            min_distinct_patients: None,
+            rows: None,
+            duration_ms: 0.0,
+            detail: Some(refused.reason.clone()),
+        }
+    }
 }
 
 /// The node's two views of its tables: everything, and without opted-out patients.
@@ -82,12 +110,14 @@ pub struct NodeService {
     tables: Arc<Vec<TableInfo>>,
     policy: Arc<Policy>,
     audit: Arc<AuditLog<NodeAuditRecord>>,
+    query_timeout: Duration,
 }
 
 /// What one request is about, for its audit record.
 struct RequestContext {
     query_id: String,
     peer: String,
+    gateway: Option<String>,
     identity: RequestIdentity,
     sql: String,
     started: Instant,
@@ -114,6 +144,9 @@ impl RequestContext {
             peer: request
                 .remote_addr()
                 .map_or_else(|| "unknown".into(), |a| a.to_string()),
+            gateway: request
+                .peer_certs()
+                .and_then(|certs| certs.first().and_then(certificate_identity)),
             identity: identity_from_headers(request.metadata()),
             sql,
             started: Instant::now(),
@@ -131,6 +164,7 @@ impl RequestContext {
             time_ms: now_millis(),
             query_id: self.query_id.clone(),
             peer: self.peer.clone(),
+            gateway: self.gateway.clone(),
             identity: self.identity.clone(),
             step,
             sql: self.sql.clone(),
@@ -147,23 +181,27 @@ impl RequestContext {
                 .map(|d| d.obligations.min_distinct_patients),
             rows: outcome.rows,
             duration_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            detail: None,
         }
     }
 }
 
 impl NodeService {
-    /// A service over `contexts`, whose tables are listed in `tables`, deciding with `policy`.
+    /// A service over `contexts`, whose tables are listed in `tables`, deciding with
+    /// `policy`; each query may run for `query_timeout`.
     pub fn new(
         contexts: Contexts,
         tables: Vec<TableInfo>,
         policy: Arc<Policy>,
         audit: Arc<AuditLog<NodeAuditRecord>>,
+        query_timeout: Duration,
     ) -> Self {
         NodeService {
             contexts,
             tables: Arc::new(tables),
             policy,
             audit,
+            query_timeout,
         }
     }
 
@@ -253,6 +291,8 @@ impl NodeService {
             }
         };
         let threshold = decision.obligations.min_distinct_patients;
+        let deadline = context.started + self.query_timeout;
+        let stream = within_deadline(stream, deadline, self.query_timeout);
         let batches = audited(stream, context, decision, self.audit.clone());
         let mut response = Response::new(encode_batches(schema, batches));
         if let Ok(value) = MetadataValue::from_str(&threshold.to_string()) {
@@ -260,6 +300,38 @@ impl NodeService {
         }
         Ok(response)
     }
+}
+
+/// Ends a result stream with E_QUERY_TIMEOUT (and cancels the query) at `deadline`.
+fn within_deadline<S>(
+    stream: S,
+    deadline: Instant,
+    limit: Duration,
+) -> impl Stream<Item = datafusion::error::Result<arrow::record_batch::RecordBatch>> + Send
+where
+    S: Stream<Item = datafusion::error::Result<arrow::record_batch::RecordBatch>>
+        + Send
+        + Unpin
+        + 'static,
+{
+    let deadline = tokio::time::Instant::from_std(deadline);
+    futures::stream::unfold(Some(stream), move |state| async move {
+        let mut stream = state?;
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(item)) => Some((item, Some(stream))),
+            Ok(None) => None,
+            Err(_) => {
+                let timeout = TallyError::new(
+                    ErrorCode::QueryTimeout,
+                    format!(
+                        "the query ran longer than this trust's limit of {:.0} s",
+                        limit.as_secs_f64()
+                    ),
+                );
+                Some((Err(timeout.into_datafusion()), None))
+            }
+        }
+    })
 }
 
 /// Counts the rows of a result stream and writes the audit record when it ends.
