@@ -4,8 +4,11 @@
 mod support;
 
 mod adbc;
+mod audit;
 mod bad_input;
 mod cli;
 mod equivalence;
+mod jwt;
+mod mtls;
 mod node_floor;
 mod policy;

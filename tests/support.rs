@@ -53,17 +53,15 @@ pub fn gateway_target(addr: std::net::SocketAddr) -> GatewayTarget {
     GatewayTarget::new(federation::gateway_url(&tls(), addr), Some(certs().ca()))
 }
 
-/// A Flight SQL client to the node of trust `code` at `addr`, over mutual TLS presenting
-/// `identity` (the gateway's client certificate when `None`).
+/// A Flight SQL client to the node of trust `code` at `addr`, over TLS presenting
+/// `identity` (no client certificate when `None`).
 pub async fn node_client_as(
     addr: std::net::SocketAddr,
     code: &str,
     identity: Option<&CertificateFiles>,
 ) -> Result<SqlClient, String> {
-    let gateway = certs().gateway_client();
-    let identity = identity.unwrap_or(&gateway);
-    let config = client_tls(&certs().ca(), Some(identity), &default_node_name(code))
-        .map_err(|e| e.to_string())?;
+    let config =
+        client_tls(&certs().ca(), identity, &default_node_name(code)).map_err(|e| e.to_string())?;
     let channel = Endpoint::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(config)
@@ -76,7 +74,7 @@ pub async fn node_client_as(
 
 /// A Flight SQL client to a node, as the gateway connects to it.
 pub async fn node_client(addr: std::net::SocketAddr, code: &str) -> SqlClient {
-    node_client_as(addr, code, None)
+    node_client_as(addr, code, Some(&certs().gateway_client()))
         .await
         .expect("the gateway's certificate is accepted")
 }

@@ -7,6 +7,12 @@
 //! names the first record that fails. Each line is written and synced to disk before
 //! `append` returns, and a log reopened after a restart (or a crash) continues the chain.
 //!
+//! A chain alone cannot show that records were cut off its end, so the writer also keeps
+//! `<name>.head`: the hash of the newest record, rewritten in place after each append.
+//! [`verify`] requires the chain to reach the head (or stop one short of it, which a crash
+//! between the two writes can cause). Publishing head hashes elsewhere (the transparency
+//! register does) anchors them against someone who can rewrite both files.
+//!
 //! A log may rotate: when the active file would grow past its size limit it is renamed to
 //! `<name>.000001` (then `.000002`, ...) and a new file starts, whose first record chains to
 //! the last record of the one before. [`segments`] lists a log's files in chain order.
@@ -36,6 +42,7 @@ fn sha256_hex(text: &str) -> String {
 struct ChainedFile {
     path: PathBuf,
     file: File,
+    head: File,
     size: u64,
     last: String,
     rotate_bytes: Option<u64>,
@@ -83,11 +90,17 @@ impl<R: Serialize + Clone> AuditLog<R> {
             },
         };
         let size = file.metadata()?.len();
+        let head = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(head_path(path))?;
         Ok(AuditLog {
             recent: Mutex::new(VecDeque::new()),
             file: Some(Mutex::new(ChainedFile {
                 path: path.to_path_buf(),
                 file,
+                head,
                 size,
                 last,
                 rotate_bytes,
@@ -130,6 +143,9 @@ impl ChainedFile {
         writeln!(self.file, "{line}")?;
         self.file.sync_data()?;
         self.size += length;
+        use std::os::unix::fs::FileExt;
+        self.head.write_all_at(head_line(&hash).as_bytes(), 0)?;
+        self.head.sync_data()?;
         self.last = hash;
         Ok(())
     }
@@ -177,8 +193,10 @@ fn split_hash(line: &str) -> Option<(String, &str)> {
 
 /// The hash of the last record of `file`, if it has one.
 fn last_record_hash(file: &File) -> std::io::Result<Option<String>> {
+    let mut reader = file.try_clone()?;
+    reader.seek(SeekFrom::Start(0))?;
     let mut last = None;
-    for line in BufReader::new(file.try_clone()?).lines() {
+    for line in BufReader::new(reader).lines() {
         let line = line?;
         if let Some((_, hash)) = split_hash(&line) {
             last = Some(hash.to_string());
@@ -214,6 +232,31 @@ fn set_aside_torn_tail(path: &Path, file: &mut File) -> std::io::Result<()> {
     file.sync_all()?;
     tracing::warn!(path = %path.display(), torn = %Path::new(&torn_name).display(), "audit log ended in a torn line; it was moved aside");
     Ok(())
+}
+
+fn head_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".head");
+    PathBuf::from(name)
+}
+
+/// The head file's content: always the same length, so an in-place rewrite replaces it all.
+fn head_line(hash: &str) -> String {
+    format!("{{\"hash\":\"{hash}\"}}\n")
+}
+
+/// The newest record's hash as the head file records it, if there is a head file.
+fn read_head(path: &Path) -> Result<Option<String>, String> {
+    match std::fs::read_to_string(head_path(path)) {
+        Ok(text) if text.is_empty() => Ok(None),
+        Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("hash").and_then(|h| h.as_str()).map(str::to_string))
+            .map(Some)
+            .ok_or_else(|| "its head file is not readable".to_string()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err.to_string()),
+    }
 }
 
 fn segment_path(path: &Path, number: u64) -> PathBuf {
@@ -312,7 +355,10 @@ fn read_chain(
     if files.is_empty() {
         return Err(fail(path, 0, "no such log".into()));
     }
+    let head = read_head(path).map_err(|reason| fail(path, 0, reason))?;
     let mut expected = GENESIS.to_string();
+    let mut before_last = GENESIS.to_string();
+    let mut total = 0;
     for file in &files {
         let reader = File::open(file).map_err(|e| fail(file, 0, e.to_string()))?;
         for (index, line) in BufReader::new(reader).lines().enumerate() {
@@ -339,9 +385,25 @@ fn read_chain(
                 };
                 return Err(fail(file, number, reason));
             }
-            expected = hash.to_string();
+            before_last = std::mem::replace(&mut expected, hash.to_string());
+            total += 1;
             visit(record);
         }
+    }
+    if let Some(head) = head
+        && head != expected
+        && head != before_last
+    {
+        let last = files.last().map_or(path, PathBuf::as_path);
+        let lines = File::open(last)
+            .map(|f| BufReader::new(f).lines().count())
+            .unwrap_or(total);
+        return Err(fail(
+            last,
+            lines + 1,
+            "the log ends before the record its head names: records were removed from the end"
+                .into(),
+        ));
     }
     Ok(files)
 }
@@ -421,6 +483,14 @@ mod tests {
         let mut first_gone = original.clone();
         first_gone.remove(0);
         assert_eq!(broken_at(&first_gone), 1);
+
+        let mut last_gone = original.clone();
+        last_gone.pop();
+        assert_eq!(
+            broken_at(&last_gone),
+            4,
+            "the head names the missing last record"
+        );
 
         rewrite(&original);
         assert_eq!(verify(&path).unwrap().records, 4);

@@ -222,9 +222,9 @@ fn handshake_failure(err: &std::io::Error) -> String {
     use rustls::{CertificateError, Error};
     match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
         Some(Error::NoCertificatesPresented) => "the client presented no certificate".into(),
-        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
-            "the client certificate is not signed by the trusted CA".into()
-        }
+        Some(Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        )) => "the client certificate is not signed by the trusted CA".into(),
         Some(Error::InvalidCertificate(CertificateError::Expired))
         | Some(Error::InvalidCertificate(CertificateError::ExpiredContext { .. })) => {
             "the client certificate has expired".into()
