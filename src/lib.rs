@@ -1,8 +1,9 @@
-//! The `tally` command line: the analyst client, output formats and the local federation
-//! that the demo and the integration tests run on.
+//! The `tally` command line: the analyst client, output formats, the local federation
+//! that the demo and the integration tests run on, and the public transparency register.
 
 pub mod bench;
 pub mod client;
 pub mod federation;
 pub mod output;
 pub mod policy_cli;
+pub mod register;

@@ -9,3 +9,4 @@ mod cli;
 mod equivalence;
 mod node_floor;
 mod policy;
+mod register;

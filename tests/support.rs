@@ -54,6 +54,29 @@ pub async fn start_federation_over(data: &Path, policies: &Path) -> LocalFederat
         .expect("federation starts")
 }
 
+/// Starts three trusts and a gateway over the test data, all deciding with `policies`; the
+/// gateway writes its audit log to `gateway_log`.
+pub async fn start_federation_with_gateway_log(
+    policies: &Path,
+    gateway_log: &Path,
+) -> LocalFederation {
+    init_logging();
+    let mut nodes = Vec::new();
+    let mut endpoints = Vec::new();
+    for trust in default_trusts() {
+        let node = tally_node::start(&federation::node_config(data_dir(), &trust, policies))
+            .await
+            .expect("node starts");
+        endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
+        nodes.push(node);
+    }
+    let mut config =
+        federation::gateway_config("127.0.0.1:0".parse().unwrap(), &endpoints, policies);
+    config.audit_log = Some(gateway_log.to_path_buf());
+    let gateway = tally_gateway::start(&config).await.expect("gateway starts");
+    LocalFederation { nodes, gateway }
+}
+
 /// Starts three trusts and a gateway over the test data under the open policy.
 pub async fn start_federation() -> LocalFederation {
     start_federation_over(data_dir(), &open_policies()).await
