@@ -1,5 +1,5 @@
-//! The `tally` command line: the analyst client, output formats and the local federation
-//! that the demo and the integration tests run on.
+//! The `tally` command line: the analyst client, output formats, the local federation
+//! that the demo and the integration tests run on, and the public transparency register.
 
 pub mod bench;
 pub mod certs;
@@ -7,3 +7,4 @@ pub mod client;
 pub mod federation;
 pub mod output;
 pub mod policy_cli;
+pub mod register;

@@ -151,6 +151,15 @@ enum AuditCommand {
         /// The JSON-lines audit log (the active file; rotated `FILE.000001`... are found).
         file: PathBuf,
     },
+    /// Write the public transparency register (register.json, index.html) from gateway logs.
+    Register {
+        /// Gateway audit logs (JSON lines).
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// Output folder (created if absent).
+        #[arg(long, default_value = "register")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -240,6 +249,18 @@ async fn run(command: Command) -> Result<(), String> {
             trusts,
             client,
         } => certs(&out, &trusts, client.as_deref()),
+        Command::Audit {
+            command: AuditCommand::Register { logs, out },
+        } => {
+            let register = tally::register::read(&logs).map_err(|e| e.to_string())?;
+            tally::register::write(&register, &out).map_err(|e| e.to_string())?;
+            println!(
+                "{} entries written to {}",
+                register.entries.len(),
+                out.join("index.html").display()
+            );
+            Ok(())
+        }
         Command::Bench {
             policies,
             data,

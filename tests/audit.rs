@@ -9,58 +9,16 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tally::client::AnalystClient;
-use tally::federation::{self, DEMO_TOKEN, DEMO_USER, LocalFederation};
+use tally::federation::{self, DEMO_TOKEN, DEMO_USER};
 use tally_common::audit::read_records;
-use tally_synth::default_trusts;
 
 use crate::support::{
-    certs, data_dir, default_policies, expect_refusal, gateway_target, init_logging, tls,
+    audited_federation, audited_nodes, certs, default_policies, expect_refusal, gateway_target,
+    init_logging,
 };
 
 fn tally() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tally"))
-}
-
-/// Nodes for every trust, each with an audit log in `dir`.
-async fn audited_nodes(dir: &Path) -> Vec<(String, tally_node::NodeHandle, PathBuf)> {
-    let mut nodes = Vec::new();
-    for trust in default_trusts() {
-        let mut config = federation::node_config(data_dir(), &trust, &default_policies(), &tls());
-        let log = dir.join(format!("{}.jsonl", trust.code));
-        config.audit_log = Some(log.clone());
-        let node = tally_node::start(&config).await.unwrap();
-        nodes.push((trust.code.to_string(), node, log));
-    }
-    nodes
-}
-
-/// A federation whose gateway and nodes all write audit logs in `dir`.
-async fn audited_federation(dir: &Path) -> (LocalFederation, PathBuf, Vec<(String, PathBuf)>) {
-    init_logging();
-    let nodes = audited_nodes(dir).await;
-    let endpoints: Vec<_> = nodes
-        .iter()
-        .map(|(code, node, _)| (code.clone(), code.clone(), node.addr))
-        .collect();
-    let mut config = federation::gateway_config(
-        "127.0.0.1:0".parse().unwrap(),
-        &endpoints,
-        &default_policies(),
-        &tls(),
-    );
-    let gateway_log = dir.join("gateway.jsonl");
-    config.audit_log = Some(gateway_log.clone());
-    let gateway = tally_gateway::start(&config).await.unwrap();
-    let logs = nodes
-        .iter()
-        .map(|(code, _, log)| (code.clone(), log.clone()))
-        .collect();
-    let local = LocalFederation {
-        nodes: nodes.into_iter().map(|(_, node, _)| node).collect(),
-        gateway,
-        security: tls(),
-    };
-    (local, gateway_log, logs)
 }
 
 fn text<'a>(record: &'a Value, field: &str) -> &'a str {

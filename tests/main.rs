@@ -12,3 +12,4 @@ mod jwt;
 mod mtls;
 mod node_floor;
 mod policy;
+mod register;

@@ -108,6 +108,49 @@ pub async fn start_federation_over(data: &Path, policies: &Path) -> LocalFederat
         .expect("federation starts")
 }
 
+/// Nodes for every trust, each with an audit log in `dir`.
+pub async fn audited_nodes(dir: &Path) -> Vec<(String, tally_node::NodeHandle, PathBuf)> {
+    let mut nodes = Vec::new();
+    for trust in default_trusts() {
+        let mut config = federation::node_config(data_dir(), &trust, &default_policies(), &tls());
+        let log = dir.join(format!("{}.jsonl", trust.code));
+        config.audit_log = Some(log.clone());
+        let node = tally_node::start(&config).await.unwrap();
+        nodes.push((trust.code.to_string(), node, log));
+    }
+    nodes
+}
+
+/// A federation under the default policy whose gateway and nodes all write audit logs in
+/// `dir`; returns it, the gateway's log and each trust's log.
+pub async fn audited_federation(dir: &Path) -> (LocalFederation, PathBuf, Vec<(String, PathBuf)>) {
+    init_logging();
+    let nodes = audited_nodes(dir).await;
+    let endpoints: Vec<_> = nodes
+        .iter()
+        .map(|(code, node, _)| (code.clone(), code.clone(), node.addr))
+        .collect();
+    let mut config = federation::gateway_config(
+        "127.0.0.1:0".parse().unwrap(),
+        &endpoints,
+        &default_policies(),
+        &tls(),
+    );
+    let gateway_log = dir.join("gateway.jsonl");
+    config.audit_log = Some(gateway_log.clone());
+    let gateway = tally_gateway::start(&config).await.unwrap();
+    let logs = nodes
+        .iter()
+        .map(|(code, _, log)| (code.clone(), log.clone()))
+        .collect();
+    let local = LocalFederation {
+        nodes: nodes.into_iter().map(|(_, node, _)| node).collect(),
+        gateway,
+        security: tls(),
+    };
+    (local, gateway_log, logs)
+}
+
 /// Starts three trusts and a gateway over the test data under the open policy.
 pub async fn start_federation() -> LocalFederation {
     start_federation_over(data_dir(), &open_policies()).await

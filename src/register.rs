@@ -1,0 +1,505 @@
+//! `tally audit register`: the public transparency register. It reads gateway audit logs and
+//! writes what a member of the public may see of every query (when, for which project and
+//! purpose, the SQL, the decision and its reason codes, the trusts that answered, the policy
+//! version) as `register.json` and a static, self-contained `index.html`.
+//!
+//! Never published: who asked (user, groups), tokens, the answers or their size, how many
+//! groups were suppressed, obligations, per-trust SQL. The SQL of a refused or failed query
+//! may hold what an analyst should not have typed (an NHS number in a `WHERE` clause), so it
+//! is published with every literal replaced by `?`, or withheld when it does not tokenize.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, SecondsFormat};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
+use serde::{Deserialize, Serialize};
+use tally_common::audit::now_millis;
+
+/// Published in place of the SQL of a refused or failed query that does not tokenize.
+pub const WITHHELD_SQL: &str = "(withheld: the text could not be parsed)";
+
+/// A query's decision, as the gateway logged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The query was answered.
+    Answered,
+    /// The policy or the code's floor refused the query.
+    Refused,
+    /// The query was allowed but could not be completed (a trust down, an engine error).
+    Failed,
+}
+
+impl Outcome {
+    /// The word the register uses, e.g. `refused`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::Refused => "refused",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// The fields the register reads of one gateway audit record; all others are ignored.
+#[derive(Deserialize)]
+struct LoggedQuery {
+    time_ms: u64,
+    query_id: String,
+    #[serde(default)]
+    identity: LoggedIdentity,
+    sql: String,
+    policy_version: Option<String>,
+    #[serde(default)]
+    trusts: Vec<String>,
+    outcome: Outcome,
+    #[serde(default)]
+    codes: Vec<String>,
+}
+
+/// The public part of a logged identity: the user's name and groups are not read.
+#[derive(Default, Deserialize)]
+struct LoggedIdentity {
+    #[serde(default)]
+    project: String,
+    #[serde(default)]
+    purpose: String,
+}
+
+/// One query as the public sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// When the gateway received the query, ISO-8601 UTC with milliseconds.
+    pub time: String,
+    /// The query id (the same id is in the gateway's and every trust's log).
+    pub query_id: String,
+    /// The project the query was for.
+    pub project: String,
+    /// The purpose of the query.
+    pub purpose: String,
+    /// The SQL: verbatim when answered, otherwise without literals (see [`public_sql`]).
+    pub sql: String,
+    /// The decision.
+    pub outcome: Outcome,
+    /// Reason codes of a refusal or failure.
+    pub reason_codes: Vec<String>,
+    /// Trusts that answered their part.
+    pub trusts: Vec<String>,
+    /// The version of the policy that decided (absent when the policy was not reached).
+    pub policy_version: Option<String>,
+}
+
+/// The whole register.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Register {
+    /// When the register was generated, ISO-8601 UTC.
+    pub generated_at: String,
+    /// Every logged query, newest first.
+    pub entries: Vec<Entry>,
+}
+
+/// Why the register could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// A log file could not be opened or read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The log file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A line of a log is not a gateway audit record.
+    #[error("{}, line {line}: {reason}", path.display())]
+    Record {
+        /// The log file.
+        path: PathBuf,
+        /// The line (1-based).
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The output folder or a file in it could not be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The folder or file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Reads every record of the gateway audit logs `logs` into a register, newest first.
+pub fn read(logs: &[PathBuf]) -> Result<Register, RegisterError> {
+    let mut timed = Vec::new();
+    for path in logs {
+        read_log(path, &mut timed)?;
+    }
+    timed.sort_by_key(|(ms, _)| std::cmp::Reverse(*ms));
+    Ok(Register {
+        generated_at: iso_time(now_millis()).unwrap_or_default(),
+        entries: timed.into_iter().map(|(_, entry)| entry).collect(),
+    })
+}
+
+/// Appends the entries of the log at `path` to `timed`, each with its time in milliseconds.
+fn read_log(path: &Path, timed: &mut Vec<(u64, Entry)>) -> Result<(), RegisterError> {
+    let read_error = |source| RegisterError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(read_error)?;
+    for (index, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(read_error)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = parse_record(&line).map_err(|reason| RegisterError::Record {
+            path: path.to_path_buf(),
+            line: index + 1,
+            reason,
+        })?;
+        timed.push(parsed);
+    }
+    Ok(())
+}
+
+/// The public entry for one line of a gateway audit log, with its time in milliseconds.
+fn parse_record(line: &str) -> Result<(u64, Entry), String> {
+    let record: LoggedQuery = serde_json::from_str(line).map_err(json_reason)?;
+    let time = iso_time(record.time_ms)
+        .ok_or_else(|| format!("time_ms {} is out of range", record.time_ms))?;
+    let entry = Entry {
+        time,
+        query_id: record.query_id,
+        project: record.identity.project,
+        purpose: record.identity.purpose,
+        sql: public_sql(&record.sql, record.outcome),
+        outcome: record.outcome,
+        reason_codes: distinct(record.codes),
+        trusts: record.trusts,
+        policy_version: record.policy_version,
+    };
+    Ok((record.time_ms, entry))
+}
+
+/// Why a line did not read as a gateway audit record, e.g. `not JSON (column 1): expected value`.
+fn json_reason(err: serde_json::Error) -> String {
+    let text = err.to_string();
+    // serde_json ends its message with the position within the line, which we give ourselves.
+    let message = text
+        .rsplit_once(" at line ")
+        .map_or(text.as_str(), |(m, _)| m);
+    let what = match err.classify() {
+        serde_json::error::Category::Data => "not a gateway audit record",
+        _ => "not JSON",
+    };
+    format!("{what} (column {}): {message}", err.column())
+}
+
+/// `codes` without repeats, in first-seen order (a refusal names a rule once per column).
+fn distinct(codes: Vec<String>) -> Vec<String> {
+    let mut seen = Vec::with_capacity(codes.len());
+    for code in codes {
+        if !seen.contains(&code) {
+            seen.push(code);
+        }
+    }
+    seen
+}
+
+/// Milliseconds since the Unix epoch as ISO-8601 UTC, e.g. `2025-06-01T14:03:07.120Z`.
+fn iso_time(ms: u64) -> Option<String> {
+    let ms = i64::try_from(ms).ok()?;
+    DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+/// The SQL the register publishes: an answered query's verbatim; a refused or failed
+/// query's without literals, or [`WITHHELD_SQL`] when it does not tokenize.
+pub fn public_sql(sql: &str, outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Answered => sql.to_string(),
+        Outcome::Refused | Outcome::Failed => {
+            without_literals(sql).unwrap_or_else(|| WITHHELD_SQL.to_string())
+        }
+    }
+}
+
+/// `sql` with every string and number literal, placeholder, quoted name and comment replaced
+/// by `?`, or `None` when DataFusion's SQL tokenizer (generic dialect) does not accept it.
+pub fn without_literals(sql: &str) -> Option<String> {
+    let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize().ok()?;
+    Some(tokens.iter().map(public_token).collect())
+}
+
+/// A token's text, or `?` in place of anything an analyst typed as a value.
+fn public_token(token: &Token) -> String {
+    match token {
+        Token::Number(..)
+        | Token::SingleQuotedString(_)
+        | Token::DoubleQuotedString(_)
+        | Token::TripleSingleQuotedString(_)
+        | Token::TripleDoubleQuotedString(_)
+        | Token::DollarQuotedString(_)
+        | Token::SingleQuotedByteStringLiteral(_)
+        | Token::DoubleQuotedByteStringLiteral(_)
+        | Token::TripleSingleQuotedByteStringLiteral(_)
+        | Token::TripleDoubleQuotedByteStringLiteral(_)
+        | Token::SingleQuotedRawStringLiteral(_)
+        | Token::DoubleQuotedRawStringLiteral(_)
+        | Token::TripleSingleQuotedRawStringLiteral(_)
+        | Token::TripleDoubleQuotedRawStringLiteral(_)
+        | Token::NationalStringLiteral(_)
+        | Token::QuoteDelimitedStringLiteral(_)
+        | Token::NationalQuoteDelimitedStringLiteral(_)
+        | Token::EscapedStringLiteral(_)
+        | Token::UnicodeStringLiteral(_)
+        | Token::HexStringLiteral(_)
+        | Token::Placeholder(_) => "?".to_string(),
+        // A quoted name may be a value typed in the wrong quotes: "9434765919".
+        Token::Word(word) if word.quote_style.is_some() => "?".to_string(),
+        Token::Whitespace(Whitespace::SingleLineComment { prefix, comment }) => {
+            let newline = if comment.ends_with('\n') { "\n" } else { "" };
+            format!("{prefix} ?{newline}")
+        }
+        Token::Whitespace(Whitespace::MultiLineComment(_)) => "/* ? */".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Writes `register.json` and `index.html` into `out`, creating the folder if needed.
+pub fn write(register: &Register, out: &Path) -> Result<(), RegisterError> {
+    let write_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RegisterError::Write { path, source }
+    };
+    std::fs::create_dir_all(out).map_err(write_error(out))?;
+    let json = serde_json::to_string_pretty(register).map_err(|err| RegisterError::Write {
+        path: out.join("register.json"),
+        source: err.into(),
+    })?;
+    let json_path = out.join("register.json");
+    std::fs::write(&json_path, json + "\n").map_err(write_error(&json_path))?;
+    let html_path = out.join("index.html");
+    std::fs::write(&html_path, render_html(register)).map_err(write_error(&html_path))
+}
+
+/// `text` with `& < > " '` escaped for HTML text and attribute values.
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+/// An ISO-8601 time in a chrono `format` people read, e.g. `1 Jun 2025` for `%-d %b %Y`
+/// (unchanged if it does not parse).
+fn readable_time(iso: &str, format: &str) -> String {
+    DateTime::parse_from_rfc3339(iso)
+        .map_or_else(|_| iso.to_string(), |t| t.format(format).to_string())
+}
+
+/// The register's stylesheet: readable type, zebra rows, wrapping SQL.
+const STYLE: &str = r#"
+:root { --ink: #1d2329; --muted: #56606b; --line: #d9dee3; --zebra: #f4f6f8;
+  --accent: #005eb8; --ok: #1b6e3a; --ok-bg: #e3f2e8; --no: #8a4b00; --no-bg: #fdf0dc;
+  --fail: #a11d21; --fail-bg: #fbe4e4; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--ink); background: #fff;
+  font: 16px/1.55 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+.wrap { max-width: 1200px; margin: 0 auto; padding: 0 24px; }
+header { background: var(--accent); color: #fff; padding: 28px 0 24px; }
+header h1 { margin: 0 0 8px; font-size: 2rem; letter-spacing: -0.01em; }
+header p { margin: 0; max-width: 52em; font-size: 1.05rem; }
+.generated { margin: 18px 0 0; color: var(--muted); font-size: 0.9rem; }
+.summary { display: flex; flex-wrap: wrap; gap: 12px; margin: 16px 0 8px; }
+.stat { flex: 1 1 140px; border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px; }
+.stat .n { display: block; font-size: 1.8rem; font-weight: 700; line-height: 1.2; }
+.stat .label { color: var(--muted); font-size: 0.9rem; }
+.stat.answered .n { color: var(--ok); }
+.stat.refused .n { color: var(--no); }
+.stat.failed .n { color: var(--fail); }
+.projects { margin: 12px 0 20px; }
+.projects span { display: inline-block; margin: 2px 6px 2px 0; padding: 1px 10px;
+  border-radius: 999px; background: var(--zebra); border: 1px solid var(--line); font-size: 0.9rem; }
+.table-wrap { overflow-x: auto; border: 1px solid var(--line); border-radius: 8px; }
+table { width: 100%; border-collapse: collapse; font-size: 0.92rem; }
+th, td { padding: 10px 12px; text-align: left; vertical-align: top; }
+th { background: #e8edf2; font-weight: 600; border-bottom: 2px solid var(--line); }
+tbody tr:nth-child(even) { background: var(--zebra); }
+tbody tr + tr td { border-top: 1px solid var(--line); }
+td.when { white-space: nowrap; }
+td.sql { width: 40%; }
+.small { display: block; color: var(--muted); font-size: 0.85rem; }
+.id { display: block; margin-top: 6px; color: var(--muted); font-size: 0.75rem; }
+td.version code { white-space: nowrap; font-size: 0.8rem; }
+code { font: 0.86rem/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+td.sql code { display: block; white-space: pre-wrap; overflow-wrap: anywhere; min-width: 18em; }
+.badge { display: inline-block; padding: 1px 10px; border-radius: 999px; font-weight: 600;
+  font-size: 0.85rem; }
+.badge.answered { color: var(--ok); background: var(--ok-bg); }
+.badge.refused { color: var(--no); background: var(--no-bg); }
+.badge.failed { color: var(--fail); background: var(--fail-bg); }
+.codes { margin-top: 4px; }
+.codes code { display: block; font-size: 0.78rem; color: var(--muted); }
+.empty { padding: 24px; text-align: center; color: var(--muted); }
+footer.wrap { margin: 32px auto 48px; color: var(--muted); font-size: 0.9rem; }
+footer h2 { color: var(--ink); font-size: 1.05rem; margin: 0 0 6px; }
+footer p { max-width: 60em; margin: 0 0 10px; }
+"#;
+
+/// The introduction for a member of the public.
+const INTRODUCTION: &str = "NHS trusts use Tally to let approved staff and researchers ask \
+statistical questions of the patient records each trust holds, without those records ever \
+leaving the trust. Only totals such as counts, sums and averages come back, and groups too \
+small to protect the patients in them are left out. This register lists every question put to \
+Tally: when it was asked, for which project and purpose, the question itself (written in SQL, \
+a database language), whether it was answered or refused and why, and which trusts answered. \
+It never shows who asked, nor the answers.";
+
+/// The footer: what is withheld and why (`{withheld}` stands for [`WITHHELD_SQL`]).
+const FOOTER: &str = "<h2>What this register leaves out, and why</h2>\
+<p>It never shows who asked a question, the answers, or how the question was split between \
+the trusts. Answered questions are shown exactly as they were asked.</p>\
+<p>A refused or failed question may contain something that should never have been typed, \
+such as an NHS number. Such questions are shown with every text and number value (and every \
+quoted name and comment) replaced by <code>?</code>; a question whose text cannot be read \
+that way is shown as <code>{withheld}</code>.</p>\
+<p>The codes under a decision, such as <code>E_NOT_AGGREGATE</code>, name the rule that refused \
+or stopped the question; Tally's documentation lists them all. Times are in UTC.</p>";
+
+/// The register as one static, self-contained HTML page (inline CSS, no scripts, nothing
+/// fetched), every text value escaped.
+pub fn render_html(register: &Register) -> String {
+    let mut html = String::new();
+    html.push_str("<!DOCTYPE html>\n<html lang=\"en-GB\">\n<head>\n<meta charset=\"utf-8\">\n");
+    html.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n");
+    html.push_str("<title>Tally transparency register</title>\n");
+    let _ = writeln!(html, "<style>{STYLE}</style>\n</head>\n<body>");
+    let _ = writeln!(
+        html,
+        "<header><div class=\"wrap\"><h1>Tally transparency register</h1><p>{}</p></div></header>",
+        escape(INTRODUCTION)
+    );
+    html.push_str("<main class=\"wrap\">\n");
+    let _ = writeln!(
+        html,
+        "<p class=\"generated\">Generated {}.</p>",
+        escape(&readable_time(
+            &register.generated_at,
+            "%-d %B %Y at %H:%M UTC"
+        ))
+    );
+    html.push_str(&summary_html(&register.entries));
+    html.push_str(&table_html(&register.entries));
+    let _ = writeln!(
+        html,
+        "</main>\n<footer class=\"wrap\">{}</footer>\n</body>\n</html>",
+        FOOTER.replace("{withheld}", &escape(WITHHELD_SQL))
+    );
+    html
+}
+
+/// The counts by decision and the projects, as HTML.
+fn summary_html(entries: &[Entry]) -> String {
+    let count = |outcome: Outcome| entries.iter().filter(|e| e.outcome == outcome).count();
+    let mut html = String::from("<section class=\"summary\" aria-label=\"Summary\">\n");
+    let _ = writeln!(
+        html,
+        "<div class=\"stat\"><span class=\"n\">{}</span><span class=\"label\">questions asked</span></div>",
+        entries.len()
+    );
+    for outcome in [Outcome::Answered, Outcome::Refused, Outcome::Failed] {
+        let name = outcome.as_str();
+        let _ = writeln!(
+            html,
+            "<div class=\"stat {name}\"><span class=\"n\">{}</span><span class=\"label\">{name}</span></div>",
+            count(outcome)
+        );
+    }
+    let mut projects: BTreeMap<&str, usize> = BTreeMap::new();
+    for entry in entries {
+        *projects.entry(entry.project.as_str()).or_default() += 1;
+    }
+    let _ = writeln!(
+        html,
+        "<div class=\"stat\"><span class=\"n\">{}</span><span class=\"label\">projects</span></div>\n</section>",
+        projects.len()
+    );
+    if !projects.is_empty() {
+        html.push_str("<p class=\"projects\"><strong>Projects:</strong> ");
+        for (project, questions) in projects {
+            let plural = if questions == 1 { "" } else { "s" };
+            let _ = write!(
+                html,
+                "<span>{} ({questions} question{plural})</span>",
+                escape(project)
+            );
+        }
+        html.push_str("</p>\n");
+    }
+    html
+}
+
+/// The table of entries, one row each, as HTML.
+fn table_html(entries: &[Entry]) -> String {
+    let mut html = String::from(
+        "<div class=\"table-wrap\"><table>\n<thead><tr><th>When</th><th>Project and purpose</th>\
+         <th>Question (SQL)</th><th>Decision</th><th>Trusts that answered</th>\
+         <th>Policy</th></tr></thead>\n<tbody>\n",
+    );
+    if entries.is_empty() {
+        html.push_str(
+            "<tr><td colspan=\"6\" class=\"empty\">No questions have been asked yet.</td></tr>\n",
+        );
+    }
+    for entry in entries {
+        html.push_str(&row_html(entry));
+    }
+    html.push_str("</tbody>\n</table></div>\n");
+    html
+}
+
+/// One entry as a table row.
+fn row_html(entry: &Entry) -> String {
+    let outcome = entry.outcome.as_str();
+    let codes: String = entry
+        .reason_codes
+        .iter()
+        .map(|code| format!("<code>{}</code>", escape(code)))
+        .collect();
+    let trusts = if entry.trusts.is_empty() {
+        "none".to_string()
+    } else {
+        escape(&entry.trusts.join(", "))
+    };
+    format!(
+        "<tr><td class=\"when\"><time datetime=\"{time}\">{date}<br>{clock}</time>\
+         </td>\
+         <td>{project}<span class=\"small\">{purpose}</span></td>\
+         <td class=\"sql\"><code>{sql}</code><span class=\"id\">query id {id}</span></td>\
+         <td><span class=\"badge {outcome}\">{outcome}</span><div class=\"codes\">{codes}</div></td>\
+         <td>{trusts}</td><td class=\"version\"><code>{version}</code></td></tr>\n",
+        time = escape(&entry.time),
+        date = escape(&readable_time(&entry.time, "%-d %b %Y")),
+        clock = escape(&readable_time(&entry.time, "%H:%M:%S UTC")),
+        id = escape(&entry.query_id),
+        project = escape(&entry.project),
+        purpose = escape(&entry.purpose),
+        sql = escape(&entry.sql),
+        version = escape(entry.policy_version.as_deref().unwrap_or("none")),
+    )
+}
