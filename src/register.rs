@@ -10,15 +10,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, SecondsFormat};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 use serde::{Deserialize, Serialize};
-use tally_common::audit::now_millis;
+use tally_common::audit::{ChainBreak, now_millis, read_records};
 
 /// Published in place of the SQL of a refused or failed query that does not tokenize.
 pub const WITHHELD_SQL: &str = "(withheld: the text could not be parsed)";
@@ -106,21 +104,16 @@ pub struct Register {
 /// Why the register could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
-    /// A log file could not be opened or read.
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        /// The log file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A line of a log is not a gateway audit record.
-    #[error("{}, line {line}: {reason}", path.display())]
+    /// A log is missing, unreadable, or its hash chain does not verify.
+    #[error("the log does not verify: {0}")]
+    Chain(ChainBreak),
+    /// A record of a log is not a gateway audit record.
+    #[error("{}, record {record}: {reason}", path.display())]
     Record {
         /// The log file.
         path: PathBuf,
-        /// The line (1-based).
-        line: usize,
+        /// The record (1-based, across the log's rotated files).
+        record: usize,
         /// What is wrong with it.
         reason: String,
     },
@@ -147,21 +140,14 @@ pub fn read(logs: &[PathBuf]) -> Result<Register, RegisterError> {
     })
 }
 
-/// Appends the entries of the log at `path` to `timed`, each with its time in milliseconds.
+/// Appends the entries of the log at `path` (with its rotated files) to `timed`, each with
+/// its time in milliseconds. A log whose hash chain does not verify is not published.
 fn read_log(path: &Path, timed: &mut Vec<(u64, Entry)>) -> Result<(), RegisterError> {
-    let read_error = |source| RegisterError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(read_error)?;
-    for (index, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(read_error)?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed = parse_record(&line).map_err(|reason| RegisterError::Record {
+    let records = read_records(path).map_err(RegisterError::Chain)?;
+    for (index, record) in records.into_iter().enumerate() {
+        let parsed = parse_record(record).map_err(|reason| RegisterError::Record {
             path: path.to_path_buf(),
-            line: index + 1,
+            record: index + 1,
             reason,
         })?;
         timed.push(parsed);
@@ -169,9 +155,9 @@ fn read_log(path: &Path, timed: &mut Vec<(u64, Entry)>) -> Result<(), RegisterEr
     Ok(())
 }
 
-/// The public entry for one line of a gateway audit log, with its time in milliseconds.
-fn parse_record(line: &str) -> Result<(u64, Entry), String> {
-    let record: LoggedQuery = serde_json::from_str(line).map_err(json_reason)?;
+/// The public entry for one gateway audit record, with its time in milliseconds.
+fn parse_record(record: serde_json::Value) -> Result<(u64, Entry), String> {
+    let record: LoggedQuery = serde_json::from_value(record).map_err(json_reason)?;
     let time = iso_time(record.time_ms)
         .ok_or_else(|| format!("time_ms {} is out of range", record.time_ms))?;
     let entry = Entry {

@@ -249,7 +249,7 @@ fn refused_sql_is_published_without_literals_or_withheld() {
 }
 
 #[test]
-fn register_errors_name_the_file_and_line() {
+fn register_errors_name_the_file_and_record() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&Path]| {
         let out = tally()
@@ -263,24 +263,52 @@ fn register_errors_name_the_file_and_line() {
     let missing = dir.path().join("missing.jsonl");
     let err = run(&[&missing]);
     assert!(
-        err.contains("cannot read") && err.contains("missing.jsonl"),
+        err.contains("does not verify") && err.contains("missing.jsonl"),
         "{err}"
     );
 
-    let good = r#"{"time_ms":1748786587120,"query_id":"q","identity":{"user":"u","project":"p","purpose":"planning"},"sql":"SELECT 1","outcome":"answered","prev":"0"}"#;
-    let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, format!("{good}\n{{\"time_ms\": 1\n")).unwrap();
-    let err = run(&[&bad]);
-    assert!(err.contains("bad.jsonl, line 2: not JSON"), "{err}");
-    std::fs::write(&bad, format!("{good}\n\n{{\"time_ms\": 1}}\n")).unwrap();
-    let err = run(&[&bad]);
+    let good = serde_json::json!({"time_ms": 1748786587120u64, "query_id": "q",
+        "identity": {"user": "u", "project": "p", "purpose": "planning"},
+        "sql": "SELECT 1", "outcome": "answered"});
+    let write_log = |name: &str, records: &[serde_json::Value]| {
+        let path = dir.path().join(name);
+        let log = tally_common::audit::AuditLog::open(&path, None).unwrap();
+        for record in records {
+            log.append(record.clone());
+        }
+        path
+    };
+    let tampered = write_log("tampered.jsonl", &[good.clone(), good.clone()]);
+    let text = std::fs::read_to_string(&tampered).unwrap();
+    let edited: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(n, l)| {
+            if n == 1 {
+                l.replace("SELECT 1", "SELECT 2")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(&tampered, edited.join("\n") + "\n").unwrap();
+    let err = run(&[&tampered]);
     assert!(
-        err.contains("bad.jsonl, line 3: not a gateway audit record") && err.contains("query_id"),
+        err.contains("does not verify") && err.contains("record 2"),
+        "{err}"
+    );
+    let not_a_query = write_log(
+        "other.jsonl",
+        &[good.clone(), serde_json::json!({"time_ms": 1})],
+    );
+    let err = run(&[&not_a_query]);
+    assert!(
+        err.contains("other.jsonl, record 2: not a gateway audit record")
+            && err.contains("query_id"),
         "{err}"
     );
 
-    let good_log = dir.path().join("good.jsonl");
-    std::fs::write(&good_log, format!("{good}\n")).unwrap();
+    let good_log = write_log("good.jsonl", &[good]);
     let blocker = dir.path().join("a-file");
     std::fs::write(&blocker, "").unwrap();
     let err = run(&[&good_log, Path::new("--out"), &blocker.join("register")]);
