@@ -134,6 +134,8 @@ fn example_configs_load_and_bad_configs_say_why() {
             .expect("example node config");
         assert_eq!(config.trust.code, code.to_uppercase());
         assert_eq!(config.tables.len(), 3);
+        let tls = config.tls.expect("the example node runs mutual TLS");
+        assert_eq!(tls.allowed_gateways, [tally::certs::GATEWAY_IDENTITY]);
         assert!(
             config
                 .tables
@@ -144,6 +146,10 @@ fn example_configs_load_and_bad_configs_say_why() {
     let gateway = tally_gateway::GatewayConfig::load(&examples.join("gateway.toml"))
         .expect("example gateway config");
     assert_eq!(gateway.nodes.len(), 3);
+    gateway
+        .validate()
+        .expect("the example gateway needs no --insecure-loopback");
+    assert!(gateway.nodes.iter().all(|node| node.uses_tls()));
     assert_eq!(
         gateway.users[0].token_sha256,
         tally_gateway::token_hash(DEMO_TOKEN)

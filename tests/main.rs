@@ -9,6 +9,7 @@ mod bad_input;
 mod cli;
 mod equivalence;
 mod jwt;
+mod limits;
 mod mtls;
 mod node_floor;
 mod policy;

@@ -75,9 +75,9 @@ pub struct NodeLimits {
     /// Seconds one query may run, from admission to its last batch.
     #[serde(default = "default_query_timeout")]
     pub query_timeout_secs: f64,
-    /// MiB of memory the query engine may hold across all running queries.
+    /// MiB of memory the query engine may hold across all running queries (fractions allowed).
     #[serde(default = "default_memory_mb")]
-    pub memory_limit_mb: u64,
+    pub memory_limit_mb: f64,
 }
 
 impl Default for NodeLimits {
@@ -97,7 +97,7 @@ impl NodeLimits {
 
     /// The engine's memory limit in bytes.
     pub fn memory_limit_bytes(&self) -> usize {
-        usize::try_from(self.memory_limit_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
+        (self.memory_limit_mb * 1024.0 * 1024.0) as usize
     }
 }
 
@@ -105,8 +105,8 @@ fn default_query_timeout() -> f64 {
     60.0
 }
 
-fn default_memory_mb() -> u64 {
-    2048
+fn default_memory_mb() -> f64 {
+    2048.0
 }
 
 fn default_rotate_mb() -> u64 {
@@ -238,8 +238,9 @@ impl NodeConfig {
         if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0) {
             return Err("limits.query_timeout_secs must be between 0 and 86400 seconds".into());
         }
-        if self.limits.memory_limit_mb == 0 {
-            return Err("limits.memory_limit_mb must be at least 1".into());
+        let memory = self.limits.memory_limit_mb;
+        if !(memory.is_finite() && memory > 0.0) {
+            return Err("limits.memory_limit_mb must be a positive number".into());
         }
         if let Some(tls) = &self.tls
             && tls.allowed_gateways.is_empty()

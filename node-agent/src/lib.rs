@@ -58,13 +58,23 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         .map_err(engine)?;
     let full = tally_common::session::new_context_in(runtime.clone()).map_err(engine)?;
     let opted_out = tally_common::session::new_context_in(runtime).map_err(engine)?;
-    let tables = tables::open_tables(&full, &config.tables, &config.trust.code).await?;
+    // Start-up work (reading schemas, matching the opt-out list) is not a query: it runs
+    // outside the queries' memory limit.
+    let setup = tally_common::session::new_context().map_err(engine)?;
+    let tables = tables::open_tables(&setup, &config.tables, &config.trust.code).await?;
     for (name, table) in &tables {
         full.register_table(name.as_str(), table.clone())
             .map_err(engine)?;
     }
     let excluded = match &config.opt_out {
-        Some(opt_out) => Some(Arc::new(opt_out::load(&full, opt_out).await?)),
+        Some(opt_out) => {
+            for (name, table) in &tables {
+                setup
+                    .register_table(name.as_str(), table.clone())
+                    .map_err(engine)?;
+            }
+            Some(Arc::new(opt_out::load(&setup, opt_out).await?))
+        }
         None => None,
     };
     for (name, table) in &tables {

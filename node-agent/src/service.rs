@@ -7,7 +7,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
@@ -334,7 +333,42 @@ where
     })
 }
 
-/// Counts the rows of a result stream and writes the audit record when it ends.
+/// The audit record of one run, written exactly once: when the stream ends, when it fails
+/// (before the error is sent), or when it is dropped early (the gateway went away).
+struct RunRecord {
+    request: RequestContext,
+    decision: Option<Decision>,
+    audit: Arc<AuditLog<NodeAuditRecord>>,
+    rows: usize,
+}
+
+impl RunRecord {
+    /// Writes the record (if not yet written) with `failure`'s code, if any.
+    fn write(&mut self, failure: Option<&TallyError>, cancelled: bool) {
+        let Some(decision) = self.decision.take() else {
+            return;
+        };
+        let mut codes: Vec<String> = failure.map(|e| e.code.to_string()).into_iter().collect();
+        if cancelled {
+            codes.push("CANCELLED".into());
+        }
+        let outcome = Outcome {
+            failed: failure.is_some() || cancelled,
+            codes,
+            rows: Some(self.rows),
+            decision: Some(decision),
+        };
+        self.audit.append(self.request.record("run", outcome));
+    }
+}
+
+impl Drop for RunRecord {
+    fn drop(&mut self) {
+        self.write(None, true);
+    }
+}
+
+/// Counts the rows of a result stream and writes its audit record (see [`RunRecord`]).
 fn audited<S>(
     stream: S,
     request: RequestContext,
@@ -344,32 +378,33 @@ fn audited<S>(
 where
     S: Stream<Item = datafusion::error::Result<arrow::record_batch::RecordBatch>> + Send + 'static,
 {
-    let rows = Arc::new(AtomicUsize::new(0));
-    let failure: Arc<std::sync::Mutex<Option<TallyError>>> = Arc::default();
-    let (count, fail) = (rows.clone(), failure.clone());
     let query_id = request.query_id.clone();
-    let batches = stream.map(move |batch| match batch {
-        Ok(batch) => {
-            count.fetch_add(batch.num_rows(), Ordering::Relaxed);
-            Ok(batch)
-        }
-        Err(err) => {
-            let err = TallyError::from_execution(err, &query_id);
-            *fail.lock().unwrap_or_else(|p| p.into_inner()) = Some(err.clone());
-            Err(err)
+    let record = Arc::new(std::sync::Mutex::new(RunRecord {
+        request,
+        decision: Some(decision),
+        audit,
+        rows: 0,
+    }));
+    let finished = record.clone();
+    let batches = stream.map(move |batch| {
+        let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
+        match batch {
+            Ok(batch) => {
+                record.rows += batch.num_rows();
+                Ok(batch)
+            }
+            Err(err) => {
+                let err = TallyError::from_execution(err, &query_id);
+                record.write(Some(&err), false);
+                Err(err)
+            }
         }
     });
     let finish = futures::stream::once(async move {
-        let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let outcome = Outcome {
-            failed: failure.is_some(),
-            codes: failure
-                .map(|e| vec![e.code.to_string()])
-                .unwrap_or_default(),
-            rows: Some(rows.load(Ordering::Relaxed)),
-            decision: Some(decision),
-        };
-        audit.append(request.record("run", outcome));
+        finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write(None, false);
     })
     .filter_map(|()| async { None });
     batches.chain(finish)
