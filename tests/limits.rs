@@ -130,9 +130,11 @@ async fn time_and_memory_limits_stop_queries_with_typed_errors() {
         err.starts_with("E_TRUST_TIMEOUT") && err.contains("E_QUERY_TIMEOUT"),
         "{err}"
     );
-    let node_record = nodes[0].audit.recent().pop().expect("the node audited it");
-    assert_eq!(node_record.outcome, "failed");
-    assert_eq!(node_record.codes, ["E_QUERY_TIMEOUT"]);
+    for node in &nodes {
+        let record = node.audit.recent().pop().expect("every node audited it");
+        assert_eq!(record.outcome, "failed");
+        assert_eq!(record.codes, ["E_QUERY_TIMEOUT"]);
+    }
     stop(gateway, nodes).await;
 
     // A node's memory pool: a join's hash table does not fit in 16 KiB.

@@ -316,7 +316,12 @@ where
     let deadline = tokio::time::Instant::from_std(deadline);
     futures::stream::unfold(Some(stream), move |state| async move {
         let mut stream = state?;
-        match tokio::time::timeout_at(deadline, stream.next()).await {
+        let next = if tokio::time::Instant::now() < deadline {
+            tokio::time::timeout_at(deadline, stream.next()).await
+        } else {
+            tokio::time::timeout_at(deadline, std::future::pending()).await
+        };
+        match next {
             Ok(Some(item)) => Some((item, Some(stream))),
             Ok(None) => None,
             Err(_) => {
