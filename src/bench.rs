@@ -78,3 +78,76 @@ pub async fn policy(policies: &Path, data: &Path, iterations: usize) -> Result<S
     }
     Ok(report)
 }
+
+/// Times appending records to a hash-chained, fsynced audit log and verifying it.
+pub fn audit(records: usize) -> Result<String, String> {
+    let dir = tempfile_dir()?;
+    let path = dir.join("bench-audit.jsonl");
+    let log = tally_common::audit::AuditLog::open(&path, None).map_err(|e| e.to_string())?;
+    let mut appends = Vec::with_capacity(records);
+    for n in 0..records {
+        let record = serde_json::json!({
+            "time_ms": n, "query_id": format!("q{n}"), "sql": QUERIES[n % QUERIES.len()],
+            "outcome": "answered", "trusts": ["RXA", "RXB", "RXC"], "duration_ms": 12.5,
+        });
+        let started = Instant::now();
+        log.append(record);
+        appends.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    appends.sort_by(f64::total_cmp);
+    let started = Instant::now();
+    let verified = tally_common::audit::verify(&path).map_err(|e| e.to_string())?;
+    let verify_ms = started.elapsed().as_secs_f64() * 1e3;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(format!(
+        "audit log, {records} records: append (write + fsync of line and head) median {:.0} µs, p95 {:.0} µs; verify {} records in {verify_ms:.1} ms\n",
+        percentile(&appends, 0.5),
+        percentile(&appends, 0.95),
+        verified.records
+    ))
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("tally-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+/// Times the same queries through a federation with TLS everywhere and one in plaintext on
+/// loopback (analyst round trip, connection reused).
+pub async fn links(data: &Path, policies: &Path, rounds: usize) -> Result<String, String> {
+    use crate::federation::{self, DEMO_TOKEN, Security};
+    let certs = tempfile_dir()?.join("certs");
+    let mut report = format!(
+        "analyst round trip, {rounds} rounds of {} queries (ms)\nlink | median | p95\n",
+        QUERIES.len() - 1
+    );
+    for (label, security) in [
+        ("TLS + mutual TLS", Security::tls_in(&certs)?),
+        ("plaintext (loopback)", Security::InsecureLoopback),
+    ] {
+        let local =
+            federation::start(data, "127.0.0.1:0".parse().unwrap(), policies, security).await?;
+        let mut client = crate::client::AnalystClient::connect(&local.gateway_target(), DEMO_TOKEN)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut times = Vec::new();
+        for round in 0..rounds + 1 {
+            for sql in &QUERIES[..QUERIES.len() - 1] {
+                let answer = client.query(sql).await.map_err(|e| e.to_string())?;
+                if round > 0 {
+                    times.push(answer.elapsed.as_secs_f64() * 1e3);
+                }
+            }
+        }
+        local.stop().await;
+        times.sort_by(f64::total_cmp);
+        report.push_str(&format!(
+            "{label} | {:.1} | {:.1}\n",
+            percentile(&times, 0.5),
+            percentile(&times, 0.95)
+        ));
+    }
+    let _ = std::fs::remove_dir_all(certs.parent().unwrap_or(&certs));
+    Ok(report)
+}

@@ -117,7 +117,7 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Measure policy evaluation (see BENCHMARKS.md).
+    /// Measure policy evaluation, audit logging and TLS overhead (see BENCHMARKS.md).
     Bench {
         /// The policy folder.
         #[arg(long, default_value_os_t = federation::default_policies())]
@@ -271,6 +271,8 @@ async fn run(command: Command) -> Result<(), String> {
                 "{}",
                 tally::bench::policy(&policies, &data, iterations.max(1)).await?
             );
+            println!("{}", tally::bench::audit(1_000)?);
+            println!("{}", tally::bench::links(&data, &policies, 20).await?);
             Ok(())
         }
         Command::Policy { command } => match command {

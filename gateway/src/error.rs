@@ -13,6 +13,9 @@ pub enum GatewayError {
         /// What is wrong.
         reason: String,
     },
+    /// The configuration cannot be served as given (e.g. plaintext without the flag).
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
     /// A node URL is not a valid endpoint.
     #[error("node {code}: invalid url '{url}'")]
     NodeUrl {

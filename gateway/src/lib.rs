@@ -72,10 +72,7 @@ impl GatewayHandle {
 /// Builds the catalogue from the nodes (those that are down are marked unavailable and
 /// retried) and starts serving Flight SQL on `config.listen`.
 pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError> {
-    config.validate().map_err(|reason| GatewayError::Config {
-        path: "(gateway config)".into(),
-        reason,
-    })?;
+    config.validate().map_err(GatewayError::Invalid)?;
     let trusts = config
         .nodes
         .iter()
