@@ -114,7 +114,8 @@ fn tempfile_dir() -> Result<std::path::PathBuf, String> {
 }
 
 /// Times the same queries through a federation with TLS everywhere and one in plaintext on
-/// loopback (analyst round trip, connection reused).
+/// loopback (analyst round trip, connection reused). Keep `(rounds + 1) * 3` within the
+/// gateway's default rate limit of 60 queries a minute.
 pub async fn links(data: &Path, policies: &Path, rounds: usize) -> Result<String, String> {
     use crate::federation::{self, DEMO_TOKEN, Security};
     let certs = tempfile_dir()?.join("certs");

@@ -272,7 +272,7 @@ async fn run(command: Command) -> Result<(), String> {
                 tally::bench::policy(&policies, &data, iterations.max(1)).await?
             );
             println!("{}", tally::bench::audit(1_000)?);
-            println!("{}", tally::bench::links(&data, &policies, 20).await?);
+            println!("{}", tally::bench::links(&data, &policies, 15).await?);
             Ok(())
         }
         Command::Policy { command } => match command {

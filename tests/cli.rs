@@ -41,6 +41,10 @@ fn demo_runs_its_showcase_and_exits() {
     );
     assert!(stdout.contains("refused: E_IDENTIFIER_COLUMN"), "{stdout}");
     assert!(
+        stdout.contains("TLS on: mutual TLS") && stdout.contains("gateway on grpc+tls://"),
+        "the demo runs with TLS by default: {stdout}"
+    );
+    assert!(
         stdout.contains("(E_NOT_AGGREGATE)") && stdout.contains("(E_QUASI_IDENTIFIER)"),
         "{stdout}"
     );
