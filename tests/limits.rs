@@ -10,6 +10,9 @@ use crate::support::{data_dir, expect_refusal, gateway_target, init_logging, ope
 
 const SQL: &str = "SELECT sex, COUNT(*) FROM patients GROUP BY sex";
 
+/// A second analyst in the same project.
+const COLLEAGUE_TOKEN: &str = "colleague-token";
+
 /// Nodes for every trust with `node_limits`, behind a gateway with `gateway_limits`.
 async fn limited(
     gateway_limits: tally_gateway::GatewayLimits,
@@ -32,6 +35,10 @@ async fn limited(
         &tls(),
     );
     config.limits = gateway_limits;
+    let mut colleague = config.users[0].clone();
+    colleague.name = "colleague".into();
+    colleague.token_sha256 = tally_gateway::token_hash(COLLEAGUE_TOKEN);
+    config.users.push(colleague);
     (tally_gateway::start(&config).await.unwrap(), nodes)
 }
 
@@ -52,7 +59,7 @@ fn last_record(gateway: &GatewayHandle) -> (String, Vec<String>) {
 async fn gateway_limits_refuse_with_typed_errors_and_are_audited() {
     let limits = tally_gateway::GatewayLimits {
         queries_per_minute_per_user: 3,
-        queries_per_minute_per_project: 100,
+        queries_per_minute_per_project: 5,
         max_sql_bytes: 300,
         max_plan_depth: 8,
         query_timeout_secs: 60.0,
@@ -94,6 +101,23 @@ async fn gateway_limits_refuse_with_typed_errors_and_are_audited() {
         last_record(&gateway),
         ("refused".into(), vec!["E_RATE_LIMITED".into()])
     );
+
+    // The project's allowance is shared: the colleague gets the two that are left.
+    let mut colleague = AnalystClient::connect(&gateway_target(gateway.addr), COLLEAGUE_TOKEN)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        colleague
+            .query(SQL)
+            .await
+            .expect("within the project's rate");
+    }
+    let err = expect_refusal(colleague.query(SQL).await);
+    assert!(
+        err.starts_with("E_RATE_LIMITED") && err.contains("project 'uec-demand'"),
+        "{err}"
+    );
+    assert_eq!(last_record(&gateway).1, ["E_RATE_LIMITED"]);
     stop(gateway, nodes).await;
 }
 
