@@ -117,17 +117,10 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Measure policy evaluation, audit logging and TLS overhead (see BENCHMARKS.md).
+    /// Benchmarks recorded in BENCHMARKS.md.
     Bench {
-        /// The policy folder.
-        #[arg(long, default_value_os_t = federation::default_policies())]
-        policies: PathBuf,
-        /// Data folder whose first trust's tables give the schemas.
-        #[arg(long, default_value_os_t = federation::default_data_dir())]
-        data: PathBuf,
-        /// Evaluations per query.
-        #[arg(long, default_value_t = 2_000)]
-        iterations: usize,
+        #[command(subcommand)]
+        command: BenchCommand,
     },
     /// Write deterministic synthetic HES-like data, one Parquet set per trust.
     Generate {
@@ -140,6 +133,53 @@ enum Command {
         /// Random seed.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Policy evaluation, audit logging and TLS overhead.
+    Policy {
+        /// The policy folder.
+        #[arg(long, default_value_os_t = federation::default_policies())]
+        policies: PathBuf,
+        /// Data folder whose first trust's tables give the schemas.
+        #[arg(long, default_value_os_t = federation::default_data_dir())]
+        data: PathBuf,
+        /// Evaluations per query.
+        #[arg(long, default_value_t = 2_000)]
+        iterations: usize,
+    },
+    /// Tally against Centralised and Row shipping: same data, same queries, one machine.
+    Compare {
+        /// Where generated data and certificates are cached.
+        #[arg(long, default_value_os_t = PathBuf::from(".tally").join("bench"))]
+        root: PathBuf,
+        /// Dataset sizes in episodes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1_000_000usize, 10_000_000])]
+        episodes: Vec<usize>,
+        /// Numbers of sites, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 3, 8])]
+        sites: Vec<usize>,
+        /// Timed runs per query, after one warm-up.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// The policy folder (Tally's gateway and nodes).
+        #[arg(long, default_value_os_t = federation::default_policies())]
+        policies: PathBuf,
+        /// Run Row shipping only up to this many episodes (it ships every row every run).
+        #[arg(long, default_value_t = 10_000_000)]
+        row_shipping_max: usize,
+        /// Where to write results.json, results.md and latency-ratio.svg.
+        #[arg(long, default_value_os_t = PathBuf::from("bench-results"))]
+        out: PathBuf,
+    },
+    /// (internal) Serve one site's rows for the Row shipping baseline.
+    #[command(hide = true)]
+    ServeRows {
+        /// The site's folder.
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -261,20 +301,7 @@ async fn run(command: Command) -> Result<(), String> {
             );
             Ok(())
         }
-        Command::Bench {
-            policies,
-            data,
-            iterations,
-        } => {
-            federation::ensure_data(&data, 20_000, 42)?;
-            println!(
-                "{}",
-                tally::bench::policy(&policies, &data, iterations.max(1)).await?
-            );
-            println!("{}", tally::bench::audit(1_000)?);
-            println!("{}", tally::bench::links(&data, &policies, 15).await?);
-            Ok(())
-        }
+        Command::Bench { command } => bench(command).await,
         Command::Policy { command } => match command {
             PolicyCommand::Test { dir } => tally::policy_cli::test(&dir),
             PolicyCommand::Explain {
@@ -370,6 +397,59 @@ async fn run(command: Command) -> Result<(), String> {
             println!("written to {}", out.display());
             Ok(())
         }
+    }
+}
+
+/// `tally bench ...`.
+async fn bench(command: BenchCommand) -> Result<(), String> {
+    match command {
+        BenchCommand::Policy {
+            policies,
+            data,
+            iterations,
+        } => {
+            federation::ensure_data(&data, 20_000, 42)?;
+            println!(
+                "{}",
+                tally::bench::policy(&policies, &data, iterations.max(1)).await?
+            );
+            println!("{}", tally::bench::audit(1_000)?);
+            println!("{}", tally::bench::links(&data, &policies, 15).await?);
+            Ok(())
+        }
+        BenchCommand::Compare {
+            root,
+            episodes,
+            sites,
+            runs,
+            policies,
+            row_shipping_max,
+            out,
+        } => {
+            let options = tally::bench::compare::Options {
+                root,
+                episodes,
+                sites,
+                runs: runs.max(1),
+                policies,
+                row_shipping_max_episodes: row_shipping_max,
+            };
+            let report = tally::bench::compare::run(&options).await?;
+            std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+            let write = |name: &str, text: String| {
+                std::fs::write(out.join(name), text).map_err(|e| format!("{name}: {e}"))
+            };
+            let markdown = tally::bench::report::markdown(&report);
+            write(
+                "results.json",
+                serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?,
+            )?;
+            write("results.md", markdown.clone())?;
+            write("latency-ratio.svg", tally::bench::report::svg(&report))?;
+            println!("{markdown}\nwritten to {}", out.display());
+            Ok(())
+        }
+        BenchCommand::ServeRows { dir } => tally::bench::compare::serve_rows(&dir).await,
     }
 }
 

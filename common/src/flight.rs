@@ -7,8 +7,10 @@ use std::sync::LazyLock;
 
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::metadata::{GetCatalogsBuilder, SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::{
@@ -235,37 +237,64 @@ pub async fn fetch_all(
         let Some(ticket) = endpoint.ticket else {
             return Err(FlightError::protocol("endpoint without a ticket"));
         };
-        let (more, last_headers) = fetch_ticket(client, ticket).await?;
-        batches.extend(more);
-        headers = last_headers;
+        let mut stream = client.do_get(ticket).await?;
+        headers = stream.headers().clone();
+        while let Some(batch) = stream.next().await {
+            batches.push(batch?);
+        }
     }
     Ok((batches, headers))
 }
 
-/// Runs `sql` at a Tally node straight from its statement ticket, without a GetFlightInfo
-/// round trip: the node admits, runs and audits each statement once, when it runs.
+/// What a statement returned, and how many bytes crossed the wire for it.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The batches.
+    pub batches: Vec<RecordBatch>,
+    /// The response headers.
+    pub headers: tonic::metadata::MetadataMap,
+    /// Flight message bytes received (IPC headers and bodies).
+    pub wire_bytes: usize,
+}
+
+/// Runs `sql` at a Flight SQL server straight from its statement ticket, without a
+/// GetFlightInfo round trip (a Tally node admits, runs and audits each statement once, when
+/// it runs), sending `headers` with the call.
 pub async fn run_statement(
-    client: &mut SqlClient,
+    channel: Channel,
+    headers: &[(&'static str, String)],
     sql: &str,
-) -> Result<(Vec<RecordBatch>, tonic::metadata::MetadataMap), FlightError> {
+) -> Result<Fetched, FlightError> {
     let ticket = TicketStatementQuery {
         statement_handle: sql.as_bytes().to_vec().into(),
     };
-    fetch_ticket(client, Ticket::new(ticket.as_any().encode_to_vec())).await
-}
-
-/// Fetches one ticket's batches and the response headers.
-async fn fetch_ticket(
-    client: &mut SqlClient,
-    ticket: Ticket,
-) -> Result<(Vec<RecordBatch>, tonic::metadata::MetadataMap), FlightError> {
-    let mut stream = client.do_get(ticket).await?;
-    let headers = stream.headers().clone();
-    let mut batches = Vec::new();
-    while let Some(batch) = stream.next().await {
-        batches.push(batch?);
+    let mut request = tonic::Request::new(Ticket::new(ticket.as_any().encode_to_vec()));
+    for (name, value) in headers {
+        if let Ok(value) = tonic::metadata::MetadataValue::try_from(value.as_str()) {
+            request.metadata_mut().insert(*name, value);
+        }
     }
-    Ok((batches, headers))
+    let response = FlightServiceClient::new(channel)
+        .do_get(request)
+        .await
+        .map_err(|status| FlightError::Tonic(Box::new(status)))?;
+    let headers = response.metadata().clone();
+    let wire = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = wire.clone();
+    let messages = response.into_inner().map(move |message| {
+        let message = message.map_err(|status| FlightError::Tonic(Box::new(status)))?;
+        let size = message.data_header.len() + message.data_body.len();
+        counter.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+        Ok(message)
+    });
+    let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(messages)
+        .try_collect()
+        .await?;
+    Ok(Fetched {
+        batches,
+        headers,
+        wire_bytes: wire.load(std::sync::atomic::Ordering::Relaxed),
+    })
 }
 
 /// Lists the tables (with schemas) a Flight SQL server announces.

@@ -52,6 +52,10 @@ pub struct GatewayAuditRecord {
     pub codes: Vec<String>,
     /// Rows in the answer.
     pub rows: Option<usize>,
+    /// Rows (partial-aggregate groups) received from the trusts.
+    pub rows_from_trusts: Option<usize>,
+    /// Flight message bytes received from the trusts.
+    pub bytes_from_trusts: Option<usize>,
     /// Groups dropped by disclosure control (a count, never which).
     pub groups_suppressed: Option<usize>,
     /// Wall time in milliseconds.
@@ -248,6 +252,8 @@ impl Gateway {
             outcome: "refused",
             codes: Vec::new(),
             rows: None,
+            rows_from_trusts: None,
+            bytes_from_trusts: None,
             groups_suppressed: None,
             duration_ms: 0.0,
             detail: None,
@@ -334,6 +340,8 @@ impl Gateway {
         record.trusts.sort();
         record.trusts.dedup();
         record.groups_suppressed = Some(fanout.suppressed());
+        record.rows_from_trusts = Some(runs.iter().map(|r| r.rows).sum());
+        record.bytes_from_trusts = Some(runs.iter().map(|r| r.bytes).sum());
         match &result {
             Ok((_, batches)) => {
                 record.outcome = "answered";

@@ -27,7 +27,7 @@ pub struct FragmentRun {
     pub trust: String,
     /// Rows (groups) returned.
     pub rows: usize,
-    /// In-memory size of the partial result, in bytes.
+    /// Bytes of Flight messages received for the partial result.
     pub bytes: usize,
     /// Wall time of the trust's answer.
     pub elapsed: Duration,
@@ -135,6 +135,21 @@ impl QueryFanout {
                 })
             })
             .collect();
+        if targets.is_empty() {
+            // An answer from no trust at all would look like a real (empty) answer.
+            return Err(TallyError::new(
+                ErrorCode::TableNotAllowed,
+                format!(
+                    "no trust this query may reach holds {}",
+                    fragment
+                        .tables
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
         tracing::debug!(query_id = %self.query_id, sql = %fragment.sql, trusts = targets.len(), "per-trust query");
         let answers = futures::future::join_all(
             targets
@@ -160,7 +175,7 @@ impl QueryFanout {
             sql: fragment.sql.clone(),
             trust: answer.trust.clone(),
             rows: batches.iter().map(RecordBatch::num_rows).sum(),
-            bytes: batches.iter().map(RecordBatch::get_array_memory_size).sum(),
+            bytes: answer.wire_bytes,
             elapsed: answer.elapsed,
         };
         self.runs

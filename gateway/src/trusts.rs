@@ -36,6 +36,8 @@ pub struct TrustAnswer {
     pub trust: String,
     /// The partial-aggregate batches.
     pub batches: Vec<RecordBatch>,
+    /// Flight message bytes received for them.
+    pub wire_bytes: usize,
     /// Wall time of the call.
     pub elapsed: Duration,
     /// The small-number threshold the trust demands (0 when it states none).
@@ -103,18 +105,18 @@ impl Trust {
         identity: &RequestIdentity,
     ) -> Result<TrustAnswer, TallyError> {
         let started = Instant::now();
-        let mut client = self.client();
-        client.set_header(QUERY_ID_HEADER, query_id);
-        for (name, value) in identity_headers(identity) {
-            client.set_header(name, value);
-        }
-        let (batches, headers) = self.bounded(run_statement(&mut client, sql)).await?;
-        let min_patients = header_text(&headers, MIN_PATIENTS_HEADER)
+        let mut headers = identity_headers(identity);
+        headers.push((QUERY_ID_HEADER, query_id.to_string()));
+        let fetched = self
+            .bounded(run_statement(self.channel.clone(), &headers, sql))
+            .await?;
+        let min_patients = header_text(&fetched.headers, MIN_PATIENTS_HEADER)
             .parse()
             .unwrap_or(0);
         Ok(TrustAnswer {
             trust: self.code.clone(),
-            batches,
+            batches: fetched.batches,
+            wire_bytes: fetched.wire_bytes,
             elapsed: started.elapsed(),
             min_patients,
         })

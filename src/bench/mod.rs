@@ -1,5 +1,10 @@
 //! `tally bench`: measurements recorded in BENCHMARKS.md.
 
+pub mod compare;
+mod data;
+pub mod report;
+mod rows;
+
 use std::path::Path;
 use std::time::Instant;
 

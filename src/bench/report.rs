@@ -1,0 +1,235 @@
+//! The comparison's results as Markdown tables (for BENCHMARKS.md) and an SVG chart of
+//! latency relative to Centralised.
+
+use std::fmt::Write as _;
+
+use super::compare::{Measurement, QUERIES, Report};
+
+fn find<'a>(
+    report: &'a Report,
+    system: &str,
+    sites: usize,
+    episodes: usize,
+    query: usize,
+) -> Option<&'a Measurement> {
+    report.measurements.iter().find(|m| {
+        m.system == system && m.sites == sites && m.episodes == episodes && m.query == query
+    })
+}
+
+fn cell(m: Option<&Measurement>) -> String {
+    match m {
+        Some(m) if m.error.is_none() => format!("{:.1} / {:.1}", m.median_ms, m.p95_ms),
+        Some(m) => format!("error: {}", m.error.as_deref().unwrap_or_default()),
+        None => "–".into(),
+    }
+}
+
+fn bytes(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / f64::from(1 << 20)),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+/// The sizes and site counts present, ascending.
+fn axes(report: &Report) -> (Vec<usize>, Vec<usize>) {
+    let mut sizes: Vec<usize> = report.measurements.iter().map(|m| m.episodes).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut sites: Vec<usize> = report
+        .measurements
+        .iter()
+        .filter(|m| m.sites > 0)
+        .map(|m| m.sites)
+        .collect();
+    sites.sort_unstable();
+    sites.dedup();
+    (sizes, sites)
+}
+
+/// Markdown: per size, latency (median / p95 ms) per query and system; then data moved
+/// and peak memory; then the tiny query and throughput.
+pub fn markdown(report: &Report) -> String {
+    let (sizes, sites) = axes(report);
+    let mut out = String::new();
+    for &episodes in &sizes {
+        let _ = writeln!(out, "\n### {episodes} episodes: latency, median / p95 ms\n");
+        let mut header = "| query | Centralised |".to_string();
+        let mut rule = "|---|---|".to_string();
+        for &n in &sites {
+            let _ = write!(header, " Tally ×{n} | ratio |");
+            rule.push_str("---|---|");
+            if report
+                .measurements
+                .iter()
+                .any(|m| m.system == "Row shipping" && m.sites == n && m.episodes == episodes)
+            {
+                let _ = write!(header, " Row shipping ×{n} |");
+                rule.push_str("---|");
+            }
+        }
+        let _ = writeln!(out, "{header}\n{rule}");
+        for (query, (title, _)) in QUERIES.iter().enumerate() {
+            let central = find(report, "Centralised", 0, episodes, query);
+            let mut line = format!("| {title} | {} |", cell(central));
+            for &n in &sites {
+                let tally = find(report, "Tally", n, episodes, query);
+                let ratio = match (tally, central) {
+                    (Some(t), Some(c)) if t.error.is_none() && c.error.is_none() => {
+                        format!("{:.2}×", t.median_ms / c.median_ms)
+                    }
+                    _ => "–".into(),
+                };
+                let _ = write!(line, " {} | {ratio} |", cell(tally));
+                if let Some(rows) = find(report, "Row shipping", n, episodes, query) {
+                    let _ = write!(line, " {} |", cell(Some(rows)));
+                }
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = writeln!(
+            out,
+            "\n### {episodes} episodes: moved from the sites per query (rows, bytes) and peak memory of the gateway process\n"
+        );
+        let _ = writeln!(
+            out,
+            "| query | system | sites | rows moved | bytes moved | peak RSS MiB |\n|---|---|---|---|---|---|"
+        );
+        for (query, (title, _)) in QUERIES.iter().enumerate() {
+            for m in report
+                .measurements
+                .iter()
+                .filter(|m| m.episodes == episodes && m.query == query && m.system != "Centralised")
+            {
+                let _ = writeln!(
+                    out,
+                    "| {title} | {} | {} | {} | {} | {:.0} |",
+                    m.system,
+                    m.sites,
+                    m.rows_moved,
+                    bytes(m.bytes_moved),
+                    m.peak_rss_mib
+                );
+            }
+            if let Some(c) = find(report, "Centralised", 0, episodes, query) {
+                let _ = writeln!(
+                    out,
+                    "| {title} | Centralised (everything in one process) | – | – | – | {:.0} |",
+                    c.peak_rss_mib
+                );
+            }
+        }
+    }
+    if let Some(o) = &report.overhead {
+        let _ = writeln!(
+            out,
+            "\n### Gateway overhead and throughput ({} sites, demo-sized data)\n\n| measurement | result |\n|---|---|\n| tiny query end to end (`{}`) | median {:.2} ms, p95 {:.2} ms |\n| {} concurrent clients for {:.0} s | {:.0} queries/s, {} errors |",
+            o.sites,
+            o.sql,
+            o.median_ms,
+            o.p95_ms,
+            o.clients,
+            o.seconds,
+            o.queries_per_second,
+            o.errors
+        );
+    }
+    out
+}
+
+/// An SVG bar chart: per query, median latency relative to Centralised (log scale) for each
+/// Tally site count and Row shipping, at the largest size measured.
+pub fn svg(report: &Report) -> String {
+    let (sizes, sites) = axes(report);
+    let Some(&episodes) = sizes.last() else {
+        return String::new();
+    };
+    let mut series: Vec<(String, &str, usize)> = sites
+        .iter()
+        .map(|&n| (format!("Tally, {n} sites"), "Tally", n))
+        .collect();
+    for &n in &sites {
+        if report
+            .measurements
+            .iter()
+            .any(|m| m.system == "Row shipping" && m.sites == n && m.episodes == episodes)
+        {
+            series.push((format!("Row shipping, {n} sites"), "Row shipping", n));
+        }
+    }
+    let colours = [
+        "#1f6fb2", "#4f9fd8", "#9cc9ee", "#c0392b", "#e67e22", "#f1c40f",
+    ];
+    let (width, height, left, top, bottom) = (980.0, 460.0, 70.0, 50.0, 120.0);
+    let plot_h = height - top - bottom;
+    let (lo, hi) = (0.5f64.log10(), 100.0f64.log10());
+    let y = |ratio: f64| top + plot_h * (1.0 - (ratio.max(0.5).log10() - lo) / (hi - lo));
+    let group_w = (width - left - 20.0) / QUERIES.len() as f64;
+    let bar_w = (group_w - 12.0) / series.len().max(1) as f64;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{left}" y="22" font-size="15" font-weight="bold">Median latency relative to Centralised, {episodes} episodes (log scale; lower is better)</text>
+"#
+    );
+    for tick in [0.5, 1.0, 1.25, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0] {
+        let ty = y(tick);
+        let (stroke, dash) = if tick == 1.25 {
+            ("#c0392b", r#" stroke-dasharray="5,3""#)
+        } else {
+            ("#ddd", "")
+        };
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{left}" x2="{}" y1="{ty:.1}" y2="{ty:.1}" stroke="{stroke}"{dash}/><text x="{}" y="{:.1}" text-anchor="end">{tick}×</text>"#,
+            width - 20.0,
+            left - 6.0,
+            ty + 4.0
+        );
+    }
+    for (query, (title, _)) in QUERIES.iter().enumerate() {
+        let gx = left + group_w * query as f64 + 6.0;
+        let Some(central) = find(report, "Centralised", 0, episodes, query) else {
+            continue;
+        };
+        for (index, (_, system, n)) in series.iter().enumerate() {
+            let Some(m) = find(report, system, *n, episodes, query) else {
+                continue;
+            };
+            if m.error.is_some() || central.error.is_some() {
+                continue;
+            }
+            let ratio = m.median_ms / central.median_ms;
+            let (x, top_y) = (gx + bar_w * index as f64, y(ratio));
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{x:.1}" y="{top_y:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{ratio:.2}×</title></rect>"#,
+                bar_w - 1.0,
+                (y(0.5) - top_y).max(0.0),
+                colours[index % colours.len()]
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text transform="translate({:.1},{:.1}) rotate(-30)" text-anchor="end">{}</text>"#,
+            gx + group_w / 2.0,
+            height - bottom + 16.0,
+            title
+        );
+    }
+    for (index, (label, _, _)) in series.iter().enumerate() {
+        let lx = left + 150.0 * index as f64;
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{}">{label}</text>"#,
+            height - 22.0,
+            colours[index % colours.len()],
+            lx + 16.0,
+            height - 12.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
