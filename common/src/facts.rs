@@ -390,7 +390,7 @@ pub fn hidden_patient_counts(plan: &LogicalPlan) -> Vec<String> {
         .collect()
 }
 
-/// Whether `expr` is `COUNT(DISTINCT <column>)` returned as the hidden patient count
+/// Whether `expr` is `__tally_patients_upto(<column>)` returned as the hidden patient count
 /// (`hidden` lists the output names from [`hidden_patient_counts`]).
 pub fn is_hidden_patient_count(expr: &Expr, hidden: &[String]) -> bool {
     let Expr::AggregateFunction(function) = strip_alias(expr) else {
@@ -399,8 +399,8 @@ pub fn is_hidden_patient_count(expr: &Expr, hidden: &[String]) -> bool {
     let returned_as_hidden = matches!(expr, Expr::Alias(alias) if alias.name == PATIENTS_COLUMN)
         || hidden.contains(&expr.schema_name().to_string());
     returned_as_hidden
-        && function.func.name() == "count"
-        && function.params.distinct
+        && function.func.name() == crate::patients::PATIENTS_UPTO
+        && !function.params.distinct
         && function.params.filter.is_none()
         && matches!(function.params.args.as_slice(), [Expr::Column(_)])
 }

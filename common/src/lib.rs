@@ -8,6 +8,7 @@ pub mod error;
 pub mod facts;
 pub mod flight;
 pub mod generalise;
+pub mod patients;
 pub mod policy;
 pub mod server;
 pub mod session;

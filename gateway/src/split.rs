@@ -17,7 +17,6 @@ use datafusion::catalog::default_table_source::source_as_provider;
 use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchemaRef, Result as DfResult};
 use datafusion::datasource::provider_as_source;
-use datafusion::functions_aggregate::count::count_udaf;
 use datafusion::functions_aggregate::expr_fn::{max, min, sum};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::type_coercion::functions::fields_with_udf;
@@ -27,6 +26,7 @@ use datafusion::logical_expr::{
 use datafusion::sql::unparser::plan_to_sql;
 use tally_common::checks::{Side, reject_grouping_sets, splittable_aggregates, strip_alias};
 use tally_common::facts::{PATIENTS_COLUMN, privacy_unit_column, reads_people};
+use tally_common::patients::patients_upto_udaf;
 use tally_common::udaf::{SplitKind, merge_udaf, state_udaf};
 use tally_common::{ErrorCode, TallyError};
 
@@ -330,9 +330,9 @@ fn build_fragment(
         .map(|(e, name)| strip_alias(e).clone().alias(name));
     let patient_count = patients.map(|column| {
         Expr::AggregateFunction(AggregateFunction::new_udf(
-            count_udaf(),
+            Arc::new(patients_upto_udaf()),
             vec![Expr::Column(column)],
-            true,
+            false,
             None,
             vec![],
             None,
