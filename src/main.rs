@@ -170,6 +170,10 @@ enum BenchCommand {
         /// Run Row shipping only up to this many episodes (it ships every row every run).
         #[arg(long, default_value_t = 10_000_000)]
         row_shipping_max: usize,
+        /// Purpose of Tally's queries: `planning` applies the National Data Opt-out at every
+        /// site; `direct_care` does not (nor do Centralised and Row shipping).
+        #[arg(long, default_value = "planning")]
+        purpose: String,
         /// Where to write results.json, results.md and latency-ratio.svg.
         #[arg(long, default_value_os_t = PathBuf::from("bench-results"))]
         out: PathBuf,
@@ -424,6 +428,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
             runs,
             policies,
             row_shipping_max,
+            purpose,
             out,
         } => {
             let options = tally::bench::compare::Options {
@@ -433,6 +438,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
                 runs: runs.max(1),
                 policies,
                 row_shipping_max_episodes: row_shipping_max,
+                purpose,
             };
             let report = tally::bench::compare::run(&options).await?;
             std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;

@@ -82,6 +82,9 @@ pub struct Options {
     pub policies: PathBuf,
     /// Skip row shipping above this many episodes (it ships every row, every run).
     pub row_shipping_max_episodes: usize,
+    /// The purpose Tally's queries are for (`direct_care` is exempt from the opt-out, which
+    /// Centralised and Row shipping do not apply).
+    pub purpose: String,
 }
 
 /// One system's figures for one query.
@@ -325,7 +328,12 @@ struct Federation {
 }
 
 impl Federation {
-    async fn start(dirs: &[PathBuf], certs: &CertFolder, policies: &Path) -> Result<Self, String> {
+    async fn start(
+        dirs: &[PathBuf],
+        certs: &CertFolder,
+        policies: &Path,
+        purpose: &str,
+    ) -> Result<Self, String> {
         let mut nodes = Vec::new();
         let mut endpoints = Vec::new();
         for (index, dir) in dirs.iter().enumerate() {
@@ -354,7 +362,7 @@ impl Federation {
             federation::gateway_url(&security, gateway.addr),
             federation::ca_cert(&security),
         );
-        let client = AnalystClient::connect(&target, DEMO_TOKEN)
+        let client = AnalystClient::connect_for(&target, DEMO_TOKEN, "", purpose)
             .await
             .map_err(|e| e.to_string())?;
         Ok(Federation {
@@ -637,7 +645,7 @@ pub async fn run(options: &Options) -> Result<Report, String> {
     };
     // The gateway's own overhead, on data small enough that the sites' work is negligible.
     let small = split(&hes(&options.root, SMALL_EPISODES)?, 3).await?;
-    let mut federation = Federation::start(&small, &certs, &policies).await?;
+    let mut federation = Federation::start(&small, &certs, &policies, &options.purpose).await?;
     report.overhead = Some(overhead(&mut federation, options.runs, 16, 10.0).await?);
     federation.stop().await;
     for &episodes in &options.episodes {
@@ -651,7 +659,8 @@ pub async fn run(options: &Options) -> Result<Report, String> {
         for &n in &options.sites {
             let dirs = split(&source, n).await?;
             eprintln!("{episodes} episodes: Tally over {n} sites");
-            let mut federation = Federation::start(&dirs, &certs, &policies).await?;
+            let mut federation =
+                Federation::start(&dirs, &certs, &policies, &options.purpose).await?;
             report
                 .measurements
                 .extend(federation.measure(episodes, options.runs).await);
