@@ -2,6 +2,11 @@
 
 mod demo;
 
+/// Query engines allocate and free many small buffers per batch; glibc's allocator spent
+/// ~16% of a federation's CPU time on them (perf, BENCHMARKS.md), mimalloc far less.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -193,17 +193,7 @@ impl Gateway {
         sql: &str,
         query_id: &str,
     ) -> Result<(LogicalPlan, Arc<QueryFanout>), Refused> {
-        let state = self.ctx.state();
-        let admitted = admit(
-            &state,
-            sql,
-            &self.policy,
-            identity,
-            query_id,
-            self.trust_codes(),
-            Origin::Analyst,
-        )
-        .await?;
+        let admitted = self.admit(identity, sql, query_id).await?;
         let fanout = Arc::new(QueryFanout::new(
             query_id.to_string(),
             self.catalogue.clone(),
@@ -215,6 +205,25 @@ impl Gateway {
             decision: Some(Box::new(admitted.decision)),
         })?;
         Ok((plan, fanout))
+    }
+
+    /// Plans `sql` and asks the policy; nothing is split or sent yet.
+    async fn admit(
+        &self,
+        identity: &RequestIdentity,
+        sql: &str,
+        query_id: &str,
+    ) -> Result<tally_common::admission::Admitted, Refused> {
+        admit(
+            &self.ctx.state(),
+            sql,
+            &self.policy,
+            identity,
+            query_id,
+            self.trust_codes(),
+            Origin::Analyst,
+        )
+        .await
     }
 
     /// The policy input and decision for `sql`, without running it.
@@ -294,6 +303,8 @@ impl Gateway {
     pub async fn describe(&self, caller: &Caller, sql: &str) -> Result<SchemaRef, TallyError> {
         let started = Instant::now();
         let query_id = new_query_id();
+        // The split plan's schema is the one the run streams (types and nullability after
+        // merging), which strict clients such as ADBC check against.
         let (plan, _) = self
             .plan(&caller.identity, sql, &query_id)
             .await

@@ -275,10 +275,16 @@ impl NodeService {
         let ctx = self
             .context_for(&decision)
             .map_err(|e| fail(e, &decision))?;
-        let planned = plan_read_only(&ctx.state(), &context.sql)
-            .await
-            .map_err(|e| fail(e, &decision))?;
-        let frame = DataFrame::new(ctx.state(), planned.plan);
+        // Admission planned over every row; with the opt-out the tables differ, so plan again.
+        let plan = if decision.obligations.apply_opt_out {
+            plan_read_only(&ctx.state(), &context.sql)
+                .await
+                .map_err(|e| fail(e, &decision))?
+                .plan
+        } else {
+            admitted.plan
+        };
+        let frame = DataFrame::new(ctx.state(), plan);
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
         let stream = match frame.execute_stream().await {
             Ok(stream) => stream,
