@@ -16,12 +16,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, ListArray, UInt64Array};
+use arrow::array::{BooleanArray, Int64Array};
 use arrow::datatypes::{DataType, Field, FieldRef, UInt64Type};
 use datafusion::common::hash_utils::{HLL_RANDOM_STATE, create_hashes};
 use datafusion::common::{Result, ScalarValue};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
-    Accumulator, AggregateUDF, AggregateUDFImpl, Signature, Volatility,
+    Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
 };
 
 /// The name of the capped distinct count the gateway asks every trust for.
@@ -70,6 +71,17 @@ impl AggregateUDFImpl for PatientsUpTo {
 
     fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
         Ok(Box::new(UpToAccumulator::default()))
+    }
+
+    fn groups_accumulator_supported(&self, _args: AccumulatorArgs) -> bool {
+        true
+    }
+
+    fn create_groups_accumulator(
+        &self,
+        _args: AccumulatorArgs,
+    ) -> Result<Box<dyn GroupsAccumulator>> {
+        Ok(Box::new(UpToGroups::default()))
     }
 
     fn default_value(&self, _data_type: &DataType) -> Result<ScalarValue> {
@@ -151,6 +163,138 @@ impl Accumulator for UpToAccumulator {
     }
 }
 
+/// The hashes of up to [`PATIENT_COUNT_CAP`] distinct values, per group: one pass over
+/// each batch for all groups.
+#[derive(Debug, Default)]
+struct UpToGroups {
+    seen: Vec<HashSet<u64>>,
+}
+
+impl UpToGroups {
+    fn insert(&mut self, group: usize, hash: u64) {
+        let set = &mut self.seen[group];
+        if set.len() < PATIENT_COUNT_CAP {
+            set.insert(hash);
+        }
+    }
+
+    fn grow(&mut self, total_num_groups: usize) {
+        if self.seen.len() < total_num_groups {
+            self.seen.resize_with(total_num_groups, HashSet::new);
+        }
+    }
+}
+
+impl GroupsAccumulator for UpToGroups {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.grow(total_num_groups);
+        let Some(values) = values.first() else {
+            return Ok(());
+        };
+        let mut hashes = vec![0; values.len()];
+        create_hashes([values], &HLL_RANDOM_STATE, &mut hashes)?;
+        for (row, &group) in group_indices.iter().enumerate() {
+            let kept = opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row));
+            if kept && values.is_valid(row) {
+                self.insert(group, hashes[row]);
+            }
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        let sets = emit_to.take_needed(&mut self.seen);
+        Ok(Arc::new(Int64Array::from_iter_values(
+            sets.iter().map(|set| set.len() as i64),
+        )))
+    }
+
+    fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
+        let sets = emit_to.take_needed(&mut self.seen);
+        let lengths = sets.iter().map(HashSet::len);
+        let offsets = arrow::buffer::OffsetBuffer::from_lengths(lengths);
+        let hashes = UInt64Array::from_iter_values(sets.iter().flatten().copied());
+        Ok(vec![Arc::new(ListArray::new(
+            Arc::new(Field::new_list_field(DataType::UInt64, true)),
+            offsets,
+            Arc::new(hashes),
+            None,
+        ))])
+    }
+
+    fn merge_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.grow(total_num_groups);
+        let Some(lists) = values.first() else {
+            return Ok(());
+        };
+        let lists = lists
+            .as_any()
+            .downcast_ref::<ListArray>()
+            .ok_or_else(|| datafusion::error::DataFusionError::Internal("list state".into()))?;
+        for (row, &group) in group_indices.iter().enumerate() {
+            if lists.is_valid(row) {
+                let list = lists.value(row);
+                for hash in list.as_primitive::<UInt64Type>().iter().flatten() {
+                    self.insert(group, hash);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
+    ) -> Result<Vec<ArrayRef>> {
+        let Some(values) = values.first() else {
+            return Ok(Vec::new());
+        };
+        let mut hashes = vec![0; values.len()];
+        create_hashes([values], &HLL_RANDOM_STATE, &mut hashes)?;
+        let kept: Vec<bool> = (0..values.len())
+            .map(|row| {
+                values.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row))
+            })
+            .collect();
+        let offsets =
+            arrow::buffer::OffsetBuffer::from_lengths(kept.iter().map(|&k| usize::from(k)));
+        let items = UInt64Array::from_iter_values(
+            hashes
+                .iter()
+                .zip(&kept)
+                .filter(|(_, k)| **k)
+                .map(|(h, _)| *h),
+        );
+        Ok(vec![Arc::new(ListArray::new(
+            Arc::new(Field::new_list_field(DataType::UInt64, true)),
+            offsets,
+            Arc::new(items),
+            None,
+        ))])
+    }
+
+    fn size(&self) -> usize {
+        self.seen.capacity() * std::mem::size_of::<HashSet<u64>>()
+            + self
+                .seen
+                .iter()
+                .map(|set| set.capacity() * std::mem::size_of::<u64>())
+                .sum::<usize>()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +323,30 @@ mod tests {
             large.evaluate().unwrap(),
             ScalarValue::Int64(Some(PATIENT_COUNT_CAP as i64))
         );
+    }
+
+    #[test]
+    fn groups_count_up_to_the_cap_and_merge_their_states() {
+        let mut groups = UpToGroups::default();
+        let rows = 3_000;
+        let group_of: Vec<usize> = (0..rows).map(|n| n % 3).collect();
+        groups
+            .update_batch(&[ids(0..rows)], &group_of, None, 3)
+            .unwrap();
+        groups.update_batch(&[ids(0..2)], &[2, 2], None, 4).unwrap();
+        let state = groups.state(EmitTo::All).unwrap();
+        let mut merged = UpToGroups::default();
+        merged.merge_batch(&state, &[0, 1, 0, 3], 4).unwrap();
+        let counts = merged.evaluate(EmitTo::All).unwrap();
+        let counts = counts.as_primitive::<arrow::datatypes::Int64Type>();
+        assert_eq!(counts.values().to_vec(), vec![1_000, 1_000, 0, 0]);
+        let mut small = UpToGroups::default();
+        small
+            .update_batch(&[ids(0..4)], &[0, 1, 0, 1], None, 2)
+            .unwrap();
+        let counts = small.evaluate(EmitTo::All).unwrap();
+        let counts = counts.as_primitive::<arrow::datatypes::Int64Type>();
+        assert_eq!(counts.values().to_vec(), vec![2, 2]);
     }
 
     #[test]
