@@ -183,6 +183,14 @@ enum BenchCommand {
         #[arg(long, default_value_os_t = PathBuf::from("bench-results"))]
         out: PathBuf,
     },
+    /// Rewrite results.md and latency-ratio.svg from a saved results.json.
+    Render {
+        /// The results.json of an earlier `bench compare`.
+        results: PathBuf,
+        /// Where to write results.md and latency-ratio.svg.
+        #[arg(long, default_value_os_t = PathBuf::from("bench-results"))]
+        out: PathBuf,
+    },
     /// (internal) Serve one site's rows for the Row shipping baseline.
     #[command(hide = true)]
     ServeRows {
@@ -446,22 +454,37 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
                 purpose,
             };
             let report = tally::bench::compare::run(&options).await?;
-            std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-            let write = |name: &str, text: String| {
-                std::fs::write(out.join(name), text).map_err(|e| format!("{name}: {e}"))
-            };
-            let markdown = tally::bench::report::markdown(&report);
-            write(
-                "results.json",
-                serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?,
-            )?;
-            write("results.md", markdown.clone())?;
-            write("latency-ratio.svg", tally::bench::report::svg(&report))?;
-            println!("{markdown}\nwritten to {}", out.display());
-            Ok(())
+            write_report(&report, &out)
+        }
+        BenchCommand::Render { results, out } => {
+            let text = std::fs::read_to_string(&results)
+                .map_err(|e| format!("{}: {e}", results.display()))?;
+            let report =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", results.display()))?;
+            write_report(&report, &out)
         }
         BenchCommand::ServeRows { dir } => tally::bench::compare::serve_rows(&dir).await,
     }
+}
+
+/// Writes `results.json`, `results.md` and `latency-ratio.svg` into `out`.
+fn write_report(
+    report: &tally::bench::compare::Report,
+    out: &std::path::Path,
+) -> Result<(), String> {
+    std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
+    let write = |name: &str, text: String| {
+        std::fs::write(out.join(name), text).map_err(|e| format!("{name}: {e}"))
+    };
+    let markdown = tally::bench::report::markdown(report);
+    write(
+        "results.json",
+        serde_json::to_string_pretty(report).map_err(|e| e.to_string())?,
+    )?;
+    write("results.md", markdown.clone())?;
+    write("latency-ratio.svg", tally::bench::report::svg(report))?;
+    println!("{markdown}\nwritten to {}", out.display());
+    Ok(())
 }
 
 /// `tally certs`: a new CA and every certificate, or one more client certificate.

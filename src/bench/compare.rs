@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tally_synth::default_trusts;
 use tonic::transport::Endpoint;
 
@@ -88,7 +88,7 @@ pub struct Options {
 }
 
 /// One system's figures for one query.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measurement {
     /// `Tally`, `Centralised` or `Row shipping`.
     pub system: String,
@@ -519,7 +519,7 @@ pub async fn serve_rows(dir: &Path) -> Result<(), String> {
 }
 
 /// The tiny query's end-to-end latency and the throughput of 16 concurrent clients.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Overhead {
     /// The tiny query.
     pub sql: String,
@@ -592,7 +592,7 @@ async fn overhead(
 const SMALL_EPISODES: usize = 51_000;
 
 /// Everything one comparison measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// Per query, system, size and number of sites.
     pub measurements: Vec<Measurement>,
