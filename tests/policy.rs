@@ -414,3 +414,28 @@ fn default_policy_tests_pass_with_one_per_rule() {
         "reason codes are documented"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_no_allowed_trust_can_answer_is_refused_not_answered_empty() {
+    let dir = policy_variant(serde_json::json!({}));
+    let path = dir.path().join("catalogue.json");
+    let mut catalogue: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    catalogue["governance"]["projects"][federation::DEMO_PROJECT]["trusts"] =
+        serde_json::json!(["RXZ"]);
+    std::fs::write(&path, catalogue.to_string()).unwrap();
+    let local = start_federation_over(data_dir(), dir.path()).await;
+    let mut client = AnalystClient::connect(&local.gateway_target(), DEMO_TOKEN)
+        .await
+        .unwrap();
+    let err = expect_refusal(
+        client
+            .query("SELECT sex, COUNT(*) FROM patients GROUP BY sex")
+            .await,
+    );
+    assert!(
+        err.starts_with("E_TABLE_NOT_ALLOWED") && err.contains("patients"),
+        "{err}"
+    );
+    local.stop().await;
+}
