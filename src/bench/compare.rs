@@ -259,6 +259,41 @@ async fn centralised(source: &Path) -> Result<SessionContext, String> {
 }
 
 /// Runs every query on a local context, counting what `shipped` saw.
+/// An answer as sorted text rows, floats to 9 significant digits (sums added in another
+/// order differ in the last bits), to check that systems agree.
+fn canonical(batches: &[arrow::record_batch::RecordBatch]) -> Vec<String> {
+    let options = arrow::util::display::FormatOptions::default();
+    let mut rows = Vec::new();
+    for batch in batches {
+        let formatters: Vec<_> = batch
+            .columns()
+            .iter()
+            .filter_map(|c| {
+                arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &options).ok()
+            })
+            .collect();
+        for row in 0..batch.num_rows() {
+            let cells: Vec<String> = formatters
+                .iter()
+                .map(|f| {
+                    let text = f.value(row).to_string();
+                    match text.parse::<f64>() {
+                        Ok(x) if text.contains('.') => format!("{x:.8e}"),
+                        _ => text,
+                    }
+                })
+                .collect();
+            rows.push(cells.join("|"));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// Runs every query on a local context, counting what `shipped` saw; when `expected` holds
+/// Centralised's answers, an answer that differs is reported as an error (queries by
+/// `trust_code` excepted: the sites are not the original trusts). Returns the measurements
+/// and the answers.
 async fn measure_context(
     ctx: &SessionContext,
     system: &str,
@@ -266,8 +301,10 @@ async fn measure_context(
     episodes: usize,
     runs: usize,
     shipped: Option<&Shipped>,
-) -> Vec<Measurement> {
+    expected: Option<&[Vec<String>]>,
+) -> (Vec<Measurement>, Vec<Vec<String>>) {
     let mut results = Vec::new();
+    let mut answers = Vec::new();
     for (index, (_, sql)) in QUERIES.iter().enumerate() {
         reset_peak_rss();
         let timing = timed(runs, async || {
@@ -281,16 +318,30 @@ async fn measure_context(
         .await;
         let moved = shipped.map_or((0, 0), |s| s.take());
         let per_run = |n: usize| n / (runs + 1);
+        let answer = timing
+            .as_ref()
+            .map(|(_, _, batches)| canonical(batches))
+            .map_err(String::clone);
+        let checked = timing.and_then(|(median, p95, _)| match (&answer, expected) {
+            // Sites are not the original trusts, so answers by trust_code cannot agree.
+            (Ok(got), Some(want))
+                if !sql.contains("trust_code") && want.get(index) != Some(got) =>
+            {
+                Err("the answer differs from Centralised's".to_string())
+            }
+            _ => Ok((median, p95)),
+        });
+        answers.push(answer.unwrap_or_default());
         results.push(measurement(
             system,
             sites,
             episodes,
             index,
-            timing.map(|(m, p, _)| (m, p)),
+            checked,
             (per_run(moved.0), per_run(moved.1)),
         ));
     }
-    results
+    (results, answers)
 }
 
 fn measurement(
@@ -413,6 +464,7 @@ async fn row_shipping(
     dirs: &[PathBuf],
     episodes: usize,
     runs: usize,
+    expected: &[Vec<String>],
 ) -> Result<Vec<Measurement>, String> {
     let mut servers = Vec::new();
     let mut channels = Vec::new();
@@ -464,13 +516,14 @@ async fn row_shipping(
         )
         .map_err(|e| e.to_string())?;
     }
-    let results = measure_context(
+    let (results, _) = measure_context(
         &ctx,
         "Row shipping",
         dirs.len(),
         episodes,
         runs,
         Some(&shipped),
+        Some(expected),
     )
     .await;
     drop(servers);
@@ -652,9 +705,17 @@ pub async fn run(options: &Options) -> Result<Report, String> {
         let source = hes(&options.root, episodes)?;
         eprintln!("{episodes} episodes: Centralised");
         let central = centralised(&source).await?;
-        report.measurements.extend(
-            measure_context(&central, "Centralised", 0, episodes, options.runs, None).await,
-        );
+        let (measured, answers) = measure_context(
+            &central,
+            "Centralised",
+            0,
+            episodes,
+            options.runs,
+            None,
+            None,
+        )
+        .await;
+        report.measurements.extend(measured);
         drop(central);
         for &n in &options.sites {
             let dirs = split(&source, n).await?;
@@ -669,7 +730,7 @@ pub async fn run(options: &Options) -> Result<Report, String> {
                 eprintln!("{episodes} episodes: Row shipping over {n} sites");
                 report
                     .measurements
-                    .extend(row_shipping(&dirs, episodes, options.runs).await?);
+                    .extend(row_shipping(&dirs, episodes, options.runs, &answers).await?);
             }
         }
     }
