@@ -59,8 +59,20 @@ reasons contains reason("E_AGG_NOT_ALLOWED", msg) if {
 
 reasons contains reason("E_EXPR_SHAPE", msg) if {
 	some agg in aggregates
-	not agg.argument_shape in {"star", "column"}
+	not agg.argument_shape in {"star", "column", "arithmetic"}
 	msg := sprintf("%v must take a bare column, not a %v", [upper(agg.function), agg.argument_shape])
+}
+
+# Arithmetic inside an aggregate (SUM(price * (1 - discount))) only over tables whose catalogue
+# entry enables it: products of a row's values can single out rows (a polynomial that is zero
+# for every value but one), so no person-level table enables it.
+reasons contains reason("E_EXPR_SHAPE", msg) if {
+	some agg in aggregates
+	agg.argument_shape == "arithmetic"
+	some c in columns
+	c.usage == "aggregate_arg"
+	not object.get(data.governance.catalogue, [c.table, "aggregate_arithmetic"], false) == true
+	msg := sprintf("%v must take a bare column: arithmetic inside aggregates is not enabled for table %v", [upper(agg.function), c.table])
 }
 
 reasons contains reason("E_EXPR_SHAPE", msg) if {

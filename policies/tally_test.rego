@@ -82,6 +82,36 @@ test_sum_over_case_refused if {
 	"E_EXPR_SHAPE" in codes(action)
 }
 
+# SUM(cost * length_of_stay): arithmetic over a person-level table.
+arithmetic_action := object.union(allowed_action, {
+	"aggregates": [object.union(count_star, {"function": "sum", "argument_shape": "arithmetic"})],
+	"columns": [
+		specialty_group,
+		specialty_output,
+		{"table": "episodes", "column": "cost", "class": "measure", "usage": "aggregate_arg", "functions": []},
+		{"table": "episodes", "column": "length_of_stay", "class": "measure", "usage": "aggregate_arg", "functions": []},
+	],
+})
+
+test_arithmetic_in_aggregate_refused_by_default if {
+	"E_EXPR_SHAPE" in codes(arithmetic_action)
+}
+
+test_arithmetic_in_aggregate_allowed_where_the_table_enables_it if {
+	catalogue := object.union(data.governance.catalogue, {"episodes": object.union(data.governance.catalogue.episodes, {"aggregate_arithmetic": true})})
+	d := tally.decision with input as {"context": {"identity": identity}, "action": arithmetic_action}
+		with data.governance.catalogue as catalogue
+	d.allow
+}
+
+test_arithmetic_needs_every_table_to_enable_it if {
+	catalogue := object.union(data.governance.catalogue, {"episodes": object.union(data.governance.catalogue.episodes, {"aggregate_arithmetic": true})})
+	action := object.union(arithmetic_action, {"columns": array.concat(arithmetic_action.columns, [{"table": "patients", "column": "imd_decile", "class": "dimension", "usage": "aggregate_arg", "functions": []}])})
+	d := tally.decision with input as {"context": {"identity": identity}, "action": action}
+		with data.governance.catalogue as catalogue
+	"E_EXPR_SHAPE" in {r.code | some r in d.reasons}
+}
+
 test_distinct_aggregate_refused if {
 	"E_EXPR_SHAPE" in codes(object.union(allowed_action, {"aggregates": [object.union(count_star, {"distinct": true})]}))
 }

@@ -160,9 +160,13 @@ enum BenchCommand {
         /// Where generated data and certificates are cached.
         #[arg(long, default_value_os_t = PathBuf::from(".tally").join("bench"))]
         root: PathBuf,
-        /// Dataset sizes in episodes, comma-separated.
+        /// HES-like dataset sizes in episodes, comma-separated.
         #[arg(long, value_delimiter = ',', default_values_t = [1_000_000usize, 10_000_000])]
         episodes: Vec<usize>,
+        /// TPC-H scale factors for lineitem (about 6 million rows each), comma-separated;
+        /// 0 skips TPC-H.
+        #[arg(long = "tpch-sf", value_delimiter = ',', default_values_t = [1.0f64])]
+        tpch_scale_factors: Vec<f64>,
         /// Numbers of sites, comma-separated.
         #[arg(long, value_delimiter = ',', default_values_t = [1usize, 3, 8])]
         sites: Vec<usize>,
@@ -172,7 +176,8 @@ enum BenchCommand {
         /// The policy folder (Tally's gateway and nodes).
         #[arg(long, default_value_os_t = federation::default_policies())]
         policies: PathBuf,
-        /// Run Row shipping only up to this many episodes (it ships every row every run).
+        /// Run Row shipping only on datasets up to this many rows (it ships every row every
+        /// run).
         #[arg(long, default_value_t = 10_000_000)]
         row_shipping_max: usize,
         /// Purpose of Tally's queries: `planning` applies the National Data Opt-out at every
@@ -437,6 +442,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
         BenchCommand::Compare {
             root,
             episodes,
+            tpch_scale_factors,
             sites,
             runs,
             policies,
@@ -447,10 +453,14 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
             let options = tally::bench::compare::Options {
                 root,
                 episodes,
+                tpch_scale_factors: tpch_scale_factors
+                    .into_iter()
+                    .filter(|&sf| sf != 0.0)
+                    .collect(),
                 sites,
                 runs: runs.max(1),
                 policies,
-                row_shipping_max_episodes: row_shipping_max,
+                row_shipping_max_rows: row_shipping_max,
                 purpose,
             };
             let report = tally::bench::compare::run(&options).await?;

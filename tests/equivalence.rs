@@ -41,6 +41,11 @@ const QUERIES: &[(&str, bool)] = &[
         false,
     ),
     (
+        "SELECT specialty, SUM(cost * (1 - length_of_stay)), AVG(cost * 2 + length_of_stay), \
+         STDDEV(cost - length_of_stay) FROM episodes GROUP BY specialty",
+        false,
+    ),
+    (
         "SELECT specialty, COUNT(*) FROM episodes WHERE cost > 5000 AND admission_date >= DATE '2022-01-01' \
          GROUP BY specialty",
         false,

@@ -11,8 +11,8 @@ use tally::federation::{self, DEMO_TOKEN, DEMO_USER};
 use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, USER_HEADER, fetch_all};
 
 use crate::support::{
-    centralised, data_dir, default_policies, expect_refusal, gateway_target, init_logging,
-    node_client, open_policies, rows, start_federation_over, tls,
+    assert_same_answer, centralised, data_dir, default_policies, expect_refusal, gateway_target,
+    init_logging, node_client, open_policies, rows, start_federation_over, tls,
 };
 
 #[derive(Deserialize)]
@@ -266,6 +266,15 @@ fn opted_out_per_trust() -> BTreeMap<String, i64> {
 
 /// A copy of the default policy with `settings` overridden.
 fn policy_variant(settings: serde_json::Value) -> tempfile::TempDir {
+    catalogue_variant(|governance| {
+        for (key, value) in settings.as_object().unwrap() {
+            governance["settings"][key] = value.clone();
+        }
+    })
+}
+
+/// A copy of the default policy whose catalogue's `governance` object `edit` has changed.
+fn catalogue_variant(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
         default_policies().join("tally.rego"),
@@ -276,9 +285,7 @@ fn policy_variant(settings: serde_json::Value) -> tempfile::TempDir {
         &std::fs::read_to_string(default_policies().join("catalogue.json")).unwrap(),
     )
     .unwrap();
-    for (key, value) in settings.as_object().unwrap() {
-        catalogue["governance"]["settings"][key] = value.clone();
-    }
+    edit(&mut catalogue["governance"]);
     std::fs::write(dir.path().join("catalogue.json"), catalogue.to_string()).unwrap();
     dir
 }
@@ -435,6 +442,60 @@ async fn a_query_no_allowed_trust_can_answer_is_refused_not_answered_empty() {
     );
     assert!(
         err.starts_with("E_TABLE_NOT_ALLOWED") && err.contains("patients"),
+        "{err}"
+    );
+    local.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arithmetic_in_aggregates_needs_the_table_to_enable_it() {
+    let enabled = catalogue_variant(|governance| {
+        governance["catalogue"]["episodes"]["aggregate_arithmetic"] = true.into();
+        governance["settings"]["round_to"] = 1.into();
+    });
+    let local = start_federation_over(data_dir(), enabled.path()).await;
+    // Direct care is exempt from the opt-out, so the answer is comparable with every row's.
+    let mut client =
+        AnalystClient::connect_for(&local.gateway_target(), DEMO_TOKEN, "", "direct_care")
+            .await
+            .unwrap();
+    let sql = "SELECT SUM(cost * (length_of_stay + 1)) AS weighted, COUNT(*) AS n FROM episodes";
+    let answer = client
+        .query(sql)
+        .await
+        .expect("arithmetic allowed on episodes");
+    let expected = centralised()
+        .await
+        .sql(sql)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_same_answer(sql, &answer.batches, &expected, false);
+    // What could single out rows stays refused, enabled or not.
+    for refused in [
+        "SELECT SUM(cost / length_of_stay) FROM episodes",
+        "SELECT SUM(CAST(specialty = '100' AS INT) * cost) FROM episodes",
+        "SELECT SUM(abs(cost) * length_of_stay) FROM episodes",
+    ] {
+        let err = expect_refusal(client.query(refused).await);
+        assert!(
+            err.starts_with("E_EXPR_SHAPE") || err.starts_with("E_FUNCTION"),
+            "{refused}: {err}"
+        );
+    }
+    // A table that does not enable it, in the same query, refuses it.
+    let err = expect_refusal(
+        client
+            .query(
+                "SELECT SUM(e.cost * p.imd_decile) FROM episodes e \
+                 JOIN patients p ON e.person_id = p.person_id",
+            )
+            .await,
+    );
+    assert!(
+        err.contains("E_EXPR_SHAPE") && err.contains("patients"),
         "{err}"
     );
     local.stop().await;

@@ -112,7 +112,7 @@ pub struct ColumnFact {
 pub struct AggregateFact {
     /// Canonical function name (`avg` for `__tally_state_avg`).
     pub function: String,
-    /// `star`, `column`, `case`, `cast`, `literal` or `expression`.
+    /// `star`, `column`, `arithmetic`, `case`, `cast`, `literal` or `expression`.
     pub argument_shape: &'static str,
     /// `DISTINCT` was given.
     pub distinct: bool,
@@ -350,6 +350,7 @@ impl FactCollector<'_> {
             [arg] => match strip_alias(arg) {
                 Expr::Column(_) => "column",
                 Expr::Literal(..) => "literal",
+                arg if is_arithmetic(arg) => "arithmetic",
                 Expr::Case(_) => "case",
                 Expr::Cast(_) | Expr::TryCast(_) => "cast",
                 _ => "expression",
@@ -368,6 +369,38 @@ impl FactCollector<'_> {
         if let Some(filter) = &function.params.filter {
             self.expr_columns(filter, inputs, Usage::Filter);
         }
+    }
+}
+
+/// Whether `expr` is arithmetic on a row's numbers: `+`, `-` and `*` over columns and numeric
+/// literals (with the casts type coercion adds), and at least one operator. Division and
+/// modulo are excluded (a division by zero is an error that depends on one row's value), as
+/// are comparisons, CASE and functions, which could single out rows.
+fn is_arithmetic(expr: &Expr) -> bool {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    /// The operand under a numeric cast or a minus sign.
+    fn unwrapped(expr: &Expr) -> Option<&Expr> {
+        match expr {
+            Expr::Cast(cast) if cast.field.data_type().is_numeric() => Some(&cast.expr),
+            Expr::TryCast(cast) if cast.field.data_type().is_numeric() => Some(&cast.expr),
+            Expr::Negative(inner) => Some(inner),
+            _ => None,
+        }
+    }
+    fn operand(expr: &Expr) -> bool {
+        match strip_alias(expr) {
+            Expr::Column(_) => true,
+            Expr::Literal(value, _) => value.data_type().is_numeric(),
+            other => unwrapped(other).map_or_else(|| is_arithmetic(other), operand),
+        }
+    }
+    match strip_alias(expr) {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            matches!(op, Operator::Plus | Operator::Minus | Operator::Multiply)
+                && operand(left)
+                && operand(right)
+        }
+        other => unwrapped(other).is_some_and(is_arithmetic),
     }
 }
 

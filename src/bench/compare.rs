@@ -15,73 +15,31 @@ use serde::{Deserialize, Serialize};
 use tally_synth::default_trusts;
 use tonic::transport::Endpoint;
 
-use super::data::{hes, site_code, split};
+use super::data::{hes, site_code, split, tpch};
 use super::percentile;
 use super::rows::{Shipped, ShippedTable};
+use super::workload::Workload;
 use crate::certs::{CertFolder, GATEWAY_IDENTITY};
 use crate::client::AnalystClient;
 use crate::federation::{self, DEMO_TOKEN, Security};
-
-/// The analyst queries of the comparison: a title and the SQL.
-pub const QUERIES: [(&str, &str); 8] = [
-    (
-        "admissions by month and age band",
-        "SELECT month(admission_date) AS month, age_band(age_at_admission) AS age_band, COUNT(*) AS admissions \
-         FROM episodes GROUP BY 1, 2",
-    ),
-    (
-        "mean length of stay by specialty and trust",
-        "SELECT trust_code, specialty, AVG(length_of_stay) AS mean_stay, COUNT(*) AS episodes \
-         FROM episodes GROUP BY trust_code, specialty",
-    ),
-    (
-        "cost by sex and deprivation (join to patients)",
-        "SELECT p.sex, p.imd_decile, SUM(e.cost) AS cost, COUNT(*) AS episodes \
-         FROM episodes e JOIN patients p ON e.person_id = p.person_id GROUP BY p.sex, p.imd_decile",
-    ),
-    (
-        "filter-heavy: older emergency stays since 2021",
-        "SELECT specialty, COUNT(*) AS episodes, SUM(cost) AS cost FROM episodes \
-         WHERE admission_method IN ('21', '22', '23', '24', '28') AND diagnosis_icd10 LIKE 'I%' \
-         AND age_at_admission BETWEEN 65 AND 90 AND admission_date >= DATE '2021-01-01' \
-         GROUP BY specialty",
-    ),
-    (
-        "emergency admissions by year and trust",
-        "SELECT trust_code, year(admission_date) AS year, COUNT(*) AS admissions FROM episodes \
-         WHERE admission_method IN ('21', '22', '23', '24', '28') GROUP BY 1, 2",
-    ),
-    (
-        "cost spread by diagnosis chapter (join to ICD-10)",
-        "SELECT c.chapter, COUNT(*) AS episodes, AVG(e.cost) AS mean_cost, STDDEV(e.cost) AS sd_cost \
-         FROM episodes e JOIN icd10_chapters c \
-         ON substr(e.diagnosis_icd10, 1, 3) BETWEEN c.code_from AND c.code_to GROUP BY c.chapter",
-    ),
-    (
-        "patients by sex and deprivation",
-        "SELECT sex, imd_decile, COUNT(*) AS patients FROM patients GROUP BY sex, imd_decile",
-    ),
-    (
-        "totals",
-        "SELECT COUNT(*) AS episodes, AVG(length_of_stay) AS mean_stay, SUM(cost) AS cost FROM episodes",
-    ),
-];
 
 /// What to compare.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Where data and certificates are cached.
     pub root: PathBuf,
-    /// Dataset sizes, in episodes.
+    /// HES dataset sizes, in episodes.
     pub episodes: Vec<usize>,
+    /// TPC-H scale factors (`lineitem` has about 6 million rows per unit).
+    pub tpch_scale_factors: Vec<f64>,
     /// Numbers of sites.
     pub sites: Vec<usize>,
     /// Timed runs per query (after one warm-up).
     pub runs: usize,
     /// Policy folder for Tally's gateway and nodes.
     pub policies: PathBuf,
-    /// Skip row shipping above this many episodes (it ships every row, every run).
-    pub row_shipping_max_episodes: usize,
+    /// Skip row shipping on datasets above this many rows (it ships every row, every run).
+    pub row_shipping_max_rows: usize,
     /// The purpose Tally's queries are for (`direct_care` is exempt from the opt-out, which
     /// Centralised and Row shipping do not apply).
     pub purpose: String,
@@ -92,11 +50,15 @@ pub struct Options {
 pub struct Measurement {
     /// `Tally`, `Centralised` or `Row shipping`.
     pub system: String,
+    /// The dataset and queries (HES when absent: results saved before TPC-H was added).
+    #[serde(default)]
+    pub workload: Workload,
     /// Sites (0 for Centralised).
     pub sites: usize,
-    /// Dataset size in episodes.
-    pub episodes: usize,
-    /// Query index in [`QUERIES`].
+    /// Rows in the dataset's main table: episodes (HES) or `lineitem` rows (TPC-H).
+    #[serde(alias = "episodes")]
+    pub size: usize,
+    /// Query index in the workload's [`Workload::queries`].
     pub query: usize,
     /// Median latency, ms.
     pub median_ms: f64,
@@ -190,24 +152,29 @@ fn spawn_site(args: &[String], prefix: &str) -> Result<SiteProcess, String> {
     Ok(SiteProcess { child, addr })
 }
 
-/// Writes a node config for site `code` over `dir` and starts `tally node` on it.
+/// Writes a node config for site `code` serving `workload`'s tables in `dir` (and the
+/// opt-out list, if `dir` has one) and starts `tally node` on it.
 fn spawn_node(
     code: &str,
     dir: &Path,
+    workload: Workload,
     certs: &CertFolder,
     policies: &Path,
 ) -> Result<SiteProcess, String> {
     let leaf = certs.node(code);
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let mut toml = format!(
-        "listen = \"127.0.0.1:0\"\npolicies = {:?}\n\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_gateways = [\"{GATEWAY_IDENTITY}\"]\n\n[limits]\nquery_timeout_secs = 600\nmemory_limit_mb = 8192\n\n[trust]\ncode = \"{code}\"\nname = \"Site {code}\"\n\n[opt_out]\npath = {:?}\n",
+        "listen = \"127.0.0.1:0\"\npolicies = {:?}\n\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_gateways = [\"{GATEWAY_IDENTITY}\"]\n\n[limits]\nquery_timeout_secs = 600\nmemory_limit_mb = 8192\n\n[trust]\ncode = \"{code}\"\nname = \"Site {code}\"\n",
         abs(policies),
         abs(&leaf.cert),
         abs(&leaf.key),
         abs(&certs.ca()),
-        abs(&dir.join("opt_outs.parquet")),
     );
-    for table in ["patients", "episodes", "icd10_chapters"] {
+    let opt_outs = dir.join("opt_outs.parquet");
+    if opt_outs.exists() {
+        toml.push_str(&format!("\n[opt_out]\npath = {:?}\n", abs(&opt_outs)));
+    }
+    for table in workload.tables() {
         toml.push_str(&format!(
             "\n[[tables]]\nname = \"{table}\"\npath = {:?}\n",
             abs(&dir.join(format!("{table}.parquet")))
@@ -225,40 +192,45 @@ fn spawn_node(
     )
 }
 
-/// Centralised: one context over all the original trusts' files.
-async fn centralised(source: &Path) -> Result<SessionContext, String> {
+/// Centralised: one context over every file of `workload` in `sites` (a trust code and its
+/// folder each), as a central platform holding copies would have them.
+async fn centralised(
+    workload: Workload,
+    sites: &[(String, PathBuf)],
+) -> Result<SessionContext, String> {
     let mut ctx = SessionContext::new();
     tally_common::generalise::register(&mut ctx).map_err(|e| e.to_string())?;
-    for table in ["patients", "episodes", "icd10_chapters"] {
+    let register = async |ctx: &SessionContext, name: &str, path: PathBuf| {
+        ctx.register_parquet(
+            name,
+            path.display().to_string(),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    };
+    for table in workload.site_tables() {
         let mut parts = Vec::new();
-        for trust in default_trusts() {
-            let name = format!("{table}_{}", trust.code);
-            let path = source.join(trust.code).join(format!("{table}.parquet"));
-            ctx.register_parquet(
-                &name,
-                path.display().to_string(),
-                ParquetReadOptions::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            parts.push(format!(
-                "SELECT *, '{}' AS trust_code FROM {name}",
-                trust.code
-            ));
+        for (code, dir) in sites {
+            let name = format!("{table}_{code}");
+            register(&ctx, &name, dir.join(format!("{table}.parquet"))).await?;
+            parts.push(format!("SELECT *, '{code}' AS trust_code FROM {name}"));
         }
-        let body = if table == "icd10_chapters" {
-            format!("SELECT * FROM {table}_{}", default_trusts()[0].code)
-        } else {
+        ctx.sql(&format!(
+            "CREATE VIEW {table} AS {}",
             parts.join(" UNION ALL ")
-        };
-        ctx.sql(&format!("CREATE VIEW {table} AS {body}"))
-            .await
-            .map_err(|e| e.to_string())?;
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    if let Some((_, dir)) = sites.first() {
+        for table in workload.reference_tables() {
+            register(&ctx, table, dir.join(format!("{table}.parquet"))).await?;
+        }
     }
     Ok(ctx)
 }
 
-/// Runs every query on a local context, counting what `shipped` saw.
 /// An answer as sorted text rows, floats to 9 significant digits (sums added in another
 /// order differ in the last bits), to check that systems agree.
 fn canonical(batches: &[arrow::record_batch::RecordBatch]) -> Vec<String> {
@@ -296,16 +268,14 @@ fn canonical(batches: &[arrow::record_batch::RecordBatch]) -> Vec<String> {
 /// and the answers.
 async fn measure_context(
     ctx: &SessionContext,
-    system: &str,
-    sites: usize,
-    episodes: usize,
+    series: Series<'_>,
     runs: usize,
     shipped: Option<&Shipped>,
     expected: Option<&[Vec<String>]>,
 ) -> (Vec<Measurement>, Vec<Vec<String>>) {
     let mut results = Vec::new();
     let mut answers = Vec::new();
-    for (index, (_, sql)) in QUERIES.iter().enumerate() {
+    for (index, (_, sql)) in series.workload.queries().iter().enumerate() {
         reset_peak_rss();
         let timing = timed(runs, async || {
             ctx.sql(sql)
@@ -332,41 +302,45 @@ async fn measure_context(
             _ => Ok((median, p95)),
         });
         answers.push(answer.unwrap_or_default());
-        results.push(measurement(
-            system,
-            sites,
-            episodes,
-            index,
-            checked,
-            (per_run(moved.0), per_run(moved.1)),
-        ));
+        results.push(series.measurement(index, checked, (per_run(moved.0), per_run(moved.1))));
     }
     (results, answers)
 }
 
-fn measurement(
-    system: &str,
+/// What one series of measurements is of: a system over a dataset and number of sites.
+#[derive(Debug, Clone, Copy)]
+struct Series<'a> {
+    system: &'a str,
+    workload: Workload,
     sites: usize,
-    episodes: usize,
-    query: usize,
-    timing: Result<(f64, f64), String>,
-    (rows_moved, bytes_moved): (usize, usize),
-) -> Measurement {
-    let (median_ms, p95_ms, error) = match timing {
-        Ok((median, p95)) => (median, p95, None),
-        Err(err) => (f64::NAN, f64::NAN, Some(err)),
-    };
-    Measurement {
-        system: system.to_string(),
-        sites,
-        episodes,
-        query,
-        median_ms,
-        p95_ms,
-        rows_moved,
-        bytes_moved,
-        peak_rss_mib: peak_rss_mib(),
-        error,
+    size: usize,
+}
+
+impl Series<'_> {
+    /// The measurement of query `query`, with the peak memory since the last reset.
+    fn measurement(
+        &self,
+        query: usize,
+        timing: Result<(f64, f64), String>,
+        (rows_moved, bytes_moved): (usize, usize),
+    ) -> Measurement {
+        let (median_ms, p95_ms, error) = match timing {
+            Ok((median, p95)) => (median, p95, None),
+            Err(err) => (f64::NAN, f64::NAN, Some(err)),
+        };
+        Measurement {
+            system: self.system.to_string(),
+            workload: self.workload,
+            sites: self.sites,
+            size: self.size,
+            query,
+            median_ms,
+            p95_ms,
+            rows_moved,
+            bytes_moved,
+            peak_rss_mib: peak_rss_mib(),
+            error,
+        }
     }
 }
 
@@ -381,6 +355,7 @@ struct Federation {
 impl Federation {
     async fn start(
         dirs: &[PathBuf],
+        workload: Workload,
         certs: &CertFolder,
         policies: &Path,
         purpose: &str,
@@ -389,7 +364,7 @@ impl Federation {
         let mut endpoints = Vec::new();
         for (index, dir) in dirs.iter().enumerate() {
             let code = site_code(dirs.len(), index);
-            let node = spawn_node(&code, dir, certs, policies)?;
+            let node = spawn_node(&code, dir, workload, certs, policies)?;
             endpoints.push((code.clone(), format!("Site {code}"), node.addr));
             nodes.push(node);
         }
@@ -425,10 +400,15 @@ impl Federation {
     }
 
     /// Runs every query; rows and bytes from the gateway's audit record of the last run.
-    async fn measure(&mut self, episodes: usize, runs: usize) -> Vec<Measurement> {
-        let sites = self.nodes.len();
+    async fn measure(&mut self, workload: Workload, size: usize, runs: usize) -> Vec<Measurement> {
+        let series = Series {
+            system: "Tally",
+            workload,
+            sites: self.nodes.len(),
+            size,
+        };
         let mut results = Vec::new();
-        for (index, (_, sql)) in QUERIES.iter().enumerate() {
+        for (index, (_, sql)) in workload.queries().iter().enumerate() {
             reset_peak_rss();
             let client = &mut self.client;
             let timing = timed(runs, async || {
@@ -442,14 +422,7 @@ impl Federation {
                     r.bytes_from_trusts.unwrap_or(0),
                 )
             });
-            results.push(measurement(
-                "Tally",
-                sites,
-                episodes,
-                index,
-                timing.map(|(m, p, _)| (m, p)),
-                moved,
-            ));
+            results.push(series.measurement(index, timing.map(|(m, p, _)| (m, p)), moved));
         }
         results
     }
@@ -462,7 +435,8 @@ impl Federation {
 /// Row shipping over `dirs`: row-server processes and a local aggregating context.
 async fn row_shipping(
     dirs: &[PathBuf],
-    episodes: usize,
+    workload: Workload,
+    size: usize,
     runs: usize,
     expected: &[Vec<String>],
 ) -> Result<Vec<Measurement>, String> {
@@ -490,14 +464,15 @@ async fn row_shipping(
     let mut ctx = SessionContext::new();
     tally_common::generalise::register(&mut ctx).map_err(|e| e.to_string())?;
     let local = SessionContext::new();
-    for table in ["patients", "episodes", "icd10_chapters"] {
+    for table in workload.tables() {
         let path = dirs[0].join(format!("{table}.parquet"));
         let frame = local
             .read_parquet(path.display().to_string(), ParquetReadOptions::default())
             .await
             .map_err(|e| e.to_string())?;
         let mut fields: Vec<_> = frame.schema().as_arrow().fields().iter().cloned().collect();
-        if table != "icd10_chapters" {
+        let reference = workload.reference_tables().contains(&table);
+        if !reference {
             fields.push(Arc::new(arrow::datatypes::Field::new(
                 "trust_code",
                 arrow::datatypes::DataType::Utf8,
@@ -505,7 +480,7 @@ async fn row_shipping(
             )));
         }
         let schema = Arc::new(arrow::datatypes::Schema::new(fields));
-        let sites = if table == "icd10_chapters" {
+        let sites = if reference {
             channels[..1].to_vec()
         } else {
             channels.clone()
@@ -516,16 +491,13 @@ async fn row_shipping(
         )
         .map_err(|e| e.to_string())?;
     }
-    let (results, _) = measure_context(
-        &ctx,
-        "Row shipping",
-        dirs.len(),
-        episodes,
-        runs,
-        Some(&shipped),
-        Some(expected),
-    )
-    .await;
+    let series = Series {
+        system: "Row shipping",
+        workload,
+        sites: dirs.len(),
+        size,
+    };
+    let (results, _) = measure_context(&ctx, series, runs, Some(&shipped), Some(expected)).await;
     drop(servers);
     Ok(results)
 }
@@ -539,24 +511,13 @@ pub async fn serve_rows(dir: &Path) -> Result<(), String> {
         .and_then(|n| n.to_str())
         .unwrap_or("SITE")
         .to_string();
-    for table in ["patients", "episodes", "icd10_chapters"] {
-        let path = dir.join(format!("{table}.parquet"));
-        let raw = format!("{table}_file");
-        ctx.register_parquet(
-            &raw,
-            path.display().to_string(),
-            ParquetReadOptions::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let body = if table == "icd10_chapters" {
-            format!("SELECT * FROM {raw}")
-        } else {
-            format!("SELECT *, '{code}' AS trust_code FROM {raw}")
-        };
-        ctx.sql(&format!("CREATE VIEW {table} AS {body}"))
-            .await
-            .map_err(|e| e.to_string())?;
+    for workload in Workload::ALL {
+        for table in workload.tables() {
+            let path = dir.join(format!("{table}.parquet"));
+            if path.exists() {
+                serve_table(&ctx, workload, table, &path, &code).await?;
+            }
+        }
     }
     let server = tally_common::server::RunningServer::start(
         super::rows::RowServer::new(ctx),
@@ -568,6 +529,34 @@ pub async fn serve_rows(dir: &Path) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     eprintln!("rows on {}", server.addr);
     server.wait().await;
+    Ok(())
+}
+
+/// Registers the site's `table` file at `path` for the row server: site tables with the
+/// site's `trust_code`, reference tables as they are.
+async fn serve_table(
+    ctx: &SessionContext,
+    workload: Workload,
+    table: &str,
+    path: &Path,
+    code: &str,
+) -> Result<(), String> {
+    let raw = format!("{table}_file");
+    ctx.register_parquet(
+        &raw,
+        path.display().to_string(),
+        ParquetReadOptions::default(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let body = if workload.reference_tables().contains(&table) {
+        format!("SELECT * FROM {raw}")
+    } else {
+        format!("SELECT *, '{code}' AS trust_code FROM {raw}")
+    };
+    ctx.sql(&format!("CREATE VIEW {table} AS {body}"))
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -654,7 +643,8 @@ pub struct Report {
 }
 
 /// A copy of the policy folder `from` in `to` whose `uec-demand` project may also query the
-/// benchmark's sites `codes` (the shipped catalogue lists the demo trusts only).
+/// benchmark's sites `codes` and TPC-H `lineitem` (the shipped catalogue lists the demo
+/// trusts and tables only).
 fn bench_policies(from: &Path, to: &Path, codes: &[String]) -> Result<PathBuf, String> {
     std::fs::create_dir_all(to).map_err(|e| e.to_string())?;
     for entry in std::fs::read_dir(from).map_err(|e| e.to_string())? {
@@ -668,13 +658,139 @@ fn bench_policies(from: &Path, to: &Path, codes: &[String]) -> Result<PathBuf, S
     let text = std::fs::read_to_string(&catalogue_path).map_err(|e| e.to_string())?;
     let mut catalogue: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    let trusts = catalogue
-        .pointer_mut("/governance/projects/uec-demand/trusts")
-        .and_then(serde_json::Value::as_array_mut)
+    let governance = catalogue
+        .get_mut("governance")
+        .ok_or("the catalogue has no governance section")?;
+    governance["catalogue"]["lineitem"] = lineitem_catalogue();
+    let project = governance
+        .pointer_mut("/projects/uec-demand")
         .ok_or("the catalogue has no uec-demand project")?;
-    trusts.extend(codes.iter().map(|c| serde_json::Value::String(c.clone())));
+    let mut extend = |key: &str, items: &mut dyn Iterator<Item = String>| {
+        project
+            .get_mut(key)
+            .and_then(serde_json::Value::as_array_mut)
+            .map(|list| list.extend(items.map(serde_json::Value::String)))
+            .ok_or(format!("the uec-demand project has no {key}"))
+    };
+    extend("trusts", &mut codes.iter().cloned())?;
+    extend("tables", &mut std::iter::once("lineitem".to_string()))?;
     std::fs::write(&catalogue_path, catalogue.to_string()).map_err(|e| e.to_string())?;
     Ok(to.to_path_buf())
+}
+
+/// How the benchmark's governance classifies TPC-H `lineitem`: the order is the privacy unit
+/// (disclosure control counts distinct orders per group, as it counts patients), prices are
+/// measures, what Q1 and Q6 filter and group on are dimensions, and arithmetic inside
+/// aggregates (Q1's `SUM(l_extendedprice * (1 - l_discount))`) is enabled for this table.
+fn lineitem_catalogue() -> serde_json::Value {
+    serde_json::json!({
+        "privacy_unit": "l_orderkey",
+        "aggregate_arithmetic": true,
+        "columns": {
+            "l_orderkey": "identifier",
+            "l_partkey": "identifier",
+            "l_suppkey": "identifier",
+            "l_linenumber": "dimension",
+            "l_quantity": "dimension",
+            "l_extendedprice": "measure",
+            "l_discount": "dimension",
+            "l_tax": "dimension",
+            "l_returnflag": "dimension",
+            "l_linestatus": "dimension",
+            "l_shipdate": "dimension",
+            "l_commitdate": "dimension",
+            "l_receiptdate": "dimension",
+            "l_shipinstruct": "dimension",
+            "l_shipmode": "dimension",
+            "l_comment": "identifier",
+            "trust_code": "dimension"
+        }
+    })
+}
+
+/// One dataset: where Centralised reads it (a trust code and folder each) and its split into
+/// each number of sites.
+struct Dataset {
+    workload: Workload,
+    size: usize,
+    central: Vec<(String, PathBuf)>,
+    splits: Vec<(usize, Vec<PathBuf>)>,
+}
+
+/// The HES-like federation at `episodes`: Centralised reads the original trusts' files.
+async fn hes_dataset(options: &Options, episodes: usize) -> Result<Dataset, String> {
+    let source = hes(&options.root, episodes)?;
+    let central = default_trusts()
+        .iter()
+        .map(|t| (t.code.to_string(), source.join(t.code)))
+        .collect();
+    let mut splits = Vec::new();
+    for &n in &options.sites {
+        splits.push((n, split(&source, n).await?));
+    }
+    Ok(Dataset {
+        workload: Workload::Hes,
+        size: episodes,
+        central,
+        splits,
+    })
+}
+
+/// TPC-H `lineitem` at `scale_factor`: Centralised reads the whole table as one file.
+fn tpch_dataset(options: &Options, scale_factor: f64) -> Result<Dataset, String> {
+    let (whole, size) = tpch(&options.root, scale_factor, 1)?;
+    let central = whole
+        .into_iter()
+        .map(|dir| ("TPCH".to_string(), dir))
+        .collect();
+    let mut splits = Vec::new();
+    for &n in &options.sites {
+        splits.push((n, tpch(&options.root, scale_factor, n)?.0));
+    }
+    Ok(Dataset {
+        workload: Workload::Tpch,
+        size,
+        central,
+        splits,
+    })
+}
+
+/// Measures Centralised, then Tally and Row shipping over each split of `dataset`.
+async fn compare_dataset(
+    dataset: &Dataset,
+    options: &Options,
+    certs: &CertFolder,
+    policies: &Path,
+) -> Result<Vec<Measurement>, String> {
+    let (workload, size) = (dataset.workload, dataset.size);
+    let name = workload.dataset(size);
+    // TPC-H has no patients, so no opt-out list: its queries are run for a purpose the
+    // opt-out does not apply to.
+    let purpose = match workload {
+        Workload::Hes => options.purpose.as_str(),
+        Workload::Tpch => "direct_care",
+    };
+    eprintln!("{name}: Centralised");
+    let central = centralised(workload, &dataset.central).await?;
+    let series = Series {
+        system: "Centralised",
+        workload,
+        sites: 0,
+        size,
+    };
+    let (mut results, answers) = measure_context(&central, series, options.runs, None, None).await;
+    drop(central);
+    for (n, dirs) in &dataset.splits {
+        eprintln!("{name}: Tally over {n} sites");
+        let mut federation = Federation::start(dirs, workload, certs, policies, purpose).await?;
+        results.extend(federation.measure(workload, size, options.runs).await);
+        federation.stop().await;
+        if size <= options.row_shipping_max_rows {
+            eprintln!("{name}: Row shipping over {n} sites");
+            results.extend(row_shipping(dirs, workload, size, options.runs, &answers).await?);
+        }
+    }
+    Ok(results)
 }
 
 /// Runs the comparison.
@@ -683,6 +799,8 @@ pub async fn run(options: &Options) -> Result<Report, String> {
     for &n in &options.sites {
         codes.extend((0..n).map(|i| site_code(n, i)));
     }
+    codes.sort();
+    codes.dedup();
     let certs_dir = options.root.join("certs");
     let certs = CertFolder {
         dir: certs_dir.clone(),
@@ -698,41 +816,21 @@ pub async fn run(options: &Options) -> Result<Report, String> {
     };
     // The gateway's own overhead, on data small enough that the sites' work is negligible.
     let small = split(&hes(&options.root, SMALL_EPISODES)?, 3).await?;
-    let mut federation = Federation::start(&small, &certs, &policies, &options.purpose).await?;
+    let mut federation =
+        Federation::start(&small, Workload::Hes, &certs, &policies, &options.purpose).await?;
     report.overhead = Some(overhead(&mut federation, options.runs, 16, 10.0).await?);
     federation.stop().await;
     for &episodes in &options.episodes {
-        let source = hes(&options.root, episodes)?;
-        eprintln!("{episodes} episodes: Centralised");
-        let central = centralised(&source).await?;
-        let (measured, answers) = measure_context(
-            &central,
-            "Centralised",
-            0,
-            episodes,
-            options.runs,
-            None,
-            None,
-        )
-        .await;
-        report.measurements.extend(measured);
-        drop(central);
-        for &n in &options.sites {
-            let dirs = split(&source, n).await?;
-            eprintln!("{episodes} episodes: Tally over {n} sites");
-            let mut federation =
-                Federation::start(&dirs, &certs, &policies, &options.purpose).await?;
-            report
-                .measurements
-                .extend(federation.measure(episodes, options.runs).await);
-            federation.stop().await;
-            if episodes <= options.row_shipping_max_episodes {
-                eprintln!("{episodes} episodes: Row shipping over {n} sites");
-                report
-                    .measurements
-                    .extend(row_shipping(&dirs, episodes, options.runs, &answers).await?);
-            }
-        }
+        let dataset = hes_dataset(options, episodes).await?;
+        report
+            .measurements
+            .extend(compare_dataset(&dataset, options, &certs, &policies).await?);
+    }
+    for &scale_factor in &options.tpch_scale_factors {
+        let dataset = tpch_dataset(options, scale_factor)?;
+        report
+            .measurements
+            .extend(compare_dataset(&dataset, options, &certs, &policies).await?);
     }
     Ok(report)
 }

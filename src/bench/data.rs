@@ -1,6 +1,6 @@
-//! Benchmark data: the synthetic HES-like federation at a given number of episodes
-//! (generated once, cached), re-split into N sites by person so that every patient's
-//! episodes stay with the patient.
+//! Benchmark data (generated once, cached): the synthetic HES-like federation at a given
+//! number of episodes, re-split into N sites by person so that every patient's episodes stay
+//! with the patient; and TPC-H `lineitem`, generated straight into N sites by order.
 
 use std::path::{Path, PathBuf};
 
@@ -87,4 +87,34 @@ pub async fn split(source: &Path, parts: usize) -> Result<Vec<PathBuf>, String> 
     }
     std::fs::write(root.join("done"), "").map_err(|e| e.to_string())?;
     Ok(sites)
+}
+
+/// TPC-H `lineitem` at `scale_factor` in `parts` sites (generated once): part `i` of the
+/// generator becomes site `i`. Returns the site folders and the table's total rows.
+pub fn tpch(root: &Path, scale_factor: f64, parts: usize) -> Result<(Vec<PathBuf>, usize), String> {
+    let dir = root
+        .join(format!("tpch-sf{scale_factor}"))
+        .join(format!("split-{parts}"));
+    let sites: Vec<PathBuf> = (0..parts).map(|i| dir.join(site_code(parts, i))).collect();
+    let done = dir.join("rows");
+    if let Some(rows) = std::fs::read_to_string(&done)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+    {
+        return Ok((sites, rows));
+    }
+    eprintln!("generating TPC-H lineitem at SF {scale_factor} into {parts} sites");
+    let mut rows = 0;
+    for (index, site) in sites.iter().enumerate() {
+        std::fs::create_dir_all(site).map_err(|e| format!("{}: {e}", site.display()))?;
+        rows += tally_synth::tpch::write_lineitem(
+            &site.join("lineitem.parquet"),
+            scale_factor,
+            index + 1,
+            parts,
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    std::fs::write(&done, rows.to_string()).map_err(|e| format!("{}: {e}", done.display()))?;
+    Ok((sites, rows))
 }

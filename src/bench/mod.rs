@@ -4,6 +4,7 @@ pub mod compare;
 mod data;
 pub mod report;
 mod rows;
+pub mod workload;
 
 use std::path::Path;
 use std::time::Instant;

@@ -3,18 +3,33 @@
 
 use std::fmt::Write as _;
 
-use super::compare::{Measurement, QUERIES, Report};
+use super::compare::{Measurement, Report};
+use super::workload::Workload;
+
+/// A workload at one size.
+type Dataset = (Workload, usize);
 
 fn find<'a>(
     report: &'a Report,
     system: &str,
     sites: usize,
-    episodes: usize,
+    (workload, size): Dataset,
     query: usize,
 ) -> Option<&'a Measurement> {
     report.measurements.iter().find(|m| {
-        m.system == system && m.sites == sites && m.episodes == episodes && m.query == query
+        m.system == system
+            && m.sites == sites
+            && m.workload == workload
+            && m.size == size
+            && m.query == query
     })
+}
+
+fn has_series(report: &Report, system: &str, sites: usize, (workload, size): Dataset) -> bool {
+    report
+        .measurements
+        .iter()
+        .any(|m| m.system == system && m.sites == sites && m.workload == workload && m.size == size)
 }
 
 fn cell(m: Option<&Measurement>) -> String {
@@ -33,11 +48,16 @@ fn bytes(n: usize) -> String {
     }
 }
 
-/// The sizes and site counts present, ascending.
-fn axes(report: &Report) -> (Vec<usize>, Vec<usize>) {
-    let mut sizes: Vec<usize> = report.measurements.iter().map(|m| m.episodes).collect();
-    sizes.sort_unstable();
-    sizes.dedup();
+/// The datasets (by workload, then size) and site counts present, ascending.
+fn axes(report: &Report) -> (Vec<Dataset>, Vec<usize>) {
+    let mut datasets: Vec<Dataset> = report
+        .measurements
+        .iter()
+        .map(|m| (m.workload, m.size))
+        .collect();
+    datasets
+        .sort_by_key(|&(workload, size)| (Workload::ALL.iter().position(|w| *w == workload), size));
+    datasets.dedup();
     let mut sites: Vec<usize> = report
         .measurements
         .iter()
@@ -46,36 +66,34 @@ fn axes(report: &Report) -> (Vec<usize>, Vec<usize>) {
         .collect();
     sites.sort_unstable();
     sites.dedup();
-    (sizes, sites)
+    (datasets, sites)
 }
 
 /// Markdown: per size, latency (median / p95 ms) per query and system; then data moved
 /// and peak memory; then the tiny query and throughput.
 pub fn markdown(report: &Report) -> String {
-    let (sizes, sites) = axes(report);
+    let (datasets, sites) = axes(report);
     let mut out = String::new();
-    for &episodes in &sizes {
-        let _ = writeln!(out, "\n### {episodes} episodes: latency, median / p95 ms\n");
+    for &dataset in &datasets {
+        let (workload, size) = dataset;
+        let name = workload.dataset(size);
+        let _ = writeln!(out, "\n### {name}: latency, median / p95 ms\n");
         let mut header = "| query | Centralised |".to_string();
         let mut rule = "|---|---|".to_string();
         for &n in &sites {
             let _ = write!(header, " Tally ×{n} | ratio |");
             rule.push_str("---|---|");
-            if report
-                .measurements
-                .iter()
-                .any(|m| m.system == "Row shipping" && m.sites == n && m.episodes == episodes)
-            {
+            if has_series(report, "Row shipping", n, dataset) {
                 let _ = write!(header, " Row shipping ×{n} |");
                 rule.push_str("---|");
             }
         }
         let _ = writeln!(out, "{header}\n{rule}");
-        for (query, (title, _)) in QUERIES.iter().enumerate() {
-            let central = find(report, "Centralised", 0, episodes, query);
+        for (query, (title, _)) in workload.queries().iter().enumerate() {
+            let central = find(report, "Centralised", 0, dataset, query);
             let mut line = format!("| {title} | {} |", cell(central));
             for &n in &sites {
-                let tally = find(report, "Tally", n, episodes, query);
+                let tally = find(report, "Tally", n, dataset, query);
                 let ratio = match (tally, central) {
                     (Some(t), Some(c)) if t.error.is_none() && c.error.is_none() => {
                         format!("{:.2}×", t.median_ms / c.median_ms)
@@ -83,7 +101,7 @@ pub fn markdown(report: &Report) -> String {
                     _ => "–".into(),
                 };
                 let _ = write!(line, " {} | {ratio} |", cell(tally));
-                if let Some(rows) = find(report, "Row shipping", n, episodes, query) {
+                if let Some(rows) = find(report, "Row shipping", n, dataset, query) {
                     let _ = write!(line, " {} |", cell(Some(rows)));
                 }
             }
@@ -91,18 +109,16 @@ pub fn markdown(report: &Report) -> String {
         }
         let _ = writeln!(
             out,
-            "\n### {episodes} episodes: moved from the sites per query (rows, bytes) and peak memory of the gateway process\n"
+            "\n### {name}: moved from the sites per query (rows, bytes) and peak memory of the gateway process\n"
         );
         let _ = writeln!(
             out,
             "| query | system | sites | rows moved | bytes moved | peak RSS MiB |\n|---|---|---|---|---|---|"
         );
-        for (query, (title, _)) in QUERIES.iter().enumerate() {
-            for m in report
-                .measurements
-                .iter()
-                .filter(|m| m.episodes == episodes && m.query == query && m.system != "Centralised")
-            {
+        for (query, (title, _)) in workload.queries().iter().enumerate() {
+            for m in report.measurements.iter().filter(|m| {
+                (m.workload, m.size) == dataset && m.query == query && m.system != "Centralised"
+            }) {
                 let _ = writeln!(
                     out,
                     "| {title} | {} | {} | {} | {} | {:.0} |",
@@ -113,7 +129,7 @@ pub fn markdown(report: &Report) -> String {
                     m.peak_rss_mib
                 );
             }
-            if let Some(c) = find(report, "Centralised", 0, episodes, query) {
+            if let Some(c) = find(report, "Centralised", 0, dataset, query) {
                 let _ = writeln!(
                     out,
                     "| {title} | Centralised (everything in one process) | – | – | – | {:.0} |",
@@ -140,12 +156,28 @@ pub fn markdown(report: &Report) -> String {
 }
 
 /// An SVG bar chart: per query, median latency relative to Centralised (log scale) for each
-/// Tally site count and Row shipping, at the largest size measured.
+/// Tally site count and Row shipping, at the largest size measured of each workload.
 pub fn svg(report: &Report) -> String {
-    let (sizes, sites) = axes(report);
-    let Some(&episodes) = sizes.last() else {
+    let (datasets, sites) = axes(report);
+    // The largest size of each workload (datasets are sorted by workload, then size).
+    let largest: Vec<Dataset> = datasets
+        .iter()
+        .enumerate()
+        .filter(|&(i, (workload, _))| datasets.get(i + 1).is_none_or(|next| next.0 != *workload))
+        .map(|(_, dataset)| *dataset)
+        .collect();
+    if largest.is_empty() {
         return String::new();
-    };
+    }
+    let groups: Vec<(Dataset, usize)> = largest
+        .iter()
+        .flat_map(|&dataset| (0..dataset.0.queries().len()).map(move |query| (dataset, query)))
+        .collect();
+    let caption = largest
+        .iter()
+        .map(|&(workload, size)| workload.dataset(size))
+        .collect::<Vec<_>>()
+        .join("; ");
     let mut series: Vec<(String, &str, usize)> = sites
         .iter()
         .map(|&n| (format!("Tally, {n} sites"), "Tally", n))
@@ -154,7 +186,7 @@ pub fn svg(report: &Report) -> String {
         if report
             .measurements
             .iter()
-            .any(|m| m.system == "Row shipping" && m.sites == n && m.episodes == episodes)
+            .any(|m| m.system == "Row shipping" && m.sites == n)
         {
             series.push((format!("Row shipping, {n} sites"), "Row shipping", n));
         }
@@ -166,12 +198,13 @@ pub fn svg(report: &Report) -> String {
     let plot_h = height - top - bottom;
     let (lo, hi) = (0.5f64.log10(), 10.0f64.log10());
     let y = |ratio: f64| top + plot_h * (1.0 - (ratio.max(0.5).log10() - lo) / (hi - lo));
-    let group_w = (width - left - 20.0) / QUERIES.len() as f64;
+    let group_w = (width - left - 20.0) / groups.len() as f64;
     let bar_w = (group_w - 12.0) / series.len().max(1) as f64;
     let mut svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">
 <rect width="100%" height="100%" fill="white"/>
-<text x="{left}" y="22" font-size="15" font-weight="bold">Median latency relative to Centralised, {episodes} episodes (log scale; lower is better; dashed: 1.25×)</text>
+<text x="{left}" y="22" font-size="15" font-weight="bold">Median latency relative to Centralised (log scale; lower is better; dashed: 1.25×)</text>
+<text x="{left}" y="38" font-size="12">{caption}</text>
 "#
     );
     for tick in [0.5, 1.0, 1.25, 2.0, 5.0, 10.0] {
@@ -189,13 +222,13 @@ pub fn svg(report: &Report) -> String {
             ty + 4.0
         );
     }
-    for query in 0..QUERIES.len() {
-        let gx = left + group_w * query as f64 + 6.0;
-        let Some(central) = find(report, "Centralised", 0, episodes, query) else {
+    for (group, &(dataset, query)) in groups.iter().enumerate() {
+        let gx = left + group_w * group as f64 + 6.0;
+        let Some(central) = find(report, "Centralised", 0, dataset, query) else {
             continue;
         };
         for (index, (_, system, n)) in series.iter().enumerate() {
-            let Some(m) = find(report, system, *n, episodes, query) else {
+            let Some(m) = find(report, system, *n, dataset, query) else {
                 continue;
             };
             if m.error.is_some() || central.error.is_some() {
@@ -213,17 +246,17 @@ pub fn svg(report: &Report) -> String {
         }
         let _ = writeln!(
             svg,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13">Q{}</text>"#,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="12">{}</text>"#,
             gx + group_w / 2.0 - 6.0,
             height - bottom + 18.0,
-            query + 1
+            dataset.0.query_name(query)
         );
     }
     for (index, (label, _, _)) in series.iter().enumerate() {
         let lx = left + 150.0 * index as f64;
         let _ = writeln!(
             svg,
-            r#"<rect x="{lx}" y="40" width="12" height="12" fill="{}"/><text x="{}" y="50">{label}</text>"#,
+            r#"<rect x="{lx}" y="48" width="12" height="12" fill="{}"/><text x="{}" y="58">{label}</text>"#,
             colours[index % colours.len()],
             lx + 16.0
         );

@@ -45,7 +45,12 @@ fn codes() -> Vec<&'static str> {
 
 /// Reads a whole table as one batch.
 fn table(dir: &Path, trust: &str, name: &str) -> RecordBatch {
-    let file = File::open(dir.join(trust).join(format!("{name}.parquet"))).expect("open");
+    read(&dir.join(trust).join(format!("{name}.parquet")))
+}
+
+/// Reads a whole Parquet file as one batch.
+fn read(path: &Path) -> RecordBatch {
+    let file = File::open(path).expect("open");
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .expect("parquet")
         .build()
@@ -446,4 +451,83 @@ fn unwritable_output_is_an_io_error() {
     let err = generate(&out.0, &SynthConfig::default()).expect_err("cannot write under a file");
     assert!(matches!(err, SynthError::Io { .. }), "{err}");
     let _ = fs::remove_file(&out.0);
+}
+
+#[test]
+fn tpch_lineitem_parts_add_up_to_the_whole_table() {
+    let out = OutDir::new("tpch");
+    fs::create_dir_all(&out.0).expect("mkdir");
+    let scale = 0.01;
+    let whole_path = out.0.join("whole.parquet");
+    let whole_rows = tpch::write_lineitem(&whole_path, scale, 1, 1).expect("whole");
+    let whole = read(&whole_path);
+    assert_eq!(whole.num_rows(), whole_rows);
+    // dbgen's row count for lineitem at SF 0.01.
+    assert_eq!(whole_rows, 60_175);
+    assert_eq!(
+        whole
+            .schema()
+            .field_with_name("l_extendedprice")
+            .expect("price")
+            .data_type(),
+        &DataType::Decimal128(15, 2)
+    );
+    assert_eq!(
+        whole
+            .schema()
+            .field_with_name("l_shipdate")
+            .expect("date")
+            .data_type(),
+        &DataType::Date32
+    );
+
+    let mut orders = BTreeSet::new();
+    let mut rows = 0;
+    let mut quantity = 0i128;
+    for part in 1..=3 {
+        let path = out.0.join(format!("part-{part}.parquet"));
+        rows += tpch::write_lineitem(&path, scale, part, 3).expect("part");
+        let batch = read(&path);
+        let keys: BTreeSet<i64> = batch
+            .column_by_name("l_orderkey")
+            .expect("orderkey")
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .values()
+            .iter()
+            .copied()
+            .collect();
+        assert!(orders.is_disjoint(&keys), "an order is split across parts");
+        orders.extend(keys);
+        quantity += sum_decimal(&batch, "l_quantity");
+    }
+    assert_eq!(rows, whole_rows);
+    assert_eq!(quantity, sum_decimal(&whole, "l_quantity"));
+    let days = whole
+        .column_by_name("l_shipdate")
+        .expect("ship date")
+        .as_primitive::<Date32Type>();
+    // Ship dates fall between 1992-01-02 and 1998-12-01.
+    assert!(
+        days.values().iter().all(|d| (8036..=10561).contains(d)),
+        "ship dates"
+    );
+
+    for (part, parts) in [(0, 3), (4, 3)] {
+        let err = tpch::write_lineitem(&out.0.join("bad.parquet"), scale, part, parts)
+            .expect_err("no such part");
+        assert!(matches!(err, SynthError::InvalidConfig(_)), "{err}");
+    }
+    let err = tpch::write_lineitem(&out.0.join("bad.parquet"), 0.0, 1, 1).expect_err("no rows");
+    assert!(matches!(err, SynthError::InvalidConfig(_)), "{err}");
+    assert!(!out.0.join("bad.parquet").exists());
+}
+
+fn sum_decimal(batch: &RecordBatch, column: &str) -> i128 {
+    batch
+        .column_by_name(column)
+        .expect("column")
+        .as_primitive::<arrow::datatypes::Decimal128Type>()
+        .values()
+        .iter()
+        .sum()
 }
