@@ -160,7 +160,7 @@ enum BenchCommand {
         /// Where generated data and certificates are cached.
         #[arg(long, default_value_os_t = PathBuf::from(".tally").join("bench"))]
         root: PathBuf,
-        /// HES-like dataset sizes in episodes, comma-separated.
+        /// HES-like dataset sizes in episodes, comma-separated; 0 skips HES.
         #[arg(long, value_delimiter = ',', default_values_t = [1_000_000usize, 10_000_000])]
         episodes: Vec<usize>,
         /// TPC-H scale factors for lineitem (about 6 million rows each), comma-separated;
@@ -452,7 +452,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
         } => {
             let options = tally::bench::compare::Options {
                 root,
-                episodes,
+                episodes: episodes.into_iter().filter(|&n| n != 0).collect(),
                 tpch_scale_factors: tpch_scale_factors
                     .into_iter()
                     .filter(|&sf| sf != 0.0)

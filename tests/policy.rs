@@ -11,8 +11,8 @@ use tally::federation::{self, DEMO_TOKEN, DEMO_USER};
 use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, USER_HEADER, fetch_all};
 
 use crate::support::{
-    assert_same_answer, centralised, data_dir, default_policies, expect_refusal, gateway_target,
-    init_logging, node_client, open_policies, rows, start_federation_over, tls,
+    assert_same_answer, centralised, data_dir, default_policies, expect_refusal, gateway_client,
+    gateway_target, init_logging, node_client, open_policies, rows, start_federation_over, tls,
 };
 
 #[derive(Deserialize)]
@@ -398,6 +398,62 @@ async fn editing_a_rule_changes_the_next_decision_without_a_restart() {
         "the previous policy stays in force"
     );
     let err = expect_refusal(client.query(sql).await);
+    assert!(err.contains("E_TABLE_NOT_ALLOWED"), "{err}");
+    local.stop().await;
+}
+
+/// Runs a statement ticket from GetFlightInfo: the rows, or the refusal's message.
+async fn run_ticket(
+    client: &mut tally_common::flight::SqlClient,
+    ticket: arrow_flight::Ticket,
+) -> Result<usize, String> {
+    use futures::TryStreamExt;
+    let stream = client.do_get(ticket).await.map_err(|e| e.to_string())?;
+    let batches: Vec<arrow::array::RecordBatch> =
+        stream.try_collect().await.map_err(|e| e.to_string())?;
+    Ok(batches.iter().map(|b| b.num_rows()).sum())
+}
+
+/// The ticket of the first endpoint GetFlightInfo returned for `sql`.
+async fn describe(client: &mut tally_common::flight::SqlClient, sql: &str) -> arrow_flight::Ticket {
+    let info = client.execute(sql.to_string(), None).await.unwrap();
+    info.endpoint[0].ticket.clone().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_described_plan_runs_once_and_only_under_the_policy_that_decided_it() {
+    let dir = policy_variant(serde_json::json!({}));
+    let local = start_federation_over(data_dir(), dir.path()).await;
+    let mut client = gateway_client(local.gateway.addr, DEMO_TOKEN).await;
+    let sql = "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty";
+    let audit = local.gateway.gateway.audit().clone();
+
+    // The kept plan runs under the query id it was planned with; a second run of the same
+    // ticket finds no plan and plans the SQL again, under a new query id.
+    let ticket = describe(&mut client, sql).await;
+    let first = run_ticket(&mut client, ticket.clone()).await.unwrap();
+    let second = run_ticket(&mut client, ticket).await.unwrap();
+    assert!(first > 0 && first == second);
+    let answered: Vec<_> = audit
+        .recent()
+        .into_iter()
+        .filter(|r| r.sql == sql && r.outcome == "answered")
+        .collect();
+    assert_eq!(answered.len(), 2);
+    assert_ne!(answered[0].query_id, answered[1].query_id);
+
+    // A plan described before the policy changed is not run after it.
+    let ticket = describe(&mut client, sql).await;
+    let policy = local.gateway.gateway.policy().clone();
+    let before = policy.version();
+    let rule = "\nreasons contains reason(\"E_TABLE_NOT_ALLOWED\", \"episodes are closed\") if {\n\t\"episodes\" in object.get(action, \"tables\", [])\n}\n";
+    let path = dir.path().join("tally.rego");
+    let original = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{original}{rule}")).unwrap();
+    wait_for_version_change(&policy, &before);
+    let err = run_ticket(&mut client, ticket)
+        .await
+        .expect_err("refused now");
     assert!(err.contains("E_TABLE_NOT_ALLOWED"), "{err}");
     local.stop().await;
 }

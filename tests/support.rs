@@ -79,6 +79,22 @@ pub async fn node_client(addr: std::net::SocketAddr, code: &str) -> SqlClient {
         .expect("the gateway's certificate is accepted")
 }
 
+/// A raw Flight SQL client to the gateway at `addr`, signed in with `token`, for tests that
+/// drive GetFlightInfo and DoGet themselves.
+pub async fn gateway_client(addr: std::net::SocketAddr, token: &str) -> SqlClient {
+    let config = client_tls(&certs().ca(), None, &addr.ip().to_string()).unwrap();
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(config)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = SqlClient::new(channel);
+    client.set_token(token.to_string());
+    client
+}
+
 /// Sends the servers' logs to the test output (shown for failing tests); `RUST_LOG` filters.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

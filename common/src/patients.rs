@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, ListArray, UInt64Array};
+use arrow::array::{Array, ArrayRef, AsArray, ListArray, UInt32Array, UInt64Array};
 use arrow::array::{BooleanArray, Int64Array};
 use arrow::datatypes::{DataType, Field, FieldRef, UInt64Type};
 use datafusion::common::hash_utils::{HLL_RANDOM_STATE, create_hashes};
@@ -197,13 +197,30 @@ impl GroupsAccumulator for UpToGroups {
         let Some(values) = values.first() else {
             return Ok(());
         };
-        let mut hashes = vec![0; values.len()];
-        create_hashes([values], &HLL_RANDOM_STATE, &mut hashes)?;
-        for (row, &group) in group_indices.iter().enumerate() {
-            let kept = opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row));
-            if kept && values.is_valid(row) {
-                self.insert(group, hashes[row]);
-            }
+        // Only rows whose group is still below the cap need hashing: with few groups, every
+        // group is full after the first batches and the rest of the scan hashes nothing.
+        let open: Vec<u32> = group_indices
+            .iter()
+            .enumerate()
+            .filter(|&(row, &group)| {
+                self.seen[group].len() < PATIENT_COUNT_CAP
+                    && values.is_valid(row)
+                    && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row))
+            })
+            .map(|(row, _)| row as u32)
+            .collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        let open_values = if open.len() == values.len() {
+            Arc::clone(values)
+        } else {
+            arrow::compute::take(values.as_ref(), &UInt32Array::from(open.clone()), None)?
+        };
+        let mut hashes = vec![0; open_values.len()];
+        create_hashes([&open_values], &HLL_RANDOM_STATE, &mut hashes)?;
+        for (&row, hash) in open.iter().zip(hashes) {
+            self.insert(group_indices[row as usize], hash);
         }
         Ok(())
     }
@@ -347,6 +364,38 @@ mod tests {
         let counts = small.evaluate(EmitTo::All).unwrap();
         let counts = counts.as_primitive::<arrow::datatypes::Int64Type>();
         assert_eq!(counts.values().to_vec(), vec![2, 2]);
+    }
+
+    #[test]
+    fn rows_of_full_groups_are_skipped_and_filters_and_nulls_still_hold() {
+        let mut groups = UpToGroups::default();
+        groups
+            .update_batch(
+                &[ids(0..PATIENT_COUNT_CAP + 10)],
+                &vec![0; PATIENT_COUNT_CAP + 10],
+                None,
+                2,
+            )
+            .unwrap();
+        // Group 0 is full; group 1 gets ids 0..8 with P3 filtered out, a null, and repeats.
+        let values: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("P0"),
+            Some("X"),
+            Some("P1"),
+            Some("P2"),
+            Some("P3"),
+            None,
+            Some("P1"),
+            Some("P4"),
+        ]));
+        let group_of = [1, 0, 1, 1, 1, 1, 1, 1];
+        let filter = BooleanArray::from(vec![true, true, true, true, false, true, true, true]);
+        groups
+            .update_batch(&[values], &group_of, Some(&filter), 2)
+            .unwrap();
+        let counts = groups.evaluate(EmitTo::All).unwrap();
+        let counts = counts.as_primitive::<arrow::datatypes::Int64Type>();
+        assert_eq!(counts.values().to_vec(), vec![PATIENT_COUNT_CAP as i64, 4]);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::config::GatewayLimits;
 use crate::error::GatewayError;
 use crate::fanout::{FragmentRun, QueryFanout};
 use crate::limits::RateLimiter;
+use crate::planned::{PlanCache, PlannedQuery};
 use crate::split::split;
 
 /// One line of the gateway's audit log.
@@ -113,6 +114,7 @@ pub struct Gateway {
     audit: Arc<AuditLog<GatewayAuditRecord>>,
     rates: RateLimiter,
     query_timeout: Duration,
+    plans: PlanCache,
 }
 
 /// Who sent a request and from where, for its audit record.
@@ -155,6 +157,7 @@ impl Gateway {
                 limits.queries_per_minute_per_project,
             ),
             query_timeout: limits.query_timeout(),
+            plans: PlanCache::default(),
         })
     }
 
@@ -299,26 +302,65 @@ impl Gateway {
         refused.error
     }
 
-    /// Plans `sql` without running it: the answer's schema, or why it is refused.
-    pub async fn describe(&self, caller: &Caller, sql: &str) -> Result<SchemaRef, TallyError> {
+    /// Plans `sql` for `caller`, auditing a refusal.
+    async fn plan_or_refuse(
+        &self,
+        caller: &Caller,
+        sql: &str,
+    ) -> Result<(LogicalPlan, Arc<QueryFanout>), TallyError> {
         let started = Instant::now();
         let query_id = new_query_id();
-        // The split plan's schema is the one the run streams (types and nullability after
-        // merging), which strict clients such as ADBC check against.
-        let (plan, _) = self
-            .plan(&caller.identity, sql, &query_id)
+        self.plan(&caller.identity, sql, &query_id)
             .await
             .map_err(|refused| {
                 let record = self.new_record(caller, sql, &query_id);
                 self.audit_refusal(record, refused, started)
-            })?;
+            })
+    }
+
+    /// Plans `sql` without running it: the answer's schema, or why it is refused.
+    pub async fn describe(&self, caller: &Caller, sql: &str) -> Result<SchemaRef, TallyError> {
+        // The split plan's schema is the one the run streams (types and nullability after
+        // merging), which strict clients such as ADBC check against.
+        let (plan, _) = self.plan_or_refuse(caller, sql).await?;
         Ok(Arc::new(plan.schema().as_arrow().clone()))
     }
 
-    /// Runs `sql` for `caller` and records the outcome in the audit log.
-    pub async fn run(&self, caller: &Caller, sql: &str) -> Result<QueryOutcome, TallyError> {
+    /// Plans `sql` for a statement: its schema and the ticket that runs it, which names the
+    /// plan kept for that run (see [`crate::planned`]).
+    pub async fn describe_statement(
+        &self,
+        caller: &Caller,
+        sql: &str,
+    ) -> Result<(SchemaRef, Vec<u8>), TallyError> {
+        let (plan, fanout) = self.plan_or_refuse(caller, sql).await?;
+        let schema = Arc::new(plan.schema().as_arrow().clone());
+        let ticket = self.plans.keep(PlannedQuery {
+            identity: caller.identity.clone(),
+            sql: sql.to_string(),
+            policy_version: self.policy.version(),
+            plan,
+            fanout,
+        });
+        Ok((schema, ticket))
+    }
+
+    /// Runs `sql` for `caller` and records the outcome in the audit log; `plan` names the plan
+    /// kept when the statement was described, used if it is still valid.
+    pub async fn run(
+        &self,
+        caller: &Caller,
+        sql: &str,
+        plan: Option<&str>,
+    ) -> Result<QueryOutcome, TallyError> {
         let started = Instant::now();
-        let query_id = new_query_id();
+        let kept = plan.and_then(|handle| {
+            self.plans
+                .take(handle, &caller.identity, sql, &self.policy.version())
+        });
+        let query_id = kept
+            .as_ref()
+            .map_or_else(new_query_id, |k| k.fanout.query_id.clone());
         let mut record = self.new_record(caller, sql, &query_id);
         if let Err(error) = self.rates.admit(&caller.identity) {
             let refused = Refused {
@@ -327,9 +369,12 @@ impl Gateway {
             };
             return Err(self.audit_refusal(record, refused, started));
         }
-        let (plan, fanout) = match self.plan(&caller.identity, sql, &query_id).await {
-            Ok(planned) => planned,
-            Err(refused) => return Err(self.audit_refusal(record, refused, started)),
+        let (plan, fanout) = match kept {
+            Some(kept) => (kept.plan, kept.fanout),
+            None => match self.plan(&caller.identity, sql, &query_id).await {
+                Ok(planned) => planned,
+                Err(refused) => return Err(self.audit_refusal(record, refused, started)),
+            },
         };
         record.policy_version = Some(self.policy.version());
         record.obligations = Some(fanout.obligations().clone());

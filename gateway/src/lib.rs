@@ -13,6 +13,7 @@ pub mod fanout;
 pub mod jwt;
 pub mod limits;
 pub mod merge;
+pub mod planned;
 pub mod service;
 pub mod split;
 pub mod trusts;

@@ -30,6 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Users;
 use crate::engine::{Caller, Gateway};
+use crate::planned::parse_ticket;
 
 /// Response header listing the trusts that answered, comma-separated.
 pub const TRUSTS_HEADER: &str = "x-tally-trusts";
@@ -100,8 +101,9 @@ impl GatewayService {
         &self,
         caller: &Caller,
         sql: &str,
+        plan: Option<&str>,
     ) -> Result<Response<FlightDataStream>, Status> {
-        let outcome = self.gateway.run(caller, sql).await?;
+        let outcome = self.gateway.run(caller, sql, plan).await?;
         let schema = outcome.schema.clone();
         let batches = futures::stream::iter(outcome.batches.clone().into_iter().map(Ok));
         let mut response = Response::new(encode_batches(schema, batches));
@@ -175,9 +177,12 @@ impl FlightSqlService for GatewayService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let caller = self.identify(&request, &query.query)?;
-        let schema = self.gateway.describe(&caller, &query.query).await?;
+        let (schema, ticket) = self
+            .gateway
+            .describe_statement(&caller, &query.query)
+            .await?;
         let ticket = TicketStatementQuery {
-            statement_handle: query.query.into_bytes().into(),
+            statement_handle: ticket.into(),
         };
         Ok(Response::new(flight_info(
             &schema,
@@ -191,9 +196,10 @@ impl FlightSqlService for GatewayService {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let sql = ticket_sql(&ticket.statement_handle)?;
-        let caller = self.identify(&request, &sql)?;
-        self.answer(&caller, &sql).await
+        let text = ticket_sql(&ticket.statement_handle)?;
+        let (plan, sql) = parse_ticket(&text);
+        let caller = self.identify(&request, sql)?;
+        self.answer(&caller, sql, plan).await
     }
 
     async fn do_action_create_prepared_statement(
@@ -262,7 +268,7 @@ impl FlightSqlService for GatewayService {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let sql = ticket_sql(&query.prepared_statement_handle)?;
         let caller = self.identify(&request, &sql)?;
-        self.answer(&caller, &sql).await
+        self.answer(&caller, &sql, None).await
     }
 
     async fn get_flight_info_catalogs(

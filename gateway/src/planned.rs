@@ -1,0 +1,89 @@
+//! Plans made to describe a statement (Flight SQL `GetFlightInfo`), kept for the `DoGet`
+//! that follows, so each query is parsed, planned, decided and split once rather than twice.
+//!
+//! A plan is handed out at most once, only to the identity it was made for, only while the
+//! policy that decided it is still in force, and only within [`PLAN_TTL`]; otherwise the
+//! query is planned again from its SQL. The statement ticket carries both the plan's handle
+//! and the SQL, so a ticket whose plan is gone still runs.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use datafusion::logical_expr::LogicalPlan;
+use tally_common::admission::RequestIdentity;
+
+use crate::fanout::QueryFanout;
+
+/// How long a described plan waits for its `DoGet`.
+pub const PLAN_TTL: Duration = Duration::from_secs(30);
+
+/// Plans kept at most; the oldest is dropped first (a client that describes and never runs
+/// costs memory only up to this bound).
+const CAPACITY: usize = 1024;
+
+/// Marks a statement ticket that names a kept plan: `MARKER`, the handle, a newline, the SQL.
+const MARKER: &str = "tally-plan:";
+
+/// A planned query waiting for its `DoGet`.
+pub struct PlannedQuery {
+    /// Who it was planned and decided for.
+    pub identity: RequestIdentity,
+    /// The analyst's SQL.
+    pub sql: String,
+    /// The version of the policy that decided it.
+    pub policy_version: String,
+    /// The split plan.
+    pub plan: LogicalPlan,
+    /// The fan-out the plan's merged fragments run through (it holds the query id).
+    pub fanout: Arc<QueryFanout>,
+}
+
+/// The kept plans, oldest first.
+#[derive(Default)]
+pub struct PlanCache {
+    entries: Mutex<VecDeque<(String, Instant, PlannedQuery)>>,
+}
+
+impl PlanCache {
+    /// Keeps `planned` and returns the statement ticket that names it.
+    pub fn keep(&self, planned: PlannedQuery) -> Vec<u8> {
+        let handle = uuid::Uuid::new_v4().to_string();
+        let ticket = format!("{MARKER}{handle}\n{}", planned.sql).into_bytes();
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|(_, kept, _)| now.duration_since(*kept) < PLAN_TTL);
+        while entries.len() >= CAPACITY {
+            entries.pop_front();
+        }
+        entries.push_back((handle, now, planned));
+        ticket
+    }
+
+    /// The plan `handle` names, removed from the cache, if it was made for `identity` and
+    /// `sql` under `policy_version` and has not expired.
+    pub fn take(
+        &self,
+        handle: &str,
+        identity: &RequestIdentity,
+        sql: &str,
+        policy_version: &str,
+    ) -> Option<PlannedQuery> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let index = entries.iter().position(|(h, _, _)| h == handle)?;
+        let (_, kept, planned) = entries.remove(index)?;
+        (kept.elapsed() < PLAN_TTL
+            && planned.identity == *identity
+            && planned.sql == sql
+            && planned.policy_version == policy_version)
+            .then_some(planned)
+    }
+}
+
+/// A statement ticket's plan handle (if it names one) and SQL.
+pub fn parse_ticket(ticket: &str) -> (Option<&str>, &str) {
+    ticket
+        .strip_prefix(MARKER)
+        .and_then(|rest| rest.split_once('\n'))
+        .map_or((None, ticket), |(handle, sql)| (Some(handle), sql))
+}
