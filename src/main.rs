@@ -184,6 +184,10 @@ enum BenchCommand {
         /// site; `direct_care` does not (nor do Centralised and Row shipping).
         #[arg(long, default_value = "planning")]
         purpose: String,
+        /// Reach the sites over an emulated link of this many Mbit/s each way (a
+        /// rate-limiting proxy per site) instead of bare loopback.
+        #[arg(long)]
+        link_mbit: Option<f64>,
         /// Where to write results.json, results.md and latency-ratio.svg.
         #[arg(long, default_value_os_t = PathBuf::from("bench-results"))]
         out: PathBuf,
@@ -448,6 +452,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
             policies,
             row_shipping_max,
             purpose,
+            link_mbit,
             out,
         } => {
             let options = tally::bench::compare::Options {
@@ -461,6 +466,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
                 runs: runs.max(1),
                 policies,
                 row_shipping_max_rows: row_shipping_max,
+                link_mbit,
                 purpose,
             };
             let report = tally::bench::compare::run(&options).await?;

@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, ListArray, UInt32Array, UInt64Array};
+use arrow::array::{Array, ArrayRef, AsArray, ListArray, UInt64Array};
 use arrow::array::{BooleanArray, Int64Array};
 use arrow::datatypes::{DataType, Field, FieldRef, UInt64Type};
 use datafusion::common::hash_utils::{HLL_RANDOM_STATE, create_hashes};
@@ -197,30 +197,13 @@ impl GroupsAccumulator for UpToGroups {
         let Some(values) = values.first() else {
             return Ok(());
         };
-        // Only rows whose group is still below the cap need hashing: with few groups, every
-        // group is full after the first batches and the rest of the scan hashes nothing.
-        let open: Vec<u32> = group_indices
-            .iter()
-            .enumerate()
-            .filter(|&(row, &group)| {
-                self.seen[group].len() < PATIENT_COUNT_CAP
-                    && values.is_valid(row)
-                    && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row))
-            })
-            .map(|(row, _)| row as u32)
-            .collect();
-        if open.is_empty() {
-            return Ok(());
-        }
-        let open_values = if open.len() == values.len() {
-            Arc::clone(values)
-        } else {
-            arrow::compute::take(values.as_ref(), &UInt32Array::from(open.clone()), None)?
-        };
-        let mut hashes = vec![0; open_values.len()];
-        create_hashes([&open_values], &HLL_RANDOM_STATE, &mut hashes)?;
-        for (&row, hash) in open.iter().zip(hashes) {
-            self.insert(group_indices[row as usize], hash);
+        let mut hashes = vec![0; values.len()];
+        create_hashes([values], &HLL_RANDOM_STATE, &mut hashes)?;
+        for (row, &group) in group_indices.iter().enumerate() {
+            let kept = opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row));
+            if kept && values.is_valid(row) {
+                self.insert(group, hashes[row]);
+            }
         }
         Ok(())
     }
@@ -367,7 +350,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_of_full_groups_are_skipped_and_filters_and_nulls_still_hold() {
+    fn full_groups_stay_full_and_filters_and_nulls_hold() {
         let mut groups = UpToGroups::default();
         groups
             .update_batch(

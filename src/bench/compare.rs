@@ -16,6 +16,7 @@ use tally_synth::default_trusts;
 use tonic::transport::Endpoint;
 
 use super::data::{hes, site_code, split, tpch};
+use super::link::Link;
 use super::percentile;
 use super::rows::{Shipped, ShippedTable};
 use super::workload::Workload;
@@ -40,6 +41,9 @@ pub struct Options {
     pub policies: PathBuf,
     /// Skip row shipping on datasets above this many rows (it ships every row, every run).
     pub row_shipping_max_rows: usize,
+    /// Reach every site (Tally's and Row shipping's) over an emulated link of this many
+    /// Mbit/s each way instead of bare loopback.
+    pub link_mbit: Option<f64>,
     /// The purpose Tally's queries are for (`direct_care` is exempt from the opt-out, which
     /// Centralised and Row shipping do not apply).
     pub purpose: String,
@@ -344,9 +348,26 @@ impl Series<'_> {
     }
 }
 
+/// The address to reach a site at `addr` by: a new emulated link to it when `link_mbit` is
+/// set (kept in `links`), else the site itself.
+async fn reach(
+    addr: SocketAddr,
+    link_mbit: Option<f64>,
+    links: &mut Vec<Link>,
+) -> Result<SocketAddr, String> {
+    let Some(rate) = link_mbit else {
+        return Ok(addr);
+    };
+    let link = Link::start(addr, rate).await?;
+    let via = link.addr;
+    links.push(link);
+    Ok(via)
+}
+
 /// A Tally federation over `dirs`: node processes and a gateway in this process.
 struct Federation {
     nodes: Vec<SiteProcess>,
+    _links: Vec<Link>,
     gateway: tally_gateway::GatewayHandle,
     target: crate::client::GatewayTarget,
     client: AnalystClient,
@@ -359,13 +380,16 @@ impl Federation {
         certs: &CertFolder,
         policies: &Path,
         purpose: &str,
+        link_mbit: Option<f64>,
     ) -> Result<Self, String> {
         let mut nodes = Vec::new();
+        let mut links = Vec::new();
         let mut endpoints = Vec::new();
         for (index, dir) in dirs.iter().enumerate() {
             let code = site_code(dirs.len(), index);
             let node = spawn_node(&code, dir, workload, certs, policies)?;
-            endpoints.push((code.clone(), format!("Site {code}"), node.addr));
+            let addr = reach(node.addr, link_mbit, &mut links).await?;
+            endpoints.push((code.clone(), format!("Site {code}"), addr));
             nodes.push(node);
         }
         let security = Security::Tls(certs.clone());
@@ -393,6 +417,7 @@ impl Federation {
             .map_err(|e| e.to_string())?;
         Ok(Federation {
             nodes,
+            _links: links,
             gateway,
             target,
             client,
@@ -437,10 +462,11 @@ async fn row_shipping(
     dirs: &[PathBuf],
     workload: Workload,
     size: usize,
-    runs: usize,
+    options: &Options,
     expected: &[Vec<String>],
 ) -> Result<Vec<Measurement>, String> {
     let mut servers = Vec::new();
+    let mut links = Vec::new();
     let mut channels = Vec::new();
     for dir in dirs {
         let server = spawn_site(
@@ -452,7 +478,8 @@ async fn row_shipping(
             ],
             "rows on",
         )?;
-        let channel = Endpoint::from_shared(format!("http://{}", server.addr))
+        let addr = reach(server.addr, options.link_mbit, &mut links).await?;
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| e.to_string())?
             .connect()
             .await
@@ -497,7 +524,9 @@ async fn row_shipping(
         sites: dirs.len(),
         size,
     };
-    let (results, _) = measure_context(&ctx, series, runs, Some(&shipped), Some(expected)).await;
+    let (results, _) =
+        measure_context(&ctx, series, options.runs, Some(&shipped), Some(expected)).await;
+    drop(links);
     drop(servers);
     Ok(results)
 }
@@ -640,6 +669,9 @@ pub struct Report {
     pub measurements: Vec<Measurement>,
     /// The tiny query and concurrent throughput.
     pub overhead: Option<Overhead>,
+    /// The emulated link's rate between the gateway and each site, if there was one.
+    #[serde(default)]
+    pub link_mbit: Option<f64>,
 }
 
 /// A copy of the policy folder `from` in `to` whose `uec-demand` project may also query the
@@ -782,12 +814,13 @@ async fn compare_dataset(
     drop(central);
     for (n, dirs) in &dataset.splits {
         eprintln!("{name}: Tally over {n} sites");
-        let mut federation = Federation::start(dirs, workload, certs, policies, purpose).await?;
+        let mut federation =
+            Federation::start(dirs, workload, certs, policies, purpose, options.link_mbit).await?;
         results.extend(federation.measure(workload, size, options.runs).await);
         federation.stop().await;
         if size <= options.row_shipping_max_rows {
             eprintln!("{name}: Row shipping over {n} sites");
-            results.extend(row_shipping(dirs, workload, size, options.runs, &answers).await?);
+            results.extend(row_shipping(dirs, workload, size, options, &answers).await?);
         }
     }
     Ok(results)
@@ -813,11 +846,20 @@ pub async fn run(options: &Options) -> Result<Report, String> {
     let mut report = Report {
         measurements: Vec::new(),
         overhead: None,
+        link_mbit: options.link_mbit,
     };
     // The gateway's own overhead, on data small enough that the sites' work is negligible.
     let small = split(&hes(&options.root, SMALL_EPISODES)?, 3).await?;
-    let mut federation =
-        Federation::start(&small, Workload::Hes, &certs, &policies, &options.purpose).await?;
+    // On loopback even when the sites sit behind a link: this measures the gateway.
+    let mut federation = Federation::start(
+        &small,
+        Workload::Hes,
+        &certs,
+        &policies,
+        &options.purpose,
+        None,
+    )
+    .await?;
     report.overhead = Some(overhead(&mut federation, options.runs, 16, 10.0).await?);
     federation.stop().await;
     for &episodes in &options.episodes {

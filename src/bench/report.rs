@@ -74,6 +74,12 @@ fn axes(report: &Report) -> (Vec<Dataset>, Vec<usize>) {
 pub fn markdown(report: &Report) -> String {
     let (datasets, sites) = axes(report);
     let mut out = String::new();
+    if let Some(rate) = report.link_mbit {
+        let _ = writeln!(
+            out,
+            "\nTally and Row shipping reach every site over an emulated link of {rate} Mbit/s each way (a rate-limiting proxy per site); Centralised reads local files."
+        );
+    }
     for &dataset in &datasets {
         let (workload, size) = dataset;
         let name = workload.dataset(size);

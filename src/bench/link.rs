@@ -1,0 +1,86 @@
+//! An emulated network link between the gateway and one site: a TCP proxy on loopback that
+//! carries bytes no faster than a set rate in each direction, so that moving data costs what
+//! it would between organisations rather than what loopback costs. TLS passes through it
+//! untouched.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Bytes a link may send ahead of its rate: small messages (a partial aggregate, a request)
+/// pass without waiting for the timer, which cannot sleep for less than a millisecond.
+const BURST: Duration = Duration::from_millis(1);
+
+/// A listening proxy; dropping it closes the listener.
+pub struct Link {
+    /// Where to connect instead of the site.
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Link {
+    /// Listens on a loopback port and forwards each connection to `site`, at most
+    /// `mbit_per_s` megabits per second each way.
+    pub async fn start(site: SocketAddr, mbit_per_s: f64) -> Result<Link, String> {
+        if mbit_per_s.is_nan() || mbit_per_s <= 0.0 {
+            return Err(format!(
+                "a link needs a positive rate, not {mbit_per_s} Mbit/s"
+            ));
+        }
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let bytes_per_s = mbit_per_s * 1e6 / 8.0;
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(site).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let (from_gateway, to_gateway) = inbound.into_split();
+                    let (from_site, to_site) = outbound.into_split();
+                    tokio::join!(
+                        pace(from_gateway, to_site, bytes_per_s),
+                        pace(from_site, to_gateway, bytes_per_s)
+                    );
+                });
+            }
+        });
+        Ok(Link { addr, task })
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` no faster than `bytes_per_s` on average, then closes `to`.
+async fn pace(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, bytes_per_s: f64) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut free_at = Instant::now();
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let now = Instant::now();
+        free_at = free_at.max(now) + Duration::from_secs_f64(n as f64 / bytes_per_s);
+        if free_at > now + BURST {
+            tokio::time::sleep_until(free_at - BURST).await;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
