@@ -183,7 +183,11 @@ pub fn svg(report: &Report) -> String {
         .iter()
         .map(|&(workload, size)| workload.dataset(size))
         .collect::<Vec<_>>()
-        .join("; ");
+        .join("; ")
+        + &report
+            .link_mbit
+            .map(|rate| format!("; sites over an emulated {rate} Mbit/s link each"))
+            .unwrap_or_default();
     let mut series: Vec<(String, &str, usize)> = sites
         .iter()
         .map(|&n| (format!("Tally, {n} sites"), "Tally", n))
@@ -202,8 +206,22 @@ pub fn svg(report: &Report) -> String {
     ];
     let (width, height, left, top, bottom) = (980.0, 460.0, 70.0, 80.0, 60.0);
     let plot_h = height - top - bottom;
-    let (lo, hi) = (0.5f64.log10(), 10.0f64.log10());
-    let y = |ratio: f64| top + plot_h * (1.0 - (ratio.max(0.5).log10() - lo) / (hi - lo));
+    // Up to 10×, or up to 100× when a bar (Row shipping over a slow link) is taller.
+    let tallest = groups
+        .iter()
+        .flat_map(|&(dataset, query)| {
+            let central = find(report, "Centralised", 0, dataset, query);
+            series.iter().filter_map(move |(_, system, n)| {
+                let m = find(report, system, *n, dataset, query)?;
+                Some(m.median_ms / central?.median_ms)
+            })
+        })
+        .filter(|r| r.is_finite())
+        .fold(0.0f64, f64::max);
+    let top_ratio = if tallest > 10.0 { 100.0 } else { 10.0 };
+    let (lo, hi) = (0.5f64.log10(), f64::log10(top_ratio));
+    let y =
+        |ratio: f64| top + plot_h * (1.0 - (ratio.clamp(0.5, top_ratio).log10() - lo) / (hi - lo));
     let group_w = (width - left - 20.0) / groups.len() as f64;
     let bar_w = (group_w - 12.0) / series.len().max(1) as f64;
     let mut svg = format!(
@@ -213,7 +231,8 @@ pub fn svg(report: &Report) -> String {
 <text x="{left}" y="38" font-size="12">{caption}</text>
 "#
     );
-    for tick in [0.5, 1.0, 1.25, 2.0, 5.0, 10.0] {
+    let ticks = [0.5, 1.0, 1.25, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0];
+    for tick in ticks.into_iter().filter(|&t| t <= top_ratio) {
         let ty = y(tick);
         let (stroke, dash) = if tick == 1.25 {
             ("#c0392b", r#" stroke-dasharray="5,3""#)
