@@ -184,6 +184,10 @@ enum BenchCommand {
         /// site; `direct_care` does not (nor do Centralised and Row shipping).
         #[arg(long, default_value = "planning")]
         purpose: String,
+        /// Also run the queries in DuckDB over Centralised's files (needs `python3` with the
+        /// `duckdb` module: `pip install duckdb`).
+        #[arg(long)]
+        duckdb: bool,
         /// Reach the sites over an emulated link of this many Mbit/s each way (a
         /// rate-limiting proxy per site) instead of bare loopback.
         #[arg(long)]
@@ -452,6 +456,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
             policies,
             row_shipping_max,
             purpose,
+            duckdb,
             link_mbit,
             out,
         } => {
@@ -466,6 +471,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
                 runs: runs.max(1),
                 policies,
                 row_shipping_max_rows: row_shipping_max,
+                duckdb,
                 link_mbit,
                 purpose,
             };

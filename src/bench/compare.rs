@@ -41,6 +41,9 @@ pub struct Options {
     pub policies: PathBuf,
     /// Skip row shipping on datasets above this many rows (it ships every row, every run).
     pub row_shipping_max_rows: usize,
+    /// Also run the queries in DuckDB (`python3` with the `duckdb` module) over Centralised's
+    /// files.
+    pub duckdb: bool,
     /// Reach every site (Tally's and Row shipping's) over an emulated link of this many
     /// Mbit/s each way instead of bare loopback.
     pub link_mbit: Option<f64>,
@@ -812,6 +815,10 @@ async fn compare_dataset(
     };
     let (mut results, answers) = measure_context(&central, series, options.runs, None, None).await;
     drop(central);
+    if options.duckdb {
+        eprintln!("{name}: DuckDB");
+        results.extend(duckdb(dataset, options.runs, &answers).await?);
+    }
     for (n, dirs) in &dataset.splits {
         eprintln!("{name}: Tally over {n} sites");
         let mut federation =
@@ -824,6 +831,108 @@ async fn compare_dataset(
         }
     }
     Ok(results)
+}
+
+/// DuckDB over the files Centralised reads, in a `python3` process with the `duckdb` module
+/// (`src/bench/duckdb.py`); an answer whose number of rows differs from Centralised's is
+/// reported as an error.
+async fn duckdb(
+    dataset: &Dataset,
+    runs: usize,
+    expected: &[Vec<String>],
+) -> Result<Vec<Measurement>, String> {
+    let workload = dataset.workload;
+    let path = |dir: &Path, table: &str| dir.join(format!("{table}.parquet")).display().to_string();
+    let site_tables: serde_json::Map<String, serde_json::Value> = workload
+        .site_tables()
+        .iter()
+        .map(|&table| {
+            let files: Vec<_> = dataset
+                .central
+                .iter()
+                .map(|(code, dir)| serde_json::json!([code, path(dir, table)]))
+                .collect();
+            (table.to_string(), files.into())
+        })
+        .collect();
+    let reference_tables: serde_json::Map<String, serde_json::Value> = dataset
+        .central
+        .first()
+        .map(|(_, dir)| {
+            workload
+                .reference_tables()
+                .iter()
+                .map(|&table| (table.to_string(), path(dir, table).into()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let queries: Vec<&str> = workload.queries().iter().map(|(_, sql)| *sql).collect();
+    let spec = serde_json::json!({
+        "runs": runs,
+        "site_tables": site_tables,
+        "reference_tables": reference_tables,
+        "queries": queries,
+    });
+    let lines = tokio::task::spawn_blocking(move || run_python(include_str!("duckdb.py"), &spec))
+        .await
+        .map_err(|e| e.to_string())??;
+    let series = Series {
+        system: "DuckDB",
+        workload,
+        sites: 0,
+        size: dataset.size,
+    };
+    let mut results = Vec::new();
+    for (index, line) in lines.iter().enumerate() {
+        let field = |name: &str| line.get(name).and_then(serde_json::Value::as_f64);
+        let rows = line.get("rows").and_then(serde_json::Value::as_u64);
+        let timing = match (line.get("error"), field("median_ms"), field("p95_ms")) {
+            (Some(error), _, _) => Err(format!("DuckDB: {error}")),
+            (None, Some(median), Some(p95)) => match (rows, expected.get(index)) {
+                (Some(rows), Some(want)) if rows as usize != want.len() => Err(format!(
+                    "DuckDB answered {rows} rows, Centralised {}",
+                    want.len()
+                )),
+                _ => Ok((median, p95)),
+            },
+            _ => Err(format!("DuckDB printed {line}")),
+        };
+        let mut measurement = series.measurement(index, timing, (0, 0));
+        measurement.peak_rss_mib = field("peak_rss_mib").unwrap_or(0.0);
+        results.push(measurement);
+    }
+    Ok(results)
+}
+
+/// Runs `script` in `python3` with `spec` on its stdin; returns its stdout as JSON lines.
+fn run_python(script: &str, spec: &serde_json::Value) -> Result<Vec<serde_json::Value>, String> {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("the DuckDB baseline needs python3: {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(spec.to_string().as_bytes())
+        .map_err(|e| e.to_string())?;
+    let output = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!(
+            "the DuckDB baseline failed (install it with `pip install duckdb`): {}",
+            stderr.lines().last().unwrap_or_default()
+        ));
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).map_err(|e| format!("DuckDB printed {line}: {e}")))
+        .collect()
 }
 
 /// Runs the comparison.

@@ -86,6 +86,11 @@ pub fn markdown(report: &Report) -> String {
         let _ = writeln!(out, "\n### {name}: latency, median / p95 ms\n");
         let mut header = "| query | Centralised |".to_string();
         let mut rule = "|---|---|".to_string();
+        let with_duckdb = has_series(report, "DuckDB", 0, dataset);
+        if with_duckdb {
+            header.push_str(" DuckDB |");
+            rule.push_str("---|");
+        }
         for &n in &sites {
             let _ = write!(header, " Tally ×{n} | ratio |");
             rule.push_str("---|---|");
@@ -98,6 +103,13 @@ pub fn markdown(report: &Report) -> String {
         for (query, (title, _)) in workload.queries().iter().enumerate() {
             let central = find(report, "Centralised", 0, dataset, query);
             let mut line = format!("| {title} | {} |", cell(central));
+            if with_duckdb {
+                let _ = write!(
+                    line,
+                    " {} |",
+                    cell(find(report, "DuckDB", 0, dataset, query))
+                );
+            }
             for &n in &sites {
                 let tally = find(report, "Tally", n, dataset, query);
                 let ratio = match (tally, central) {
@@ -122,9 +134,11 @@ pub fn markdown(report: &Report) -> String {
             "| query | system | sites | rows moved | bytes moved | peak RSS MiB |\n|---|---|---|---|---|---|"
         );
         for (query, (title, _)) in workload.queries().iter().enumerate() {
-            for m in report.measurements.iter().filter(|m| {
-                (m.workload, m.size) == dataset && m.query == query && m.system != "Centralised"
-            }) {
+            for m in report
+                .measurements
+                .iter()
+                .filter(|m| (m.workload, m.size) == dataset && m.query == query && m.sites > 0)
+            {
                 let _ = writeln!(
                     out,
                     "| {title} | {} | {} | {} | {} | {:.0} |",
@@ -135,12 +149,14 @@ pub fn markdown(report: &Report) -> String {
                     m.peak_rss_mib
                 );
             }
-            if let Some(c) = find(report, "Centralised", 0, dataset, query) {
-                let _ = writeln!(
-                    out,
-                    "| {title} | Centralised (everything in one process) | – | – | – | {:.0} |",
-                    c.peak_rss_mib
-                );
+            for system in ["Centralised", "DuckDB"] {
+                if let Some(c) = find(report, system, 0, dataset, query) {
+                    let _ = writeln!(
+                        out,
+                        "| {title} | {system} (everything in one process) | – | – | – | {:.0} |",
+                        c.peak_rss_mib
+                    );
+                }
             }
         }
     }
@@ -201,9 +217,20 @@ pub fn svg(report: &Report) -> String {
             series.push((format!("Row shipping, {n} sites"), "Row shipping", n));
         }
     }
+    if report.measurements.iter().any(|m| m.system == "DuckDB") {
+        series.push(("DuckDB".into(), "DuckDB", 0));
+    }
+    // Tally in blues, Row shipping in warm colours, DuckDB in grey.
     let colours = [
         "#1f6fb2", "#4f9fd8", "#9cc9ee", "#c0392b", "#e67e22", "#f1c40f",
     ];
+    let colour = |index: usize, system: &str| {
+        if system == "DuckDB" {
+            "#7f8c8d"
+        } else {
+            colours[index % colours.len()]
+        }
+    };
     let (width, height, left, top, bottom) = (980.0, 460.0, 70.0, 80.0, 60.0);
     let plot_h = height - top - bottom;
     // Up to 10×, or up to 100× when a bar (Row shipping over a slow link) is taller.
@@ -266,7 +293,7 @@ pub fn svg(report: &Report) -> String {
                 r#"<rect x="{x:.1}" y="{top_y:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{ratio:.2}×</title></rect>"#,
                 bar_w - 1.0,
                 (y(0.5) - top_y).max(0.0),
-                colours[index % colours.len()]
+                colour(index, system)
             );
         }
         let _ = writeln!(
@@ -277,12 +304,12 @@ pub fn svg(report: &Report) -> String {
             dataset.0.query_name(query)
         );
     }
-    for (index, (label, _, _)) in series.iter().enumerate() {
-        let lx = left + 150.0 * index as f64;
+    for (index, (label, system, _)) in series.iter().enumerate() {
+        let lx = left + 130.0 * index as f64;
         let _ = writeln!(
             svg,
             r#"<rect x="{lx}" y="48" width="12" height="12" fill="{}"/><text x="{}" y="58">{label}</text>"#,
-            colours[index % colours.len()],
+            colour(index, system),
             lx + 16.0
         );
     }
