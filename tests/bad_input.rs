@@ -8,8 +8,8 @@ use tally::federation::{self, DEMO_TOKEN};
 use tally_synth::default_trusts;
 
 use crate::support::{
-    analyst, copy_of_data, data_dir, expect_refusal, gateway_target, open_policies,
-    start_federation, start_federation_over, tls,
+    analyst, copy_of_data, expect_refusal, gateway_config, gateway_target, open_policies,
+    start_federation, start_federation_over, start_node, tls,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,14 +146,7 @@ async fn a_slow_trust_times_out_with_its_name() {
         }
     });
     let trusts = default_trusts();
-    let node = tally_node::start(&federation::node_config(
-        data_dir(),
-        &trusts[0],
-        &open_policies(),
-        &tls(),
-    ))
-    .await
-    .unwrap();
+    let node = start_node(&trusts[0], &open_policies()).await;
     let endpoints = vec![
         (
             trusts[0].code.to_string(),
@@ -166,12 +159,7 @@ async fn a_slow_trust_times_out_with_its_name() {
             silent_addr,
         ),
     ];
-    let mut config = federation::gateway_config(
-        "127.0.0.1:0".parse().unwrap(),
-        &endpoints,
-        &open_policies(),
-        &tls(),
-    );
+    let mut config = gateway_config(&endpoints, &open_policies());
     config.request_timeout_secs = 1.0;
     config.connect_timeout_secs = 1.0;
     let gateway = tally_gateway::start(&config)

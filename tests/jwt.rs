@@ -8,11 +8,11 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use rcgen::KeyPair;
 use serde::Serialize;
 use tally::client::AnalystClient;
-use tally::federation::{self, DEMO_PROJECT};
+use tally::federation::DEMO_PROJECT;
 use tally_gateway::JwtConfig;
 
 use crate::support::{
-    expect_refusal, gateway_target, init_logging, open_policies, start_federation, tls,
+    expect_refusal, gateway_config, gateway_target, init_logging, open_policies, start_federation,
 };
 
 const ISSUER: &str = "https://login.example.nhs.uk";
@@ -94,12 +94,7 @@ async fn jwts_are_verified_and_every_refusal_is_audited() {
         .zip(&local.nodes)
         .map(|(t, n)| (t.code.to_string(), t.name.to_string(), n.addr))
         .collect();
-    let mut config = federation::gateway_config(
-        "127.0.0.1:0".parse().unwrap(),
-        &endpoints,
-        &open_policies(),
-        &tls(),
-    );
+    let mut config = gateway_config(&endpoints, &open_policies());
     config.jwt = Some(JwtConfig {
         jwks,
         issuer: ISSUER.into(),

@@ -6,7 +6,9 @@ use tally::federation::{self, DEMO_TOKEN};
 use tally_gateway::GatewayHandle;
 use tally_synth::default_trusts;
 
-use crate::support::{data_dir, expect_refusal, gateway_target, init_logging, open_policies, tls};
+use crate::support::{
+    data_dir, expect_refusal, gateway_config, gateway_target, init_logging, open_policies, tls,
+};
 
 const SQL: &str = "SELECT sex, COUNT(*) FROM patients GROUP BY sex";
 
@@ -28,12 +30,7 @@ async fn limited(
         endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
         nodes.push(node);
     }
-    let mut config = federation::gateway_config(
-        "127.0.0.1:0".parse().unwrap(),
-        &endpoints,
-        &open_policies(),
-        &tls(),
-    );
+    let mut config = gateway_config(&endpoints, &open_policies());
     config.limits = gateway_limits;
     let mut colleague = config.users[0].clone();
     colleague.name = "colleague".into();

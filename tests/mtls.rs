@@ -6,7 +6,9 @@ use tally::federation::{self, Security};
 use tally_common::flight::list_tables;
 use tally_synth::default_trusts;
 
-use crate::support::{certs, data_dir, init_logging, node_client_as, open_policies, tls};
+use crate::support::{
+    certs, data_dir, gateway_config, init_logging, node_client_as, open_policies, start_node,
+};
 
 /// Asks RXA's node at `addr` for its tables, presenting `identity`; the error when refused.
 async fn try_list(
@@ -24,14 +26,7 @@ async fn try_list(
 async fn a_node_admits_only_allowed_gateways_and_audits_every_refusal() {
     init_logging();
     let trust = &default_trusts()[0];
-    let node = tally_node::start(&federation::node_config(
-        data_dir(),
-        trust,
-        &open_policies(),
-        &tls(),
-    ))
-    .await
-    .unwrap();
+    let node = start_node(trust, &open_policies()).await;
     let tables = try_list(node.addr, Some(&certs().gateway_client())).await;
     assert_eq!(tables, Ok(3), "the gateway's certificate is accepted");
 
@@ -106,22 +101,10 @@ async fn a_node_admits_only_allowed_gateways_and_audits_every_refusal() {
 async fn the_gateway_checks_each_node_against_the_trusts_expected_name() {
     init_logging();
     let trusts = default_trusts();
-    let node = tally_node::start(&federation::node_config(
-        data_dir(),
-        &trusts[0],
-        &open_policies(),
-        &tls(),
-    ))
-    .await
-    .unwrap();
+    let node = start_node(&trusts[0], &open_policies()).await;
     // The gateway believes RXB lives where RXA's node is: RXA's certificate does not name RXB.
     let endpoints = vec![("RXB".to_string(), "Impostor".to_string(), node.addr)];
-    let config = federation::gateway_config(
-        "127.0.0.1:0".parse().unwrap(),
-        &endpoints,
-        &open_policies(),
-        &tls(),
-    );
+    let config = gateway_config(&endpoints, &open_policies());
     let gateway = tally_gateway::start(&config).await.unwrap();
     let snapshot = gateway.gateway.catalogue().snapshot();
     let unavailable: Vec<String> = snapshot

@@ -12,7 +12,8 @@ use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, USER_HEADER, fetch_al
 
 use crate::support::{
     assert_same_answer, centralised, data_dir, default_policies, expect_refusal, gateway_client,
-    gateway_target, init_logging, node_client, open_policies, rows, start_federation_over, tls,
+    gateway_config, gateway_target, init_logging, node_client, open_policies, rows,
+    start_federation_over, start_node,
 };
 
 #[derive(Deserialize)]
@@ -324,23 +325,11 @@ async fn opt_out_depends_on_purpose_and_is_applied_by_the_node() {
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
     for trust in tally_synth::default_trusts() {
-        let node = tally_node::start(&federation::node_config(
-            data_dir(),
-            &trust,
-            exact.path(),
-            &tls(),
-        ))
-        .await
-        .unwrap();
+        let node = start_node(&trust, exact.path()).await;
         endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
         nodes.push(node);
     }
-    let config = federation::gateway_config(
-        "127.0.0.1:0".parse().unwrap(),
-        &endpoints,
-        &open_policies(),
-        &tls(),
-    );
+    let config = gateway_config(&endpoints, &open_policies());
     let gateway = tally_gateway::start(&config).await.unwrap();
     let lenient = count_by_trust(&gateway_target(gateway.addr), "research").await;
     assert_eq!(

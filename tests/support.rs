@@ -12,8 +12,8 @@ use tally::client::{AnalystClient, Answer, GatewayTarget};
 use tally::federation::{self, DEMO_TOKEN, LocalFederation, Security};
 use tally_common::flight::SqlClient;
 use tally_common::tls::{CertificateFiles, client_tls};
-use tally_gateway::default_node_name;
-use tally_synth::default_trusts;
+use tally_gateway::{GatewayConfig, default_node_name};
+use tally_synth::{TrustSpec, default_trusts};
 use tonic::transport::Endpoint;
 
 /// Patients in the test data: small enough to build fast, large enough for many groups.
@@ -95,6 +95,27 @@ pub async fn gateway_client(addr: std::net::SocketAddr, token: &str) -> SqlClien
     client
 }
 
+/// A TLS node agent for `trust` over the test data, deciding with `policies`.
+pub async fn start_node(trust: &TrustSpec, policies: &Path) -> tally_node::NodeHandle {
+    tally_node::start(&federation::node_config(
+        data_dir(),
+        trust,
+        policies,
+        &tls(),
+    ))
+    .await
+    .unwrap()
+}
+
+/// The config of a TLS gateway on a loopback port over `endpoints` (code, name, address),
+/// deciding with `policies`.
+pub fn gateway_config(
+    endpoints: &[(String, String, std::net::SocketAddr)],
+    policies: &Path,
+) -> GatewayConfig {
+    federation::gateway_config("127.0.0.1:0".parse().unwrap(), endpoints, policies, &tls())
+}
+
 /// Sends the servers' logs to the test output (shown for failing tests); `RUST_LOG` filters.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -146,12 +167,7 @@ pub async fn audited_federation(dir: &Path) -> (LocalFederation, PathBuf, Vec<(S
         .iter()
         .map(|(code, node, _)| (code.clone(), code.clone(), node.addr))
         .collect();
-    let mut config = federation::gateway_config(
-        "127.0.0.1:0".parse().unwrap(),
-        &endpoints,
-        &default_policies(),
-        &tls(),
-    );
+    let mut config = gateway_config(&endpoints, &default_policies());
     let gateway_log = dir.join("gateway.jsonl");
     config.audit_log = Some(gateway_log.clone());
     let gateway = tally_gateway::start(&config).await.unwrap();
