@@ -10,6 +10,7 @@ mod cli;
 mod equivalence;
 mod jwt;
 mod limits;
+mod link;
 mod mtls;
 mod node_floor;
 mod policy;

@@ -2,7 +2,7 @@
 
 pub mod compare;
 mod data;
-mod link;
+pub mod link;
 pub mod report;
 mod rows;
 pub mod workload;
