@@ -130,10 +130,7 @@ impl Accumulator for UpToAccumulator {
         let Some(lists) = states.first() else {
             return Ok(());
         };
-        let lists = lists
-            .as_any()
-            .downcast_ref::<ListArray>()
-            .ok_or_else(|| datafusion::error::DataFusionError::Internal("list state".into()))?;
+        let lists = as_hash_lists(lists)?;
         for list in lists.iter().flatten() {
             if self.full() {
                 break;
@@ -145,12 +142,10 @@ impl Accumulator for UpToAccumulator {
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        let hashes: ArrayRef = Arc::new(UInt64Array::from_iter_values(self.seen.iter().copied()));
-        Ok(vec![ScalarValue::List(Arc::new(ListArray::new(
-            Arc::new(Field::new_list_field(DataType::UInt64, true)),
-            arrow::buffer::OffsetBuffer::from_lengths([hashes.len()]),
+        let hashes = UInt64Array::from_iter_values(self.seen.iter().copied());
+        Ok(vec![ScalarValue::List(Arc::new(hash_lists(
+            [hashes.len()],
             hashes,
-            None,
         )))])
     }
 
@@ -161,6 +156,24 @@ impl Accumulator for UpToAccumulator {
     fn size(&self) -> usize {
         std::mem::size_of_val(self) + self.seen.capacity() * std::mem::size_of::<u64>()
     }
+}
+
+/// The state column: one list of value hashes per group, of the given lengths.
+fn hash_lists(lengths: impl IntoIterator<Item = usize>, hashes: UInt64Array) -> ListArray {
+    ListArray::new(
+        Arc::new(Field::new_list_field(DataType::UInt64, true)),
+        arrow::buffer::OffsetBuffer::from_lengths(lengths),
+        Arc::new(hashes),
+        None,
+    )
+}
+
+/// Reads a state column written by [`hash_lists`].
+fn as_hash_lists(state: &ArrayRef) -> Result<&ListArray> {
+    state
+        .as_any()
+        .downcast_ref::<ListArray>()
+        .ok_or_else(|| datafusion::error::DataFusionError::Internal("list state".into()))
 }
 
 /// The hashes of up to [`PATIENT_COUNT_CAP`] distinct values, per group: one pass over
@@ -217,14 +230,10 @@ impl GroupsAccumulator for UpToGroups {
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
         let sets = emit_to.take_needed(&mut self.seen);
-        let lengths = sets.iter().map(HashSet::len);
-        let offsets = arrow::buffer::OffsetBuffer::from_lengths(lengths);
         let hashes = UInt64Array::from_iter_values(sets.iter().flatten().copied());
-        Ok(vec![Arc::new(ListArray::new(
-            Arc::new(Field::new_list_field(DataType::UInt64, true)),
-            offsets,
-            Arc::new(hashes),
-            None,
+        Ok(vec![Arc::new(hash_lists(
+            sets.iter().map(HashSet::len),
+            hashes,
         ))])
     }
 
@@ -238,10 +247,7 @@ impl GroupsAccumulator for UpToGroups {
         let Some(lists) = values.first() else {
             return Ok(());
         };
-        let lists = lists
-            .as_any()
-            .downcast_ref::<ListArray>()
-            .ok_or_else(|| datafusion::error::DataFusionError::Internal("list state".into()))?;
+        let lists = as_hash_lists(lists)?;
         for (row, &group) in group_indices.iter().enumerate() {
             if lists.is_valid(row) {
                 let list = lists.value(row);
@@ -268,8 +274,6 @@ impl GroupsAccumulator for UpToGroups {
                 values.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row))
             })
             .collect();
-        let offsets =
-            arrow::buffer::OffsetBuffer::from_lengths(kept.iter().map(|&k| usize::from(k)));
         let items = UInt64Array::from_iter_values(
             hashes
                 .iter()
@@ -277,11 +281,9 @@ impl GroupsAccumulator for UpToGroups {
                 .filter(|(_, k)| **k)
                 .map(|(h, _)| *h),
         );
-        Ok(vec![Arc::new(ListArray::new(
-            Arc::new(Field::new_list_field(DataType::UInt64, true)),
-            offsets,
-            Arc::new(items),
-            None,
+        Ok(vec![Arc::new(hash_lists(
+            kept.iter().map(|&k| usize::from(k)),
+            items,
         ))])
     }
 

@@ -115,13 +115,14 @@ impl Workload {
             .copied()
     }
 
-    /// A query's short name in tables and charts: `Q3`, `TPC-H Q6`.
+    /// A query's short name in tables and charts: `Q3`, or what a TPC-H title names before
+    /// its colon (`TPC-H Q6`).
     pub fn query_name(self, index: usize) -> String {
-        match self {
-            Workload::Hes => format!("Q{}", index + 1),
-            Workload::Tpch => ["TPC-H Q1", "TPC-H Q6"]
-                .get(index)
-                .map_or_else(|| format!("TPC-H #{index}"), |name| name.to_string()),
+        match (self, self.queries().get(index)) {
+            (Workload::Tpch, Some((title, _))) => {
+                title.split(':').next().unwrap_or(title).to_string()
+            }
+            _ => format!("Q{}", index + 1),
         }
     }
 
