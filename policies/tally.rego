@@ -1,6 +1,10 @@
 # Tally's default disclosure policy (NHS rules). Governance teams own this file: edit it,
 # run `tally policy test policies/`, and the gateway and nodes reload it without a restart.
 #
+# It decides over the query model: one release (a fact table, declared joins, a filter,
+# group-by dimensions and aggregates), with every column use flattened into action.columns.
+# The gateway and every node evaluate this same policy over the same model.
+#
 # Input: see policies/README.md. Output: data.tally.decision = {allow, reasons, obligations}.
 # Every refusal carries a stable reason code that analysts can look up in policies/README.md.
 package tally
@@ -9,21 +13,43 @@ import rego.v1
 
 settings := data.governance.settings
 
+catalogue := data.governance.catalogue
+
 identity := object.get(input, ["context", "identity"], {})
+
+purpose := object.get(identity, "purpose", "")
 
 action := object.get(input, "action", {})
 
+release := object.get(action, "release", {})
+
 columns := object.get(action, "columns", [])
-
-aggregates := object.get(action, "aggregates", [])
-
-features := object.get(action, "features", {})
-
-feature(name) if object.get(features, name, false) == true
 
 reason(code, message) := {"code": code, "message": message}
 
-# --- Who may ask, for what ---------------------------------------------------------------
+# The catalogue entry of a column use or column reference ({} when the catalogue lacks it).
+spec(c) := object.get(catalogue, [c.table, "columns", c.column], {})
+
+class_of(c) := object.get(spec(c), "class", "unclassified")
+
+generaliser(c) := object.get(c, "generaliser", null)
+
+# The SQL an analyst writes for each aggregate of the model.
+sql_names := {
+	"count_rows": "COUNT(*)",
+	"count": "COUNT",
+	"sum": "SUM",
+	"mean": "AVG",
+	"variance": "VAR",
+	"std_dev": "STDDEV",
+}
+
+allowed_aggregates := object.keys(sql_names)
+
+# The aggregate functions the action lists, and those of the release itself.
+aggregate_functions := {f | some f in object.get(action, "aggregates", [])} | {a.function | some a in object.get(release, "aggregates", [])}
+
+# --- Who may ask, for what -------------------------------------------------------------------
 
 project := data.governance.projects[identity.project]
 
@@ -32,10 +58,17 @@ reasons contains reason("E_PROJECT", msg) if {
 	msg := sprintf("project '%v' is not registered for Tally queries", [object.get(identity, "project", "")])
 }
 
+# Direct care (the care of one patient) is never an analytics purpose, whatever a project lists.
+reasons contains reason("E_PURPOSE", msg) if {
+	not purpose in settings.analytics_purposes
+	msg := sprintf("purpose '%v' is not an analytics purpose (%v)", [purpose, concat(", ", settings.analytics_purposes)])
+}
+
 reasons contains reason("E_PURPOSE", msg) if {
 	project
-	not identity.purpose in project.purposes
-	msg := sprintf("purpose '%v' is not approved for project '%v'", [object.get(identity, "purpose", ""), identity.project])
+	purpose in settings.analytics_purposes
+	not purpose in project.purposes
+	msg := sprintf("purpose '%v' is not approved for project '%v'", [purpose, identity.project])
 }
 
 reasons contains reason("E_TABLE_NOT_ALLOWED", msg) if {
@@ -45,49 +78,36 @@ reasons contains reason("E_TABLE_NOT_ALLOWED", msg) if {
 	msg := sprintf("project '%v' has no access to table '%v'", [identity.project, table])
 }
 
-# --- Aggregates only ------------------------------------------------------------------------
+# --- Query shape --------------------------------------------------------------------------------
 
-reasons contains reason("E_NOT_AGGREGATE", "the query must aggregate (COUNT, SUM, AVG, ...): rows never leave a trust") if {
-	feature("no_aggregate")
+reasons contains reason("E_QUERY_SHAPE", "the policy decides releases of the query model only") if {
+	not action.kind == "release"
+}
+
+reasons contains reason("E_QUERY_SHAPE", msg) if {
+	object.get(catalogue, [release.fact, "privacy_unit"], null) == null
+	msg := sprintf("table '%v' has no privacy unit: only tables of patients' rows can be aggregated over", [release.fact])
+}
+
+reasons contains reason("E_QUERY_SHAPE", msg) if {
+	some join in object.get(release, "joins", [])
+	object.get(catalogue, [release.fact, "relationships", join], null) == null
+	msg := sprintf("'%v' may not be joined to '%v': the catalogue declares no such relationship", [release.fact, join])
 }
 
 reasons contains reason("E_AGG_NOT_ALLOWED", msg) if {
-	some agg in aggregates
-	not agg.function in settings.allowed_aggregates
-	msg := sprintf("aggregate %v is not allowed: it can reveal a single patient's value", [upper(agg.function)])
+	some f in aggregate_functions
+	not f in allowed_aggregates
+	msg := sprintf("aggregate '%v' is not allowed: only COUNT, SUM, AVG, VAR and STDDEV are released", [f])
 }
 
-reasons contains reason("E_EXPR_SHAPE", msg) if {
-	some agg in aggregates
-	not agg.argument_shape in {"star", "column", "arithmetic"}
-	msg := sprintf("%v must take a bare column, not a %v", [upper(agg.function), agg.argument_shape])
-}
+# --- Column classes -----------------------------------------------------------------------------
 
-# Arithmetic inside an aggregate (SUM(price * (1 - discount))) only over tables whose catalogue
-# entry enables it: products of a row's values can single out rows (a polynomial that is zero
-# for every value but one), so no person-level table enables it.
-reasons contains reason("E_EXPR_SHAPE", msg) if {
-	some agg in aggregates
-	agg.argument_shape == "arithmetic"
+reasons contains reason("E_IDENTIFIER_COLUMN", msg) if {
 	some c in columns
-	c.usage == "aggregate_arg"
-	not object.get(data.governance.catalogue, [c.table, "aggregate_arithmetic"], false) == true
-	msg := sprintf("%v must take a bare column: arithmetic inside aggregates is not enabled for table %v", [upper(agg.function), c.table])
+	c.class == "identifier"
+	msg := sprintf("column %v.%v identifies people or records: it may not be used in a query", [c.table, c.column])
 }
-
-reasons contains reason("E_EXPR_SHAPE", msg) if {
-	some agg in aggregates
-	agg.distinct
-	msg := sprintf("%v(DISTINCT ...) is not allowed", [upper(agg.function)])
-}
-
-reasons contains reason("E_EXPR_SHAPE", msg) if {
-	some agg in aggregates
-	agg.filter
-	msg := sprintf("%v(...) FILTER (WHERE ...) is not allowed", [upper(agg.function)])
-}
-
-# --- Column classes -------------------------------------------------------------------------
 
 reasons contains reason("E_UNCLASSIFIED_COLUMN", msg) if {
 	some c in columns
@@ -95,78 +115,61 @@ reasons contains reason("E_UNCLASSIFIED_COLUMN", msg) if {
 	msg := sprintf("column %v.%v has no class in the governance catalogue", [c.table, c.column])
 }
 
-# Identifiers: only in joins between a trust's own tables, bare.
-reasons contains reason("E_IDENTIFIER_COLUMN", msg) if {
-	some c in columns
-	c.class == "identifier"
-	not bare_join(c)
-	msg := sprintf("column %v.%v identifies people: it may only join a trust's own tables", [c.table, c.column])
-}
-
-bare_join(c) if {
-	c.usage == "join"
-	count(c.functions) == 0
-}
-
-# Quasi-identifiers: in output and grouping only through a generalising function.
+# Quasi-identifiers are grouped only through a generaliser their catalogue entry declares.
 reasons contains reason("E_QUASI_IDENTIFIER", msg) if {
 	some c in columns
 	c.class == "quasi_identifier"
-	c.usage in {"output", "group_by", "aggregate_arg", "join"}
-	not generalised(c)
-	msg := sprintf("column %v.%v must be generalised (%v) before it is grouped or shown", [c.table, c.column, concat(", ", settings.generalising_functions)])
+	c.usage == "group_by"
+	generaliser(c) == null
+	msg := sprintf("column %v.%v is a quasi-identifier: group by a generalisation of it (%v)", [c.table, c.column, declared(c)])
 }
 
-generalised(c) if {
-	some f in c.functions
-	f in settings.generalising_functions
+# No column, of any class, takes a generaliser its catalogue entry does not declare.
+reasons contains reason("E_QUASI_IDENTIFIER", msg) if {
+	some c in columns
+	generaliser(c) != null
+	not generaliser(c) in object.get(spec(c), "generalisers", [])
+	msg := sprintf("%v is not a declared generaliser of %v.%v (%v)", [c.generaliser, c.table, c.column, declared(c)])
 }
 
-# Measures: only as the bare argument of an aggregate.
+declared(c) := sprintf("declared: %v", [concat(", ", spec(c).generalisers)]) if {
+	count(object.get(spec(c), "generalisers", [])) > 0
+} else := "it has no declared generaliser"
+
 reasons contains reason("E_MEASURE_USAGE", msg) if {
 	some c in columns
 	c.class == "measure"
-	c.usage != "aggregate_arg"
-	msg := sprintf("measure %v.%v may only be aggregated (SUM, AVG, ...)", [c.table, c.column])
+	c.usage == "group_by"
+	msg := sprintf("measure %v.%v may not be grouped: aggregate it, or filter on it", [c.table, c.column])
 }
 
+# SUM, AVG, VAR and STDDEV take measures, or columns the catalogue marks "aggregate": true;
+# COUNT(column) of a dimension is fine. Identifiers and unclassified columns are refused above.
 reasons contains reason("E_MEASURE_USAGE", msg) if {
+	some agg in object.get(release, "aggregates", [])
+	class_of(agg.column) in {"dimension", "quasi_identifier"}
+	not object.get(spec(agg.column), "aggregate", false) == true
+	not counted_dimension(agg)
+	msg := sprintf("%v(%v.%v) is not allowed: the column is a %v the catalogue does not let you aggregate", [object.get(sql_names, agg.function, agg.function), agg.column.table, agg.column.column, class_of(agg.column)])
+}
+
+counted_dimension(agg) if {
+	agg.function == "count"
+	class_of(agg.column) == "dimension"
+}
+
+reasons contains reason("E_FILTER_NOT_ALLOWED", msg) if {
 	some c in columns
-	c.class == "measure"
-	c.usage == "aggregate_arg"
-	count(c.functions) > 0
-	msg := sprintf("measure %v.%v must be aggregated as it is, without functions", [c.table, c.column])
+	c.usage == "filter"
+	not c.class in {"identifier", "unclassified"}
+	not object.get(spec(c), "filter", false) == true
+	msg := sprintf("column %v.%v may not be filtered on", [c.table, c.column])
 }
 
-# --- Functions and query shape --------------------------------------------------------------
+# --- Decision -----------------------------------------------------------------------------------
 
-reasons contains reason("E_FUNCTION_NOT_ALLOWED", msg) if {
-	some f in object.get(action, "functions", [])
-	not f in settings.allowed_functions
-	msg := sprintf("function %v is not on the allowed list", [f])
-}
-
-shape_rules := {
-	"window": ["E_WINDOW", "window functions are not allowed"],
-	"set_operation": ["E_SETOP", "UNION, INTERSECT and EXCEPT are not allowed"],
-	"values": ["E_VALUES", "VALUES lists are not allowed"],
-	"table_function": ["E_TABLE_FUNCTION", "table functions are not allowed"],
-	"grouping_sets": ["E_GROUPING_SETS", "ROLLUP, CUBE and GROUPING SETS are not allowed"],
-	"limit_below_aggregate": ["E_LIMIT_BELOW_AGGREGATE", "LIMIT below an aggregate is not allowed"],
-	"order_below_aggregate": ["E_LIMIT_BELOW_AGGREGATE", "ORDER BY below an aggregate is not allowed"],
-	"information_schema": ["E_METADATA", "information_schema is not available"],
-}
-
-reasons contains reason(rule[0], rule[1]) if {
-	some name, rule in shape_rules
-	feature(name)
-}
-
-# --- Decision -------------------------------------------------------------------------------
-
-default apply_opt_out := true
-
-apply_opt_out := false if identity.purpose in settings.opt_out_exempt_purposes
+# The National Data Opt-out applies to all analytics: no purpose is exempt.
+apply_opt_out := true
 
 default allowed_trusts := []
 

@@ -10,7 +10,7 @@ use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
 use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, header_text, http_url};
 use tally_common::tls::client_tls;
-use tally_gateway::{SUPPRESSED_HEADER, TRUSTS_HEADER};
+use tally_gateway::TRUSTS_HEADER;
 use tonic::transport::{Channel, Endpoint};
 
 /// Where a gateway is, and the CA certificate that signs its TLS certificate.
@@ -54,8 +54,6 @@ pub struct Answer {
     pub batches: Vec<RecordBatch>,
     /// Trusts that contributed, as reported by the gateway.
     pub trusts: Vec<String>,
-    /// Groups dropped by disclosure control, as reported by the gateway.
-    pub suppressed: usize,
     /// Round-trip time seen by the client.
     pub elapsed: Duration,
 }
@@ -163,7 +161,6 @@ impl AnalystClient {
         );
         let mut batches = Vec::new();
         let mut trusts = Vec::new();
-        let mut suppressed = 0;
         for endpoint in info.endpoint {
             let Some(ticket) = endpoint.ticket else {
                 continue;
@@ -175,7 +172,6 @@ impl AnalystClient {
                 .filter(|s| !s.is_empty())
                 .map(str::to_string)
                 .collect();
-            suppressed = header_text(headers, SUPPRESSED_HEADER).parse().unwrap_or(0);
             let mut got: Vec<RecordBatch> = stream.try_collect().await.map_err(refused)?;
             batches.append(&mut got);
         }
@@ -183,7 +179,6 @@ impl AnalystClient {
             schema,
             batches,
             trusts,
-            suppressed,
             elapsed: started.elapsed(),
         })
     }

@@ -109,10 +109,9 @@ pub async fn run(
                     None,
                 )?;
                 println!(
-                    "{:.1} ms, trusts answered: {}, groups suppressed: {}\n",
+                    "{:.1} ms, trusts answered: {}\n",
                     answer.elapsed.as_secs_f64() * 1e3,
                     answer.trusts.join(", "),
-                    answer.suppressed
                 );
                 if title.starts_with("Refused") {
                     failures += 1;

@@ -1,14 +1,13 @@
 //! `tally policy`: the governance team's tools. `test` runs every `test_*` rule of a policy
-//! folder; `explain` shows the facts a query yields and what the policy decides, without
-//! running it.
+//! folder; `explain` shows the releases (query models) a query lowers to, the policy input
+//! of each and what the policy decides, without running it.
 
 use std::path::Path;
 
-use tally_common::admission::{RequestIdentity, policy_input};
-use tally_common::checks::plan_read_only;
-use tally_common::facts::query_facts;
+use tally_common::admission::RequestIdentity;
 use tally_common::policy::{Policy, run_tests};
-use tally_synth::default_trusts;
+use tally_gateway::Explanation;
+use tally_gateway::parse::plan_read_only;
 
 /// Runs the tests of `dir`, printing one line per test; fails if any test fails.
 pub fn test(dir: &Path) -> Result<(), String> {
@@ -30,8 +29,8 @@ pub fn test(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Prints the policy input and decision for `sql`, planned against one trust's tables in
-/// `data_dir` (schemas only; nothing is run).
+/// Prints the releases, policy inputs and decision for `sql`, planned against one trust's
+/// tables in `data_dir` (schemas only; nothing is run).
 pub async fn explain(
     policies: &Path,
     data_dir: &Path,
@@ -40,23 +39,10 @@ pub async fn explain(
 ) -> Result<String, String> {
     let policy = Policy::load(policies).map_err(|e| e.to_string())?;
     let ctx = crate::federation::local_tables(data_dir, policies).await?;
-    let planned = plan_read_only(&ctx.state(), sql)
+    let plan = plan_read_only(&ctx.state(), sql)
         .await
         .map_err(|e| e.to_string())?;
-    let codes = default_trusts()
-        .iter()
-        .map(|t| t.code.to_string())
-        .collect();
-    let facts = query_facts(
-        sql,
-        &planned.plan,
-        &planned.syntax,
-        &policy.data(),
-        codes,
-        &[],
-    );
-    let input = policy_input(&identity, "explain", &policy.version(), &facts);
-    let decision = policy.decide(&input).map_err(|e| e.to_string())?;
-    serde_json::to_string_pretty(&serde_json::json!({ "input": input, "decision": decision }))
-        .map_err(|e| e.to_string())
+    let explanation =
+        Explanation::of(plan, &policy.snapshot(), &identity).map_err(|e| e.to_string())?;
+    serde_json::to_string_pretty(&explanation).map_err(|e| e.to_string())
 }

@@ -1,14 +1,13 @@
-//! Admission of a query: the read-only floor, the plan facts, the policy decision. Gateway
-//! and nodes run exactly this, each on its own plan of the SQL it received.
+//! Deciding: a release is checked against the code's floor (the model validated against the
+//! governance catalogue), then the policy decides over the model and the identity. Gateway
+//! and nodes run exactly this, each with its own policy snapshot.
 
-use datafusion::execution::context::SessionState;
-use datafusion::logical_expr::LogicalPlan;
 use serde::{Deserialize, Serialize};
 
-use crate::checks::plan_read_only;
 use crate::error::TallyError;
-use crate::facts::{QueryFacts, hidden_patient_counts, query_facts};
-use crate::policy::{Decision, Policy};
+use crate::governance::{ColumnClass, Governance};
+use crate::model::{ColumnRef, Dimension, Predicate, ReleaseQuery};
+use crate::policy::{Decision, Obligations, PolicySnapshot};
 
 /// Who is asking and why, as the policy sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,19 +18,8 @@ pub struct RequestIdentity {
     pub groups: Vec<String>,
     /// The project the query is for.
     pub project: String,
-    /// The purpose of the query (e.g. `research`, `planning`, `direct_care`).
+    /// The purpose of the query (e.g. `research`, `planning`).
     pub purpose: String,
-}
-
-/// An admitted query.
-#[derive(Debug, Clone)]
-pub struct Admitted {
-    /// The plan (before optimisation).
-    pub plan: LogicalPlan,
-    /// The facts the policy saw.
-    pub facts: QueryFacts,
-    /// The decision (allowing).
-    pub decision: Decision,
 }
 
 /// A refused query: why, and the decision when the policy was reached.
@@ -62,67 +50,167 @@ impl From<TallyError> for Refused {
     }
 }
 
-/// The policy input document for these facts.
-pub fn policy_input(
-    identity: &RequestIdentity,
-    query_id: &str,
-    policy_version: &str,
-    facts: &QueryFacts,
-) -> serde_json::Value {
-    serde_json::json!({
-        "context": {
-            "identity": identity,
-            "query_id": query_id,
-            "policy_version": policy_version,
-        },
-        "action": facts,
-    })
-}
-
-/// Where a query comes from, which decides whether its hidden patient count is trusted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who decides: the gateway for an analyst, or a node for a gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Origin {
-    /// An analyst's SQL at the gateway: every aggregate is the analyst's.
+    /// The gateway deciding an analyst's query.
     Analyst,
-    /// A per-trust query from a gateway: its `__tally_patients` count is disclosure control's.
+    /// A node deciding a release a gateway sent.
     Gateway,
 }
 
-/// Plans `sql` read-only, derives its facts and asks `policy`.
-pub async fn admit(
-    state: &SessionState,
-    sql: &str,
-    policy: &Policy,
+/// One column use, flattened for short policy rules.
+#[derive(Debug, Clone, Serialize)]
+struct ColumnUse<'a> {
+    table: &'a str,
+    column: &'a str,
+    class: &'static str,
+    usage: &'static str,
+    generaliser: Option<&'static str>,
+}
+
+fn class_name(governance: &Governance, column: &ColumnRef) -> &'static str {
+    match governance
+        .column(&column.table, &column.column)
+        .map(|c| c.class)
+    {
+        Some(ColumnClass::Identifier) => "identifier",
+        Some(ColumnClass::QuasiIdentifier) => "quasi_identifier",
+        Some(ColumnClass::Dimension) => "dimension",
+        Some(ColumnClass::Measure) => "measure",
+        None => "unclassified",
+    }
+}
+
+fn tested<'a>(predicate: &'a Predicate, out: &mut Vec<&'a Dimension>) {
+    match predicate {
+        Predicate::And { all: operands } | Predicate::Or { any: operands } => {
+            for operand in operands {
+                tested(operand, out);
+            }
+        }
+        Predicate::Not { not } => tested(not, out),
+        Predicate::Compare { on, .. }
+        | Predicate::InList { on, .. }
+        | Predicate::Between { on, .. }
+        | Predicate::IsNull { on, .. }
+        | Predicate::Prefix { on, .. } => out.push(on),
+    }
+}
+
+/// The policy input for one release: the model itself, and its tables, column uses and
+/// aggregate functions flattened (see `policies/README.md`).
+pub fn policy_input(
     identity: &RequestIdentity,
-    query_id: &str,
-    trusts: Vec<String>,
     origin: Origin,
-) -> Result<Admitted, Refused> {
-    let planned = plan_read_only(state, sql).await?;
-    let catalogue = policy.data();
-    let hidden = match origin {
-        Origin::Analyst => Vec::new(),
-        Origin::Gateway => hidden_patient_counts(&planned.plan),
-    };
-    let facts = query_facts(
-        sql,
-        &planned.plan,
-        &planned.syntax,
-        &catalogue,
-        trusts,
-        &hidden,
-    );
-    let input = policy_input(identity, query_id, &policy.version(), &facts);
-    let decision = policy.decide(&input)?;
-    if let Some(error) = decision.refusal() {
-        return Err(Refused {
-            error,
-            decision: Some(Box::new(decision)),
+    release: &ReleaseQuery,
+    governance: &Governance,
+) -> serde_json::Value {
+    let mut tables = vec![release.fact.as_str()];
+    tables.extend(release.joins.iter().map(String::as_str));
+    fn use_of<'a>(
+        governance: &Governance,
+        dimension: &'a Dimension,
+        usage: &'static str,
+    ) -> ColumnUse<'a> {
+        ColumnUse {
+            table: &dimension.column.table,
+            column: &dimension.column.column,
+            class: class_name(governance, &dimension.column),
+            usage,
+            generaliser: dimension.generaliser.map(|g| g.function_name()),
+        }
+    }
+    let mut columns: Vec<ColumnUse> = release
+        .group_by
+        .iter()
+        .map(|d| use_of(governance, d, "group_by"))
+        .collect();
+    if let Some(filter) = &release.filter {
+        let mut dimensions = Vec::new();
+        tested(filter, &mut dimensions);
+        columns.extend(
+            dimensions
+                .into_iter()
+                .map(|d| use_of(governance, d, "filter")),
+        );
+    }
+    columns.extend(release.aggregates.iter().filter_map(|a| {
+        a.column().map(|column| ColumnUse {
+            table: &column.table,
+            column: &column.column,
+            class: class_name(governance, column),
+            usage: "aggregate",
+            generaliser: None,
+        })
+    }));
+    let aggregates: Vec<serde_json::Value> = release
+        .aggregates
+        .iter()
+        .filter_map(|a| serde_json::to_value(a).ok())
+        .filter_map(|a| a.get("function").cloned())
+        .collect();
+    serde_json::json!({
+        "context": { "identity": identity, "origin": origin },
+        "action": {
+            "kind": "release",
+            "release": release,
+            "tables": tables,
+            "columns": columns,
+            "aggregates": aggregates,
+        },
+    })
+}
+
+/// Decides `releases` for `identity`: each must pass the floor and the policy. The
+/// obligations are the strictest over all of them.
+pub fn decide(
+    policy: &PolicySnapshot,
+    identity: &RequestIdentity,
+    origin: Origin,
+    releases: &[ReleaseQuery],
+) -> Result<Decision, Refused> {
+    let mut combined: Option<Decision> = None;
+    for release in releases {
+        release.validate(policy.governance())?;
+        let input = policy_input(identity, origin, release, policy.governance());
+        let decision = policy.decide(&input)?;
+        if let Some(error) = decision.refusal() {
+            return Err(Refused {
+                error,
+                decision: Some(Box::new(decision)),
+            });
+        }
+        combined = Some(match combined {
+            None => decision,
+            Some(mut so_far) => {
+                so_far.obligations = so_far.obligations.strictest(&decision.obligations);
+                so_far
+            }
         });
     }
-    Ok(Admitted {
-        plan: planned.plan,
-        facts,
-        decision,
+    combined.ok_or_else(|| {
+        Refused::from(TallyError::new(
+            crate::ErrorCode::NotAggregate,
+            "the query reads no trust's table: aggregate a table (COUNT, SUM, AVG, ...)",
+        ))
     })
+}
+
+impl Obligations {
+    /// Obligations that satisfy both `self` and `other`.
+    pub fn strictest(&self, other: &Obligations) -> Obligations {
+        let trusts = match (&self.trusts, &other.trusts) {
+            (None, None) => None,
+            (Some(a), None) | (None, Some(a)) => Some(a.clone()),
+            (Some(a), Some(b)) => Some(a.iter().filter(|t| b.contains(t)).cloned().collect()),
+        };
+        Obligations {
+            min_distinct_patients: self.min_distinct_patients.max(other.min_distinct_patients),
+            round_to: self.round_to.max(other.round_to),
+            apply_opt_out: self.apply_opt_out || other.apply_opt_out,
+            trusts,
+        }
+    }
 }

@@ -21,11 +21,13 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+
+use crate::error::{ErrorCode, TallyError};
 
 /// The `prev` of a log's first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -108,12 +110,17 @@ impl<R: Serialize + Clone> AuditLog<R> {
         })
     }
 
-    /// Appends a record; the line is written and synced to disk before this returns.
-    pub fn append(&self, record: R) {
+    /// Appends a record; the line is written and synced to disk before this returns. When
+    /// it cannot be written the caller must not answer (fail closed).
+    pub fn append(&self, record: R) -> Result<(), TallyError> {
         if let Some(file) = &self.file {
             let mut chained = file.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(err) = chained.append(&record) {
                 tracing::error!(error = %err, path = %chained.path.display(), "audit log write failed");
+                return Err(TallyError::new(
+                    ErrorCode::Internal,
+                    "the audit record could not be written, so no answer is given",
+                ));
             }
         }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -121,6 +128,24 @@ impl<R: Serialize + Clone> AuditLog<R> {
             recent.pop_front();
         }
         recent.push_back(record);
+        Ok(())
+    }
+
+    /// [`AuditLog::append`] on a blocking thread, so that the fsync never stalls the async
+    /// runtime's workers.
+    pub async fn write(self: &Arc<Self>, record: R) -> Result<(), TallyError>
+    where
+        R: Send + 'static,
+    {
+        let log = self.clone();
+        tokio::task::spawn_blocking(move || log.append(record))
+            .await
+            .unwrap_or_else(|_| {
+                Err(TallyError::new(
+                    ErrorCode::Internal,
+                    "the audit record could not be written, so no answer is given",
+                ))
+            })
     }
 
     /// The most recent records, oldest first.
@@ -432,7 +457,8 @@ mod tests {
             log.append(Entry {
                 n,
                 note: format!("record \"{n}\"}}"),
-            });
+            })
+            .unwrap();
         }
     }
 

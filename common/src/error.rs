@@ -100,11 +100,16 @@ pub enum ErrorCode {
     ResourcesExhausted,
     /// A client certificate was missing, from another CA, or not an allowed gateway.
     ClientCertificate,
+    /// A construct the query model cannot express below a release (subqueries, undeclared
+    /// joins, expressions over patient-level columns, ...).
+    QueryShape,
+    /// A column the catalogue does not allow in WHERE.
+    FilterNotAllowed,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 43] = [
+    pub const ALL: [ErrorCode; 45] = [
         ErrorCode::SqlSyntax,
         ErrorCode::UnknownTable,
         ErrorCode::UnknownColumn,
@@ -148,6 +153,8 @@ impl ErrorCode {
         ErrorCode::QueryTimeout,
         ErrorCode::ResourcesExhausted,
         ErrorCode::ClientCertificate,
+        ErrorCode::QueryShape,
+        ErrorCode::FilterNotAllowed,
     ];
 
     /// The stable identifier, e.g. `E_NOT_AGGREGATE`.
@@ -196,6 +203,8 @@ impl ErrorCode {
             ErrorCode::QueryTimeout => "E_QUERY_TIMEOUT",
             ErrorCode::ResourcesExhausted => "E_RESOURCES",
             ErrorCode::ClientCertificate => "E_CLIENT_CERT",
+            ErrorCode::QueryShape => "E_QUERY_SHAPE",
+            ErrorCode::FilterNotAllowed => "E_FILTER_NOT_ALLOWED",
         }
     }
 
@@ -237,6 +246,8 @@ impl ErrorCode {
             | ErrorCode::GroupingSets
             | ErrorCode::LimitBelowAggregate
             | ErrorCode::Disclosure
+            | ErrorCode::QueryShape
+            | ErrorCode::FilterNotAllowed
             | ErrorCode::PolicyDenied => Code::PermissionDenied,
             ErrorCode::SchemaMismatch => Code::FailedPrecondition,
             ErrorCode::TrustUnavailable => Code::Unavailable,

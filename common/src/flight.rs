@@ -41,8 +41,6 @@ pub const GROUPS_HEADER: &str = "x-tally-groups";
 pub const PROJECT_HEADER: &str = "x-tally-project";
 /// The purpose of a query (also sent by analysts to the gateway).
 pub const PURPOSE_HEADER: &str = "x-tally-purpose";
-/// Response header: the strictest small-number threshold the trust demands.
-pub const MIN_PATIENTS_HEADER: &str = "x-tally-min-patients";
 
 /// Reads one header as text (empty when absent or not text), at most 256 characters.
 pub fn header_text(metadata: &tonic::metadata::MetadataMap, name: &str) -> String {
@@ -258,8 +256,7 @@ pub struct Fetched {
 }
 
 /// Runs `sql` at a Flight SQL server straight from its statement ticket, without a
-/// GetFlightInfo round trip (a Tally node admits, runs and audits each statement once, when
-/// it runs), sending `headers` with the call.
+/// GetFlightInfo round trip, sending `headers` with the call.
 pub async fn run_statement(
     channel: Channel,
     headers: &[(&'static str, String)],
@@ -268,7 +265,22 @@ pub async fn run_statement(
     let ticket = TicketStatementQuery {
         statement_handle: sql.as_bytes().to_vec().into(),
     };
-    let mut request = tonic::Request::new(Ticket::new(ticket.as_any().encode_to_vec()));
+    run_ticket(
+        channel,
+        headers,
+        Ticket::new(ticket.as_any().encode_to_vec()),
+    )
+    .await
+}
+
+/// Redeems `ticket` with `DoGet`, sending `headers`, and collects the batches and how many
+/// bytes crossed the wire for them.
+pub async fn run_ticket(
+    channel: Channel,
+    headers: &[(&'static str, String)],
+    ticket: Ticket,
+) -> Result<Fetched, FlightError> {
+    let mut request = tonic::Request::new(ticket);
     for (name, value) in headers {
         if let Ok(value) = tonic::metadata::MetadataValue::try_from(value.as_str()) {
             request.metadata_mut().insert(*name, value);

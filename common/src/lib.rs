@@ -1,18 +1,18 @@
-//! What the Tally gateway and node agents must agree on: error codes, the checks that form
-//! the privacy floor, the step-aggregation functions and the Flight SQL plumbing.
+//! What the Tally gateway and node agents must agree on: the query model and its
+//! validation, the governance catalogue, the policy engine, error codes, audit logs and
+//! the Flight SQL plumbing.
 
 pub mod admission;
 pub mod audit;
-pub mod checks;
 pub mod error;
-pub mod facts;
 pub mod flight;
 pub mod generalise;
+pub mod governance;
+pub mod model;
 pub mod patients;
 pub mod policy;
 pub mod server;
 pub mod session;
 pub mod tls;
-pub mod udaf;
 
 pub use error::{ErrorCode, TallyError};

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ErrorCode, TallyError};
+use crate::governance::Governance;
 
 /// The rule every decision is read from.
 pub const DECISION_RULE: &str = "data.tally.decision";
@@ -120,6 +121,43 @@ struct Loaded {
     engine: Mutex<regorus::Engine>,
     version: String,
     data: serde_json::Value,
+    governance: Governance,
+}
+
+/// One loaded version of a policy: its files' hash, its catalogue and its rules. A query is
+/// decided, lowered and validated against one snapshot, so a reload mid-query cannot mix
+/// two versions.
+#[derive(Clone)]
+pub struct PolicySnapshot(Arc<Loaded>);
+
+impl std::fmt::Debug for PolicySnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySnapshot")
+            .field("version", &self.0.version)
+            .finish()
+    }
+}
+
+impl PolicySnapshot {
+    /// The version (hash) of the files.
+    pub fn version(&self) -> &str {
+        &self.0.version
+    }
+
+    /// The governance catalogue.
+    pub fn governance(&self) -> &Governance {
+        &self.0.governance
+    }
+
+    /// The merged JSON data of the folder.
+    pub fn data(&self) -> &serde_json::Value {
+        &self.0.data
+    }
+
+    /// Decides on a policy input document. Any failure to decide is a refusal.
+    pub fn decide(&self, input: &serde_json::Value) -> Result<Decision, TallyError> {
+        self.0.evaluate(input)
+    }
 }
 
 /// The policy of one gateway or node, reloadable while queries run.
@@ -198,10 +236,15 @@ fn load(dir: &Path) -> Result<Loaded, PolicyError> {
         }
     }
     let version = hex::encode(&hasher.finalize()[..8]);
+    let governance = Governance::from_policy_data(&data).map_err(|reason| PolicyError {
+        path: dir.join("catalogue.json"),
+        reason,
+    })?;
     let loaded = Loaded {
         engine: Mutex::new(engine),
         version,
         data,
+        governance,
     };
     // A policy that cannot produce a decision is not loaded.
     loaded
@@ -277,9 +320,9 @@ impl Policy {
         self.current().version.clone()
     }
 
-    /// The merged JSON data of the folder (the governance catalogue).
-    pub fn data(&self) -> serde_json::Value {
-        self.current().data.clone()
+    /// The version in force now, to decide one query with.
+    pub fn snapshot(&self) -> PolicySnapshot {
+        PolicySnapshot(self.current())
     }
 
     /// Reloads from disk; on failure the previous policy stays in force and the error is
@@ -300,11 +343,6 @@ impl Policy {
                 Err(err)
             }
         }
-    }
-
-    /// Decides on a policy input document. Any failure to decide is a refusal.
-    pub fn decide(&self, input: &serde_json::Value) -> Result<Decision, TallyError> {
-        self.current().evaluate(input)
     }
 
     /// Watches the folder: reloads when a file changes (checked every `every`) and on SIGHUP.

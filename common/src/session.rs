@@ -1,5 +1,5 @@
 //! The DataFusion session both sides plan with: no information_schema, no file paths as
-//! tables, the state-wrapper aggregates registered.
+//! tables, the generalisers and the capped patient count registered.
 
 use std::sync::Arc;
 
@@ -7,8 +7,6 @@ use datafusion::common::Result;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
-
-use crate::udaf::register_state_udafs;
 
 /// A fresh, locked-down session context with no memory limit.
 pub fn new_context() -> Result<SessionContext> {
@@ -22,7 +20,6 @@ pub fn new_context_in(runtime: Arc<RuntimeEnv>) -> Result<SessionContext> {
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(true);
     let mut ctx = SessionContext::new_with_config_rt(config, runtime);
-    register_state_udafs(&mut ctx)?;
     ctx.register_udaf(crate::patients::patients_upto_udaf());
     crate::generalise::register(&mut ctx)?;
     Ok(ctx)

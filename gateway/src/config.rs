@@ -155,11 +155,11 @@ fn default_project_rate() -> u32 {
 }
 
 fn default_max_sql() -> usize {
-    tally_common::checks::MAX_SQL_BYTES
+    crate::parse::MAX_SQL_BYTES
 }
 
 fn default_max_depth() -> usize {
-    tally_common::checks::MAX_PLAN_DEPTH
+    crate::parse::MAX_PLAN_DEPTH
 }
 
 fn default_query_timeout() -> f64 {

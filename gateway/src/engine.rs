@@ -1,5 +1,7 @@
-//! The gateway's query path: plan with DataFusion, split into per-trust fragments, fan out,
-//! merge, audit.
+//! The gateway's query path, stage by stage: parse ([`crate::parse`]), lower
+//! ([`crate::lower`]), decide ([`tally_common::admission`]), then run the plan, whose
+//! release leaves send ([`crate::send`]), merge ([`crate::merge`]) and release
+//! ([`crate::release`]); every request is audited before it is answered.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,30 +11,32 @@ use arrow::record_batch::RecordBatch;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{DataFrame, SessionContext};
 use serde::Serialize;
-use tally_common::admission::{Origin, Refused, RequestIdentity, admit, policy_input};
+use tally_common::admission::{Origin, Refused, RequestIdentity, decide, policy_input};
 use tally_common::audit::{AuditLog, now_millis};
-use tally_common::checks::{QueryLimits, plan_read_only};
-use tally_common::facts::query_facts;
 use tally_common::flight::TableInfo;
-use tally_common::policy::{Decision, Obligations, Policy};
+use tally_common::model::ReleaseQuery;
+use tally_common::policy::{Decision, Obligations, Policy, PolicySnapshot};
 use tally_common::session::new_context;
 use tally_common::{ErrorCode, TallyError};
 
 use crate::catalogue::{Catalogue, CatalogueSchema};
 use crate::config::GatewayLimits;
 use crate::error::GatewayError;
-use crate::fanout::{FragmentRun, QueryFanout};
 use crate::limits::RateLimiter;
+use crate::lower::{lower, releases_of};
+use crate::parse::{QueryLimits, plan_read_only};
 use crate::planned::{PlanCache, PlannedQuery};
-use crate::split::split;
+use crate::send::{QueryDispatch, ReleaseRun};
 
 /// One line of the gateway's audit log.
 #[derive(Debug, Clone, Serialize)]
 pub struct GatewayAuditRecord {
     /// Milliseconds since the Unix epoch.
     pub time_ms: u64,
-    /// The query id, also sent to every trust (`-` for a request refused before it had one).
+    /// The query id, also sent to every trust.
     pub query_id: String,
+    /// `describe` (GetFlightInfo) or `run` (DoGet).
+    pub step: &'static str,
     /// The analyst's network address.
     pub peer: String,
     /// Who asked, for which project and purpose (empty when authentication failed).
@@ -43,22 +47,22 @@ pub struct GatewayAuditRecord {
     pub policy_version: Option<String>,
     /// The obligations applied, when allowed.
     pub obligations: Option<Obligations>,
-    /// The per-trust SQL, one entry per fragment.
-    pub fragments: Vec<String>,
+    /// Each release as the model the trusts received.
+    pub releases: Vec<ReleaseQuery>,
+    /// Each release rendered as SQL (what the trusts' logs show).
+    pub release_sql: Vec<String>,
     /// Trusts that answered.
     pub trusts: Vec<String>,
-    /// `answered`, `refused` or `failed`.
+    /// `answered`, `described`, `refused` or `failed`.
     pub outcome: &'static str,
     /// Our reason codes when refused or failed.
     pub codes: Vec<String>,
     /// Rows in the answer.
     pub rows: Option<usize>,
-    /// Rows (partial-aggregate groups) received from the trusts.
+    /// Rows (released groups) received from the trusts.
     pub rows_from_trusts: Option<usize>,
     /// Flight message bytes received from the trusts.
     pub bytes_from_trusts: Option<usize>,
-    /// Groups dropped by disclosure control (a count, never which).
-    pub groups_suppressed: Option<usize>,
     /// Wall time in milliseconds.
     pub duration_ms: f64,
     /// Why a request was refused before planning (authentication, project, rate limit).
@@ -74,10 +78,8 @@ pub struct QueryOutcome {
     pub schema: SchemaRef,
     /// The answer.
     pub batches: Vec<RecordBatch>,
-    /// What each trust returned for each fragment.
-    pub runs: Vec<FragmentRun>,
-    /// Groups dropped by disclosure control.
-    pub suppressed: usize,
+    /// What each trust returned for each release.
+    pub runs: Vec<ReleaseRun>,
     /// The version of the policy that allowed the query.
     pub policy_version: String,
     /// Wall time.
@@ -100,10 +102,36 @@ impl QueryOutcome {
 /// What the policy made of a query, without running it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Explanation {
-    /// The policy input document.
-    pub input: serde_json::Value,
-    /// The decision.
-    pub decision: Decision,
+    /// The releases the query lowers to.
+    pub releases: Vec<ReleaseQuery>,
+    /// Each release as SQL.
+    pub release_sql: Vec<String>,
+    /// The policy input document of each release.
+    pub inputs: Vec<serde_json::Value>,
+    /// The decision, or the refusal's code and message.
+    pub decision: Result<Decision, String>,
+}
+
+impl Explanation {
+    /// What `plan` lowers to and what `policy` decides for `identity`.
+    pub fn of(
+        plan: LogicalPlan,
+        policy: &PolicySnapshot,
+        identity: &RequestIdentity,
+    ) -> Result<Self, TallyError> {
+        let governance = policy.governance();
+        let releases = releases_of(plan, governance)?;
+        Ok(Explanation {
+            release_sql: releases.iter().map(|r| r.render_sql(governance)).collect(),
+            inputs: releases
+                .iter()
+                .map(|r| policy_input(identity, Origin::Analyst, r, governance))
+                .collect(),
+            decision: decide(policy, identity, Origin::Analyst, &releases)
+                .map_err(|refused| refused.error.to_string()),
+            releases,
+        })
+    }
 }
 
 /// The gateway's engine.
@@ -124,6 +152,70 @@ pub struct Caller {
     pub peer: String,
     /// Who asked, for which project and purpose.
     pub identity: RequestIdentity,
+}
+
+/// A query planned, lowered and decided, ready to run.
+struct Decided {
+    plan: LogicalPlan,
+    dispatch: Arc<QueryDispatch>,
+    releases: Vec<ReleaseQuery>,
+    release_sql: Vec<String>,
+    decision: Decision,
+}
+
+/// The audit record of one request, written exactly once: by [`AuditGuard::write`], or, if
+/// the request's work ends any other way (a panic, a dropped future), when it is dropped.
+struct AuditGuard {
+    audit: Arc<AuditLog<GatewayAuditRecord>>,
+    record: Option<GatewayAuditRecord>,
+    started: Instant,
+}
+
+impl AuditGuard {
+    fn record(&mut self) -> &mut GatewayAuditRecord {
+        self.record.get_or_insert_with(unreachable_record)
+    }
+
+    /// Writes the record; the answer may be given only if this succeeds.
+    async fn write(mut self) -> Result<(), TallyError> {
+        let mut record = self.record.take().unwrap_or_else(unreachable_record);
+        record.duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        self.audit.write(record).await
+    }
+}
+
+fn unreachable_record() -> GatewayAuditRecord {
+    GatewayAuditRecord {
+        time_ms: now_millis(),
+        query_id: "-".into(),
+        step: "run",
+        peer: String::new(),
+        identity: RequestIdentity::default(),
+        sql: String::new(),
+        policy_version: None,
+        obligations: None,
+        releases: Vec::new(),
+        release_sql: Vec::new(),
+        trusts: Vec::new(),
+        outcome: "failed",
+        codes: vec![ErrorCode::Internal.to_string()],
+        rows: None,
+        rows_from_trusts: None,
+        bytes_from_trusts: None,
+        duration_ms: 0.0,
+        detail: None,
+    }
+}
+
+impl Drop for AuditGuard {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.outcome = "failed";
+            record.codes = vec!["CANCELLED".into()];
+            record.duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
+            let _ = self.audit.append(record);
+        }
+    }
 }
 
 impl Gateway {
@@ -181,172 +273,144 @@ impl Gateway {
         self.catalogue.snapshot().table_infos()
     }
 
-    fn trust_codes(&self) -> Vec<String> {
-        self.catalogue
-            .trusts()
-            .iter()
-            .map(|t| t.code.clone())
-            .collect()
+    fn guard(&self, caller: &Caller, sql: &str, query_id: &str, step: &'static str) -> AuditGuard {
+        AuditGuard {
+            audit: self.audit.clone(),
+            record: Some(GatewayAuditRecord {
+                time_ms: now_millis(),
+                query_id: query_id.to_string(),
+                step,
+                peer: caller.peer.clone(),
+                identity: caller.identity.clone(),
+                sql: sql.to_string(),
+                outcome: "refused",
+                codes: Vec::new(),
+                ..unreachable_record()
+            }),
+            started: Instant::now(),
+        }
     }
 
-    /// Admits `sql` for `identity` and splits it into fragments.
-    async fn plan(
+    /// Parses, lowers and decides `sql` for `identity` under one policy snapshot.
+    async fn decide(
         &self,
         identity: &RequestIdentity,
         sql: &str,
         query_id: &str,
-    ) -> Result<(LogicalPlan, Arc<QueryFanout>), Refused> {
-        let admitted = self.admit(identity, sql, query_id).await?;
-        let fanout = Arc::new(QueryFanout::new(
+        policy: &PolicySnapshot,
+    ) -> Result<Decided, Refused> {
+        let plan = plan_read_only(&self.ctx.state(), sql).await?;
+        let dispatch = Arc::new(QueryDispatch::new(
             query_id.to_string(),
             self.catalogue.clone(),
             identity.clone(),
-            admitted.decision.obligations.clone(),
         ));
-        let plan = split(admitted.plan, &fanout, &self.policy.data()).map_err(|error| Refused {
-            error,
-            decision: Some(Box::new(admitted.decision)),
-        })?;
-        Ok((plan, fanout))
+        let (plan, releases) = lower(plan, policy.governance(), &dispatch)?;
+        let decision = decide(policy, identity, Origin::Analyst, &releases)?;
+        dispatch.bind(decision.obligations.clone());
+        let release_sql = releases
+            .iter()
+            .map(|r| r.render_sql(policy.governance()))
+            .collect();
+        Ok(Decided {
+            plan,
+            dispatch,
+            releases,
+            release_sql,
+            decision,
+        })
     }
 
-    /// Plans `sql` and asks the policy; nothing is split or sent yet.
-    async fn admit(
-        &self,
-        identity: &RequestIdentity,
-        sql: &str,
-        query_id: &str,
-    ) -> Result<tally_common::admission::Admitted, Refused> {
-        admit(
-            &self.ctx.state(),
-            sql,
-            &self.policy,
-            identity,
-            query_id,
-            self.trust_codes(),
-            Origin::Analyst,
-        )
-        .await
-    }
-
-    /// The policy input and decision for `sql`, without running it.
+    /// The releases, policy inputs and decision for `sql`, without running it.
     pub async fn explain(
         &self,
         identity: &RequestIdentity,
         sql: &str,
     ) -> Result<Explanation, TallyError> {
-        let planned = plan_read_only(&self.ctx.state(), sql).await?;
-        let facts = query_facts(
-            sql,
-            &planned.plan,
-            &planned.syntax,
-            &self.policy.data(),
-            self.trust_codes(),
-            &[],
-        );
-        let input = policy_input(identity, "explain", &self.policy.version(), &facts);
-        let decision = self.policy.decide(&input)?;
-        Ok(Explanation { input, decision })
-    }
-
-    /// A fresh audit record for a query, before anything is known of its outcome.
-    fn new_record(&self, caller: &Caller, sql: &str, query_id: &str) -> GatewayAuditRecord {
-        GatewayAuditRecord {
-            time_ms: now_millis(),
-            query_id: query_id.to_string(),
-            peer: caller.peer.clone(),
-            identity: caller.identity.clone(),
-            sql: sql.to_string(),
-            policy_version: None,
-            obligations: None,
-            fragments: Vec::new(),
-            trusts: Vec::new(),
-            outcome: "refused",
-            codes: Vec::new(),
-            rows: None,
-            rows_from_trusts: None,
-            bytes_from_trusts: None,
-            groups_suppressed: None,
-            duration_ms: 0.0,
-            detail: None,
-        }
+        let policy = self.policy.snapshot();
+        let plan = plan_read_only(&self.ctx.state(), sql).await?;
+        Explanation::of(plan, &policy, identity)
     }
 
     /// Records a request refused before it reached the planner (credentials, project
     /// membership) and returns the error for the analyst.
-    pub fn audit_rejected_request(
+    pub async fn audit_rejected_request(
         &self,
         caller: &Caller,
         sql: &str,
         error: TallyError,
     ) -> TallyError {
-        let mut record = self.new_record(caller, sql, &new_query_id());
+        let mut guard = self.guard(caller, sql, &new_query_id(), "run");
+        let record = guard.record();
         record.codes = vec![error.code.to_string()];
         record.detail = Some(error.message.clone());
-        self.audit.append(record);
-        error
+        match guard.write().await {
+            Ok(()) => error,
+            Err(audit) => audit,
+        }
     }
 
-    /// Records a refusal (with the policy's reason codes when it decided) and returns the
-    /// error for the analyst.
-    fn audit_refusal(
-        &self,
-        mut record: GatewayAuditRecord,
-        refused: Refused,
-        started: Instant,
-    ) -> TallyError {
+    /// Fills in a refusal (with the policy's reason codes when it decided), writes the record
+    /// and returns the error for the analyst.
+    async fn refuse(&self, mut guard: AuditGuard, refused: Refused) -> TallyError {
+        let record = guard.record();
         record.policy_version = refused.decision.as_ref().map(|d| d.policy_version.clone());
         record.codes = refused.codes();
-        record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
-        self.audit.append(record);
-        refused.error
-    }
-
-    /// Plans `sql` for `caller`, auditing a refusal.
-    async fn plan_or_refuse(
-        &self,
-        caller: &Caller,
-        sql: &str,
-    ) -> Result<(LogicalPlan, Arc<QueryFanout>), TallyError> {
-        let started = Instant::now();
-        let query_id = new_query_id();
-        self.plan(&caller.identity, sql, &query_id)
-            .await
-            .map_err(|refused| {
-                let record = self.new_record(caller, sql, &query_id);
-                self.audit_refusal(record, refused, started)
-            })
+        match guard.write().await {
+            Ok(()) => refused.error,
+            Err(audit) => audit,
+        }
     }
 
     /// Plans `sql` without running it: the answer's schema, or why it is refused.
     pub async fn describe(&self, caller: &Caller, sql: &str) -> Result<SchemaRef, TallyError> {
-        // The split plan's schema is the one the run streams (types and nullability after
-        // merging), which strict clients such as ADBC check against.
-        let (plan, _) = self.plan_or_refuse(caller, sql).await?;
-        Ok(Arc::new(plan.schema().as_arrow().clone()))
+        self.describe_statement(caller, sql)
+            .await
+            .map(|(schema, _)| schema)
     }
 
-    /// Plans `sql` for a statement: its schema and the ticket that runs it, which names the
-    /// plan kept for that run (see [`crate::planned`]).
+    /// Plans `sql` for a statement (GetFlightInfo): rate-limited, decided and audited like a
+    /// run; returns its schema and the ticket that runs it, naming the plan kept for that
+    /// run (see [`crate::planned`]).
     pub async fn describe_statement(
         &self,
         caller: &Caller,
         sql: &str,
     ) -> Result<(SchemaRef, Vec<u8>), TallyError> {
-        let (plan, fanout) = self.plan_or_refuse(caller, sql).await?;
-        let schema = Arc::new(plan.schema().as_arrow().clone());
+        let query_id = new_query_id();
+        let mut guard = self.guard(caller, sql, &query_id, "describe");
+        if let Err(error) = self.rates.admit(&caller.identity) {
+            return Err(self.refuse(guard, error.into()).await);
+        }
+        let policy = self.policy.snapshot();
+        let decided = match self.decide(&caller.identity, sql, &query_id, &policy).await {
+            Ok(decided) => decided,
+            Err(refused) => return Err(self.refuse(guard, refused).await),
+        };
+        let record = guard.record();
+        record.outcome = "described";
+        record.policy_version = Some(policy.version().to_string());
+        record.obligations = Some(decided.decision.obligations.clone());
+        record.releases = decided.releases.clone();
+        record.release_sql = decided.release_sql.clone();
+        guard.write().await?;
+        let schema = Arc::new(decided.plan.schema().as_arrow().clone());
         let ticket = self.plans.keep(PlannedQuery {
             identity: caller.identity.clone(),
             sql: sql.to_string(),
-            policy_version: self.policy.version(),
-            plan,
-            fanout,
+            policy_version: policy.version().to_string(),
+            plan: decided.plan,
+            dispatch: decided.dispatch,
+            releases: decided.releases,
+            release_sql: decided.release_sql,
+            obligations: decided.decision.obligations,
         });
         Ok((schema, ticket))
     }
 
-    /// Runs `sql` for `caller` and records the outcome in the audit log; `plan` names the plan
-    /// kept when the statement was described, used if it is still valid.
+    /// Runs `sql` for `caller` and records the outcome in the audit log before answering;
+    /// `plan` names the plan kept when the statement was described (already rate-limited and
+    /// decided), used if it is still valid.
     pub async fn run(
         &self,
         caller: &Caller,
@@ -354,48 +418,61 @@ impl Gateway {
         plan: Option<&str>,
     ) -> Result<QueryOutcome, TallyError> {
         let started = Instant::now();
+        let policy = self.policy.snapshot();
         let kept = plan.and_then(|handle| {
             self.plans
-                .take(handle, &caller.identity, sql, &self.policy.version())
+                .take(handle, &caller.identity, sql, policy.version())
         });
         let query_id = kept
             .as_ref()
-            .map_or_else(new_query_id, |k| k.fanout.query_id.clone());
-        let mut record = self.new_record(caller, sql, &query_id);
-        if let Err(error) = self.rates.admit(&caller.identity) {
-            let refused = Refused {
-                error,
-                decision: None,
-            };
-            return Err(self.audit_refusal(record, refused, started));
-        }
-        let (plan, fanout) = match kept {
-            Some(kept) => (kept.plan, kept.fanout),
-            None => match self.plan(&caller.identity, sql, &query_id).await {
-                Ok(planned) => planned,
-                Err(refused) => return Err(self.audit_refusal(record, refused, started)),
+            .map_or_else(new_query_id, |k| k.dispatch.query_id.clone());
+        let mut guard = self.guard(caller, sql, &query_id, "run");
+        let decided = match kept {
+            Some(kept) => Decided {
+                plan: kept.plan,
+                dispatch: kept.dispatch,
+                releases: kept.releases,
+                release_sql: kept.release_sql,
+                decision: Decision {
+                    allow: true,
+                    reasons: Vec::new(),
+                    obligations: kept.obligations,
+                    policy_version: kept.policy_version,
+                },
             },
+            None => {
+                if let Err(error) = self.rates.admit(&caller.identity) {
+                    return Err(self.refuse(guard, error.into()).await);
+                }
+                match self.decide(&caller.identity, sql, &query_id, &policy).await {
+                    Ok(decided) => decided,
+                    Err(refused) => return Err(self.refuse(guard, refused).await),
+                }
+            }
         };
-        record.policy_version = Some(self.policy.version());
-        record.obligations = Some(fanout.obligations().clone());
-        let result = tokio::time::timeout(self.query_timeout, self.execute(plan, &fanout))
-            .await
-            .unwrap_or_else(|_| {
-                Err(TallyError::new(
-                    ErrorCode::QueryTimeout,
-                    format!(
-                        "the query took longer than the gateway's limit of {:.0} s",
-                        self.query_timeout.as_secs_f64()
-                    ),
-                ))
-            });
-        let runs = fanout.runs();
-        record.fragments = runs.iter().map(|r| r.sql.clone()).collect();
-        record.fragments.dedup();
+        let record = guard.record();
+        record.policy_version = Some(policy.version().to_string());
+        record.obligations = Some(decided.decision.obligations.clone());
+        record.releases = decided.releases.clone();
+        record.release_sql = decided.release_sql.clone();
+        let dispatch = decided.dispatch.clone();
+        let result =
+            tokio::time::timeout(self.query_timeout, self.execute(decided.plan, &dispatch))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(TallyError::new(
+                        ErrorCode::QueryTimeout,
+                        format!(
+                            "the query took longer than the gateway's limit of {:.0} s",
+                            self.query_timeout.as_secs_f64()
+                        ),
+                    ))
+                });
+        let runs = dispatch.runs();
+        let record = guard.record();
         record.trusts = runs.iter().map(|r| r.trust.clone()).collect();
         record.trusts.sort();
         record.trusts.dedup();
-        record.groups_suppressed = Some(fanout.suppressed());
         record.rows_from_trusts = Some(runs.iter().map(|r| r.rows).sum());
         record.bytes_from_trusts = Some(runs.iter().map(|r| r.bytes).sum());
         match &result {
@@ -412,17 +489,14 @@ impl Gateway {
                 record.codes = vec![err.code.to_string()];
             }
         }
-        record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
-        let policy_version = record.policy_version.clone().unwrap_or_default();
-        self.audit.append(record);
+        guard.write().await?;
         let (schema, batches) = result?;
         Ok(QueryOutcome {
             query_id,
             schema,
             batches,
             runs,
-            suppressed: fanout.suppressed(),
-            policy_version,
+            policy_version: policy.version().to_string(),
             elapsed: started.elapsed(),
         })
     }
@@ -430,14 +504,14 @@ impl Gateway {
     async fn execute(
         &self,
         plan: LogicalPlan,
-        fanout: &Arc<QueryFanout>,
+        dispatch: &Arc<QueryDispatch>,
     ) -> Result<(SchemaRef, Vec<RecordBatch>), TallyError> {
         let frame = DataFrame::new(self.ctx.state(), plan);
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
         let batches = frame
             .collect()
             .await
-            .map_err(|e| TallyError::from_execution(e, &fanout.query_id))?;
+            .map_err(|e| TallyError::from_execution(e, &dispatch.query_id))?;
         Ok((schema, batches))
     }
 }

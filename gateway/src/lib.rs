@@ -1,21 +1,25 @@
 //! Tally gateway: answers analysts' SQL with aggregates computed where the data lives.
 //!
-//! It plans each query with DataFusion, splits it at the lowest aggregate into per-trust SQL,
-//! sends that to every trust's node agent in parallel, merges the partial aggregates and runs
-//! whatever the query does after aggregating.
+//! Stage by stage, one file each: `parse` (SQL to a DataFusion plan), `lower` (aggregates over
+//! the trusts' tables to releases of the query model, refusing what the model cannot say),
+//! decide (`tally_common::admission`, the policy over the model), `send` (each release to
+//! every trust), `merge` (the trusts' partials) and `release` (the plan leaf that applies
+//! disclosure control); `engine` runs them in order and audits.
 
 pub mod auth;
 pub mod catalogue;
 pub mod config;
 pub mod engine;
 pub mod error;
-pub mod fanout;
 pub mod jwt;
 pub mod limits;
+pub mod lower;
 pub mod merge;
+pub mod parse;
 pub mod planned;
+pub mod release;
+pub mod send;
 pub mod service;
-pub mod split;
 pub mod trusts;
 
 use std::net::SocketAddr;
@@ -35,9 +39,7 @@ pub use config::{
 pub use engine::{Caller, Explanation, Gateway, GatewayAuditRecord, QueryOutcome};
 pub use error::GatewayError;
 pub use jwt::JwtVerifier;
-pub use service::{
-    ELAPSED_HEADER, GatewayService, POLICY_VERSION_HEADER, SUPPRESSED_HEADER, TRUSTS_HEADER,
-};
+pub use service::{GatewayService, POLICY_VERSION_HEADER, TRUSTS_HEADER};
 
 /// How often the policy folder is checked for changes.
 const POLICY_POLL: std::time::Duration = std::time::Duration::from_secs(1);

@@ -1,5 +1,5 @@
 //! Plans made to describe a statement (Flight SQL `GetFlightInfo`), kept for the `DoGet`
-//! that follows, so each query is parsed, planned, decided and split once rather than twice.
+//! that follows, so each query is parsed, planned, lowered and decided once rather than twice.
 //!
 //! A plan is handed out at most once, only to the identity it was made for, only while the
 //! policy that decided it is still in force, and only within [`PLAN_TTL`]; otherwise the
@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use datafusion::logical_expr::LogicalPlan;
 use tally_common::admission::RequestIdentity;
 
-use crate::fanout::QueryFanout;
+use tally_common::model::ReleaseQuery;
+use tally_common::policy::Obligations;
+
+use crate::send::QueryDispatch;
 
 /// How long a described plan waits for its `DoGet`.
 pub const PLAN_TTL: Duration = Duration::from_secs(30);
@@ -33,10 +36,16 @@ pub struct PlannedQuery {
     pub sql: String,
     /// The version of the policy that decided it.
     pub policy_version: String,
-    /// The split plan.
+    /// The lowered plan.
     pub plan: LogicalPlan,
-    /// The fan-out the plan's merged fragments run through (it holds the query id).
-    pub fanout: Arc<QueryFanout>,
+    /// The dispatch its releases run through (it holds the query id).
+    pub dispatch: Arc<QueryDispatch>,
+    /// The releases, for the audit record.
+    pub releases: Vec<ReleaseQuery>,
+    /// The releases as SQL.
+    pub release_sql: Vec<String>,
+    /// The obligations the policy set.
+    pub obligations: Obligations,
 }
 
 /// The kept plans, oldest first.

@@ -34,10 +34,6 @@ use crate::planned::parse_ticket;
 
 /// Response header listing the trusts that answered, comma-separated.
 pub const TRUSTS_HEADER: &str = "x-tally-trusts";
-/// Response header with the gateway's wall time for the query, in milliseconds.
-pub const ELAPSED_HEADER: &str = "x-tally-elapsed-ms";
-/// Response header: how many groups disclosure control dropped (never which).
-pub const SUPPRESSED_HEADER: &str = "x-tally-suppressed";
 /// Response header: the version of the policy that allowed the query.
 pub const POLICY_VERSION_HEADER: &str = "x-tally-policy-version";
 
@@ -59,7 +55,7 @@ impl GatewayService {
 
     /// Who is calling: bearer token (or JWT), then the project and purpose the request
     /// names (or the user's defaults). A refusal is audited with the `sql` it carried.
-    fn identify<T>(&self, request: &Request<T>, sql: &str) -> Result<Caller, Status> {
+    async fn identify<T>(&self, request: &Request<T>, sql: &str) -> Result<Caller, Status> {
         let metadata = request.metadata();
         let peer = request
             .remote_addr()
@@ -72,7 +68,7 @@ impl GatewayService {
         };
         let identity = match self.users.bearer(metadata) {
             Ok(identity) => identity,
-            Err(error) => return Err(self.refuse(&caller, sql, error)),
+            Err(error) => return Err(self.refuse(&caller, sql, error).await),
         };
         caller.identity.user = identity.user.clone();
         match identity.for_request(&project, &purpose) {
@@ -80,14 +76,15 @@ impl GatewayService {
                 caller.identity = resolved;
                 Ok(caller)
             }
-            Err(error) => Err(self.refuse(&caller, sql, error)),
+            Err(error) => Err(self.refuse(&caller, sql, error).await),
         }
     }
 
-    fn refuse(&self, caller: &Caller, sql: &str, error: TallyError) -> Status {
+    async fn refuse(&self, caller: &Caller, sql: &str, error: TallyError) -> Status {
         tracing::info!(peer = %caller.peer, code = %error.code, "request refused before planning");
         self.gateway
             .audit_rejected_request(caller, sql, error)
+            .await
             .to_status()
     }
 
@@ -111,11 +108,6 @@ impl GatewayService {
         for (name, value) in [
             (QUERY_ID_HEADER, outcome.query_id.clone()),
             (TRUSTS_HEADER, outcome.trusts().join(",")),
-            (
-                ELAPSED_HEADER,
-                format!("{:.3}", outcome.elapsed.as_secs_f64() * 1e3),
-            ),
-            (SUPPRESSED_HEADER, outcome.suppressed.to_string()),
             (POLICY_VERSION_HEADER, outcome.policy_version.clone()),
         ] {
             if let Ok(value) = MetadataValue::from_str(&value) {
@@ -149,13 +141,16 @@ impl FlightSqlService for GatewayService {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".into(), |a| a.to_string());
-        let (identity, token) = self.users.handshake(request.metadata()).map_err(|error| {
-            let caller = Caller {
-                peer,
-                identity: Default::default(),
-            };
-            self.refuse(&caller, "", error)
-        })?;
+        let (identity, token) = match self.users.handshake(request.metadata()) {
+            Ok(signed_in) => signed_in,
+            Err(error) => {
+                let caller = Caller {
+                    peer,
+                    identity: Default::default(),
+                };
+                return Err(self.refuse(&caller, "", error).await);
+            }
+        };
         tracing::info!(user = %identity.user, "analyst authenticated");
         let reply = HandshakeResponse {
             protocol_version: 0,
@@ -176,7 +171,7 @@ impl FlightSqlService for GatewayService {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let caller = self.identify(&request, &query.query)?;
+        let caller = self.identify(&request, &query.query).await?;
         let (schema, ticket) = self
             .gateway
             .describe_statement(&caller, &query.query)
@@ -198,7 +193,7 @@ impl FlightSqlService for GatewayService {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let text = ticket_sql(&ticket.statement_handle)?;
         let (plan, sql) = parse_ticket(&text);
-        let caller = self.identify(&request, sql)?;
+        let caller = self.identify(&request, sql).await?;
         self.answer(&caller, sql, plan).await
     }
 
@@ -207,7 +202,7 @@ impl FlightSqlService for GatewayService {
         query: ActionCreatePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let caller = self.identify(&request, &query.query)?;
+        let caller = self.identify(&request, &query.query).await?;
         let schema = self.gateway.describe(&caller, &query.query).await?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: query.query.into_bytes().into(),
@@ -221,7 +216,7 @@ impl FlightSqlService for GatewayService {
         _query: ActionClosePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<(), Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         Ok(())
     }
 
@@ -230,7 +225,7 @@ impl FlightSqlService for GatewayService {
         query: CommandPreparedStatementQuery,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         let mut stream = request.into_inner();
         while let Some(message) = stream.next().await {
             if !message?.data_body.is_empty() {
@@ -252,7 +247,7 @@ impl FlightSqlService for GatewayService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let sql = ticket_sql(&query.prepared_statement_handle)?;
-        let caller = self.identify(&request, &sql)?;
+        let caller = self.identify(&request, &sql).await?;
         let schema = self.gateway.describe(&caller, &sql).await?;
         Ok(Response::new(flight_info(
             &schema,
@@ -267,7 +262,7 @@ impl FlightSqlService for GatewayService {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let sql = ticket_sql(&query.prepared_statement_handle)?;
-        let caller = self.identify(&request, &sql)?;
+        let caller = self.identify(&request, &sql).await?;
         self.answer(&caller, &sql, None).await
     }
 
@@ -276,7 +271,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         Ok(Response::new(
             MetadataRequest::Catalogs(query).flight_info(request.into_inner())?,
         ))
@@ -287,7 +282,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         Ok(Response::new(
             MetadataRequest::Schemas(query).flight_info(request.into_inner())?,
         ))
@@ -298,7 +293,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         Ok(Response::new(
             MetadataRequest::Tables(query).flight_info(request.into_inner())?,
         ))
@@ -309,7 +304,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         Ok(Response::new(
             MetadataRequest::TableTypes(query).flight_info(request.into_inner())?,
         ))
@@ -320,7 +315,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         Ok(Response::new(
             MetadataRequest::SqlInfo(query).flight_info(request.into_inner())?,
         ))
@@ -331,7 +326,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetCatalogs,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         self.metadata(MetadataRequest::Catalogs(query))
     }
 
@@ -340,7 +335,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetDbSchemas,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         self.metadata(MetadataRequest::Schemas(query))
     }
 
@@ -349,7 +344,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTables,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         self.metadata(MetadataRequest::Tables(query))
     }
 
@@ -358,7 +353,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTableTypes,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         self.metadata(MetadataRequest::TableTypes(query))
     }
 
@@ -367,7 +362,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetSqlInfo,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request, "")?;
+        self.identify(&request, "").await?;
         self.metadata(MetadataRequest::SqlInfo(query))
     }
 

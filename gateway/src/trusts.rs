@@ -7,9 +7,9 @@ use arrow::record_batch::RecordBatch;
 use arrow_flight::error::FlightError;
 use tally_common::admission::RequestIdentity;
 use tally_common::flight::{
-    MIN_PATIENTS_HEADER, QUERY_ID_HEADER, SqlClient, TableInfo, header_text, http_url,
-    identity_headers, list_tables, run_statement,
+    QUERY_ID_HEADER, SqlClient, TableInfo, http_url, identity_headers, list_tables, run_ticket,
 };
+use tally_common::model::ReleaseRequest;
 use tally_common::tls::client_tls;
 use tally_common::{ErrorCode, TallyError};
 use tonic::Code;
@@ -40,8 +40,6 @@ pub struct TrustAnswer {
     pub wire_bytes: usize,
     /// Wall time of the call.
     pub elapsed: Duration,
-    /// The small-number threshold the trust demands (0 when it states none).
-    pub min_patients: u64,
 }
 
 impl Trust {
@@ -97,10 +95,10 @@ impl Trust {
         self.bounded(list_tables(&mut client)).await
     }
 
-    /// Runs one per-trust query on behalf of `identity` and collects its partial result.
+    /// Runs one release on behalf of `identity` and collects the trust's protected partials.
     pub async fn run(
         &self,
-        sql: &str,
+        request: &ReleaseRequest,
         query_id: &str,
         identity: &RequestIdentity,
     ) -> Result<TrustAnswer, TallyError> {
@@ -108,17 +106,17 @@ impl Trust {
         let mut headers = identity_headers(identity);
         headers.push((QUERY_ID_HEADER, query_id.to_string()));
         let fetched = self
-            .bounded(run_statement(self.channel.clone(), &headers, sql))
+            .bounded(run_ticket(
+                self.channel.clone(),
+                &headers,
+                request.to_ticket(),
+            ))
             .await?;
-        let min_patients = header_text(&fetched.headers, MIN_PATIENTS_HEADER)
-            .parse()
-            .unwrap_or(0);
         Ok(TrustAnswer {
             trust: self.code.clone(),
             batches: fetched.batches,
             wire_bytes: fetched.wire_bytes,
             elapsed: started.elapsed(),
-            min_patients,
         })
     }
 
@@ -133,61 +131,70 @@ impl Trust {
         }
     }
 
+    /// A trust that did not answer in time. The trust is not named: how long a query runs
+    /// at a trust may depend on its data.
     fn timed_out(&self) -> TallyError {
+        tracing::warn!(trust = %self.code, "trust did not answer in time");
         TallyError::new(
             ErrorCode::TrustTimeout,
             format!(
-                "trust {} ({}) did not answer within {:.0} s",
-                self.code,
-                self.name,
+                "a trust did not answer within {:.0} s",
                 self.request_timeout.as_secs_f64()
             ),
         )
     }
 
-    /// Turns a failed call into an error naming the trust. A node's own reason code is kept;
-    /// any other text from the node is not passed on.
+    /// Turns a failed call into one of our errors. Refusals (which depend on the query, the
+    /// identity and the trust's policy only) keep the trust's reason code and name the
+    /// trust; failures and timeouts, which could depend on the data, are one generic code
+    /// that names no trust; unreachable trusts are named. No other text from the node is
+    /// passed on.
     fn describe_failure(&self, err: FlightError) -> TallyError {
+        let failed = || {
+            TallyError::new(
+                ErrorCode::TrustFailed,
+                "a trust failed to run the query; its audit log has the details",
+            )
+        };
         let status = match err {
             FlightError::Tonic(status) => *status,
-            other => {
-                tracing::warn!(trust = %self.code, error = %other, "unexpected answer from trust");
-                return TallyError::new(
-                    ErrorCode::TrustProtocol,
-                    format!(
-                        "trust {} ({}) sent an answer Tally cannot read",
-                        self.code, self.name
-                    ),
-                );
+            FlightError::Arrow(_)
+            | FlightError::NotYetImplemented(_)
+            | FlightError::ProtocolError(_)
+            | FlightError::DecodeError(_)
+            | FlightError::ExternalError(_) => {
+                tracing::warn!(trust = %self.code, error = %err, "unreadable answer from trust");
+                return failed();
             }
         };
         if let Some(reason) = TallyError::from_status(&status) {
-            let (code, verb) = match reason.code {
-                ErrorCode::Execution | ErrorCode::Internal | ErrorCode::ResourcesExhausted => {
-                    (ErrorCode::TrustFailed, "failed to run")
-                }
-                ErrorCode::QueryTimeout => (ErrorCode::TrustTimeout, "stopped"),
-                _ => (ErrorCode::TrustRefused, "refused"),
-            };
-            return TallyError::new(
-                code,
-                format!(
-                    "trust {} ({}) {verb} the query: {reason}",
-                    self.code, self.name
+            tracing::info!(trust = %self.code, code = %reason.code, "trust did not answer");
+            return match reason.code {
+                ErrorCode::QueryTimeout => self.timed_out(),
+                ErrorCode::Execution
+                | ErrorCode::Internal
+                | ErrorCode::ResourcesExhausted
+                | ErrorCode::TrustFailed
+                | ErrorCode::TrustProtocol => failed(),
+                refused => TallyError::new(
+                    ErrorCode::TrustRefused,
+                    format!(
+                        "trust {} ({}) refused the query: {}",
+                        self.code,
+                        self.name,
+                        TallyError::new(refused, reason.message.clone())
+                    ),
                 ),
-            );
+            };
         }
         tracing::warn!(trust = %self.code, status = ?status, "trust call failed");
         match status.code() {
             Code::DeadlineExceeded | Code::Cancelled => self.timed_out(),
-            Code::Unavailable | Code::Unknown => TallyError::new(
+            Code::Unavailable => TallyError::new(
                 ErrorCode::TrustUnavailable,
                 format!("trust {} ({}) could not be reached", self.code, self.name),
             ),
-            _ => TallyError::new(
-                ErrorCode::TrustFailed,
-                format!("trust {} ({}) failed to answer", self.code, self.name),
-            ),
+            _ => failed(),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod opt_out;
+pub mod release;
 pub mod service;
 pub mod tables;
 
@@ -105,6 +106,7 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         None => AuditLog::in_memory(),
     });
     let service = NodeService::new(
+        config.trust.code.clone(),
         Contexts {
             full,
             opted_out: excluded.is_some().then_some(opted_out),
@@ -155,7 +157,7 @@ fn transport(
     .map_err(|e| NodeError::Tls(e.to_string()))?;
     let audit = audit.clone();
     let on_refused = Arc::new(move |refused: RefusedConnection| {
-        audit.append(NodeAuditRecord::refused_connection(&refused));
+        let _ = audit.append(NodeAuditRecord::refused_connection(&refused));
     });
     Ok(Transport::Tls(server, on_refused))
 }

@@ -1,9 +1,10 @@
-//! The node's Flight SQL service. Every statement is planned here, with the node's own
-//! DataFusion context, checked against the floor (read-only, aggregates only) and the
-//! trust's own policy both when it is described (`GetFlightInfo`) and when it is run
-//! (`DoGet`): a ticket is never trusted. The trust applies its own obligations: the
-//! National Data Opt-out whenever its policy says so, whatever the gateway asked, and it
-//! reports its small-number threshold with every result.
+//! The node's Flight service. It answers only release requests (a query model in a
+//! `DoGet` ticket), never SQL text: each is validated against the trust's own catalogue,
+//! decided by the trust's own policy for the identity, checked against the project's
+//! trusts, and planned by the node itself ([`crate::release`]). The trust applies its own
+//! obligations whatever the gateway asked: the National Data Opt-out whenever its policy
+//! says so, and its own small-number threshold (or the gateway's, if stricter). Every
+//! request, refused or answered, is audited before the answer is sent.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,23 +18,23 @@ use arrow_flight::sql::{
     CommandGetTables, CommandStatementQuery, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{FlightDescriptor, FlightInfo, HandshakeRequest, HandshakeResponse, Ticket};
-use std::str::FromStr;
 
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
-use tally_common::admission::{Admitted, Origin, Refused, RequestIdentity, admit};
+use tally_common::admission::{Origin, Refused, RequestIdentity, decide};
 use tally_common::audit::{AuditLog, now_millis};
-use tally_common::checks::{check_aggregate_only, plan_read_only};
 use tally_common::flight::{
-    FlightDataStream, MIN_PATIENTS_HEADER, MetadataRequest, QUERY_ID_HEADER, TableInfo,
-    encode_batches, flight_info, header_text, identity_from_headers, ticket_sql,
+    FlightDataStream, MetadataRequest, QUERY_ID_HEADER, TableInfo, encode_batches, header_text,
+    identity_from_headers,
 };
+use tally_common::model::{ReleaseQuery, ReleaseRequest};
 use tally_common::policy::{Decision, Policy};
 use tally_common::tls::{RefusedConnection, certificate_identity};
 use tally_common::{ErrorCode, TallyError};
-use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::release::build_plan;
 
 /// One line of the trust's own audit log.
 #[derive(Debug, Clone, Serialize)]
@@ -48,10 +49,12 @@ pub struct NodeAuditRecord {
     pub gateway: Option<String>,
     /// Who the caller says is asking, and why.
     pub identity: RequestIdentity,
-    /// `connect` (a refused connection), `describe` (GetFlightInfo) or `run` (DoGet).
+    /// `connect` (a refused connection) or `release` (a release request).
     pub step: &'static str,
-    /// The SQL as received.
+    /// The release received, as readable SQL (empty when none could be read).
     pub sql: String,
+    /// The release received, as the model.
+    pub release: Option<ReleaseQuery>,
     /// `answered`, `refused` or `failed`.
     pub outcome: &'static str,
     /// Our reason codes when refused or failed.
@@ -81,6 +84,7 @@ impl NodeAuditRecord {
             identity: RequestIdentity::default(),
             step: "connect",
             sql: String::new(),
+            release: None,
             outcome: "refused",
             codes: vec![ErrorCode::ClientCertificate.to_string()],
             policy_version: None,
@@ -105,6 +109,7 @@ pub struct Contexts {
 /// The Flight SQL service of one trust.
 #[derive(Clone)]
 pub struct NodeService {
+    trust: String,
     contexts: Contexts,
     tables: Arc<Vec<TableInfo>>,
     policy: Arc<Policy>,
@@ -119,6 +124,7 @@ struct RequestContext {
     gateway: Option<String>,
     identity: RequestIdentity,
     sql: String,
+    release: Option<ReleaseQuery>,
     started: Instant,
 }
 
@@ -132,7 +138,7 @@ struct Outcome {
 }
 
 impl RequestContext {
-    fn new<T>(request: &Request<T>, sql: String) -> Self {
+    fn new<T>(request: &Request<T>) -> Self {
         let query_id = header_text(request.metadata(), QUERY_ID_HEADER);
         RequestContext {
             query_id: if query_id.is_empty() {
@@ -147,7 +153,8 @@ impl RequestContext {
                 .peer_certs()
                 .and_then(|certs| certs.first().and_then(certificate_identity)),
             identity: identity_from_headers(request.metadata()),
-            sql,
+            sql: String::new(),
+            release: None,
             started: Instant::now(),
         }
     }
@@ -167,6 +174,7 @@ impl RequestContext {
             identity: self.identity.clone(),
             step,
             sql: self.sql.clone(),
+            release: self.release.clone(),
             outcome: label,
             codes: outcome.codes,
             policy_version: outcome.decision.as_ref().map(|d| d.policy_version.clone()),
@@ -186,9 +194,10 @@ impl RequestContext {
 }
 
 impl NodeService {
-    /// A service over `contexts`, whose tables are listed in `tables`, deciding with
-    /// `policy`; each query may run for `query_timeout`.
+    /// The service of trust `trust` over `contexts`, whose tables are listed in `tables`,
+    /// deciding with `policy`; each query may run for `query_timeout`.
     pub fn new(
+        trust: String,
         contexts: Contexts,
         tables: Vec<TableInfo>,
         policy: Arc<Policy>,
@@ -196,50 +205,13 @@ impl NodeService {
         query_timeout: Duration,
     ) -> Self {
         NodeService {
+            trust,
             contexts,
             tables: Arc::new(tables),
             policy,
             audit,
             query_timeout,
         }
-    }
-
-    /// The floor, the trust's own policy, and the aggregate-only check; refusals are
-    /// audited before they are returned.
-    async fn admit(
-        &self,
-        request: &RequestContext,
-        step: &'static str,
-    ) -> Result<Admitted, Status> {
-        let state = self.contexts.full.state();
-        let admitted = admit(
-            &state,
-            &request.sql,
-            &self.policy,
-            &request.identity,
-            &request.query_id,
-            Vec::new(),
-            Origin::Gateway,
-        )
-        .await
-        .and_then(|admitted| {
-            check_aggregate_only(&admitted.plan).map_err(|error| Refused {
-                error,
-                decision: Some(Box::new(admitted.decision.clone())),
-            })?;
-            Ok(admitted)
-        });
-        admitted.map_err(|refused| {
-            tracing::info!(query_id = %request.query_id, code = %refused.error.code, "refused");
-            let codes = refused.codes();
-            let outcome = Outcome {
-                codes,
-                decision: refused.decision.map(|d| *d),
-                ..Outcome::default()
-            };
-            self.audit.append(request.record(step, outcome));
-            refused.error.to_status()
-        })
     }
 
     /// The context to run in: without opted-out patients whenever the decision says so.
@@ -259,51 +231,103 @@ impl NodeService {
         Ok(Response::new(request.answer(&self.tables)?))
     }
 
-    async fn run(&self, context: RequestContext) -> Result<Response<FlightDataStream>, Status> {
-        let admitted = self.admit(&context, "run").await?;
-        let fail = |err: TallyError, decision: &Decision| {
-            let outcome = Outcome {
-                codes: vec![err.code.to_string()],
-                decision: Some(decision.clone()),
-                failed: true,
-                ..Outcome::default()
-            };
-            self.audit.append(context.record("run", outcome));
-            err.to_status()
+    /// Writes a refusal's record and returns its status.
+    async fn refuse(&self, context: &RequestContext, refused: Refused) -> Status {
+        tracing::info!(query_id = %context.query_id, code = %refused.error.code, "refused");
+        let outcome = Outcome {
+            codes: refused.codes(),
+            decision: refused.decision.map(|d| *d),
+            ..Outcome::default()
         };
-        let decision = admitted.decision;
-        let ctx = self
-            .context_for(&decision)
-            .map_err(|e| fail(e, &decision))?;
-        // Admission planned over every row; with the opt-out the tables differ, so plan again.
-        let plan = if decision.obligations.apply_opt_out {
-            plan_read_only(&ctx.state(), &context.sql)
-                .await
-                .map_err(|e| fail(e, &decision))?
-                .plan
-        } else {
-            admitted.plan
+        match self.audit.write(context.record("release", outcome)).await {
+            Ok(()) => refused.error.to_status(),
+            Err(audit) => audit.to_status(),
+        }
+    }
+
+    /// Decides, plans and runs one release request.
+    async fn release(
+        &self,
+        mut context: RequestContext,
+        request: Result<ReleaseRequest, TallyError>,
+    ) -> Result<Response<FlightDataStream>, Status> {
+        let request = match request {
+            Ok(request) => request,
+            Err(error) => return Err(self.refuse(&context, error.into()).await),
+        };
+        let policy = self.policy.snapshot();
+        context.sql = request.release.render_sql(policy.governance());
+        context.release = Some(request.release.clone());
+        let decision = match decide(
+            &policy,
+            &context.identity,
+            Origin::Gateway,
+            std::slice::from_ref(&request.release),
+        ) {
+            Ok(decision) => decision,
+            Err(refused) => return Err(self.refuse(&context, refused).await),
+        };
+        let refuse_with = |error: TallyError| Refused {
+            error,
+            decision: Some(Box::new(decision.clone())),
+        };
+        if let Some(trusts) = &decision.obligations.trusts
+            && !trusts.contains(&self.trust)
+        {
+            let error = TallyError::new(
+                ErrorCode::Project,
+                format!(
+                    "project '{}' does not include trust {}",
+                    context.identity.project, self.trust
+                ),
+            );
+            return Err(self.refuse(&context, refuse_with(error)).await);
+        }
+        let ctx = match self.context_for(&decision) {
+            Ok(ctx) => ctx.clone(),
+            Err(error) => return Err(self.refuse(&context, refuse_with(error)).await),
+        };
+        let threshold = decision
+            .obligations
+            .min_distinct_patients
+            .max(request.min_distinct_patients);
+        let plan = match build_plan(&ctx, policy.governance(), &request.release, threshold).await {
+            Ok(plan) => plan,
+            Err(error) => return Err(self.refuse(&context, refuse_with(error)).await),
         };
         let frame = DataFrame::new(ctx.state(), plan);
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
         let stream = match frame.execute_stream().await {
             Ok(stream) => stream,
             Err(err) => {
-                return Err(fail(
-                    TallyError::from_execution(err, &context.query_id),
-                    &decision,
-                ));
+                let error = TallyError::from_execution(err, &context.query_id);
+                let outcome = Outcome {
+                    codes: vec![error.code.to_string()],
+                    decision: Some(decision),
+                    failed: true,
+                    ..Outcome::default()
+                };
+                return Err(
+                    match self.audit.write(context.record("release", outcome)).await {
+                        Ok(()) => error.to_status(),
+                        Err(audit) => audit.to_status(),
+                    },
+                );
             }
         };
-        let threshold = decision.obligations.min_distinct_patients;
         let deadline = context.started + self.query_timeout;
         let stream = within_deadline(stream, deadline, self.query_timeout);
         let batches = audited(stream, context, decision, self.audit.clone());
-        let mut response = Response::new(encode_batches(schema, batches));
-        if let Ok(value) = MetadataValue::from_str(&threshold.to_string()) {
-            response.metadata_mut().insert(MIN_PATIENTS_HEADER, value);
-        }
-        Ok(response)
+        Ok(Response::new(encode_batches(schema, batches)))
+    }
+
+    /// Refuses SQL text: a node runs only release requests it plans itself.
+    async fn refuse_sql(&self, context: RequestContext) -> Status {
+        let error = TallyError::new(
+            ErrorCode::BadRequest,
+            "this node runs only Tally release requests (a query model), never SQL text",
+        );
+        self.refuse(&context, error.into()).await
     }
 }
 
@@ -354,11 +378,9 @@ struct RunRecord {
 }
 
 impl RunRecord {
-    /// Writes the record (if not yet written) with `failure`'s code, if any.
-    fn write(&mut self, failure: Option<&TallyError>, cancelled: bool) {
-        let Some(decision) = self.decision.take() else {
-            return;
-        };
+    /// The record, if not yet taken, with `failure`'s code, if any.
+    fn take(&mut self, failure: Option<&TallyError>, cancelled: bool) -> Option<NodeAuditRecord> {
+        let decision = self.decision.take()?;
         let mut codes: Vec<String> = failure.map(|e| e.code.to_string()).into_iter().collect();
         if cancelled {
             codes.push("CANCELLED".into());
@@ -369,17 +391,21 @@ impl RunRecord {
             rows: Some(self.rows),
             decision: Some(decision),
         };
-        self.audit.append(self.request.record("run", outcome));
+        Some(self.request.record("release", outcome))
     }
 }
 
 impl Drop for RunRecord {
     fn drop(&mut self) {
-        self.write(None, true);
+        if let Some(record) = self.take(None, true) {
+            let _ = self.audit.append(record);
+        }
     }
 }
 
-/// Counts the rows of a result stream and writes its audit record (see [`RunRecord`]).
+/// Counts the rows of a result stream and writes its audit record (see [`RunRecord`]); a
+/// record that cannot be written ends the stream with an error, so the gateway, which needs
+/// the whole stream, never answers from it.
 fn audited<S>(
     stream: S,
     request: RequestContext,
@@ -393,31 +419,46 @@ where
     let record = Arc::new(std::sync::Mutex::new(RunRecord {
         request,
         decision: Some(decision),
-        audit,
+        audit: audit.clone(),
         rows: 0,
     }));
     let finished = record.clone();
-    let batches = stream.map(move |batch| {
-        let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
-        match batch {
-            Ok(batch) => {
-                record.rows += batch.num_rows();
-                Ok(batch)
-            }
-            Err(err) => {
-                let err = TallyError::from_execution(err, &query_id);
-                record.write(Some(&err), false);
-                Err(err)
+    let failed_audit = audit.clone();
+    let batches = stream.then(move |batch| {
+        let record = record.clone();
+        let audit = failed_audit.clone();
+        let query_id = query_id.clone();
+        async move {
+            match batch {
+                Ok(batch) => {
+                    record.lock().unwrap_or_else(|p| p.into_inner()).rows += batch.num_rows();
+                    Ok(batch)
+                }
+                Err(err) => {
+                    let err = TallyError::from_execution(err, &query_id);
+                    let taken = record
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take(Some(&err), false);
+                    if let Some(entry) = taken {
+                        audit.write(entry).await?;
+                    }
+                    Err(err)
+                }
             }
         }
     });
     let finish = futures::stream::once(async move {
-        finished
+        let taken = finished
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .write(None, false);
+            .take(None, false);
+        match taken {
+            Some(entry) => audit.write(entry).await.err().map(Err),
+            None => None,
+        }
     })
-    .filter_map(|()| async { None });
+    .filter_map(|item| async { item });
     batches.chain(finish)
 }
 
@@ -440,34 +481,28 @@ impl FlightSqlService for NodeService {
 
     async fn get_flight_info_statement(
         &self,
-        query: CommandStatementQuery,
+        _query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let context = RequestContext::new(&request, query.query.clone());
-        let admitted = self.admit(&context, "describe").await?;
-        let schema: SchemaRef = Arc::new(admitted.plan.schema().as_arrow().clone());
-        let ticket = TicketStatementQuery {
-            statement_handle: query.query.into_bytes().into(),
-        };
-        let outcome = Outcome {
-            decision: Some(admitted.decision),
-            ..Outcome::default()
-        };
-        self.audit.append(context.record("describe", outcome));
-        Ok(Response::new(flight_info(
-            &schema,
-            ticket,
-            request.into_inner(),
-        )?))
+        Err(self.refuse_sql(RequestContext::new(&request)).await)
     }
 
     async fn do_get_statement(
         &self,
-        ticket: TicketStatementQuery,
+        _ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let sql = ticket_sql(&ticket.statement_handle)?;
-        self.run(RequestContext::new(&request, sql)).await
+        Err(self.refuse_sql(RequestContext::new(&request)).await)
+    }
+
+    async fn do_get_fallback(
+        &self,
+        request: Request<Ticket>,
+        message: arrow_flight::sql::Any,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let context = RequestContext::new(&request);
+        self.release(context, ReleaseRequest::from_any(&message))
+            .await
     }
 
     async fn get_flight_info_catalogs(

@@ -10,11 +10,10 @@ pub mod workload;
 use std::path::Path;
 use std::time::Instant;
 
-use tally_common::admission::{RequestIdentity, policy_input};
-use tally_common::checks::plan_read_only;
-use tally_common::facts::query_facts;
+use tally_common::admission::{Origin, RequestIdentity, decide};
 use tally_common::policy::Policy;
-use tally_synth::default_trusts;
+use tally_gateway::lower::releases_of;
+use tally_gateway::parse::plan_read_only;
 
 /// Representative analyst queries for the policy benchmark.
 const QUERIES: &[&str] = &[
@@ -23,7 +22,7 @@ const QUERIES: &[&str] = &[
      FROM episodes WHERE admission_method IN ('21', '22') GROUP BY 1, 2",
     "SELECT p.sex, p.imd_decile, SUM(e.cost), STDDEV(e.cost) FROM episodes e JOIN patients p \
      ON e.person_id = p.person_id GROUP BY p.sex, p.imd_decile",
-    "SELECT nhs_number, postcode FROM patients",
+    "SELECT ethnicity, postcode_district(postcode) AS district, COUNT(*) FROM patients GROUP BY 1, 2",
 ];
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -31,7 +30,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[index.min(sorted.len() - 1)]
 }
 
-/// Times fact derivation and policy evaluation per query; returns a report.
+/// Times lowering to the query model and policy evaluation per query; returns a report.
 pub async fn policy(policies: &Path, data: &Path, iterations: usize) -> Result<String, String> {
     let policy = Policy::load(policies).map_err(|e| e.to_string())?;
     let ctx = crate::federation::local_tables(data, policies).await?;
@@ -41,44 +40,34 @@ pub async fn policy(policies: &Path, data: &Path, iterations: usize) -> Result<S
         project: "uec-demand".into(),
         purpose: "research".into(),
     };
-    let catalogue = policy.data();
-    let codes: Vec<String> = default_trusts()
-        .iter()
-        .map(|t| t.code.to_string())
-        .collect();
+    let snapshot = policy.snapshot();
     let mut report =
         format!("policy evaluation, {iterations} iterations per query (microseconds)\n");
     report
-        .push_str("query | decide median | decide p95 | facts+decide median | facts+decide p95\n");
+        .push_str("query | decide median | decide p95 | lower+decide median | lower+decide p95\n");
     for sql in QUERIES {
-        let planned = plan_read_only(&ctx.state(), sql)
+        let plan = plan_read_only(&ctx.state(), sql)
             .await
             .map_err(|e| e.to_string())?;
-        let mut decide = Vec::with_capacity(iterations);
+        let mut decided_times = Vec::with_capacity(iterations);
         let mut whole = Vec::with_capacity(iterations);
         for _ in 0..iterations {
             let started = Instant::now();
-            let facts = query_facts(
-                sql,
-                &planned.plan,
-                &planned.syntax,
-                &catalogue,
-                codes.clone(),
-                &[],
-            );
-            let input = policy_input(&identity, "bench", &policy.version(), &facts);
+            let releases =
+                releases_of(plan.clone(), snapshot.governance()).map_err(|e| e.to_string())?;
             let decided = Instant::now();
-            policy.decide(&input).map_err(|e| e.to_string())?;
-            decide.push(decided.elapsed().as_secs_f64() * 1e6);
+            decide(&snapshot, &identity, Origin::Analyst, &releases)
+                .map_err(|refused| refused.error.to_string())?;
+            decided_times.push(decided.elapsed().as_secs_f64() * 1e6);
             whole.push(started.elapsed().as_secs_f64() * 1e6);
         }
-        decide.sort_by(f64::total_cmp);
+        decided_times.sort_by(f64::total_cmp);
         whole.sort_by(f64::total_cmp);
         let short: String = sql.chars().take(60).collect();
         report.push_str(&format!(
             "{short}… | {:.1} | {:.1} | {:.1} | {:.1}\n",
-            percentile(&decide, 0.5),
-            percentile(&decide, 0.95),
+            percentile(&decided_times, 0.5),
+            percentile(&decided_times, 0.95),
             percentile(&whole, 0.5),
             percentile(&whole, 0.95)
         ));
@@ -98,7 +87,7 @@ pub fn audit(records: usize) -> Result<String, String> {
             "outcome": "answered", "trusts": ["RXA", "RXB", "RXC"], "duration_ms": 12.5,
         });
         let started = Instant::now();
-        log.append(record);
+        log.append(record).map_err(|e| e.to_string())?;
         appends.push(started.elapsed().as_secs_f64() * 1e6);
     }
     appends.sort_by(f64::total_cmp);

@@ -1,111 +1,110 @@
-//! Sends a query's fragments to the trusts allowed to answer, all at once, with the
-//! analyst's identity, and collects the partial results (one partition per trust) and the
-//! trusts' small-number thresholds.
+//! Sending: a query's releases go to every trust the query may reach that holds their
+//! tables, all at once, with the analyst's identity; each trust answers with its protected
+//! partials (one partition per trust).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use tally_common::admission::RequestIdentity;
+use tally_common::model::{ReleaseQuery, ReleaseRequest};
 use tally_common::policy::Obligations;
 use tally_common::{ErrorCode, TallyError};
 
 use crate::catalogue::{Catalogue, TrustStatus};
-use crate::split::Fragment;
 use crate::trusts::TrustAnswer;
 
-/// What one trust returned for one fragment: the record kept for metadata and audit.
+/// What one trust returned for one release: kept for metadata and audit.
 #[derive(Debug, Clone)]
-pub struct FragmentRun {
-    /// The fragment's position in the query.
-    pub fragment: usize,
-    /// The per-trust SQL.
+pub struct ReleaseRun {
+    /// The release's position in the query.
+    pub release: usize,
+    /// The release as SQL (what the trust's audit log shows).
     pub sql: String,
     /// The trust's code.
     pub trust: String,
     /// Rows (groups) returned.
     pub rows: usize,
-    /// Bytes of Flight messages received for the partial result.
+    /// Bytes of Flight messages received.
     pub bytes: usize,
     /// Wall time of the trust's answer.
     pub elapsed: Duration,
 }
 
-/// The fan-out of one analyst query.
+/// The dispatch of one analyst query's releases.
 #[derive(Debug)]
-pub struct QueryFanout {
+pub struct QueryDispatch {
     /// The query id sent to every trust.
     pub query_id: String,
     catalogue: Arc<Catalogue>,
     identity: RequestIdentity,
-    obligations: Obligations,
-    next_fragment: AtomicUsize,
-    suppressed: AtomicUsize,
-    runs: Mutex<Vec<FragmentRun>>,
+    obligations: OnceLock<Obligations>,
+    next_release: AtomicUsize,
+    runs: Mutex<Vec<ReleaseRun>>,
 }
 
-impl QueryFanout {
-    /// A fan-out for query `query_id`, on behalf of `identity`, under the gateway policy's
-    /// `obligations` (allowed trusts, threshold, rounding).
-    pub fn new(
-        query_id: String,
-        catalogue: Arc<Catalogue>,
-        identity: RequestIdentity,
-        obligations: Obligations,
-    ) -> Self {
-        QueryFanout {
+impl QueryDispatch {
+    /// A dispatch for query `query_id`, on behalf of `identity`. Nothing is sent until the
+    /// policy's obligations are set ([`QueryDispatch::bind`]).
+    pub fn new(query_id: String, catalogue: Arc<Catalogue>, identity: RequestIdentity) -> Self {
+        QueryDispatch {
             query_id,
             catalogue,
             identity,
-            obligations,
-            next_fragment: AtomicUsize::new(0),
-            suppressed: AtomicUsize::new(0),
+            obligations: OnceLock::new(),
+            next_release: AtomicUsize::new(0),
             runs: Mutex::new(Vec::new()),
         }
     }
 
-    /// A fresh fragment number.
-    pub fn next_fragment_id(&self) -> usize {
-        self.next_fragment.fetch_add(1, Ordering::Relaxed)
+    /// A fresh release number.
+    pub fn next_release_id(&self) -> usize {
+        self.next_release.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Every per-trust answer so far.
-    pub fn runs(&self) -> Vec<FragmentRun> {
+    /// Every trust's answer so far.
+    pub fn runs(&self) -> Vec<ReleaseRun> {
         self.runs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The gateway policy's obligations for this query.
-    pub fn obligations(&self) -> &Obligations {
-        &self.obligations
+    /// Binds the gateway policy's obligations (allowed trusts, threshold, rounding) once the
+    /// policy has decided; a second decision cannot replace the first.
+    pub fn bind(&self, obligations: Obligations) {
+        let _ = self.obligations.set(obligations);
     }
 
-    /// Counts are rounded to a multiple of this.
-    pub fn round_to(&self) -> u64 {
-        self.obligations.round_to
+    /// The gateway policy's obligations; a query the policy has not decided runs nowhere.
+    pub fn obligations(&self) -> Result<&Obligations, TallyError> {
+        self.obligations.get().ok_or_else(|| {
+            TallyError::new(ErrorCode::Internal, "a release was about to run undecided")
+        })
     }
 
-    /// Adds groups dropped by disclosure control.
-    pub fn record_suppressed(&self, groups: usize) {
-        self.suppressed.fetch_add(groups, Ordering::Relaxed);
+    /// The schema of each trust's answer to `release`, from the tables' agreed schemas.
+    pub fn partial_schema(&self, release: &ReleaseQuery) -> Result<SchemaRef, TallyError> {
+        let snapshot = self.catalogue.snapshot();
+        release.partial_schema(|column| {
+            let table = snapshot.tables.get(&column.table)?;
+            let field = table.schema.field_with_name(&column.column).ok()?;
+            Some(field.data_type().clone())
+        })
     }
 
-    /// Groups dropped by disclosure control so far.
-    pub fn suppressed(&self) -> usize {
-        self.suppressed.load(Ordering::Relaxed)
-    }
-
-    /// Runs `fragment` at every allowed trust that holds its tables; all must answer.
-    /// Returns one partition per trust and the strictest small-number threshold among the
-    /// gateway and the trusts that answered.
+    /// Runs `release` (number `id`, rendered as `sql`) at every allowed trust that holds its
+    /// tables; all must answer. Each trust's batches are checked against `schema`.
     pub async fn run(
         &self,
-        fragment: &Fragment,
-    ) -> Result<(Vec<Vec<RecordBatch>>, u64), TallyError> {
+        id: usize,
+        release: &ReleaseQuery,
+        sql: &str,
+        schema: &SchemaRef,
+    ) -> Result<Vec<Vec<RecordBatch>>, TallyError> {
+        let obligations = self.obligations()?;
         let snapshot = self.catalogue.refresh_if_incomplete().await;
         let allowed = |code: &String| {
-            self.obligations
+            obligations
                 .trusts
                 .as_ref()
                 .is_none_or(|trusts| trusts.contains(code))
@@ -121,13 +120,15 @@ impl QueryFanout {
         {
             return Err(err.clone());
         }
+        let mut tables = vec![release.fact.clone()];
+        tables.extend(release.joins.iter().cloned());
         let targets: Vec<_> = self
             .catalogue
             .trusts()
             .iter()
             .filter(|trust| allowed(&trust.code))
             .filter(|trust| {
-                fragment.tables.iter().all(|name| {
+                tables.iter().all(|name| {
                     snapshot
                         .tables
                         .get(name)
@@ -139,40 +140,34 @@ impl QueryFanout {
             // An answer from no trust at all would look like a real (empty) answer.
             return Err(TallyError::new(
                 ErrorCode::TableNotAllowed,
-                format!(
-                    "no trust this query may reach holds {}",
-                    fragment
-                        .tables
-                        .iter()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                format!("no trust this query may reach holds {}", tables.join(", ")),
             ));
         }
-        tracing::debug!(query_id = %self.query_id, sql = %fragment.sql, trusts = targets.len(), "per-trust query");
+        let request = ReleaseRequest {
+            release: release.clone(),
+            min_distinct_patients: obligations.min_distinct_patients,
+        };
+        tracing::debug!(query_id = %self.query_id, %sql, trusts = targets.len(), "release");
         let answers = futures::future::join_all(
             targets
                 .iter()
-                .map(|trust| trust.run(&fragment.sql, &self.query_id, &self.identity)),
+                .map(|trust| trust.run(&request, &self.query_id, &self.identity)),
         )
         .await;
         let mut partitions = Vec::with_capacity(answers.len());
-        let mut threshold = self.obligations.min_distinct_patients;
         for answer in answers {
             let answer = answer?;
-            let batches = conform(&answer, &fragment.schema)?;
-            threshold = threshold.max(answer.min_patients);
-            self.record(fragment, &answer, &batches);
+            let batches = conform(&answer, schema)?;
+            self.record(id, sql, &answer, &batches);
             partitions.push(batches);
         }
-        Ok((partitions, threshold))
+        Ok(partitions)
     }
 
-    fn record(&self, fragment: &Fragment, answer: &TrustAnswer, batches: &[RecordBatch]) {
-        let run = FragmentRun {
-            fragment: fragment.id,
-            sql: fragment.sql.clone(),
+    fn record(&self, id: usize, sql: &str, answer: &TrustAnswer, batches: &[RecordBatch]) {
+        let run = ReleaseRun {
+            release: id,
+            sql: sql.to_string(),
             trust: answer.trust.clone(),
             rows: batches.iter().map(RecordBatch::num_rows).sum(),
             bytes: answer.wire_bytes,
@@ -185,10 +180,11 @@ impl QueryFanout {
     }
 }
 
-/// Checks a trust's batches against the fragment's schema (columns found by name, of the
+/// Checks a trust's batches against the expected partials' schema (columns by name, of the
 /// expected types) and relabels them with it.
 fn conform(answer: &TrustAnswer, schema: &SchemaRef) -> Result<Vec<RecordBatch>, TallyError> {
     let mismatch = || {
+        tracing::warn!(trust = %answer.trust, "trust answered with columns Tally did not ask for");
         TallyError::new(
             ErrorCode::TrustProtocol,
             format!(
@@ -210,7 +206,6 @@ fn conform(answer: &TrustAnswer, schema: &SchemaRef) -> Result<Vec<RecordBatch>,
                 .map(|field| {
                     let column = batch.column_by_name(field.name()).ok_or_else(mismatch)?;
                     if column.data_type() != field.data_type() {
-                        tracing::warn!(trust = %answer.trust, column = %field.name(), got = %column.data_type(), want = %field.data_type(), "partial result type differs");
                         return Err(mismatch());
                     }
                     Ok(column.clone())

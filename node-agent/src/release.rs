@@ -1,0 +1,348 @@
+//! Building: the node's own DataFusion plan for one release, from the model alone.
+//!
+//! The node never runs SQL text. It joins only along relationships its own catalogue
+//! declares, compares columns with constants of the column's own type (so no comparison or
+//! cast can fail on a row's value), applies generalisers to bare columns, aggregates per
+//! group, and keeps only groups with at least `threshold` distinct patients at this trust.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::{Column, ScalarValue};
+use datafusion::datasource::provider_as_source;
+use datafusion::execution::FunctionRegistry;
+use datafusion::functions::string::expr_fn::starts_with;
+use datafusion::functions_aggregate::expr_fn::{count, sum};
+use datafusion::logical_expr::expr::{AggregateFunction, ScalarFunction};
+use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
+use datafusion::prelude::SessionContext;
+use tally_common::governance::{Governance, Relationship};
+use tally_common::model::{
+    ColumnRef, Comparison, Dimension, Literal, Partial, Predicate, ReleaseQuery, group_column,
+    partial_column,
+};
+use tally_common::patients::patients_upto_udaf;
+use tally_common::{ErrorCode, TallyError};
+
+/// The hidden per-group count of distinct patients, used only inside the node.
+const PATIENTS: &str = "__tally_patients";
+
+fn bad(message: impl Into<String>) -> TallyError {
+    TallyError::new(ErrorCode::BadRequest, message)
+}
+
+fn engine(err: datafusion::error::DataFusionError) -> TallyError {
+    tracing::error!(error = %err, "building a release plan failed");
+    TallyError::new(
+        ErrorCode::Internal,
+        "the release could not be planned at this trust",
+    )
+}
+
+/// A scan of one of this trust's tables.
+async fn scan(ctx: &SessionContext, name: &str) -> Result<LogicalPlanBuilder, TallyError> {
+    let provider = ctx.table_provider(name).await.map_err(|_| {
+        TallyError::new(
+            ErrorCode::UnknownTable,
+            format!("this trust has no table '{name}'"),
+        )
+    })?;
+    LogicalPlanBuilder::scan(name, provider_as_source(provider), None).map_err(engine)
+}
+
+/// The plan for `release` over `ctx`'s tables, validated against `governance` (already
+/// done by the caller) and this trust's schemas, returning the partial schema's columns.
+pub async fn build_plan(
+    ctx: &SessionContext,
+    governance: &Governance,
+    release: &ReleaseQuery,
+    threshold: u64,
+) -> Result<LogicalPlan, TallyError> {
+    let fact = governance
+        .table(&release.fact)
+        .ok_or_else(|| bad("the fact table is not in this trust's catalogue"))?;
+    let unit = fact
+        .privacy_unit
+        .as_ref()
+        .ok_or_else(|| bad("the fact table has no privacy unit"))?;
+    let mut builder = scan(ctx, &release.fact).await?;
+    for join in &release.joins {
+        let relationship = fact
+            .relationships
+            .get(join)
+            .ok_or_else(|| bad(format!("'{join}' is not a declared relationship here")))?;
+        let right = scan(ctx, join).await?.build().map_err(engine)?;
+        builder = match relationship {
+            Relationship::ManyToOne { from, to } => builder.join(
+                right,
+                JoinType::Inner,
+                (
+                    vec![Column::new(Some(release.fact.as_str()), from.as_str())],
+                    vec![Column::new(Some(join.as_str()), to.as_str())],
+                ),
+                None,
+            ),
+            Relationship::CodeRange {
+                code,
+                prefix,
+                low,
+                high,
+            } => builder.join_on(
+                right,
+                JoinType::Inner,
+                [datafusion::functions::unicode::expr_fn::substring(
+                    column_expr(&release.fact, code),
+                    lit(1i64),
+                    lit(i64::from(*prefix)),
+                )
+                .between(column_expr(join, low), column_expr(join, high))],
+            ),
+        }
+        .map_err(engine)?;
+    }
+    let schema_of = |column: &ColumnRef| -> Option<DataType> {
+        let schema = builder.schema();
+        schema
+            .field_with_qualified_name(&column.table.as_str().into(), &column.column)
+            .ok()
+            .map(|f| f.data_type().clone())
+    };
+    // The partial schema is what the gateway expects; deriving it here checks every column
+    // exists with a usable type.
+    let expected: SchemaRef = release.partial_schema(schema_of)?;
+    if let Some(filter) = &release.filter {
+        let predicate = predicate_expr(ctx, filter, &schema_of)?;
+        builder = builder.filter(predicate).map_err(engine)?;
+    }
+    let groups = release
+        .group_by
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Ok(dimension_expr(ctx, d)?.alias(group_column(i))))
+        .collect::<Result<Vec<_>, TallyError>>()?;
+    let mut aggregates: Vec<Expr> = release
+        .partials()
+        .iter()
+        .enumerate()
+        .map(|(i, partial)| partial_expr(partial).alias(partial_column(i)))
+        .collect();
+    aggregates.push(
+        Expr::AggregateFunction(AggregateFunction::new_udf(
+            Arc::new(patients_upto_udaf()),
+            vec![column_expr(&release.fact, unit)],
+            false,
+            None,
+            vec![],
+            None,
+        ))
+        .alias(PATIENTS),
+    );
+    let threshold = i64::try_from(threshold.max(1)).unwrap_or(i64::MAX);
+    let outputs: Vec<Expr> = expected
+        .fields()
+        .iter()
+        .map(|field| cast(col(field.name()), field.data_type().clone()).alias(field.name()))
+        .collect();
+    builder
+        .aggregate(groups, aggregates)
+        .and_then(|b| b.filter(col(PATIENTS).gt_eq(lit(threshold))))
+        .and_then(|b| b.project(outputs))
+        .and_then(|b| b.build())
+        .map_err(engine)
+}
+
+fn column_expr(table: &str, column: &str) -> Expr {
+    Expr::Column(Column::new(Some(table), column))
+}
+
+fn column_ref_expr(column: &ColumnRef) -> Expr {
+    column_expr(&column.table, &column.column)
+}
+
+/// A dimension: the bare column, or the registered generaliser of it (its argument cast to
+/// the generaliser's input type, which cannot fail for the declared columns).
+fn dimension_expr(ctx: &SessionContext, dimension: &Dimension) -> Result<Expr, TallyError> {
+    let bare = column_ref_expr(&dimension.column);
+    let Some(generaliser) = dimension.generaliser else {
+        return Ok(bare);
+    };
+    let udf = ctx
+        .udf(generaliser.function_name())
+        .map_err(|_| TallyError::new(ErrorCode::Internal, "a generaliser is not registered"))?;
+    let input = match generaliser {
+        tally_common::model::Generaliser::AgeBand => DataType::Int64,
+        tally_common::model::Generaliser::Month | tally_common::model::Generaliser::Year => {
+            DataType::Date32
+        }
+        tally_common::model::Generaliser::PostcodeDistrict => DataType::Utf8,
+    };
+    Ok(Expr::ScalarFunction(ScalarFunction::new_udf(
+        udf,
+        vec![cast(bare, input)],
+    )))
+}
+
+fn partial_expr(partial: &Partial) -> Expr {
+    match partial {
+        Partial::Rows => count(lit(1i64)),
+        Partial::Count(column) => count(column_ref_expr(column)),
+        Partial::Sum(column) => sum(column_ref_expr(column)),
+        Partial::SumSquares(column) => {
+            let value = cast(column_ref_expr(column), DataType::Float64);
+            sum(value.clone() * value)
+        }
+    }
+}
+
+/// A constant as a value of exactly `target`; refused when it does not fit.
+fn literal_value(
+    literal: &Literal,
+    target: &DataType,
+    on: &Dimension,
+) -> Result<ScalarValue, TallyError> {
+    let mismatch = || {
+        bad(format!(
+            "a constant compared with {} is not of its type ({target})",
+            on.to_sql()
+        ))
+    };
+    let value = match (literal, target) {
+        (Literal::Text(text), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) => {
+            ScalarValue::Utf8(Some(text.clone()))
+        }
+        (Literal::Int(v), t) if t.is_integer() => ScalarValue::Int64(Some(*v)),
+        (Literal::Float(v), DataType::Float32 | DataType::Float64) if v.is_finite() => {
+            ScalarValue::Float64(Some(*v))
+        }
+        (Literal::Int(v), DataType::Float32 | DataType::Float64) => {
+            ScalarValue::Float64(Some(*v as f64))
+        }
+        (Literal::Date(text), DataType::Date32) => {
+            let date =
+                chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| mismatch())?;
+            let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).ok_or_else(mismatch)?;
+            let days = i32::try_from(date.signed_duration_since(epoch).num_days())
+                .map_err(|_| mismatch())?;
+            ScalarValue::Date32(Some(days))
+        }
+        (Literal::Bool(v), DataType::Boolean) => ScalarValue::Boolean(Some(*v)),
+        (
+            Literal::Text(_)
+            | Literal::Int(_)
+            | Literal::Float(_)
+            | Literal::Date(_)
+            | Literal::Bool(_),
+            _,
+        ) => {
+            return Err(mismatch());
+        }
+    };
+    // Widening to the column's own type is exact for every pair accepted above; integers
+    // that do not fit the column's width are refused rather than wrapped.
+    value.cast_to(target).map_err(|_| mismatch())
+}
+
+/// The type a dimension has at this trust.
+fn dimension_type(
+    dimension: &Dimension,
+    schema_of: &dyn Fn(&ColumnRef) -> Option<DataType>,
+) -> Result<DataType, TallyError> {
+    match dimension.generaliser {
+        Some(g) => Ok(g.output_type()),
+        None => schema_of(&dimension.column).ok_or_else(|| {
+            TallyError::new(
+                ErrorCode::UnknownColumn,
+                format!("this trust has no column {}", dimension.to_sql()),
+            )
+        }),
+    }
+}
+
+fn predicate_expr(
+    ctx: &SessionContext,
+    predicate: &Predicate,
+    schema_of: &dyn Fn(&ColumnRef) -> Option<DataType>,
+) -> Result<Expr, TallyError> {
+    let operand = |on: &Dimension| -> Result<(Expr, DataType), TallyError> {
+        Ok((dimension_expr(ctx, on)?, dimension_type(on, schema_of)?))
+    };
+    let negate = |expr: Expr, negated: bool| {
+        if negated {
+            Expr::Not(Box::new(expr))
+        } else {
+            expr
+        }
+    };
+    match predicate {
+        Predicate::And { all } => fold(ctx, all, schema_of, Expr::and),
+        Predicate::Or { any } => fold(ctx, any, schema_of, Expr::or),
+        Predicate::Not { not } => Ok(Expr::Not(Box::new(predicate_expr(ctx, not, schema_of)?))),
+        Predicate::Compare { on, cmp, value } => {
+            let (expr, data_type) = operand(on)?;
+            let value = lit(literal_value(value, &data_type, on)?);
+            Ok(match cmp {
+                Comparison::Eq => expr.eq(value),
+                Comparison::NotEq => expr.not_eq(value),
+                Comparison::Lt => expr.lt(value),
+                Comparison::LtEq => expr.lt_eq(value),
+                Comparison::Gt => expr.gt(value),
+                Comparison::GtEq => expr.gt_eq(value),
+            })
+        }
+        Predicate::InList {
+            on,
+            values,
+            negated,
+        } => {
+            let (expr, data_type) = operand(on)?;
+            let values = values
+                .iter()
+                .map(|v| Ok(lit(literal_value(v, &data_type, on)?)))
+                .collect::<Result<Vec<_>, TallyError>>()?;
+            Ok(expr.in_list(values, *negated))
+        }
+        Predicate::Between {
+            on,
+            low,
+            high,
+            negated,
+        } => {
+            let (expr, data_type) = operand(on)?;
+            let low = lit(literal_value(low, &data_type, on)?);
+            let high = lit(literal_value(high, &data_type, on)?);
+            Ok(negate(expr.between(low, high), *negated))
+        }
+        Predicate::IsNull { on, negated } => {
+            let (expr, _) = operand(on)?;
+            Ok(if *negated {
+                expr.is_not_null()
+            } else {
+                expr.is_null()
+            })
+        }
+        Predicate::Prefix {
+            on,
+            prefix,
+            negated,
+        } => {
+            let (expr, data_type) = operand(on)?;
+            if !data_type.is_string() {
+                return Err(bad(format!("{} is not text", on.to_sql())));
+            }
+            Ok(negate(starts_with(expr, lit(prefix.clone())), *negated))
+        }
+    }
+}
+
+fn fold(
+    ctx: &SessionContext,
+    operands: &[Predicate],
+    schema_of: &dyn Fn(&ColumnRef) -> Option<DataType>,
+    combine: fn(Expr, Expr) -> Expr,
+) -> Result<Expr, TallyError> {
+    let mut exprs = operands.iter().map(|p| predicate_expr(ctx, p, schema_of));
+    let first = exprs
+        .next()
+        .ok_or_else(|| bad("an AND or OR with no operands"))??;
+    exprs.try_fold(first, |acc, next| Ok(combine(acc, next?)))
+}
