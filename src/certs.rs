@@ -195,7 +195,8 @@ fn issue(
     Ok(files)
 }
 
-fn write(path: &Path, text: &str, secret: bool) -> Result<(), String> {
+/// Writes `text` to `path`, readable by the owner only when `secret`.
+pub(crate) fn write(path: &Path, text: &str, secret: bool) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| failed(&path.display().to_string(), e))?;
     if secret {
         use std::os::unix::fs::PermissionsExt;

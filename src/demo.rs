@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use tally::client::AnalystClient;
-use tally::federation::{self, DEMO_TOKEN, DEMO_USER, Security};
+use tally::federation::{self, DEMO_USER, Security};
 use tally::output::{self, Format};
 
 /// The showcase: a title, the SQL, and whether Tally should refuse it.
@@ -92,7 +92,8 @@ pub async fn run(
     let target = local.gateway_target();
     let url = target.url.clone();
     println!("  gateway on {url}\n");
-    let mut client = AnalystClient::connect(&target, DEMO_TOKEN)
+    let token = local.analyst_token()?;
+    let mut client = AnalystClient::connect(&target, &token)
         .await
         .map_err(|e| e.to_string())?;
     let mut failures = 0;
@@ -127,7 +128,7 @@ pub async fn run(
     }
     println!("Flight SQL endpoint: {url}");
     println!(
-        "Credentials: user '{DEMO_USER}', token '{DEMO_TOKEN}' (Basic auth in the handshake, or 'authorization: Bearer {DEMO_TOKEN}')"
+        "Credentials: user '{DEMO_USER}' with this signed token (valid 12 h; `tally token` mints more), as Basic auth in the handshake or 'authorization: Bearer <token>':\n{token}"
     );
     let ca_flag = target
         .ca_cert
@@ -135,7 +136,8 @@ pub async fn run(
         .map(|ca| format!(" --ca-cert {}", ca.display()))
         .unwrap_or_default();
     println!(
-        "Try: tally query --gateway {url}{ca_flag} --token {DEMO_TOKEN} \"SELECT sex, COUNT(*) FROM patients GROUP BY sex\""
+        "Try: TALLY_TOKEN=$(tally token --data {}) tally query --gateway {url}{ca_flag} \"SELECT sex, COUNT(*) FROM patients GROUP BY sex\"",
+        data_dir.display()
     );
     let _ = std::io::stdout().flush();
     if failures > 0 {

@@ -9,12 +9,14 @@ use tally_gateway::{
     UserConfig, token_hash,
 };
 use tally_node::{
-    NodeConfig, NodeHandle, NodeLimits, NodeTlsConfig, OptOutConfig, TableConfig, TrustConfig,
+    IdentityConfig, NodeConfig, NodeHandle, NodeLimits, NodeTlsConfig, OptOutConfig, TableConfig,
+    TrustConfig,
 };
 use tally_synth::{SynthConfig, TrustSpec, default_trusts};
 
 use crate::certs::{CertFolder, GATEWAY_IDENTITY};
 use crate::client::GatewayTarget;
+use crate::tokens::{IdentityProvider, TokenClaims};
 
 /// How a local federation's links are secured.
 #[derive(Debug, Clone)]
@@ -45,8 +47,36 @@ pub const DEMO_TABLES: [&str; 3] = ["patients", "episodes", "icd10_chapters"];
 /// The analyst account the demo creates.
 pub const DEMO_USER: &str = "analyst";
 
-/// The demo analyst's bearer token (loopback only; real deployments list their own users).
-pub const DEMO_TOKEN: &str = "tally-demo-token";
+/// A static bearer token the demo gateway also knows for its analyst. Trusts do not take
+/// the gateway's word for who holds it, so it only shows that they refuse it; analysts use
+/// the signed token the demo prints ([`LocalFederation::analyst_token`]).
+pub const DEMO_STATIC_TOKEN: &str = "tally-demo-token";
+
+/// How long the demo's analyst tokens are valid.
+pub const DEMO_TOKEN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+/// What the demo analyst's token says: approved for `planning` and `research` in
+/// `uec-demand` (the default, for planning) and for `research` in `cardiac-audit`.
+pub fn demo_claims() -> TokenClaims {
+    TokenClaims {
+        user: DEMO_USER.into(),
+        groups: vec!["analysts".into()],
+        approvals: [
+            (DEMO_PROJECT, vec!["planning", "research"]),
+            ("cardiac-audit", vec!["research"]),
+        ]
+        .into_iter()
+        .map(|(project, purposes)| {
+            (
+                project.to_string(),
+                purposes.into_iter().map(str::to_string).collect(),
+            )
+        })
+        .collect(),
+        default_project: Some(DEMO_PROJECT.into()),
+        default_purpose: Some("planning".into()),
+    }
+}
 
 /// A running local federation.
 pub struct LocalFederation {
@@ -56,9 +86,17 @@ pub struct LocalFederation {
     pub gateway: GatewayHandle,
     /// How its links are secured.
     pub security: Security,
+    /// The identity provider its gateway and trusts trust.
+    pub identity_provider: IdentityProvider,
 }
 
 impl LocalFederation {
+    /// A fresh signed token for the demo analyst.
+    pub fn analyst_token(&self) -> Result<String, String> {
+        self.identity_provider
+            .mint(&demo_claims(), DEMO_TOKEN_LIFETIME)
+    }
+
     /// The gateway's URL for Flight SQL clients.
     pub fn gateway_url(&self) -> String {
         gateway_url(&self.security, self.gateway.addr)
@@ -97,13 +135,20 @@ pub fn ca_cert(security: &Security) -> Option<PathBuf> {
     }
 }
 
+/// Where a local federation keeps its identity provider.
+pub fn identity_provider(data_dir: &Path) -> Result<IdentityProvider, String> {
+    IdentityProvider::ensure(&data_dir.join("idp"))
+}
+
 /// The node config for one trust's generated data under `data_dir`, listening on loopback,
-/// deciding with the policy folder `policies`, secured as `security` says.
+/// deciding with the policy folder `policies`, secured as `security` says, verifying the
+/// tokens of `identity`.
 pub fn node_config(
     data_dir: &Path,
     trust: &TrustSpec,
     policies: &Path,
     security: &Security,
+    identity: &IdentityProvider,
 ) -> NodeConfig {
     NodeConfig {
         trust: TrustConfig {
@@ -141,6 +186,10 @@ pub fn node_config(
                 format: None,
             })
             .collect(),
+        identity: IdentityConfig {
+            jwt: Some(identity.jwt_config()),
+            trust_gateway_identity: false,
+        },
     }
 }
 
@@ -151,6 +200,7 @@ pub fn gateway_config(
     nodes: &[(String, String, SocketAddr)],
     policies: &Path,
     security: &Security,
+    identity: &IdentityProvider,
 ) -> GatewayConfig {
     let scheme = match security {
         Security::Tls(_) => "grpc+tls",
@@ -169,9 +219,10 @@ pub fn gateway_config(
             .collect(),
         users: vec![UserConfig {
             name: DEMO_USER.to_string(),
-            token_sha256: token_hash(DEMO_TOKEN),
+            token_sha256: token_hash(DEMO_STATIC_TOKEN),
             groups: vec!["analysts".into()],
             projects: vec![DEMO_PROJECT.into(), "cardiac-audit".into()],
+            purposes: vec!["planning".into(), "research".into()],
             default_project: Some(DEMO_PROJECT.into()),
             default_purpose: Some("planning".into()),
         }],
@@ -197,7 +248,7 @@ pub fn gateway_config(
             }
             Security::InsecureLoopback => None,
         },
-        jwt: None,
+        jwt: Some(identity.jwt_config()),
         limits: GatewayLimits::default(),
         insecure_loopback: matches!(security, Security::InsecureLoopback),
     }
@@ -221,16 +272,19 @@ pub async fn start(
     policies: &Path,
     security: Security,
 ) -> Result<LocalFederation, String> {
+    let identity = identity_provider(data_dir)?;
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
     for trust in default_trusts() {
-        let node = tally_node::start(&node_config(data_dir, &trust, policies, &security))
-            .await
-            .map_err(|e| format!("trust {}: {e}", trust.code))?;
+        let node = tally_node::start(&node_config(
+            data_dir, &trust, policies, &security, &identity,
+        ))
+        .await
+        .map_err(|e| format!("trust {}: {e}", trust.code))?;
         endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
         nodes.push(node);
     }
-    let config = gateway_config(gateway_listen, &endpoints, policies, &security);
+    let config = gateway_config(gateway_listen, &endpoints, policies, &security, &identity);
     let gateway = tally_gateway::start(&config)
         .await
         .map_err(|e| e.to_string())?;
@@ -238,6 +292,7 @@ pub async fn start(
         nodes,
         gateway,
         security,
+        identity_provider: identity,
     })
 }
 
@@ -252,6 +307,9 @@ pub async fn local_tables(
         &default_trusts()[0],
         policies,
         &Security::InsecureLoopback,
+        &IdentityProvider {
+            dir: data_dir.join("idp"),
+        },
     );
     let ctx = tally_common::session::new_context().map_err(|e| e.to_string())?;
     let tables = tally_node::tables::open_tables(&ctx, &config.tables, &config.trust.code)

@@ -8,3 +8,4 @@ pub mod federation;
 pub mod output;
 pub mod policy_cli;
 pub mod register;
+pub mod tokens;

@@ -86,6 +86,26 @@ enum Command {
         #[arg(long)]
         client: Option<String>,
     },
+    /// Mint a signed analyst token from the demo's identity provider (DATA/idp).
+    Token {
+        /// The demo data folder holding the identity provider (made there when absent).
+        #[arg(long, default_value_os_t = federation::default_data_dir())]
+        data: PathBuf,
+        /// The analyst's user name.
+        #[arg(long, default_value = federation::DEMO_USER)]
+        user: String,
+        /// A group the analyst belongs to (repeatable).
+        #[arg(long = "group", default_values_t = ["analysts".to_string()])]
+        groups: Vec<String>,
+        /// An approval, PROJECT=PURPOSE[,PURPOSE...] (repeatable; default: the demo
+        /// analyst's approvals and defaults; with approvals given, requests name their project
+        /// and purpose unless there is only one).
+        #[arg(long = "approve")]
+        approvals: Vec<String>,
+        /// Hours the token is valid for.
+        #[arg(long, default_value_t = 12)]
+        hours: u64,
+    },
     /// Send SQL to a gateway and print the answer (an interactive shell without SQL).
     Query {
         /// The gateway's Flight SQL URL (`grpc://` only for a plaintext loopback gateway).
@@ -100,7 +120,7 @@ enum Command {
         /// Project the query is for (default: the user's default project).
         #[arg(long, default_value = "")]
         project: String,
-        /// Purpose of the query, e.g. planning, research, direct_care (default: the user's).
+        /// Purpose of the query, e.g. planning or research (default: the user's).
         #[arg(long, default_value = "")]
         purpose: String,
         /// Output format.
@@ -319,6 +339,29 @@ async fn run(command: Command) -> Result<(), String> {
             trusts,
             client,
         } => certs(&out, &trusts, client.as_deref()),
+        Command::Token {
+            data,
+            user,
+            groups,
+            approvals,
+            hours,
+        } => {
+            let mut claims = federation::demo_claims();
+            claims.user = user;
+            claims.groups = groups;
+            if !approvals.is_empty() {
+                claims.approvals = parse_approvals(&approvals)?;
+                claims.default_project = None;
+                claims.default_purpose = None;
+            }
+            let provider = federation::identity_provider(&data)?;
+            let token = provider.mint(
+                &claims,
+                std::time::Duration::from_secs(hours.saturating_mul(3600)),
+            )?;
+            println!("{token}");
+            Ok(())
+        }
         Command::Audit {
             command: AuditCommand::Register { logs, out },
         } => {
@@ -606,4 +649,30 @@ async fn shell(client: &mut AnalystClient, format: Format) -> Result<(), String>
         let _ = std::io::stderr().flush();
     }
     Ok(())
+}
+
+/// `PROJECT=PURPOSE[,PURPOSE...]` approvals, by project.
+fn parse_approvals(
+    approvals: &[String],
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, String> {
+    approvals
+        .iter()
+        .map(|approval| {
+            let (project, purposes) = approval.split_once('=').ok_or_else(|| {
+                format!("--approve '{approval}' must be PROJECT=PURPOSE[,PURPOSE...]")
+            })?;
+            let purposes: Vec<String> = purposes
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect();
+            if project.trim().is_empty() || purposes.is_empty() {
+                return Err(format!(
+                    "--approve '{approval}' must name a project and at least one purpose"
+                ));
+            }
+            Ok((project.trim().to_string(), purposes))
+        })
+        .collect()
 }

@@ -33,7 +33,13 @@ pub const SCHEMA: &str = "public";
 /// Request header carrying the gateway's query id to the trusts, for joined-up audit logs.
 pub const QUERY_ID_HEADER: &str = "x-tally-query-id";
 
-/// Request headers carrying the analyst's identity from the gateway to the trusts.
+/// Request header carrying the analyst's signed JWT from the gateway to the trusts, which
+/// verify it themselves.
+pub const ANALYST_TOKEN_HEADER: &str = "x-tally-analyst-token";
+
+/// Request headers carrying the analyst's identity from the gateway to the trusts (the
+/// project and purpose select among the token's signed approvals; the rest is believed only
+/// by trusts that opt in to the gateway's word).
 pub const USER_HEADER: &str = "x-tally-user";
 /// Comma-separated groups of the user.
 pub const GROUPS_HEADER: &str = "x-tally-groups";

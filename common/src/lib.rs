@@ -8,6 +8,7 @@ pub mod error;
 pub mod flight;
 pub mod generalise;
 pub mod governance;
+pub mod identity;
 pub mod model;
 pub mod patients;
 pub mod policy;

@@ -1,70 +1,16 @@
 //! Analyst authentication: signed JWTs (verified against the issuer's key set) or bearer
 //! tokens whose SHA-256 is listed in the config. Flight SQL clients may also use Basic auth
-//! in the handshake (user name + token as password); the handshake answers with the bearer
-//! token to use on later calls.
+//! in the handshake (user name + token or JWT as password); the handshake answers with the
+//! bearer token to use on later calls.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
-use tally_common::admission::RequestIdentity;
-use tally_common::flight::PROJECT_HEADER;
+use tally_common::identity::{Identity, JwtVerifier};
 use tally_common::{ErrorCode, TallyError};
 use tonic::metadata::MetadataMap;
 
 use crate::config::UserConfig;
-use crate::jwt::JwtVerifier;
-
-/// An authenticated analyst.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// User name.
-    pub user: String,
-    /// The user's groups.
-    pub groups: Vec<String>,
-    /// Projects the user may query for.
-    pub projects: Vec<String>,
-    /// Project when a request names none.
-    pub default_project: Option<String>,
-    /// Purpose when a request names none.
-    pub default_purpose: Option<String>,
-}
-
-impl Identity {
-    /// The identity the policy sees for a request naming `project` and `purpose` (empty:
-    /// the user's defaults). A project the user is not a member of is refused.
-    pub fn for_request(&self, project: &str, purpose: &str) -> Result<RequestIdentity, TallyError> {
-        let pick = |asked: &str, default: &Option<String>| {
-            if asked.is_empty() {
-                default.clone().unwrap_or_default()
-            } else {
-                asked.to_string()
-            }
-        };
-        let project = pick(project, &self.default_project);
-        if !self.projects.contains(&project) {
-            return Err(TallyError::new(
-                ErrorCode::Project,
-                if project.is_empty() {
-                    format!(
-                        "user '{}' must name a project (header {PROJECT_HEADER})",
-                        self.user
-                    )
-                } else {
-                    format!(
-                        "user '{}' is not a member of project '{project}'",
-                        self.user
-                    )
-                },
-            ));
-        }
-        Ok(RequestIdentity {
-            user: self.user.clone(),
-            groups: self.groups.clone(),
-            project,
-            purpose: pick(purpose, &self.default_purpose),
-        })
-    }
-}
 
 /// The known analysts, and the JWT issuer when one is configured.
 #[derive(Debug, Clone, Default)]
@@ -96,14 +42,19 @@ impl Users {
             .map(|u| Identity {
                 user: u.name.clone(),
                 groups: u.groups.clone(),
-                projects: u.projects.clone(),
+                approvals: u
+                    .projects
+                    .iter()
+                    .map(|project| (project.clone(), u.purposes.clone()))
+                    .collect(),
                 default_project: u.default_project.clone(),
                 default_purpose: u.default_purpose.clone(),
             })
     }
 
-    /// Authenticates a call carrying `authorization: Bearer <token>`.
-    pub fn bearer(&self, metadata: &MetadataMap) -> Result<Identity, TallyError> {
+    /// Authenticates a call carrying `authorization: Bearer <token>`: the identity, and the
+    /// token itself when it is a signed JWT (forwarded to the trusts, which verify it again).
+    pub fn bearer(&self, metadata: &MetadataMap) -> Result<(Identity, Option<String>), TallyError> {
         let header = authorization(metadata)?;
         let token = header
             .strip_prefix("Bearer ")
@@ -112,9 +63,10 @@ impl Users {
         if let Some(jwt) = &self.jwt
             && JwtVerifier::looks_like_jwt(token)
         {
-            return jwt.verify(token);
+            return Ok((jwt.verify(token)?, Some(token.to_string())));
         }
         self.by_token(token)
+            .map(|identity| (identity, None))
             .ok_or_else(|| unauthenticated("unknown or revoked token"))
     }
 
@@ -131,13 +83,15 @@ impl Users {
             let (user, token) = decoded
                 .split_once(':')
                 .ok_or_else(|| unauthenticated("Basic credentials must be user:token"))?;
-            let identity = self
-                .by_token(token)
-                .filter(|identity| identity.user == user)
-                .ok_or_else(|| unauthenticated("unknown user or wrong token"))?;
+            let identity = match &self.jwt {
+                Some(jwt) if JwtVerifier::looks_like_jwt(token) => Some(jwt.verify(token)?),
+                Some(_) | None => self.by_token(token),
+            }
+            .filter(|identity| identity.user == user)
+            .ok_or_else(|| unauthenticated("unknown user or wrong token"))?;
             return Ok((identity, token.to_string()));
         }
-        let identity = self.bearer(metadata)?;
+        let (identity, _) = self.bearer(metadata)?;
         let token = header.trim_start_matches("Bearer ").trim().to_string();
         Ok((identity, token))
     }

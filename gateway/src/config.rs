@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tally_common::identity::JwtConfig;
 use tally_common::tls::{CertificateFiles, require_loopback};
 
 use crate::error::GatewayError;
@@ -82,30 +83,6 @@ impl NodeTlsConfig {
     }
 }
 
-/// How signed JWTs are verified and mapped to an analyst.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JwtConfig {
-    /// JSON Web Key Set file with the issuer's public keys.
-    pub jwks: PathBuf,
-    /// The `iss` every token must carry.
-    pub issuer: String,
-    /// The `aud` every token must carry.
-    pub audience: String,
-    /// Claim holding the user name.
-    #[serde(default = "default_user_claim")]
-    pub user_claim: String,
-    /// Claim holding the user's groups (a list of strings).
-    #[serde(default = "default_groups_claim")]
-    pub groups_claim: String,
-    /// Claim holding the projects the user may query for (a list of strings).
-    #[serde(default = "default_projects_claim")]
-    pub projects_claim: String,
-    /// Seconds of clock difference tolerated on `exp` and `nbf`.
-    #[serde(default = "default_leeway")]
-    pub leeway_secs: u64,
-}
-
 /// Limits on what analysts can ask of the trusts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -170,22 +147,6 @@ fn default_rotate_mb() -> u64 {
     64
 }
 
-fn default_user_claim() -> String {
-    "sub".into()
-}
-
-fn default_groups_claim() -> String {
-    "groups".into()
-}
-
-fn default_projects_claim() -> String {
-    "projects".into()
-}
-
-fn default_leeway() -> u64 {
-    30
-}
-
 /// One trust's node agent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -246,12 +207,20 @@ pub struct UserConfig {
     /// Projects the user may query for.
     #[serde(default)]
     pub projects: Vec<String>,
+    /// Purposes the user is approved for, in each of those projects (the project's own
+    /// approved purposes are checked by the policy as well).
+    #[serde(default = "default_purposes")]
+    pub purposes: Vec<String>,
     /// Project used when a request names none.
     #[serde(default)]
     pub default_project: Option<String>,
     /// Purpose used when a request names none.
     #[serde(default)]
     pub default_purpose: Option<String>,
+}
+
+fn default_purposes() -> Vec<String> {
+    vec!["planning".into(), "research".into()]
 }
 
 /// A users file: `[[users]]` entries only.

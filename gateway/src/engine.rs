@@ -152,6 +152,9 @@ pub struct Caller {
     pub peer: String,
     /// Who asked, for which project and purpose.
     pub identity: RequestIdentity,
+    /// The analyst's signed token, forwarded to every trust (absent for static tokens,
+    /// which only trusts that opt in to the gateway's word accept).
+    pub token: Option<String>,
 }
 
 /// A query planned, lowered and decided, ready to run.
@@ -231,6 +234,7 @@ impl Gateway {
         QueryLimits {
             max_sql_bytes: limits.max_sql_bytes,
             max_plan_depth: limits.max_plan_depth,
+            ..QueryLimits::default()
         }
         .install(&ctx);
         let default_catalog = ctx
@@ -291,10 +295,10 @@ impl Gateway {
         }
     }
 
-    /// Parses, lowers and decides `sql` for `identity` under one policy snapshot.
+    /// Parses, lowers and decides `sql` for `caller` under one policy snapshot.
     async fn decide(
         &self,
-        identity: &RequestIdentity,
+        caller: &Caller,
         sql: &str,
         query_id: &str,
         policy: &PolicySnapshot,
@@ -303,10 +307,11 @@ impl Gateway {
         let dispatch = Arc::new(QueryDispatch::new(
             query_id.to_string(),
             self.catalogue.clone(),
-            identity.clone(),
+            caller.identity.clone(),
+            caller.token.clone(),
         ));
         let (plan, releases) = lower(plan, policy.governance(), &dispatch)?;
-        let decision = decide(policy, identity, Origin::Analyst, &releases)?;
+        let decision = decide(policy, &caller.identity, Origin::Analyst, &releases)?;
         dispatch.bind(decision.obligations.clone());
         let release_sql = releases
             .iter()
@@ -383,7 +388,7 @@ impl Gateway {
             return Err(self.refuse(guard, error.into()).await);
         }
         let policy = self.policy.snapshot();
-        let decided = match self.decide(&caller.identity, sql, &query_id, &policy).await {
+        let decided = match self.decide(caller, sql, &query_id, &policy).await {
             Ok(decided) => decided,
             Err(refused) => return Err(self.refuse(guard, refused).await),
         };
@@ -444,7 +449,7 @@ impl Gateway {
                 if let Err(error) = self.rates.admit(&caller.identity) {
                     return Err(self.refuse(guard, error.into()).await);
                 }
-                match self.decide(&caller.identity, sql, &query_id, &policy).await {
+                match self.decide(caller, sql, &query_id, &policy).await {
                     Ok(decided) => decided,
                     Err(refused) => return Err(self.refuse(guard, refused).await),
                 }

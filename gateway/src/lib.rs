@@ -11,7 +11,6 @@ pub mod catalogue;
 pub mod config;
 pub mod engine;
 pub mod error;
-pub mod jwt;
 pub mod limits;
 pub mod lower;
 pub mod merge;
@@ -31,15 +30,14 @@ use tally_common::server::{RunningServer, Transport};
 use tally_common::tls::ServerTls;
 use tokio::task::JoinHandle;
 
-pub use auth::{Identity, Users, token_hash};
+pub use auth::{Users, token_hash};
 pub use config::{
-    GatewayConfig, GatewayLimits, JwtConfig, NodeEndpoint, NodeTlsConfig, UserConfig,
-    default_node_name,
+    GatewayConfig, GatewayLimits, NodeEndpoint, NodeTlsConfig, UserConfig, default_node_name,
 };
 pub use engine::{Caller, Explanation, Gateway, GatewayAuditRecord, QueryOutcome};
 pub use error::GatewayError;
-pub use jwt::JwtVerifier;
 pub use service::{GatewayService, POLICY_VERSION_HEADER, TRUSTS_HEADER};
+pub use tally_common::identity::{Identity, JwtConfig, JwtVerifier};
 
 /// How often the policy folder is checked for changes.
 const POLICY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -88,7 +86,16 @@ pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let jwt = config.jwt.as_ref().map(JwtVerifier::load).transpose()?;
+    let jwt = config
+        .jwt
+        .as_ref()
+        .map(|jwt| {
+            JwtVerifier::load(jwt).map_err(|reason| GatewayError::Jwks {
+                path: jwt.jwks.clone(),
+                reason,
+            })
+        })
+        .transpose()?;
     let transport = match &config.tls {
         Some(files) => Transport::Tls(
             ServerTls::server_only(files).map_err(|e| GatewayError::Tls(e.to_string()))?,

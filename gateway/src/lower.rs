@@ -81,6 +81,7 @@ pub fn releases_of(
         "explain".into(),
         Arc::new(crate::catalogue::Catalogue::new(Vec::new())),
         tally_common::admission::RequestIdentity::default(),
+        None,
     ));
     lower(plan, governance, &dispatch).map(|(_, releases)| releases)
 }

@@ -9,6 +9,9 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use datafusion::sql::sqlparser::dialect::{Dialect, GenericDialect, dialect_from_str};
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
 use tally_common::{ErrorCode, TallyError};
 
@@ -19,6 +22,21 @@ pub const MAX_SQL_BYTES: usize = 64 * 1024;
 /// included).
 pub const MAX_PLAN_DEPTH: usize = 64;
 
+/// Most SQL tokens accepted by default (words, literals and symbols; whitespace and
+/// comments are not counted).
+pub const MAX_SQL_TOKENS: usize = 4_000;
+
+/// Most operator tokens accepted by default: symbols such as `+`, `||`, `=` and `::`, and
+/// operator keywords such as `AND`, `OR`, `NOT`, `LIKE` and `IN`.
+pub const MAX_SQL_OPERATORS: usize = 256;
+
+/// Most query blocks (`SELECT` or `VALUES` keywords: CTEs, subqueries, unions) accepted
+/// by default.
+pub const MAX_SQL_SELECTS: usize = 64;
+
+/// Deepest nesting of brackets (`(`, `[`, `{`) accepted by default.
+pub const MAX_SQL_NESTING: usize = 64;
+
 /// Size limits on one query, kept in the session's config so every planning path sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueryLimits {
@@ -26,6 +44,14 @@ pub struct QueryLimits {
     pub max_sql_bytes: usize,
     /// Deepest logical plan accepted.
     pub max_plan_depth: usize,
+    /// Most SQL tokens accepted (see [`MAX_SQL_TOKENS`]).
+    pub max_sql_tokens: usize,
+    /// Most operator tokens accepted (see [`MAX_SQL_OPERATORS`]).
+    pub max_sql_operators: usize,
+    /// Most query blocks accepted (see [`MAX_SQL_SELECTS`]).
+    pub max_sql_selects: usize,
+    /// Deepest bracket nesting accepted (see [`MAX_SQL_NESTING`]).
+    pub max_sql_nesting: usize,
 }
 
 impl Default for QueryLimits {
@@ -33,6 +59,10 @@ impl Default for QueryLimits {
         QueryLimits {
             max_sql_bytes: MAX_SQL_BYTES,
             max_plan_depth: MAX_PLAN_DEPTH,
+            max_sql_tokens: MAX_SQL_TOKENS,
+            max_sql_operators: MAX_SQL_OPERATORS,
+            max_sql_selects: MAX_SQL_SELECTS,
+            max_sql_nesting: MAX_SQL_NESTING,
         }
     }
 }
@@ -80,6 +110,12 @@ pub async fn plan_read_only(state: &SessionState, sql: &str) -> Result<LogicalPl
         ));
     }
     let dialect = state.config().options().sql_parser.dialect;
+    {
+        // Scoped: the boxed dialect is not `Send`, and must not live across an await.
+        let tokenizer_dialect =
+            dialect_from_str(dialect).unwrap_or_else(|| Box::new(GenericDialect));
+        check_tokens(sql, tokenizer_dialect.as_ref(), &limits)?;
+    }
     let statement = state
         .sql_to_statement(sql, &dialect)
         .map_err(TallyError::from_planning)?;
@@ -110,6 +146,160 @@ pub async fn plan_read_only(state: &SessionState, sql: &str) -> Result<LogicalPl
     Ok(plan)
 }
 
+/// What the tokenizer saw of a statement: the counts [`QueryLimits`] bounds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct TokenCounts {
+    tokens: usize,
+    operators: usize,
+    selects: usize,
+    deepest: usize,
+}
+
+/// Refuses, before any parsing or planning, a statement whose shape could exhaust the
+/// parser's or planner's stack or time: too many tokens, operators (a flat `1+1+...` chain
+/// is one deep expression tree), query blocks (thousands of CTEs) or nested brackets.
+/// Tokenizing is linear in the text and does not recurse. Text that does not tokenize is
+/// a syntax error, described by its position only.
+pub fn check_tokens(
+    sql: &str,
+    dialect: &dyn Dialect,
+    limits: &QueryLimits,
+) -> Result<(), TallyError> {
+    let tokens = Tokenizer::new(dialect, sql)
+        .tokenize_with_location()
+        .map_err(|err| {
+            TallyError::new(
+                ErrorCode::SqlSyntax,
+                format!(
+                    "the query could not be read as SQL near line {}, column {}",
+                    err.location.line, err.location.column
+                ),
+            )
+        })?;
+    let counts = count_tokens(tokens.iter().map(|t| &t.token));
+    let too_large = |what: &str, found: usize, limit: usize| {
+        TallyError::new(
+            ErrorCode::TooLarge,
+            format!("the query has {found} {what}; the limit is {limit}"),
+        )
+    };
+    if counts.tokens > limits.max_sql_tokens {
+        return Err(too_large("tokens", counts.tokens, limits.max_sql_tokens));
+    }
+    if counts.operators > limits.max_sql_operators {
+        return Err(too_large(
+            "operators",
+            counts.operators,
+            limits.max_sql_operators,
+        ));
+    }
+    if counts.selects > limits.max_sql_selects {
+        return Err(too_large(
+            "SELECT or VALUES blocks (CTEs, subqueries, unions)",
+            counts.selects,
+            limits.max_sql_selects,
+        ));
+    }
+    if counts.deepest > limits.max_sql_nesting {
+        return Err(too_large(
+            "levels of nested brackets",
+            counts.deepest,
+            limits.max_sql_nesting,
+        ));
+    }
+    Ok(())
+}
+
+/// Counts tokens, operators, query blocks and the deepest bracket nesting of `tokens`.
+fn count_tokens<'a>(tokens: impl Iterator<Item = &'a Token>) -> TokenCounts {
+    let mut counts = TokenCounts::default();
+    let mut depth: usize = 0;
+    for token in tokens {
+        if matches!(token, Token::Whitespace(_) | Token::EOF) {
+            continue;
+        }
+        counts.tokens += 1;
+        match token {
+            Token::LParen | Token::LBracket | Token::LBrace => {
+                depth += 1;
+                counts.deepest = counts.deepest.max(depth);
+            }
+            Token::RParen | Token::RBracket | Token::RBrace => depth = depth.saturating_sub(1),
+            Token::Word(word) if word.quote_style.is_none() => match word.keyword {
+                Keyword::SELECT | Keyword::VALUES => counts.selects += 1,
+                keyword if is_operator_keyword(keyword) => counts.operators += 1,
+                _ => {}
+            },
+            token if is_operator_symbol(token) => counts.operators += 1,
+            _ => {}
+        }
+    }
+    counts
+}
+
+/// Keywords that combine expressions into a bigger expression.
+fn is_operator_keyword(keyword: Keyword) -> bool {
+    matches!(
+        keyword,
+        Keyword::AND
+            | Keyword::OR
+            | Keyword::NOT
+            | Keyword::XOR
+            | Keyword::IS
+            | Keyword::LIKE
+            | Keyword::ILIKE
+            | Keyword::SIMILAR
+            | Keyword::REGEXP
+            | Keyword::RLIKE
+            | Keyword::BETWEEN
+            | Keyword::IN
+            | Keyword::COLLATE
+            | Keyword::AT
+            | Keyword::DIV
+    )
+}
+
+/// Whether a symbol token is an operator. Only names, literals and punctuation are not:
+/// any other token, including ones a newer tokenizer adds, counts as an operator.
+fn is_operator_symbol(token: &Token) -> bool {
+    !matches!(
+        token,
+        Token::EOF
+            | Token::Word(_)
+            | Token::Number(..)
+            | Token::SingleQuotedString(_)
+            | Token::DoubleQuotedString(_)
+            | Token::TripleSingleQuotedString(_)
+            | Token::TripleDoubleQuotedString(_)
+            | Token::DollarQuotedString(_)
+            | Token::SingleQuotedByteStringLiteral(_)
+            | Token::DoubleQuotedByteStringLiteral(_)
+            | Token::TripleSingleQuotedByteStringLiteral(_)
+            | Token::TripleDoubleQuotedByteStringLiteral(_)
+            | Token::SingleQuotedRawStringLiteral(_)
+            | Token::DoubleQuotedRawStringLiteral(_)
+            | Token::TripleSingleQuotedRawStringLiteral(_)
+            | Token::TripleDoubleQuotedRawStringLiteral(_)
+            | Token::NationalStringLiteral(_)
+            | Token::QuoteDelimitedStringLiteral(_)
+            | Token::NationalQuoteDelimitedStringLiteral(_)
+            | Token::EscapedStringLiteral(_)
+            | Token::UnicodeStringLiteral(_)
+            | Token::HexStringLiteral(_)
+            | Token::Placeholder(_)
+            | Token::Comma
+            | Token::Whitespace(_)
+            | Token::Period
+            | Token::SemiColon
+            | Token::LParen
+            | Token::RParen
+            | Token::LBracket
+            | Token::RBracket
+            | Token::LBrace
+            | Token::RBrace
+    )
+}
+
 /// Refuses plan nodes that are not part of a read-only query (defence in depth behind the
 /// statement check: `SELECT ... INTO` is planned as a table creation, for instance).
 fn reject_non_queries(plan: &LogicalPlan) -> Result<(), TallyError> {
@@ -136,4 +326,252 @@ fn reject_non_queries(plan: &LogicalPlan) -> Result<(), TallyError> {
     })
     .map_err(|_| TallyError::new(ErrorCode::Internal, "plan inspection failed"))?;
     refusal.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zz_probe() {
+        let n: usize = std::env::var("PROBE_N").unwrap().parse().unwrap();
+        let op = std::env::var("PROBE_OP").unwrap();
+        let sql = match op.as_str() {
+            "or" => format!(
+                "SELECT x FROM (VALUES (true)) AS t(x) WHERE {}",
+                chain("x", " OR ", n)
+            ),
+            "cat" => format!("SELECT {}", chain("'a'", "||", n)),
+            "join" => format!(
+                "WITH t AS (SELECT 1 AS v) SELECT COUNT(*) FROM {}",
+                (0..n)
+                    .map(|i| format!("t a{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "cte" => ctes(n),
+            "in" => format!("SELECT 1 WHERE 1 IN ({})", chain("1", ",", n)),
+            "case" => format!(
+                "SELECT CASE {} END",
+                (0..n)
+                    .map(|i| format!("WHEN {i} = 1 THEN {i}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            "fn" => format!("SELECT {}1{}", "abs(".repeat(n), ")".repeat(n)),
+            _ => format!("SELECT {}", chain("1", "+", n)),
+        };
+        on_small_stack(async move {
+            let ctx = tally_common::session::new_context().expect("context");
+            let state = ctx.state();
+            let big = QueryLimits {
+                max_sql_tokens: usize::MAX,
+                max_sql_operators: usize::MAX,
+                max_sql_selects: usize::MAX,
+                max_sql_nesting: usize::MAX,
+                max_plan_depth: usize::MAX,
+                ..QueryLimits::default()
+            };
+            big.install(&ctx);
+            let state2 = ctx.state();
+            let _ = state;
+            let plan = plan_read_only(&state2, &sql).await.expect("planned");
+            let optimised = state2.optimize(&plan).expect("optimised");
+            state2
+                .create_physical_plan(&optimised)
+                .await
+                .expect("physical plan");
+        });
+    }
+
+    /// `count` copies of `unit` joined by `op`, e.g. `1+1+1`.
+    fn chain(unit: &str, op: &str, count: usize) -> String {
+        vec![unit; count].join(op)
+    }
+
+    /// `count` CTEs, each reading the one before.
+    fn ctes(count: usize) -> String {
+        let mut sql = String::from("WITH c0 AS (SELECT 1 AS v)");
+        for i in 1..count {
+            sql.push_str(&format!(", c{i} AS (SELECT v FROM c{})", i - 1));
+        }
+        sql.push_str(&format!(" SELECT v FROM c{}", count - 1));
+        sql
+    }
+
+    /// Nested brackets `depth` deep around `1`.
+    fn nested(depth: usize) -> String {
+        format!("SELECT {}1{}", "(".repeat(depth), ")".repeat(depth))
+    }
+
+    fn check(sql: &str) -> Result<(), TallyError> {
+        check_tokens(sql, &GenericDialect, &QueryLimits::default())
+    }
+
+    fn code_of(result: Result<(), TallyError>) -> ErrorCode {
+        result.expect_err("refused").code
+    }
+
+    /// The statements that overflowed the stack or took seconds are refused as too large.
+    fn hostile() -> Vec<(&'static str, String)> {
+        vec![
+            ("6 KB of 1+", format!("SELECT {}", chain("1", "+", 3_000))),
+            (
+                "6 KB of x OR",
+                format!("SELECT x FROM t WHERE {}", chain("x", " OR ", 1_200)),
+            ),
+            (
+                "6 KB of ||",
+                format!("SELECT {}", chain("'a'", "||", 1_200)),
+            ),
+            ("unary minus", format!("SELECT {}1", "- ".repeat(2_000))),
+            (
+                "chained casts",
+                format!("SELECT 1{}", "::INT".repeat(1_000)),
+            ),
+            ("2,000 CTEs", ctes(2_000)),
+            ("65 CTEs", ctes(65)),
+            ("65 unions", chain("SELECT 1", " UNION ALL ", 65)),
+            ("nested brackets", nested(65)),
+            ("4,001 tokens", format!("SELECT {}", chain("1", ",", 2_001))),
+        ]
+    }
+
+    #[test]
+    fn hostile_statements_are_too_large() {
+        for (name, sql) in hostile() {
+            assert_eq!(code_of(check(&sql)), ErrorCode::TooLarge, "{name}");
+        }
+    }
+
+    #[test]
+    fn limits_count_what_they_name() {
+        let at = |sql: &str| {
+            count_tokens(
+                Tokenizer::new(&GenericDialect, sql)
+                    .tokenize()
+                    .unwrap()
+                    .iter(),
+            )
+        };
+        let counts = at("SELECT a, b FROM t WHERE a = 1 AND NOT (b LIKE 'x%' OR b IS NULL) -- c");
+        assert_eq!(counts.selects, 1);
+        assert_eq!(counts.operators, 6, "= AND NOT LIKE OR IS");
+        assert_eq!(counts.deepest, 1);
+        assert_eq!(counts.tokens, 21);
+        // Quoted names are names, not keywords.
+        assert_eq!(at(r#"SELECT "select", "or" FROM t"#).selects, 1);
+        assert_eq!(at(r#"SELECT "select", "or" FROM t"#).operators, 0);
+        // Exactly at each limit is accepted.
+        let limits = QueryLimits::default();
+        assert!(
+            check(&format!(
+                "SELECT {}",
+                chain("1", "+", limits.max_sql_operators + 1)
+            ))
+            .is_ok()
+        );
+        // The final SELECT is a block too.
+        assert!(check(&ctes(limits.max_sql_selects - 1)).is_ok());
+        assert!(check(&nested(limits.max_sql_nesting)).is_ok());
+        // The limits are configurable.
+        let tight = QueryLimits {
+            max_sql_operators: 1,
+            ..QueryLimits::default()
+        };
+        let err = check_tokens("SELECT 1 + 2 + 3", &GenericDialect, &tight).expect_err("refused");
+        assert_eq!(err.code, ErrorCode::TooLarge);
+        assert_eq!(err.message, "the query has 2 operators; the limit is 1");
+    }
+
+    #[test]
+    fn text_that_does_not_tokenize_is_a_syntax_error_with_a_position() {
+        let err = check("SELECT 1,\n 'unterminated").expect_err("refused");
+        assert_eq!(err.code, ErrorCode::SqlSyntax);
+        assert_eq!(
+            err.message,
+            "the query could not be read as SQL near line 2, column 2"
+        );
+    }
+
+    #[test]
+    fn ordinary_queries_pass() {
+        let queries = [
+            "SELECT COUNT(*) FROM episodes",
+            "SELECT trust_code, admission_method, specialty, COUNT(*), AVG(cost), MAX(length_of_stay) \
+             FROM episodes GROUP BY 1, 2, 3",
+            "SELECT specialty, SUM(cost * (1 - length_of_stay)), AVG(cost * 2 + length_of_stay), \
+             STDDEV(cost - length_of_stay) FROM episodes GROUP BY specialty",
+            "SELECT date_trunc('month', admission_date) AS month, COUNT(*) AS admissions FROM episodes \
+             WHERE admission_method IN ('21', '22', '23', '24', '28') GROUP BY date_trunc('month', admission_date)",
+            "SELECT c.chapter, c.title, COUNT(*) AS episodes, SUM(e.cost) AS cost FROM episodes e \
+             JOIN icd10_chapters c ON substr(e.diagnosis_icd10, 1, 3) BETWEEN c.code_from AND c.code_to \
+             GROUP BY c.chapter, c.title",
+            "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty \
+             HAVING COUNT(*) > (SELECT COUNT(*) FROM episodes) / 20",
+            "WITH a AS (SELECT COUNT(*) AS n FROM episodes), b AS (SELECT COUNT(*) AS m FROM patients) \
+             SELECT n, m, CAST(n AS DOUBLE) / m AS per_patient FROM a CROSS JOIN b",
+            "SELECT 'episodes' AS what, COUNT(*) AS n FROM episodes UNION ALL SELECT 'patients', COUNT(*) FROM patients",
+            "SELECT specialty, COUNT(*) AS n, RANK() OVER (ORDER BY COUNT(*) DESC) AS busiest FROM episodes \
+             GROUP BY specialty",
+            "SELECT age_band(age_at_admission), COUNT(*) FROM episodes WHERE admission_date >= DATE '2022-01-01' \
+             AND diagnosis_icd10 LIKE 'F50%' AND procedure_opcs4 IS NOT NULL GROUP BY 1",
+        ];
+        for sql in queries {
+            assert_eq!(check(sql), Ok(()), "{sql}");
+        }
+    }
+
+    /// Runs `work` on a thread with a 2 MiB stack (Tokio's worker default) and its own
+    /// runtime, so a stack overflow would abort the test rather than pass unnoticed.
+    fn on_small_stack<T: Send + 'static>(
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("runtime")
+                    .block_on(work)
+            })
+            .expect("thread")
+            .join()
+            .expect("no panic")
+    }
+
+    /// Through the real planning path: hostile statements are refused before the parser,
+    /// and chains just within the limits parse, plan and optimise on a small stack.
+    #[test]
+    fn planning_refuses_hostile_statements_and_survives_the_limits() {
+        on_small_stack(async {
+            let ctx = tally_common::session::new_context().expect("context");
+            let state = ctx.state();
+            for (name, sql) in hostile() {
+                let err = plan_read_only(&state, &sql).await.expect_err("refused");
+                assert_eq!(err.code, ErrorCode::TooLarge, "{name}: {err}");
+            }
+            let err = plan_read_only(&state, "SELECT 'open")
+                .await
+                .expect_err("refused");
+            assert_eq!(err.code, ErrorCode::SqlSyntax);
+            let most = MAX_SQL_OPERATORS - 1;
+            let within = [
+                format!("SELECT {}", chain("1", "+", most + 1)),
+                format!("SELECT {}", chain("'a'", "||", most + 1)),
+                format!(
+                    "SELECT x FROM (VALUES (true)) AS t(x) WHERE {}",
+                    chain("x", " OR ", most + 1)
+                ),
+            ];
+            for sql in within {
+                let plan = plan_read_only(&state, &sql).await.expect("planned");
+                let optimised = state.optimize(&plan).expect("optimised");
+                state
+                    .create_physical_plan(&optimised)
+                    .await
+                    .expect("physical plan");
+            }
+        });
+    }
 }

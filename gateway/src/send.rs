@@ -40,19 +40,27 @@ pub struct QueryDispatch {
     pub query_id: String,
     catalogue: Arc<Catalogue>,
     identity: RequestIdentity,
+    token: Option<String>,
     obligations: OnceLock<Obligations>,
     next_release: AtomicUsize,
     runs: Mutex<Vec<ReleaseRun>>,
 }
 
 impl QueryDispatch {
-    /// A dispatch for query `query_id`, on behalf of `identity`. Nothing is sent until the
-    /// policy's obligations are set ([`QueryDispatch::bind`]).
-    pub fn new(query_id: String, catalogue: Arc<Catalogue>, identity: RequestIdentity) -> Self {
+    /// A dispatch for query `query_id`, on behalf of `identity` (signed in with `token`, when
+    /// it is a JWT the trusts verify themselves). Nothing is sent until the policy's
+    /// obligations are set ([`QueryDispatch::bind`]).
+    pub fn new(
+        query_id: String,
+        catalogue: Arc<Catalogue>,
+        identity: RequestIdentity,
+        token: Option<String>,
+    ) -> Self {
         QueryDispatch {
             query_id,
             catalogue,
             identity,
+            token,
             obligations: OnceLock::new(),
             next_release: AtomicUsize::new(0),
             runs: Mutex::new(Vec::new()),
@@ -148,11 +156,14 @@ impl QueryDispatch {
             min_distinct_patients: obligations.min_distinct_patients,
         };
         tracing::debug!(query_id = %self.query_id, %sql, trusts = targets.len(), "release");
-        let answers = futures::future::join_all(
-            targets
-                .iter()
-                .map(|trust| trust.run(&request, &self.query_id, &self.identity)),
-        )
+        let answers = futures::future::join_all(targets.iter().map(|trust| {
+            trust.run(
+                &request,
+                &self.query_id,
+                &self.identity,
+                self.token.as_deref(),
+            )
+        }))
         .await;
         let mut partitions = Vec::with_capacity(answers.len());
         for answer in answers {

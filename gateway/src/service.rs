@@ -65,15 +65,17 @@ impl GatewayService {
         let mut caller = Caller {
             peer,
             identity: Default::default(),
+            token: None,
         };
-        let identity = match self.users.bearer(metadata) {
-            Ok(identity) => identity,
+        let (identity, token) = match self.users.bearer(metadata) {
+            Ok(signed_in) => signed_in,
             Err(error) => return Err(self.refuse(&caller, sql, error).await),
         };
         caller.identity.user = identity.user.clone();
         match identity.for_request(&project, &purpose) {
             Ok(resolved) => {
                 caller.identity = resolved;
+                caller.token = token;
                 Ok(caller)
             }
             Err(error) => Err(self.refuse(&caller, sql, error).await),
@@ -147,6 +149,7 @@ impl FlightSqlService for GatewayService {
                 let caller = Caller {
                     peer,
                     identity: Default::default(),
+                    token: None,
                 };
                 return Err(self.refuse(&caller, "", error).await);
             }

@@ -7,7 +7,8 @@ use arrow::record_batch::RecordBatch;
 use arrow_flight::error::FlightError;
 use tally_common::admission::RequestIdentity;
 use tally_common::flight::{
-    QUERY_ID_HEADER, SqlClient, TableInfo, http_url, identity_headers, list_tables, run_ticket,
+    ANALYST_TOKEN_HEADER, QUERY_ID_HEADER, SqlClient, TableInfo, http_url, identity_headers,
+    list_tables, run_ticket,
 };
 use tally_common::model::ReleaseRequest;
 use tally_common::tls::client_tls;
@@ -95,16 +96,21 @@ impl Trust {
         self.bounded(list_tables(&mut client)).await
     }
 
-    /// Runs one release on behalf of `identity` and collects the trust's protected partials.
+    /// Runs one release on behalf of `identity` (with the analyst's signed `token`, which
+    /// the trust verifies itself) and collects the trust's protected partials.
     pub async fn run(
         &self,
         request: &ReleaseRequest,
         query_id: &str,
         identity: &RequestIdentity,
+        token: Option<&str>,
     ) -> Result<TrustAnswer, TallyError> {
         let started = Instant::now();
         let mut headers = identity_headers(identity);
         headers.push((QUERY_ID_HEADER, query_id.to_string()));
+        if let Some(token) = token {
+            headers.push((ANALYST_TOKEN_HEADER, token.to_string()));
+        }
         let fetched = self
             .bounded(run_ticket(
                 self.channel.clone(),

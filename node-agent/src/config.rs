@@ -42,6 +42,24 @@ pub struct NodeConfig {
     pub opt_out: Option<OptOutConfig>,
     /// The tables this trust serves.
     pub tables: Vec<TableConfig>,
+    /// How the trust knows who is asking; required.
+    pub identity: IdentityConfig,
+}
+
+/// How the node verifies who is asking. Either analysts' JWTs, forwarded by the gateway and
+/// verified here against the identity provider's key set (`[identity.jwt]`), or, only if the
+/// trust explicitly opts in, the identity an allowed gateway states in its headers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The identity provider whose signed tokens this trust accepts.
+    #[serde(default)]
+    pub jwt: Option<tally_common::identity::JwtConfig>,
+    /// Believe the user, project and purpose an allowed gateway states for requests that
+    /// carry no token (analysts with the gateway's static tokens). Off by default: a
+    /// compromised gateway could then claim any identity.
+    #[serde(default)]
+    pub trust_gateway_identity: bool,
 }
 
 /// The node's side of mutual TLS.
@@ -218,6 +236,11 @@ impl NodeConfig {
         {
             opt_out.path = base.join(&opt_out.path);
         }
+        if let Some(jwt) = &mut config.identity.jwt
+            && jwt.jwks.is_relative()
+        {
+            jwt.jwks = base.join(&jwt.jwks);
+        }
         if let Some(tls) = &mut config.tls {
             for file in [&mut tls.cert, &mut tls.key, &mut tls.client_ca] {
                 if file.is_relative() {
@@ -263,6 +286,11 @@ impl NodeConfig {
         }
         if self.tables.is_empty() {
             return Err("at least one [[tables]] entry is required".into());
+        }
+        if self.identity.jwt.is_none() && !self.identity.trust_gateway_identity {
+            return Err(
+                "[identity] must configure [identity.jwt] (verify analysts' tokens) or set trust_gateway_identity = true".into(),
+            );
         }
         let mut seen = std::collections::BTreeSet::new();
         for table in &self.tables {

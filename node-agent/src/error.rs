@@ -43,6 +43,9 @@ pub enum NodeError {
     /// The policy folder could not be loaded.
     #[error("{0}")]
     Policy(String),
+    /// The identity provider's key set could not be loaded.
+    #[error("identity: {0}")]
+    Identity(String),
     /// The query engine could not be set up.
     #[error("engine set-up failed: {0}")]
     Engine(String),

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod identity;
 pub mod opt_out;
 pub mod release;
 pub mod service;
@@ -18,7 +19,8 @@ use tally_common::server::{RunningServer, Transport};
 use tally_common::tls::{RefusedConnection, ServerTls};
 
 pub use config::{
-    NodeConfig, NodeLimits, NodeTlsConfig, OptOutConfig, TableConfig, TableFormat, TrustConfig,
+    IdentityConfig, NodeConfig, NodeLimits, NodeTlsConfig, OptOutConfig, TableConfig, TableFormat,
+    TrustConfig,
 };
 pub use error::NodeError;
 pub use service::{Contexts, NodeAuditRecord, NodeService};
@@ -105,8 +107,10 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         })?,
         None => AuditLog::in_memory(),
     });
+    let identity = Arc::new(identity::NodeIdentity::load(&config.identity)?);
     let service = NodeService::new(
         config.trust.code.clone(),
+        identity,
         Contexts {
             full,
             opted_out: excluded.is_some().then_some(opted_out),

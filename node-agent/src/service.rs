@@ -26,7 +26,6 @@ use tally_common::admission::{Origin, Refused, RequestIdentity, decide};
 use tally_common::audit::{AuditLog, now_millis};
 use tally_common::flight::{
     FlightDataStream, MetadataRequest, QUERY_ID_HEADER, TableInfo, encode_batches, header_text,
-    identity_from_headers,
 };
 use tally_common::model::{ReleaseQuery, ReleaseRequest};
 use tally_common::policy::{Decision, Policy};
@@ -34,6 +33,7 @@ use tally_common::tls::{RefusedConnection, certificate_identity};
 use tally_common::{ErrorCode, TallyError};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::identity::NodeIdentity;
 use crate::release::build_plan;
 
 /// One line of the trust's own audit log.
@@ -47,7 +47,7 @@ pub struct NodeAuditRecord {
     pub peer: String,
     /// The identity named by the caller's TLS client certificate (absent in plaintext).
     pub gateway: Option<String>,
-    /// Who the caller says is asking, and why.
+    /// Who is asking and why, as this trust verified it (empty when it could not).
     pub identity: RequestIdentity,
     /// `connect` (a refused connection) or `release` (a release request).
     pub step: &'static str,
@@ -110,6 +110,7 @@ pub struct Contexts {
 #[derive(Clone)]
 pub struct NodeService {
     trust: String,
+    identity: Arc<NodeIdentity>,
     contexts: Contexts,
     tables: Arc<Vec<TableInfo>>,
     policy: Arc<Policy>,
@@ -152,7 +153,7 @@ impl RequestContext {
             gateway: request
                 .peer_certs()
                 .and_then(|certs| certs.first().and_then(certificate_identity)),
-            identity: identity_from_headers(request.metadata()),
+            identity: RequestIdentity::default(),
             sql: String::new(),
             release: None,
             started: Instant::now(),
@@ -194,10 +195,12 @@ impl RequestContext {
 }
 
 impl NodeService {
-    /// The service of trust `trust` over `contexts`, whose tables are listed in `tables`,
-    /// deciding with `policy`; each query may run for `query_timeout`.
+    /// The service of trust `trust`, checking who asks with `identity`, over `contexts`,
+    /// whose tables are listed in `tables`, deciding with `policy`; each query may run for
+    /// `query_timeout`.
     pub fn new(
         trust: String,
+        identity: Arc<NodeIdentity>,
         contexts: Contexts,
         tables: Vec<TableInfo>,
         policy: Arc<Policy>,
@@ -206,6 +209,7 @@ impl NodeService {
     ) -> Self {
         NodeService {
             trust,
+            identity,
             contexts,
             tables: Arc::new(tables),
             policy,
@@ -249,8 +253,13 @@ impl NodeService {
     async fn release(
         &self,
         mut context: RequestContext,
+        metadata: tonic::metadata::MetadataMap,
         request: Result<ReleaseRequest, TallyError>,
     ) -> Result<Response<FlightDataStream>, Status> {
+        match self.identity.verify(&metadata) {
+            Ok(identity) => context.identity = identity,
+            Err(error) => return Err(self.refuse(&context, error.into()).await),
+        }
         let request = match request {
             Ok(request) => request,
             Err(error) => return Err(self.refuse(&context, error.into()).await),
@@ -501,7 +510,8 @@ impl FlightSqlService for NodeService {
         message: arrow_flight::sql::Any,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let context = RequestContext::new(&request);
-        self.release(context, ReleaseRequest::from_any(&message))
+        let metadata = request.metadata().clone();
+        self.release(context, metadata, ReleaseRequest::from_any(&message))
             .await
     }
 

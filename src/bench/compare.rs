@@ -22,7 +22,8 @@ use super::rows::{Shipped, ShippedTable};
 use super::workload::Workload;
 use crate::certs::{CertFolder, GATEWAY_IDENTITY};
 use crate::client::AnalystClient;
-use crate::federation::{self, DEMO_TOKEN, Security};
+use crate::federation::{self, Security};
+use crate::tokens::IdentityProvider;
 
 /// What to compare.
 #[derive(Debug, Clone)]
@@ -177,6 +178,13 @@ fn spawn_node(
         abs(&leaf.key),
         abs(&certs.ca()),
     );
+    let idp = bench_identity(certs)?;
+    toml.push_str(&format!(
+        "\n[identity.jwt]\njwks = {:?}\nissuer = {:?}\naudience = {:?}\n",
+        abs(&idp.jwks_path()),
+        crate::tokens::ISSUER,
+        crate::tokens::AUDIENCE
+    ));
     let opt_outs = dir.join("opt_outs.parquet");
     if opt_outs.exists() {
         toml.push_str(&format!("\n[opt_out]\npath = {:?}\n", abs(&opt_outs)));
@@ -197,6 +205,16 @@ fn spawn_node(
         ],
         "node agent for",
     )
+}
+
+/// The benchmark's identity provider, beside its certificates.
+fn bench_identity(certs: &CertFolder) -> Result<IdentityProvider, String> {
+    IdentityProvider::ensure(&certs.dir.join("idp"))
+}
+
+/// A signed token for the benchmark's analyst.
+fn bench_token(certs: &CertFolder) -> Result<String, String> {
+    bench_identity(certs)?.mint(&federation::demo_claims(), federation::DEMO_TOKEN_LIFETIME)
 }
 
 /// Centralised: one context over every file of `workload` in `sites` (a trust code and its
@@ -374,6 +392,7 @@ struct Federation {
     gateway: tally_gateway::GatewayHandle,
     target: crate::client::GatewayTarget,
     client: AnalystClient,
+    token: String,
 }
 
 impl Federation {
@@ -403,6 +422,7 @@ impl Federation {
             &endpoints,
             policies,
             &security,
+            &bench_identity(certs)?,
         );
         config.request_timeout_secs = 600.0;
         config.limits.query_timeout_secs = 600.0;
@@ -415,7 +435,8 @@ impl Federation {
             federation::gateway_url(&security, gateway.addr),
             federation::ca_cert(&security),
         );
-        let client = AnalystClient::connect_for(&target, DEMO_TOKEN, "", purpose)
+        let token = bench_token(certs)?;
+        let client = AnalystClient::connect_for(&target, &token, "", purpose)
             .await
             .map_err(|e| e.to_string())?;
         Ok(Federation {
@@ -424,6 +445,7 @@ impl Federation {
             gateway,
             target,
             client,
+            token,
         })
     }
 
@@ -630,8 +652,9 @@ async fn overhead(
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let target = federation.target.clone();
+        let token = federation.token.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = AnalystClient::connect(&target, DEMO_TOKEN)
+            let mut client = AnalystClient::connect(&target, &token)
                 .await
                 .map_err(|e| e.to_string())?;
             let (mut ok, mut failed) = (0usize, 0usize);

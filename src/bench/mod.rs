@@ -113,7 +113,7 @@ fn tempfile_dir() -> Result<std::path::PathBuf, String> {
 /// loopback (analyst round trip, connection reused). Keep `(rounds + 1) * 3` within the
 /// gateway's default rate limit of 60 queries a minute.
 pub async fn links(data: &Path, policies: &Path, rounds: usize) -> Result<String, String> {
-    use crate::federation::{self, DEMO_TOKEN, Security};
+    use crate::federation::{self, Security};
     let certs = tempfile_dir()?.join("certs");
     let mut report = format!(
         "analyst round trip, {rounds} rounds of {} queries (ms)\nlink | median | p95\n",
@@ -125,7 +125,8 @@ pub async fn links(data: &Path, policies: &Path, rounds: usize) -> Result<String
     ] {
         let local =
             federation::start(data, "127.0.0.1:0".parse().unwrap(), policies, security).await?;
-        let mut client = crate::client::AnalystClient::connect(&local.gateway_target(), DEMO_TOKEN)
+        let token = local.analyst_token()?;
+        let mut client = crate::client::AnalystClient::connect(&local.gateway_target(), &token)
             .await
             .map_err(|e| e.to_string())?;
         let mut times = Vec::new();

@@ -1,0 +1,280 @@
+//! Who is asking: analysts sign in with JWTs from an identity provider, verified against
+//! its JSON Web Key Set (signature with public-key algorithms only, issuer, audience,
+//! expiry, not-before). The claims name the user, the user's groups, and the projects the
+//! user is approved for with the purposes approved in each, so a project and a purpose are
+//! never taken from a free header: a request only *selects* among its signed approvals
+//! (optional `default_project` and `default_purpose` claims choose when it does not). The
+//! gateway verifies the token, forwards it, and every node verifies it again itself.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::admission::RequestIdentity;
+use crate::error::{ErrorCode, TallyError};
+use crate::flight::PROJECT_HEADER;
+
+/// How signed JWTs are verified and mapped to an analyst.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// JSON Web Key Set file with the issuer's public keys.
+    pub jwks: PathBuf,
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// The `aud` every token must carry.
+    pub audience: String,
+    /// Claim holding the user name.
+    #[serde(default = "default_user_claim")]
+    pub user_claim: String,
+    /// Claim holding the user's groups (a list of strings).
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Claim holding the user's approvals: an object mapping each project to the list of
+    /// purposes approved for the user in it.
+    #[serde(default = "default_projects_claim")]
+    pub projects_claim: String,
+    /// Seconds of clock difference tolerated on `exp` and `nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_user_claim() -> String {
+    "sub".into()
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+fn default_projects_claim() -> String {
+    "projects".into()
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+/// An authenticated analyst.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// User name.
+    pub user: String,
+    /// The user's groups.
+    pub groups: Vec<String>,
+    /// Each project the user may query for, with the purposes approved in it.
+    pub approvals: BTreeMap<String, Vec<String>>,
+    /// Project when a request names none (the only one, when there is one).
+    pub default_project: Option<String>,
+    /// Purpose when a request names none.
+    pub default_purpose: Option<String>,
+}
+
+impl Identity {
+    /// The identity the policy sees for a request selecting `project` and `purpose` (empty:
+    /// the user's defaults). A project or purpose the user is not approved for is refused.
+    pub fn for_request(&self, project: &str, purpose: &str) -> Result<RequestIdentity, TallyError> {
+        let project = if project.is_empty() {
+            self.default_project.clone().unwrap_or_default()
+        } else {
+            project.to_string()
+        };
+        let Some(purposes) = self.approvals.get(&project) else {
+            return Err(TallyError::new(
+                ErrorCode::Project,
+                if project.is_empty() {
+                    format!(
+                        "user '{}' must name a project (header {PROJECT_HEADER})",
+                        self.user
+                    )
+                } else {
+                    format!(
+                        "user '{}' is not a member of project '{project}'",
+                        self.user
+                    )
+                },
+            ));
+        };
+        let purpose = if !purpose.is_empty() {
+            purpose.to_string()
+        } else if let Some(default) = self
+            .default_purpose
+            .as_ref()
+            .filter(|p| purposes.contains(p))
+        {
+            default.clone()
+        } else if let [only] = purposes.as_slice() {
+            only.clone()
+        } else {
+            String::new()
+        };
+        if !purposes.contains(&purpose) {
+            return Err(TallyError::new(
+                ErrorCode::Purpose,
+                format!(
+                    "user '{}' is not approved for purpose '{purpose}' in project '{project}' (approved: {})",
+                    self.user,
+                    purposes.join(", ")
+                ),
+            ));
+        }
+        Ok(RequestIdentity {
+            user: self.user.clone(),
+            groups: self.groups.clone(),
+            project,
+            purpose,
+        })
+    }
+}
+
+/// Signature algorithms accepted: public-key ones only, so a key set can never be used as a
+/// shared secret.
+const ACCEPTED: [Algorithm; 9] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+/// Verifies JWTs from one issuer.
+#[derive(Debug, Clone)]
+pub struct JwtVerifier {
+    keys: JwkSet,
+    config: JwtConfig,
+}
+
+fn refused(message: impl Into<String>) -> TallyError {
+    TallyError::new(ErrorCode::Unauthenticated, message)
+}
+
+impl JwtVerifier {
+    /// Reads the key set named by `config`; the error says what is wrong with the file.
+    pub fn load(config: &JwtConfig) -> Result<Self, String> {
+        let fail = |reason: String| format!("key set {}: {reason}", config.jwks.display());
+        let text = std::fs::read_to_string(&config.jwks).map_err(|e| fail(e.to_string()))?;
+        let keys: JwkSet = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        if keys.keys.is_empty() {
+            return Err(fail("the key set has no keys".into()));
+        }
+        Ok(JwtVerifier {
+            keys,
+            config: config.clone(),
+        })
+    }
+
+    /// Whether `token` has the shape of a JWT (three dot-separated parts).
+    pub fn looks_like_jwt(token: &str) -> bool {
+        token.split('.').count() == 3
+    }
+
+    /// The analyst a valid token names; a clear reason when it is not valid.
+    pub fn verify(&self, token: &str) -> Result<Identity, TallyError> {
+        let header =
+            decode_header(token).map_err(|_| refused("the token is not a well-formed JWT"))?;
+        if !ACCEPTED.contains(&header.alg) {
+            return Err(refused(format!(
+                "the token is signed with {:?}, which is not accepted",
+                header.alg
+            )));
+        }
+        let jwk = match &header.kid {
+            Some(kid) => self.keys.find(kid),
+            None if self.keys.keys.len() == 1 => self.keys.keys.first(),
+            None => None,
+        }
+        .ok_or_else(|| refused("the token is signed with a key that is not trusted"))?;
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|_| refused("the token's signing key cannot be used"))?;
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&[&self.config.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.validate_nbf = true;
+        validation.leeway = self.config.leeway_secs;
+        let claims = decode::<Map<String, Value>>(token, &key, &validation)
+            .map_err(|err| refused(describe(err.kind())))?
+            .claims;
+        self.identity(&claims)
+    }
+
+    fn identity(&self, claims: &Map<String, Value>) -> Result<Identity, TallyError> {
+        let user = claims
+            .get(&self.config.user_claim)
+            .and_then(Value::as_str)
+            .filter(|user| !user.is_empty())
+            .ok_or_else(|| {
+                refused(format!(
+                    "the token has no '{}' claim naming the user",
+                    self.config.user_claim
+                ))
+            })?;
+        let strings = |value: &Value, claim: &str| -> Result<Vec<String>, TallyError> {
+            match value {
+                Value::Array(items) => items
+                    .iter()
+                    .map(|item| item.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| refused(format!("the '{claim}' claim must list strings"))),
+                _ => Err(refused(format!("the '{claim}' claim must be a list"))),
+            }
+        };
+        let groups = match claims.get(&self.config.groups_claim) {
+            None => Vec::new(),
+            Some(value) => strings(value, &self.config.groups_claim)?,
+        };
+        let claim = &self.config.projects_claim;
+        let approvals: BTreeMap<String, Vec<String>> = match claims.get(claim) {
+            None => BTreeMap::new(),
+            Some(Value::Object(projects)) => projects
+                .iter()
+                .map(|(project, purposes)| Ok((project.clone(), strings(purposes, claim)?)))
+                .collect::<Result<_, TallyError>>()?,
+            Some(_) => {
+                return Err(refused(format!(
+                    "the '{claim}' claim must map each project to its approved purposes"
+                )));
+            }
+        };
+        let text = |claim: &str| -> Result<Option<String>, TallyError> {
+            match claims.get(claim) {
+                None => Ok(None),
+                Some(Value::String(value)) => Ok(Some(value.clone())),
+                Some(_) => Err(refused(format!("the '{claim}' claim must be text"))),
+            }
+        };
+        let only = (approvals.len() == 1)
+            .then(|| approvals.keys().next().cloned())
+            .flatten();
+        Ok(Identity {
+            user: user.to_string(),
+            groups,
+            default_project: text("default_project")?.or(only),
+            approvals,
+            default_purpose: text("default_purpose")?,
+        })
+    }
+}
+
+/// Why a token failed validation, in words an analyst can act on.
+fn describe(kind: &ErrorKind) -> String {
+    match kind {
+        ErrorKind::ExpiredSignature => "the token has expired".into(),
+        ErrorKind::ImmatureSignature => "the token is not valid yet".into(),
+        ErrorKind::InvalidIssuer => "the token's issuer is not trusted".into(),
+        ErrorKind::InvalidAudience => "the token is meant for another audience".into(),
+        ErrorKind::InvalidSignature => "the token's signature does not verify".into(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("the token has no '{claim}' claim"),
+        ErrorKind::InvalidAlgorithm => "the token's algorithm does not match its key".into(),
+        _ => "the token is not valid".into(),
+    }
+}
