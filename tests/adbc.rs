@@ -2,7 +2,7 @@
 //! a prepared statement (installed by `.ci/run`).
 
 use datafusion::common::ScalarValue;
-use tally::federation::{DEMO_TOKEN, DEMO_USER};
+use tally::federation::DEMO_USER;
 
 use crate::support::{centralised, rows, start_federation};
 
@@ -29,10 +29,11 @@ async fn python_adbc_driver_gets_the_right_numbers() {
     let local = start_federation().await;
     let target = local.gateway_target();
     let ca = target.ca_cert.clone().expect("the federation runs TLS");
+    let token = local.analyst_token().unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/adbc_client.py");
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")
-            .args([script, &target.url, DEMO_USER, DEMO_TOKEN])
+            .args([script, &target.url, DEMO_USER, &token])
             .arg(ca)
             .output()
             .expect("python3 runs")

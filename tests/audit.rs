@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tally::client::AnalystClient;
-use tally::federation::{self, DEMO_TOKEN, DEMO_USER};
+use tally::federation::{self, DEMO_USER};
 use tally_common::audit::read_records;
 
 use crate::support::{
@@ -29,9 +29,10 @@ fn text<'a>(record: &'a Value, field: &str) -> &'a str {
 async fn every_request_has_one_gateway_record_and_one_per_node_reached() {
     let dir = tempfile::tempdir().unwrap();
     let (local, gateway_log, node_logs) = audited_federation(dir.path()).await;
-    let mut client = AnalystClient::connect(&local.gateway_target(), DEMO_TOKEN)
-        .await
-        .unwrap();
+    let mut client =
+        AnalystClient::connect(&local.gateway_target(), &crate::support::analyst_token())
+            .await
+            .unwrap();
     let answered = [
         "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty",
         "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex",
@@ -130,9 +131,10 @@ fn verify_after(path: &Path, original: &[String], change: impl Fn(&mut Vec<Strin
 async fn editing_deleting_or_reordering_any_record_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let (local, gateway_log, node_logs) = audited_federation(dir.path()).await;
-    let mut client = AnalystClient::connect(&local.gateway_target(), DEMO_TOKEN)
-        .await
-        .unwrap();
+    let mut client =
+        AnalystClient::connect(&local.gateway_target(), &crate::support::analyst_token())
+            .await
+            .unwrap();
     for sql in [
         "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty",
         "SELECT nhs_number FROM patients",
@@ -199,7 +201,7 @@ fn gateway_toml(dir: &Path, nodes: &[(String, std::net::SocketAddr)], log: &Path
         certs.gateway_client().cert,
         certs.gateway_client().key,
         certs.ca(),
-        tally_gateway::token_hash(DEMO_TOKEN),
+        tally_gateway::token_hash(federation::DEMO_STATIC_TOKEN),
         federation::DEMO_PROJECT,
         federation::DEMO_PROJECT,
     );
@@ -255,9 +257,10 @@ async fn a_gateway_killed_between_queries_leaves_a_log_that_verifies() {
     ];
     for round in 0..2 {
         let (mut child, addr) = spawn_gateway(&config);
-        let mut client = AnalystClient::connect(&gateway_target(addr), DEMO_TOKEN)
-            .await
-            .unwrap();
+        let mut client =
+            AnalystClient::connect(&gateway_target(addr), &crate::support::analyst_token())
+                .await
+                .unwrap();
         for sql in queries {
             client.query(sql).await.unwrap();
         }

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use tally::client::AnalystClient;
-use tally::federation::{self, DEMO_TOKEN};
+use tally::federation;
 use tally_synth::default_trusts;
 
 use crate::support::{
@@ -165,9 +165,12 @@ async fn a_slow_trust_times_out_with_its_name() {
     let gateway = tally_gateway::start(&config)
         .await
         .expect("gateway starts with a trust down");
-    let mut client = AnalystClient::connect(&gateway_target(gateway.addr), DEMO_TOKEN)
-        .await
-        .unwrap();
+    let mut client = AnalystClient::connect(
+        &gateway_target(gateway.addr),
+        &crate::support::analyst_token(),
+    )
+    .await
+    .unwrap();
     let started = Instant::now();
     let err = expect_refusal(client.query("SELECT COUNT(*) FROM episodes").await);
     assert!(err.starts_with("E_TRUST_UNAVAILABLE"), "{err}");
@@ -244,7 +247,13 @@ async fn a_corrupt_parquet_file_is_a_typed_error() {
     local.stop().await;
 
     // A node refuses to start on a corrupt file, naming the table.
-    let config = federation::node_config(&dir, &default_trusts()[1], &open_policies(), &tls());
+    let config = federation::node_config(
+        &dir,
+        &default_trusts()[1],
+        &open_policies(),
+        &tls(),
+        &crate::support::identity_provider(),
+    );
     let err = tally_node::start(&config)
         .await
         .err()

@@ -2,7 +2,7 @@
 //! typed error and is audited.
 
 use tally::client::AnalystClient;
-use tally::federation::{self, DEMO_TOKEN};
+use tally::federation;
 use tally_gateway::GatewayHandle;
 use tally_synth::default_trusts;
 
@@ -24,7 +24,13 @@ async fn limited(
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
     for trust in default_trusts() {
-        let mut config = federation::node_config(data_dir(), &trust, &open_policies(), &tls());
+        let mut config = federation::node_config(
+            data_dir(),
+            &trust,
+            &open_policies(),
+            &tls(),
+            &crate::support::identity_provider(),
+        );
         config.limits = node_limits.clone();
         let node = tally_node::start(&config).await.unwrap();
         endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
@@ -62,9 +68,12 @@ async fn gateway_limits_refuse_with_typed_errors_and_are_audited() {
         query_timeout_secs: 60.0,
     };
     let (gateway, nodes) = limited(limits, tally_node::NodeLimits::default()).await;
-    let mut client = AnalystClient::connect(&gateway_target(gateway.addr), DEMO_TOKEN)
-        .await
-        .unwrap();
+    let mut client = AnalystClient::connect(
+        &gateway_target(gateway.addr),
+        &crate::support::analyst_token(),
+    )
+    .await
+    .unwrap();
 
     let long = format!("{SQL} -- {}", "x".repeat(400));
     let err = expect_refusal(client.query(&long).await);
@@ -126,9 +135,12 @@ async fn time_and_memory_limits_stop_queries_with_typed_errors() {
         ..Default::default()
     };
     let (gateway, nodes) = limited(hurried, tally_node::NodeLimits::default()).await;
-    let mut client = AnalystClient::connect(&gateway_target(gateway.addr), DEMO_TOKEN)
-        .await
-        .unwrap();
+    let mut client = AnalystClient::connect(
+        &gateway_target(gateway.addr),
+        &crate::support::analyst_token(),
+    )
+    .await
+    .unwrap();
     let err = expect_refusal(client.query(SQL).await);
     assert!(err.starts_with("E_QUERY_TIMEOUT"), "{err}");
     assert_eq!(
@@ -143,9 +155,12 @@ async fn time_and_memory_limits_stop_queries_with_typed_errors() {
         ..Default::default()
     };
     let (gateway, nodes) = limited(Default::default(), node_hurried).await;
-    let mut client = AnalystClient::connect(&gateway_target(gateway.addr), DEMO_TOKEN)
-        .await
-        .unwrap();
+    let mut client = AnalystClient::connect(
+        &gateway_target(gateway.addr),
+        &crate::support::analyst_token(),
+    )
+    .await
+    .unwrap();
     let err = expect_refusal(client.query(SQL).await);
     assert!(
         err.starts_with("E_TRUST_TIMEOUT") && err.contains("E_QUERY_TIMEOUT"),
@@ -164,9 +179,12 @@ async fn time_and_memory_limits_stop_queries_with_typed_errors() {
         ..Default::default()
     };
     let (gateway, nodes) = limited(Default::default(), small).await;
-    let mut client = AnalystClient::connect(&gateway_target(gateway.addr), DEMO_TOKEN)
-        .await
-        .unwrap();
+    let mut client = AnalystClient::connect(
+        &gateway_target(gateway.addr),
+        &crate::support::analyst_token(),
+    )
+    .await
+    .unwrap();
     let err = expect_refusal(
         client
             .query(

@@ -12,6 +12,5 @@ mod jwt;
 mod limits;
 mod link;
 mod mtls;
-mod node_floor;
-mod policy;
+
 mod register;

@@ -134,6 +134,7 @@ async fn plaintext_needs_the_flag_and_a_loopback_address() {
         trust,
         &open_policies(),
         &Security::InsecureLoopback,
+        &crate::support::identity_provider(),
     );
     config.insecure_loopback = false;
     let err = tally_node::start(&config).await.err().expect("refused");
@@ -154,6 +155,7 @@ async fn plaintext_needs_the_flag_and_a_loopback_address() {
         &endpoints,
         &open_policies(),
         &Security::InsecureLoopback,
+        &crate::support::identity_provider(),
     );
     let err = tally_gateway::start(&gateway).await.err().expect("refused");
     assert!(err.to_string().contains("not a loopback address"), "{err}");

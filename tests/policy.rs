@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tally::client::{AnalystClient, GatewayTarget};
-use tally::federation::{self, DEMO_TOKEN, DEMO_USER};
+use tally::federation::{self, DEMO_USER};
 use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, USER_HEADER, fetch_all};
 
 use crate::support::{
@@ -68,7 +68,7 @@ async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
     for case in &cases {
         let project = case.project.as_deref().unwrap_or(federation::DEMO_PROJECT);
         let purpose = case.purpose.as_deref().unwrap_or("planning");
-        let mut client = AnalystClient::connect_for(&target, DEMO_TOKEN, project, purpose)
+        let mut client = AnalystClient::connect_for(&target, &crate::support::analyst_token(), project, purpose)
             .await
             .unwrap();
         let at_gateway = client.query(&case.sql).await;
@@ -84,7 +84,7 @@ async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
         }
     }
     // A project's trusts are an obligation: cardiac-audit may only query RXA and RXB.
-    let mut cardiac = AnalystClient::connect_for(&target, DEMO_TOKEN, "cardiac-audit", "research")
+    let mut cardiac = AnalystClient::connect_for(&target, &crate::support::analyst_token(), "cardiac-audit", "research")
         .await
         .unwrap();
     let answer = cardiac
@@ -145,7 +145,7 @@ async fn disclosure_control_suppresses_small_groups_and_rounds_counts() {
     let local = start_federation_over(data_dir(), &default_policies()).await;
     let mut client = AnalystClient::connect_for(
         &local.gateway_target(),
-        DEMO_TOKEN,
+        &crate::support::analyst_token(),
         federation::DEMO_PROJECT,
         "research",
     )
@@ -235,7 +235,7 @@ async fn disclosure_control_suppresses_small_groups_and_rounds_counts() {
 
 async fn count_by_trust(target: &GatewayTarget, purpose: &str) -> BTreeMap<String, i64> {
     let mut client =
-        AnalystClient::connect_for(target, DEMO_TOKEN, federation::DEMO_PROJECT, purpose)
+        AnalystClient::connect_for(target, &crate::support::analyst_token(), federation::DEMO_PROJECT, purpose)
             .await
             .unwrap();
     let answer = client
@@ -357,7 +357,7 @@ fn wait_for_version_change(policy: &tally_common::policy::Policy, old: &str) {
 async fn editing_a_rule_changes_the_next_decision_without_a_restart() {
     let dir = policy_variant(serde_json::json!({}));
     let local = start_federation_over(data_dir(), dir.path()).await;
-    let mut client = AnalystClient::connect(&local.gateway_target(), DEMO_TOKEN)
+    let mut client = AnalystClient::connect(&local.gateway_target(), &crate::support::analyst_token())
         .await
         .unwrap();
     let sql = "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty";
@@ -477,7 +477,7 @@ async fn a_query_no_allowed_trust_can_answer_is_refused_not_answered_empty() {
         serde_json::json!(["RXZ"]);
     std::fs::write(&path, catalogue.to_string()).unwrap();
     let local = start_federation_over(data_dir(), dir.path()).await;
-    let mut client = AnalystClient::connect(&local.gateway_target(), DEMO_TOKEN)
+    let mut client = AnalystClient::connect(&local.gateway_target(), &crate::support::analyst_token())
         .await
         .unwrap();
     let err = expect_refusal(
@@ -501,7 +501,7 @@ async fn arithmetic_in_aggregates_needs_the_table_to_enable_it() {
     let local = start_federation_over(data_dir(), enabled.path()).await;
     // Direct care is exempt from the opt-out, so the answer is comparable with every row's.
     let mut client =
-        AnalystClient::connect_for(&local.gateway_target(), DEMO_TOKEN, "", "direct_care")
+        AnalystClient::connect_for(&local.gateway_target(), &crate::support::analyst_token(), "", "direct_care")
             .await
             .unwrap();
     let sql = "SELECT SUM(cost * (length_of_stay + 1)) AS weighted, COUNT(*) AS n FROM episodes";

@@ -9,7 +9,8 @@ use datafusion::common::ScalarValue;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use tally::certs::CertFolder;
 use tally::client::{AnalystClient, Answer, GatewayTarget};
-use tally::federation::{self, DEMO_TOKEN, LocalFederation, Security};
+use tally::federation::{self, LocalFederation, Security};
+use tally::tokens::IdentityProvider;
 use tally_common::flight::SqlClient;
 use tally_common::tls::{CertificateFiles, client_tls};
 use tally_gateway::{GatewayConfig, default_node_name};
@@ -41,6 +42,18 @@ pub fn certs() -> &'static CertFolder {
             (dir, folder)
         })
         .1
+}
+
+/// The test run's identity provider (beside the shared test data).
+pub fn identity_provider() -> IdentityProvider {
+    federation::identity_provider(data_dir()).expect("identity provider")
+}
+
+/// A fresh signed token for the demo analyst from the test run's identity provider.
+pub fn analyst_token() -> String {
+    identity_provider()
+        .mint(&federation::demo_claims(), federation::DEMO_TOKEN_LIFETIME)
+        .expect("token")
 }
 
 /// TLS everywhere, as the demo runs.
@@ -102,6 +115,7 @@ pub async fn start_node(trust: &TrustSpec, policies: &Path) -> tally_node::NodeH
         trust,
         policies,
         &tls(),
+        &identity_provider(),
     ))
     .await
     .unwrap()
@@ -113,7 +127,13 @@ pub fn gateway_config(
     endpoints: &[(String, String, std::net::SocketAddr)],
     policies: &Path,
 ) -> GatewayConfig {
-    federation::gateway_config("127.0.0.1:0".parse().unwrap(), endpoints, policies, &tls())
+    federation::gateway_config(
+        "127.0.0.1:0".parse().unwrap(),
+        endpoints,
+        policies,
+        &tls(),
+        &identity_provider(),
+    )
 }
 
 /// Sends the servers' logs to the test output (shown for failing tests); `RUST_LOG` filters.
@@ -149,7 +169,13 @@ pub async fn start_federation_over(data: &Path, policies: &Path) -> LocalFederat
 pub async fn audited_nodes(dir: &Path) -> Vec<(String, tally_node::NodeHandle, PathBuf)> {
     let mut nodes = Vec::new();
     for trust in default_trusts() {
-        let mut config = federation::node_config(data_dir(), &trust, &default_policies(), &tls());
+        let mut config = federation::node_config(
+            data_dir(),
+            &trust,
+            &default_policies(),
+            &tls(),
+            &identity_provider(),
+        );
         let log = dir.join(format!("{}.jsonl", trust.code));
         config.audit_log = Some(log.clone());
         let node = tally_node::start(&config).await.unwrap();
@@ -179,6 +205,7 @@ pub async fn audited_federation(dir: &Path) -> (LocalFederation, PathBuf, Vec<(S
         nodes: nodes.into_iter().map(|(_, node, _)| node).collect(),
         gateway,
         security: tls(),
+        identity_provider: identity_provider(),
     };
     (local, gateway_log, logs)
 }
@@ -190,7 +217,8 @@ pub async fn start_federation() -> LocalFederation {
 
 /// An analyst client connected to `local`'s gateway.
 pub async fn analyst(local: &LocalFederation) -> AnalystClient {
-    AnalystClient::connect(&local.gateway_target(), DEMO_TOKEN)
+    let token = local.analyst_token().expect("token");
+    AnalystClient::connect(&local.gateway_target(), &token)
         .await
         .expect("analyst connects")
 }

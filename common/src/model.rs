@@ -638,21 +638,49 @@ impl ReleaseQuery {
                 }
             }
         }
+        let mut tested = Vec::new();
         if let Some(filter) = &self.filter {
-            let mut tested = Vec::new();
             filter.visit(0, &mut 0, &mut tested)?;
-            for dimension in tested {
-                let spec = self.column_spec(governance, &dimension.column)?;
-                check_generaliser(spec, dimension)?;
-                if !spec.filterable() {
-                    return Err(TallyError::new(
-                        identifier_or(spec, ErrorCode::FilterNotAllowed),
-                        format!(
-                            "column {}.{} may not be filtered on",
-                            dimension.column.table, dimension.column.column
-                        ),
-                    ));
-                }
+        }
+        for dimension in &tested {
+            let spec = self.column_spec(governance, &dimension.column)?;
+            check_generaliser(spec, dimension)?;
+            if !spec.filterable() {
+                return Err(TallyError::new(
+                    identifier_or(spec, ErrorCode::FilterNotAllowed),
+                    format!(
+                        "column {}.{} may not be filtered on",
+                        dimension.column.table, dimension.column.column
+                    ),
+                ));
+            }
+        }
+        // A sum over rows whose value the release itself pins down (by a filter or a group
+        // key on the same column) is that value times an exact count: it would undo count
+        // rounding (`SUM(los) WHERE los = 3`).
+        for aggregate in &self.aggregates {
+            let summed = match aggregate {
+                Aggregate::Sum { column }
+                | Aggregate::Mean { column }
+                | Aggregate::Variance { column, .. }
+                | Aggregate::StdDev { column, .. } => column,
+                Aggregate::CountRows | Aggregate::Count { .. } => continue,
+            };
+            let pinned = tested
+                .iter()
+                .copied()
+                .chain(self.group_by.iter())
+                .any(|d| d.column == *summed);
+            if pinned {
+                return Err(TallyError::new(
+                    ErrorCode::MeasureUsage,
+                    format!(
+                        "{} may not be computed in a release that also filters or groups by {}.{}: a sum of values the query pins down reveals an exact count; filter on another column, or count instead",
+                        aggregate.to_sql(),
+                        summed.table,
+                        summed.column
+                    ),
+                ));
             }
         }
         Ok(())
@@ -886,5 +914,184 @@ impl ReleaseQuery {
             fields.push(Field::new(partial_column(i), data_type, true));
         }
         Ok(std::sync::Arc::new(Schema::new(fields)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn governance() -> Governance {
+        let data: serde_json::Value =
+            serde_json::from_str(include_str!("../../policies/catalogue.json")).unwrap();
+        Governance::from_policy_data(&data).unwrap()
+    }
+
+    fn count_by(table: &str, column: &str) -> ReleaseQuery {
+        ReleaseQuery {
+            version: MODEL_VERSION,
+            fact: "episodes".into(),
+            joins: Vec::new(),
+            filter: None,
+            group_by: vec![Dimension::bare(table, column)],
+            aggregates: vec![Aggregate::CountRows],
+        }
+    }
+
+    fn code(release: &ReleaseQuery) -> ErrorCode {
+        release.validate(&governance()).unwrap_err().code
+    }
+
+    #[test]
+    fn a_request_survives_its_ticket_and_nothing_else_passes_for_one() {
+        let request = ReleaseRequest {
+            release: count_by("episodes", "specialty"),
+            min_distinct_patients: 8,
+        };
+        let ticket = request.to_ticket();
+        let any = <arrow_flight::sql::Any as prost::Message>::decode(ticket.ticket).unwrap();
+        assert_eq!(ReleaseRequest::from_any(&any).unwrap(), request);
+
+        let with = |type_url: &str, value: &str| arrow_flight::sql::Any {
+            type_url: type_url.into(),
+            value: value.as_bytes().to_vec().into(),
+        };
+        let json = serde_json::to_string(&request).unwrap();
+        for (any, why) in [
+            (
+                with(
+                    "type.googleapis.com/arrow.flight.protocol.sql.TicketStatementQuery",
+                    &json,
+                ),
+                "another type",
+            ),
+            (with(RELEASE_TYPE_URL, "SELECT 1"), "SQL text"),
+            (
+                with(
+                    RELEASE_TYPE_URL,
+                    &json.replace("\"version\":1", "\"version\":2"),
+                ),
+                "another version",
+            ),
+            (
+                with(RELEASE_TYPE_URL, &json.replacen('{', "{\"extra\":1,", 1)),
+                "an unknown field",
+            ),
+        ] {
+            let err = ReleaseRequest::from_any(&any).expect_err(why);
+            assert_eq!(err.code, ErrorCode::BadRequest, "{why}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_floor_refuses_what_the_catalogue_does_not_allow() {
+        assert!(
+            count_by("episodes", "specialty")
+                .validate(&governance())
+                .is_ok()
+        );
+        assert_eq!(
+            code(&count_by("episodes", "person_id")),
+            ErrorCode::IdentifierColumn
+        );
+        assert_eq!(
+            code(&count_by("episodes", "age_at_admission")),
+            ErrorCode::QuasiIdentifier
+        );
+        assert_eq!(code(&count_by("episodes", "cost")), ErrorCode::MeasureUsage);
+        assert_eq!(code(&count_by("patients", "sex")), ErrorCode::QueryShape);
+        assert_eq!(
+            code(&count_by("episodes", "no_such")),
+            ErrorCode::UnclassifiedColumn
+        );
+
+        let mut generalised = count_by("episodes", "cost");
+        generalised.group_by[0].generaliser = Some(Generaliser::AgeBand);
+        assert_eq!(code(&generalised), ErrorCode::QuasiIdentifier);
+
+        let mut undeclared = count_by("episodes", "specialty");
+        undeclared.joins = vec!["episodes".into()];
+        assert_eq!(code(&undeclared), ErrorCode::QueryShape);
+
+        let mut twice = count_by("episodes", "specialty");
+        twice.joins = vec!["patients".into(), "patients".into()];
+        assert_eq!(code(&twice), ErrorCode::QueryShape);
+
+        let mut reference = count_by("icd10_chapters", "chapter");
+        reference.fact = "icd10_chapters".into();
+        assert_eq!(code(&reference), ErrorCode::QueryShape);
+
+        let mut unfiltered = count_by("episodes", "specialty");
+        unfiltered.joins = vec!["patients".into()];
+        unfiltered.filter = Some(Predicate::Compare {
+            on: Dimension::bare("patients", "year_of_birth"),
+            cmp: Comparison::Eq,
+            value: Literal::Int(1950),
+        });
+        assert_eq!(code(&unfiltered), ErrorCode::FilterNotAllowed);
+    }
+
+    #[test]
+    fn a_sum_of_a_pinned_column_is_refused() {
+        let cost = ColumnRef {
+            table: "episodes".into(),
+            column: "cost".into(),
+        };
+        let mut pinned = count_by("episodes", "specialty");
+        pinned.aggregates = vec![Aggregate::Mean {
+            column: cost.clone(),
+        }];
+        pinned.filter = Some(Predicate::InList {
+            on: Dimension::bare("episodes", "cost"),
+            values: vec![Literal::Float(500.0)],
+            negated: false,
+        });
+        assert_eq!(code(&pinned), ErrorCode::MeasureUsage);
+        pinned.filter = Some(Predicate::Compare {
+            on: Dimension::bare("episodes", "length_of_stay"),
+            cmp: Comparison::Gt,
+            value: Literal::Int(21),
+        });
+        assert!(pinned.validate(&governance()).is_ok());
+    }
+
+    #[test]
+    fn huge_or_deep_filters_are_refused_without_recursing_far() {
+        let leaf = Predicate::IsNull {
+            on: Dimension::bare("episodes", "specialty"),
+            negated: true,
+        };
+        let mut deep = leaf.clone();
+        for _ in 0..10_000 {
+            deep = Predicate::Not {
+                not: Box::new(deep),
+            };
+        }
+        let mut release = count_by("episodes", "specialty");
+        release.filter = Some(deep);
+        assert_eq!(code(&release), ErrorCode::QueryShape);
+        release.filter = Some(Predicate::InList {
+            on: Dimension::bare("episodes", "specialty"),
+            values: vec![Literal::Text("100".into()); MAX_IN_VALUES + 1],
+            negated: false,
+        });
+        assert_eq!(code(&release), ErrorCode::QueryShape);
+        // The deep tree must also drop without overflowing the stack.
+        drop(release);
+    }
+
+    #[test]
+    fn renders_readable_sql() {
+        let mut release = count_by("episodes", "specialty");
+        release.joins = vec!["patients".into()];
+        release.filter = Some(Predicate::Prefix {
+            on: Dimension::bare("episodes", "diagnosis_icd10"),
+            prefix: "I2'1".into(),
+            negated: false,
+        });
+        assert_eq!(
+            release.render_sql(&governance()),
+            "SELECT episodes.specialty AS g0, COUNT(*) FROM episodes JOIN patients ON episodes.person_id = patients.person_id WHERE episodes.diagnosis_icd10 LIKE 'I2''1%' GROUP BY g0"
+        );
     }
 }

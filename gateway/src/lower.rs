@@ -610,8 +610,8 @@ fn lower_dimension(
     }
 }
 
-/// A constant: a literal, or a cast or negation of one (how SQL writes `DATE '2024-01-01'`
-/// and `-5`).
+/// A constant: a literal, or a cast, negation or arithmetic of constants (how SQL writes
+/// `DATE '2024-01-01'`, `-5` and `DATE '1998-12-01' - INTERVAL '90' DAY`), folded here.
 // `Expr::Wildcard` is deprecated but still a variant: it is named, and refused.
 #[allow(deprecated)]
 fn constant(expr: &Expr) -> Option<ScalarValue> {
@@ -621,9 +621,17 @@ fn constant(expr: &Expr) -> Option<ScalarValue> {
         Expr::TryCast(cast) => constant(&cast.expr)?.cast_to(cast.field.data_type()).ok(),
         Expr::Negative(inner) => constant(inner)?.arithmetic_negate().ok(),
         Expr::Alias(alias) => constant(&alias.expr),
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            let (left, right) = (constant(left)?, constant(right)?);
+            match op {
+                Operator::Plus => left.add_checked(&right).ok(),
+                Operator::Minus => left.sub_checked(&right).ok(),
+                Operator::Multiply => left.mul_checked(&right).ok(),
+                _ => None,
+            }
+        }
         Expr::Column(_)
         | Expr::ScalarVariable(..)
-        | Expr::BinaryExpr(_)
         | Expr::Like(_)
         | Expr::SimilarTo(_)
         | Expr::Not(_)
@@ -718,7 +726,7 @@ fn literal_for(
                 _ => Err(mismatch()),
             }
         }
-        DataType::Float32 | DataType::Float64 => {
+        DataType::Float32 | DataType::Float64 | DataType::Decimal128(..) => {
             if !value.data_type().is_numeric() {
                 return Err(mismatch());
             }

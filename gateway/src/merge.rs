@@ -35,7 +35,33 @@ pub fn merge_partials(
 ) -> Result<RecordBatch, TallyError> {
     let batches: Vec<RecordBatch> = partitions.into_iter().flatten().collect();
     let all = concat_batches(schema, &batches).map_err(|e| internal(&e.to_string()))?;
-    let fields: Vec<SortField> = schema.fields()[..groups]
+    let (slots, first_row) = if groups == 0 {
+        // No keys: every partial row belongs to the one group (a row converter over no
+        // columns would see no rows at all).
+        let first: Vec<u32> = if all.num_rows() == 0 {
+            Vec::new()
+        } else {
+            vec![0]
+        };
+        (vec![0; all.num_rows()], first)
+    } else {
+        group_slots(&all, groups)?
+    };
+    let firsts = UInt32Array::from(first_row);
+    let mut columns: Vec<ArrayRef> = all.columns()[..groups]
+        .iter()
+        .map(|key| take(key, &firsts, None).map_err(|e| internal(&e.to_string())))
+        .collect::<Result<_, _>>()?;
+    for partial in &all.columns()[groups..] {
+        columns.push(add_up(partial, &slots, firsts.len())?);
+    }
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| internal(&e.to_string()))
+}
+
+/// The group each row belongs to, and the first row of each group, by the first `groups`
+/// columns.
+fn group_slots(all: &RecordBatch, groups: usize) -> Result<(Vec<usize>, Vec<u32>), TallyError> {
+    let fields: Vec<SortField> = all.schema().fields()[..groups]
         .iter()
         .map(|f| SortField::new(f.data_type().clone()))
         .collect();
@@ -54,15 +80,7 @@ pub fn merge_partials(
         }
         slots.push(slot);
     }
-    let firsts = UInt32Array::from(first_row);
-    let mut columns: Vec<ArrayRef> = all.columns()[..groups]
-        .iter()
-        .map(|key| take(key, &firsts, None).map_err(|e| internal(&e.to_string())))
-        .collect::<Result<_, _>>()?;
-    for partial in &all.columns()[groups..] {
-        columns.push(add_up(partial, &slots, firsts.len())?);
-    }
-    RecordBatch::try_new(schema.clone(), columns).map_err(|e| internal(&e.to_string()))
+    Ok((slots, first_row))
 }
 
 /// Adds `values` into `slots` groups (NULL counts as nothing; a group with no value at all

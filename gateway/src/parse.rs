@@ -37,6 +37,11 @@ pub const MAX_SQL_SELECTS: usize = 64;
 /// Deepest nesting of brackets (`(`, `[`, `{`) accepted by default.
 pub const MAX_SQL_NESTING: usize = 64;
 
+/// Most tables a query may read by default, counting each use of a CTE as the tables its
+/// body reads (a long join is a deep plan; a CTE used twice by a CTE used twice ... grows
+/// exponentially).
+pub const MAX_SQL_RELATIONS: usize = 64;
+
 /// Size limits on one query, kept in the session's config so every planning path sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueryLimits {
@@ -52,6 +57,8 @@ pub struct QueryLimits {
     pub max_sql_selects: usize,
     /// Deepest bracket nesting accepted (see [`MAX_SQL_NESTING`]).
     pub max_sql_nesting: usize,
+    /// Most tables read, CTE uses expanded (see [`MAX_SQL_RELATIONS`]).
+    pub max_sql_relations: usize,
 }
 
 impl Default for QueryLimits {
@@ -63,6 +70,7 @@ impl Default for QueryLimits {
             max_sql_operators: MAX_SQL_OPERATORS,
             max_sql_selects: MAX_SQL_SELECTS,
             max_sql_nesting: MAX_SQL_NESTING,
+            max_sql_relations: MAX_SQL_RELATIONS,
         }
     }
 }
@@ -149,17 +157,24 @@ pub async fn plan_read_only(state: &SessionState, sql: &str) -> Result<LogicalPl
 /// What the tokenizer saw of a statement: the counts [`QueryLimits`] bounds.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct TokenCounts {
+    /// Tokens other than whitespace and comments.
     tokens: usize,
+    /// Operator symbols and keywords.
     operators: usize,
+    /// `SELECT`, `VALUES` and `TABLE` keywords.
     selects: usize,
+    /// Deepest bracket nesting.
     deepest: usize,
+    /// Tables read, counting each use of a CTE as the tables it reads (see [`relations`]).
+    relations: u64,
 }
 
 /// Refuses, before any parsing or planning, a statement whose shape could exhaust the
 /// parser's or planner's stack or time: too many tokens, operators (a flat `1+1+...` chain
-/// is one deep expression tree), query blocks (thousands of CTEs) or nested brackets.
-/// Tokenizing is linear in the text and does not recurse. Text that does not tokenize is
-/// a syntax error, described by its position only.
+/// is one deep expression tree), query blocks (thousands of CTEs), nested brackets, or
+/// tables (a long join is a deep plan; a CTE used twice by a CTE used twice ... is planned
+/// in time exponential in the chain). Tokenizing is linear in the text and does not
+/// recurse. Text that does not tokenize is a syntax error, described by its position only.
 pub fn check_tokens(
     sql: &str,
     dialect: &dyn Dialect,
@@ -176,65 +191,268 @@ pub fn check_tokens(
                 ),
             )
         })?;
-    let counts = count_tokens(tokens.iter().map(|t| &t.token));
-    let too_large = |what: &str, found: usize, limit: usize| {
+    let significant: Vec<&Token> = tokens
+        .iter()
+        .map(|t| &t.token)
+        .filter(|t| !matches!(t, Token::Whitespace(_) | Token::EOF))
+        .collect();
+    let too_large = |what: &str, found: u64, limit: usize| {
         TallyError::new(
             ErrorCode::TooLarge,
             format!("the query has {found} {what}; the limit is {limit}"),
         )
     };
-    if counts.tokens > limits.max_sql_tokens {
-        return Err(too_large("tokens", counts.tokens, limits.max_sql_tokens));
+    let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    // Checked first, so the other counts only ever walk a bounded number of tokens.
+    if significant.len() > limits.max_sql_tokens {
+        let found = as_u64(significant.len());
+        return Err(too_large("tokens", found, limits.max_sql_tokens));
     }
-    if counts.operators > limits.max_sql_operators {
-        return Err(too_large(
-            "operators",
-            counts.operators,
-            limits.max_sql_operators,
-        ));
-    }
-    if counts.selects > limits.max_sql_selects {
-        return Err(too_large(
+    let counts = count_tokens(&significant);
+    let checks = [
+        ("operators", counts.operators, limits.max_sql_operators),
+        (
             "SELECT or VALUES blocks (CTEs, subqueries, unions)",
             counts.selects,
             limits.max_sql_selects,
-        ));
-    }
-    if counts.deepest > limits.max_sql_nesting {
-        return Err(too_large(
+        ),
+        (
             "levels of nested brackets",
             counts.deepest,
             limits.max_sql_nesting,
+        ),
+    ];
+    for (what, found, limit) in checks {
+        if found > limit {
+            return Err(too_large(what, as_u64(found), limit));
+        }
+    }
+    if counts.relations > as_u64(limits.max_sql_relations) {
+        return Err(too_large(
+            "table reads, counting each use of a CTE as the tables it reads",
+            counts.relations,
+            limits.max_sql_relations,
         ));
     }
     Ok(())
 }
 
-/// Counts tokens, operators, query blocks and the deepest bracket nesting of `tokens`.
-fn count_tokens<'a>(tokens: impl Iterator<Item = &'a Token>) -> TokenCounts {
-    let mut counts = TokenCounts::default();
-    let mut depth: usize = 0;
-    for token in tokens {
-        if matches!(token, Token::Whitespace(_) | Token::EOF) {
-            continue;
-        }
-        counts.tokens += 1;
+/// Counts operators, query blocks, bracket nesting and tables of `tokens` (whitespace and
+/// comments already removed).
+fn count_tokens(tokens: &[&Token]) -> TokenCounts {
+    let mut counts = TokenCounts {
+        tokens: tokens.len(),
+        ..TokenCounts::default()
+    };
+    // Whether each open bracket level is inside a FROM list (where a comma adds a table).
+    let mut in_from = vec![false];
+    // Tokens that bring a table into a query: FROM, JOIN, and commas of FROM lists.
+    let mut table_slots = vec![false; tokens.len()];
+    for (at, token) in tokens.iter().enumerate() {
         match token {
             Token::LParen | Token::LBracket | Token::LBrace => {
-                depth += 1;
-                counts.deepest = counts.deepest.max(depth);
+                if matches!(token, Token::LBracket) {
+                    // A subscript `x[1]` wraps the expression before it.
+                    counts.operators += 1;
+                }
+                in_from.push(false);
+                counts.deepest = counts.deepest.max(in_from.len() - 1);
             }
-            Token::RParen | Token::RBracket | Token::RBrace => depth = depth.saturating_sub(1),
-            Token::Word(word) if word.quote_style.is_none() => match word.keyword {
-                Keyword::SELECT | Keyword::VALUES => counts.selects += 1,
-                keyword if is_operator_keyword(keyword) => counts.operators += 1,
-                _ => {}
-            },
+            Token::RParen | Token::RBracket | Token::RBrace => {
+                if in_from.len() > 1 {
+                    in_from.pop();
+                }
+            }
+            Token::Comma => {
+                if in_from.last().copied().unwrap_or(false) {
+                    table_slots[at] = true;
+                }
+            }
+            // `a.b.c`: each period after the first of a chain is a field access.
+            Token::Period => {
+                let chained = at >= 2
+                    && matches!(tokens[at - 1], Token::Word(_))
+                    && matches!(tokens[at - 2], Token::Period);
+                if chained {
+                    counts.operators += 1;
+                }
+            }
+            Token::Word(word) if word.quote_style.is_none() => {
+                // Whether this keyword starts (`FROM`) or ends a FROM list at this level.
+                let from_list = match word.keyword {
+                    Keyword::SELECT | Keyword::VALUES | Keyword::TABLE => {
+                        counts.selects += 1;
+                        Some(false)
+                    }
+                    Keyword::FROM => {
+                        table_slots[at] = true;
+                        Some(true)
+                    }
+                    Keyword::JOIN => {
+                        table_slots[at] = true;
+                        None
+                    }
+                    keyword if ends_from_list(keyword) => Some(false),
+                    keyword => {
+                        if is_operator_keyword(keyword) {
+                            counts.operators += 1;
+                        }
+                        None
+                    }
+                };
+                if let (Some(from_list), Some(level)) = (from_list, in_from.last_mut()) {
+                    *level = from_list;
+                }
+            }
             token if is_operator_symbol(token) => counts.operators += 1,
             _ => {}
         }
     }
+    counts.relations = relations(tokens, &table_slots);
     counts
+}
+
+/// Keywords after which a comma no longer separates tables.
+fn ends_from_list(keyword: Keyword) -> bool {
+    matches!(
+        keyword,
+        Keyword::WHERE
+            | Keyword::GROUP
+            | Keyword::HAVING
+            | Keyword::ORDER
+            | Keyword::LIMIT
+            | Keyword::OFFSET
+            | Keyword::FETCH
+            | Keyword::UNION
+            | Keyword::EXCEPT
+            | Keyword::INTERSECT
+            | Keyword::WINDOW
+            | Keyword::QUALIFY
+    )
+}
+
+/// One CTE definition: its name and the token range of its body, brackets excluded.
+struct Cte {
+    name: String,
+    body: std::ops::Range<usize>,
+}
+
+/// An upper bound on the tables a statement makes the planner read, with each use of a
+/// CTE counted as the tables its body reads (DataFusion plans a CTE's body again at each
+/// use). The result is the largest of the main query's count and each CTE's count.
+fn relations(tokens: &[&Token], table_slots: &[bool]) -> u64 {
+    let closing = matching_brackets(tokens);
+    let ctes = cte_definitions(tokens, &closing);
+    let mut inside_cte = vec![false; tokens.len()];
+    for cte in &ctes {
+        if let Some(body) = inside_cte.get_mut(cte.body.clone()) {
+            body.iter_mut().for_each(|t| *t = true);
+        }
+    }
+    // Tables read by the tokens in `range` whose `keep` holds, CTE uses weighed by `weights`
+    // (the CTEs defined so far).
+    let count =
+        |range: std::ops::Range<usize>, weights: &[(String, u64)], keep: &dyn Fn(usize) -> bool| {
+            let mut total: u64 = 0;
+            for at in range.filter(|&at| keep(at)) {
+                if table_slots[at] {
+                    total = total.saturating_add(1);
+                }
+                if let Some(name) = relation_name(tokens, at) {
+                    // The latest definition of the name wins, as in SQL scoping.
+                    if let Some((_, weight)) = weights.iter().rev().find(|(n, _)| *n == name) {
+                        total = total.saturating_add(*weight);
+                    }
+                }
+            }
+            total
+        };
+    let mut weights: Vec<(String, u64)> = Vec::with_capacity(ctes.len());
+    let mut largest: u64 = 0;
+    for cte in &ctes {
+        let weight = count(cte.body.clone(), &weights, &|_| true);
+        largest = largest.max(weight);
+        weights.push((cte.name.clone(), weight));
+    }
+    let main = count(0..tokens.len(), &weights, &|at| !inside_cte[at]);
+    largest.max(main)
+}
+
+/// For each opening bracket, the index of its closing bracket (`tokens.len()` when unclosed).
+fn matching_brackets(tokens: &[&Token]) -> Vec<usize> {
+    let mut closing = vec![tokens.len(); tokens.len()];
+    let mut open = Vec::new();
+    for (at, token) in tokens.iter().enumerate() {
+        match token {
+            Token::LParen | Token::LBracket | Token::LBrace => open.push(at),
+            Token::RParen | Token::RBracket | Token::RBrace => {
+                if let Some(start) = open.pop() {
+                    closing[start] = at;
+                }
+            }
+            _ => {}
+        }
+    }
+    closing
+}
+
+/// The CTE definitions of a statement: `name [(columns)] AS [[NOT] MATERIALIZED] (body)`
+/// after `WITH`, `RECURSIVE` or a comma.
+fn cte_definitions(tokens: &[&Token], closing: &[usize]) -> Vec<Cte> {
+    let is_keyword = |at: usize, keyword: Keyword| matches!(tokens.get(at), Some(Token::Word(w)) if w.quote_style.is_none() && w.keyword == keyword);
+    let is_open = |at: usize| matches!(tokens.get(at), Some(Token::LParen));
+    let mut ctes = Vec::new();
+    for at in 1..tokens.len() {
+        let Some(name) = word_name(tokens[at]) else {
+            continue;
+        };
+        let follows_list = matches!(tokens[at - 1], Token::Comma)
+            || is_keyword(at - 1, Keyword::WITH)
+            || is_keyword(at - 1, Keyword::RECURSIVE);
+        if !follows_list {
+            continue;
+        }
+        let mut next = at + 1;
+        if is_open(next) {
+            next = closing[next].saturating_add(1);
+        }
+        if !is_keyword(next, Keyword::AS) {
+            continue;
+        }
+        next += 1;
+        if is_keyword(next, Keyword::NOT) {
+            next += 1;
+        }
+        if is_keyword(next, Keyword::MATERIALIZED) {
+            next += 1;
+        }
+        if is_open(next) {
+            let end = closing[next].min(tokens.len());
+            ctes.push(Cte {
+                name,
+                body: next + 1..end,
+            });
+        }
+    }
+    ctes
+}
+
+/// The name a word token spells, as SQL compares names: unquoted names case-insensitively.
+fn word_name(token: &Token) -> Option<String> {
+    match token {
+        Token::Word(word) if word.quote_style.is_some() => Some(word.value.clone()),
+        Token::Word(word) => Some(word.value.to_lowercase()),
+        _ => None,
+    }
+}
+
+/// The name at `at` when it may name a table: a word not part of a dotted name.
+fn relation_name(tokens: &[&Token], at: usize) -> Option<String> {
+    let dotted = |i: Option<usize>| matches!(i.and_then(|i| tokens.get(i)), Some(Token::Period));
+    if dotted(at.checked_sub(1)) || dotted(Some(at + 1)) {
+        return None;
+    }
+    word_name(tokens[at])
 }
 
 /// Keywords that combine expressions into a bigger expression.
@@ -350,6 +568,18 @@ mod tests {
                     .join(", ")
             ),
             "cte" => ctes(n),
+            "dup" => {
+                let mut sql = String::from("WITH c0 AS (SELECT 1 AS v)");
+                for i in 1..n {
+                    sql.push_str(&format!(
+                        ", c{i} AS (SELECT a.v FROM c{p} a, c{p} b)",
+                        p = i - 1
+                    ));
+                }
+                sql.push_str(&format!(" SELECT COUNT(*) FROM c{}", n - 1));
+                sql
+            }
+            "sub" => format!("SELECT x{} FROM (SELECT 1 AS x) t", "[1]".repeat(n)),
             "in" => format!("SELECT 1 WHERE 1 IN ({})", chain("1", ",", n)),
             "case" => format!(
                 "SELECT CASE {} END",
@@ -359,6 +589,14 @@ mod tests {
                     .join(" ")
             ),
             "fn" => format!("SELECT {}1{}", "abs(".repeat(n), ")".repeat(n)),
+            "dot" => format!("SELECT t{} FROM (SELECT 1 AS x) t", ".x".repeat(n)),
+            "joinkw" => format!(
+                "WITH t AS (SELECT 1 AS v) SELECT COUNT(*) FROM t a0{}",
+                (1..n)
+                    .map(|i| format!(" JOIN t a{i} ON true"))
+                    .collect::<String>()
+            ),
+            "not" => format!("SELECT {}true", "NOT ".repeat(n)),
             _ => format!("SELECT {}", chain("1", "+", n)),
         };
         on_small_stack(async move {
@@ -370,11 +608,24 @@ mod tests {
                 max_sql_selects: usize::MAX,
                 max_sql_nesting: usize::MAX,
                 max_plan_depth: usize::MAX,
+                max_sql_relations: usize::MAX,
                 ..QueryLimits::default()
             };
             big.install(&ctx);
             let state2 = ctx.state();
             let _ = state;
+            if std::env::var("PROBE_STAGE").is_ok() {
+                let t = std::time::Instant::now();
+                let st = state2
+                    .sql_to_statement(&sql, &state2.config().options().sql_parser.dialect)
+                    .unwrap();
+                eprintln!("parse {:?}", t.elapsed());
+                let plan = state2.statement_to_plan(st).await.unwrap();
+                eprintln!("plan {:?}", t.elapsed());
+                let _ = plan_depth(&plan);
+                eprintln!("depth {:?}", t.elapsed());
+                return;
+            }
             let plan = plan_read_only(&state2, &sql).await.expect("planned");
             let optimised = state2.optimize(&plan).expect("optimised");
             state2
@@ -447,12 +698,14 @@ mod tests {
     #[test]
     fn limits_count_what_they_name() {
         let at = |sql: &str| {
-            count_tokens(
-                Tokenizer::new(&GenericDialect, sql)
-                    .tokenize()
-                    .unwrap()
-                    .iter(),
-            )
+            let tokens = Tokenizer::new(&GenericDialect, sql)
+                .tokenize()
+                .expect("tokens");
+            let significant: Vec<&Token> = tokens
+                .iter()
+                .filter(|t| !matches!(t, Token::Whitespace(_) | Token::EOF))
+                .collect();
+            count_tokens(&significant)
         };
         let counts = at("SELECT a, b FROM t WHERE a = 1 AND NOT (b LIKE 'x%' OR b IS NULL) -- c");
         assert_eq!(counts.selects, 1);

@@ -217,6 +217,11 @@ fn literal_value(
         (Literal::Int(v), DataType::Float32 | DataType::Float64) => {
             ScalarValue::Float64(Some(*v as f64))
         }
+        // A decimal column is compared with the constant rounded to the column's scale.
+        (Literal::Int(v), DataType::Decimal128(..)) => ScalarValue::Int64(Some(*v)),
+        (Literal::Float(v), DataType::Decimal128(..)) if v.is_finite() => {
+            ScalarValue::Float64(Some(*v))
+        }
         (Literal::Date(text), DataType::Date32) => {
             let date =
                 chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| mismatch())?;

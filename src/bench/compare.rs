@@ -737,33 +737,31 @@ fn bench_policies(from: &Path, to: &Path, codes: &[String]) -> Result<PathBuf, S
 }
 
 /// How the benchmark's governance classifies TPC-H `lineitem`: the order is the privacy unit
-/// (disclosure control counts distinct orders per group, as it counts patients), prices are
-/// measures, what Q1 and Q6 filter and group on are dimensions, and arithmetic inside
-/// aggregates (Q1's `SUM(l_extendedprice * (1 - l_discount))`) is enabled for this table.
+/// (disclosure control counts distinct orders per group, as it counts patients), prices,
+/// quantities and discounts are measures, and what Q1 and Q6 group on are dimensions.
 fn lineitem_catalogue() -> serde_json::Value {
-    serde_json::json!({
-        "privacy_unit": "l_orderkey",
-        "aggregate_arithmetic": true,
-        "columns": {
-            "l_orderkey": "identifier",
-            "l_partkey": "identifier",
-            "l_suppkey": "identifier",
-            "l_linenumber": "dimension",
-            "l_quantity": "dimension",
-            "l_extendedprice": "measure",
-            "l_discount": "dimension",
-            "l_tax": "dimension",
-            "l_returnflag": "dimension",
-            "l_linestatus": "dimension",
-            "l_shipdate": "dimension",
-            "l_commitdate": "dimension",
-            "l_receiptdate": "dimension",
-            "l_shipinstruct": "dimension",
-            "l_shipmode": "dimension",
-            "l_comment": "identifier",
-            "trust_code": "dimension"
-        }
-    })
+    let class = |class: &str| serde_json::json!({ "class": class, "filter": true });
+    let mut columns = serde_json::Map::new();
+    for name in ["l_orderkey", "l_partkey", "l_suppkey", "l_comment"] {
+        columns.insert(name.into(), serde_json::json!({ "class": "identifier" }));
+    }
+    for name in ["l_quantity", "l_extendedprice", "l_discount", "l_tax"] {
+        columns.insert(name.into(), class("measure"));
+    }
+    for name in [
+        "l_linenumber",
+        "l_returnflag",
+        "l_linestatus",
+        "l_shipdate",
+        "l_commitdate",
+        "l_receiptdate",
+        "l_shipinstruct",
+        "l_shipmode",
+        "trust_code",
+    ] {
+        columns.insert(name.into(), class("dimension"));
+    }
+    serde_json::json!({ "privacy_unit": "l_orderkey", "columns": columns })
 }
 
 /// One dataset: where Centralised reads it (a trust code and folder each) and its split into
