@@ -200,8 +200,8 @@ enum BenchCommand {
         /// run).
         #[arg(long, default_value_t = 10_000_000)]
         row_shipping_max: usize,
-        /// Purpose of Tally's queries: `planning` applies the National Data Opt-out at every
-        /// site; `direct_care` does not (nor do Centralised and Row shipping).
+        /// Purpose of Tally's queries (an approved analytics purpose). Every purpose applies
+        /// the National Data Opt-out at every site; Centralised and Row shipping do not.
         #[arg(long, default_value = "planning")]
         purpose: String,
         /// Also run the queries in DuckDB over Centralised's files (needs `python3` with the
@@ -260,7 +260,8 @@ enum PolicyCommand {
         #[arg(default_value_os_t = federation::default_policies())]
         dir: PathBuf,
     },
-    /// Print the facts of a query, the decision, reasons and obligations, without running it.
+    /// Print the releases a query lowers to (models and SQL), the policy input of each and
+    /// the decision, without running it.
     Explain {
         /// The policy folder.
         #[arg(long, default_value_os_t = federation::default_policies())]

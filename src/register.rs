@@ -3,10 +3,17 @@
 //! purpose, the SQL, the decision and its reason codes, the trusts that answered, the policy
 //! version) as `register.json` and a static, self-contained `index.html`.
 //!
-//! Never published: who asked (user, groups), tokens, the answers or their size, how many
-//! groups were suppressed, obligations, per-trust SQL. The SQL of a refused or failed query
-//! may hold what an analyst should not have typed (an NHS number in a `WHERE` clause), so it
-//! is published with every literal replaced by `?`, or withheld when it does not tokenize.
+//! Never published: who asked (user, groups), tokens, the answers or their size, anything
+//! about suppressed groups, obligations, the releases sent to the trusts (their models and
+//! SQL hold constants too). Any query's SQL, answered or not, may hold what should not be
+//! public (an NHS number or a rare diagnosis code in a `WHERE` clause), so it is published
+//! with every constant, quoted name and comment replaced by `?`, or withheld when it does
+//! not tokenize.
+//!
+//! The gateway logs a query planned by `GetFlightInfo` twice: a `describe` record, then the
+//! `run` record of the `DoGet` that follows. The register lists runs, and describes that
+//! stopped the query (refused or failed, so that no run followed); a successful describe
+//! (outcome `described`) is left to its run.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,7 +25,7 @@ use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 use serde::{Deserialize, Serialize};
 use tally_common::audit::{ChainBreak, now_millis, read_records};
 
-/// Published in place of the SQL of a refused or failed query that does not tokenize.
+/// Published in place of the SQL of a query that does not tokenize.
 pub const WITHHELD_SQL: &str = "(withheld: the text could not be parsed)";
 
 /// A query's decision, as the gateway logged it.
@@ -44,20 +51,62 @@ impl Outcome {
     }
 }
 
-/// The fields the register reads of one gateway audit record; all others are ignored.
+/// The fields the register reads of one gateway audit record; all others (the releases and
+/// their SQL, obligations, sizes, the user) are ignored.
 #[derive(Deserialize)]
 struct LoggedQuery {
     time_ms: u64,
     query_id: String,
+    /// Absent in records written before describes were logged: those were all runs.
+    #[serde(default)]
+    step: Step,
     #[serde(default)]
     identity: LoggedIdentity,
     sql: String,
     policy_version: Option<String>,
     #[serde(default)]
     trusts: Vec<String>,
-    outcome: Outcome,
+    outcome: LoggedOutcome,
     #[serde(default)]
     codes: Vec<String>,
+}
+
+/// Which request a gateway audit record is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Step {
+    /// `GetFlightInfo`: planned and decided, not run.
+    Describe,
+    /// `DoGet`: run and answered, or stopped.
+    #[default]
+    Run,
+}
+
+/// A decision as logged, including a describe's `described`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LoggedOutcome {
+    Answered,
+    Described,
+    Refused,
+    Failed,
+}
+
+impl LoggedOutcome {
+    /// The public decision of a record, or `None` when the register does not list it: a
+    /// successful describe, whose run is listed instead. A describe that was refused or
+    /// failed is listed, since no run follows it.
+    fn published(self, step: Step) -> Result<Option<Outcome>, String> {
+        Ok(match (step, self) {
+            (Step::Describe, LoggedOutcome::Described) => None,
+            (Step::Run, LoggedOutcome::Described) => {
+                return Err("a run record has the outcome 'described'".into());
+            }
+            (_, LoggedOutcome::Answered) => Some(Outcome::Answered),
+            (_, LoggedOutcome::Refused) => Some(Outcome::Refused),
+            (_, LoggedOutcome::Failed) => Some(Outcome::Failed),
+        })
+    }
 }
 
 /// The public part of a logged identity: the user's name and groups are not read.
@@ -80,7 +129,7 @@ pub struct Entry {
     pub project: String,
     /// The purpose of the query.
     pub purpose: String,
-    /// The SQL: verbatim when answered, otherwise without literals (see [`public_sql`]).
+    /// The SQL without its constants, quoted names and comments (see [`public_sql`]).
     pub sql: String,
     /// The decision.
     pub outcome: Outcome,
@@ -142,6 +191,7 @@ pub fn read(logs: &[PathBuf]) -> Result<Register, RegisterError> {
 
 /// Appends the entries of the log at `path` (with its rotated files) to `timed`, each with
 /// its time in milliseconds. A log whose hash chain does not verify is not published.
+/// Records the register does not list (successful describes) are skipped.
 fn read_log(path: &Path, timed: &mut Vec<(u64, Entry)>) -> Result<(), RegisterError> {
     let records = read_records(path).map_err(RegisterError::Chain)?;
     for (index, record) in records.into_iter().enumerate() {
@@ -150,28 +200,32 @@ fn read_log(path: &Path, timed: &mut Vec<(u64, Entry)>) -> Result<(), RegisterEr
             record: index + 1,
             reason,
         })?;
-        timed.push(parsed);
+        timed.extend(parsed);
     }
     Ok(())
 }
 
-/// The public entry for one gateway audit record, with its time in milliseconds.
-fn parse_record(record: serde_json::Value) -> Result<(u64, Entry), String> {
+/// The public entry for one gateway audit record, with its time in milliseconds, or `None`
+/// for a record the register does not list.
+fn parse_record(record: serde_json::Value) -> Result<Option<(u64, Entry)>, String> {
     let record: LoggedQuery = serde_json::from_value(record).map_err(json_reason)?;
     let time = iso_time(record.time_ms)
         .ok_or_else(|| format!("time_ms {} is out of range", record.time_ms))?;
+    let Some(outcome) = record.outcome.published(record.step)? else {
+        return Ok(None);
+    };
     let entry = Entry {
         time,
         query_id: record.query_id,
         project: record.identity.project,
         purpose: record.identity.purpose,
-        sql: public_sql(&record.sql, record.outcome),
-        outcome: record.outcome,
+        sql: public_sql(&record.sql, outcome),
+        outcome,
         reason_codes: distinct(record.codes),
         trusts: record.trusts,
         policy_version: record.policy_version,
     };
-    Ok((record.time_ms, entry))
+    Ok(Some((record.time_ms, entry)))
 }
 
 /// Why a line did not read as a gateway audit record, e.g. `not JSON (column 1): expected value`.
@@ -205,15 +259,12 @@ fn iso_time(ms: u64) -> Option<String> {
     DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
-/// The SQL the register publishes: an answered query's verbatim; a refused or failed
-/// query's without literals, or [`WITHHELD_SQL`] when it does not tokenize.
-pub fn public_sql(sql: &str, outcome: Outcome) -> String {
-    match outcome {
-        Outcome::Answered => sql.to_string(),
-        Outcome::Refused | Outcome::Failed => {
-            without_literals(sql).unwrap_or_else(|| WITHHELD_SQL.to_string())
-        }
-    }
+/// The SQL the register publishes, whatever the query's outcome: without its constants,
+/// quoted names and comments, or [`WITHHELD_SQL`] when it does not tokenize. (An answered
+/// query can hold an NHS number or a rare code as much as a refused one; the outcome is
+/// taken only so that callers need not change.)
+pub fn public_sql(sql: &str, _outcome: Outcome) -> String {
+    without_literals(sql).unwrap_or_else(|| WITHHELD_SQL.to_string())
 }
 
 /// `sql` with every string and number literal, placeholder, quoted name and comment replaced
@@ -350,8 +401,8 @@ footer p { max-width: 60em; margin: 0 0 10px; }
 /// The introduction for a member of the public.
 const INTRODUCTION: &str = "NHS trusts use Tally to let approved staff and researchers ask \
 statistical questions of the patient records each trust holds, without those records ever \
-leaving the trust. Only totals such as counts, sums and averages come back, and groups too \
-small to protect the patients in them are left out. This register lists every question put to \
+leaving the trust. Only totals such as counts, sums and averages come back, each protected \
+so that it does not reveal any one patient. This register lists every question put to \
 Tally: when it was asked, for which project and purpose, the question itself (written in SQL, \
 a database language), whether it was answered or refused and why, and which trusts answered. \
 It never shows who asked, nor the answers.";
@@ -359,11 +410,11 @@ It never shows who asked, nor the answers.";
 /// The footer: what is withheld and why (`{withheld}` stands for [`WITHHELD_SQL`]).
 const FOOTER: &str = "<h2>What this register leaves out, and why</h2>\
 <p>It never shows who asked a question, the answers, or how the question was split between \
-the trusts. Answered questions are shown exactly as they were asked.</p>\
-<p>A refused or failed question may contain something that should never have been typed, \
-such as an NHS number. Such questions are shown with every text and number value (and every \
-quoted name and comment) replaced by <code>?</code>; a question whose text cannot be read \
-that way is shown as <code>{withheld}</code>.</p>\
+the trusts.</p>\
+<p>A question, answered or not, may contain something that should not be public, such as an \
+NHS number or a rare diagnosis code. Every question is therefore shown with every text, \
+number and date value (and every quoted name and comment) replaced by <code>?</code>; a \
+question whose text cannot be read that way is shown as <code>{withheld}</code>.</p>\
 <p>The codes under a decision, such as <code>E_NOT_AGGREGATE</code>, name the rule that refused \
 or stopped the question; Tally's documentation lists them all. Times are in UTC.</p>";
 
@@ -488,4 +539,129 @@ fn row_html(entry: &Entry) -> String {
         sql = escape(&entry.sql),
         version = escape(entry.policy_version.as_deref().unwrap_or("none")),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A gateway audit record in the current format, with releases holding constants.
+    fn record(step: &str, outcome: &str, sql: &str) -> serde_json::Value {
+        json!({
+            "time_ms": 1_748_786_587_120u64,
+            "query_id": "q-1",
+            "step": step,
+            "peer": "10.0.0.7:5555",
+            "identity": {"user": "dr.who", "groups": ["analysts"], "project": "eating-disorders",
+                         "purpose": "service_planning"},
+            "sql": sql,
+            "policy_version": "v7",
+            "obligations": {"noise": "gaussian"},
+            "releases": [{"fact": "episodes", "where": {"eq": ["diagnosis_icd10", "F50.0"]}}],
+            "release_sql": ["SELECT COUNT(*) FROM episodes WHERE diagnosis_icd10 = 'F50.0'"],
+            "trusts": ["RXX", "RYY"],
+            "outcome": outcome,
+            "codes": [],
+            "rows": 1,
+            "rows_from_trusts": 2,
+            "bytes_from_trusts": 912,
+            "duration_ms": 12.5,
+            "detail": null
+        })
+    }
+
+    const ANSWERED_SQL: &str = "SELECT COUNT(*) FROM episodes WHERE diagnosis_icd10 = 'F50.0' \
+                                AND nhs_number <> 4010232137 -- Mrs Smith";
+
+    #[test]
+    fn an_answered_query_is_published_without_its_constants() {
+        let (ms, entry) = parse_record(record("run", "answered", ANSWERED_SQL))
+            .expect("parses")
+            .expect("listed");
+        assert_eq!(ms, 1_748_786_587_120);
+        assert_eq!(entry.outcome, Outcome::Answered);
+        assert_eq!(
+            entry.sql,
+            "SELECT COUNT(*) FROM episodes WHERE diagnosis_icd10 = ? AND nhs_number <> ? -- ?"
+        );
+        assert_eq!(entry.trusts, ["RXX", "RYY"]);
+        assert_eq!(entry.project, "eating-disorders");
+        let register = Register {
+            generated_at: "2025-06-01T14:03:07.120Z".into(),
+            entries: vec![entry],
+        };
+        let json = serde_json::to_string(&register).expect("json");
+        let html = render_html(&register);
+        for text in [&json, &html] {
+            for secret in [
+                "F50.0",
+                "4010232137",
+                "Smith",
+                "dr.who",
+                "analysts",
+                "release",
+                "episodes WHERE diagnosis_icd10 = '",
+                "gaussian",
+                "912",
+                "suppress",
+            ] {
+                assert!(!text.contains(secret), "the register shows {secret}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_outcome_is_masked_alike() {
+        let sql = "SELECT COUNT(*) FROM patients WHERE \"9434765919\" = DATE '1970-01-01' /* x */";
+        let masked = "SELECT COUNT(*) FROM patients WHERE ? = DATE ? /* ? */";
+        for outcome in [Outcome::Answered, Outcome::Refused, Outcome::Failed] {
+            assert_eq!(public_sql(sql, outcome), masked);
+            assert_eq!(public_sql("SELECT 'open", outcome), WITHHELD_SQL);
+        }
+        // A query without constants reads as typed.
+        let plain = "SELECT specialty, COUNT(*) AS n\nFROM episodes GROUP BY specialty";
+        assert_eq!(public_sql(plain, Outcome::Answered), plain);
+    }
+
+    #[test]
+    fn describes_are_left_to_their_runs_unless_they_stopped_the_query() {
+        let sql = "SELECT COUNT(*) FROM episodes";
+        assert_eq!(
+            parse_record(record("describe", "described", sql)).expect("parses"),
+            None
+        );
+        let refused = parse_record(record("describe", "refused", sql))
+            .expect("parses")
+            .expect("a refused describe is listed: no run follows it");
+        assert_eq!(refused.1.outcome, Outcome::Refused);
+        let run = parse_record(record("run", "failed", sql))
+            .expect("parses")
+            .expect("listed");
+        assert_eq!(run.1.outcome, Outcome::Failed);
+        let err = parse_record(record("run", "described", sql)).expect_err("malformed");
+        assert!(err.contains("described"), "{err}");
+        let err = parse_record(record("plan", "answered", sql)).expect_err("unknown step");
+        assert!(err.starts_with("not a gateway audit record"), "{err}");
+        // Records from before describes were logged have no step: they are runs.
+        let mut legacy = record("run", "answered", "SELECT 1");
+        legacy.as_object_mut().expect("object").remove("step");
+        assert!(parse_record(legacy).expect("parses").is_some());
+    }
+
+    #[test]
+    fn a_log_with_a_describe_and_its_run_lists_the_query_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gateway.jsonl");
+        let log = tally_common::audit::AuditLog::open(&path, None).expect("log");
+        log.append(record("describe", "described", ANSWERED_SQL))
+            .expect("appended");
+        log.append(record("run", "answered", ANSWERED_SQL))
+            .expect("appended");
+        drop(log);
+        let register = read(&[path]).expect("reads");
+        assert_eq!(register.entries.len(), 1);
+        assert_eq!(register.entries[0].outcome, Outcome::Answered);
+        assert!(!register.entries[0].sql.contains("F50.0"));
+    }
 }

@@ -1,8 +1,11 @@
-//! The `tally` binary as a newcomer uses it: `--help`, `demo --exit`, `query` formats.
+//! The `tally` binary as a newcomer uses it: `--help`, `demo --exit`, `query` formats,
+//! example configs, `policy explain`.
 
 use std::process::Command;
 
-use crate::support::{data_dir, default_policies, start_federation};
+use tally_common::identity::JwtVerifier;
+
+use crate::support::{data_dir, default_policies, identity_provider, start_federation};
 
 fn tally() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -37,21 +40,30 @@ fn demo_runs_its_showcase_and_exits() {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("refused: E_IDENTIFIER_COLUMN"), "{stdout}");
+    // Asking for patient rows is refused by the query model: no release can list rows.
+    assert!(stdout.contains("refused: E_NOT_AGGREGATE"), "{stdout}");
     assert!(
         stdout.contains("TLS on: mutual TLS") && stdout.contains("gateway on grpc+tls://"),
         "the demo runs with TLS by default: {stdout}"
-    );
-    assert!(
-        stdout.contains("(E_NOT_AGGREGATE)") && stdout.contains("(E_QUASI_IDENTIFIER)"),
-        "{stdout}"
     );
     assert_eq!(
         stdout.matches("trusts answered: RXA, RXB, RXC").count(),
         5,
         "{stdout}"
     );
-    assert!(stdout.contains("with this signed token"), "{stdout}");
+    // The printed token is a signed JWT for the demo analyst that the trusts' key set verifies.
+    let token = stdout
+        .lines()
+        .skip_while(|line| !line.contains("with this signed token"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("the demo prints a token: {stdout}"));
+    let verifier = JwtVerifier::load(&identity_provider().jwt_config()).unwrap();
+    let identity = verifier.verify(token).expect("the printed token verifies");
+    assert_eq!(identity.user, tally::federation::DEMO_USER);
+    assert_eq!(
+        identity.approvals[tally::federation::DEMO_PROJECT],
+        ["planning", "research"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,15 +126,6 @@ async fn query_prints_csv_and_json() {
     assert!(!refused.status.success(), "a refusal exits non-zero");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("error: E_NOT_AGGREGATE"), "{stderr}");
-
-    let tests = tally()
-        .args(["policy", "test"])
-        .arg(default_policies())
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&tests.stdout);
-    assert!(tests.status.success(), "{report}");
-    assert!(report.contains(" passed, 0 failed"), "{report}");
     local.stop().await;
 }
 
@@ -136,6 +139,12 @@ fn example_configs_load_and_bad_configs_say_why() {
         assert_eq!(config.tables.len(), 3);
         let tls = config.tls.expect("the example node runs mutual TLS");
         assert_eq!(tls.allowed_gateways, [tally::certs::GATEWAY_IDENTITY]);
+        let jwt = config.identity.jwt.expect("the example node verifies analysts' tokens");
+        assert_eq!(jwt.issuer, tally::tokens::ISSUER);
+        assert!(
+            !config.identity.trust_gateway_identity,
+            "the example node does not take the gateway's word for who is asking"
+        );
         assert!(
             config
                 .tables
@@ -156,26 +165,33 @@ fn example_configs_load_and_bad_configs_say_why() {
     );
 
     let dir = tempfile::tempdir().unwrap();
+    // Every node config names how the trust knows who is asking.
+    let identity = "[identity]\ntrust_gateway_identity = false\n";
+    let tables = "[[tables]]\nname = \"t\"\npath = \"t.parquet\"\n";
     let cases = [
         (
-            "listen = \"127.0.0.1:1\"\npolicies = \"p\"\ntables = []\n[trust]\ncode = \"RXA\"\nname = \"A\"\n",
+            format!("listen = \"127.0.0.1:1\"\npolicies = \"p\"\ntables = []\n[trust]\ncode = \"RXA\"\nname = \"A\"\n{identity}"),
             "at least one [[tables]]",
         ),
         (
-            "policies = \"p\"\n[trust]\ncode = \"R X\"\nname = \"A\"\n[[tables]]\nname = \"t\"\npath = \"t.parquet\"\n",
+            format!("policies = \"p\"\n[trust]\ncode = \"R X\"\nname = \"A\"\n{identity}{tables}"),
             "trust code 'R X'",
         ),
         (
-            "policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\ncolour = 1\n[[tables]]\nname = \"t\"\npath = \"t.parquet\"\n",
+            format!("policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\ncolour = 1\n{identity}{tables}"),
             "unknown field `colour`",
         ),
-        ("[trust]\ncode = \"RXA\"\n", "missing field"),
+        (
+            format!("policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\n{tables}"),
+            "missing field `identity`",
+        ),
+        ("[trust]\ncode = \"RXA\"\n".to_string(), "missing field"),
     ];
     for (text, expected) in cases {
         let path = dir.path().join("node.toml");
-        std::fs::write(&path, text).unwrap();
+        std::fs::write(&path, &text).unwrap();
         let err = tally_node::NodeConfig::load(&path)
-            .expect_err(text)
+            .expect_err(&text)
             .to_string();
         assert!(err.contains(expected), "{err}");
     }
@@ -187,49 +203,79 @@ fn example_configs_load_and_bad_configs_say_why() {
     assert!(err.contains("request_timeout_secs"), "{err}");
 }
 
-#[test]
-fn policy_explain_prints_facts_and_decision() {
+/// Runs `tally policy explain` over the test data for the demo analyst in `project` for
+/// `purpose`: its stdout (JSON) on success, its stderr otherwise.
+fn explain(project: &str, purpose: &str, sql: &str) -> Result<serde_json::Value, String> {
     let out = tally()
-        .args([
-            "policy",
-            "explain",
-            "--user",
-            "analyst",
-            "--project",
-            "uec-demand",
-            "--purpose",
-            "research",
-            "--policies",
-        ])
+        .args(["policy", "explain", "--user", "analyst", "--project", project])
+        .args(["--purpose", purpose, "--policies"])
         .arg(default_policies())
         .arg("--data")
         .arg(data_dir())
-        .arg("SELECT postcode, COUNT(*) FROM patients GROUP BY postcode")
+        .arg(sql)
         .output()
         .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).expect("JSON"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+#[test]
+fn policy_explain_prints_the_releases_inputs_and_decision() {
+    let sql = "SELECT age_band(age_at_admission) AS band, COUNT(*) FROM episodes \
+               WHERE cost > 5000 GROUP BY 1";
+    let explained = explain("uec-demand", "research", sql).unwrap();
+    let release = &explained["releases"][0];
+    assert_eq!(explained["releases"].as_array().unwrap().len(), 1);
+    assert_eq!(release["fact"], "episodes");
+    assert_eq!(release["group_by"][0]["column"]["column"], "age_at_admission");
+    assert_eq!(release["group_by"][0]["generaliser"], "age_band");
+    assert_eq!(release["filter"]["op"], "compare");
+    assert_eq!(release["filter"]["cmp"], "gt");
+    assert_eq!(release["aggregates"][0]["function"], "count_rows");
+    let rendered = explained["release_sql"][0].as_str().unwrap();
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        rendered.contains("age_band(episodes.age_at_admission)")
+            && rendered.contains("WHERE episodes.cost > 5000"),
+        "{rendered}"
     );
-    let explained: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(explained["decision"]["allow"], false);
-    let codes: Vec<&str> = explained["decision"]["reasons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["code"].as_str().unwrap())
-        .collect();
-    assert_eq!(codes, vec!["E_QUASI_IDENTIFIER"]);
-    assert_eq!(explained["decision"]["obligations"]["apply_opt_out"], true);
-    let columns = explained["input"]["action"]["columns"].as_array().unwrap();
-    assert!(columns.iter().any(|c| c["column"] == "postcode"
+    let input = &explained["inputs"][0];
+    assert_eq!(input["context"]["identity"]["purpose"], "research");
+    assert_eq!(input["action"]["release"], *release, "the input holds the model itself");
+    let columns = input["action"]["columns"].as_array().unwrap();
+    assert!(columns.iter().any(|c| c["column"] == "age_at_admission"
         && c["class"] == "quasi_identifier"
-        && c["usage"] == "group_by"));
-    assert_eq!(
-        explained["input"]["context"]["identity"]["purpose"],
-        "research"
-    );
+        && c["usage"] == "group_by"
+        && c["generaliser"] == "age_band"));
+    assert!(columns.iter().any(|c| c["column"] == "cost"
+        && c["class"] == "measure"
+        && c["usage"] == "filter"));
+    let decision = &explained["decision"]["Ok"];
+    assert_eq!(decision["allow"], true, "{explained}");
+    assert_eq!(decision["obligations"]["apply_opt_out"], true);
+    assert_eq!(decision["obligations"]["min_distinct_patients"], 8);
+
+    // The policy's refusal is the decision; the model is still shown.
+    let refused = explain(
+        "cardiac-audit",
+        "research",
+        "SELECT sex, COUNT(*) FROM patients GROUP BY sex",
+    )
+    .unwrap();
+    assert_eq!(refused["releases"][0]["fact"], "patients");
+    let reason = refused["decision"]["Err"].as_str().unwrap();
+    assert!(reason.starts_with("E_TABLE_NOT_ALLOWED"), "{reason}");
+
+    // What the code's floor refuses never lowers to a release: explain says why.
+    let err = explain(
+        "uec-demand",
+        "research",
+        "SELECT postcode, COUNT(*) FROM patients GROUP BY postcode",
+    )
+    .unwrap_err();
+    assert!(err.contains("error: E_QUASI_IDENTIFIER"), "{err}");
 }
 
 #[test]

@@ -1,19 +1,29 @@
 //! Limits that protect the trusts: rate, size, depth, time and memory. Each breach is a
-//! typed error and is audited.
+//! typed error and is audited; a limit reached at a trust never names the trust.
 
 use tally::client::AnalystClient;
 use tally::federation;
 use tally_gateway::GatewayHandle;
 use tally_synth::default_trusts;
 
+use crate::bad_input::assert_names_no_trust;
 use crate::support::{
-    data_dir, expect_refusal, gateway_config, gateway_target, init_logging, open_policies, tls,
+    analyst_token, data_dir, expect_refusal, gateway_config, gateway_target, identity_provider,
+    init_logging, open_policies, tls,
 };
 
 const SQL: &str = "SELECT sex, COUNT(*) FROM patients GROUP BY sex";
 
-/// A second analyst in the same project.
-const COLLEAGUE_TOKEN: &str = "colleague-token";
+/// A signed token for a second analyst in the demo analyst's project.
+fn colleague_token() -> String {
+    let claims = tally::tokens::TokenClaims {
+        user: "colleague".into(),
+        ..federation::demo_claims()
+    };
+    identity_provider()
+        .mint(&claims, federation::DEMO_TOKEN_LIFETIME)
+        .unwrap()
+}
 
 /// Nodes for every trust with `node_limits`, behind a gateway with `gateway_limits`.
 async fn limited(
@@ -29,7 +39,7 @@ async fn limited(
             &trust,
             &open_policies(),
             &tls(),
-            &crate::support::identity_provider(),
+            &identity_provider(),
         );
         config.limits = node_limits.clone();
         let node = tally_node::start(&config).await.unwrap();
@@ -38,10 +48,6 @@ async fn limited(
     }
     let mut config = gateway_config(&endpoints, &open_policies());
     config.limits = gateway_limits;
-    let mut colleague = config.users[0].clone();
-    colleague.name = "colleague".into();
-    colleague.token_sha256 = tally_gateway::token_hash(COLLEAGUE_TOKEN);
-    config.users.push(colleague);
     (tally_gateway::start(&config).await.unwrap(), nodes)
 }
 
@@ -52,28 +58,40 @@ async fn stop(gateway: GatewayHandle, nodes: Vec<tally_node::NodeHandle>) {
     }
 }
 
-/// The last gateway audit record's outcome and codes.
-fn last_record(gateway: &GatewayHandle) -> (String, Vec<String>) {
+/// An analyst client of `gateway` signed in with `token`.
+async fn connect(gateway: &GatewayHandle, token: &str) -> AnalystClient {
+    AnalystClient::connect(&gateway_target(gateway.addr), token)
+        .await
+        .unwrap()
+}
+
+/// The last gateway audit record's step, outcome and codes.
+fn last_record(gateway: &GatewayHandle) -> (String, String, Vec<String>) {
     let record = gateway.gateway.audit().recent().pop().expect("a record");
-    (record.outcome.to_string(), record.codes)
+    (
+        record.step.to_string(),
+        record.outcome.to_string(),
+        record.codes,
+    )
+}
+
+/// What a refused GetFlightInfo leaves as the last record.
+fn refused_describe(code: &str) -> (String, String, Vec<String>) {
+    ("describe".into(), "refused".into(), vec![code.into()])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_limits_refuse_with_typed_errors_and_are_audited() {
+    let per_user = 3;
     let limits = tally_gateway::GatewayLimits {
-        queries_per_minute_per_user: 3,
+        queries_per_minute_per_user: per_user,
         queries_per_minute_per_project: 5,
         max_sql_bytes: 300,
         max_plan_depth: 8,
         query_timeout_secs: 60.0,
     };
     let (gateway, nodes) = limited(limits, tally_node::NodeLimits::default()).await;
-    let mut client = AnalystClient::connect(
-        &gateway_target(gateway.addr),
-        &crate::support::analyst_token(),
-    )
-    .await
-    .unwrap();
+    let mut client = connect(&gateway, &analyst_token()).await;
 
     let long = format!("{SQL} -- {}", "x".repeat(400));
     let err = expect_refusal(client.query(&long).await);
@@ -81,10 +99,7 @@ async fn gateway_limits_refuse_with_typed_errors_and_are_audited() {
         err.starts_with("E_TOO_LARGE") && err.contains("limit is 300"),
         "{err}"
     );
-    assert_eq!(
-        last_record(&gateway),
-        ("refused".into(), vec!["E_TOO_LARGE".into()])
-    );
+    assert_eq!(last_record(&gateway), refused_describe("E_TOO_LARGE"));
 
     let deep = "SELECT n FROM (SELECT n FROM (SELECT n FROM (SELECT n FROM (SELECT n FROM \
                 (SELECT COUNT(*) AS n FROM episodes) a) b) c) d) e";
@@ -93,9 +108,14 @@ async fn gateway_limits_refuse_with_typed_errors_and_are_audited() {
         err.starts_with("E_TOO_LARGE") && err.contains("plan"),
         "{err}"
     );
-    assert_eq!(last_record(&gateway).1, ["E_TOO_LARGE"]);
+    assert_eq!(last_record(&gateway).2, ["E_TOO_LARGE"]);
 
-    for _ in 0..3 {
+    // Every GetFlightInfo counts against the rate, before the SQL is even parsed (so a flood
+    // of oversized statements is limited too): the two refusals above used two of the
+    // analyst's three. The DoGet that runs a described plan is not counted again, so each
+    // answered query below costs one.
+    let refused_so_far = 2;
+    for _ in refused_so_far..per_user {
         client.query(SQL).await.expect("within the rate");
     }
     let err = expect_refusal(client.query(SQL).await);
@@ -103,15 +123,23 @@ async fn gateway_limits_refuse_with_typed_errors_and_are_audited() {
         err.starts_with("E_RATE_LIMITED") && err.contains("user 'analyst'"),
         "{err}"
     );
+    assert_eq!(last_record(&gateway), refused_describe("E_RATE_LIMITED"));
+    let runs = gateway
+        .gateway
+        .audit()
+        .recent()
+        .into_iter()
+        .filter(|r| r.step == "run")
+        .count();
     assert_eq!(
-        last_record(&gateway),
-        ("refused".into(), vec!["E_RATE_LIMITED".into()])
+        runs,
+        (per_user - refused_so_far) as usize,
+        "only described plans ran"
     );
 
-    // The project's allowance is shared: the colleague gets the two that are left.
-    let mut colleague = AnalystClient::connect(&gateway_target(gateway.addr), COLLEAGUE_TOKEN)
-        .await
-        .unwrap();
+    // The project's allowance is shared: the analyst's three (the user's refusal is not
+    // counted) leave the colleague two.
+    let mut colleague = connect(&gateway, &colleague_token()).await;
     for _ in 0..2 {
         colleague
             .query(SQL)
@@ -123,7 +151,7 @@ async fn gateway_limits_refuse_with_typed_errors_and_are_audited() {
         err.starts_with("E_RATE_LIMITED") && err.contains("project 'uec-demand'"),
         "{err}"
     );
-    assert_eq!(last_record(&gateway).1, ["E_RATE_LIMITED"]);
+    assert_eq!(last_record(&gateway), refused_describe("E_RATE_LIMITED"));
     stop(gateway, nodes).await;
 }
 
@@ -135,56 +163,45 @@ async fn time_and_memory_limits_stop_queries_with_typed_errors() {
         ..Default::default()
     };
     let (gateway, nodes) = limited(hurried, tally_node::NodeLimits::default()).await;
-    let mut client = AnalystClient::connect(
-        &gateway_target(gateway.addr),
-        &crate::support::analyst_token(),
-    )
-    .await
-    .unwrap();
+    let mut client = connect(&gateway, &analyst_token()).await;
     let err = expect_refusal(client.query(SQL).await);
     assert!(err.starts_with("E_QUERY_TIMEOUT"), "{err}");
     assert_eq!(
         last_record(&gateway),
-        ("failed".into(), vec!["E_QUERY_TIMEOUT".into()])
+        ("run".into(), "failed".into(), vec!["E_QUERY_TIMEOUT".into()])
     );
     stop(gateway, nodes).await;
 
-    // Each node's own limit, whatever the gateway allows.
+    // Each node's own limit, whatever the gateway allows. How long a query runs at a trust
+    // may depend on its data, so the analyst learns that a trust timed out, not which.
     let node_hurried = tally_node::NodeLimits {
         query_timeout_secs: 0.000_001,
         ..Default::default()
     };
     let (gateway, nodes) = limited(Default::default(), node_hurried).await;
-    let mut client = AnalystClient::connect(
-        &gateway_target(gateway.addr),
-        &crate::support::analyst_token(),
-    )
-    .await
-    .unwrap();
+    let mut client = connect(&gateway, &analyst_token()).await;
     let err = expect_refusal(client.query(SQL).await);
-    assert!(
-        err.starts_with("E_TRUST_TIMEOUT") && err.contains("E_QUERY_TIMEOUT"),
-        "{err}"
+    assert!(err.starts_with("E_TRUST_TIMEOUT"), "{err}");
+    assert_names_no_trust(&err);
+    assert_eq!(
+        last_record(&gateway),
+        ("run".into(), "failed".into(), vec!["E_TRUST_TIMEOUT".into()])
     );
     for node in &nodes {
         let record = node.audit.recent().pop().expect("every node audited it");
         assert_eq!(record.outcome, "failed");
-        assert_eq!(record.codes, ["E_QUERY_TIMEOUT"]);
+        assert_eq!(record.codes, ["E_QUERY_TIMEOUT"], "the trust's own log says why");
     }
     stop(gateway, nodes).await;
 
-    // A node's memory pool: a join's hash table does not fit in 16 KiB.
+    // A node's memory pool: a join's hash table does not fit in 16 KiB. The failure could
+    // depend on the data too: one generic code, the details in the trust's own log.
     let small = tally_node::NodeLimits {
         memory_limit_mb: 1.0 / 64.0,
         ..Default::default()
     };
     let (gateway, nodes) = limited(Default::default(), small).await;
-    let mut client = AnalystClient::connect(
-        &gateway_target(gateway.addr),
-        &crate::support::analyst_token(),
-    )
-    .await
-    .unwrap();
+    let mut client = connect(&gateway, &analyst_token()).await;
     let err = expect_refusal(
         client
             .query(
@@ -194,12 +211,19 @@ async fn time_and_memory_limits_stop_queries_with_typed_errors() {
             .await,
     );
     assert!(
-        err.starts_with("E_TRUST_FAILED") && err.contains("E_RESOURCES"),
+        err.starts_with("E_TRUST_FAILED") && err.contains("a trust failed to run the query"),
         "{err}"
     );
+    assert_names_no_trust(&err);
     assert!(
-        !err.contains("Resources exhausted"),
-        "no engine text: {err}"
+        !err.contains("Resources exhausted") && !err.contains("E_RESOURCES"),
+        "no engine text, no trust's reason: {err}"
     );
+    let exhausted = nodes
+        .iter()
+        .filter_map(|node| node.audit.recent().pop())
+        .filter(|record| record.outcome == "failed" && record.codes == ["E_RESOURCES"])
+        .count();
+    assert!(exhausted >= 1, "a trust's own log has the reason");
     stop(gateway, nodes).await;
 }

@@ -4,6 +4,7 @@
 mod support;
 
 mod adbc;
+mod attacks;
 mod audit;
 mod bad_input;
 mod cli;
@@ -14,3 +15,5 @@ mod link;
 mod mtls;
 
 mod register;
+mod snapshots;
+mod disclosure;

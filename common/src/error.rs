@@ -26,12 +26,8 @@ pub enum ErrorCode {
     ReadOnly,
     /// The result would contain row-level data instead of aggregates.
     NotAggregate,
-    /// An aggregate whose state carries raw values, or that cannot be merged across trusts.
-    AggregateNotSplittable,
     /// A window function.
     Window,
-    /// A query shape Tally does not federate (LIMIT below an aggregate, ROLLUP, ...).
-    UnsupportedShape,
     /// The same table has different schemas at different trusts.
     SchemaMismatch,
     /// A trust that must answer is down or unreachable.
@@ -54,8 +50,6 @@ pub enum ErrorCode {
     TooLarge,
     /// A fault inside Tally itself.
     Internal,
-    /// information_schema or other catalogue metadata through SQL.
-    Metadata,
     /// The project is unknown, or the user is not a member of it.
     Project,
     /// The purpose is not approved for the project.
@@ -74,20 +68,14 @@ pub enum ErrorCode {
     QuasiIdentifier,
     /// A measure used other than as the bare argument of an aggregate.
     MeasureUsage,
-    /// A scalar function not on the allowed list.
-    FunctionNotAllowed,
     /// UNION, INTERSECT or EXCEPT.
     SetOperation,
     /// A VALUES list.
     Values,
-    /// A table function.
-    TableFunction,
     /// ROLLUP, CUBE or GROUPING SETS.
     GroupingSets,
     /// LIMIT or ORDER BY below an aggregate.
     LimitBelowAggregate,
-    /// Disclosure control cannot be applied to this query shape.
-    Disclosure,
     /// The policy refused with a reason code Tally does not know.
     PolicyDenied,
     /// The policy could not decide (fail closed).
@@ -109,16 +97,14 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 45] = [
+    pub const ALL: [ErrorCode; 39] = [
         ErrorCode::SqlSyntax,
         ErrorCode::UnknownTable,
         ErrorCode::UnknownColumn,
         ErrorCode::Plan,
         ErrorCode::ReadOnly,
         ErrorCode::NotAggregate,
-        ErrorCode::AggregateNotSplittable,
         ErrorCode::Window,
-        ErrorCode::UnsupportedShape,
         ErrorCode::SchemaMismatch,
         ErrorCode::TrustUnavailable,
         ErrorCode::TrustTimeout,
@@ -130,7 +116,6 @@ impl ErrorCode {
         ErrorCode::BadRequest,
         ErrorCode::TooLarge,
         ErrorCode::Internal,
-        ErrorCode::Metadata,
         ErrorCode::Project,
         ErrorCode::Purpose,
         ErrorCode::TableNotAllowed,
@@ -140,13 +125,10 @@ impl ErrorCode {
         ErrorCode::IdentifierColumn,
         ErrorCode::QuasiIdentifier,
         ErrorCode::MeasureUsage,
-        ErrorCode::FunctionNotAllowed,
         ErrorCode::SetOperation,
         ErrorCode::Values,
-        ErrorCode::TableFunction,
         ErrorCode::GroupingSets,
         ErrorCode::LimitBelowAggregate,
-        ErrorCode::Disclosure,
         ErrorCode::PolicyDenied,
         ErrorCode::PolicyError,
         ErrorCode::RateLimited,
@@ -166,9 +148,7 @@ impl ErrorCode {
             ErrorCode::Plan => "E_PLAN",
             ErrorCode::ReadOnly => "E_READ_ONLY",
             ErrorCode::NotAggregate => "E_NOT_AGGREGATE",
-            ErrorCode::AggregateNotSplittable => "E_AGG_NOT_SPLITTABLE",
             ErrorCode::Window => "E_WINDOW",
-            ErrorCode::UnsupportedShape => "E_UNSUPPORTED_SHAPE",
             ErrorCode::SchemaMismatch => "E_SCHEMA_MISMATCH",
             ErrorCode::TrustUnavailable => "E_TRUST_UNAVAILABLE",
             ErrorCode::TrustTimeout => "E_TRUST_TIMEOUT",
@@ -180,7 +160,6 @@ impl ErrorCode {
             ErrorCode::BadRequest => "E_BAD_REQUEST",
             ErrorCode::TooLarge => "E_TOO_LARGE",
             ErrorCode::Internal => "E_INTERNAL",
-            ErrorCode::Metadata => "E_METADATA",
             ErrorCode::Project => "E_PROJECT",
             ErrorCode::Purpose => "E_PURPOSE",
             ErrorCode::TableNotAllowed => "E_TABLE_NOT_ALLOWED",
@@ -190,13 +169,10 @@ impl ErrorCode {
             ErrorCode::IdentifierColumn => "E_IDENTIFIER_COLUMN",
             ErrorCode::QuasiIdentifier => "E_QUASI_IDENTIFIER",
             ErrorCode::MeasureUsage => "E_MEASURE_USAGE",
-            ErrorCode::FunctionNotAllowed => "E_FUNCTION_NOT_ALLOWED",
             ErrorCode::SetOperation => "E_SETOP",
             ErrorCode::Values => "E_VALUES",
-            ErrorCode::TableFunction => "E_TABLE_FUNCTION",
             ErrorCode::GroupingSets => "E_GROUPING_SETS",
             ErrorCode::LimitBelowAggregate => "E_LIMIT_BELOW_AGGREGATE",
-            ErrorCode::Disclosure => "E_DISCLOSURE",
             ErrorCode::PolicyDenied => "E_POLICY_DENIED",
             ErrorCode::PolicyError => "E_POLICY_ERROR",
             ErrorCode::RateLimited => "E_RATE_LIMITED",
@@ -225,11 +201,8 @@ impl ErrorCode {
             | ErrorCode::TooLarge => Code::InvalidArgument,
             ErrorCode::ReadOnly
             | ErrorCode::NotAggregate
-            | ErrorCode::AggregateNotSplittable
             | ErrorCode::Window
-            | ErrorCode::UnsupportedShape
             | ErrorCode::TrustRefused
-            | ErrorCode::Metadata
             | ErrorCode::Project
             | ErrorCode::Purpose
             | ErrorCode::TableNotAllowed
@@ -239,13 +212,10 @@ impl ErrorCode {
             | ErrorCode::IdentifierColumn
             | ErrorCode::QuasiIdentifier
             | ErrorCode::MeasureUsage
-            | ErrorCode::FunctionNotAllowed
             | ErrorCode::SetOperation
             | ErrorCode::Values
-            | ErrorCode::TableFunction
             | ErrorCode::GroupingSets
             | ErrorCode::LimitBelowAggregate
-            | ErrorCode::Disclosure
             | ErrorCode::QueryShape
             | ErrorCode::FilterNotAllowed
             | ErrorCode::PolicyDenied => Code::PermissionDenied,

@@ -4,7 +4,8 @@
 //! bearer token to use on later calls.
 
 use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+use base64::alphabet::STANDARD;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use sha2::{Digest, Sha256};
 use tally_common::identity::{Identity, JwtVerifier};
 use tally_common::{ErrorCode, TallyError};
@@ -75,7 +76,12 @@ impl Users {
     pub fn handshake(&self, metadata: &MetadataMap) -> Result<(Identity, String), TallyError> {
         let header = authorization(metadata)?;
         if let Some(encoded) = header.strip_prefix("Basic ") {
-            let decoded = STANDARD
+            // Some clients (the ADBC driver) leave out the base64 padding.
+            let lenient = GeneralPurpose::new(
+                &STANDARD,
+                GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+            );
+            let decoded = lenient
                 .decode(encoded.trim())
                 .ok()
                 .and_then(|bytes| String::from_utf8(bytes).ok())

@@ -3,7 +3,9 @@
 //! The node never runs SQL text. It joins only along relationships its own catalogue
 //! declares, compares columns with constants of the column's own type (so no comparison or
 //! cast can fail on a row's value), applies generalisers to bare columns, aggregates per
-//! group, and keeps only groups with at least `threshold` distinct patients at this trust.
+//! group, keeps only groups with at least `threshold` distinct patients at this trust, and
+//! rounds its own counts, so that not even the gateway sees an unrounded count of this
+//! trust's patients.
 
 use std::sync::Arc;
 
@@ -57,6 +59,7 @@ pub async fn build_plan(
     governance: &Governance,
     release: &ReleaseQuery,
     threshold: u64,
+    round_to: u64,
 ) -> Result<LogicalPlan, TallyError> {
     let fact = governance
         .table(&release.fact)
@@ -138,10 +141,26 @@ pub async fn build_plan(
         .alias(PATIENTS),
     );
     let threshold = i64::try_from(threshold.max(1)).unwrap_or(i64::MAX);
+    let round = i64::try_from(round_to.max(1)).unwrap_or(1);
+    let counts: Vec<String> = release
+        .partials()
+        .iter()
+        .enumerate()
+        .filter(|(_, partial)| partial.is_count())
+        .map(|(i, _)| partial_column(i))
+        .collect();
     let outputs: Vec<Expr> = expected
         .fields()
         .iter()
-        .map(|field| cast(col(field.name()), field.data_type().clone()).alias(field.name()))
+        .map(|field| {
+            let value = cast(col(field.name()), field.data_type().clone());
+            let value = if round > 1 && counts.contains(field.name()) {
+                (value + lit(round / 2)) / lit(round) * lit(round)
+            } else {
+                value
+            };
+            value.alias(field.name())
+        })
         .collect();
     builder
         .aggregate(groups, aggregates)

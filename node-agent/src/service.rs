@@ -276,7 +276,7 @@ impl NodeService {
             Ok(decision) => decision,
             Err(refused) => return Err(self.refuse(&context, refused).await),
         };
-        let refuse_with = |error: TallyError| Refused {
+        let refuse_with = |error: TallyError, decision: &Decision| Refused {
             error,
             decision: Some(Box::new(decision.clone())),
         };
@@ -290,19 +290,29 @@ impl NodeService {
                     context.identity.project, self.trust
                 ),
             );
-            return Err(self.refuse(&context, refuse_with(error)).await);
+            return Err(self.refuse(&context, refuse_with(error, &decision)).await);
         }
         let ctx = match self.context_for(&decision) {
             Ok(ctx) => ctx.clone(),
-            Err(error) => return Err(self.refuse(&context, refuse_with(error)).await),
+            Err(error) => return Err(self.refuse(&context, refuse_with(error, &decision)).await),
         };
         let threshold = decision
             .obligations
             .min_distinct_patients
             .max(request.min_distinct_patients);
-        let plan = match build_plan(&ctx, policy.governance(), &request.release, threshold).await {
+        // The audit record shows the threshold applied: the stricter of the two.
+        let mut decision = decision;
+        decision.obligations.min_distinct_patients = threshold;
+        let plan = match build_plan(
+            &ctx,
+            policy.governance(),
+            &request.release,
+            threshold,
+            decision.obligations.round_to,
+        )
+        .await {
             Ok(plan) => plan,
-            Err(error) => return Err(self.refuse(&context, refuse_with(error)).await),
+            Err(error) => return Err(self.refuse(&context, refuse_with(error, &decision)).await),
         };
         let frame = DataFrame::new(ctx.state(), plan);
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());

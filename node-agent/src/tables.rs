@@ -1,8 +1,14 @@
 //! The trust's local tables: Parquet or CSV files (or folders of them), each served with an
 //! extra `trust_code` column holding the trust's code.
+//!
+//! A table's files are checked when the node starts (each must be readable and non-empty)
+//! and again on every scan: a file that has since changed, vanished or appeared fails the
+//! query with a typed error, never silently answering from different data.
 
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
@@ -16,6 +22,8 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+
+use tally_common::{ErrorCode, TallyError};
 
 use crate::config::{TableConfig, TableFormat};
 use crate::error::NodeError;
@@ -31,7 +39,7 @@ pub async fn open_tables(
 ) -> Result<Vec<(String, Arc<TrustTable>)>, NodeError> {
     let mut opened = Vec::new();
     for table in tables {
-        let raw = load_table(ctx, &table.name, &table.path, table.format()).await?;
+        let (raw, files) = load_files(ctx, &table.name, &table.path, table.format()).await?;
         if raw.schema().field_with_name(TRUST_CODE_COLUMN).is_ok() {
             return Err(NodeError::Table {
                 table: table.name.clone(),
@@ -42,19 +50,32 @@ pub async fn open_tables(
         }
         opened.push((
             table.name.clone(),
-            Arc::new(TrustTable::new(raw, trust_code)),
+            Arc::new(TrustTable::new(raw, trust_code, Arc::new(files))),
         ));
     }
     Ok(opened)
 }
 
-/// Opens the files of one table (inferring their schema) without registering it.
+/// Opens the files of one table (inferring their schema) without registering it; refuses
+/// a table with a missing, unreadable or empty file.
 pub async fn load_table(
     ctx: &SessionContext,
     name: &str,
     path: &Path,
     format: TableFormat,
 ) -> Result<Arc<dyn TableProvider>, NodeError> {
+    load_files(ctx, name, path, format)
+        .await
+        .map(|(provider, _)| provider)
+}
+
+/// [`load_table`], also returning the files as they were when opened.
+async fn load_files(
+    ctx: &SessionContext,
+    name: &str,
+    path: &Path,
+    format: TableFormat,
+) -> Result<(Arc<dyn TableProvider>, TableFiles), NodeError> {
     let fail = |reason: String| NodeError::Table {
         table: name.to_string(),
         reason,
@@ -65,6 +86,7 @@ pub async fn load_table(
     if !path.exists() {
         return Err(fail(format!("{} does not exist", path.display())));
     }
+    let files = TableFiles::take(name, path, format).map_err(fail)?;
     let staging = format!("__tally_loading_{name}");
     let loaded = match format {
         TableFormat::Parquet => {
@@ -85,7 +107,138 @@ pub async fn load_table(
     };
     loaded.map_err(unreadable)?;
     let provider = ctx.deregister_table(&staging).map_err(unreadable)?;
-    provider.ok_or_else(|| fail("table vanished while loading".into()))
+    let provider = provider.ok_or_else(|| fail("table vanished while loading".into()))?;
+    files
+        .verify()
+        .map_err(|change| fail(format!("its files changed while being opened: {change}")))?;
+    Ok((provider, files))
+}
+
+/// One data file as the node first saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+/// A table's data files (a file, or the files with the format's extension anywhere under a
+/// folder) with their sizes and modification times, taken when the node opened the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableFiles {
+    table: String,
+    root: PathBuf,
+    extension: &'static str,
+    files: Vec<FileStamp>,
+}
+
+impl TableFiles {
+    /// Records the files of table `name` at `root`; each must be readable and non-empty,
+    /// and a folder must hold at least one. The error names the file (for the node's own
+    /// operator, at start-up).
+    pub fn take(name: &str, root: &Path, format: TableFormat) -> Result<Self, String> {
+        let extension = match format {
+            TableFormat::Parquet => ".parquet",
+            TableFormat::Csv => ".csv",
+        };
+        let files = stamps(root, extension)?;
+        if files.is_empty() {
+            return Err(format!(
+                "{} holds no {extension} files",
+                root.display()
+            ));
+        }
+        Ok(TableFiles {
+            table: name.to_string(),
+            root: root.to_path_buf(),
+            extension,
+            files,
+        })
+    }
+
+    /// Checks that the files are still exactly as recorded: none changed size or
+    /// modification time, vanished, appeared, became unreadable or empty. The error
+    /// describes the change with paths, for the node's log only.
+    pub fn verify(&self) -> Result<(), String> {
+        let now = stamps(&self.root, self.extension)?;
+        if now == self.files {
+            return Ok(());
+        }
+        let changed = self
+            .files
+            .iter()
+            .find(|then| !now.contains(then))
+            .or_else(|| now.iter().find(|file| !self.files.contains(file)))
+            .map_or_else(|| self.root.clone(), |file| file.path.clone());
+        Err(format!(
+            "{} changed since the node opened it",
+            changed.display()
+        ))
+    }
+
+    /// The typed error a scan fails with when [`verify`](Self::verify) does: it names the
+    /// table, not its files, and the detail goes to the node's log.
+    fn unavailable(&self, detail: &str) -> TallyError {
+        tracing::error!(
+            table = %self.table,
+            detail,
+            "a table's files changed since the node started; refusing to read them"
+        );
+        TallyError::new(
+            ErrorCode::Execution,
+            format!(
+                "table '{}' is unavailable at this trust: its data changed since the node started, \
+                 so the node must be restarted",
+                self.table
+            ),
+        )
+    }
+}
+
+/// The stamps of the data files at `root`, sorted by path: `root` itself when it is a file,
+/// otherwise every file under it whose name ends with `extension` (symbolic links to files
+/// included; linked folders are not followed). Fails on an unreadable or empty file.
+fn stamps(root: &Path, extension: &str) -> Result<Vec<FileStamp>, String> {
+    let unreadable =
+        |path: &Path, err: std::io::Error| format!("{} cannot be read: {err}", path.display());
+    let meta = std::fs::metadata(root).map_err(|e| unreadable(root, e))?;
+    if !meta.is_dir() {
+        return Ok(vec![stamp(root)?]);
+    }
+    let mut files = Vec::new();
+    let mut folders = vec![root.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).map_err(|e| unreadable(&folder, e))? {
+            let entry = entry.map_err(|e| unreadable(&folder, e))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(|e| unreadable(&path, e))?;
+            if kind.is_dir() {
+                folders.push(path);
+            } else if path.to_string_lossy().ends_with(extension) {
+                files.push(stamp(&path)?);
+            }
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
+}
+
+/// The stamp of one data file, which must open for reading and hold at least one byte.
+fn stamp(path: &Path) -> Result<FileStamp, String> {
+    let unreadable = |err: std::io::Error| format!("{} cannot be read: {err}", path.display());
+    let file = File::open(path).map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if meta.is_dir() {
+        return Err(format!("{} is a folder, not a data file", path.display()));
+    }
+    if meta.len() == 0 {
+        return Err(format!("{} is empty (0 bytes)", path.display()));
+    }
+    Ok(FileStamp {
+        path: path.to_path_buf(),
+        len: meta.len(),
+        modified: meta.modified().ok(),
+    })
 }
 
 /// People whose rows a table hides: the National Data Opt-out, as person ids.
@@ -98,17 +251,19 @@ pub struct Excluded {
 }
 
 /// A table with a constant `trust_code` column appended, optionally hiding opted-out people.
+/// Every scan first checks that the table's files are as they were at start-up.
 #[derive(Debug)]
 pub struct TrustTable {
     inner: Arc<dyn TableProvider>,
     schema: SchemaRef,
     trust_code: String,
     excluded: Option<Arc<Excluded>>,
+    files: Arc<TableFiles>,
 }
 
 impl TrustTable {
-    /// Wraps `inner`, appending `trust_code` to its schema.
-    pub fn new(inner: Arc<dyn TableProvider>, trust_code: &str) -> Self {
+    /// Wraps `inner`, read from `files`, appending `trust_code` to its schema.
+    pub fn new(inner: Arc<dyn TableProvider>, trust_code: &str, files: Arc<TableFiles>) -> Self {
         let mut fields: Vec<Arc<Field>> = inner.schema().fields().iter().cloned().collect();
         fields.push(Arc::new(Field::new(
             TRUST_CODE_COLUMN,
@@ -120,6 +275,7 @@ impl TrustTable {
             schema: Arc::new(Schema::new(fields)),
             trust_code: trust_code.to_string(),
             excluded: None,
+            files,
         }
     }
 
@@ -135,6 +291,7 @@ impl TrustTable {
             schema: self.schema.clone(),
             trust_code: self.trust_code.clone(),
             excluded: applies.then(|| excluded.clone()),
+            files: self.files.clone(),
         }
     }
 
@@ -212,6 +369,9 @@ impl TableProvider for TrustTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        if let Err(detail) = self.files.verify() {
+            return Err(self.files.unavailable(&detail).into_datafusion());
+        }
         let code_index = self.trust_code_index();
         let wanted: Vec<usize> = match projection {
             Some(p) => p.clone(),
@@ -260,5 +420,201 @@ impl TableProvider for TrustTable {
             })
             .collect::<Result<_>>()?;
         Ok(Arc::new(ProjectionExec::try_new(exprs, input)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, RecordBatch, StringArray};
+    use datafusion::parquet::arrow::ArrowWriter;
+    use tally_common::error::find_tally_error;
+
+    /// Writes a Parquet file of `rows` people to `path`.
+    fn write_parquet(path: &Path, rows: i64) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("person_id", DataType::Utf8, false),
+            Field::new("age", DataType::Int64, false),
+        ]));
+        let ids: Vec<String> = (0..rows).map(|i| format!("p{i}")).collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(ids)),
+                Arc::new(Int64Array::from((0..rows).collect::<Vec<_>>())),
+            ],
+        )
+        .expect("batch");
+        let file = File::create(path).expect("create");
+        let mut writer = ArrowWriter::try_new(file, schema, None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+    }
+
+    fn config(name: &str, path: &Path) -> TableConfig {
+        TableConfig {
+            name: name.into(),
+            path: path.to_path_buf(),
+            format: None,
+        }
+    }
+
+    /// The error `open_tables` gives for one table at `path`.
+    async fn start_up_error(path: &Path) -> String {
+        let ctx = tally_common::session::new_context().expect("context");
+        match open_tables(&ctx, &[config("patients", path)], "RXX").await {
+            Ok(_) => panic!("{} was accepted", path.display()),
+            Err(err) => {
+                assert!(
+                    matches!(&err, NodeError::Table { table, .. } if table == "patients"),
+                    "{err}"
+                );
+                err.to_string()
+            }
+        }
+    }
+
+    /// Opens the table at `path` into a fresh session, also registering an opt-out view
+    /// hiding person `p0`.
+    async fn serve(path: &Path) -> SessionContext {
+        let ctx = tally_common::session::new_context().expect("context");
+        let tables = open_tables(&ctx, &[config("patients", path)], "RXX")
+            .await
+            .expect("opens");
+        let (name, table) = &tables[0];
+        ctx.register_table(name.as_str(), table.clone())
+            .expect("registers");
+        let excluded = Arc::new(Excluded {
+            column: "person_id".into(),
+            people: vec!["p0".into()],
+        });
+        ctx.register_table("opted_out", Arc::new(table.excluding(&excluded)))
+            .expect("registers");
+        ctx
+    }
+
+    /// The row count of `table`, or the typed error of the query.
+    async fn count(ctx: &SessionContext, table: &str) -> Result<usize, TallyError> {
+        let batches = async { ctx.sql(&format!("SELECT * FROM {table}")).await?.collect().await }
+            .await
+            .map_err(|err| find_tally_error(&err).expect("a typed error"))?;
+        Ok(batches.iter().map(|b| b.num_rows()).sum())
+    }
+
+    fn assert_unavailable(result: Result<usize, TallyError>, dir: &Path) {
+        let err = result.expect_err("the query fails");
+        assert_eq!(err.code, ErrorCode::Execution, "{err}");
+        assert!(err.message.contains("table 'patients'"), "{err}");
+        let text = err.to_string();
+        let dir = dir.to_string_lossy();
+        let leaks = [dir.as_ref(), ".parquet", "Parquet", "/"];
+        for leak in leaks {
+            assert!(!text.contains(leak), "{text} shows {leak}");
+        }
+    }
+
+    #[tokio::test]
+    async fn start_up_refuses_empty_unreadable_or_missing_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.parquet");
+        File::create(&empty).expect("create");
+        let err = start_up_error(&empty).await;
+        assert!(err.contains("empty (0 bytes)"), "{err}");
+
+        let folder = dir.path().join("folder");
+        std::fs::create_dir_all(folder.join("part=1")).expect("folder");
+        let err = start_up_error(&folder).await;
+        assert!(err.contains("holds no .parquet files"), "{err}");
+        write_parquet(&folder.join("a.parquet"), 3);
+        File::create(folder.join("part=1").join("b.parquet")).expect("create");
+        let err = start_up_error(&folder).await;
+        assert!(err.contains("b.parquet is empty"), "{err}");
+
+        let garbage = dir.path().join("garbage.parquet");
+        std::fs::write(&garbage, b"not a parquet file").expect("write");
+        let err = start_up_error(&garbage).await;
+        assert!(err.contains("could not be read"), "{err}");
+
+        let err = start_up_error(&dir.path().join("missing.parquet")).await;
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_fails_every_scan_with_a_typed_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("patients.parquet");
+        write_parquet(&path, 3);
+        let ctx = serve(&path).await;
+        assert_eq!(count(&ctx, "patients").await, Ok(3));
+        assert_eq!(count(&ctx, "opted_out").await, Ok(2));
+        let original = std::fs::read(&path).expect("read");
+        let modified = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+
+        // Truncated to nothing while the node runs: no silent empty answer.
+        File::create(&path).expect("truncate");
+        assert_unavailable(count(&ctx, "patients").await, dir.path());
+        assert_unavailable(count(&ctx, "opted_out").await, dir.path());
+
+        // The same bytes written back with a new modification time are still a change.
+        std::fs::write(&path, &original).expect("restore");
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(modified + std::time::Duration::from_secs(5)))
+            .expect("touch");
+        assert_unavailable(count(&ctx, "patients").await, dir.path());
+
+        // Different data of another size.
+        write_parquet(&path, 5);
+        assert_unavailable(count(&ctx, "patients").await, dir.path());
+
+        // Exactly as at start-up again: answered.
+        std::fs::write(&path, &original).expect("restore");
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(modified))
+            .expect("touch");
+        assert_eq!(count(&ctx, "patients").await, Ok(3));
+
+        std::fs::remove_file(&path).expect("remove");
+        assert_unavailable(count(&ctx, "patients").await, dir.path());
+    }
+
+    #[tokio::test]
+    async fn a_file_added_to_or_removed_from_a_folder_fails_the_scan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let folder = dir.path().join("patients");
+        std::fs::create_dir(&folder).expect("folder");
+        write_parquet(&folder.join("a.parquet"), 3);
+        write_parquet(&folder.join("b.parquet"), 4);
+        let ctx = serve(&folder).await;
+        assert_eq!(count(&ctx, "patients").await, Ok(7));
+
+        // A file the listing does not read (another extension) changes nothing.
+        std::fs::write(folder.join("_SUCCESS"), b"").expect("marker");
+        assert_eq!(count(&ctx, "patients").await, Ok(7));
+
+        write_parquet(&folder.join("c.parquet"), 1);
+        assert_unavailable(count(&ctx, "patients").await, dir.path());
+        std::fs::remove_file(folder.join("c.parquet")).expect("remove");
+        assert_eq!(count(&ctx, "patients").await, Ok(7));
+
+        std::fs::remove_file(folder.join("b.parquet")).expect("remove");
+        assert_unavailable(count(&ctx, "opted_out").await, dir.path());
+    }
+
+    #[test]
+    fn file_stamps_name_the_changed_file_for_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.csv");
+        std::fs::write(&path, "a\n1\n").expect("write");
+        let files = TableFiles::take("t", &path, TableFormat::Csv).expect("taken");
+        assert_eq!(files.verify(), Ok(()));
+        std::fs::write(&path, "a\n1\n2\n").expect("write");
+        let change = files.verify().expect_err("changed");
+        assert!(change.contains("t.csv"), "{change}");
     }
 }

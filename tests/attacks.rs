@@ -1,0 +1,1266 @@
+//! Red team: attacks on the release path, each run through the gateway with the analyst's
+//! Flight SQL client and straight at a node with the gateway's client certificate, each
+//! judged against ground truth computed here from the trusts' Parquet files.
+//!
+//! Every attack must end refused with a stable code, or answered with nothing the rules
+//! forbid: no group with fewer than 8 distinct patients at any single trust, no identifier
+//! (or full postcode) in the answer, every released count a multiple of 5, no single
+//! record's value. The attacks are data: [`GATEWAY_ATTACKS`] (analyst SQL; each is also sent
+//! to a node as SQL text, and every release it lowers to is replayed at every node asking for
+//! no threshold) and [`NODE_ATTACKS`] (crafted requests and identities at a node). Bespoke
+//! tests below cover what needs several answers (trackers, patients at two trusts,
+//! purposes, oracles).
+//!
+//! Columns named `n...` (and DataFusion's `count(...)`) in an attack's answer are counts
+//! and must be multiples of 5; columns named `whole...` must be whole numbers.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::DataType;
+use arrow_flight::Ticket;
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::{Any, CommandPreparedStatementQuery, ProstMessageExt, TicketStatementQuery};
+use datafusion::common::ScalarValue;
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use futures::TryStreamExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use prost::Message;
+use serde_json::{Value, json};
+use tally::client::{AnalystClient, Answer};
+use tally::federation::LocalFederation;
+use tally::tokens::{AUDIENCE, ISSUER, IdentityProvider};
+use tally_common::flight::{
+    ANALYST_TOKEN_HEADER, PROJECT_HEADER, PURPOSE_HEADER, QUERY_ID_HEADER, fetch_all,
+};
+use tally_common::model::{
+    Dimension, Generaliser, Literal, Partial, Predicate, RELEASE_TYPE_URL, ReleaseQuery,
+    ReleaseRequest,
+};
+use tally_synth::default_trusts;
+
+use crate::support::{
+    analyst, analyst_token, audited_nodes, centralised, copy_of_data, data_dir, default_policies,
+    gateway_client, gateway_config, identity_provider, init_logging, node_client, rows,
+    start_federation_over, tls,
+};
+
+/// The default policy's smallest group, in distinct patients at one trust.
+const THRESHOLD: i64 = 8;
+/// The default policy's rounding of counts.
+const ROUND_TO: f64 = 5.0;
+/// The trusts of the test data.
+const TRUSTS: [&str; 3] = ["RXA", "RXB", "RXC"];
+
+/// How an attack must end.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// Refused; the error's leading reason codes, space-separated (a trust's refusal relayed
+    /// by the gateway reads `E_TRUST_REFUSED E_<trust's code>`).
+    Refused(&'static str),
+    /// Answered within the rules; the answer's first `n` columns are the group keys of its
+    /// one release, in GROUP BY order (0: do not compare keys).
+    Answered(usize),
+}
+
+use Expect::{Answered, Refused};
+
+/// One attack through the gateway: its class, the analyst's SQL, and how it must end.
+type GatewayAttack = (&'static str, &'static str, Expect);
+
+/// Analyst SQL, by class. Counts are aliased `n...` so that their rounding is checked.
+const GATEWAY_ATTACKS: &[GatewayAttack] = &[
+    // --- 1. Padding joins: anything but the declared relationship, on exactly its keys. ---
+    ("padding join", "SELECT COUNT(*) AS n, SUM(e.cost) FROM patients p JOIN episodes e ON p.trust_code = e.trust_code", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT SUM(e.cost) AS s, COUNT(*) AS n FROM episodes e CROSS JOIN patients p", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT COUNT(*) AS n FROM episodes e, patients p WHERE e.person_id = p.person_id", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT COUNT(*) AS n FROM episodes a JOIN episodes b ON a.person_id = b.person_id", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT COUNT(*) AS n FROM patients a JOIN patients b ON a.nhs_number = b.nhs_number", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT p.sex, COUNT(*) AS n FROM episodes e JOIN patients p ON e.specialty = p.sex GROUP BY 1", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT p.sex, COUNT(*) AS n FROM episodes e LEFT JOIN patients p ON e.person_id = p.person_id GROUP BY 1", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT COUNT(*) AS n FROM episodes e FULL JOIN patients p ON e.person_id = p.person_id", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT COUNT(*) AS n FROM episodes e JOIN patients p ON e.person_id = p.person_id AND p.sex = 'F'", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT COUNT(*) AS n FROM episodes e JOIN patients p ON e.person_id = p.person_id OR e.trust_code = p.trust_code", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT COUNT(*) AS n FROM episodes NATURAL JOIN patients", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT COUNT(*) AS n FROM episodes e JOIN icd10_chapters c ON e.diagnosis_icd10 = c.code_from", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT COUNT(*) AS n FROM episodes e JOIN (SELECT specialty, COUNT(*) AS c FROM episodes GROUP BY specialty) r ON e.specialty = r.specialty", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT COUNT(*) AS n FROM episodes e JOIN (SELECT person_id, COUNT(*) AS c FROM episodes GROUP BY person_id) x ON e.person_id = x.person_id", Refused("E_IDENTIFIER_COLUMN")),
+    ("padding join", "SELECT COUNT(*) AS n FROM episodes e JOIN (SELECT person_id FROM patients WHERE postcode = 'LS8 9AN') p ON e.person_id = p.person_id", Refused("E_FILTER_NOT_ALLOWED")),
+    ("padding join", "SELECT COUNT(*) AS n FROM episodes e JOIN (SELECT nhs_number AS person_id FROM patients) p ON e.person_id = p.person_id", Refused("E_QUERY_SHAPE")),
+    ("padding join", "SELECT sex, COUNT(*) AS n FROM episodes JOIN patients USING (person_id) GROUP BY 1", Answered(1)),
+    ("padding join", "SELECT p.sex, COUNT(*) AS n, SUM(e.cost) AS s FROM episodes e JOIN (SELECT person_id, sex FROM patients WHERE ethnicity = 'A') p ON e.person_id = p.person_id GROUP BY 1", Answered(1)),
+    ("padding join", "SELECT p.sex, age_band(e.age_at_admission), COUNT(*) AS n FROM episodes e JOIN patients p ON e.person_id = p.person_id GROUP BY 1, 2", Answered(2)),
+    // --- 2. Subqueries below a release. ---
+    ("subquery", "SELECT (SELECT nhs_number FROM patients WHERE postcode = 'LS8 9AN' AND year_of_birth = 1973) AS x, COUNT(*) AS n FROM episodes", Refused("E_NOT_AGGREGATE")),
+    ("subquery", "SELECT COUNT(*) AS n FROM episodes WHERE cost > (SELECT AVG(cost) FROM episodes)", Refused("E_QUERY_SHAPE")),
+    ("subquery", "SELECT COUNT(*) AS n FROM episodes WHERE cost = (SELECT MAX(cost) FROM episodes)", Refused("E_AGG_NOT_ALLOWED")),
+    ("subquery", "SELECT (SELECT COUNT(*) FROM patients) AS g, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_QUERY_SHAPE")),
+    ("subquery", "SELECT COUNT(*) AS n FROM patients p WHERE EXISTS (SELECT 1 FROM episodes e WHERE e.person_id = p.person_id AND e.cost > 300000)", Refused("E_QUERY_SHAPE")),
+    ("subquery", "SELECT COUNT(*) AS n FROM patients WHERE person_id IN (SELECT person_id FROM episodes WHERE diagnosis_icd10 = 'G61.0')", Refused("E_QUERY_SHAPE")),
+    ("subquery", "SELECT COUNT(*) AS n FROM patients WHERE nhs_number NOT IN (SELECT nhs_number FROM patients WHERE sex = 'F')", Refused("E_QUERY_SHAPE")),
+    ("subquery", "SELECT COUNT(*) AS n FROM patients p WHERE (SELECT SUM(e.cost) FROM episodes e WHERE e.person_id = p.person_id) > 100000", Refused("E_QUERY_SHAPE")),
+    ("subquery", "SELECT COUNT(*) AS n FROM (SELECT DISTINCT person_id FROM episodes) t", Refused("E_QUERY_SHAPE")),
+    ("subquery", "WITH t AS (SELECT person_id AS pid FROM episodes) SELECT pid, COUNT(*) AS n FROM t GROUP BY pid", Refused("E_IDENTIFIER_COLUMN")),
+    ("subquery", "SELECT COUNT(*) AS n, SUM(cost) AS s FROM (SELECT * FROM episodes WHERE cost > 1000) t", Answered(0)),
+    ("subquery", "WITH t AS (SELECT person_id, specialty, cost FROM episodes) SELECT specialty, COUNT(*) AS n, AVG(cost) AS a FROM t GROUP BY 1", Answered(1)),
+    // --- 3. Arithmetic, casts and CASE hidden in subquery columns or aggregates. ---
+    ("hidden expression", "SELECT SUM(c) AS s FROM (SELECT cost * CAST(diagnosis_icd10 = 'F50.0' AS INT) AS c FROM episodes) t", Refused("E_QUERY_SHAPE")),
+    ("hidden expression", "SELECT SUM(CAST(cost > 300000 AS INT)) AS s FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("hidden expression", "SELECT SUM(cost * CAST(diagnosis_icd10 = 'F50.0' AS INT)) AS s FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("hidden expression", "SELECT COUNT(CASE WHEN cost > 300000 THEN 1 END) AS n FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("hidden expression", "SELECT SUM(CASE WHEN diagnosis_icd10 = 'G61.0' THEN cost ELSE 0 END) AS s FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("hidden expression", "SELECT b, COUNT(*) AS n FROM (SELECT cost > 300000 AS b FROM episodes) t GROUP BY b", Refused("E_QUERY_SHAPE")),
+    ("hidden expression", "SELECT COUNT(*) AS n FROM (SELECT CASE WHEN cost > 300000 THEN 'hi' ELSE 'lo' END AS band FROM episodes) t", Refused("E_QUERY_SHAPE")),
+    ("hidden expression", "SELECT AVG(cost + 0) AS a FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("hidden expression", "SELECT SUM(-cost) AS s FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("hidden expression", "SELECT SUM(CAST(age_at_admission AS DOUBLE)) AS s FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("hidden expression", "SELECT COUNT(*) AS n FROM episodes WHERE cost + 0 > 300000", Refused("E_QUERY_SHAPE")),
+    ("hidden expression", "SELECT COUNT(*) AS n FROM episodes WHERE CAST(cost AS INT) = 741356", Refused("E_QUERY_SHAPE")),
+    ("hidden expression", "SELECT coalesce(procedure_opcs4, 'none') AS p, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_QUERY_SHAPE")),
+    ("hidden expression", "SELECT specialty || diagnosis_icd10 AS k, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_QUERY_SHAPE")),
+    ("hidden expression", "SELECT SUM(x) AS s, COUNT(*) AS n FROM (SELECT cost AS x FROM episodes WHERE diagnosis_icd10 = 'G61.0') t", Answered(0)),
+    // --- 4. Generalisers over expressions, of predicates, nested, undeclared. ---
+    ("generaliser", "SELECT age_band((age_at_admission - 40) * 5) AS b, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_QUERY_SHAPE")),
+    ("generaliser", "SELECT postcode_district(substr(postcode, 5) || 'ZZZ') AS d, COUNT(*) AS n FROM patients GROUP BY 1", Refused("E_QUERY_SHAPE")),
+    ("generaliser", "SELECT age_band(CAST(cost > 300000 AS BIGINT)) AS b, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_QUERY_SHAPE")),
+    ("generaliser", "SELECT age_band(a) AS b, COUNT(*) AS n FROM (SELECT age_at_admission * 5 AS a FROM episodes) t GROUP BY 1", Refused("E_QUERY_SHAPE")),
+    ("generaliser", "SELECT year(month(admission_date)) AS y, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_QUERY_SHAPE")),
+    ("generaliser", "SELECT age_band(length_of_stay) AS b, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_QUASI_IDENTIFIER")),
+    ("generaliser", "SELECT postcode_district(diagnosis_icd10) AS d, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_QUASI_IDENTIFIER")),
+    ("generaliser", "SELECT age_at_admission, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_QUASI_IDENTIFIER")),
+    ("generaliser", "SELECT postcode, COUNT(*) AS n FROM patients GROUP BY 1", Refused("E_QUASI_IDENTIFIER")),
+    ("generaliser", "SELECT year_of_birth, COUNT(*) AS n FROM patients GROUP BY 1", Refused("E_QUASI_IDENTIFIER")),
+    ("generaliser", "SELECT CAST(admission_date AS VARCHAR) AS d, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_QUERY_SHAPE")),
+    ("generaliser", "SELECT cost, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_MEASURE_USAGE")),
+    ("generaliser", "SELECT COUNT(*) AS n FROM patients WHERE postcode_district(postcode) = 'LS8'", Refused("E_FILTER_NOT_ALLOWED")),
+    ("generaliser", "SELECT age_band(a) AS b, COUNT(*) AS n FROM (SELECT age_at_admission AS a FROM episodes) t GROUP BY 1", Answered(1)),
+    ("generaliser", "SELECT postcode_district(postcode) AS d, COUNT(*) AS n FROM patients GROUP BY 1", Answered(1)),
+    ("generaliser", "SELECT month(admission_date) AS m, specialty, COUNT(*) AS n FROM episodes WHERE year(admission_date) = 2021 GROUP BY 1, 2", Answered(2)),
+    // --- 5. Identifiers anywhere. ---
+    ("identifier", "SELECT COUNT(*) AS n FROM patients WHERE nhs_number = '9693109996'", Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", "SELECT nhs_number, COUNT(*) AS n FROM patients GROUP BY 1", Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", "SELECT person_id, COUNT(*) AS n FROM episodes GROUP BY 1", Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", "SELECT episode_id, SUM(cost) AS s FROM episodes GROUP BY 1", Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", "SELECT COUNT(*) AS n FROM patients WHERE nhs_number LIKE '9171%'", Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", "SELECT COUNT(*) AS n FROM patients WHERE nhs_number ILIKE '9171%'", Refused("E_QUERY_SHAPE")),
+    ("identifier", "SELECT COUNT(*) AS n FROM episodes e JOIN patients p ON e.person_id = p.person_id AND p.nhs_number <> '9693109996'", Refused("E_QUERY_SHAPE")),
+    ("identifier", "SELECT COUNT(*) AS n FROM episodes e JOIN patients p ON e.person_id = p.person_id AND p.nhs_number LIKE '9171%'", Refused("E_QUERY_SHAPE")),
+    ("identifier", "SELECT COUNT(nhs_number) AS n FROM patients", Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", "SELECT COUNT(DISTINCT person_id) AS n FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("identifier", "SELECT COUNT(*) AS n FROM episodes WHERE person_id IS NOT NULL", Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", "SELECT COUNT(*) AS n FROM episodes WHERE episode_id IN ('RXA-E000000000', 'RXA-E000000001')", Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", "SELECT COUNT(*) AS n FROM episodes WHERE specialty = '100' OR person_id = 'RXA-P0000000'", Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", "SELECT COUNT(*) AS n FROM (SELECT nhs_number AS sex FROM patients) t WHERE sex = '9693109996'", Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", "SELECT MAX(nhs_number) AS m FROM patients", Refused("E_AGG_NOT_ALLOWED")),
+    ("identifier", "SELECT COUNT(*) AS n FROM (SELECT nhs_number, sex FROM patients) t", Answered(0)),
+    // --- 6. Rounding undone: every count derived from released statistics is rounded. ---
+    ("rounding", "SELECT SUM(cost) / AVG(cost) AS n FROM episodes", Answered(0)),
+    ("rounding", "SELECT specialty, SUM(length_of_stay) / AVG(length_of_stay) AS n FROM episodes GROUP BY 1", Answered(1)),
+    ("rounding", "SELECT VAR_SAMP(cost) / (VAR_SAMP(cost) - VAR_POP(cost)) AS n FROM episodes", Answered(0)),
+    ("rounding", "SELECT power(STDDEV_SAMP(cost), 2) / (power(STDDEV_SAMP(cost), 2) - power(STDDEV_POP(cost), 2)) AS n FROM episodes WHERE specialty = '300'", Answered(0)),
+    ("rounding", "SELECT age_band(age_at_admission) AS b, SUM(age_at_admission) / AVG(age_at_admission) AS n FROM episodes GROUP BY 1", Answered(1)),
+    ("rounding", "SELECT SUM(1) AS n FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("rounding", "SELECT SUM(x) AS n FROM (SELECT 1 AS x FROM episodes) t", Refused("E_QUERY_SHAPE")),
+    ("rounding", "SELECT COUNT(*) * 1.0 / 5 AS whole_fifths FROM episodes", Answered(0)),
+    ("rounding", "SELECT COUNT(*) AS n, COUNT(procedure_opcs4) AS n_coded, COUNT(e.cost) AS n_costed FROM episodes e JOIN patients p ON e.person_id = p.person_id", Answered(0)),
+    ("rounding", "SELECT c.chapter, COUNT(*) AS n, SUM(e.cost) / AVG(e.cost) AS n_derived FROM episodes e JOIN icd10_chapters c ON substr(e.diagnosis_icd10, 1, 3) BETWEEN c.code_from AND c.code_to GROUP BY 1", Answered(1)),
+    ("rounding", "SELECT a.n - b.n AS n FROM (SELECT COUNT(*) AS n FROM episodes) a CROSS JOIN (SELECT COUNT(*) AS n FROM episodes WHERE cost < 741356) b", Answered(0)),
+    ("rounding", "SELECT COUNT(*) AS n FROM episodes UNION ALL SELECT COUNT(*) AS n FROM patients", Answered(0)),
+    // --- 10. Oracles: nothing that can fail on a row's value is planned. ---
+    ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE 1 / (cost - 903.2) > 0", Refused("E_QUERY_SHAPE")),
+    ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE cost / 0 > 1", Refused("E_QUERY_SHAPE")),
+    ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE regexp_like(diagnosis_icd10, '[')", Refused("E_QUERY_SHAPE")),
+    ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE diagnosis_icd10 SIMILAR TO '('", Refused("E_QUERY_SHAPE")),
+    ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE CAST(diagnosis_icd10 AS INT) > 0", Refused("E_QUERY_SHAPE")),
+    ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE sqrt(cost - 1000) > 0", Refused("E_QUERY_SHAPE")),
+    ("oracle", "SELECT SUM(cost / 0) AS s FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE age_at_admission = '40'", Refused("E_PLAN")),
+    ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE (cost > 300000) IS TRUE", Refused("E_QUERY_SHAPE")),
+    ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE admission_date > now()", Refused("E_QUERY_SHAPE")),
+    ("oracle", "SELECT COUNT(*) AS n FROM patients WHERE ethnicity = NULL", Refused("E_QUERY_SHAPE")),
+    ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE diagnosis_icd10 LIKE '%0'", Refused("E_QUERY_SHAPE")),
+    ("oracle", "SELECT COUNT(*) AS n, SUM(cost) AS s FROM episodes WHERE cost > 300000", Answered(0)),
+    ("oracle", "SELECT trust_code, COUNT(*) AS n FROM episodes WHERE diagnosis_icd10 LIKE 'G61%' GROUP BY 1", Answered(1)),
+    ("oracle", "SELECT COUNT(*) AS n FROM patients WHERE ethnicity IS NULL", Answered(0)),
+    // --- LIMIT, ORDER BY, windows, set operations, VALUES, UNNEST, recursion below a release. ---
+    ("shape", "SELECT SUM(cost) AS s FROM (SELECT cost FROM episodes ORDER BY cost DESC LIMIT 1) t", Refused("E_LIMIT_BELOW_AGGREGATE")),
+    ("shape", "SELECT SUM(cost) AS s FROM (SELECT cost FROM episodes LIMIT 10 OFFSET 5) t", Refused("E_LIMIT_BELOW_AGGREGATE")),
+    ("shape", "SELECT SUM(r) AS s FROM (SELECT ROW_NUMBER() OVER (ORDER BY cost) AS r FROM episodes) t", Refused("E_WINDOW")),
+    ("shape", "SELECT SUM(cost) OVER () AS s FROM episodes", Refused("E_NOT_AGGREGATE")),
+    ("shape", "SELECT COUNT(*) AS n FROM (SELECT person_id FROM episodes UNION ALL SELECT person_id FROM patients) t", Refused("E_SETOP")),
+    ("shape", "SELECT COUNT(*) AS n FROM (SELECT person_id FROM episodes WHERE cost > 1000 INTERSECT SELECT person_id FROM episodes WHERE specialty = '100') t", Refused("E_QUERY_SHAPE")),
+    ("shape", "SELECT COUNT(*) AS n FROM episodes e JOIN (VALUES ('100')) v(s) ON e.specialty = v.s", Refused("E_VALUES")),
+    ("shape", "SELECT COUNT(*) AS n FROM (SELECT unnest(make_array(cost, cost)) AS v FROM episodes) t", Refused("E_QUERY_SHAPE")),
+    ("shape", "WITH RECURSIVE r(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM r WHERE k < 3) SELECT COUNT(*) AS n FROM episodes e JOIN r ON e.length_of_stay = r.k", Refused("E_QUERY_SHAPE")),
+    ("shape", "SELECT cost FROM episodes ORDER BY cost DESC LIMIT 1", Refused("E_NOT_AGGREGATE")),
+    ("shape", "SELECT specialty FROM episodes GROUP BY specialty", Refused("E_NOT_AGGREGATE")),
+    ("shape", "SELECT DISTINCT diagnosis_icd10 FROM episodes", Refused("E_NOT_AGGREGATE")),
+    ("shape", "SELECT COUNT(*) AS n FROM icd10_chapters", Refused("E_QUERY_SHAPE")),
+    ("shape", "SELECT specialty, COUNT(*) AS n, RANK() OVER (ORDER BY COUNT(*)) AS r FROM episodes GROUP BY 1", Answered(1)),
+    ("shape", "SELECT diagnosis_icd10, COUNT(*) AS n FROM episodes GROUP BY 1 HAVING COUNT(*) < 10 ORDER BY 2 LIMIT 5", Answered(0)),
+    // --- MIN / MAX and other aggregates over patient rows. ---
+    ("min/max", "SELECT MAX(cost) AS m FROM episodes", Refused("E_AGG_NOT_ALLOWED")),
+    ("min/max", "SELECT specialty, MIN(age_at_admission) AS m FROM episodes GROUP BY 1", Refused("E_AGG_NOT_ALLOWED")),
+    ("min/max", "SELECT MAX(admission_date) AS m FROM episodes WHERE diagnosis_icd10 = 'G61.0'", Refused("E_AGG_NOT_ALLOWED")),
+    ("min/max", "SELECT median(cost) AS m FROM episodes", Refused("E_AGG_NOT_ALLOWED")),
+    ("min/max", "SELECT array_agg(nhs_number) AS a FROM patients", Refused("E_AGG_NOT_ALLOWED")),
+    ("min/max", "SELECT string_agg(postcode, ',') AS a FROM patients", Refused("E_AGG_NOT_ALLOWED")),
+    ("min/max", "SELECT first_value(cost ORDER BY cost DESC) AS f FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("min/max", "SELECT MAX(n) AS n FROM (SELECT specialty, COUNT(*) AS n FROM episodes GROUP BY specialty) t", Answered(0)),
+    // --- Placeholders, information_schema, statements. ---
+    ("placeholder", "SELECT COUNT(*) AS n FROM episodes WHERE cost > $1", Refused("E_QUERY_SHAPE")),
+    ("placeholder", "SELECT COUNT(*) AS n FROM patients WHERE sex = $1 AND ethnicity = $2", Refused("E_QUERY_SHAPE")),
+    ("metadata", "SELECT * FROM information_schema.tables", Refused("E_UNKNOWN_TABLE")),
+    ("metadata", "SELECT COUNT(*) AS n FROM information_schema.columns", Refused("E_UNKNOWN_TABLE")),
+    ("metadata", "SELECT COUNT(*) AS n FROM '/etc/passwd'", Refused("E_UNKNOWN_TABLE")),
+    ("metadata", "EXPLAIN SELECT COUNT(*) FROM episodes", Refused("E_READ_ONLY")),
+    ("metadata", "COPY (SELECT * FROM patients) TO '/tmp/tally-attack.csv'", Refused("E_READ_ONLY")),
+    // --- ROLLUP / CUBE / GROUPING SETS. ---
+    ("grouping sets", "SELECT specialty, admission_method, COUNT(*) AS n FROM episodes GROUP BY ROLLUP(specialty, admission_method)", Refused("E_GROUPING_SETS")),
+    ("grouping sets", "SELECT specialty, admission_method, COUNT(*) AS n FROM episodes GROUP BY CUBE(specialty, admission_method)", Refused("E_GROUPING_SETS")),
+    ("grouping sets", "SELECT specialty, diagnosis_icd10, COUNT(*) AS n FROM episodes GROUP BY GROUPING SETS ((specialty), (diagnosis_icd10), ())", Refused("E_GROUPING_SETS")),
+    // --- FILTER clauses and DISTINCT aggregates. ---
+    ("filter clause", "SELECT COUNT(*) FILTER (WHERE cost > 300000) AS n FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("filter clause", "SELECT SUM(cost) FILTER (WHERE diagnosis_icd10 = 'G61.0') AS s FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("distinct aggregate", "SELECT COUNT(DISTINCT diagnosis_icd10) AS n FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("distinct aggregate", "SELECT SUM(DISTINCT cost) AS s FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("distinct aggregate", "SELECT AVG(DISTINCT length_of_stay) AS a FROM episodes", Refused("E_EXPR_SHAPE")),
+];
+
+// ------------------------------------------------------------------------------------------
+// The laboratory: a federation under the default policy, every log on disk, ground truth.
+// ------------------------------------------------------------------------------------------
+
+/// A federation under the default policy whose gateway and nodes write audit logs, with
+/// rate limits raised so that a whole table of attacks fits in a minute.
+struct Lab {
+    local: LocalFederation,
+    gateway_log: PathBuf,
+    node_logs: BTreeMap<String, PathBuf>,
+    node_addrs: BTreeMap<String, SocketAddr>,
+    truth: Truth,
+    _dir: tempfile::TempDir,
+}
+
+async fn lab() -> Lab {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = audited_nodes(dir.path()).await;
+    let names: BTreeMap<&str, &str> = default_trusts().iter().map(|t| (t.code, t.name)).collect();
+    let endpoints: Vec<_> = nodes
+        .iter()
+        .map(|(code, node, _)| (code.clone(), names[code.as_str()].to_string(), node.addr))
+        .collect();
+    let mut config = gateway_config(&endpoints, &default_policies());
+    config.limits.queries_per_minute_per_user = 100_000;
+    config.limits.queries_per_minute_per_project = 100_000;
+    let gateway_log = dir.path().join("gateway.jsonl");
+    config.audit_log = Some(gateway_log.clone());
+    let gateway = tally_gateway::start(&config).await.unwrap();
+    let node_logs = nodes.iter().map(|(c, _, log)| (c.clone(), log.clone())).collect();
+    let node_addrs = nodes.iter().map(|(c, n, _)| (c.clone(), n.addr)).collect();
+    let local = LocalFederation {
+        nodes: nodes.into_iter().map(|(_, node, _)| node).collect(),
+        gateway,
+        security: tls(),
+        identity_provider: identity_provider(),
+    };
+    Lab {
+        local,
+        gateway_log,
+        node_logs,
+        node_addrs,
+        truth: Truth::new().await,
+        _dir: dir,
+    }
+}
+
+impl Lab {
+    /// The gateway audit record of the last run of `sql` that was answered.
+    fn answered_record(&self, sql: &str) -> Option<Value> {
+        log_records(&self.gateway_log)
+            .into_iter()
+            .filter(|r| r["step"] == "run" && r["sql"] == sql && r["outcome"] == "answered")
+            .next_back()
+    }
+
+    /// The releases the gateway sent for the last answered run of `sql`.
+    fn releases_of(&self, sql: &str) -> Vec<ReleaseQuery> {
+        self.answered_record(sql)
+            .map(|r| serde_json::from_value(r["releases"].clone()).unwrap())
+            .unwrap_or_default()
+    }
+
+    /// Every record trust `code` wrote for query `query_id`.
+    fn node_records(&self, code: &str, query_id: &str) -> Vec<Value> {
+        log_records(&self.node_logs[code])
+            .into_iter()
+            .filter(|r| r["query_id"] == query_id)
+            .collect()
+    }
+
+    async fn stop(self) {
+        self.local.stop().await;
+    }
+}
+
+/// The records of a JSON-lines audit log (empty when it does not exist yet).
+fn log_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("an audit line is JSON"))
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// Ground truth from the Parquet files.
+// ------------------------------------------------------------------------------------------
+
+/// The trusts' files in one DataFusion context ([`centralised`]) with the generalisers, the
+/// opt-out lists, and views of the rows each trust may use (`kept_patients`,
+/// `kept_episodes`: without its opted-out patients); and every value no answer may hold.
+struct Truth {
+    ctx: SessionContext,
+    /// Every NHS number, person id, episode id and full postcode in the files.
+    forbidden: HashSet<String>,
+}
+
+impl Truth {
+    async fn new() -> Self {
+        let mut ctx = centralised().await;
+        tally_common::generalise::register(&mut ctx).unwrap();
+        let mut parts = Vec::new();
+        for code in TRUSTS {
+            let name = format!("opt_outs_{code}");
+            let path = data_dir().join(code).join("opt_outs.parquet");
+            ctx.register_parquet(&name, path.to_str().unwrap(), ParquetReadOptions::default())
+                .await
+                .unwrap();
+            parts.push(format!(
+                "SELECT nhs_number, '{code}' AS trust_code FROM {name}"
+            ));
+        }
+        for view in [
+            format!("CREATE VIEW opt_outs AS {}", parts.join(" UNION ALL ")),
+            "CREATE VIEW opted_out AS SELECT p.person_id FROM patients p JOIN opt_outs o \
+             ON p.nhs_number = o.nhs_number AND p.trust_code = o.trust_code"
+                .into(),
+            "CREATE VIEW kept_patients AS SELECT * FROM patients \
+             WHERE person_id NOT IN (SELECT person_id FROM opted_out)"
+                .into(),
+            "CREATE VIEW kept_episodes AS SELECT * FROM episodes \
+             WHERE person_id NOT IN (SELECT person_id FROM opted_out)"
+                .into(),
+        ] {
+            ctx.sql(&view).await.unwrap();
+        }
+        let mut truth = Truth {
+            ctx,
+            forbidden: HashSet::new(),
+        };
+        let values = truth
+            .rows(
+                "SELECT nhs_number FROM patients UNION ALL SELECT person_id FROM patients \
+                 UNION ALL SELECT episode_id FROM episodes UNION ALL SELECT postcode FROM patients",
+            )
+            .await;
+        truth.forbidden = values.iter().map(|r| r[0].to_string()).collect();
+        truth
+    }
+
+    async fn rows(&self, sql: &str) -> Vec<Vec<ScalarValue>> {
+        let frame = self.ctx.sql(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        rows(&frame.collect().await.unwrap_or_else(|e| panic!("{sql}: {e}")))
+    }
+
+    /// One number.
+    async fn number(&self, sql: &str) -> f64 {
+        number(&self.rows(sql).await[0][0]).unwrap_or(0.0)
+    }
+
+    /// The groups trust `code` may release for `release` (at least `threshold` distinct
+    /// patients there, after its opt-out), each with its row count.
+    async fn groups(
+        &self,
+        release: &ReleaseQuery,
+        code: &str,
+        threshold: i64,
+    ) -> BTreeMap<String, i64> {
+        let keys = release.group_by.len();
+        self.rows(&truth_sql(release, code))
+            .await
+            .into_iter()
+            .filter(|row| number(&row[keys]).unwrap_or(0.0) >= threshold as f64)
+            .map(|row| (key_of(&row[..keys]), number(&row[keys + 1]).unwrap() as i64))
+            .collect()
+    }
+}
+
+/// A group's key as text.
+fn key_of(values: &[ScalarValue]) -> String {
+    values.iter().map(ToString::to_string).collect::<Vec<_>>().join("|")
+}
+
+/// The ground-truth SQL of `release` at trust `code`: per group, distinct patients and rows.
+fn truth_sql(release: &ReleaseQuery, code: &str) -> String {
+    let fact = &release.fact;
+    let mut sql = String::from("SELECT ");
+    for (i, dimension) in release.group_by.iter().enumerate() {
+        let _ = write!(sql, "{} AS g{i}, ", dimension_sql(dimension));
+    }
+    let _ = write!(
+        sql,
+        "COUNT(DISTINCT {fact}.person_id) AS patients, COUNT(*) AS n_rows FROM kept_{fact} AS {fact}"
+    );
+    for join in &release.joins {
+        match join.as_str() {
+            "patients" => {
+                let _ = write!(
+                    sql,
+                    " JOIN kept_patients AS patients ON {fact}.person_id = patients.person_id"
+                );
+            }
+            "icd10_chapters" => {
+                let _ = write!(
+                    sql,
+                    " JOIN (SELECT *, '{code}' AS trust_code FROM icd10_chapters) AS chapters \
+                     ON substr({fact}.diagnosis_icd10, 1, 3) BETWEEN chapters.code_from AND chapters.code_to"
+                );
+            }
+            other => panic!("no ground truth for a join to {other}"),
+        }
+    }
+    let _ = write!(sql, " WHERE {fact}.trust_code = '{code}'");
+    if let Some(filter) = &release.filter {
+        let _ = write!(sql, " AND ({})", predicate_sql(filter));
+    }
+    if !release.group_by.is_empty() {
+        let positions: Vec<String> = (1..=release.group_by.len()).map(|i| i.to_string()).collect();
+        let _ = write!(sql, " GROUP BY {}", positions.join(", "));
+    }
+    sql
+}
+
+/// A dimension as ground-truth SQL (the reference table is aliased `chapters`).
+fn dimension_sql(dimension: &Dimension) -> String {
+    let table = match dimension.column.table.as_str() {
+        "icd10_chapters" => "chapters",
+        other => other,
+    };
+    let bare = format!("{table}.{}", dimension.column.column);
+    match dimension.generaliser {
+        None => bare,
+        Some(Generaliser::AgeBand) => format!("age_band(CAST({bare} AS BIGINT))"),
+        Some(Generaliser::Month) => format!("month(CAST({bare} AS DATE))"),
+        Some(Generaliser::Year) => format!("year(CAST({bare} AS DATE))"),
+        Some(Generaliser::PostcodeDistrict) => {
+            format!("postcode_district(CAST({bare} AS VARCHAR))")
+        }
+    }
+}
+
+/// A filter as ground-truth SQL (prefixes as `starts_with`, as the nodes test them).
+fn predicate_sql(predicate: &Predicate) -> String {
+    let not = |negated: bool| if negated { "NOT " } else { "" };
+    let list = |items: &[Predicate], separator: &str| {
+        items
+            .iter()
+            .map(|p| format!("({})", predicate_sql(p)))
+            .collect::<Vec<_>>()
+            .join(separator)
+    };
+    match predicate {
+        Predicate::And { all } => list(all, " AND "),
+        Predicate::Or { any } => list(any, " OR "),
+        Predicate::Not { not } => format!("NOT ({})", predicate_sql(not)),
+        Predicate::Compare { on, cmp, value } => {
+            format!("{} {} {}", dimension_sql(on), cmp.symbol(), value.to_sql())
+        }
+        Predicate::InList {
+            on,
+            values,
+            negated,
+        } => format!(
+            "{} {}IN ({})",
+            dimension_sql(on),
+            not(*negated),
+            values.iter().map(Literal::to_sql).collect::<Vec<_>>().join(", ")
+        ),
+        Predicate::Between {
+            on,
+            low,
+            high,
+            negated,
+        } => format!(
+            "{} {}BETWEEN {} AND {}",
+            dimension_sql(on),
+            not(*negated),
+            low.to_sql(),
+            high.to_sql()
+        ),
+        Predicate::IsNull { on, negated } => {
+            format!("{} IS {}NULL", dimension_sql(on), not(*negated))
+        }
+        Predicate::Prefix {
+            on,
+            prefix,
+            negated,
+        } => format!(
+            "{}starts_with({}, {})",
+            not(*negated),
+            dimension_sql(on),
+            Literal::Text(prefix.clone()).to_sql()
+        ),
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Judging answers and refusals.
+// ------------------------------------------------------------------------------------------
+
+/// The reason codes (`E_...`) in an error's text, in order.
+fn codes(text: &str) -> Vec<&str> {
+    let bytes = text.as_bytes();
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i + 2 < bytes.len() {
+        if (i == 0 || !word(bytes[i - 1])) && bytes[i..].starts_with(b"E_") {
+            let len = bytes[i + 2..]
+                .iter()
+                .take_while(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || **b == b'_')
+                .count();
+            if len > 0 {
+                found.push(&text[i..i + 2 + len]);
+                i += 2 + len;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    found
+}
+
+/// Whether `text` leads with the codes `spec` lists (space-separated).
+fn leads_with(text: &str, spec: &str) -> bool {
+    let want: Vec<&str> = spec.split(' ').collect();
+    let got = codes(text);
+    got.len() >= want.len() && got[..want.len()] == want[..]
+}
+
+/// A value as a number, if it is one.
+fn number(value: &ScalarValue) -> Option<f64> {
+    if value.is_null() || !value.data_type().is_numeric() {
+        return None;
+    }
+    match value.cast_to(&DataType::Float64).ok()? {
+        ScalarValue::Float64(Some(v)) => Some(v),
+        _ => None,
+    }
+}
+
+/// Whether `x` is a multiple of `m` (up to floating-point error).
+fn multiple_of(x: f64, m: f64) -> bool {
+    let q = x / m;
+    (q - q.round()).abs() <= 1e-6 * q.abs().max(1.0)
+}
+
+/// A cell as the text an identifier would have.
+fn cell_text(value: &ScalarValue) -> Option<String> {
+    match value {
+        v if v.is_null() => None,
+        ScalarValue::Float64(Some(f)) if f.fract() == 0.0 && f.abs() < 1e15 => {
+            Some(format!("{f:.0}"))
+        }
+        v => Some(v.to_string()),
+    }
+}
+
+/// What an answer holds that the rules forbid: identifiers or full postcodes anywhere, and
+/// counts (columns named `n...` or `count(...)`) that are not multiples of 5, or `whole...`
+/// columns that are not whole.
+fn answer_violations(truth: &Truth, batches: &[RecordBatch]) -> Vec<String> {
+    let mut found = Vec::new();
+    let Some(first) = batches.first() else {
+        return found;
+    };
+    let names: Vec<String> = first.schema().fields().iter().map(|f| f.name().to_lowercase()).collect();
+    for row in rows(batches) {
+        for (name, value) in names.iter().zip(&row) {
+            if let Some(text) = cell_text(value)
+                && truth.forbidden.contains(&text)
+            {
+                found.push(format!("column {name} releases the identifier or postcode {text}"));
+            }
+            let Some(x) = number(value) else { continue };
+            if (name.starts_with('n') || name.starts_with("count(")) && !multiple_of(x, ROUND_TO) {
+                found.push(format!("count {name} = {x} is not a multiple of {ROUND_TO}"));
+            }
+            if name.starts_with("whole") && !multiple_of(x, 1.0) {
+                found.push(format!("{name} = {x} is not whole, so the count it derives from is not rounded"));
+            }
+        }
+    }
+    found
+}
+
+/// Checks, for the last answered run of `sql`, that every trust released exactly the groups
+/// with at least 8 distinct patients there, and (with `keys` > 0 and one release) that the
+/// answer's keys are exactly the union of those groups.
+async fn release_violations(lab: &Lab, sql: &str, keys: usize, answer: &[RecordBatch]) -> Vec<String> {
+    let Some(record) = lab.answered_record(sql) else {
+        return vec!["answered without a gateway audit record".into()];
+    };
+    let query_id = record["query_id"].as_str().unwrap().to_string();
+    let releases: Vec<ReleaseQuery> = serde_json::from_value(record["releases"].clone()).unwrap();
+    let mut found = Vec::new();
+    let mut union = BTreeSet::new();
+    for code in TRUSTS {
+        for node in lab.node_records(code, &query_id) {
+            let Ok(release) = serde_json::from_value::<ReleaseQuery>(node["release"].clone()) else {
+                found.push(format!("{code} logged no model for {query_id}"));
+                continue;
+            };
+            let groups = lab.truth.groups(&release, code, THRESHOLD).await;
+            let released = node["rows"].as_u64().unwrap_or(u64::MAX);
+            if node["outcome"] != "answered" || released != groups.len() as u64 {
+                found.push(format!(
+                    "{code} released {released} groups of {}, ground truth has {} with >= {THRESHOLD} patients there",
+                    release.render_sql(&governance()),
+                    groups.len()
+                ));
+            }
+            union.extend(groups.into_keys());
+        }
+    }
+    if keys > 0 && releases.len() == 1 {
+        let got: BTreeSet<String> = rows(answer).iter().map(|r| key_of(&r[..keys])).collect();
+        let extra: Vec<_> = got.difference(&union).take(5).collect();
+        let missing: Vec<_> = union.difference(&got).take(5).collect();
+        if !extra.is_empty() || !missing.is_empty() {
+            found.push(format!(
+                "released keys differ from the groups of >= {THRESHOLD} patients at a trust: extra {extra:?}, missing {missing:?}"
+            ));
+        }
+    }
+    found
+}
+
+/// The default catalogue, for rendering releases in messages.
+fn governance() -> tally_common::governance::Governance {
+    let text = std::fs::read_to_string(default_policies().join("catalogue.json")).unwrap();
+    tally_common::governance::Governance::from_policy_data(&serde_json::from_str(&text).unwrap())
+        .unwrap()
+}
+
+/// Runs one analyst attack through the gateway and judges it; returns what went wrong.
+async fn gateway_attack(
+    lab: &Lab,
+    client: &mut AnalystClient,
+    sql: &str,
+    expect: Expect,
+) -> (Vec<String>, bool) {
+    let result = client.query(sql).await;
+    let mut found = Vec::new();
+    let answered = result.is_ok();
+    match (expect, result) {
+        (Refused(spec), Err(err)) => {
+            if !leads_with(&err.to_string(), spec) {
+                found.push(format!("expected {spec}, refused with: {err}"));
+            }
+        }
+        (Refused(spec), Ok(answer)) => {
+            found.push(format!("expected {spec}, but it was ANSWERED with {} rows", row_count(&answer)));
+            found.extend(answer_violations(&lab.truth, &answer.batches));
+            found.extend(release_violations(lab, sql, 0, &answer.batches).await);
+        }
+        (Answered(_), Err(err)) => found.push(format!("expected an answer, refused with: {err}")),
+        (Answered(keys), Ok(answer)) => {
+            found.extend(answer_violations(&lab.truth, &answer.batches));
+            found.extend(release_violations(lab, sql, keys, &answer.batches).await);
+        }
+    }
+    (found, answered)
+}
+
+fn row_count(answer: &Answer) -> usize {
+    answer.batches.iter().map(RecordBatch::num_rows).sum()
+}
+
+/// Panics listing every attack that went wrong.
+fn report(what: &str, failures: &[(String, String, Vec<String>)]) {
+    let failed: Vec<String> = failures
+        .iter()
+        .filter(|(_, _, found)| !found.is_empty())
+        .map(|(class, attack, found)| format!("[{class}] {attack}\n    - {}", found.join("\n    - ")))
+        .collect();
+    assert!(failed.is_empty(), "{} of {} {what} went wrong:\n{}", failed.len(), failures.len(), failed.join("\n"));
+}
+
+// ------------------------------------------------------------------------------------------
+// Straight at a node: crafted requests and identities.
+// ------------------------------------------------------------------------------------------
+
+/// Tokens, signed by the test run's identity provider or forged.
+struct Kit {
+    token: String,
+    provider: IdentityProvider,
+    foreign: String,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+impl Kit {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let foreign = IdentityProvider::ensure(dir.path())
+            .unwrap()
+            .mint(&tally::federation::demo_claims(), std::time::Duration::from_secs(600))
+            .unwrap();
+        Kit {
+            token: analyst_token(),
+            provider: identity_provider(),
+            foreign,
+        }
+    }
+
+    /// The demo analyst's claims (as the provider signs them), to alter before signing.
+    fn claims(&self) -> Value {
+        json!({
+            "sub": "analyst", "iss": ISSUER, "aud": AUDIENCE, "iat": now(), "exp": now() + 600,
+            "groups": ["analysts"],
+            "projects": {"uec-demand": ["planning", "research"], "cardiac-audit": ["research"]},
+            "default_project": "uec-demand", "default_purpose": "planning",
+        })
+    }
+
+    /// `claims` with `changes` merged in (a null removes a claim).
+    fn claims_with(&self, changes: Value) -> Value {
+        let mut claims = self.claims();
+        for (key, value) in changes.as_object().unwrap() {
+            if value.is_null() {
+                claims.as_object_mut().unwrap().remove(key);
+            } else {
+                claims[key] = value.clone();
+            }
+        }
+        claims
+    }
+
+    /// `claims` signed with the provider's real key: what a token the provider issued says.
+    fn sign(&self, claims: &Value) -> String {
+        let pem = std::fs::read_to_string(self.provider.dir.join("signing-key.pem")).unwrap();
+        let key = rcgen::KeyPair::from_pem(&pem).unwrap();
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("tally-demo-1".into());
+        encode(&header, claims, &EncodingKey::from_ec_der(&key.serialize_der())).unwrap()
+    }
+
+    /// The headers the gateway sends: the token, project and purpose.
+    fn headers_with(&self, token: Option<&str>, project: &str, purpose: &str) -> Vec<(&'static str, String)> {
+        let mut headers = vec![(PROJECT_HEADER, project.to_string()), (PURPOSE_HEADER, purpose.to_string())];
+        if let Some(token) = token {
+            headers.push((ANALYST_TOKEN_HEADER, token.to_string()));
+        }
+        headers
+    }
+
+    fn headers(&self) -> Vec<(&'static str, String)> {
+        self.headers_with(Some(&self.token), "uec-demand", "planning")
+    }
+
+    /// A request to RXA's node with the gateway's headers.
+    fn probe(&self, ticket: Vec<u8>) -> Probe {
+        Probe {
+            trust: "RXA",
+            call: Call::DoGet(ticket),
+            headers: self.headers(),
+        }
+    }
+
+    /// A request carrying `token` for `project` and `purpose`.
+    fn as_user(&self, token: &str, project: &str, purpose: &str) -> Probe {
+        self.probe(ticket(baseline())).with_headers(self.headers_with(Some(token), project, purpose))
+    }
+}
+
+/// How a request reaches the node.
+enum Call {
+    /// `DoGet` with these ticket bytes.
+    DoGet(Vec<u8>),
+    /// `GetFlightInfo` for a SQL statement (how a Flight SQL client sends SQL).
+    FlightInfo(String),
+}
+
+/// One request straight at a node.
+struct Probe {
+    trust: &'static str,
+    call: Call,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Probe {
+    fn at(mut self, trust: &'static str) -> Self {
+        self.trust = trust;
+        self
+    }
+
+    fn with_headers(mut self, headers: Vec<(&'static str, String)>) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    fn with_header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.push((name, value.to_string()));
+        self
+    }
+}
+
+/// A crafted request, by class.
+type NodeAttack = (&'static str, fn(&Kit) -> Probe, Expect);
+
+const NODE_ATTACKS: &[NodeAttack] = &[
+    // --- 9. Forged identity straight at a node. ---
+    ("identity", |k| k.probe(ticket(baseline())).with_headers(k.headers_with(None, "uec-demand", "planning")), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.probe(ticket(baseline())).with_headers(k.headers_with(None, "uec-demand", "planning")).with_header("x-tally-user", "analyst").with_header("x-tally-groups", "analysts"), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.as_user(&k.sign(&k.claims_with(json!({"exp": now() - 3600, "iat": now() - 7200}))), "uec-demand", "planning"), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.as_user(&k.sign(&k.claims_with(json!({"nbf": now() + 3600}))), "uec-demand", "planning"), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.as_user(&k.sign(&k.claims_with(json!({"exp": null}))), "uec-demand", "planning"), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.as_user(&k.sign(&k.claims_with(json!({"iss": "https://evil.example"}))), "uec-demand", "planning"), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.as_user(&k.sign(&k.claims_with(json!({"aud": "another-service"}))), "uec-demand", "planning"), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.as_user(&k.foreign, "uec-demand", "planning"), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.as_user(&tampered(&k.token), "uec-demand", "planning"), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.as_user(&unsigned(&k.claims()), "uec-demand", "planning"), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.as_user(&hmac_with_jwks(k), "uec-demand", "planning"), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.as_user(tally::federation::DEMO_STATIC_TOKEN, "uec-demand", "planning"), Refused("E_UNAUTHENTICATED")),
+    ("identity", |k| k.as_user(&k.token, "renal-research", "research"), Refused("E_PROJECT")),
+    ("identity", |k| k.as_user(&k.sign(&k.claims_with(json!({"projects": {"cardiac-audit": ["research"]}, "default_project": null}))), "uec-demand", "planning"), Refused("E_PROJECT")),
+    ("identity", |k| k.as_user(&k.sign(&k.claims_with(json!({"default_project": null}))), "", ""), Refused("E_PROJECT")),
+    ("identity", |k| k.as_user(&k.sign(&k.claims_with(json!({"projects": {"shadow-project": ["research"]}, "default_project": null}))), "shadow-project", "research"), Refused("E_PROJECT")),
+    ("identity", |k| k.probe(ticket(baseline())).with_header("x-tally-user", "mallory").with_header("x-tally-groups", "admins,governance"), Answered(0)),
+    ("identity", |k| k.probe(ticket(baseline())).with_header("x-tally-min-patients", "0"), Answered(0)),
+    // --- Project scope at the node: cardiac-audit covers RXA and RXB, episodes only. ---
+    ("project scope", |k| k.as_user(&k.token, "cardiac-audit", "research").at("RXC"), Refused("E_PROJECT")),
+    ("project scope", |k| k.as_user(&k.token, "cardiac-audit", "research").at("RXB"), Answered(0)),
+    ("project scope", |k| k.probe(ticket(patients_by_sex())).with_headers(k.headers_with(Some(&k.token), "cardiac-audit", "research")), Refused("E_TABLE_NOT_ALLOWED")),
+    ("project scope", |k| k.probe(ticket(model("episodes", &["patients"], None, vec![dim("patients", "sex")], vec![count_rows()]))).with_headers(k.headers_with(Some(&k.token), "cardiac-audit", "research")), Refused("E_TABLE_NOT_ALLOWED")),
+    // --- 8. Purpose games at the node. ---
+    ("purpose", |k| k.as_user(&k.token, "uec-demand", "direct_care"), Refused("E_PURPOSE")),
+    ("purpose", |k| k.as_user(&k.token, "uec-demand", "audit"), Refused("E_PURPOSE")),
+    ("purpose", |k| k.as_user(&k.token, "cardiac-audit", "planning"), Refused("E_PURPOSE")),
+    ("purpose", |k| k.as_user(&k.sign(&k.claims_with(json!({"projects": {"uec-demand": ["direct_care"]}, "default_purpose": null}))), "uec-demand", "direct_care"), Refused("E_PURPOSE")),
+    ("purpose", |k| k.as_user(&k.sign(&k.claims_with(json!({"projects": {"uec-demand": ["audit"]}, "default_purpose": null}))), "uec-demand", "audit"), Refused("E_PURPOSE")),
+    ("purpose", |k| k.probe(request_ticket(json!({"release": baseline(), "min_distinct_patients": 0, "apply_opt_out": false}))), Refused("E_BAD_REQUEST")),
+    // --- Malformed models. ---
+    ("malformed model", |k| k.probe(ticket(with(baseline(), "version", json!(2)))), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(ticket(with(baseline(), "version", json!(0)))), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(ticket(with(baseline(), "version", json!("1")))), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(ticket(with(baseline(), "sql", json!("SELECT * FROM patients")))), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(request_ticket(json!({"release": baseline(), "min_distinct_patients": 0, "round_to": 1}))), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(ticket(model("episodes", &[], None, vec![json!({"column": col("episodes", "specialty"), "generaliser": null, "expr": "cost * 1"})], vec![count_rows()]))), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(request_ticket(json!({"release": "SELECT nhs_number FROM patients", "min_distinct_patients": 0}))), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(request_ticket(json!({"release": baseline(), "min_distinct_patients": -1}))), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(any_ticket(RELEASE_TYPE_URL, duplicate_release().into_bytes())), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(any_ticket(RELEASE_TYPE_URL, b"{not json".to_vec())), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(any_ticket("type.googleapis.com/evil.Command", serde_json::to_vec(&json!({"release": baseline(), "min_distinct_patients": 0})).unwrap())), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(b"SELECT nhs_number, postcode FROM patients".to_vec()), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(statement_ticket("SELECT nhs_number, postcode FROM patients")), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(prepared_ticket("SELECT nhs_number, postcode FROM patients")), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| Probe { trust: "RXA", call: Call::FlightInfo("SELECT nhs_number, postcode FROM patients".into()), headers: k.headers() }, Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(ticket(model("episodes", &["episodes"], None, vec![], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
+    ("malformed model", |k| k.probe(ticket(model("patients", &["episodes"], None, vec![], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
+    ("malformed model", |k| k.probe(ticket(model("episodes", &["patients", "patients"], None, vec![], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
+    ("malformed model", |k| k.probe(ticket(model("episodes", &["opt_outs"], None, vec![], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
+    ("malformed model", |k| k.probe(ticket(model("icd10_chapters", &[], None, vec![dim("icd10_chapters", "chapter")], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
+    ("malformed model", |k| k.probe(ticket(model("opt_outs", &[], None, vec![], vec![count_rows()]))), Refused("E_UNKNOWN_TABLE")),
+    ("malformed model", |k| k.probe(ticket(model("episodes", &[], None, vec![dim("episodes", "colour")], vec![count_rows()]))), Refused("E_UNCLASSIFIED_COLUMN")),
+    ("malformed model", |k| k.probe(ticket(model("episodes", &[], None, vec![dim("patients", "sex")], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
+    ("malformed model", |k| k.probe(ticket(model("episodes", &[], None, vec![dim("episodes", "specialty")], vec![]))), Refused("E_QUERY_SHAPE")),
+    ("malformed model", |k| k.probe(ticket(model("episodes", &["patients"], None, nine_dimensions(), vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
+    ("malformed model", |k| k.probe(ticket(model("episodes", &[], None, vec![], vec![count_rows(); 33]))), Refused("E_QUERY_SHAPE")),
+    ("malformed model", |k| k.probe(ticket(model("episodes", &[], None, vec![], vec![agg("min", "episodes", "cost")]))), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(ticket(model("episodes", &[], None, vec![json!({"column": col("episodes", "diagnosis_icd10"), "generaliser": "substr"})], vec![count_rows()]))), Refused("E_BAD_REQUEST")),
+    // --- Identifiers in the model. ---
+    ("identifier", |k| k.probe(ticket(model("episodes", &[], None, vec![dim("episodes", "person_id")], vec![count_rows()]))), Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", |k| k.probe(ticket(model("episodes", &["patients"], None, vec![dim("patients", "nhs_number")], vec![count_rows()]))), Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", |k| k.probe(ticket(model("patients", &[], Some(compare(dim("patients", "nhs_number"), "eq", text("9693109996"))), vec![], vec![count_rows()]))), Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", |k| k.probe(ticket(model("patients", &[], Some(json!({"op": "prefix", "on": dim("patients", "nhs_number"), "prefix": "9171", "negated": false})), vec![], vec![count_rows()]))), Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", |k| k.probe(ticket(model("episodes", &[], Some(json!({"op": "is_null", "on": dim("episodes", "episode_id"), "negated": true})), vec![], vec![count_rows()]))), Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", |k| k.probe(ticket(model("episodes", &[], None, vec![], vec![agg("count", "episodes", "person_id")]))), Refused("E_IDENTIFIER_COLUMN")),
+    ("identifier", |k| k.probe(ticket(model("episodes", &[], None, vec![], vec![agg("sum", "episodes", "episode_id")]))), Refused("E_IDENTIFIER_COLUMN")),
+    // --- Generalisers and classes in the model. ---
+    ("generaliser", |k| k.probe(ticket(model("episodes", &[], None, vec![generalised("age_band", "episodes", "cost")], vec![count_rows()]))), Refused("E_QUASI_IDENTIFIER")),
+    ("generaliser", |k| k.probe(ticket(model("episodes", &[], None, vec![generalised("postcode_district", "episodes", "diagnosis_icd10")], vec![count_rows()]))), Refused("E_QUASI_IDENTIFIER")),
+    ("generaliser", |k| k.probe(ticket(model("patients", &[], None, vec![dim("patients", "postcode")], vec![count_rows()]))), Refused("E_QUASI_IDENTIFIER")),
+    ("generaliser", |k| k.probe(ticket(model("patients", &[], None, vec![dim("patients", "year_of_birth")], vec![count_rows()]))), Refused("E_QUASI_IDENTIFIER")),
+    ("generaliser", |k| k.probe(ticket(model("episodes", &[], None, vec![dim("episodes", "age_at_admission")], vec![count_rows()]))), Refused("E_QUASI_IDENTIFIER")),
+    ("generaliser", |k| k.probe(ticket(model("episodes", &[], None, vec![dim("episodes", "cost")], vec![count_rows()]))), Refused("E_MEASURE_USAGE")),
+    ("generaliser", |k| k.probe(ticket(model("episodes", &[], None, vec![], vec![agg("sum", "episodes", "specialty")]))), Refused("E_MEASURE_USAGE")),
+    ("generaliser", |k| k.probe(ticket(model("patients", &[], None, vec![], vec![agg("count", "patients", "year_of_birth")]))), Refused("E_MEASURE_USAGE")),
+    // --- Filters in the model. ---
+    ("filter", |k| k.probe(ticket(model("patients", &[], Some(json!({"op": "prefix", "on": dim("patients", "postcode"), "prefix": "LS8 9", "negated": false})), vec![], vec![count_rows()]))), Refused("E_FILTER_NOT_ALLOWED")),
+    ("filter", |k| k.probe(ticket(model("patients", &[], Some(compare(generalised("postcode_district", "patients", "postcode"), "eq", text("LS8"))), vec![], vec![count_rows()]))), Refused("E_FILTER_NOT_ALLOWED")),
+    ("filter", |k| k.probe(ticket(model("patients", &[], Some(compare(dim("patients", "year_of_birth"), "eq", int(1973))), vec![], vec![count_rows()]))), Refused("E_FILTER_NOT_ALLOWED")),
+    ("filter", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "age_at_admission"), "eq", text("40"))), vec![], vec![count_rows()]))), Refused("E_BAD_REQUEST")),
+    ("filter", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "length_of_stay"), "gt", json!({"type": "float", "value": 2.5}))), vec![], vec![count_rows()]))), Refused("E_BAD_REQUEST")),
+    ("filter", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "age_at_admission"), "lt", int(i64::MAX))), vec![], vec![count_rows()]))), Refused("E_BAD_REQUEST")),
+    ("filter", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "admission_date"), "eq", json!({"type": "date", "value": "2020-13-45"}))), vec![], vec![count_rows()]))), Refused("E_BAD_REQUEST")),
+    ("filter", |k| k.probe(ticket(model("episodes", &[], Some(json!({"op": "in_list", "on": dim("episodes", "specialty"), "values": [], "negated": true})), vec![], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
+    ("filter", |k| k.probe(ticket(model("episodes", &[], Some(huge_in_list()), vec![], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
+    ("filter", |k| k.probe(ticket(model("episodes", &[], Some(json!({"op": "and", "all": []})), vec![], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
+    ("filter", |k| k.probe(ticket(model("episodes", &[], Some(nested_not(40)), vec![], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
+    ("filter", |k| k.probe(any_ticket(RELEASE_TYPE_URL, deeply_nested_not(10_000))), Refused("E_BAD_REQUEST")),
+    // --- What a node must answer safely whatever it is asked. ---
+    ("threshold", |k| k.probe(ticket(model("episodes", &[], None, vec![dim("episodes", "diagnosis_icd10")], vec![count_rows(), agg("sum", "episodes", "cost")]))), Answered(0)),
+    ("threshold", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "cost"), "gt", int(300_000))), vec![], vec![count_rows(), agg("sum", "episodes", "cost")]))).at("RXB"), Answered(0)),
+    ("threshold", |k| k.probe(ticket(model("episodes", &["patients", "icd10_chapters"], None, vec![dim("icd10_chapters", "chapter"), dim("patients", "sex"), generalised("age_band", "episodes", "age_at_admission")], vec![count_rows(), agg("mean", "episodes", "length_of_stay")]))).at("RXC"), Answered(0)),
+    ("threshold", |k| k.probe(ticket(model("patients", &[], None, vec![generalised("postcode_district", "patients", "postcode"), dim("patients", "sex")], vec![count_rows()]))), Answered(0)),
+    ("threshold", |k| k.probe(request_ticket(json!({"release": model("episodes", &[], None, vec![dim("episodes", "specialty"), dim("episodes", "admission_method")], vec![count_rows()]), "min_distinct_patients": 25}))).at("RXB"), Answered(0)),
+    ("threshold", |k| k.probe(ticket(model("episodes", &[], Some(json!({"op": "prefix", "on": dim("episodes", "diagnosis_icd10"), "prefix": "%", "negated": false})), vec![], vec![count_rows()]))), Answered(0)),
+    ("threshold", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "trust_code"), "eq", text("RXB"))), vec![dim("episodes", "specialty")], vec![count_rows()]))), Answered(0)),
+    ("threshold", |k| k.probe(ticket(model("episodes", &[], Some(json!({"op": "not", "not": compare(dim("episodes", "specialty"), "eq", text("100"))})), vec![generalised("month", "episodes", "admission_date")], vec![count_rows(), agg("variance", "episodes", "cost")]))).at("RXC"), Answered(0)),
+];
+
+/// Episodes per specialty: count and total cost (a legitimate release).
+fn baseline() -> Value {
+    model(
+        "episodes",
+        &[],
+        None,
+        vec![dim("episodes", "specialty")],
+        vec![count_rows(), agg("sum", "episodes", "cost")],
+    )
+}
+
+fn patients_by_sex() -> Value {
+    model("patients", &[], None, vec![dim("patients", "sex")], vec![count_rows()])
+}
+
+fn model(fact: &str, joins: &[&str], filter: Option<Value>, group_by: Vec<Value>, aggregates: Vec<Value>) -> Value {
+    json!({"version": 1, "fact": fact, "joins": joins, "filter": filter, "group_by": group_by, "aggregates": aggregates})
+}
+
+/// `value` with `field` set.
+fn with(mut value: Value, field: &str, to: Value) -> Value {
+    value[field] = to;
+    value
+}
+
+fn col(table: &str, column: &str) -> Value {
+    json!({"table": table, "column": column})
+}
+
+fn dim(table: &str, column: &str) -> Value {
+    json!({"column": col(table, column), "generaliser": null})
+}
+
+fn generalised(generaliser: &str, table: &str, column: &str) -> Value {
+    json!({"column": col(table, column), "generaliser": generaliser})
+}
+
+fn count_rows() -> Value {
+    json!({"function": "count_rows"})
+}
+
+fn agg(function: &str, table: &str, column: &str) -> Value {
+    json!({"function": function, "column": col(table, column)})
+}
+
+fn compare(on: Value, cmp: &str, value: Value) -> Value {
+    json!({"op": "compare", "on": on, "cmp": cmp, "value": value})
+}
+
+fn text(value: &str) -> Value {
+    json!({"type": "text", "value": value})
+}
+
+fn int(value: i64) -> Value {
+    json!({"type": "int", "value": value})
+}
+
+fn nine_dimensions() -> Vec<Value> {
+    let mut dims: Vec<Value> = ["specialty", "admission_method", "diagnosis_icd10", "procedure_opcs4", "trust_code"]
+        .iter()
+        .map(|c| dim("episodes", c))
+        .collect();
+    dims.extend(["sex", "ethnicity", "imd_decile", "trust_code"].iter().map(|c| dim("patients", c)));
+    dims
+}
+
+fn huge_in_list() -> Value {
+    let values: Vec<Value> = (0..100_000).map(|i| text(&format!("X{i:05}"))).collect();
+    json!({"op": "in_list", "on": dim("episodes", "diagnosis_icd10"), "values": values, "negated": true})
+}
+
+fn nested_not(depth: usize) -> Value {
+    (0..depth).fold(compare(dim("episodes", "specialty"), "eq", text("100")), |inner, _| {
+        json!({"op": "not", "not": inner})
+    })
+}
+
+/// A request whose filter is `depth` NOTs deep, written as text (too deep to build as a
+/// `Value` without recursion).
+fn deeply_nested_not(depth: usize) -> Vec<u8> {
+    let leaf = compare(dim("episodes", "specialty"), "eq", text("100")).to_string();
+    let filter = format!("{}{leaf}{}", r#"{"op":"not","not":"#.repeat(depth), "}".repeat(depth));
+    let release = baseline().to_string().replace(r#""filter":null"#, &format!(r#""filter":{filter}"#));
+    format!(r#"{{"release":{release},"min_distinct_patients":0}}"#).into_bytes()
+}
+
+/// A request naming two releases: the validator and the planner must see the same one.
+fn duplicate_release() -> String {
+    let harmless = baseline().to_string();
+    let harmful = model("episodes", &[], None, vec![dim("episodes", "person_id")], vec![count_rows()]).to_string();
+    format!(r#"{{"release":{harmless},"release":{harmful},"min_distinct_patients":0}}"#)
+}
+
+/// The ticket the gateway sends for `release`, asking for no threshold at all.
+fn ticket(release: Value) -> Vec<u8> {
+    request_ticket(json!({"release": release, "min_distinct_patients": 0}))
+}
+
+fn request_ticket(request: Value) -> Vec<u8> {
+    any_ticket(RELEASE_TYPE_URL, serde_json::to_vec(&request).unwrap())
+}
+
+fn any_ticket(type_url: &str, value: Vec<u8>) -> Vec<u8> {
+    Any {
+        type_url: type_url.into(),
+        value: value.into(),
+    }
+    .encode_to_vec()
+}
+
+/// SQL text as a Flight SQL statement ticket.
+fn statement_ticket(sql: &str) -> Vec<u8> {
+    TicketStatementQuery {
+        statement_handle: sql.as_bytes().to_vec().into(),
+    }
+    .as_any()
+    .encode_to_vec()
+}
+
+/// SQL text as a prepared-statement handle.
+fn prepared_ticket(sql: &str) -> Vec<u8> {
+    CommandPreparedStatementQuery {
+        prepared_statement_handle: sql.as_bytes().to_vec().into(),
+    }
+    .as_any()
+    .encode_to_vec()
+}
+
+/// `token` with its claims changed to approve direct care, signature kept.
+fn tampered(token: &str) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    claims["projects"] = json!({"uec-demand": ["planning", "research", "direct_care"], "renal-research": ["research"]});
+    let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+    format!("{}.{body}.{}", parts[0], parts[2])
+}
+
+/// `claims` as an `alg: none` token.
+fn unsigned(claims: &Value) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT","kid":"tally-demo-1"}"#);
+    let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap());
+    format!("{header}.{body}.")
+}
+
+/// The demo claims signed HS256 with the public key set as the shared secret (algorithm
+/// confusion).
+fn hmac_with_jwks(kit: &Kit) -> String {
+    let secret = std::fs::read(kit.provider.jwks_path()).unwrap();
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("tally-demo-1".into());
+    encode(&header, &kit.claims(), &EncodingKey::from_secret(&secret)).unwrap()
+}
+
+/// A failed call's text: the status message for gRPC errors.
+fn flight_error(err: FlightError) -> String {
+    match err {
+        FlightError::Tonic(status) => format!("{} ({:?})", status.message(), status.code()),
+        other => other.to_string(),
+    }
+}
+
+/// Sends `probe` to its node with the gateway's certificate, tagged `query_id`.
+async fn call_node(lab: &Lab, probe: &Probe, query_id: &str) -> Result<Vec<RecordBatch>, String> {
+    let mut client = node_client(lab.node_addrs[probe.trust], probe.trust).await;
+    for (name, value) in &probe.headers {
+        client.set_header(*name, value.clone());
+    }
+    client.set_header(QUERY_ID_HEADER, query_id);
+    match &probe.call {
+        Call::DoGet(bytes) => {
+            let stream = client.do_get(Ticket::new(bytes.clone())).await.map_err(flight_error)?;
+            stream.try_collect().await.map_err(flight_error)
+        }
+        Call::FlightInfo(sql) => {
+            let info = client.execute(sql.clone(), None).await.map_err(flight_error)?;
+            fetch_all(&mut client, info).await.map(|(b, _)| b).map_err(flight_error)
+        }
+    }
+}
+
+/// The release a probe carries, when it is a valid release request.
+fn probe_request(probe: &Probe) -> Option<ReleaseRequest> {
+    let Call::DoGet(bytes) = &probe.call else { return None };
+    ReleaseRequest::from_any(&Any::decode(bytes.as_slice()).ok()?).ok()
+}
+
+/// What a node's answer to `request` holds that it must not: groups other than those with
+/// at least the threshold of distinct patients at this trust after its opt-out, row counts
+/// other than the ground truth's (so rows of opted-out patients were counted), identifiers.
+async fn node_answer_violations(
+    lab: &Lab,
+    code: &str,
+    request: &ReleaseRequest,
+    batches: &[RecordBatch],
+) -> Vec<String> {
+    let mut found = answer_violations(&lab.truth, batches);
+    let release = &request.release;
+    let threshold = THRESHOLD.max(request.min_distinct_patients as i64);
+    let groups = lab.truth.groups(release, code, threshold).await;
+    let keys = release.group_by.len();
+    let rows_at = release.partials().iter().position(|p| *p == Partial::Rows).map(|i| keys + i);
+    let answer = rows(batches);
+    let got: BTreeSet<String> = answer.iter().map(|r| key_of(&r[..keys])).collect();
+    let want: BTreeSet<String> = groups.keys().cloned().collect();
+    if got != want {
+        let extra: Vec<_> = got.difference(&want).take(5).collect();
+        let missing: Vec<_> = want.difference(&got).take(5).collect();
+        found.push(format!(
+            "{code} released other groups than those of >= {threshold} patients there: extra {extra:?}, missing {missing:?}"
+        ));
+    }
+    for row in &answer {
+        let key = key_of(&row[..keys]);
+        if let (Some(at), Some(want)) = (rows_at, groups.get(&key)) {
+            let got = number(&row[at]).unwrap_or(-1.0) as i64;
+            if got != *want {
+                found.push(format!("{code} counted {got} rows for group [{key}], ground truth after the opt-out is {want}"));
+            }
+        }
+    }
+    found
+}
+
+/// Sends one crafted request and judges the answer and the trust's audit record.
+async fn node_attack(lab: &Lab, probe: &Probe, expect: Expect, query_id: &str) -> Vec<String> {
+    let result = call_node(lab, probe, query_id).await;
+    let mut found = Vec::new();
+    match (&expect, &result) {
+        (Refused(spec), Err(err)) => {
+            if !leads_with(err, spec) {
+                found.push(format!("expected {spec} from {}, refused with: {err}", probe.trust));
+            }
+            for trust in default_trusts() {
+                if (err.contains(trust.name) || err.contains(trust.code)) && !spec.contains("E_PROJECT") {
+                    found.push(format!("the refusal names trust {}: {err}", trust.code));
+                }
+            }
+        }
+        (Refused(spec), Ok(batches)) => {
+            found.push(format!("expected {spec}, but {} ANSWERED {} rows", probe.trust, rows(batches).len()));
+        }
+        (Answered(_), Err(err)) => found.push(format!("expected an answer from {}, refused with: {err}", probe.trust)),
+        (Answered(_), Ok(batches)) => match probe_request(probe) {
+            Some(request) => found.extend(node_answer_violations(lab, probe.trust, &request, batches).await),
+            None => found.push("answered something that is not a release request".into()),
+        },
+    }
+    let records = lab.node_records(probe.trust, query_id);
+    match (records.last(), expect) {
+        (None, _) => found.push(format!("{} wrote no audit record for it", probe.trust)),
+        (Some(record), Refused(spec)) => {
+            let code = spec.split(' ').next_back().unwrap();
+            let logged: Vec<&str> = record["codes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            if record["outcome"] != "refused" || !logged.contains(&code) {
+                found.push(format!("audited as {} {logged:?}, expected refused {code}", record["outcome"]));
+            }
+        }
+        (Some(record), Answered(_)) => {
+            if record["outcome"] != "answered" {
+                found.push(format!("audited as {}", record["outcome"]));
+            }
+            if record["identity"]["user"] != "analyst" || record["identity"]["groups"] != json!(["analysts"]) {
+                found.push(format!("audited identity {} is not the token's", record["identity"]));
+            }
+        }
+    }
+    found
+}
+
+// ------------------------------------------------------------------------------------------
+// The suites.
+// ------------------------------------------------------------------------------------------
+
+/// Every analyst attack through the gateway; then each one's SQL text straight at a node
+/// (both ways a Flight SQL client sends SQL), and every release an answered attack lowered to
+/// replayed at every trust, asking for no threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn analyst_attacks_through_the_gateway_and_at_the_nodes() {
+    let lab = lab().await;
+    let kit = Kit::new();
+    let mut client = analyst(&lab.local).await;
+    let mut outcomes = Vec::new();
+    let mut node_outcomes = Vec::new();
+    for (i, (class, sql, expect)) in GATEWAY_ATTACKS.iter().enumerate() {
+        let (found, answered) = gateway_attack(&lab, &mut client, sql, *expect).await;
+        outcomes.push((class.to_string(), sql.to_string(), found));
+        let trust = TRUSTS[i % TRUSTS.len()];
+        let as_text = [
+            Call::FlightInfo(sql.to_string()),
+            Call::DoGet(statement_ticket(sql)),
+        ];
+        for (j, call) in as_text.into_iter().enumerate() {
+            let probe = Probe { trust, call, headers: kit.headers() };
+            let found = node_attack(&lab, &probe, Refused("E_BAD_REQUEST"), &format!("sql-{i}-{j}")).await;
+            node_outcomes.push((class.to_string(), format!("SQL text at {trust}: {sql}"), found));
+        }
+        if !answered {
+            continue;
+        }
+        for (r, release) in lab.releases_of(sql).iter().enumerate() {
+            for code in TRUSTS {
+                let model = serde_json::to_value(release).unwrap();
+                let probe = kit.probe(ticket(model)).at(code);
+                let found = node_attack(&lab, &probe, Answered(0), &format!("replay-{i}-{r}-{code}")).await;
+                node_outcomes.push((class.to_string(), format!("release {r} of `{sql}` at {code} with no threshold"), found));
+            }
+        }
+    }
+    report("gateway attacks", &outcomes);
+    report("node replays of gateway attacks", &node_outcomes);
+    lab.stop().await;
+}
+
+/// Crafted requests and forged identities straight at a node with the gateway's
+/// certificate: each refused with its code and audited, or answered within the trust's own
+/// rules (its threshold, its opt-out) whatever the request asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crafted_requests_straight_at_a_node() {
+    let lab = lab().await;
+    let kit = Kit::new();
+    let mut outcomes = Vec::new();
+    for (i, (class, build, expect)) in NODE_ATTACKS.iter().enumerate() {
+        let probe = build(&kit);
+        let found = node_attack(&lab, &probe, *expect, &format!("node-{i}")).await;
+        outcomes.push((class.to_string(), format!("node attack #{i} at {} ({expect:?})", probe.trust), found));
+    }
+    report("node attacks", &outcomes);
+    lab.stop().await;
+}
