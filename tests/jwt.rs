@@ -1,6 +1,10 @@
-//! Analysts signing in with JWTs from an identity provider: the gateway verifies the
-//! signature against the provider's key set, then issuer, audience and expiry, and audits
-//! every refusal.
+//! Analysts signing in with JWTs from an identity provider: the gateway and every trust
+//! verify the signature against the provider's key set, then issuer, audience and expiry; a
+//! request selects its project and purpose among the token's signed approvals; every refusal
+//! is audited. The gateway's static tokens are only the gateway's word, which trusts refuse
+//! unless they opt in to it.
+
+use std::collections::BTreeMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -8,24 +12,28 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use rcgen::KeyPair;
 use serde::Serialize;
 use tally::client::AnalystClient;
-use tally::federation::DEMO_PROJECT;
-use tally_gateway::JwtConfig;
+use tally::federation::{self, DEMO_PROJECT, DEMO_STATIC_TOKEN};
+use tally_gateway::{GatewayConfig, GatewayHandle, JwtConfig};
+use tally_node::{NodeConfig, NodeHandle};
 
 use crate::support::{
-    expect_refusal, gateway_config, gateway_target, init_logging, open_policies, start_federation,
+    data_dir, default_policies, expect_refusal, gateway_config, gateway_target, identity_provider,
+    init_logging, tls,
 };
 
 const ISSUER: &str = "https://login.example.nhs.uk";
 const AUDIENCE: &str = "tally";
+const SQL: &str = "SELECT sex, COUNT(*) FROM patients GROUP BY sex";
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 struct Claims<'a> {
     sub: &'a str,
     iss: &'a str,
     aud: &'a str,
     exp: i64,
     groups: Vec<&'a str>,
-    projects: Vec<&'a str>,
+    /// Each approved project with the purposes approved in it.
+    projects: BTreeMap<&'a str, Vec<&'a str>>,
 }
 
 /// An identity provider's signing key, and its public half as a JSON Web Key Set.
@@ -50,6 +58,22 @@ impl Provider {
         }]})
     }
 
+    /// How the gateway and the trusts verify this provider's tokens, its key set written in
+    /// `dir`.
+    fn jwt_config(&self, dir: &std::path::Path) -> JwtConfig {
+        let jwks = dir.join("jwks.json");
+        std::fs::write(&jwks, self.jwks().to_string()).unwrap();
+        JwtConfig {
+            jwks,
+            issuer: ISSUER.into(),
+            audience: AUDIENCE.into(),
+            user_claim: "sub".into(),
+            groups_claim: "groups".into(),
+            projects_claim: "projects".into(),
+            leeway_secs: 0,
+        }
+    }
+
     fn sign(&self, claims: &Claims) -> String {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some("k1".into());
@@ -69,66 +93,129 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-fn claims(user: &str) -> Claims<'_> {
+/// A valid token's claims: `user`, approved for `approvals` (project -> purposes).
+fn claims<'a>(user: &'a str, approvals: &[(&'a str, &[&'a str])]) -> Claims<'a> {
     Claims {
         sub: user,
         iss: ISSUER,
         aud: AUDIENCE,
         exp: now() + 600,
         groups: vec!["analysts"],
-        projects: vec![DEMO_PROJECT],
+        projects: approvals
+            .iter()
+            .map(|(project, purposes)| (*project, purposes.to_vec()))
+            .collect(),
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jwts_are_verified_and_every_refusal_is_audited() {
+/// The demo project for planning, as most tokens here approve.
+const PLANNING: &[(&str, &[&str])] = &[(DEMO_PROJECT, &["planning"])];
+
+/// Nodes for every trust under the default policy, then a gateway over them; `node` and
+/// `gateway` adjust their configs first.
+async fn federation_with(
+    node: impl Fn(&mut NodeConfig),
+    gateway: impl FnOnce(&mut GatewayConfig),
+) -> (GatewayHandle, Vec<NodeHandle>) {
     init_logging();
+    let mut nodes = Vec::new();
+    let mut endpoints = Vec::new();
+    for trust in tally_synth::default_trusts() {
+        let mut config = federation::node_config(
+            data_dir(),
+            &trust,
+            &default_policies(),
+            &tls(),
+            &identity_provider(),
+        );
+        node(&mut config);
+        let handle = tally_node::start(&config).await.unwrap();
+        endpoints.push((trust.code.to_string(), trust.name.to_string(), handle.addr));
+        nodes.push(handle);
+    }
+    let mut config = gateway_config(&endpoints, &default_policies());
+    gateway(&mut config);
+    (tally_gateway::start(&config).await.unwrap(), nodes)
+}
+
+/// A federation whose gateway and trusts all verify `jwt`'s tokens.
+async fn trusting(jwt: &JwtConfig) -> (GatewayHandle, Vec<NodeHandle>) {
+    federation_with(
+        |node| node.identity.jwt = Some(jwt.clone()),
+        |gateway| gateway.jwt = Some(jwt.clone()),
+    )
+    .await
+}
+
+async fn stop(gateway: GatewayHandle, nodes: Vec<NodeHandle>) {
+    gateway.stop().await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// Runs [`SQL`] at `gateway` with `token`, selecting `project` and `purpose` (empty: the
+/// token's defaults).
+async fn ask(
+    gateway: &GatewayHandle,
+    token: &str,
+    project: &str,
+    purpose: &str,
+) -> Result<tally::client::Answer, tally::client::ClientError> {
+    let target = gateway_target(gateway.addr);
+    let mut client = AnalystClient::connect_for(&target, token, project, purpose)
+        .await
+        .unwrap();
+    client.query(SQL).await
+}
+
+/// The gateway's audit record of the one request since `before` records.
+fn only_record_since(
+    gateway: &GatewayHandle,
+    before: usize,
+) -> tally_gateway::GatewayAuditRecord {
+    let records = gateway.gateway.audit().recent();
+    assert_eq!(records.len(), before + 1, "one audit record per request");
+    records.last().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_are_verified_at_the_gateway_and_the_trusts_and_every_refusal_is_audited() {
     let provider = Provider::new();
     let dir = tempfile::tempdir().unwrap();
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, provider.jwks().to_string()).unwrap();
-    // The trusts of the shared test federation, behind a gateway that trusts the provider.
-    let local = start_federation().await;
-    let endpoints: Vec<_> = tally_synth::default_trusts()
-        .iter()
-        .zip(&local.nodes)
-        .map(|(t, n)| (t.code.to_string(), t.name.to_string(), n.addr))
-        .collect();
-    let mut config = gateway_config(&endpoints, &open_policies());
-    config.jwt = Some(JwtConfig {
-        jwks,
-        issuer: ISSUER.into(),
-        audience: AUDIENCE.into(),
-        user_claim: "sub".into(),
-        groups_claim: "groups".into(),
-        projects_claim: "projects".into(),
-        leeway_secs: 0,
-    });
-    let gateway = tally_gateway::start(&config).await.unwrap();
-    let target = gateway_target(gateway.addr);
-    let sql = "SELECT sex, COUNT(*) FROM patients GROUP BY sex";
+    let (gateway, nodes) = trusting(&provider.jwt_config(dir.path())).await;
 
-    let valid = provider.sign(&claims("jwt-analyst"));
-    let mut client = AnalystClient::connect(&target, &valid).await.unwrap();
-    client.query(sql).await.expect("a valid token is accepted");
+    let valid = provider.sign(&claims("jwt-analyst", PLANNING));
+    ask(&gateway, &valid, "", "")
+        .await
+        .expect("a valid token is accepted");
     let answered = gateway.gateway.audit().recent();
     assert_eq!(answered.last().unwrap().identity.user, "jwt-analyst");
     assert_eq!(answered.last().unwrap().outcome, "answered");
+    for node in &nodes {
+        let record = node.audit.recent().pop().expect("every trust was asked");
+        assert_eq!(record.outcome, "answered");
+        assert_eq!(
+            (record.identity.user.as_str(), record.identity.purpose.as_str()),
+            ("jwt-analyst", "planning"),
+            "the trust verified the token itself"
+        );
+    }
 
     let expired = provider.sign(&Claims {
         exp: now() - 3_600,
-        ..claims("jwt-analyst")
+        ..claims("jwt-analyst", PLANNING)
     });
     let wrong_issuer = provider.sign(&Claims {
         iss: "https://evil.example.com",
-        ..claims("jwt-analyst")
+        ..claims("jwt-analyst", PLANNING)
     });
     let wrong_audience = provider.sign(&Claims {
         aud: "another-service",
-        ..claims("jwt-analyst")
+        ..claims("jwt-analyst", PLANNING)
     });
     let forged = {
-        let other = Provider::new().sign(&claims("jwt-analyst"));
+        let other = Provider::new().sign(&claims("jwt-analyst", PLANNING));
         let mut parts: Vec<&str> = valid.split('.').collect();
         let other_parts: Vec<&str> = other.split('.').collect();
         parts[2] = other_parts[2];
@@ -137,9 +224,23 @@ async fn jwts_are_verified_and_every_refusal_is_audited() {
     let tampered = {
         let mut parts: Vec<String> = valid.split('.').map(str::to_string).collect();
         let raised = serde_json::json!({"sub": "jwt-analyst", "iss": ISSUER, "aud": AUDIENCE,
-            "exp": now() + 600, "groups": ["admins"], "projects": [DEMO_PROJECT]});
+            "exp": now() + 600, "groups": ["admins"],
+            "projects": {DEMO_PROJECT: ["planning", "research"], "cardiac-audit": ["audit"]}});
         parts[1] = URL_SAFE_NO_PAD.encode(raised.to_string());
         parts.join(".")
+    };
+    let old_shape = {
+        // Approvals must say which purposes: a bare list of projects is not accepted.
+        let mut list = serde_json::to_value(claims("jwt-analyst", PLANNING)).unwrap();
+        list["projects"] = serde_json::json!([DEMO_PROJECT]);
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("k1".into());
+        encode(
+            &header,
+            &list,
+            &EncodingKey::from_ec_der(&provider.key.serialize_der()),
+        )
+        .unwrap()
     };
     let cases = [
         (expired, "the token has expired"),
@@ -147,21 +248,19 @@ async fn jwts_are_verified_and_every_refusal_is_audited() {
         (wrong_audience, "meant for another audience"),
         (forged, "signature does not verify"),
         (tampered, "signature does not verify"),
+        (old_shape, "must map each project to its approved purposes"),
         ("not-a-known-token".to_string(), "unknown or revoked token"),
     ];
     for (token, reason) in &cases {
         let before = gateway.gateway.audit().recent().len();
-        let mut client = AnalystClient::connect(&target, token).await.unwrap();
-        let err = expect_refusal(client.query(sql).await);
+        let err = expect_refusal(ask(&gateway, token, "", "").await);
         assert!(
             err.starts_with("E_UNAUTHENTICATED") && err.contains(reason),
             "{reason}: {err}"
         );
-        let records = gateway.gateway.audit().recent();
-        assert_eq!(records.len(), before + 1, "{reason}: one audit record");
-        let record = records.last().unwrap();
+        let record = only_record_since(&gateway, before);
         assert_eq!(record.codes, ["E_UNAUTHENTICATED"]);
-        assert_eq!(record.sql, sql);
+        assert_eq!(record.sql, SQL);
         assert!(record.identity.user.is_empty(), "nobody was identified");
         assert!(
             record.detail.as_deref().is_some_and(|d| d.contains(reason)),
@@ -169,6 +268,102 @@ async fn jwts_are_verified_and_every_refusal_is_audited() {
             record.detail
         );
     }
-    gateway.stop().await;
-    local.stop().await;
+    stop(gateway, nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_selects_among_the_tokens_signed_approvals() {
+    let provider = Provider::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (gateway, nodes) = trusting(&provider.jwt_config(dir.path())).await;
+    // The catalogue approves uec-demand for research, but this analyst's token does not.
+    let planner = provider.sign(&claims("planner", PLANNING));
+    let direct_care = provider.sign(&claims(
+        "clinician",
+        &[(DEMO_PROJECT, &["planning", "direct_care"])],
+    ));
+    // (token, code, project, purpose, what the refusal says, whether the policy decided it)
+    let cases = [
+        (
+            &planner,
+            "E_PURPOSE",
+            DEMO_PROJECT,
+            "research",
+            "not approved for purpose 'research'",
+            false,
+        ),
+        (
+            &planner,
+            "E_PROJECT",
+            "cardiac-audit",
+            "research",
+            "not a member of project 'cardiac-audit'",
+            false,
+        ),
+        // Signed approval or not, direct care is not an analytics purpose: the policy refuses.
+        (
+            &direct_care,
+            "E_PURPOSE",
+            DEMO_PROJECT,
+            "direct_care",
+            "not an analytics purpose",
+            true,
+        ),
+    ];
+    for (token, code, project, purpose, says, by_policy) in cases {
+        let before = gateway.gateway.audit().recent().len();
+        let err = expect_refusal(ask(&gateway, token, project, purpose).await);
+        assert!(
+            err.starts_with(code) && err.contains(says),
+            "{project}/{purpose}: {err}"
+        );
+        let record = only_record_since(&gateway, before);
+        assert_eq!(record.codes, [code], "{project}/{purpose}");
+        assert_eq!(
+            record.policy_version.is_some(),
+            by_policy,
+            "{project}/{purpose}: decided by the {}",
+            if by_policy { "policy" } else { "token" }
+        );
+    }
+    // The same token, for what it does approve.
+    ask(&gateway, &direct_care, DEMO_PROJECT, "planning")
+        .await
+        .expect("approved for planning");
+    assert!(
+        nodes.iter().all(|n| n.audit.recent().len() == 1),
+        "only the allowed query reached the trusts"
+    );
+    stop(gateway, nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusts_refuse_static_tokens_unless_they_take_the_gateways_word() {
+    // The gateway knows the static token, but there is no signed token to forward.
+    let (gateway, nodes) = federation_with(|_| {}, |_| {}).await;
+    let err = expect_refusal(ask(&gateway, DEMO_STATIC_TOKEN, "", "").await);
+    assert!(
+        err.starts_with("E_TRUST_REFUSED") && err.contains("E_UNAUTHENTICATED"),
+        "{err}"
+    );
+    for node in &nodes {
+        let record = node.audit.recent().pop().expect("the trust audited it");
+        assert_eq!(record.codes, ["E_UNAUTHENTICATED"]);
+        assert!(record.identity.user.is_empty(), "nobody was identified");
+    }
+    stop(gateway, nodes).await;
+
+    // Trusts that opt in believe the identity an allowed gateway states.
+    let (gateway, nodes) =
+        federation_with(|node| node.identity.trust_gateway_identity = true, |_| {}).await;
+    let answer = ask(&gateway, DEMO_STATIC_TOKEN, "", "")
+        .await
+        .expect("answered on the gateway's word");
+    assert_eq!(answer.trusts, ["RXA", "RXB", "RXC"]);
+    for node in &nodes {
+        let record = node.audit.recent().pop().expect("the trust audited it");
+        assert_eq!(record.outcome, "answered");
+        assert_eq!(record.identity.user, federation::DEMO_USER);
+    }
+    stop(gateway, nodes).await;
 }

@@ -13,7 +13,7 @@ mod jwt;
 mod limits;
 mod link;
 mod mtls;
-
+mod node;
 mod register;
 mod snapshots;
 mod disclosure;

@@ -1,19 +1,27 @@
-//! Rego policies at gateway and node: the default NHS rules, disclosure control, the
-//! National Data Opt-out, and reloading while the gateway runs.
+//! The policy over the query model, at the gateway and at every trust: policy cases (SQL and
+//! identity, allowed or refused with a code) decided the same at the gateway and, replayed as
+//! the releases the SQL lowers to, straight at a node; the National Data Opt-out and the
+//! small-number threshold applied by each trust whatever the gateway's policy says; reloading
+//! while running; and the governance team's own Rego tests.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use datafusion::prelude::SessionContext;
 use serde::Deserialize;
 use tally::client::{AnalystClient, GatewayTarget};
-use tally::federation::{self, DEMO_USER};
-use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, USER_HEADER, fetch_all};
+use tally::federation::{self, DEMO_PROJECT, DEMO_USER};
+use tally_common::admission::RequestIdentity;
+use tally_common::model::ReleaseRequest;
+use tally_common::policy::Policy;
+use tally_gateway::Explanation;
+use tally_synth::default_trusts;
 
+use crate::node::{Ask, Asker, default_settings, rounded, send, token_approving, trust_groups};
 use crate::support::{
-    assert_same_answer, centralised, data_dir, default_policies, expect_refusal, gateway_client,
-    gateway_config, gateway_target, init_logging, node_client, open_policies, rows,
-    start_federation_over, start_node,
+    analyst, analyst_token, data_dir, default_policies, expect_refusal, gateway_client,
+    gateway_config, gateway_target, init_logging, open_policies, rows, start_federation_over,
+    start_node,
 };
 
 #[derive(Deserialize)]
@@ -21,12 +29,43 @@ struct Cases {
     case: Vec<Case>,
 }
 
+/// One policy case (see `tests/policy_cases.toml`).
 #[derive(Deserialize)]
 struct Case {
     sql: String,
     expect: String,
     project: Option<String>,
     purpose: Option<String>,
+}
+
+impl Case {
+    fn project(&self) -> &str {
+        self.project.as_deref().unwrap_or(DEMO_PROJECT)
+    }
+
+    fn purpose(&self) -> &str {
+        self.purpose.as_deref().unwrap_or("planning")
+    }
+
+    /// Who asks: the demo analyst, for the case's project and purpose.
+    fn identity(&self) -> RequestIdentity {
+        RequestIdentity {
+            user: DEMO_USER.into(),
+            groups: vec!["analysts".into()],
+            project: self.project().into(),
+            purpose: self.purpose().into(),
+        }
+    }
+
+    /// The demo analyst's token approving exactly the case's project and purpose, so that
+    /// what is refused is refused by the policy.
+    fn asker(&self) -> Asker {
+        Asker {
+            token: Some(token_approving(&[(self.project(), &[self.purpose()])])),
+            project: self.project().into(),
+            purpose: self.purpose().into(),
+        }
+    }
 }
 
 fn cases() -> Vec<Case> {
@@ -38,204 +77,129 @@ fn cases() -> Vec<Case> {
     toml::from_str::<Cases>(&text).unwrap().case
 }
 
-/// Runs `sql` directly at a node, as a gateway would, for the given project and purpose.
-async fn ask_node(
-    addr: std::net::SocketAddr,
-    sql: &str,
-    project: &str,
-    purpose: &str,
-) -> Result<usize, String> {
-    let mut client = node_client(addr, "RXB").await;
-    client.set_header(USER_HEADER, DEMO_USER);
-    client.set_header(PROJECT_HEADER, project);
-    client.set_header(PURPOSE_HEADER, purpose);
-    let info = client
-        .execute(sql.to_string(), None)
+/// What `sql` lowers to and what the default policy decides for `identity`, planned over
+/// the test data's schemas as `tally policy explain` plans it.
+async fn explain(tables: &SessionContext, sql: &str, identity: &RequestIdentity) -> Explanation {
+    let policy = Policy::load(&default_policies()).unwrap();
+    let plan = tally_gateway::parse::plan_read_only(&tables.state(), sql)
         .await
-        .map_err(|e| e.to_string())?;
-    let (batches, _) = fetch_all(&mut client, info)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(batches.iter().map(|b| b.num_rows()).sum())
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    Explanation::of(plan, &policy.snapshot(), identity)
+        .unwrap_or_else(|e| panic!("a policy case lowers to releases: {sql}: {e}"))
 }
+
+/// The trust every case is replayed at: in both of the catalogue's projects.
+const REPLAYED_AT: &str = "RXB";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
     let cases = cases();
-    assert!(cases.len() >= 40, "at least 40 cases");
+    assert!(cases.len() >= 25, "at least 25 cases");
     let local = start_federation_over(data_dir(), &default_policies()).await;
-    let target = local.gateway_target();
-    for case in &cases {
-        let project = case.project.as_deref().unwrap_or(federation::DEMO_PROJECT);
-        let purpose = case.purpose.as_deref().unwrap_or("planning");
-        let mut client = AnalystClient::connect_for(&target, &crate::support::analyst_token(), project, purpose)
-            .await
-            .unwrap();
-        let at_gateway = client.query(&case.sql).await;
-        let at_node = ask_node(local.nodes[1].addr, &case.sql, project, purpose).await;
-        if case.expect == "allow" {
-            at_gateway.unwrap_or_else(|e| panic!("gateway refused {}: {e}", case.sql));
-            at_node.unwrap_or_else(|e| panic!("node refused {}: {e}", case.sql));
-        } else {
-            let err = expect_refusal(at_gateway);
-            assert!(err.contains(&case.expect), "gateway: {} -> {err}", case.sql);
-            let err = at_node.expect_err(&case.sql);
-            assert!(err.contains(&case.expect), "node: {} -> {err}", case.sql);
+    let tables = federation::local_tables(data_dir(), &default_policies())
+        .await
+        .unwrap();
+    let (index, node) = default_trusts()
+        .iter()
+        .zip(&local.nodes)
+        .enumerate()
+        .find(|(_, (trust, _))| trust.code == REPLAYED_AT)
+        .map(|(i, (_, node))| (i, node))
+        .unwrap();
+    for (number, case) in cases.iter().enumerate() {
+        let sql = &case.sql;
+        let asker = case.asker();
+        let explained = explain(&tables, sql, &case.identity()).await;
+        let allowed = case.expect == "allow";
+        match &explained.decision {
+            Ok(decision) => assert!(allowed && decision.allow, "explain allows {sql}"),
+            Err(refusal) => assert!(
+                refusal.starts_with(&case.expect),
+                "explain: {sql} -> {refusal}"
+            ),
         }
-    }
-    // A project's trusts are an obligation: cardiac-audit may only query RXA and RXB.
-    let mut cardiac = AnalystClient::connect_for(&target, &crate::support::analyst_token(), "cardiac-audit", "research")
-        .await
-        .unwrap();
-    let answer = cardiac
-        .query("SELECT COUNT(*) FROM episodes")
-        .await
-        .unwrap();
-    assert_eq!(answer.trusts, vec!["RXA", "RXB"]);
-    // Every refusal at the node is in the trust's own audit log, with its reason codes.
-    let refused = local.nodes[1]
-        .audit
-        .recent()
-        .into_iter()
-        .filter(|r| r.outcome == "refused")
-        .count();
-    let expected = cases.iter().filter(|c| c.expect != "allow").count();
-    assert!(
-        refused >= expected,
-        "node audit has {refused} refusals, expected {expected}"
-    );
-    local.stop().await;
-}
 
-/// Distinct patients and episodes per diagnosis, as a central platform would compute them
-/// with the opt-out applied.
-async fn central_groups() -> BTreeMap<String, (i64, i64)> {
-    let central = centralised().await;
-    let mut opted = Vec::new();
-    for trust in tally_synth::default_trusts() {
-        let path = data_dir().join(trust.code).join("opt_outs.parquet");
-        let name = format!("opt_outs_{}", trust.code);
-        central
-            .register_parquet(&name, path.to_str().unwrap(), Default::default())
-            .await
-            .unwrap();
-        opted.push(format!(
-            "SELECT p.person_id FROM patients p JOIN {name} o ON p.nhs_number = o.nhs_number WHERE p.trust_code = '{}'",
-            trust.code
-        ));
-    }
-    let sql = format!(
-        "SELECT diagnosis_icd10, COUNT(DISTINCT person_id), COUNT(*) FROM episodes \
-         WHERE person_id NOT IN ({}) GROUP BY diagnosis_icd10",
-        opted.join(" UNION ALL ")
-    );
-    let batches = central.sql(&sql).await.unwrap().collect().await.unwrap();
-    rows(&batches)
-        .into_iter()
-        .map(|row| {
-            let key = row[0].to_string();
-            let n = |v: &datafusion::common::ScalarValue| v.to_string().parse::<i64>().unwrap();
-            (key, (n(&row[1]), n(&row[2])))
-        })
-        .collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disclosure_control_suppresses_small_groups_and_rounds_counts() {
-    let local = start_federation_over(data_dir(), &default_policies()).await;
-    let mut client = AnalystClient::connect_for(
-        &local.gateway_target(),
-        &crate::support::analyst_token(),
-        federation::DEMO_PROJECT,
-        "research",
-    )
-    .await
-    .unwrap();
-    let answer = client
-        .query(
-            "SELECT diagnosis_icd10, COUNT(*) AS episodes FROM episodes GROUP BY diagnosis_icd10",
+        let mut client = AnalystClient::connect_for(
+            &local.gateway_target(),
+            asker.token.as_deref().unwrap(),
+            &asker.project,
+            &asker.purpose,
         )
         .await
         .unwrap();
-    let released: BTreeMap<String, i64> = rows(&answer.batches)
-        .into_iter()
-        .map(|row| (row[0].to_string(), row[1].to_string().parse().unwrap()))
-        .collect();
-    let central = central_groups().await;
-    // Patients at several trusts have a different person id at each, so each trust counts
-    // them once: the threshold applies to the sum of the trusts' distinct patients, and
-    // the central count over person ids agrees with it.
-    let mut expected_suppressed = 0;
-    for (diagnosis, (patients, episodes)) in &central {
-        if *patients < 8 {
-            expected_suppressed += 1;
-            assert!(
-                !released.contains_key(diagnosis),
-                "{diagnosis} has {patients} patients and must not appear"
-            );
+        let at_gateway = client.query(sql).await;
+        if allowed {
+            at_gateway.unwrap_or_else(|e| panic!("gateway refused {sql}: {e}"));
         } else {
-            let rounded = (episodes + 2) / 5 * 5;
-            assert_eq!(
-                released.get(diagnosis),
-                Some(&rounded),
-                "{diagnosis}: {episodes} episodes"
-            );
+            let err = expect_refusal(at_gateway);
+            assert!(err.starts_with(&case.expect), "gateway: {sql} -> {err}");
+        }
+
+        // Each release straight at the trust, in order, as the gateway would send it: the
+        // node's own code (not E_TRUST_REFUSED) for the first it refuses.
+        let mut refused = None;
+        for (release_number, release) in explained.releases.into_iter().enumerate() {
+            let query_id = format!("policy-case-{number}-{release_number}");
+            let request = ReleaseRequest {
+                release,
+                min_distinct_patients: 0,
+            };
+            let at_node = send(
+                node.addr,
+                REPLAYED_AT,
+                &asker,
+                &query_id,
+                &Ask::Release(request),
+            )
+            .await;
+            if let Err(err) = at_node {
+                refused = Some((query_id, err));
+                break;
+            }
+        }
+        match (refused, allowed) {
+            (None, true) => {}
+            (Some((_, err)), true) => panic!("{REPLAYED_AT} refused {sql}: {err}"),
+            (None, false) => panic!("{REPLAYED_AT} answered {sql}"),
+            (Some((query_id, err)), false) => {
+                assert!(
+                    err.contains(&format!("{}: ", case.expect)),
+                    "{REPLAYED_AT}: {sql} -> {err}"
+                );
+                let record = node
+                    .audit
+                    .recent()
+                    .into_iter()
+                    .find(|r| r.query_id == query_id)
+                    .expect("the refusal is in the trust's own audit log");
+                assert_eq!(record.outcome, "refused");
+                assert_eq!(record.codes[0], case.expect, "{sql}");
+            }
         }
     }
-    assert_eq!(released.len() + expected_suppressed, central.len());
-    assert_eq!(
-        answer.suppressed, expected_suppressed,
-        "metadata counts the suppressed groups"
-    );
-    assert!(
-        released.values().all(|n| n % 5 == 0),
-        "counts are multiples of 5"
-    );
-    // The planted group: 7 patients with 30 episodes between them.
-    let planted = central
-        .get(tally_synth::PLANTED_DIAGNOSIS)
-        .expect("planted diagnosis present");
-    assert!(
-        planted.0 <= 7 && planted.1 >= 7,
-        "planted group {planted:?}"
-    );
-    assert!(!released.contains_key(tally_synth::PLANTED_DIAGNOSIS));
-
-    let small = client
-        .query("SELECT diagnosis_icd10, COUNT(*) FROM episodes GROUP BY diagnosis_icd10 HAVING COUNT(*) < 8")
-        .await
+    // A project's trusts are an obligation: cardiac-audit may only query RXA and RXB.
+    let cardiac = cases
+        .iter()
+        .find(|c| c.project() == "cardiac-audit" && c.expect == "allow")
         .unwrap();
-    assert_eq!(
-        rows(&small.batches).len(),
-        0,
-        "HAVING COUNT(*) < 8 sees only released groups"
-    );
-
-    let broken = expect_refusal(
-        client
-            .query("SELECT specialty, COUNT(*) FROM episodes WHERE CAST(diagnosis_icd10 AS INT) > 0 GROUP BY specialty")
-            .await,
-    );
-    assert!(
-        broken.contains("E_EXECUTION") && broken.contains("query id"),
-        "{broken}"
-    );
-    assert!(
-        !broken.to_lowercase().contains("cast"),
-        "no engine text: {broken}"
-    );
-    for diagnosis in central.keys() {
-        assert!(
-            !broken.contains(diagnosis.as_str()),
-            "no data value: {broken}"
-        );
-    }
+    let mut client = AnalystClient::connect_for(
+        &local.gateway_target(),
+        &analyst_token(),
+        "cardiac-audit",
+        cardiac.purpose(),
+    )
+    .await
+    .unwrap();
+    let answer = client.query(&cardiac.sql).await.unwrap();
+    assert_eq!(answer.trusts, ["RXA", "RXB"]);
+    assert!(index < local.nodes.len());
     local.stop().await;
 }
 
-async fn count_by_trust(target: &GatewayTarget, purpose: &str) -> BTreeMap<String, i64> {
+/// Patients per trust as the gateway answers `purpose`'s query for the demo project.
+async fn patients_by_trust(target: &GatewayTarget, purpose: &str) -> BTreeMap<String, i64> {
     let mut client =
-        AnalystClient::connect_for(target, &crate::support::analyst_token(), federation::DEMO_PROJECT, purpose)
+        AnalystClient::connect_for(target, &analyst_token(), DEMO_PROJECT, purpose)
             .await
             .unwrap();
     let answer = client
@@ -248,34 +212,17 @@ async fn count_by_trust(target: &GatewayTarget, purpose: &str) -> BTreeMap<Strin
         .collect()
 }
 
-fn opted_out_per_trust() -> BTreeMap<String, i64> {
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data_dir().join("manifest.json")).unwrap())
-            .unwrap();
-    manifest["trusts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            (
-                t["code"].as_str().unwrap().to_string(),
-                t["opted_out"].as_i64().unwrap(),
-            )
-        })
-        .collect()
+/// Patients at `code` from its Parquet files, with or without its opted-out patients.
+async fn patients_at(code: &str, opt_out: bool) -> i64 {
+    trust_groups(code, "patients", "sex", opt_out)
+        .await
+        .values()
+        .map(|(_, rows)| rows)
+        .sum()
 }
 
 /// A copy of the default policy with `settings` overridden.
 fn policy_variant(settings: serde_json::Value) -> tempfile::TempDir {
-    catalogue_variant(|governance| {
-        for (key, value) in settings.as_object().unwrap() {
-            governance["settings"][key] = value.clone();
-        }
-    })
-}
-
-/// A copy of the default policy whose catalogue's `governance` object `edit` has changed.
-fn catalogue_variant(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
         default_policies().join("tally.rego"),
@@ -286,90 +233,128 @@ fn catalogue_variant(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::Tem
         &std::fs::read_to_string(default_policies().join("catalogue.json")).unwrap(),
     )
     .unwrap();
-    edit(&mut catalogue["governance"]);
+    for (key, value) in settings.as_object().unwrap() {
+        catalogue["governance"]["settings"][key] = value.clone();
+    }
     std::fs::write(dir.path().join("catalogue.json"), catalogue.to_string()).unwrap();
     dir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn opt_out_depends_on_purpose_and_is_applied_by_the_node() {
+async fn the_opt_out_applies_to_every_purpose_at_every_trust() {
+    // Exact counts, so the opted-out patients show.
     let exact = policy_variant(serde_json::json!({"round_to": 1}));
     let local = start_federation_over(data_dir(), exact.path()).await;
-    let target = local.gateway_target();
-    let research = count_by_trust(&target, "research").await;
-    let direct_care = count_by_trust(&target, "direct_care").await;
-    let opted = opted_out_per_trust();
-    for (trust, all) in &direct_care {
-        assert_eq!(
-            all - research[trust],
-            opted[trust],
-            "{trust}: the difference is the opted-out patients"
-        );
+    for purpose in ["planning", "research"] {
+        let answered = patients_by_trust(&local.gateway_target(), purpose).await;
+        for (trust, node) in default_trusts().iter().zip(&local.nodes) {
+            let (all, kept) = (
+                patients_at(trust.code, false).await,
+                patients_at(trust.code, true).await,
+            );
+            assert!(kept < all, "{}: some patients opted out", trust.code);
+            assert_eq!(
+                answered[trust.code], kept,
+                "{} for {purpose}: every opted-out patient is left out",
+                trust.code
+            );
+            let record = node
+                .audit
+                .recent()
+                .into_iter()
+                .rev()
+                .find(|r| r.step == "release")
+                .unwrap();
+            assert_eq!(record.identity.purpose, purpose);
+            assert_eq!(record.opt_out_applied, Some(true), "{}", trust.code);
+        }
     }
-    let record = local.nodes[0]
-        .audit
-        .recent()
-        .into_iter()
-        .rev()
-        .find(|r| r.step == "run")
-        .unwrap();
-    assert_eq!(
-        record.opt_out_applied,
-        Some(false),
-        "last query was for direct care"
-    );
     local.stop().await;
+}
 
-    // A gateway whose policy says "no opt-out" cannot switch it off at the trusts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusts_apply_their_own_opt_out_and_threshold_whatever_the_gateway_says() {
+    // The gateway's policy: no opt-out, no threshold, no rounding. The trusts': the default.
     init_logging();
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
-    for trust in tally_synth::default_trusts() {
-        let node = start_node(&trust, exact.path()).await;
+    for trust in default_trusts() {
+        let node = start_node(&trust, &default_policies()).await;
         endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
         nodes.push(node);
     }
-    let config = gateway_config(&endpoints, &open_policies());
-    let gateway = tally_gateway::start(&config).await.unwrap();
-    let lenient = count_by_trust(&gateway_target(gateway.addr), "research").await;
-    assert_eq!(
-        lenient, research,
-        "the trusts applied the opt-out themselves"
-    );
+    let gateway = tally_gateway::start(&gateway_config(&endpoints, &open_policies()))
+        .await
+        .unwrap();
+    let mut client = AnalystClient::connect(&gateway_target(gateway.addr), &analyst_token())
+        .await
+        .unwrap();
+    let answer = client
+        .query("SELECT diagnosis_icd10, COUNT(*) FROM episodes GROUP BY diagnosis_icd10")
+        .await
+        .unwrap();
+    let released: BTreeMap<String, i64> = rows(&answer.batches)
+        .into_iter()
+        .map(|row| (row[0].to_string(), row[1].to_string().parse().unwrap()))
+        .collect();
+    // Each trust releases, without its opted-out patients, only the groups with enough
+    // distinct patients of its own, its counts rounded; the gateway adds them up. A group
+    // whose patients are spread thinly over the trusts is not released at all.
+    let (threshold, round_to) = default_settings();
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for trust in default_trusts() {
+        for (diagnosis, (patients, episodes)) in
+            trust_groups(trust.code, "episodes", "diagnosis_icd10", true).await
+        {
+            if patients >= threshold {
+                *expected.entry(diagnosis).or_default() += rounded(episodes, round_to);
+            }
+        }
+    }
+    assert_eq!(released, expected);
+    for node in &nodes {
+        let record = node.audit.recent().pop().unwrap();
+        assert_eq!(record.opt_out_applied, Some(true));
+        assert_eq!(record.min_distinct_patients, Some(threshold as u64));
+    }
     gateway.stop().await;
     for node in nodes {
         node.stop().await;
     }
 }
 
-fn wait_for_version_change(policy: &tally_common::policy::Policy, old: &str) {
+/// Waits until `policy`'s version differs from `old`; how long that took.
+fn wait_for_version_change(policy: &Policy, old: &str) -> Duration {
     let started = Instant::now();
     while policy.version() == old {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "policy was not reloaded"
         );
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
+    started.elapsed()
 }
 
+/// A rule closing the episodes table, appended to a policy's `tally.rego`.
+const CLOSE_EPISODES: &str = "\nreasons contains reason(\"E_TABLE_NOT_ALLOWED\", \"episodes are closed for maintenance\") if {\n\t\"episodes\" in object.get(action, \"tables\", [])\n}\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn editing_a_rule_changes_the_next_decision_without_a_restart() {
+async fn editing_a_rule_changes_the_next_decision_within_a_second_without_a_restart() {
     let dir = policy_variant(serde_json::json!({}));
     let local = start_federation_over(data_dir(), dir.path()).await;
-    let mut client = AnalystClient::connect(&local.gateway_target(), &crate::support::analyst_token())
-        .await
-        .unwrap();
+    let mut client = analyst(&local).await;
     let sql = "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty";
     client.query(sql).await.expect("allowed before the edit");
     let policy = local.gateway.gateway.policy().clone();
     let before = policy.version();
 
-    let rule = "\nreasons contains reason(\"E_TABLE_NOT_ALLOWED\", \"episodes are closed for maintenance\") if {\n\t\"episodes\" in object.get(action, \"tables\", [])\n}\n";
     let path = dir.path().join("tally.rego");
     let original = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, format!("{original}{rule}")).unwrap();
-    wait_for_version_change(&policy, &before);
+    std::fs::write(&path, format!("{original}{CLOSE_EPISODES}")).unwrap();
+    let took = wait_for_version_change(&policy, &before);
+    // The folder is checked every second.
+    assert!(took < Duration::from_millis(1_500), "reloaded after {took:?}");
     let err = expect_refusal(client.query(sql).await);
     assert!(
         err.contains("E_TABLE_NOT_ALLOWED") && err.contains("maintenance"),
@@ -377,15 +362,13 @@ async fn editing_a_rule_changes_the_next_decision_without_a_restart() {
     );
     let closed = policy.version();
 
-    std::fs::write(&path, format!("{original}{rule}\nthis is not rego {{")).unwrap();
-    let reload = policy.reload();
-    let error = reload.expect_err("a syntax error is reported").to_string();
-    assert!(error.contains("tally.rego"), "{error}");
-    assert_eq!(
-        policy.version(),
-        closed,
-        "the previous policy stays in force"
-    );
+    // A broken file is reported, naming it, and the previous policy stays in force: also
+    // after the watcher has seen the change.
+    std::fs::write(&path, format!("{original}{CLOSE_EPISODES}\nthis is not rego {{")).unwrap();
+    let error = policy.reload().expect_err("a syntax error is reported");
+    assert!(error.to_string().contains("tally.rego"), "{error}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(policy.version(), closed, "the previous policy stays in force");
     let err = expect_refusal(client.query(sql).await);
     assert!(err.contains("E_TABLE_NOT_ALLOWED"), "{err}");
     local.stop().await;
@@ -413,32 +396,36 @@ async fn describe(client: &mut tally_common::flight::SqlClient, sql: &str) -> ar
 async fn a_described_plan_runs_once_and_only_under_the_policy_that_decided_it() {
     let dir = policy_variant(serde_json::json!({}));
     let local = start_federation_over(data_dir(), dir.path()).await;
-    let mut client = gateway_client(local.gateway.addr, DEMO_TOKEN).await;
+    let mut client = gateway_client(local.gateway.addr, &analyst_token()).await;
     let sql = "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty";
     let audit = local.gateway.gateway.audit().clone();
 
-    // The kept plan runs under the query id it was planned with; a second run of the same
-    // ticket finds no plan and plans the SQL again, under a new query id.
+    // The kept plan runs under the query id it was described with; a second run of the
+    // same ticket finds no plan and plans the SQL again, under a new query id.
     let ticket = describe(&mut client, sql).await;
     let first = run_ticket(&mut client, ticket.clone()).await.unwrap();
     let second = run_ticket(&mut client, ticket).await.unwrap();
     assert!(first > 0 && first == second);
-    let answered: Vec<_> = audit
-        .recent()
-        .into_iter()
-        .filter(|r| r.sql == sql && r.outcome == "answered")
-        .collect();
-    assert_eq!(answered.len(), 2);
-    assert_ne!(answered[0].query_id, answered[1].query_id);
+    let records = audit.recent();
+    let of = |step: &str, outcome: &str| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r.sql == sql && r.step == step && r.outcome == outcome)
+            .map(|r| r.query_id.clone())
+            .collect()
+    };
+    let (described, answered) = (of("describe", "described"), of("run", "answered"));
+    assert_eq!((described.len(), answered.len()), (1, 2));
+    assert_eq!(answered[0], described[0], "the first run is the described plan");
+    assert_ne!(answered[1], described[0], "the second is planned again");
 
     // A plan described before the policy changed is not run after it.
     let ticket = describe(&mut client, sql).await;
     let policy = local.gateway.gateway.policy().clone();
     let before = policy.version();
-    let rule = "\nreasons contains reason(\"E_TABLE_NOT_ALLOWED\", \"episodes are closed\") if {\n\t\"episodes\" in object.get(action, \"tables\", [])\n}\n";
     let path = dir.path().join("tally.rego");
     let original = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, format!("{original}{rule}")).unwrap();
+    std::fs::write(&path, format!("{original}{CLOSE_EPISODES}")).unwrap();
     wait_for_version_change(&policy, &before);
     let err = run_ticket(&mut client, ticket)
         .await
@@ -447,39 +434,16 @@ async fn a_described_plan_runs_once_and_only_under_the_policy_that_decided_it() 
     local.stop().await;
 }
 
-#[test]
-fn default_policy_tests_pass_with_one_per_rule() {
-    let outcomes = tally_common::policy::run_tests(&default_policies()).unwrap();
-    let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();
-    assert!(failed.is_empty(), "{failed:?}");
-    let rego = std::fs::read_to_string(default_policies().join("tally.rego")).unwrap();
-    let codes: std::collections::BTreeSet<&str> = rego
-        .split('"')
-        .filter(|s| s.starts_with("E_") && s.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
-        .collect();
-    let tests = std::fs::read_to_string(default_policies().join("tally_test.rego")).unwrap();
-    for code in codes {
-        assert!(tests.contains(&format!("\"{code}\"")), "no test for {code}");
-    }
-    assert!(
-        Path::new(&default_policies()).join("README.md").exists(),
-        "reason codes are documented"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_no_allowed_trust_can_answer_is_refused_not_answered_empty() {
     let dir = policy_variant(serde_json::json!({}));
     let path = dir.path().join("catalogue.json");
     let mut catalogue: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    catalogue["governance"]["projects"][federation::DEMO_PROJECT]["trusts"] =
-        serde_json::json!(["RXZ"]);
+    catalogue["governance"]["projects"][DEMO_PROJECT]["trusts"] = serde_json::json!(["RXZ"]);
     std::fs::write(&path, catalogue.to_string()).unwrap();
     let local = start_federation_over(data_dir(), dir.path()).await;
-    let mut client = AnalystClient::connect(&local.gateway_target(), &crate::support::analyst_token())
-        .await
-        .unwrap();
+    let mut client = analyst(&local).await;
     let err = expect_refusal(
         client
             .query("SELECT sex, COUNT(*) FROM patients GROUP BY sex")
@@ -492,56 +456,59 @@ async fn a_query_no_allowed_trust_can_answer_is_refused_not_answered_empty() {
     local.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn arithmetic_in_aggregates_needs_the_table_to_enable_it() {
-    let enabled = catalogue_variant(|governance| {
-        governance["catalogue"]["episodes"]["aggregate_arithmetic"] = true.into();
-        governance["settings"]["round_to"] = 1.into();
-    });
-    let local = start_federation_over(data_dir(), enabled.path()).await;
-    // Direct care is exempt from the opt-out, so the answer is comparable with every row's.
-    let mut client =
-        AnalystClient::connect_for(&local.gateway_target(), &crate::support::analyst_token(), "", "direct_care")
-            .await
-            .unwrap();
-    let sql = "SELECT SUM(cost * (length_of_stay + 1)) AS weighted, COUNT(*) AS n FROM episodes";
-    let answer = client
-        .query(sql)
-        .await
-        .expect("arithmetic allowed on episodes");
-    let expected = centralised()
-        .await
-        .sql(sql)
-        .await
-        .unwrap()
+/// The reason codes `policies/README.md` documents for the default policy.
+fn documented_codes() -> BTreeSet<String> {
+    let readme = std::fs::read_to_string(default_policies().join("README.md")).unwrap();
+    let table = readme
+        .split("## Reason codes")
+        .nth(1)
+        .expect("the README has a reason codes section");
+    table
+        .lines()
+        .take_while(|line| !line.starts_with("## "))
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split('`').next())
+        .filter(|code| code.starts_with("E_"))
+        .map(str::to_string)
         .collect()
-        .await
-        .unwrap();
-    assert_same_answer(sql, &answer.batches, &expected, false);
-    // What could single out rows stays refused, enabled or not.
-    for refused in [
-        "SELECT SUM(cost / length_of_stay) FROM episodes",
-        "SELECT SUM(CAST(specialty = '100' AS INT) * cost) FROM episodes",
-        "SELECT SUM(abs(cost) * length_of_stay) FROM episodes",
-    ] {
-        let err = expect_refusal(client.query(refused).await);
-        assert!(
-            err.starts_with("E_EXPR_SHAPE") || err.starts_with("E_FUNCTION"),
-            "{refused}: {err}"
-        );
+}
+
+#[test]
+fn every_documented_reason_code_has_a_passing_rego_test() {
+    let outcomes = tally_common::policy::run_tests(&default_policies()).unwrap();
+    let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let documented = documented_codes();
+    assert!(documented.len() >= 10, "{documented:?}");
+    let tests = std::fs::read_to_string(default_policies().join("tally_test.rego")).unwrap();
+    for code in &documented {
+        assert!(tests.contains(&format!("\"{code}\"")), "no Rego test for {code}");
     }
-    // A table that does not enable it, in the same query, refuses it.
-    let err = expect_refusal(
-        client
-            .query(
-                "SELECT SUM(e.cost * p.imd_decile) FROM episodes e \
-                 JOIN patients p ON e.person_id = p.person_id",
-            )
-            .await,
-    );
+    // And every code the rules use is documented.
+    let rego = std::fs::read_to_string(default_policies().join("tally.rego")).unwrap();
+    for code in rego
+        .split('"')
+        .filter(|s| s.starts_with("E_") && s.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+    {
+        assert!(documented.contains(code), "{code} is not in policies/README.md");
+    }
+}
+
+#[test]
+fn tally_policy_test_runs_every_rego_test() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["policy", "test"])
+        .arg(default_policies())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    let tests = tally_common::policy::run_tests(&default_policies())
+        .unwrap()
+        .len();
     assert!(
-        err.contains("E_EXPR_SHAPE") && err.contains("patients"),
-        "{err}"
+        report.contains(&format!("{tests} passed, 0 failed")),
+        "{report}"
     );
-    local.stop().await;
+    assert_eq!(report.lines().filter(|l| l.starts_with("PASS ")).count(), tests);
 }

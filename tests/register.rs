@@ -195,7 +195,15 @@ async fn register_publishes_decisions_never_people_or_answers() {
                 .is_some_and(|codes| codes.iter().any(|c| c == "E_IDENTIFIER_COLUMN"))
         })
         .expect("the identifier refusal is listed with its reason");
-    assert!(identifier_entry["policy_version"].is_string());
+    // The code's floor refuses identifiers while lowering, before any policy is reached.
+    assert!(identifier_entry["policy_version"].is_null(), "{identifier_entry}");
+    assert!(
+        entries
+            .iter()
+            .filter(|e| e["outcome"] == "answered")
+            .all(|e| e["policy_version"].is_string()),
+        "answered queries name the policy that allowed them: {json}"
+    );
     assert_eq!(
         entries[entries.len() - 1]["trusts"]
             .as_array()

@@ -738,7 +738,10 @@ mod tests {
             assert_eq!(check(sql), Ok(()), "{sql}");
         }
         let cte_join = counts_of(queries[8]);
-        assert_eq!(cte_join.relations, 4, "FROM a, JOIN b, and one table in each");
+        assert_eq!(
+            cte_join.relations, 4,
+            "FROM a, JOIN b, and one table in each"
+        );
     }
 
     /// Runs `work` on a thread with a 2 MiB stack (Tokio's worker default) and its own

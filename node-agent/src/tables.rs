@@ -143,10 +143,7 @@ impl TableFiles {
         };
         let files = stamps(root, extension)?;
         if files.is_empty() {
-            return Err(format!(
-                "{} holds no {extension} files",
-                root.display()
-            ));
+            return Err(format!("{} holds no {extension} files", root.display()));
         }
         Ok(TableFiles {
             table: name.to_string(),
@@ -495,9 +492,14 @@ mod tests {
 
     /// The row count of `table`, or the typed error of the query.
     async fn count(ctx: &SessionContext, table: &str) -> Result<usize, TallyError> {
-        let batches = async { ctx.sql(&format!("SELECT * FROM {table}")).await?.collect().await }
-            .await
-            .map_err(|err| find_tally_error(&err).expect("a typed error"))?;
+        let batches = async {
+            ctx.sql(&format!("SELECT * FROM {table}"))
+                .await?
+                .collect()
+                .await
+        }
+        .await
+        .map_err(|err| find_tally_error(&err).expect("a typed error"))?;
         Ok(batches.iter().map(|b| b.num_rows()).sum())
     }
 
