@@ -14,6 +14,7 @@ mod limits;
 mod link;
 mod mtls;
 mod node;
+mod policy;
 mod register;
 mod snapshots;
 mod disclosure;

@@ -196,7 +196,7 @@ fn episodes_by_diagnosis() -> ReleaseRequest {
 }
 
 /// A token for the demo analyst whose approvals are `approvals` (project -> purposes).
-fn token_approving(approvals: &[(&str, &[&str])]) -> String {
+pub fn token_approving(approvals: &[(&str, &[&str])]) -> String {
     let claims = TokenClaims {
         approvals: approvals
             .iter()

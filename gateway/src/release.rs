@@ -2,10 +2,11 @@
 //! enters the gateway's plan.
 //!
 //! [`ReleaseExec::execute`] sends its release to the trusts, merges their partials and
-//! applies disclosure control before anything above it sees a row: counts are rounded to
-//! the policy's multiple (zero stays zero), and sums, means, variances and standard
-//! deviations are derived from the released partials only, so no combination of released
-//! statistics recovers an unrounded count. It is a leaf, visible in EXPLAIN with its
+//! applies disclosure control before anything above it sees a row. Each trust has already
+//! rounded its own counts; the merged counts are rounded again to the gateway policy's
+//! multiple (a no-op for the same base; zero stays zero), and sums, means, variances and
+//! standard deviations are derived from the released partials only, so no combination of
+//! released statistics recovers an unrounded count. It is a leaf, visible in EXPLAIN with its
 //! metrics; nothing above it can reach the trusts' partials.
 
 use std::fmt;
