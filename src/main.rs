@@ -200,10 +200,14 @@ enum BenchCommand {
         /// run).
         #[arg(long, default_value_t = 10_000_000)]
         row_shipping_max: usize,
-        /// Purpose of Tally's queries (an approved analytics purpose). Every purpose applies
-        /// the National Data Opt-out at every site; Centralised and Row shipping do not.
+        /// Purpose of Tally's queries (an approved analytics purpose).
         #[arg(long, default_value = "planning")]
         purpose: String,
+        /// Run Tally's HES-like sites without the National Data Opt-out (a bench-only copy of
+        /// the policy), so that Tally counts the same rows as Centralised and Row shipping,
+        /// which never apply it.
+        #[arg(long)]
+        no_opt_out: bool,
         /// Also run the queries in DuckDB over Centralised's files (needs `python3` with the
         /// `duckdb` module: `pip install duckdb`).
         #[arg(long)]
@@ -500,6 +504,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
             policies,
             row_shipping_max,
             purpose,
+            no_opt_out,
             duckdb,
             link_mbit,
             out,
@@ -518,6 +523,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
                 duckdb,
                 link_mbit,
                 purpose,
+                opt_out: !no_opt_out,
             };
             let report = tally::bench::compare::run(&options).await?;
             write_report(&report, &out)

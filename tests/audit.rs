@@ -40,7 +40,10 @@ fn texts<'a>(record: &'a Value, field: &str) -> Vec<&'a str> {
 fn by_query_id(records: &[Value]) -> BTreeMap<&str, Vec<&Value>> {
     let mut grouped: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
     for record in records {
-        grouped.entry(text(record, "query_id")).or_default().push(record);
+        grouped
+            .entry(text(record, "query_id"))
+            .or_default()
+            .push(record);
     }
     grouped
 }
@@ -121,10 +124,7 @@ async fn every_flight_request_has_one_gateway_record_and_each_release_one_per_tr
             assert_eq!(records[0]["codes"].as_array().unwrap().len(), 1, "{sql}");
         }
     }
-    let two_releases = runs
-        .iter()
-        .find(|r| text(r, "sql") == answered[2])
-        .unwrap();
+    let two_releases = runs.iter().find(|r| text(r, "sql") == answered[2]).unwrap();
     assert_eq!(texts(two_releases, "release_sql").len(), 2);
     let unauthenticated = gateway
         .iter()
@@ -138,7 +138,11 @@ async fn every_flight_request_has_one_gateway_record_and_each_release_one_per_tr
         let records = read_records(log).unwrap();
         let asked = by_query_id(&records);
         for record in &records {
-            assert_eq!(text(record, "step"), "release", "{code}: the gateway only releases");
+            assert_eq!(
+                text(record, "step"),
+                "release",
+                "{code}: the gateway only releases"
+            );
             assert_eq!(text(record, "outcome"), "answered", "{code}: {record}");
             assert_eq!(
                 text(record, "gateway"),
@@ -202,10 +206,9 @@ fn verify_after(path: &Path, original: &[String], change: impl Fn(&mut Vec<Strin
 async fn editing_deleting_or_reordering_any_record_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let (local, gateway_log, node_logs) = audited_federation(dir.path()).await;
-    let mut client =
-        AnalystClient::connect(&local.gateway_target(), &analyst_token())
-            .await
-            .unwrap();
+    let mut client = AnalystClient::connect(&local.gateway_target(), &analyst_token())
+        .await
+        .unwrap();
     for sql in [
         "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty",
         "SELECT nhs_number FROM patients",

@@ -139,7 +139,10 @@ fn example_configs_load_and_bad_configs_say_why() {
         assert_eq!(config.tables.len(), 3);
         let tls = config.tls.expect("the example node runs mutual TLS");
         assert_eq!(tls.allowed_gateways, [tally::certs::GATEWAY_IDENTITY]);
-        let jwt = config.identity.jwt.expect("the example node verifies analysts' tokens");
+        let jwt = config
+            .identity
+            .jwt
+            .expect("the example node verifies analysts' tokens");
         assert_eq!(jwt.issuer, tally::tokens::ISSUER);
         assert!(
             !config.identity.trust_gateway_identity,
@@ -170,7 +173,9 @@ fn example_configs_load_and_bad_configs_say_why() {
     let tables = "[[tables]]\nname = \"t\"\npath = \"t.parquet\"\n";
     let cases = [
         (
-            format!("listen = \"127.0.0.1:1\"\npolicies = \"p\"\ntables = []\n[trust]\ncode = \"RXA\"\nname = \"A\"\n{identity}"),
+            format!(
+                "listen = \"127.0.0.1:1\"\npolicies = \"p\"\ntables = []\n[trust]\ncode = \"RXA\"\nname = \"A\"\n{identity}"
+            ),
             "at least one [[tables]]",
         ),
         (
@@ -178,7 +183,9 @@ fn example_configs_load_and_bad_configs_say_why() {
             "trust code 'R X'",
         ),
         (
-            format!("policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\ncolour = 1\n{identity}{tables}"),
+            format!(
+                "policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\ncolour = 1\n{identity}{tables}"
+            ),
             "unknown field `colour`",
         ),
         (
@@ -207,7 +214,14 @@ fn example_configs_load_and_bad_configs_say_why() {
 /// `purpose`: its stdout (JSON) on success, its stderr otherwise.
 fn explain(project: &str, purpose: &str, sql: &str) -> Result<serde_json::Value, String> {
     let out = tally()
-        .args(["policy", "explain", "--user", "analyst", "--project", project])
+        .args([
+            "policy",
+            "explain",
+            "--user",
+            "analyst",
+            "--project",
+            project,
+        ])
         .args(["--purpose", purpose, "--policies"])
         .arg(default_policies())
         .arg("--data")
@@ -230,7 +244,10 @@ fn policy_explain_prints_the_releases_inputs_and_decision() {
     let release = &explained["releases"][0];
     assert_eq!(explained["releases"].as_array().unwrap().len(), 1);
     assert_eq!(release["fact"], "episodes");
-    assert_eq!(release["group_by"][0]["column"]["column"], "age_at_admission");
+    assert_eq!(
+        release["group_by"][0]["column"]["column"],
+        "age_at_admission"
+    );
     assert_eq!(release["group_by"][0]["generaliser"], "age_band");
     assert_eq!(release["filter"]["op"], "compare");
     assert_eq!(release["filter"]["cmp"], "gt");
@@ -243,15 +260,20 @@ fn policy_explain_prints_the_releases_inputs_and_decision() {
     );
     let input = &explained["inputs"][0];
     assert_eq!(input["context"]["identity"]["purpose"], "research");
-    assert_eq!(input["action"]["release"], *release, "the input holds the model itself");
+    assert_eq!(
+        input["action"]["release"], *release,
+        "the input holds the model itself"
+    );
     let columns = input["action"]["columns"].as_array().unwrap();
     assert!(columns.iter().any(|c| c["column"] == "age_at_admission"
         && c["class"] == "quasi_identifier"
         && c["usage"] == "group_by"
         && c["generaliser"] == "age_band"));
-    assert!(columns.iter().any(|c| c["column"] == "cost"
-        && c["class"] == "measure"
-        && c["usage"] == "filter"));
+    assert!(
+        columns
+            .iter()
+            .any(|c| c["column"] == "cost" && c["class"] == "measure" && c["usage"] == "filter")
+    );
     let decision = &explained["decision"]["Ok"];
     assert_eq!(decision["allow"], true, "{explained}");
     assert_eq!(decision["obligations"]["apply_opt_out"], true);

@@ -170,10 +170,7 @@ async fn ask(
 }
 
 /// The gateway's audit record of the one request since `before` records.
-fn only_record_since(
-    gateway: &GatewayHandle,
-    before: usize,
-) -> tally_gateway::GatewayAuditRecord {
+fn only_record_since(gateway: &GatewayHandle, before: usize) -> tally_gateway::GatewayAuditRecord {
     let records = gateway.gateway.audit().recent();
     assert_eq!(records.len(), before + 1, "one audit record per request");
     records.last().unwrap().clone()
@@ -196,7 +193,10 @@ async fn jwts_are_verified_at_the_gateway_and_the_trusts_and_every_refusal_is_au
         let record = node.audit.recent().pop().expect("every trust was asked");
         assert_eq!(record.outcome, "answered");
         assert_eq!(
-            (record.identity.user.as_str(), record.identity.purpose.as_str()),
+            (
+                record.identity.user.as_str(),
+                record.identity.purpose.as_str()
+            ),
             ("jwt-analyst", "planning"),
             "the trust verified the token itself"
         );

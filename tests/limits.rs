@@ -168,7 +168,11 @@ async fn time_and_memory_limits_stop_queries_with_typed_errors() {
     assert!(err.starts_with("E_QUERY_TIMEOUT"), "{err}");
     assert_eq!(
         last_record(&gateway),
-        ("run".into(), "failed".into(), vec!["E_QUERY_TIMEOUT".into()])
+        (
+            "run".into(),
+            "failed".into(),
+            vec!["E_QUERY_TIMEOUT".into()]
+        )
     );
     stop(gateway, nodes).await;
 
@@ -185,12 +189,20 @@ async fn time_and_memory_limits_stop_queries_with_typed_errors() {
     assert_names_no_trust(&err);
     assert_eq!(
         last_record(&gateway),
-        ("run".into(), "failed".into(), vec!["E_TRUST_TIMEOUT".into()])
+        (
+            "run".into(),
+            "failed".into(),
+            vec!["E_TRUST_TIMEOUT".into()]
+        )
     );
     for node in &nodes {
         let record = node.audit.recent().pop().expect("every node audited it");
         assert_eq!(record.outcome, "failed");
-        assert_eq!(record.codes, ["E_QUERY_TIMEOUT"], "the trust's own log says why");
+        assert_eq!(
+            record.codes,
+            ["E_QUERY_TIMEOUT"],
+            "the trust's own log says why"
+        );
     }
     stop(gateway, nodes).await;
 

@@ -24,7 +24,9 @@ use tally_common::model::{
     ReleaseQuery, ReleaseRequest,
 };
 
-use crate::support::{analyst_token, audited_nodes, data_dir, identity_provider, node_client, rows};
+use crate::support::{
+    analyst_token, audited_nodes, data_dir, identity_provider, node_client, rows,
+};
 
 /// The demo's trusts, each with its own audit log, under the default policy.
 struct Trusts {
@@ -109,7 +111,14 @@ pub enum Ask {
     /// SQL text in a statement ticket, redeemed with DoGet.
     SqlTicket(&'static str),
     /// A release (a query model) in a DoGet ticket, as the gateway sends.
-    Release(ReleaseRequest),
+    Release(Box<ReleaseRequest>),
+}
+
+impl Ask {
+    /// `request` in a DoGet ticket.
+    pub fn release(request: ReleaseRequest) -> Self {
+        Ask::Release(Box::new(request))
+    }
 }
 
 /// Sends `ask` straight to the node of trust `code` at `addr` as `asker`, under `query_id`,
@@ -275,7 +284,7 @@ fn refusals() -> Vec<Refusal> {
         name,
         trust: "RXA",
         asker,
-        ask: Ask::Release(episodes_by_diagnosis()),
+        ask: Ask::release(episodes_by_diagnosis()),
         code,
     };
     let nhs_number = Predicate::Compare {
@@ -309,7 +318,7 @@ fn refusals() -> Vec<Refusal> {
         // Models the trust's own catalogue does not allow.
         refusal(
             "undeclared-join",
-            Ask::Release(count(
+            Ask::release(count(
                 "patients",
                 &["episodes"],
                 vec![Dimension::bare("episodes", "specialty")],
@@ -319,7 +328,7 @@ fn refusals() -> Vec<Refusal> {
         ),
         refusal(
             "group-by-identifier",
-            Ask::Release(by_patients(
+            Ask::release(by_patients(
                 vec![Dimension::bare("patients", "nhs_number")],
                 None,
             )),
@@ -327,12 +336,12 @@ fn refusals() -> Vec<Refusal> {
         ),
         refusal(
             "filter-on-identifier",
-            Ask::Release(by_patients(vec![], Some(nhs_number))),
+            Ask::release(by_patients(vec![], Some(nhs_number))),
             "E_IDENTIFIER_COLUMN",
         ),
         refusal(
             "bare-quasi-identifier",
-            Ask::Release(by_patients(
+            Ask::release(by_patients(
                 vec![Dimension::bare("patients", "postcode")],
                 None,
             )),
@@ -340,20 +349,24 @@ fn refusals() -> Vec<Refusal> {
         ),
         refusal(
             "undeclared-generaliser",
-            Ask::Release(by_patients(
-                vec![generalised("patients", "year_of_birth", Generaliser::AgeBand)],
+            Ask::release(by_patients(
+                vec![generalised(
+                    "patients",
+                    "year_of_birth",
+                    Generaliser::AgeBand,
+                )],
                 None,
             )),
             "E_QUASI_IDENTIFIER",
         ),
         refusal(
             "filter-not-allowed",
-            Ask::Release(by_patients(vec![], Some(postcode_prefix))),
+            Ask::release(by_patients(vec![], Some(postcode_prefix))),
             "E_FILTER_NOT_ALLOWED",
         ),
         refusal(
             "literal-of-the-wrong-type",
-            Ask::Release(count("episodes", &[], vec![], Some(cost_as_text))),
+            Ask::release(count("episodes", &[], vec![], Some(cost_as_text))),
             "E_BAD_REQUEST",
         ),
         // Identities the trust cannot verify.
@@ -375,10 +388,8 @@ fn refusals() -> Vec<Refusal> {
         // Selections the signed approvals do not cover.
         denied(
             "project-not-approved",
-            Asker::analyst("cardiac-audit", "research").with_token(Some(token_approving(&[(
-                DEMO_PROJECT,
-                &["planning"],
-            )]))),
+            Asker::analyst("cardiac-audit", "research")
+                .with_token(Some(token_approving(&[(DEMO_PROJECT, &["planning"])]))),
             "E_PROJECT",
         ),
         denied(
@@ -388,10 +399,8 @@ fn refusals() -> Vec<Refusal> {
         ),
         denied(
             "direct-care-even-if-signed",
-            Asker::analyst(DEMO_PROJECT, "direct_care").with_token(Some(token_approving(&[(
-                DEMO_PROJECT,
-                &["direct_care"],
-            )]))),
+            Asker::analyst(DEMO_PROJECT, "direct_care")
+                .with_token(Some(token_approving(&[(DEMO_PROJECT, &["direct_care"])]))),
             "E_PURPOSE",
         ),
         // cardiac-audit covers RXA and RXB only.
@@ -399,7 +408,7 @@ fn refusals() -> Vec<Refusal> {
             name: "project-without-this-trust",
             trust: "RXC",
             asker: Asker::analyst("cardiac-audit", "research"),
-            ask: Ask::Release(episodes_by_diagnosis()),
+            ask: Ask::release(episodes_by_diagnosis()),
             code: "E_PROJECT",
         },
     ]
@@ -427,7 +436,11 @@ async fn a_node_refuses_on_its_own_and_audits_every_refusal_with_its_code() {
         assert_eq!(record["gateway"], "tally-gateway", "{}", case.name);
         let verified = record["identity"]["user"].as_str().unwrap();
         if case.code == "E_UNAUTHENTICATED" {
-            assert_eq!(verified, "", "{}: the stated user is not believed", case.name);
+            assert_eq!(
+                verified, "",
+                "{}: the stated user is not believed",
+                case.name
+            );
         }
         if let Ask::Release(request) = &case.ask
             && !verified.is_empty()
@@ -444,13 +457,13 @@ async fn a_node_refuses_on_its_own_and_audits_every_refusal_with_its_code() {
     let asker = Asker::analyst("cardiac-audit", "research");
     trusts
         .send(
-        "RXA",
-        &asker,
-        "node-test-project-with-this-trust",
-        &Ask::Release(episodes_by_diagnosis()),
-    )
-    .await
-    .expect("RXA is in cardiac-audit");
+            "RXA",
+            &asker,
+            "node-test-project-with-this-trust",
+            &Ask::release(episodes_by_diagnosis()),
+        )
+        .await
+        .expect("RXA is in cardiac-audit");
     assert_eq!(
         trusts.record("RXA", "node-test-project-with-this-trust")["outcome"],
         "answered"
@@ -523,13 +536,13 @@ async fn a_node_answers_only_groups_of_at_least_eight_patients_at_the_trust() {
         let query_id = format!("node-test-valid-{code}");
         let batches = trusts
             .send(
-            code,
-            &asker,
-            &query_id,
-            &Ask::Release(episodes_by_diagnosis()),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{code}: {e}"));
+                code,
+                &asker,
+                &query_id,
+                &Ask::release(episodes_by_diagnosis()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{code}: {e}"));
         let released: BTreeMap<String, i64> = rows(&batches)
             .into_iter()
             .map(|row| (row[0].to_string(), row[1].to_string().parse().unwrap()))

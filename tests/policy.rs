@@ -148,7 +148,7 @@ async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
                 REPLAYED_AT,
                 &asker,
                 &query_id,
-                &Ask::Release(request),
+                &Ask::release(request),
             )
             .await;
             if let Err(err) = at_node {
@@ -196,10 +196,9 @@ async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
 
 /// Patients per trust as the gateway answers `purpose`'s query for the demo project.
 async fn patients_by_trust(target: &GatewayTarget, purpose: &str) -> BTreeMap<String, i64> {
-    let mut client =
-        AnalystClient::connect_for(target, &analyst_token(), DEMO_PROJECT, purpose)
-            .await
-            .unwrap();
+    let mut client = AnalystClient::connect_for(target, &analyst_token(), DEMO_PROJECT, purpose)
+        .await
+        .unwrap();
     let answer = client
         .query("SELECT trust_code, COUNT(*) FROM patients GROUP BY trust_code")
         .await
@@ -352,7 +351,10 @@ async fn editing_a_rule_changes_the_next_decision_within_a_second_without_a_rest
     std::fs::write(&path, format!("{original}{CLOSE_EPISODES}")).unwrap();
     let took = wait_for_version_change(&policy, &before);
     // The folder is checked every second.
-    assert!(took < Duration::from_millis(1_500), "reloaded after {took:?}");
+    assert!(
+        took < Duration::from_millis(1_500),
+        "reloaded after {took:?}"
+    );
     let err = expect_refusal(client.query(sql).await);
     assert!(
         err.contains("E_TABLE_NOT_ALLOWED") && err.contains("maintenance"),
@@ -362,11 +364,19 @@ async fn editing_a_rule_changes_the_next_decision_within_a_second_without_a_rest
 
     // A broken file is reported, naming it, and the previous policy stays in force: also
     // after the watcher has seen the change.
-    std::fs::write(&path, format!("{original}{CLOSE_EPISODES}\nthis is not rego {{")).unwrap();
+    std::fs::write(
+        &path,
+        format!("{original}{CLOSE_EPISODES}\nthis is not rego {{"),
+    )
+    .unwrap();
     let error = policy.reload().expect_err("a syntax error is reported");
     assert!(error.to_string().contains("tally.rego"), "{error}");
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert_eq!(policy.version(), closed, "the previous policy stays in force");
+    assert_eq!(
+        policy.version(),
+        closed,
+        "the previous policy stays in force"
+    );
     let err = expect_refusal(client.query(sql).await);
     assert!(err.contains("E_TABLE_NOT_ALLOWED"), "{err}");
     local.stop().await;
@@ -414,7 +424,10 @@ async fn a_described_plan_runs_once_and_only_under_the_policy_that_decided_it() 
     };
     let (described, answered) = (of("describe", "described"), of("run", "answered"));
     assert_eq!((described.len(), answered.len()), (1, 2));
-    assert_eq!(answered[0], described[0], "the first run is the described plan");
+    assert_eq!(
+        answered[0], described[0],
+        "the first run is the described plan"
+    );
     assert_ne!(answered[1], described[0], "the second is planned again");
 
     // A plan described before the policy changed is not run after it.
@@ -480,7 +493,10 @@ fn every_documented_reason_code_has_a_passing_rego_test() {
     assert!(documented.len() >= 10, "{documented:?}");
     let tests = std::fs::read_to_string(default_policies().join("tally_test.rego")).unwrap();
     for code in &documented {
-        assert!(tests.contains(&format!("\"{code}\"")), "no Rego test for {code}");
+        assert!(
+            tests.contains(&format!("\"{code}\"")),
+            "no Rego test for {code}"
+        );
     }
     // And every code the rules use is documented.
     let rego = std::fs::read_to_string(default_policies().join("tally.rego")).unwrap();
@@ -488,7 +504,10 @@ fn every_documented_reason_code_has_a_passing_rego_test() {
         .split('"')
         .filter(|s| s.starts_with("E_") && s.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
     {
-        assert!(documented.contains(code), "{code} is not in policies/README.md");
+        assert!(
+            documented.contains(code),
+            "{code} is not in policies/README.md"
+        );
     }
 }
 
@@ -508,5 +527,8 @@ fn tally_policy_test_runs_every_rego_test() {
         report.contains(&format!("{tests} passed, 0 failed")),
         "{report}"
     );
-    assert_eq!(report.lines().filter(|l| l.starts_with("PASS ")).count(), tests);
+    assert_eq!(
+        report.lines().filter(|l| l.starts_with("PASS ")).count(),
+        tests
+    );
 }

@@ -128,7 +128,11 @@ async fn register_publishes_decisions_never_people_or_answers() {
     // share its query id); the register has one entry per query.
     let logged = std::fs::read_to_string(&log).unwrap();
     let records = logged.lines().filter(|l| !l.trim().is_empty()).count();
-    assert_eq!(records, 3 * 2 + 2, "one gateway record per request:\n{logged}");
+    assert_eq!(
+        records,
+        3 * 2 + 2,
+        "one gateway record per request:\n{logged}"
+    );
     let queries = tally_common::audit::read_records(&log)
         .unwrap()
         .iter()
@@ -196,7 +200,10 @@ async fn register_publishes_decisions_never_people_or_answers() {
         })
         .expect("the identifier refusal is listed with its reason");
     // The code's floor refuses identifiers while lowering, before any policy is reached.
-    assert!(identifier_entry["policy_version"].is_null(), "{identifier_entry}");
+    assert!(
+        identifier_entry["policy_version"].is_null(),
+        "{identifier_entry}"
+    );
     assert!(
         entries
             .iter()

@@ -157,6 +157,9 @@ pub struct Caller {
     pub token: Option<String>,
 }
 
+/// The schema of a described query's answer.
+struct Described(SchemaRef);
+
 /// A query planned, lowered and decided, ready to run.
 struct Decided {
     plan: LogicalPlan,
@@ -338,14 +341,15 @@ impl Gateway {
     }
 
     /// Records a request refused before it reached the planner (credentials, project
-    /// membership) and returns the error for the analyst.
+    /// membership) as `step` (`describe` or `run`) and returns the error for the analyst.
     pub async fn audit_rejected_request(
         &self,
         caller: &Caller,
         sql: &str,
+        step: &'static str,
         error: TallyError,
     ) -> TallyError {
-        let mut guard = self.guard(caller, sql, &new_query_id(), "run");
+        let mut guard = self.guard(caller, sql, &new_query_id(), step);
         let record = guard.record();
         record.codes = vec![error.code.to_string()];
         record.detail = Some(error.message.clone());
@@ -367,24 +371,36 @@ impl Gateway {
         }
     }
 
-    /// Plans `sql` without running it: the answer's schema, or why it is refused.
-    pub async fn describe(&self, caller: &Caller, sql: &str) -> Result<SchemaRef, TallyError> {
-        self.describe_statement(caller, sql)
+    /// Plans `sql` for a prepared statement: its schema, or why it is refused. Decided and
+    /// audited (step `describe`) but not rate-limited, since nothing reaches a trust; the
+    /// statement's own GetFlightInfo then plans it for its run.
+    pub async fn prepare(&self, caller: &Caller, sql: &str) -> Result<SchemaRef, TallyError> {
+        self.describe_as(caller, sql, false)
             .await
-            .map(|(schema, _)| schema)
+            .map(|(schema, _)| schema.0)
     }
 
-    /// Plans `sql` for a statement (GetFlightInfo): rate-limited, decided and audited like a
-    /// run; returns its schema and the ticket that runs it, naming the plan kept for that
-    /// run (see [`crate::planned`]).
+    /// Plans `sql` for a statement (GetFlightInfo): rate-limited, decided and audited (step
+    /// `describe`); returns its schema and the ticket that runs it, naming the plan kept for
+    /// that run (see [`crate::planned`]).
     pub async fn describe_statement(
         &self,
         caller: &Caller,
         sql: &str,
     ) -> Result<(SchemaRef, Vec<u8>), TallyError> {
+        let (schema, planned) = self.describe_as(caller, sql, true).await?;
+        Ok((schema.0, self.plans.keep(planned)))
+    }
+
+    async fn describe_as(
+        &self,
+        caller: &Caller,
+        sql: &str,
+        rate_limited: bool,
+    ) -> Result<(Described, PlannedQuery), TallyError> {
         let query_id = new_query_id();
         let mut guard = self.guard(caller, sql, &query_id, "describe");
-        if let Err(error) = self.rates.admit(&caller.identity) {
+        if rate_limited && let Err(error) = self.rates.admit(&caller.identity) {
             return Err(self.refuse(guard, error.into()).await);
         }
         let policy = self.policy.snapshot();
@@ -399,8 +415,8 @@ impl Gateway {
         record.releases = decided.releases.clone();
         record.release_sql = decided.release_sql.clone();
         guard.write().await?;
-        let schema = Arc::new(decided.plan.schema().as_arrow().clone());
-        let ticket = self.plans.keep(PlannedQuery {
+        let schema = Described(Arc::new(decided.plan.schema().as_arrow().clone()));
+        let planned = PlannedQuery {
             identity: caller.identity.clone(),
             sql: sql.to_string(),
             policy_version: policy.version().to_string(),
@@ -409,8 +425,8 @@ impl Gateway {
             releases: decided.releases,
             release_sql: decided.release_sql,
             obligations: decided.decision.obligations,
-        });
-        Ok((schema, ticket))
+        };
+        Ok((schema, planned))
     }
 
     /// Runs `sql` for `caller` and records the outcome in the audit log before answering;

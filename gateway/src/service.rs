@@ -55,7 +55,12 @@ impl GatewayService {
 
     /// Who is calling: bearer token (or JWT), then the project and purpose the request
     /// names (or the user's defaults). A refusal is audited with the `sql` it carried.
-    async fn identify<T>(&self, request: &Request<T>, sql: &str) -> Result<Caller, Status> {
+    async fn identify<T>(
+        &self,
+        request: &Request<T>,
+        sql: &str,
+        step: &'static str,
+    ) -> Result<Caller, Status> {
         let metadata = request.metadata();
         let peer = request
             .remote_addr()
@@ -69,7 +74,7 @@ impl GatewayService {
         };
         let (identity, token) = match self.users.bearer(metadata) {
             Ok(signed_in) => signed_in,
-            Err(error) => return Err(self.refuse(&caller, sql, error).await),
+            Err(error) => return Err(self.refuse(&caller, sql, step, error).await),
         };
         caller.identity.user = identity.user.clone();
         match identity.for_request(&project, &purpose) {
@@ -78,14 +83,20 @@ impl GatewayService {
                 caller.token = token;
                 Ok(caller)
             }
-            Err(error) => Err(self.refuse(&caller, sql, error).await),
+            Err(error) => Err(self.refuse(&caller, sql, step, error).await),
         }
     }
 
-    async fn refuse(&self, caller: &Caller, sql: &str, error: TallyError) -> Status {
+    async fn refuse(
+        &self,
+        caller: &Caller,
+        sql: &str,
+        step: &'static str,
+        error: TallyError,
+    ) -> Status {
         tracing::info!(peer = %caller.peer, code = %error.code, "request refused before planning");
         self.gateway
-            .audit_rejected_request(caller, sql, error)
+            .audit_rejected_request(caller, sql, step, error)
             .await
             .to_status()
     }
@@ -151,7 +162,7 @@ impl FlightSqlService for GatewayService {
                     identity: Default::default(),
                     token: None,
                 };
-                return Err(self.refuse(&caller, "", error).await);
+                return Err(self.refuse(&caller, "", "run", error).await);
             }
         };
         tracing::info!(user = %identity.user, "analyst authenticated");
@@ -174,7 +185,7 @@ impl FlightSqlService for GatewayService {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let caller = self.identify(&request, &query.query).await?;
+        let caller = self.identify(&request, &query.query, "describe").await?;
         let (schema, ticket) = self
             .gateway
             .describe_statement(&caller, &query.query)
@@ -196,7 +207,7 @@ impl FlightSqlService for GatewayService {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let text = ticket_sql(&ticket.statement_handle)?;
         let (plan, sql) = parse_ticket(&text);
-        let caller = self.identify(&request, sql).await?;
+        let caller = self.identify(&request, sql, "run").await?;
         self.answer(&caller, sql, plan).await
     }
 
@@ -205,8 +216,8 @@ impl FlightSqlService for GatewayService {
         query: ActionCreatePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let caller = self.identify(&request, &query.query).await?;
-        let schema = self.gateway.describe(&caller, &query.query).await?;
+        let caller = self.identify(&request, &query.query, "describe").await?;
+        let schema = self.gateway.prepare(&caller, &query.query).await?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: query.query.into_bytes().into(),
             dataset_schema: schema_bytes(&schema)?,
@@ -219,7 +230,7 @@ impl FlightSqlService for GatewayService {
         _query: ActionClosePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<(), Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         Ok(())
     }
 
@@ -228,7 +239,7 @@ impl FlightSqlService for GatewayService {
         query: CommandPreparedStatementQuery,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         let mut stream = request.into_inner();
         while let Some(message) = stream.next().await {
             if !message?.data_body.is_empty() {
@@ -250,11 +261,16 @@ impl FlightSqlService for GatewayService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let sql = ticket_sql(&query.prepared_statement_handle)?;
-        let caller = self.identify(&request, &sql).await?;
-        let schema = self.gateway.describe(&caller, &sql).await?;
+        let caller = self.identify(&request, &sql, "describe").await?;
+        // The endpoint's ticket is a statement ticket naming the plan kept for the run, so
+        // the prepared statement is planned, rate-limited and audited once like any other.
+        let (schema, ticket) = self.gateway.describe_statement(&caller, &sql).await?;
+        let ticket = TicketStatementQuery {
+            statement_handle: ticket.into(),
+        };
         Ok(Response::new(flight_info(
             &schema,
-            query,
+            ticket,
             request.into_inner(),
         )?))
     }
@@ -265,7 +281,7 @@ impl FlightSqlService for GatewayService {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let sql = ticket_sql(&query.prepared_statement_handle)?;
-        let caller = self.identify(&request, &sql).await?;
+        let caller = self.identify(&request, &sql, "run").await?;
         self.answer(&caller, &sql, None).await
     }
 
@@ -274,7 +290,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         Ok(Response::new(
             MetadataRequest::Catalogs(query).flight_info(request.into_inner())?,
         ))
@@ -285,7 +301,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         Ok(Response::new(
             MetadataRequest::Schemas(query).flight_info(request.into_inner())?,
         ))
@@ -296,7 +312,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         Ok(Response::new(
             MetadataRequest::Tables(query).flight_info(request.into_inner())?,
         ))
@@ -307,7 +323,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         Ok(Response::new(
             MetadataRequest::TableTypes(query).flight_info(request.into_inner())?,
         ))
@@ -318,7 +334,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         Ok(Response::new(
             MetadataRequest::SqlInfo(query).flight_info(request.into_inner())?,
         ))
@@ -329,7 +345,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetCatalogs,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         self.metadata(MetadataRequest::Catalogs(query))
     }
 
@@ -338,7 +354,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetDbSchemas,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         self.metadata(MetadataRequest::Schemas(query))
     }
 
@@ -347,7 +363,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTables,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         self.metadata(MetadataRequest::Tables(query))
     }
 
@@ -356,7 +372,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetTableTypes,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         self.metadata(MetadataRequest::TableTypes(query))
     }
 
@@ -365,7 +381,7 @@ impl FlightSqlService for GatewayService {
         query: CommandGetSqlInfo,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.identify(&request, "").await?;
+        self.identify(&request, "", "describe").await?;
         self.metadata(MetadataRequest::SqlInfo(query))
     }
 

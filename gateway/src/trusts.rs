@@ -176,7 +176,10 @@ impl Trust {
         if let Some(reason) = TallyError::from_status(&status) {
             tracing::info!(trust = %self.code, code = %reason.code, "trust did not answer");
             return match reason.code {
-                ErrorCode::QueryTimeout => self.timed_out(),
+                ErrorCode::QueryTimeout => TallyError::new(
+                    ErrorCode::TrustTimeout,
+                    "a trust stopped the query at its own time limit",
+                ),
                 ErrorCode::Execution
                 | ErrorCode::Internal
                 | ErrorCode::ResourcesExhausted

@@ -48,9 +48,13 @@ pub struct Options {
     /// Reach every site (Tally's and Row shipping's) over an emulated link of this many
     /// Mbit/s each way instead of bare loopback.
     pub link_mbit: Option<f64>,
-    /// The purpose Tally's queries are for (`direct_care` is exempt from the opt-out, which
-    /// Centralised and Row shipping do not apply).
+    /// The purpose Tally's queries are for (an approved analytics purpose).
     pub purpose: String,
+    /// Whether Tally's sites apply the National Data Opt-out to the HES-like data (the
+    /// default policy always does; Centralised and Row shipping never do). Off, the bench
+    /// policy is the default one with the opt-out obligation turned off, so that all three
+    /// systems count the same rows.
+    pub opt_out: bool,
 }
 
 /// One system's figures for one query.
@@ -700,6 +704,43 @@ pub struct Report {
     pub link_mbit: Option<f64>,
 }
 
+/// The bench policy folders under `root`: one applying the opt-out and one not (TPC-H has no
+/// patients and so no opt-out list; `--no-opt-out` compares like with like).
+struct BenchPolicies {
+    with_opt_out: PathBuf,
+    without_opt_out: PathBuf,
+}
+
+impl BenchPolicies {
+    fn create(from: &Path, root: &Path, codes: &[String]) -> Result<Self, String> {
+        let with_opt_out = bench_policies(from, &root.join("policies"), codes)?;
+        let without_opt_out = bench_policies(from, &root.join("policies-no-opt-out"), codes)?;
+        let rules = without_opt_out.join("tally.rego");
+        let text = std::fs::read_to_string(&rules).map_err(|e| e.to_string())?;
+        const OBLIGATION: &str = "apply_opt_out := true";
+        if !text.contains(OBLIGATION) {
+            return Err(format!(
+                "{}: no `{OBLIGATION}` rule to turn off for the no-opt-out bench policy",
+                rules.display()
+            ));
+        }
+        std::fs::write(&rules, text.replace(OBLIGATION, "apply_opt_out := false"))
+            .map_err(|e| e.to_string())?;
+        Ok(BenchPolicies {
+            with_opt_out,
+            without_opt_out,
+        })
+    }
+
+    /// The folder for `workload`'s sites.
+    fn for_workload(&self, workload: Workload, opt_out: bool) -> &Path {
+        match (workload, opt_out) {
+            (Workload::Hes, true) => &self.with_opt_out,
+            (Workload::Hes, false) | (Workload::Tpch, _) => &self.without_opt_out,
+        }
+    }
+}
+
 /// A copy of the policy folder `from` in `to` whose `uec-demand` project may also query the
 /// benchmark's sites `codes` and TPC-H `lineitem` (the shipped catalogue lists the demo
 /// trusts and tables only).
@@ -820,12 +861,7 @@ async fn compare_dataset(
 ) -> Result<Vec<Measurement>, String> {
     let (workload, size) = (dataset.workload, dataset.size);
     let name = workload.dataset(size);
-    // TPC-H has no patients, so no opt-out list: its queries are run for a purpose the
-    // opt-out does not apply to.
-    let purpose = match workload {
-        Workload::Hes => options.purpose.as_str(),
-        Workload::Tpch => "direct_care",
-    };
+    let purpose = options.purpose.as_str();
     eprintln!("{name}: Centralised");
     let central = centralised(workload, &dataset.central).await?;
     let series = Series {
@@ -972,7 +1008,7 @@ pub async fn run(options: &Options) -> Result<Report, String> {
     if !certs.is_complete(&code_refs) {
         crate::certs::create(&certs_dir, &code_refs)?;
     }
-    let policies = bench_policies(&options.policies, &options.root.join("policies"), &codes)?;
+    let policies = BenchPolicies::create(&options.policies, &options.root, &codes)?;
     let mut report = Report {
         measurements: Vec::new(),
         overhead: None,
@@ -985,7 +1021,7 @@ pub async fn run(options: &Options) -> Result<Report, String> {
         &small,
         Workload::Hes,
         &certs,
-        &policies,
+        policies.for_workload(Workload::Hes, options.opt_out),
         &options.purpose,
         None,
     )
@@ -996,13 +1032,29 @@ pub async fn run(options: &Options) -> Result<Report, String> {
         let dataset = hes_dataset(options, episodes).await?;
         report
             .measurements
-            .extend(compare_dataset(&dataset, options, &certs, &policies).await?);
+            .extend(
+                compare_dataset(
+                    &dataset,
+                    options,
+                    &certs,
+                    policies.for_workload(dataset.workload, options.opt_out),
+                )
+                .await?,
+            );
     }
     for &scale_factor in &options.tpch_scale_factors {
         let dataset = tpch_dataset(options, scale_factor)?;
         report
             .measurements
-            .extend(compare_dataset(&dataset, options, &certs, &policies).await?);
+            .extend(
+                compare_dataset(
+                    &dataset,
+                    options,
+                    &certs,
+                    policies.for_workload(dataset.workload, options.opt_out),
+                )
+                .await?,
+            );
     }
     Ok(report)
 }
