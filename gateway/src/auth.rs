@@ -79,7 +79,8 @@ impl Users {
             // Some clients (the ADBC driver) leave out the base64 padding.
             let lenient = GeneralPurpose::new(
                 &STANDARD,
-                GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+                GeneralPurposeConfig::new()
+                    .with_decode_padding_mode(DecodePaddingMode::Indifferent),
             );
             let decoded = lenient
                 .decode(encoded.trim())

@@ -8,6 +8,7 @@ pub mod opt_out;
 pub mod release;
 pub mod service;
 pub mod tables;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -121,12 +122,17 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         config.limits.query_timeout(),
     );
     let transport = transport(config, &audit)?;
-    let server = RunningServer::start(service, config.listen, "node agent", transport)
-        .await
-        .map_err(|source| NodeError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let server = RunningServer::start(
+        wire::NodeFlight::new(service),
+        config.listen,
+        "node agent",
+        transport,
+    )
+    .await
+    .map_err(|source| NodeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let addr = server.addr;
     let watcher = policy.watch(POLICY_POLL);
     tracing::info!(trust = %config.trust.code, %addr, policy = %policy.version(), "node agent serving Flight SQL");

@@ -310,7 +310,8 @@ impl NodeService {
             threshold,
             decision.obligations.round_to,
         )
-        .await {
+        .await
+        {
             Ok(plan) => plan,
             Err(error) => return Err(self.refuse(&context, refuse_with(error, &decision)).await),
         };
@@ -347,6 +348,17 @@ impl NodeService {
             "this node runs only Tally release requests (a query model), never SQL text",
         );
         self.refuse(&context, error.into()).await
+    }
+
+    /// Refuses, and audits, a request that is neither a release request nor a catalogue
+    /// request (an undecodable ticket, an action, an upload, an exchange).
+    pub(crate) async fn refuse_request<T>(&self, request: &Request<T>, what: &str) -> Status {
+        let error = TallyError::new(
+            ErrorCode::BadRequest,
+            format!("{what}: this node answers only Tally release requests and catalogue requests"),
+        );
+        self.refuse(&RequestContext::new(request), error.into())
+            .await
     }
 }
 
@@ -511,6 +523,22 @@ impl FlightSqlService for NodeService {
         _ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        Err(self.refuse_sql(RequestContext::new(&request)).await)
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        _query: arrow_flight::sql::CommandPreparedStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        Err(self.refuse_sql(RequestContext::new(&request)).await)
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        _query: arrow_flight::sql::CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
         Err(self.refuse_sql(RequestContext::new(&request)).await)
     }
 

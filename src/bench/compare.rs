@@ -1030,31 +1030,27 @@ pub async fn run(options: &Options) -> Result<Report, String> {
     federation.stop().await;
     for &episodes in &options.episodes {
         let dataset = hes_dataset(options, episodes).await?;
-        report
-            .measurements
-            .extend(
-                compare_dataset(
-                    &dataset,
-                    options,
-                    &certs,
-                    policies.for_workload(dataset.workload, options.opt_out),
-                )
-                .await?,
-            );
+        report.measurements.extend(
+            compare_dataset(
+                &dataset,
+                options,
+                &certs,
+                policies.for_workload(dataset.workload, options.opt_out),
+            )
+            .await?,
+        );
     }
     for &scale_factor in &options.tpch_scale_factors {
         let dataset = tpch_dataset(options, scale_factor)?;
-        report
-            .measurements
-            .extend(
-                compare_dataset(
-                    &dataset,
-                    options,
-                    &certs,
-                    policies.for_workload(dataset.workload, options.opt_out),
-                )
-                .await?,
-            );
+        report.measurements.extend(
+            compare_dataset(
+                &dataset,
+                options,
+                &certs,
+                policies.for_workload(dataset.workload, options.opt_out),
+            )
+            .await?,
+        );
     }
     Ok(report)
 }
