@@ -277,27 +277,7 @@ pub fn without_literals(sql: &str) -> Option<String> {
 /// A token's text, or `?` in place of anything an analyst typed as a value.
 fn public_token(token: &Token) -> String {
     match token {
-        Token::Number(..)
-        | Token::SingleQuotedString(_)
-        | Token::DoubleQuotedString(_)
-        | Token::TripleSingleQuotedString(_)
-        | Token::TripleDoubleQuotedString(_)
-        | Token::DollarQuotedString(_)
-        | Token::SingleQuotedByteStringLiteral(_)
-        | Token::DoubleQuotedByteStringLiteral(_)
-        | Token::TripleSingleQuotedByteStringLiteral(_)
-        | Token::TripleDoubleQuotedByteStringLiteral(_)
-        | Token::SingleQuotedRawStringLiteral(_)
-        | Token::DoubleQuotedRawStringLiteral(_)
-        | Token::TripleSingleQuotedRawStringLiteral(_)
-        | Token::TripleDoubleQuotedRawStringLiteral(_)
-        | Token::NationalStringLiteral(_)
-        | Token::QuoteDelimitedStringLiteral(_)
-        | Token::NationalQuoteDelimitedStringLiteral(_)
-        | Token::EscapedStringLiteral(_)
-        | Token::UnicodeStringLiteral(_)
-        | Token::HexStringLiteral(_)
-        | Token::Placeholder(_) => "?".to_string(),
+        value if tally_gateway::parse::is_value_token(value) => "?".to_string(),
         // A quoted name may be a value typed in the wrong quotes: "9434765919".
         Token::Word(word) if word.quote_style.is_some() => "?".to_string(),
         Token::Whitespace(Whitespace::SingleLineComment { prefix, comment }) => {

@@ -477,14 +477,12 @@ fn is_operator_keyword(keyword: Keyword) -> bool {
     )
 }
 
-/// Whether a symbol token is an operator. Only names, literals and punctuation are not:
-/// any other token, including ones a newer tokenizer adds, counts as an operator.
-fn is_operator_symbol(token: &Token) -> bool {
-    !matches!(
+/// Whether a token is a value an analyst typed: a number, any kind of string literal, or a
+/// placeholder. (The transparency register masks exactly these.)
+pub fn is_value_token(token: &Token) -> bool {
+    matches!(
         token,
-        Token::EOF
-            | Token::Word(_)
-            | Token::Number(..)
+        Token::Number(..)
             | Token::SingleQuotedString(_)
             | Token::DoubleQuotedString(_)
             | Token::TripleSingleQuotedString(_)
@@ -505,17 +503,28 @@ fn is_operator_symbol(token: &Token) -> bool {
             | Token::UnicodeStringLiteral(_)
             | Token::HexStringLiteral(_)
             | Token::Placeholder(_)
-            | Token::Comma
-            | Token::Whitespace(_)
-            | Token::Period
-            | Token::SemiColon
-            | Token::LParen
-            | Token::RParen
-            | Token::LBracket
-            | Token::RBracket
-            | Token::LBrace
-            | Token::RBrace
     )
+}
+
+/// Whether a symbol token is an operator. Only names, literals and punctuation are not:
+/// any other token, including ones a newer tokenizer adds, counts as an operator.
+fn is_operator_symbol(token: &Token) -> bool {
+    !is_value_token(token)
+        && !matches!(
+            token,
+            Token::EOF
+                | Token::Word(_)
+                | Token::Comma
+                | Token::Whitespace(_)
+                | Token::Period
+                | Token::SemiColon
+                | Token::LParen
+                | Token::RParen
+                | Token::LBracket
+                | Token::RBracket
+                | Token::LBrace
+                | Token::RBrace
+        )
 }
 
 /// Refuses plan nodes that are not part of a read-only query (defence in depth behind the
