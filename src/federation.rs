@@ -322,9 +322,36 @@ pub async fn local_tables(
     Ok(ctx)
 }
 
-/// The default policy folder of this repository.
-pub fn default_policies() -> PathBuf {
-    PathBuf::from("policies")
+/// The default policy folder, built into the binary: its files by name.
+pub const EMBEDDED_POLICIES: [(&str, &str); 4] = [
+    ("tally.rego", include_str!("../policies/tally.rego")),
+    (
+        "tally_test.rego",
+        include_str!("../policies/tally_test.rego"),
+    ),
+    ("catalogue.json", include_str!("../policies/catalogue.json")),
+    ("README.md", include_str!("../policies/README.md")),
+];
+
+/// The policy folder to use: `explicit` (given with `--policies`), which must exist, or else
+/// the default policy built into the binary, written to `<data_dir>/policies` the first time
+/// (files already there are kept, so a governance team's edits survive).
+pub fn policies_folder(explicit: Option<&Path>, data_dir: &Path) -> Result<PathBuf, String> {
+    if let Some(folder) = explicit {
+        if !folder.is_dir() {
+            return Err(format!("--policies {}: no such folder", folder.display()));
+        }
+        return Ok(folder.to_path_buf());
+    }
+    let folder = data_dir.join("policies");
+    std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+    for (name, text) in EMBEDDED_POLICIES {
+        let path = folder.join(name);
+        if !path.exists() {
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    Ok(folder)
 }
 
 /// Where the demo keeps its data by default.

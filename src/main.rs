@@ -44,9 +44,10 @@ enum Command {
         /// Gateway port on 127.0.0.1 (0 picks a free one).
         #[arg(long, default_value_t = 50050)]
         port: u16,
-        /// Policy folder used by the gateway and every node.
-        #[arg(long, default_value_os_t = federation::default_policies())]
-        policies: PathBuf,
+        /// Policy folder used by the gateway and every node (default: the policy built into
+        /// the binary, written to DATA/policies).
+        #[arg(long)]
+        policies: Option<PathBuf>,
         /// Stop after the showcase instead of serving until Ctrl-C.
         #[arg(long)]
         exit: bool,
@@ -165,9 +166,9 @@ enum Command {
 enum BenchCommand {
     /// Policy evaluation, audit logging and TLS overhead.
     Policy {
-        /// The policy folder.
-        #[arg(long, default_value_os_t = federation::default_policies())]
-        policies: PathBuf,
+        /// The policy folder (default: the built-in policy, written to DATA/policies).
+        #[arg(long)]
+        policies: Option<PathBuf>,
         /// Data folder whose first trust's tables give the schemas.
         #[arg(long, default_value_os_t = federation::default_data_dir())]
         data: PathBuf,
@@ -193,9 +194,10 @@ enum BenchCommand {
         /// Timed runs per query, after one warm-up.
         #[arg(long, default_value_t = 5)]
         runs: usize,
-        /// The policy folder (Tally's gateway and nodes).
-        #[arg(long, default_value_os_t = federation::default_policies())]
-        policies: PathBuf,
+        /// The policy folder (Tally's gateway and nodes; default: the built-in policy,
+        /// written to ROOT/source/policies).
+        #[arg(long)]
+        policies: Option<PathBuf>,
         /// Run Row shipping only on datasets up to this many rows (it ships every row every
         /// run).
         #[arg(long, default_value_t = 10_000_000)]
@@ -260,16 +262,16 @@ enum AuditCommand {
 enum PolicyCommand {
     /// Run every test_* rule in the policy folder and report pass/fail per test.
     Test {
-        /// The policy folder.
-        #[arg(default_value_os_t = federation::default_policies())]
-        dir: PathBuf,
+        /// The policy folder (default: the built-in policy, written to
+        /// .tally/demo-data/policies).
+        dir: Option<PathBuf>,
     },
     /// Print the releases a query lowers to (models and SQL), the policy input of each and
     /// the decision, without running it.
     Explain {
-        /// The policy folder.
-        #[arg(long, default_value_os_t = federation::default_policies())]
-        policies: PathBuf,
+        /// The policy folder (default: the built-in policy, written to DATA/policies).
+        #[arg(long)]
+        policies: Option<PathBuf>,
         /// Data folder whose first trust's tables give the schemas.
         #[arg(long, default_value_os_t = federation::default_data_dir())]
         data: PathBuf,
@@ -324,7 +326,10 @@ async fn run(command: Command) -> Result<(), String> {
             policies,
             exit,
             insecure_loopback,
-        } => demo::run(&data, patients, port, &policies, exit, insecure_loopback).await,
+        } => {
+            let policies = federation::policies_folder(policies.as_deref(), &data)?;
+            demo::run(&data, patients, port, &policies, exit, insecure_loopback).await
+        }
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => match tally_common::audit::verify(&file) {
@@ -381,7 +386,10 @@ async fn run(command: Command) -> Result<(), String> {
         }
         Command::Bench { command } => bench(command).await,
         Command::Policy { command } => match command {
-            PolicyCommand::Test { dir } => tally::policy_cli::test(&dir),
+            PolicyCommand::Test { dir } => tally::policy_cli::test(&federation::policies_folder(
+                dir.as_deref(),
+                &federation::default_data_dir(),
+            )?),
             PolicyCommand::Explain {
                 policies,
                 data,
@@ -401,6 +409,7 @@ async fn run(command: Command) -> Result<(), String> {
                     project,
                     purpose,
                 };
+                let policies = federation::policies_folder(policies.as_deref(), &data)?;
                 let text = tally::policy_cli::explain(&policies, &data, identity, &sql).await?;
                 println!("{text}");
                 Ok(())
@@ -487,6 +496,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
             iterations,
         } => {
             federation::ensure_data(&data, 20_000, 42)?;
+            let policies = federation::policies_folder(policies.as_deref(), &data)?;
             println!(
                 "{}",
                 tally::bench::policy(&policies, &data, iterations.max(1)).await?
@@ -509,6 +519,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
             link_mbit,
             out,
         } => {
+            let policies = federation::policies_folder(policies.as_deref(), &root.join("source"))?;
             let options = tally::bench::compare::Options {
                 root,
                 episodes: episodes.into_iter().filter(|&n| n != 0).collect(),

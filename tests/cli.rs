@@ -25,6 +25,76 @@ fn every_subcommand_has_help() {
     }
 }
 
+/// The binary carries its default policy: the demo runs from an empty folder (nothing of
+/// the repository around it) without `--policies`, and a `--policies` folder that does not
+/// exist is an error naming the flag.
+#[test]
+fn the_demo_runs_anywhere_on_its_built_in_policy() {
+    let empty = tempfile::tempdir().unwrap();
+    let missing = tally()
+        .current_dir(empty.path())
+        .args([
+            "demo",
+            "--exit",
+            "--port",
+            "0",
+            "--policies",
+            "no-such-folder",
+        ])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("--policies no-such-folder: no such folder"),
+        "{stderr}"
+    );
+
+    let data = empty.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for entry in std::fs::read_dir(data_dir()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_dir() && entry.file_name() != "idp" && entry.file_name() != "policies" {
+            let to = data.join(entry.file_name());
+            std::fs::create_dir_all(&to).unwrap();
+            for file in std::fs::read_dir(entry.path()).unwrap() {
+                let file = file.unwrap();
+                std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
+            }
+        } else if entry.path().is_file() {
+            std::fs::copy(entry.path(), data.join(entry.file_name())).unwrap();
+        }
+    }
+    let out = tally()
+        .current_dir(empty.path())
+        .args([
+            "demo",
+            "--exit",
+            "--port",
+            "0",
+            "--insecure-loopback",
+            "--data",
+            "data",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.matches("trusts answered: RXA, RXB, RXC").count(),
+        5,
+        "{stdout}"
+    );
+    for (name, text) in tally::federation::EMBEDDED_POLICIES {
+        let written = std::fs::read_to_string(data.join("policies").join(name)).unwrap();
+        assert_eq!(written, text, "{name} is the built-in policy");
+    }
+}
+
 #[test]
 fn demo_runs_its_showcase_and_exits() {
     let out = tally()
