@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use arrow::array::RecordBatch;
 use arrow_flight::Ticket;
 use arrow_flight::sql::{ProstMessageExt, TicketStatementQuery};
+use datafusion::common::ScalarValue;
 use futures::TryStreamExt;
 use prost::Message;
 use serde_json::Value;
@@ -574,4 +575,113 @@ async fn a_node_answers_only_groups_of_at_least_eight_patients_at_the_trust() {
         assert_eq!(record["identity"]["user"], DEMO_USER);
     }
     trusts.stop().await;
+}
+
+/// Red-team finding: a group of many patients in which only one episode has a cost must not
+/// carry that cost. A node withholds an aggregated column (count 0, sum and sum of squares
+/// NULL) whose values come from fewer patients than its threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_measure_valued_for_too_few_patients_is_withheld() {
+    crate::support::init_logging();
+    let (_dir, data) = crate::support::copy_of_data();
+    let episodes = data.join("RXA").join("episodes.parquet");
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_parquet("e", episodes.to_str().unwrap(), Default::default())
+        .await
+        .unwrap();
+    let kept = rows(
+        &ctx.sql("SELECT MIN(episode_id) FROM e WHERE specialty = '800'")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap(),
+    )[0][0]
+        .to_string();
+    let columns: Vec<String> = ctx
+        .table("e")
+        .await
+        .unwrap()
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| match f.name().as_str() {
+            "cost" => format!(
+                "CASE WHEN specialty <> '800' OR episode_id = '{kept}' THEN cost END AS cost"
+            ),
+            name => name.to_string(),
+        })
+        .collect();
+    let rewritten = ctx
+        .sql(&format!("SELECT {} FROM e", columns.join(", ")))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    std::fs::remove_file(&episodes).unwrap();
+    let file = std::fs::File::create(&episodes).unwrap();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(file, rewritten[0].schema(), None).unwrap();
+    for batch in &rewritten {
+        writer.write(batch).unwrap();
+    }
+    writer.close().unwrap();
+
+    let mut config = tally::federation::node_config(
+        &data,
+        &tally_synth::default_trusts()[0],
+        &crate::support::default_policies(),
+        &crate::support::tls(),
+        &identity_provider(),
+    );
+    config.audit_log = Some(data.join("rxa.jsonl"));
+    let node = tally_node::start(&config).await.unwrap();
+    let cost = column("episodes", "cost");
+    let request = ReleaseRequest {
+        release: ReleaseQuery {
+            version: MODEL_VERSION,
+            fact: "episodes".into(),
+            joins: Vec::new(),
+            filter: Some(Predicate::Compare {
+                on: Dimension::bare("episodes", "specialty"),
+                cmp: Comparison::Eq,
+                value: Literal::Text("800".into()),
+            }),
+            group_by: Vec::new(),
+            aggregates: vec![
+                Aggregate::CountRows,
+                Aggregate::Sum {
+                    column: cost.clone(),
+                },
+                Aggregate::Variance {
+                    column: cost,
+                    population: true,
+                },
+            ],
+        },
+        min_distinct_patients: 8,
+    };
+    let asker = Asker::analyst(DEMO_PROJECT, "planning");
+    let batches = send(
+        node.addr,
+        "RXA",
+        &asker,
+        "q-null-cost",
+        &Ask::release(request),
+    )
+    .await
+    .expect("answered");
+    let answer = rows(&batches);
+    assert_eq!(answer.len(), 1, "{answer:?}");
+    let [row_count, cost_count, cost_sum, cost_squares] = answer[0].as_slice() else {
+        panic!("four partials: {answer:?}");
+    };
+    assert!(
+        matches!(row_count, ScalarValue::Int64(Some(n)) if *n >= 8),
+        "the group itself has many patients: {row_count:?}"
+    );
+    assert_eq!(cost_count, &ScalarValue::Int64(Some(0)), "{answer:?}");
+    assert!(cost_sum.is_null() && cost_squares.is_null(), "{answer:?}");
+    node.stop().await;
 }

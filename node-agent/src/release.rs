@@ -16,7 +16,9 @@ use datafusion::execution::FunctionRegistry;
 use datafusion::functions::string::expr_fn::starts_with;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::logical_expr::expr::{AggregateFunction, ScalarFunction};
-use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
+use datafusion::logical_expr::{
+    Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit, when,
+};
 use datafusion::prelude::SessionContext;
 use tally_common::governance::{Governance, Relationship};
 use tally_common::model::{
@@ -123,51 +125,104 @@ pub async fn build_plan(
         .enumerate()
         .map(|(i, d)| Ok(dimension_expr(ctx, d)?.alias(group_column(i))))
         .collect::<Result<Vec<_>, TallyError>>()?;
-    let mut aggregates: Vec<Expr> = release
-        .partials()
-        .iter()
-        .enumerate()
-        .map(|(i, partial)| partial_expr(partial).alias(partial_column(i)))
-        .collect();
-    aggregates.push(
+    let partials = release.partials();
+    let patients_of = |value: Expr| {
         Expr::AggregateFunction(AggregateFunction::new_udf(
             Arc::new(patients_upto_udaf()),
-            vec![column_expr(&release.fact, unit)],
+            vec![value],
             false,
             None,
             vec![],
             None,
         ))
-        .alias(PATIENTS),
-    );
-    let threshold = i64::try_from(threshold.max(1)).unwrap_or(i64::MAX);
-    let round = i64::try_from(round_to.max(1)).unwrap_or(1);
-    let counts: Vec<String> = release
-        .partials()
+    };
+    let mut aggregates: Vec<Expr> = partials
         .iter()
         .enumerate()
-        .filter(|(_, partial)| partial.is_count())
-        .map(|(i, _)| partial_column(i))
+        .map(|(i, partial)| partial_expr(partial).alias(partial_column(i)))
         .collect();
+    aggregates.push(patients_of(column_expr(&release.fact, unit)).alias(PATIENTS));
+    // Per aggregated column: the distinct patients with a value of it. A column whose values
+    // come from fewer patients than the threshold is withheld (count 0, sums NULL), so a
+    // group of many patients cannot carry the exact sum of one patient's value.
+    let valued: Vec<&ColumnRef> = partials
+        .iter()
+        .filter_map(|partial| match partial {
+            Partial::Count(column) => Some(column),
+            Partial::Rows | Partial::Sum(_) | Partial::SumSquares(_) => None,
+        })
+        .collect();
+    for (i, column) in valued.iter().enumerate() {
+        let unit_if_valued = when(
+            column_ref_expr(column).is_not_null(),
+            column_expr(&release.fact, unit),
+        )
+        .end()
+        .map_err(engine)?;
+        aggregates.push(patients_of(unit_if_valued).alias(valued_patients(i)));
+    }
+    let threshold = i64::try_from(threshold.max(1)).unwrap_or(i64::MAX);
+    let round = i64::try_from(round_to.max(1)).unwrap_or(1);
     let outputs: Vec<Expr> = expected
         .fields()
         .iter()
-        .map(|field| {
+        .zip(partials_and_groups(release, &partials))
+        .map(|(field, partial)| {
             let value = cast(col(field.name()), field.data_type().clone());
-            let value = if round > 1 && counts.contains(field.name()) {
-                (value + lit(round / 2)) / lit(round) * lit(round)
-            } else {
-                value
+            let value = match partial {
+                None | Some(Partial::Rows) => value,
+                Some(
+                    Partial::Count(column) | Partial::Sum(column) | Partial::SumSquares(column),
+                ) => {
+                    let index = valued.iter().position(|c| *c == column).ok_or_else(|| {
+                        datafusion::error::DataFusionError::Internal(
+                            "a summed column has no count".into(),
+                        )
+                    })?;
+                    let withheld = match partial {
+                        Some(Partial::Count(_)) => lit(0i64),
+                        _ => lit(datafusion::common::ScalarValue::try_from(
+                            field.data_type(),
+                        )?),
+                    };
+                    when(col(valued_patients(index)).gt_eq(lit(threshold)), value)
+                        .otherwise(withheld)?
+                }
             };
-            value.alias(field.name())
+            let value = match partial {
+                Some(Partial::Rows | Partial::Count(_)) if round > 1 => {
+                    (value + lit(round / 2)) / lit(round) * lit(round)
+                }
+                None
+                | Some(
+                    Partial::Rows | Partial::Count(_) | Partial::Sum(_) | Partial::SumSquares(_),
+                ) => value,
+            };
+            Ok(value.alias(field.name()))
         })
-        .collect();
+        .collect::<datafusion::common::Result<_>>()
+        .map_err(engine)?;
     builder
         .aggregate(groups, aggregates)
         .and_then(|b| b.filter(col(PATIENTS).gt_eq(lit(threshold))))
         .and_then(|b| b.project(outputs))
         .and_then(|b| b.build())
         .map_err(engine)
+}
+
+/// Name of the hidden per-group count of patients with a value of aggregated column `index`.
+fn valued_patients(index: usize) -> String {
+    format!("__tally_valued_patients_{index}")
+}
+
+/// For each column of the partial schema, the partial it holds (`None` for group keys).
+fn partials_and_groups<'a>(
+    release: &ReleaseQuery,
+    partials: &'a [Partial],
+) -> Vec<Option<&'a Partial>> {
+    std::iter::repeat_n(None, release.group_by.len())
+        .chain(partials.iter().map(Some))
+        .collect()
 }
 
 fn column_expr(table: &str, column: &str) -> Expr {
