@@ -225,7 +225,11 @@ impl JwtVerifier {
                     .map(|item| item.as_str().map(str::to_string))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| refused(format!("the '{claim}' claim must list strings"))),
-                _ => Err(refused(format!("the '{claim}' claim must be a list"))),
+                Value::Null
+                | Value::Bool(_)
+                | Value::Number(_)
+                | Value::String(_)
+                | Value::Object(_) => Err(refused(format!("the '{claim}' claim must be a list"))),
             }
         };
         let groups = match claims.get(&self.config.groups_claim) {
@@ -265,7 +269,8 @@ impl JwtVerifier {
     }
 }
 
-/// Why a token failed validation, in words an analyst can act on.
+/// Why a token failed validation, in words an analyst can act on. (`ErrorKind` is
+/// `#[non_exhaustive]`, so the last arm is required; it only words a refusal.)
 fn describe(kind: &ErrorKind) -> String {
     match kind {
         ErrorKind::ExpiredSignature => "the token has expired".into(),

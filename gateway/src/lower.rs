@@ -414,42 +414,42 @@ fn joins_on(
         })
     };
     match relationship {
-        Relationship::ManyToOne { from, to } => Ok(match condition {
-            Expr::BinaryExpr(BinaryExpr {
+        Relationship::ManyToOne { from, to } => {
+            let Expr::BinaryExpr(BinaryExpr {
                 left,
                 op: Operator::Eq,
                 right,
-            }) => {
-                (is(left, fact, from) && is(right, other, to))
-                    || (is(right, fact, from) && is(left, other, to))
-            }
-            _ => false,
-        }),
+            }) = condition
+            else {
+                return Ok(false);
+            };
+            Ok((is(left, fact, from) && is(right, other, to))
+                || (is(right, fact, from) && is(left, other, to)))
+        }
         Relationship::CodeRange {
             code,
             prefix,
             low,
             high,
-        } => Ok(match condition {
-            Expr::Between(between) if !between.negated => {
-                is(&between.low, other, low)
-                    && is(&between.high, other, high)
-                    && match between.expr.as_ref() {
-                        Expr::ScalarFunction(ScalarFunction { func, args })
-                            if func.name() == "substr" && args.len() == 3 =>
-                        {
-                            is(&args[0], fact, code)
-                                && constant(&args[1])
-                                    .is_some_and(|v| v == ScalarValue::Int64(Some(1)))
-                                && constant(&args[2]).is_some_and(|v| {
-                                    v == ScalarValue::Int64(Some(i64::from(*prefix)))
-                                })
-                        }
-                        _ => false,
-                    }
-            }
-            _ => false,
-        }),
+        } => {
+            let Expr::Between(between) = condition else {
+                return Ok(false);
+            };
+            let Expr::ScalarFunction(ScalarFunction { func, args }) = between.expr.as_ref() else {
+                return Ok(false);
+            };
+            let [code_arg, start, length] = args.as_slice() else {
+                return Ok(false);
+            };
+            Ok(!between.negated
+                && func.name() == "substr"
+                && is(code_arg, fact, code)
+                && constant(start).is_some_and(|v| v == ScalarValue::Int64(Some(1)))
+                && constant(length)
+                    .is_some_and(|v| v == ScalarValue::Int64(Some(i64::from(*prefix))))
+                && is(&between.low, other, low)
+                && is(&between.high, other, high))
+        }
     }
 }
 
@@ -623,11 +623,14 @@ fn constant(expr: &Expr) -> Option<ScalarValue> {
         Expr::Alias(alias) => constant(&alias.expr),
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
             let (left, right) = (constant(left)?, constant(right)?);
-            match op {
-                Operator::Plus => left.add_checked(&right).ok(),
-                Operator::Minus => left.sub_checked(&right).ok(),
-                Operator::Multiply => left.mul_checked(&right).ok(),
-                _ => None,
+            match operator_use(*op) {
+                OperatorUse::Fold(Arithmetic::Plus) => left.add_checked(&right).ok(),
+                OperatorUse::Fold(Arithmetic::Minus) => left.sub_checked(&right).ok(),
+                OperatorUse::Fold(Arithmetic::Multiply) => left.mul_checked(&right).ok(),
+                OperatorUse::And
+                | OperatorUse::Or
+                | OperatorUse::Compare(_)
+                | OperatorUse::Refused => None,
             }
         }
         Expr::Column(_)
@@ -778,15 +781,73 @@ fn constant_for(expr: &Expr, target: &DataType, on: &Dimension) -> Result<Litera
     literal_for(&value, target, on)
 }
 
-fn comparison(op: Operator) -> Option<Comparison> {
+/// Arithmetic folded over constants (never applied to a row's value).
+enum Arithmetic {
+    Plus,
+    Minus,
+    Multiply,
+}
+
+/// What a binary operator may do below a release. Every operator is named, so one that
+/// DataFusion adds is a compile error here, never accepted by default.
+enum OperatorUse {
+    /// `AND` in a filter tree.
+    And,
+    /// `OR` in a filter tree.
+    Or,
+    /// A column-against-constant test.
+    Compare(Comparison),
+    /// Arithmetic between constants, folded at the gateway.
+    Fold(Arithmetic),
+    /// Anything else.
+    Refused,
+}
+
+fn operator_use(op: Operator) -> OperatorUse {
     match op {
-        Operator::Eq => Some(Comparison::Eq),
-        Operator::NotEq => Some(Comparison::NotEq),
-        Operator::Lt => Some(Comparison::Lt),
-        Operator::LtEq => Some(Comparison::LtEq),
-        Operator::Gt => Some(Comparison::Gt),
-        Operator::GtEq => Some(Comparison::GtEq),
-        _ => None,
+        Operator::And => OperatorUse::And,
+        Operator::Or => OperatorUse::Or,
+        Operator::Eq => OperatorUse::Compare(Comparison::Eq),
+        Operator::NotEq => OperatorUse::Compare(Comparison::NotEq),
+        Operator::Lt => OperatorUse::Compare(Comparison::Lt),
+        Operator::LtEq => OperatorUse::Compare(Comparison::LtEq),
+        Operator::Gt => OperatorUse::Compare(Comparison::Gt),
+        Operator::GtEq => OperatorUse::Compare(Comparison::GtEq),
+        Operator::Plus => OperatorUse::Fold(Arithmetic::Plus),
+        Operator::Minus => OperatorUse::Fold(Arithmetic::Minus),
+        Operator::Multiply => OperatorUse::Fold(Arithmetic::Multiply),
+        Operator::Divide
+        | Operator::Modulo
+        | Operator::IsDistinctFrom
+        | Operator::IsNotDistinctFrom
+        | Operator::RegexMatch
+        | Operator::RegexIMatch
+        | Operator::RegexNotMatch
+        | Operator::RegexNotIMatch
+        | Operator::LikeMatch
+        | Operator::ILikeMatch
+        | Operator::NotLikeMatch
+        | Operator::NotILikeMatch
+        | Operator::BitwiseAnd
+        | Operator::BitwiseOr
+        | Operator::BitwiseXor
+        | Operator::BitwiseShiftRight
+        | Operator::BitwiseShiftLeft
+        | Operator::StringConcat
+        | Operator::AtArrow
+        | Operator::ArrowAt
+        | Operator::Arrow
+        | Operator::LongArrow
+        | Operator::HashArrow
+        | Operator::HashLongArrow
+        | Operator::AtAt
+        | Operator::IntegerDivide
+        | Operator::HashMinus
+        | Operator::AtQuestion
+        | Operator::Question
+        | Operator::QuestionAnd
+        | Operator::QuestionPipe
+        | Operator::Colon => OperatorUse::Refused,
     }
 }
 
@@ -804,23 +865,20 @@ fn lower_predicate(
     }
     let next = depth + 1;
     match expr {
-        Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
-            Operator::And => Ok(Predicate::And {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => match operator_use(*op) {
+            OperatorUse::And => Ok(Predicate::And {
                 all: vec![
                     lower_predicate(left, columns, schema, next)?,
                     lower_predicate(right, columns, schema, next)?,
                 ],
             }),
-            Operator::Or => Ok(Predicate::Or {
+            OperatorUse::Or => Ok(Predicate::Or {
                 any: vec![
                     lower_predicate(left, columns, schema, next)?,
                     lower_predicate(right, columns, schema, next)?,
                 ],
             }),
-            _ => {
-                let Some(cmp) = comparison(*op) else {
-                    return Err(refuse_expr(expr, "in a filter over patient rows"));
-                };
+            OperatorUse::Compare(cmp) => {
                 let (on, value, cmp) = if constant(left).is_some() {
                     (right, left, cmp.flipped())
                 } else {
@@ -829,6 +887,9 @@ fn lower_predicate(
                 let (on, data_type) = operand(on, columns, schema, next)?;
                 let value = constant_for(value, &data_type, &on)?;
                 Ok(Predicate::Compare { on, cmp, value })
+            }
+            OperatorUse::Fold(_) | OperatorUse::Refused => {
+                Err(refuse_expr(expr, "in a filter over patient rows"))
             }
         },
         Expr::Not(inner) => Ok(Predicate::Not {

@@ -203,7 +203,20 @@ impl Trust {
                 ErrorCode::TrustUnavailable,
                 format!("trust {} ({}) could not be reached", self.code, self.name),
             ),
-            _ => failed(),
+            Code::Ok
+            | Code::Unknown
+            | Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::ResourceExhausted
+            | Code::FailedPrecondition
+            | Code::Aborted
+            | Code::OutOfRange
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::DataLoss
+            | Code::Unauthenticated => failed(),
         }
     }
 }

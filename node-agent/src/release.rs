@@ -181,9 +181,14 @@ pub async fn build_plan(
                     })?;
                     let withheld = match partial {
                         Some(Partial::Count(_)) => lit(0i64),
-                        _ => lit(datafusion::common::ScalarValue::try_from(
-                            field.data_type(),
-                        )?),
+                        Some(Partial::Sum(_) | Partial::SumSquares(_)) => lit(
+                            datafusion::common::ScalarValue::try_from(field.data_type())?,
+                        ),
+                        None | Some(Partial::Rows) => {
+                            return Err(datafusion::error::DataFusionError::Internal(
+                                "only a column's partials are withheld".into(),
+                            ));
+                        }
                     };
                     when(col(valued_patients(index)).gt_eq(lit(threshold)), value)
                         .otherwise(withheld)?
