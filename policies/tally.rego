@@ -175,11 +175,41 @@ default allowed_trusts := []
 
 allowed_trusts := project.trusts
 
+# --- Privacy budget (zCDP ρ, kept per project and dataset at the gateway and every trust) ---
+
+# A project's own budget, where the catalogue gives one; else the settings' defaults.
+project_budget := object.get(project, "budget", {})
+
+rho_per_release := object.get(project_budget, "rho_per_release", settings.privacy.rho_per_release)
+
+default rho_cap := 0
+
+rho_cap := object.get(project_budget, "rho_cap", settings.privacy.rho_cap)
+
+spent := object.get(input, ["context", "budget", "spent"], 0)
+
+# No noise, no budget: the exact mode of tests that compare with a central computation.
+charged if settings.privacy.noise != "off"
+
+reasons contains reason("E_BUDGET_EXHAUSTED", msg) if {
+	charged
+	spent + rho_per_release > rho_cap
+	msg := sprintf(
+		"project '%v' has spent ρ = %v of its %v on dataset '%v'; a release costs %v",
+		[identity.project, spent, rho_cap, settings.privacy.dataset, rho_per_release],
+	)
+}
+
+budget := {
+	"dataset": settings.privacy.dataset,
+	"rho_per_release": rho_per_release,
+	"rho_cap": rho_cap,
+}
+
 obligations := {
-	"min_distinct_patients": settings.min_distinct_patients,
-	"round_to": settings.round_to,
 	"apply_opt_out": apply_opt_out,
 	"trusts": allowed_trusts,
+	"budget": budget,
 }
 
 decision := {

@@ -79,7 +79,38 @@ test_example_release_is_allowed if {
 	d := decide(example_action, identity)
 	d.allow
 	d.reasons == []
-	d.obligations == {"min_distinct_patients": 8, "round_to": 5, "apply_opt_out": true, "trusts": ["RXA", "RXB", "RXC"]}
+	d.obligations == {
+		"apply_opt_out": true,
+		"trusts": ["RXA", "RXB", "RXC"],
+		"budget": {"dataset": "hes", "rho_per_release": 0.02, "rho_cap": 1},
+	}
+}
+
+# --- Privacy budget --------------------------------------------------------------------------------
+
+decide_with_spent(spent) := tally.decision with input as {
+	"context": {"identity": identity, "origin": "analyst", "budget": {"spent": spent}},
+	"action": example_action,
+}
+
+test_a_release_within_the_budget_is_allowed if {
+	decide_with_spent(0.97).allow
+}
+
+test_a_release_past_the_budget_is_refused if {
+	d := decide_with_spent(0.99)
+	not d.allow
+	codes_of(d) == {"E_BUDGET_EXHAUSTED"}
+}
+
+test_a_project_budget_overrides_the_default if {
+	d := tally.decision with input as {
+		"context": {"identity": identity, "origin": "analyst", "budget": {"spent": 1.5}},
+		"action": example_action,
+	}
+		with data.governance.projects["uec-demand"].budget as {"rho_cap": 2, "rho_per_release": 0.1}
+	d.allow
+	d.obligations.budget == {"dataset": "hes", "rho_per_release": 0.1, "rho_cap": 2}
 }
 
 test_count_by_specialty_is_allowed if {

@@ -10,7 +10,8 @@ use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
 use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, header_text, http_url};
 use tally_common::tls::client_tls;
-use tally_gateway::TRUSTS_HEADER;
+use tally_gateway::budget::BudgetReport;
+use tally_gateway::{BUDGET_ACTION, TRUSTS_HEADER};
 use tonic::transport::{Channel, Endpoint};
 
 /// Where a gateway is, and the CA certificate that signs its TLS certificate.
@@ -144,6 +145,22 @@ impl AnalystClient {
             }
         }
         Ok(AnalystClient { inner })
+    }
+
+    /// The project's privacy budget, as the gateway's ledger has it.
+    pub async fn budget(&mut self) -> Result<BudgetReport, ClientError> {
+        let action = arrow_flight::Action {
+            r#type: BUDGET_ACTION.to_string(),
+            body: Default::default(),
+        };
+        let mut results = self.inner.do_action(action).await.map_err(refused)?;
+        let first = results
+            .message()
+            .await
+            .map_err(|status| ClientError::Refused(status.message().to_string()))?
+            .ok_or_else(|| ClientError::Refused("the gateway sent no budget".into()))?;
+        serde_json::from_slice(&first.body)
+            .map_err(|_| ClientError::Refused("the gateway's budget could not be read".into()))
     }
 
     /// Runs `sql` and collects the answer.

@@ -73,7 +73,10 @@ pub async fn run(
         Security::tls_in(&data_dir.join("certs"))?
     };
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
-    let local = federation::start(data_dir, listen, policies, security).await?;
+    // The ledgers live with the data and are never reset: a demo run again keeps its
+    // budget spent, and repeated queries return their stored noisy answers.
+    let state = data_dir.join("state");
+    let local = federation::start(data_dir, listen, policies, security, &state).await?;
     match &local.security {
         Security::Tls(folder) => println!(
             "TLS on: mutual TLS between the gateway and each trust, TLS for analysts (CA: {})",

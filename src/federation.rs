@@ -142,13 +142,14 @@ pub fn identity_provider(data_dir: &Path) -> Result<IdentityProvider, String> {
 
 /// The node config for one trust's generated data under `data_dir`, listening on loopback,
 /// deciding with the policy folder `policies`, secured as `security` says, verifying the
-/// tokens of `identity`.
+/// tokens of `identity`, keeping its privacy state in `state/<trust code>`.
 pub fn node_config(
     data_dir: &Path,
     trust: &TrustSpec,
     policies: &Path,
     security: &Security,
     identity: &IdentityProvider,
+    state: &Path,
 ) -> NodeConfig {
     NodeConfig {
         trust: TrustConfig {
@@ -157,6 +158,7 @@ pub fn node_config(
         },
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         audit_log: None,
+        state_dir: Some(state.join(trust.code)),
         audit_rotate_mb: 64,
         tls: match security {
             Security::Tls(folder) => {
@@ -194,13 +196,14 @@ pub fn node_config(
 }
 
 /// A gateway config over `nodes` with the demo analyst, deciding with `policies`, secured
-/// as `security` says.
+/// as `security` says, keeping its budget ledger in `state`.
 pub fn gateway_config(
     listen: SocketAddr,
     nodes: &[(String, String, SocketAddr)],
     policies: &Path,
     security: &Security,
     identity: &IdentityProvider,
+    state: &Path,
 ) -> GatewayConfig {
     let scheme = match security {
         Security::Tls(_) => "grpc+tls",
@@ -232,6 +235,7 @@ pub fn gateway_config(
         request_timeout_secs: 30.0,
         catalogue_refresh_secs: 10.0,
         audit_log: None,
+        budget_ledger: Some(state.join("gateway-ledger.jsonl")),
         audit_rotate_mb: 64,
         tls: match security {
             Security::Tls(folder) => Some(folder.gateway_server()),
@@ -265,26 +269,35 @@ pub fn ensure_data(data_dir: &Path, patients: usize, seed: u64) -> Result<bool, 
 }
 
 /// Starts a node per default trust over `data_dir` and a gateway on `gateway_listen`, all
-/// deciding with the policy folder `policies`, secured as `security` says.
+/// deciding with the policy folder `policies`, secured as `security` says, keeping their
+/// budget ledgers and stored answers under `state`.
 pub async fn start(
     data_dir: &Path,
     gateway_listen: SocketAddr,
     policies: &Path,
     security: Security,
+    state: &Path,
 ) -> Result<LocalFederation, String> {
     let identity = identity_provider(data_dir)?;
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
     for trust in default_trusts() {
         let node = tally_node::start(&node_config(
-            data_dir, &trust, policies, &security, &identity,
+            data_dir, &trust, policies, &security, &identity, state,
         ))
         .await
         .map_err(|e| format!("trust {}: {e}", trust.code))?;
         endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
         nodes.push(node);
     }
-    let config = gateway_config(gateway_listen, &endpoints, policies, &security, &identity);
+    let config = gateway_config(
+        gateway_listen,
+        &endpoints,
+        policies,
+        &security,
+        &identity,
+        state,
+    );
     let gateway = tally_gateway::start(&config)
         .await
         .map_err(|e| e.to_string())?;
@@ -310,6 +323,7 @@ pub async fn local_tables(
         &IdentityProvider {
             dir: data_dir.join("idp"),
         },
+        &data_dir.join("state"),
     );
     let ctx = tally_common::session::new_context().map_err(|e| e.to_string())?;
     let tables = tally_node::tables::open_tables(&ctx, &config.tables, &config.trust.code)

@@ -133,6 +133,21 @@ enum Command {
         /// The SQL; omit it for an interactive shell (statements end with ';').
         sql: Option<String>,
     },
+    /// Show a project's privacy budget: spent, remaining, and ε at the policy's δ.
+    Budget {
+        /// The gateway's Flight SQL URL (`grpc://` only for a plaintext loopback gateway).
+        #[arg(long, default_value = "grpc+tls://127.0.0.1:50050")]
+        gateway: String,
+        /// The CA certificate that signs the gateway's certificate (default: the demo's).
+        #[arg(long, env = "TALLY_CA_CERT", default_value_os_t = federation::default_data_dir().join("certs").join("ca.pem"))]
+        ca_cert: PathBuf,
+        /// Bearer token (or set TALLY_TOKEN).
+        #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Project (default: the user's default project).
+        #[arg(long, default_value = "")]
+        project: String,
+    },
     /// Governance tools: run a policy folder's tests, explain a decision.
     Policy {
         #[command(subcommand)]
@@ -385,6 +400,20 @@ async fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Bench { command } => bench(command).await,
+        Command::Budget {
+            gateway,
+            ca_cert,
+            token,
+            project,
+        } => {
+            let target = GatewayTarget::new(gateway, Some(ca_cert));
+            let mut client = AnalystClient::connect_for(&target, &token, &project, "")
+                .await
+                .map_err(|e| e.to_string())?;
+            let report = client.budget().await.map_err(|e| e.to_string())?;
+            println!("{}", budget_text(&report));
+            Ok(())
+        }
         Command::Policy { command } => match command {
             PolicyCommand::Test { dir } => tally::policy_cli::test(&federation::policies_folder(
                 dir.as_deref(),
@@ -637,6 +666,38 @@ async fn query_once(
         }
     );
     Ok(())
+}
+
+/// A budget report for people.
+fn budget_text(report: &tally_gateway::budget::BudgetReport) -> String {
+    if !report.noise {
+        return format!(
+            "project {} on dataset {}: this policy adds no noise and charges nothing",
+            report.project, report.dataset
+        );
+    }
+    let releases_left = if report.rho_per_release > 0.0 {
+        (report.remaining / report.rho_per_release + 1e-9).floor()
+    } else {
+        0.0
+    };
+    format!(
+        "project {project} on dataset {dataset} (zCDP ρ, at each trust)\n\
+         spent      ρ = {spent:.4}  (ε = {eps_spent:.2} at δ = {delta:e}), {releases} releases\n\
+         cap        ρ = {cap:.4}  (ε = {eps_cap:.2})\n\
+         remaining  ρ = {remaining:.4}: about {left} more releases at ρ = {per} each",
+        project = report.project,
+        dataset = report.dataset,
+        spent = report.spent,
+        eps_spent = report.epsilon_spent,
+        delta = report.delta,
+        releases = report.releases,
+        cap = report.cap,
+        eps_cap = report.epsilon_cap,
+        remaining = report.remaining,
+        left = releases_left,
+        per = report.rho_per_release,
+    )
 }
 
 /// A minimal shell: statements end with ';', errors are printed and the shell goes on.

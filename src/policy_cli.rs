@@ -43,6 +43,6 @@ pub async fn explain(
         .await
         .map_err(|e| e.to_string())?;
     let explanation =
-        Explanation::of(plan, &policy.snapshot(), &identity).map_err(|e| e.to_string())?;
+        Explanation::of(plan, &policy.snapshot(), &identity, 0.0).map_err(|e| e.to_string())?;
     serde_json::to_string_pretty(&explanation).map_err(|e| e.to_string())
 }

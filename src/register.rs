@@ -69,6 +69,9 @@ struct LoggedQuery {
     outcome: LoggedOutcome,
     #[serde(default)]
     codes: Vec<String>,
+    /// Absent in records written before budgets were charged.
+    #[serde(default)]
+    rho_charged: Option<f64>,
 }
 
 /// Which request a gateway audit record is for.
@@ -119,7 +122,7 @@ struct LoggedIdentity {
 }
 
 /// One query as the public sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Entry {
     /// When the gateway received the query, ISO-8601 UTC with milliseconds.
     pub time: String,
@@ -139,10 +142,13 @@ pub struct Entry {
     pub trusts: Vec<String>,
     /// The version of the policy that decided (absent when the policy was not reached).
     pub policy_version: Option<String>,
+    /// The privacy budget (zCDP ρ) the query cost its project at each trust; absent when
+    /// it was not paid for (refused before, or a policy without noise).
+    pub budget_spent: Option<f64>,
 }
 
 /// The whole register.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Register {
     /// When the register was generated, ISO-8601 UTC.
     pub generated_at: String,
@@ -224,6 +230,7 @@ fn parse_record(record: serde_json::Value) -> Result<Option<(u64, Entry)>, Strin
         reason_codes: distinct(record.codes),
         trusts: record.trusts,
         policy_version: record.policy_version,
+        budget_spent: record.rho_charged,
     };
     Ok(Some((record.time_ms, entry)))
 }
@@ -476,11 +483,11 @@ fn table_html(entries: &[Entry]) -> String {
     let mut html = String::from(
         "<div class=\"table-wrap\"><table>\n<thead><tr><th>When</th><th>Project and purpose</th>\
          <th>Question (SQL)</th><th>Decision</th><th>Trusts that answered</th>\
-         <th>Policy</th></tr></thead>\n<tbody>\n",
+         <th>Budget spent (ρ)</th><th>Policy</th></tr></thead>\n<tbody>\n",
     );
     if entries.is_empty() {
         html.push_str(
-            "<tr><td colspan=\"6\" class=\"empty\">No questions have been asked yet.</td></tr>\n",
+            "<tr><td colspan=\"7\" class=\"empty\">No questions have been asked yet.</td></tr>\n",
         );
     }
     for entry in entries {
@@ -509,7 +516,10 @@ fn row_html(entry: &Entry) -> String {
          <td>{project}<span class=\"small\">{purpose}</span></td>\
          <td class=\"sql\"><code>{sql}</code><span class=\"id\">query id {id}</span></td>\
          <td><span class=\"badge {outcome}\">{outcome}</span><div class=\"codes\">{codes}</div></td>\
-         <td>{trusts}</td><td class=\"version\"><code>{version}</code></td></tr>\n",
+         <td>{trusts}</td><td>{budget}</td><td class=\"version\"><code>{version}</code></td></tr>\n",
+        budget = entry
+            .budget_spent
+            .map_or_else(|| "none".to_string(), |rho| format!("{rho}")),
         time = escape(&entry.time),
         date = escape(&readable_time(&entry.time, "%-d %b %Y")),
         clock = escape(&readable_time(&entry.time, "%H:%M:%S UTC")),

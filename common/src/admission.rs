@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::TallyError;
 use crate::governance::{ColumnClass, Governance};
 use crate::model::{ColumnRef, Dimension, Predicate, ReleaseQuery};
-use crate::policy::{Decision, Obligations, PolicySnapshot};
+use crate::policy::{BudgetObligation, Decision, Obligations, PolicySnapshot};
 
 /// Who is asking and why, as the policy sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,12 +100,14 @@ fn tested<'a>(predicate: &'a Predicate, out: &mut Vec<&'a Dimension>) {
 }
 
 /// The policy input for one release: the model itself, and its tables, column uses and
-/// aggregate functions flattened (see `policies/README.md`).
+/// aggregate functions flattened, and the ρ the project has spent on the dataset so far
+/// (see `policies/README.md`).
 pub fn policy_input(
     identity: &RequestIdentity,
     origin: Origin,
     release: &ReleaseQuery,
     governance: &Governance,
+    budget_spent: f64,
 ) -> serde_json::Value {
     let mut tables = vec![release.fact.as_str()];
     tables.extend(release.joins.iter().map(String::as_str));
@@ -152,7 +154,11 @@ pub fn policy_input(
         .filter_map(|a| a.get("function").cloned())
         .collect();
     serde_json::json!({
-        "context": { "identity": identity, "origin": origin },
+        "context": {
+            "identity": identity,
+            "origin": origin,
+            "budget": { "spent": budget_spent },
+        },
         "action": {
             "kind": "release",
             "release": release,
@@ -163,18 +169,20 @@ pub fn policy_input(
     })
 }
 
-/// Decides `releases` for `identity`: each must pass the floor and the policy. The
-/// obligations are the strictest over all of them.
+/// Decides `releases` for `identity`, whose project has spent `budget_spent` (ρ) on the
+/// dataset: each must pass the floor and the policy. The obligations are the strictest
+/// over all of them.
 pub fn decide(
     policy: &PolicySnapshot,
     identity: &RequestIdentity,
     origin: Origin,
     releases: &[ReleaseQuery],
+    budget_spent: f64,
 ) -> Result<Decision, Refused> {
     let mut combined: Option<Decision> = None;
     for release in releases {
         release.validate(policy.governance())?;
-        let input = policy_input(identity, origin, release, policy.governance());
+        let input = policy_input(identity, origin, release, policy.governance(), budget_spent);
         let decision = policy.decide(&input)?;
         if let Some(error) = decision.refusal() {
             return Err(Refused {
@@ -207,10 +215,16 @@ impl Obligations {
             (Some(a), Some(b)) => Some(a.iter().filter(|t| b.contains(t)).cloned().collect()),
         };
         Obligations {
-            min_distinct_patients: self.min_distinct_patients.max(other.min_distinct_patients),
-            round_to: self.round_to.max(other.round_to),
             apply_opt_out: self.apply_opt_out || other.apply_opt_out,
             trusts,
+            budget: BudgetObligation {
+                dataset: self.budget.dataset.clone(),
+                rho_per_release: self
+                    .budget
+                    .rho_per_release
+                    .max(other.budget.rho_per_release),
+                rho_cap: self.budget.rho_cap.min(other.budget.rho_cap),
+            },
         }
     }
 }

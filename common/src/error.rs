@@ -93,11 +93,16 @@ pub enum ErrorCode {
     QueryShape,
     /// A column the catalogue does not allow in WHERE.
     FilterNotAllowed,
+    /// The project's privacy budget for this dataset cannot pay for this query.
+    BudgetExhausted,
+    /// The privacy-budget ledger failed verification or cannot be written, so every query
+    /// is refused (fail closed).
+    LedgerBroken,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 39] = [
+    pub const ALL: [ErrorCode; 41] = [
         ErrorCode::SqlSyntax,
         ErrorCode::UnknownTable,
         ErrorCode::UnknownColumn,
@@ -137,6 +142,8 @@ impl ErrorCode {
         ErrorCode::ClientCertificate,
         ErrorCode::QueryShape,
         ErrorCode::FilterNotAllowed,
+        ErrorCode::BudgetExhausted,
+        ErrorCode::LedgerBroken,
     ];
 
     /// The stable identifier, e.g. `E_NOT_AGGREGATE`.
@@ -181,6 +188,8 @@ impl ErrorCode {
             ErrorCode::ClientCertificate => "E_CLIENT_CERT",
             ErrorCode::QueryShape => "E_QUERY_SHAPE",
             ErrorCode::FilterNotAllowed => "E_FILTER_NOT_ALLOWED",
+            ErrorCode::BudgetExhausted => "E_BUDGET_EXHAUSTED",
+            ErrorCode::LedgerBroken => "E_LEDGER_BROKEN",
         }
     }
 
@@ -223,12 +232,15 @@ impl ErrorCode {
             ErrorCode::TrustUnavailable => Code::Unavailable,
             ErrorCode::TrustTimeout | ErrorCode::QueryTimeout => Code::DeadlineExceeded,
             ErrorCode::Unauthenticated | ErrorCode::ClientCertificate => Code::Unauthenticated,
-            ErrorCode::RateLimited | ErrorCode::ResourcesExhausted => Code::ResourceExhausted,
+            ErrorCode::RateLimited | ErrorCode::ResourcesExhausted | ErrorCode::BudgetExhausted => {
+                Code::ResourceExhausted
+            }
             ErrorCode::TrustFailed
             | ErrorCode::TrustProtocol
             | ErrorCode::Execution
             | ErrorCode::Internal
-            | ErrorCode::PolicyError => Code::Internal,
+            | ErrorCode::PolicyError
+            | ErrorCode::LedgerBroken => Code::Internal,
         }
     }
 }

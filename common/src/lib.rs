@@ -3,15 +3,18 @@
 //! the Flight SQL plumbing.
 
 pub mod admission;
+pub mod answers;
 pub mod audit;
 pub mod error;
 pub mod flight;
 pub mod generalise;
 pub mod governance;
 pub mod identity;
+pub mod ledger;
 pub mod model;
-pub mod patients;
+pub mod noise;
 pub mod policy;
+pub mod privacy;
 pub mod server;
 pub mod session;
 pub mod tls;

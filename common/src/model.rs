@@ -362,6 +362,16 @@ pub enum Partial {
 }
 
 impl Partial {
+    /// The column it aggregates (none for the row count).
+    pub fn column(&self) -> Option<&ColumnRef> {
+        match self {
+            Partial::Rows => None,
+            Partial::Count(column) | Partial::Sum(column) | Partial::SumSquares(column) => {
+                Some(column)
+            }
+        }
+    }
+
     /// Whether it is a count (released as an integer, rounded).
     pub fn is_count(&self) -> bool {
         match self {
@@ -784,15 +794,13 @@ fn bare_group_refusal(spec: &ColumnSpec, column: &ColumnRef) -> TallyError {
 /// The `type_url` of a release request inside a Flight `Ticket` (a protobuf `Any`).
 pub const RELEASE_TYPE_URL: &str = "type.tally.nhs.uk/tally.ReleaseRequest";
 
-/// What the gateway sends a trust: one release, and the smallest group it may return
-/// (the trust applies the stricter of this and its own threshold).
+/// What the gateway sends a trust: one release. Everything that protects the trust's
+/// patients (bounds, noise, budget) comes from the trust's own policy, never the request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseRequest {
     /// The release.
     pub release: ReleaseQuery,
-    /// The gateway policy's smallest number of distinct patients per group.
-    pub min_distinct_patients: u64,
 }
 
 impl ReleaseRequest {
@@ -946,7 +954,6 @@ mod tests {
     fn a_request_survives_its_ticket_and_nothing_else_passes_for_one() {
         let request = ReleaseRequest {
             release: count_by("episodes", "specialty"),
-            min_distinct_patients: 8,
         };
         let ticket = request.to_ticket();
         let any = <arrow_flight::sql::Any as prost::Message>::decode(ticket.ticket).unwrap();

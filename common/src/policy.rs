@@ -38,40 +38,41 @@ pub struct Reason {
 
 /// What the policy requires of an allowed query.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Obligations {
-    /// Groups with fewer distinct patients than this are suppressed.
-    #[serde(default = "default_min_patients")]
-    pub min_distinct_patients: u64,
-    /// Counts are rounded to a multiple of this (0 or 1: no rounding).
-    #[serde(default = "default_round_to")]
-    pub round_to: u64,
     /// Whether the National Data Opt-out applies to this query.
-    #[serde(default = "default_true")]
     pub apply_opt_out: bool,
     /// Trusts the query may use; absent means every trust.
     #[serde(default)]
     pub trusts: Option<Vec<String>>,
+    /// What the query costs and what the project may spend (zCDP ρ, per trust).
+    pub budget: BudgetObligation,
 }
 
-fn default_min_patients() -> u64 {
-    8
-}
-
-fn default_round_to() -> u64 {
-    5
-}
-
-fn default_true() -> bool {
-    true
+/// The privacy budget the policy sets for a query's project.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetObligation {
+    /// The dataset the budget is kept for.
+    pub dataset: String,
+    /// ρ each release of the query costs.
+    pub rho_per_release: f64,
+    /// The total ρ the project may spend on the dataset.
+    pub rho_cap: f64,
 }
 
 impl Default for Obligations {
+    /// What a decision without obligations gets: the strictest there is (no trust, no
+    /// budget), so a policy that forgets them fails closed.
     fn default() -> Self {
         Obligations {
-            min_distinct_patients: default_min_patients(),
-            round_to: default_round_to(),
             apply_opt_out: true,
-            trusts: None,
+            trusts: Some(Vec::new()),
+            budget: BudgetObligation {
+                dataset: String::new(),
+                rho_per_release: f64::INFINITY,
+                rho_cap: 0.0,
+            },
         }
     }
 }

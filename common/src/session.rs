@@ -20,7 +20,6 @@ pub fn new_context_in(runtime: Arc<RuntimeEnv>) -> Result<SessionContext> {
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(true);
     let mut ctx = SessionContext::new_with_config_rt(config, runtime);
-    ctx.register_udaf(crate::patients::patients_upto_udaf());
     crate::generalise::register(&mut ctx)?;
     Ok(ctx)
 }

@@ -39,6 +39,10 @@ pub struct GatewayConfig {
     /// Append-only JSON-lines audit log; none if absent.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// The privacy-budget ledger (JSON lines, hash-chained like the audit log); required
+    /// when the policy adds noise. Never delete it: it is what stops a budget resetting.
+    #[serde(default)]
+    pub budget_ledger: Option<PathBuf>,
     /// Rotate the audit log before it grows past this many MiB (0: never).
     #[serde(default = "default_rotate_mb")]
     pub audit_rotate_mb: u64,
@@ -256,6 +260,11 @@ impl GatewayConfig {
         let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
         let mut config: GatewayConfig = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(ledger) = &mut config.budget_ledger
+            && ledger.is_relative()
+        {
+            *ledger = base.join(&*ledger);
+        }
         if let Some(log) = &mut config.audit_log
             && log.is_relative()
         {

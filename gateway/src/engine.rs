@@ -23,6 +23,7 @@ use crate::catalogue::{Catalogue, CatalogueSchema};
 use crate::config::GatewayLimits;
 use crate::error::GatewayError;
 use crate::limits::RateLimiter;
+use crate::budget::{Budget, BudgetReport};
 use crate::lower::{lower, releases_of};
 use crate::parse::{QueryLimits, plan_read_only};
 use crate::planned::{PlanCache, PlannedQuery};
@@ -63,6 +64,8 @@ pub struct GatewayAuditRecord {
     pub rows_from_trusts: Option<usize>,
     /// Flight message bytes received from the trusts.
     pub bytes_from_trusts: Option<usize>,
+    /// ρ the query cost its project (0 for a repeat), when it was paid for.
+    pub rho_charged: Option<f64>,
     /// Wall time in milliseconds.
     pub duration_ms: f64,
     /// Why a request was refused before planning (authentication, project, rate limit).
@@ -113,11 +116,13 @@ pub struct Explanation {
 }
 
 impl Explanation {
-    /// What `plan` lowers to and what `policy` decides for `identity`.
+    /// What `plan` lowers to and what `policy` decides for `identity`, whose project has
+    /// spent `spent` (ρ) of its budget.
     pub fn of(
         plan: LogicalPlan,
         policy: &PolicySnapshot,
         identity: &RequestIdentity,
+        spent: f64,
     ) -> Result<Self, TallyError> {
         let governance = policy.governance();
         let releases = releases_of(plan, governance)?;
@@ -125,9 +130,9 @@ impl Explanation {
             release_sql: releases.iter().map(|r| r.render_sql(governance)).collect(),
             inputs: releases
                 .iter()
-                .map(|r| policy_input(identity, Origin::Analyst, r, governance))
+                .map(|r| policy_input(identity, Origin::Analyst, r, governance, spent))
                 .collect(),
-            decision: decide(policy, identity, Origin::Analyst, &releases)
+            decision: decide(policy, identity, Origin::Analyst, &releases, spent)
                 .map_err(|refused| refused.error.to_string()),
             releases,
         })
@@ -143,6 +148,7 @@ pub struct Gateway {
     rates: RateLimiter,
     query_timeout: Duration,
     plans: PlanCache,
+    budget: Budget,
 }
 
 /// Who sent a request and from where, for its audit record.
@@ -208,6 +214,7 @@ fn unreachable_record() -> GatewayAuditRecord {
         rows: None,
         rows_from_trusts: None,
         bytes_from_trusts: None,
+        rho_charged: None,
         duration_ms: 0.0,
         detail: None,
     }
@@ -225,11 +232,13 @@ impl Drop for AuditGuard {
 }
 
 impl Gateway {
-    /// An engine planning over `catalogue`'s tables under `policy`, within `limits`.
+    /// An engine planning over `catalogue`'s tables under `policy`, keeping its budget in
+    /// `budget`, within `limits`.
     pub fn new(
         catalogue: Arc<Catalogue>,
         policy: Arc<Policy>,
         audit: Arc<AuditLog<GatewayAuditRecord>>,
+        budget: Budget,
         limits: &GatewayLimits,
     ) -> Result<Self, GatewayError> {
         let engine = |e: datafusion::error::DataFusionError| GatewayError::Engine(e.to_string());
@@ -257,6 +266,7 @@ impl Gateway {
             ),
             query_timeout: limits.query_timeout(),
             plans: PlanCache::default(),
+            budget,
         })
     }
 
@@ -273,6 +283,17 @@ impl Gateway {
     /// The gateway's audit log.
     pub fn audit(&self) -> &Arc<AuditLog<GatewayAuditRecord>> {
         &self.audit
+    }
+
+    /// The gateway's budget ledger.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// `identity`'s project budget under the current policy.
+    pub fn budget_report(&self, identity: &RequestIdentity) -> BudgetReport {
+        self.budget
+            .report(identity, self.policy.snapshot().governance())
     }
 
     /// The tables analysts can query.
@@ -313,9 +334,13 @@ impl Gateway {
             caller.identity.clone(),
             caller.token.clone(),
         ));
-        let (plan, releases) = lower(plan, policy.governance(), &dispatch)?;
-        let decision = decide(policy, &caller.identity, Origin::Analyst, &releases)?;
+        // The releases are decided first; the plan that runs them is lowered once the
+        // decision (and so each value's accuracy) is known.
+        let releases = releases_of(plan.clone(), policy.governance())?;
+        let spent = self.budget.spent(&caller.identity.project, policy.governance());
+        let decision = decide(policy, &caller.identity, Origin::Analyst, &releases, spent)?;
         dispatch.bind(decision.obligations.clone());
+        let (plan, releases) = lower(plan, policy.governance(), &dispatch)?;
         let release_sql = releases
             .iter()
             .map(|r| r.render_sql(policy.governance()))
@@ -337,7 +362,8 @@ impl Gateway {
     ) -> Result<Explanation, TallyError> {
         let policy = self.policy.snapshot();
         let plan = plan_read_only(&self.ctx.state(), sql).await?;
-        Explanation::of(plan, &policy, identity)
+        let spent = self.budget.spent(&identity.project, policy.governance());
+        Explanation::of(plan, &policy, identity, spent)
     }
 
     /// Records a request refused before it reached the planner (credentials, project
@@ -476,6 +502,22 @@ impl Gateway {
         record.obligations = Some(decided.decision.obligations.clone());
         record.releases = decided.releases.clone();
         record.release_sql = decided.release_sql.clone();
+        let reserved = match self
+            .budget
+            .reserve(
+                &caller.identity,
+                policy.governance(),
+                &decided.decision.obligations,
+                &decided.releases,
+                &query_id,
+                policy.version(),
+            )
+            .await
+        {
+            Ok(reserved) => reserved,
+            Err(error) => return Err(self.refuse(guard, error.into()).await),
+        };
+        guard.record().rho_charged = Some(reserved.charged.as_f64());
         let dispatch = decided.dispatch.clone();
         let result =
             tokio::time::timeout(self.query_timeout, self.execute(decided.plan, &dispatch))
@@ -511,6 +553,7 @@ impl Gateway {
             }
         }
         guard.write().await?;
+        drop(reserved);
         let (schema, batches) = result?;
         Ok(QueryOutcome {
             query_id,

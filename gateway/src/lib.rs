@@ -7,6 +7,7 @@
 //! disclosure control); `engine` runs them in order and audits.
 
 pub mod auth;
+pub mod budget;
 pub mod catalogue;
 pub mod config;
 pub mod engine;
@@ -36,7 +37,7 @@ pub use config::{
 };
 pub use engine::{Caller, Explanation, Gateway, GatewayAuditRecord, QueryOutcome};
 pub use error::GatewayError;
-pub use service::{GatewayService, POLICY_VERSION_HEADER, TRUSTS_HEADER};
+pub use service::{BUDGET_ACTION, GatewayService, POLICY_VERSION_HEADER, TRUSTS_HEADER};
 pub use tally_common::identity::{Identity, JwtConfig, JwtVerifier};
 
 /// How often the policy folder is checked for changes.
@@ -119,11 +120,22 @@ pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError
     });
     let policy =
         Arc::new(Policy::load(&config.policies).map_err(|e| GatewayError::Policy(e.to_string()))?);
+    let budget = budget::Budget::open(config.budget_ledger.as_deref())
+        .map_err(|e| GatewayError::Policy(format!("budget ledger: {}", e.message)))?;
+    if config.budget_ledger.is_none()
+        && policy.snapshot().governance().settings.privacy.noise
+            != tally_common::governance::Noise::Off
+    {
+        return Err(GatewayError::Policy(
+            "the policy adds noise, so the gateway needs budget_ledger in its config".into(),
+        ));
+    }
     let policy_watcher = policy.watch(POLICY_POLL);
     let gateway = Arc::new(Gateway::new(
         catalogue.clone(),
         policy,
         audit,
+        budget,
         &config.limits,
     )?);
     let service = GatewayService::new(gateway.clone(), Users::new(config.users.clone(), jwt));

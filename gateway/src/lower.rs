@@ -104,6 +104,7 @@ fn release_scan(
         release.render_sql(governance),
         types,
         dispatch.clone(),
+        governance,
     );
     let restore = aggregate
         .schema

@@ -1,13 +1,18 @@
 //! Releasing: the execution-plan leaf through which every number derived from patient rows
 //! enters the gateway's plan.
 //!
-//! [`ReleaseExec::execute`] sends its release to the trusts, merges their partials and
-//! applies disclosure control before anything above it sees a row. Each trust has already
-//! rounded its own counts; the merged counts are rounded again to the gateway policy's
-//! multiple (a no-op for the same base; zero stays zero), and sums, means, variances and
-//! standard deviations are derived from the released partials only, so no combination of
-//! released statistics recovers an unrounded count. It is a leaf, visible in EXPLAIN with its
-//! metrics; nothing above it can reach the trusts' partials.
+//! [`ReleaseExec::execute`] sends its release to the trusts, merges their noisy partials
+//! and post-processes them before anything above it sees a row: counts below zero become
+//! zero, governance may round counts and drop groups whose merged noisy count is small
+//! (`settings.disclosure`), and sums, means, variances and standard deviations are derived
+//! from the released partials only. Post-processing of noisy values costs no privacy.
+//!
+//! Every output column carries its accuracy in its Arrow field metadata, where any Flight
+//! SQL client can read it: [`NOISE_SD`] (the standard deviation of the noise the trusts
+//! added together) and [`CI95`] (the half-width of the 95% interval, rounding included) for
+//! counts and sums; for means, variances and standard deviations, [`DERIVED`] names the
+//! noisy sum and count they were computed from, with their scales. It is a leaf, visible in
+//! EXPLAIN with its metrics; nothing above it can reach the trusts' partials.
 
 use std::fmt;
 use std::sync::Arc;
@@ -33,8 +38,20 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
     ReplaceChildrenOptions, SendableRecordBatchStream,
 };
+use std::collections::HashMap;
+
+use tally_common::governance::{DisclosureSettings, Governance, Noise};
 use tally_common::model::{Aggregate, Partial, ReleaseQuery};
+use tally_common::noise::{Rho, combined_sd, interval95};
+use tally_common::privacy::{ContributionBounds, NOISE_SD, ReleaseNoise};
 use tally_common::{ErrorCode, TallyError};
+
+/// Field metadata key: the half-width of a value's 95% interval (noise and rounding).
+pub const CI95: &str = "tally.ci95";
+
+/// Field metadata key: how a mean, variance or standard deviation was derived, with the
+/// noise scales of the sum and count it came from.
+pub const DERIVED: &str = "tally.derived";
 
 use crate::merge::merge_partials;
 use crate::send::QueryDispatch;
@@ -50,13 +67,14 @@ pub struct ReleaseTable {
     schema: SchemaRef,
 }
 
-/// What a release needs to run: the model, its rendering, the types the analyst's
-/// aggregate promised, and the query's dispatch.
+/// What a release needs to run: the model, its rendering, the query's dispatch and the
+/// post-processing governance asks for.
 struct Release {
     id: usize,
     query: ReleaseQuery,
     sql: String,
     dispatch: Arc<QueryDispatch>,
+    disclosure: DisclosureSettings,
 }
 
 impl fmt::Debug for ReleaseTable {
@@ -69,17 +87,23 @@ impl fmt::Debug for ReleaseTable {
 
 impl ReleaseTable {
     /// Release `query` (rendered as `sql`), whose output columns have `types` (group keys,
-    /// then aggregates), within `dispatch`'s query.
+    /// then aggregates), within `dispatch`'s query, under `governance`. Once the dispatch
+    /// is decided, the columns carry their accuracy in their metadata.
     pub fn new(
         query: ReleaseQuery,
         sql: String,
         types: Vec<DataType>,
         dispatch: Arc<QueryDispatch>,
+        governance: &Governance,
     ) -> Self {
+        let mut accuracy = accuracy(&query, governance, &dispatch).into_iter();
         let fields: Vec<Field> = types
             .into_iter()
             .enumerate()
-            .map(|(i, data_type)| Field::new(output_name(i), data_type, true))
+            .map(|(i, data_type)| {
+                Field::new(output_name(i), data_type, true)
+                    .with_metadata(accuracy.next().unwrap_or_default())
+            })
             .collect();
         ReleaseTable {
             release: Arc::new(Release {
@@ -87,10 +111,83 @@ impl ReleaseTable {
                 query,
                 sql,
                 dispatch,
+                disclosure: governance.settings.disclosure.clone(),
             }),
             schema: Arc::new(Schema::new(fields)),
         }
     }
+}
+
+/// The accuracy metadata of each output column (none for group keys, and none before the
+/// query is decided): the trusts' noise added up, from the model, the catalogue and the
+/// policy's ρ alone.
+fn accuracy(
+    query: &ReleaseQuery,
+    governance: &Governance,
+    dispatch: &QueryDispatch,
+) -> Vec<HashMap<String, String>> {
+    let mut out = vec![HashMap::new(); query.group_by.len()];
+    let sds: Vec<f64> = match governance.settings.privacy.noise {
+        Noise::Off => vec![0.0; query.partials().len()],
+        Noise::DiscreteGaussian => {
+            let noise = (|| {
+                let rho = Rho::from_decimal(dispatch.obligations()?.budget.rho_per_release)?;
+                let trusts = dispatch.trusts_reached(query)?;
+                let partials = dispatch.partial_schema(query)?;
+                let groups: Vec<DataType> = partials.fields()[..query.group_by.len()]
+                    .iter()
+                    .map(|f| f.data_type().clone())
+                    .collect();
+                let bounds = ContributionBounds::of(governance, query);
+                let noise = ReleaseNoise::of(governance, query, bounds, rho, &groups)?;
+                Ok::<_, TallyError>(
+                    (0..noise.partials.len())
+                        .map(|i| combined_sd(std::iter::repeat_n(noise.sd(i), trusts)))
+                        .collect(),
+                )
+            })();
+            match noise {
+                Ok(sds) => sds,
+                Err(_) => {
+                    out.resize(query.group_by.len() + query.aggregates.len(), HashMap::new());
+                    return out;
+                }
+            }
+        }
+    };
+    let partials = query.partials();
+    let sd_of = |wanted: &Partial| {
+        partials
+            .iter()
+            .position(|p| p == wanted)
+            .map_or(f64::NAN, |i| sds[i])
+    };
+    let round_to = governance.settings.disclosure.round_to;
+    let exact = |sd: f64, rounding: u64| {
+        HashMap::from([
+            (NOISE_SD.to_string(), sd.to_string()),
+            (CI95.to_string(), interval95(sd, rounding).to_string()),
+        ])
+    };
+    for aggregate in &query.aggregates {
+        out.push(match aggregate {
+            Aggregate::CountRows => exact(sd_of(&Partial::Rows), round_to),
+            Aggregate::Count { column } => exact(sd_of(&Partial::Count(column.clone())), round_to),
+            Aggregate::Sum { column } => exact(sd_of(&Partial::Sum(column.clone())), 1),
+            Aggregate::Mean { column }
+            | Aggregate::Variance { column, .. }
+            | Aggregate::StdDev { column, .. } => HashMap::from([(
+                DERIVED.to_string(),
+                format!(
+                    "from a noisy sum of {} (sd {}) and count (sd {})",
+                    column.column,
+                    sd_of(&Partial::Sum(column.clone())),
+                    sd_of(&Partial::Count(column.clone()))
+                ),
+            )]),
+        });
+    }
+    out
 }
 
 impl ReleaseTable {
@@ -270,12 +367,13 @@ async fn run(
     rows_in.add(partitions.iter().flatten().map(RecordBatch::num_rows).sum());
     let groups = release.query.group_by.len();
     let merged = merge_partials(&partials, groups, partitions)?;
-    let round_to = release.dispatch.obligations()?.round_to;
-    disclose(&release.query, &merged, output, round_to)
+    disclose(&release.query, &merged, output, &release.disclosure)
 }
 
-/// Rounds `n` to the nearest multiple of `to` (halves up; zero stays zero).
+/// A noisy count as released: at least zero, rounded to the nearest multiple of `to`
+/// (halves up).
 fn round_count(n: i64, to: u64) -> i64 {
+    let n = n.max(0);
     let to = i64::try_from(to).unwrap_or(1);
     if to <= 1 {
         return n;
@@ -283,14 +381,16 @@ fn round_count(n: i64, to: u64) -> i64 {
     n.saturating_add(to / 2) / to * to
 }
 
-/// The analyst's columns from the merged partials: group keys as they are, counts
-/// rounded, and every other statistic derived from the rounded counts and the sums.
+/// The analyst's columns from the merged partials: group keys as they are, counts at
+/// least zero and rounded, every other statistic derived from the released counts and
+/// sums, and groups whose released count is below `suppress_below` dropped.
 fn disclose(
     query: &ReleaseQuery,
     merged: &RecordBatch,
     output: &SchemaRef,
-    round_to: u64,
+    disclosure: &DisclosureSettings,
 ) -> Result<RecordBatch, TallyError> {
+    let round_to = disclosure.round_to;
     let partials = query.partials();
     let groups = query.group_by.len();
     // An aggregate without GROUP BY has exactly one row, even when no trust released one
@@ -396,7 +496,25 @@ fn disclose(
         .zip(output.fields())
         .map(|(column, field)| cast(&column, field.data_type()).map_err(internal))
         .collect::<Result<Vec<_>, _>>()?;
-    RecordBatch::try_new(output.clone(), columns).map_err(internal)
+    let batch = RecordBatch::try_new(output.clone(), columns).map_err(internal)?;
+    // Suppression is judged on the group's size: its row count, or its first count.
+    let size = partials
+        .iter()
+        .find(|p| matches!(p, Partial::Rows))
+        .or_else(|| partials.iter().find(|p| p.is_count()));
+    match size {
+        Some(size) if disclosure.suppress_below > 0 && groups > 0 => {
+            let threshold = i64::try_from(disclosure.suppress_below).unwrap_or(i64::MAX);
+            let keep = arrow::array::BooleanArray::from(
+                count(size)?
+                    .iter()
+                    .map(|n| Some(*n >= threshold))
+                    .collect::<Vec<_>>(),
+            );
+            arrow::compute::filter_record_batch(&batch, &keep).map_err(internal)
+        }
+        Some(_) | None => Ok(batch),
+    }
 }
 
 fn internal(err: arrow::error::ArrowError) -> TallyError {

@@ -13,7 +13,7 @@ use tally_common::model::{ReleaseQuery, ReleaseRequest};
 use tally_common::policy::Obligations;
 use tally_common::{ErrorCode, TallyError};
 
-use crate::catalogue::{Catalogue, TrustStatus};
+use crate::catalogue::{Catalogue, Snapshot, TrustStatus};
 use crate::trusts::TrustAnswer;
 
 /// What one trust returned for one release: kept for metadata and audit.
@@ -90,6 +90,20 @@ impl QueryDispatch {
         })
     }
 
+    /// How many trusts `release` will reach under the bound obligations (for the accuracy
+    /// the analyst is shown: each adds its own noise).
+    pub fn trusts_reached(&self, release: &ReleaseQuery) -> Result<usize, TallyError> {
+        let obligations = self.obligations()?;
+        let snapshot = self.catalogue.snapshot();
+        let tables = release_tables(release);
+        Ok(self
+            .catalogue
+            .trusts()
+            .iter()
+            .filter(|trust| reaches(obligations, &snapshot, &tables, &trust.code))
+            .count())
+    }
+
     /// The schema of each trust's answer to `release`, from the tables' agreed schemas.
     pub fn partial_schema(&self, release: &ReleaseQuery) -> Result<SchemaRef, TallyError> {
         let snapshot = self.catalogue.snapshot();
@@ -128,21 +142,12 @@ impl QueryDispatch {
         {
             return Err(err.clone());
         }
-        let mut tables = vec![release.fact.clone()];
-        tables.extend(release.joins.iter().cloned());
+        let tables = release_tables(release);
         let targets: Vec<_> = self
             .catalogue
             .trusts()
             .iter()
-            .filter(|trust| allowed(&trust.code))
-            .filter(|trust| {
-                tables.iter().all(|name| {
-                    snapshot
-                        .tables
-                        .get(name)
-                        .is_some_and(|t| t.trusts.contains(&trust.code))
-                })
-            })
+            .filter(|trust| reaches(obligations, &snapshot, &tables, &trust.code))
             .collect();
         if targets.is_empty() {
             // An answer from no trust at all would look like a real (empty) answer.
@@ -153,7 +158,6 @@ impl QueryDispatch {
         }
         let request = ReleaseRequest {
             release: release.clone(),
-            min_distinct_patients: obligations.min_distinct_patients,
         };
         tracing::debug!(query_id = %self.query_id, %sql, trusts = targets.len(), "release");
         let answers = futures::future::join_all(targets.iter().map(|trust| {
@@ -189,6 +193,33 @@ impl QueryDispatch {
             .unwrap_or_else(|p| p.into_inner())
             .push(run);
     }
+}
+
+/// The tables a release reads.
+fn release_tables(release: &ReleaseQuery) -> Vec<String> {
+    let mut tables = vec![release.fact.clone()];
+    tables.extend(release.joins.iter().cloned());
+    tables
+}
+
+/// Whether trust `code` answers a release over `tables`: the obligations allow it and it
+/// holds every table.
+fn reaches(
+    obligations: &Obligations,
+    snapshot: &Snapshot,
+    tables: &[String],
+    code: &String,
+) -> bool {
+    obligations
+        .trusts
+        .as_ref()
+        .is_none_or(|trusts| trusts.contains(code))
+        && tables.iter().all(|name| {
+            snapshot
+                .tables
+                .get(name)
+                .is_some_and(|t| t.trusts.contains(code))
+        })
 }
 
 /// Checks a trust's batches against the expected partials' schema (columns by name, of the

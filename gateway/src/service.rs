@@ -34,6 +34,11 @@ use crate::planned::parse_ticket;
 
 /// Response header listing the trusts that answered, comma-separated.
 pub const TRUSTS_HEADER: &str = "x-tally-trusts";
+
+/// The Flight action that returns the caller's project budget as JSON ([`BudgetReport`]).
+///
+/// [`BudgetReport`]: crate::budget::BudgetReport
+pub const BUDGET_ACTION: &str = "tally.budget";
 /// Response header: the version of the policy that allowed the query.
 pub const POLICY_VERSION_HEADER: &str = "x-tally-policy-version";
 
@@ -383,6 +388,31 @@ impl FlightSqlService for GatewayService {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         self.identify(&request, "", "describe").await?;
         self.metadata(MetadataRequest::SqlInfo(query))
+    }
+
+    async fn do_action_fallback(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
+        if request.get_ref().r#type != BUDGET_ACTION {
+            let error = TallyError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "unknown action '{}' (this gateway offers '{BUDGET_ACTION}' and the Flight SQL actions)",
+                    request.get_ref().r#type
+                ),
+            );
+            return Err(error.to_status());
+        }
+        let caller = self.identify(&request, "", "budget").await?;
+        let report = self.gateway.budget_report(&caller.identity);
+        let body = serde_json::to_vec(&report).map_err(|_| {
+            TallyError::new(ErrorCode::Internal, "the budget could not be encoded").to_status()
+        })?;
+        let result = arrow_flight::Result { body: body.into() };
+        Ok(Response::new(Box::pin(futures::stream::once(async {
+            Ok(result)
+        }))))
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

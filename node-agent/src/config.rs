@@ -21,6 +21,11 @@ pub struct NodeConfig {
     /// Append-only JSON-lines audit log of every request; none if absent.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// The folder of the trust's privacy state: its budget ledger, stored noisy answers and
+    /// contribution-bounding key (relative to this file). Required when the policy adds
+    /// noise; keep it on durable storage and back it up with the audit log.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// Rotate the audit log before it grows past this many MiB (0: never).
     #[serde(default = "default_rotate_mb")]
     pub audit_rotate_mb: u64,
@@ -227,6 +232,11 @@ impl NodeConfig {
             && log.is_relative()
         {
             *log = base.join(&*log);
+        }
+        if let Some(dir) = &mut config.state_dir
+            && dir.is_relative()
+        {
+            *dir = base.join(&*dir);
         }
         if config.policies.is_relative() {
             config.policies = base.join(&config.policies);

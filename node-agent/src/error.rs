@@ -29,6 +29,9 @@ pub enum NodeError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The privacy state (budget ledger, stored answers) could not be opened.
+    #[error("privacy state: {0}")]
+    State(String),
     /// The audit log could not be opened.
     #[error("audit log {path}: {source}")]
     Audit {

@@ -1,10 +1,13 @@
 //! Tally node agent: serves one trust's tables over Arrow Flight SQL and answers only with
 //! aggregates, whatever it is asked.
 
+pub mod bounding;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod identity;
 pub mod opt_out;
+pub mod protect;
 pub mod release;
 pub mod service;
 pub mod tables;
@@ -109,6 +112,28 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         None => AuditLog::in_memory(),
     });
     let identity = Arc::new(identity::NodeIdentity::load(&config.identity)?);
+    let fingerprints: Vec<String> = tables
+        .iter()
+        .map(|(name, table)| format!("{name}:{}", table.fingerprint()))
+        .collect();
+    let data_version =
+        budget::data_version(&fingerprints, config.opt_out.as_ref().map(|o| &o.path));
+    let privacy = match &config.state_dir {
+        Some(dir) => Some(Arc::new(
+            budget::PrivacyState::open(dir, data_version)
+                .map_err(|e| NodeError::State(format!("{}: {}", dir.display(), e.message)))?,
+        )),
+        None if policy.snapshot().governance().settings.privacy.noise
+            == tally_common::governance::Noise::Off =>
+        {
+            None
+        }
+        None => {
+            return Err(NodeError::State(
+                "the policy adds noise, so the node needs state_dir for its budget ledger".into(),
+            ));
+        }
+    };
     let service = NodeService::new(
         config.trust.code.clone(),
         identity,
@@ -120,6 +145,7 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         policy.clone(),
         audit.clone(),
         config.limits.query_timeout(),
+        privacy,
     );
     let transport = transport(config, &audit)?;
     let server = RunningServer::start(

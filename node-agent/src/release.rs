@@ -2,10 +2,10 @@
 //!
 //! The node never runs SQL text. It joins only along relationships its own catalogue
 //! declares, compares columns with constants of the column's own type (so no comparison or
-//! cast can fail on a row's value), applies generalisers to bare columns, aggregates per
-//! group, keeps only groups with at least `threshold` distinct patients at this trust, and
-//! rounds its own counts, so that not even the gateway sees an unrounded count of this
-//! trust's patients.
+//! cast can fail on a row's value), applies generalisers to bare columns, and aggregates
+//! per group: exactly, or (under a noise policy) bounded per patient (see
+//! [`crate::bounding`]) so the noise added afterwards is calibrated to what one patient can
+//! change.
 
 use std::sync::Arc;
 
@@ -14,22 +14,22 @@ use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::FunctionRegistry;
 use datafusion::functions::string::expr_fn::starts_with;
+use datafusion::functions::core::expr_fn::{greatest, least};
+use datafusion::functions::math::expr_fn::round;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
-use datafusion::logical_expr::expr::{AggregateFunction, ScalarFunction};
-use datafusion::logical_expr::{
-    Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit, when,
-};
+use datafusion::functions_window::expr_fn::row_number;
+use datafusion::logical_expr::{ExprFunctionExt, ScalarUDF};
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
 use datafusion::prelude::SessionContext;
 use tally_common::governance::{Governance, Relationship};
 use tally_common::model::{
     ColumnRef, Comparison, Dimension, Literal, Partial, Predicate, ReleaseQuery, group_column,
     partial_column,
 };
-use tally_common::patients::patients_upto_udaf;
 use tally_common::{ErrorCode, TallyError};
 
-/// The hidden per-group count of distinct patients, used only inside the node.
-const PATIENTS: &str = "__tally_patients";
+use tally_common::privacy::{ContributionBounds, FixedPoint};
 
 fn bad(message: impl Into<String>) -> TallyError {
     TallyError::new(ErrorCode::BadRequest, message)
@@ -54,15 +54,36 @@ async fn scan(ctx: &SessionContext, name: &str) -> Result<LogicalPlanBuilder, Ta
     LogicalPlanBuilder::scan(name, provider_as_source(provider), None).map_err(engine)
 }
 
+/// How a node aggregates a release.
+#[derive(Debug, Clone)]
+pub enum Aggregation {
+    /// Exact aggregates, for policies without noise (tests that compare answers with a
+    /// central computation): the partial schema's columns, nothing bounded.
+    Exact,
+    /// Bounded per patient: the columns noise is added to. Counts are Int64, sums and sums
+    /// of squares Decimal128(38, 0) in fixed-point units, and [`UNITS`] counts the patients
+    /// left in each group after bounding.
+    Bounded {
+        /// The contribution bounds.
+        bounds: ContributionBounds,
+        /// The keyed hash that chooses a patient's groups.
+        rank: Arc<ScalarUDF>,
+    },
+}
+
+/// The column of a bounded plan counting each group's patients.
+pub const UNITS: &str = "__tally_units";
+
 /// The plan for `release` over `ctx`'s tables, validated against `governance` (already
-/// done by the caller) and this trust's schemas, returning the partial schema's columns.
+/// done by the caller) and this trust's schemas: group columns `g0..`, then one column per
+/// partial `p0..` (and [`UNITS`] when bounded); and the partial schema the trust answers
+/// with.
 pub async fn build_plan(
     ctx: &SessionContext,
     governance: &Governance,
     release: &ReleaseQuery,
-    threshold: u64,
-    round_to: u64,
-) -> Result<LogicalPlan, TallyError> {
+    aggregation: &Aggregation,
+) -> Result<(LogicalPlan, SchemaRef), TallyError> {
     let fact = governance
         .table(&release.fact)
         .ok_or_else(|| bad("the fact table is not in this trust's catalogue"))?;
@@ -126,108 +147,135 @@ pub async fn build_plan(
         .map(|(i, d)| Ok(dimension_expr(ctx, d)?.alias(group_column(i))))
         .collect::<Result<Vec<_>, TallyError>>()?;
     let partials = release.partials();
-    let patients_of = |value: Expr| {
-        Expr::AggregateFunction(AggregateFunction::new_udf(
-            Arc::new(patients_upto_udaf()),
-            vec![value],
-            false,
-            None,
-            vec![],
-            None,
-        ))
-    };
-    let mut aggregates: Vec<Expr> = partials
-        .iter()
-        .enumerate()
-        .map(|(i, partial)| partial_expr(partial).alias(partial_column(i)))
-        .collect();
-    aggregates.push(patients_of(column_expr(&release.fact, unit)).alias(PATIENTS));
-    // Per aggregated column: the distinct patients with a value of it. A column whose values
-    // come from fewer patients than the threshold is withheld (count 0, sums NULL), so a
-    // group of many patients cannot carry the exact sum of one patient's value.
-    let valued: Vec<&ColumnRef> = partials
-        .iter()
-        .filter_map(|partial| match partial {
-            Partial::Count(column) => Some(column),
-            Partial::Rows | Partial::Sum(_) | Partial::SumSquares(_) => None,
-        })
-        .collect();
-    for (i, column) in valued.iter().enumerate() {
-        let unit_if_valued = when(
-            column_ref_expr(column).is_not_null(),
-            column_expr(&release.fact, unit),
-        )
-        .end()
-        .map_err(engine)?;
-        aggregates.push(patients_of(unit_if_valued).alias(valued_patients(i)));
+    match aggregation {
+        Aggregation::Exact => {
+            let aggregates: Vec<Expr> = partials
+                .iter()
+                .enumerate()
+                .map(|(i, partial)| exact_expr(partial).alias(partial_column(i)))
+                .collect();
+            let outputs: Vec<Expr> = expected
+                .fields()
+                .iter()
+                .map(|field| cast(col(field.name()), field.data_type().clone()).alias(field.name()))
+                .collect();
+            let plan = builder
+                .aggregate(groups, aggregates)
+                .and_then(|b| b.project(outputs))
+                .and_then(|b| b.build())
+                .map_err(engine)?;
+            Ok((plan, expected))
+        }
+        Aggregation::Bounded { bounds, rank } => {
+            let unit = column_expr(&release.fact, unit);
+            let plan = bounded(
+                builder, governance, release, &partials, groups, unit, *bounds, rank,
+            )?;
+            Ok((plan, expected))
+        }
     }
-    let threshold = i64::try_from(threshold.max(1)).unwrap_or(i64::MAX);
-    let round = i64::try_from(round_to.max(1)).unwrap_or(1);
-    let outputs: Vec<Expr> = expected
-        .fields()
-        .iter()
-        .zip(partials_and_groups(release, &partials))
-        .map(|(field, partial)| {
-            let value = cast(col(field.name()), field.data_type().clone());
-            let value = match partial {
-                None | Some(Partial::Rows) => value,
-                Some(
-                    Partial::Count(column) | Partial::Sum(column) | Partial::SumSquares(column),
-                ) => {
-                    let index = valued.iter().position(|c| *c == column).ok_or_else(|| {
-                        datafusion::error::DataFusionError::Internal(
-                            "a summed column has no count".into(),
-                        )
-                    })?;
-                    let withheld = match partial {
-                        Some(Partial::Count(_)) => lit(0i64),
-                        Some(Partial::Sum(_) | Partial::SumSquares(_)) => lit(
-                            datafusion::common::ScalarValue::try_from(field.data_type())?,
-                        ),
-                        None | Some(Partial::Rows) => {
-                            return Err(datafusion::error::DataFusionError::Internal(
-                                "only a column's partials are withheld".into(),
-                            ));
-                        }
-                    };
-                    when(col(valued_patients(index)).gt_eq(lit(threshold)), value)
-                        .otherwise(withheld)?
-                }
-            };
-            let value = match partial {
-                Some(Partial::Rows | Partial::Count(_)) if round > 1 => {
-                    (value + lit(round / 2)) / lit(round) * lit(round)
-                }
-                None
-                | Some(
-                    Partial::Rows | Partial::Count(_) | Partial::Sum(_) | Partial::SumSquares(_),
-                ) => value,
-            };
-            Ok(value.alias(field.name()))
-        })
-        .collect::<datafusion::common::Result<_>>()
-        .map_err(engine)?;
+}
+
+/// The hidden column holding each row's patient in a bounded plan.
+const UNIT: &str = "__tally_unit";
+
+/// The hidden rank of a (patient, group) among the patient's groups.
+const RANK: &str = "__tally_rank";
+
+/// Per (patient, group) aggregates, a patient's groups cut to `groups_per_unit` by keyed
+/// rank, each per-patient aggregate capped or clamped, then summed per group.
+#[allow(clippy::too_many_arguments)]
+fn bounded(
+    builder: LogicalPlanBuilder,
+    governance: &Governance,
+    release: &ReleaseQuery,
+    partials: &[Partial],
+    groups: Vec<Expr>,
+    unit: Expr,
+    bounds: ContributionBounds,
+    rank: &Arc<ScalarUDF>,
+) -> Result<LogicalPlan, TallyError> {
+    let rows = i64::try_from(bounds.rows_per_group).unwrap_or(i64::MAX);
+    let mut per_unit = Vec::new();
+    let mut capped = Vec::new();
+    for (i, partial) in partials.iter().enumerate() {
+        let name = partial_column(i);
+        let fixed = match partial {
+            Partial::Rows => None,
+            Partial::Count(column) | Partial::Sum(column) | Partial::SumSquares(column) => {
+                let spec = governance
+                    .column(&column.table, &column.column)
+                    .ok_or_else(|| bad("an aggregated column is not in this trust's catalogue"))?;
+                Some((column, FixedPoint::of(spec)?))
+            }
+        };
+        let (expr, low, high) = match (partial, fixed) {
+            (Partial::Rows, _) => (count(lit(1i64)), 0, rows),
+            (Partial::Count(column), _) => (count(column_ref_expr(column)), 0, rows),
+            (Partial::Sum(_), Some((column, fixed))) => {
+                let (low, high) = fixed.fixed_bounds();
+                (
+                    sum(fixed_point(column, fixed)),
+                    rows.saturating_mul(low.min(0)),
+                    rows.saturating_mul(high.max(0)),
+                )
+            }
+            (Partial::SumSquares(_), Some((column, fixed))) => {
+                let value = fixed_point(column, fixed);
+                let magnitude = i64::try_from(fixed.magnitude()).unwrap_or(i64::MAX);
+                (
+                    sum(value.clone() * value),
+                    0,
+                    rows.saturating_mul(magnitude.saturating_mul(magnitude)),
+                )
+            }
+            (Partial::Sum(_) | Partial::SumSquares(_), None) => {
+                return Err(bad("a sum has no column"));
+            }
+        };
+        per_unit.push(expr.alias(name.clone()));
+        let clamped = greatest(vec![lit(low), least(vec![col(&name), lit(high)])]);
+        let value = match partial {
+            Partial::Rows | Partial::Count(_) => clamped,
+            Partial::Sum(_) | Partial::SumSquares(_) => cast(clamped, DataType::Decimal128(38, 0)),
+        };
+        capped.push(sum(value).alias(name));
+    }
+    capped.push(count(lit(1i64)).alias(UNITS));
+    let group_names: Vec<Expr> = (0..groups.len()).map(|i| col(group_column(i))).collect();
+    let mut unit_and_groups = vec![unit.alias(UNIT)];
+    unit_and_groups.extend(groups);
+    let mut builder = builder.aggregate(unit_and_groups, per_unit).map_err(engine)?;
+    if !release.group_by.is_empty() {
+        let mut hashed = vec![col(UNIT)];
+        hashed.extend(group_names.iter().cloned());
+        let order = Expr::ScalarFunction(ScalarFunction::new_udf(rank.clone(), hashed));
+        let ranked = row_number()
+            .partition_by(vec![col(UNIT)])
+            .order_by(vec![order.sort(true, false)])
+            .build()
+            .map_err(engine)?
+            .alias(RANK);
+        let limit = i64::try_from(bounds.groups_per_unit).unwrap_or(i64::MAX);
+        builder = builder
+            .window(vec![ranked])
+            .and_then(|b| b.filter(col(RANK).lt_eq(lit(limit as u64))))
+            .map_err(engine)?;
+    }
     builder
-        .aggregate(groups, aggregates)
-        .and_then(|b| b.filter(col(PATIENTS).gt_eq(lit(threshold))))
-        .and_then(|b| b.project(outputs))
+        .aggregate(group_names, capped)
         .and_then(|b| b.build())
         .map_err(engine)
 }
 
-/// Name of the hidden per-group count of patients with a value of aggregated column `index`.
-fn valued_patients(index: usize) -> String {
-    format!("__tally_valued_patients_{index}")
-}
-
-/// For each column of the partial schema, the partial it holds (`None` for group keys).
-fn partials_and_groups<'a>(
-    release: &ReleaseQuery,
-    partials: &'a [Partial],
-) -> Vec<Option<&'a Partial>> {
-    std::iter::repeat_n(None, release.group_by.len())
-        .chain(partials.iter().map(Some))
-        .collect()
+/// A value clamped to its bounds, in integer fixed point.
+fn fixed_point(column: &ColumnRef, fixed: FixedPoint) -> Expr {
+    let value = cast(column_ref_expr(column), DataType::Float64);
+    let clamped = greatest(vec![lit(fixed.low), least(vec![value, lit(fixed.high)])]);
+    cast(
+        round(vec![clamped * lit(fixed.scale as f64)]),
+        DataType::Int64,
+    )
 }
 
 fn column_expr(table: &str, column: &str) -> Expr {
@@ -261,7 +309,8 @@ fn dimension_expr(ctx: &SessionContext, dimension: &Dimension) -> Result<Expr, T
     )))
 }
 
-fn partial_expr(partial: &Partial) -> Expr {
+/// A partial's exact aggregate, for policies without noise.
+fn exact_expr(partial: &Partial) -> Expr {
     match partial {
         Partial::Rows => count(lit(1i64)),
         Partial::Count(column) => count(column_ref_expr(column)),

@@ -3,14 +3,17 @@
 //! decided by the trust's own policy for the identity, checked against the project's
 //! trusts, and planned by the node itself ([`crate::release`]). The trust applies its own
 //! obligations whatever the gateway asked: the National Data Opt-out whenever its policy
-//! says so, and its own small-number threshold (or the gateway's, if stricter). Every
-//! request, refused or answered, is audited before the answer is sent.
+//! says so, and its own contribution bounds, noise ([`crate::protect`]) and budget
+//! ([`crate::budget`]). Every request, refused or answered, is audited before the answer
+//! is sent.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::DataType;
+use arrow::record_batch::RecordBatch;
+use datafusion::logical_expr::LogicalPlan;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::sql::{
@@ -20,7 +23,7 @@ use arrow_flight::sql::{
 use arrow_flight::{FlightDescriptor, FlightInfo, HandshakeRequest, HandshakeResponse, Ticket};
 
 use datafusion::prelude::{DataFrame, SessionContext};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use serde::Serialize;
 use tally_common::admission::{Origin, Refused, RequestIdentity, decide};
 use tally_common::audit::{AuditLog, now_millis};
@@ -28,13 +31,20 @@ use tally_common::flight::{
     FlightDataStream, MetadataRequest, QUERY_ID_HEADER, TableInfo, encode_batches, header_text,
 };
 use tally_common::model::{ReleaseQuery, ReleaseRequest};
-use tally_common::policy::{Decision, Policy};
+use tally_common::governance::Noise;
+use tally_common::ledger::Reservation;
+use tally_common::noise::Rho;
+use tally_common::policy::{Decision, Policy, PolicySnapshot};
+use tally_common::privacy::{ContributionBounds, ReleaseNoise};
 use tally_common::tls::{RefusedConnection, certificate_identity};
 use tally_common::{ErrorCode, TallyError};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::bounding::keyed_rank_udf;
+use crate::budget::PrivacyState;
 use crate::identity::NodeIdentity;
-use crate::release::build_plan;
+use crate::protect::protect;
+use crate::release::{Aggregation, build_plan};
 
 /// One line of the trust's own audit log.
 #[derive(Debug, Clone, Serialize)]
@@ -63,8 +73,10 @@ pub struct NodeAuditRecord {
     pub policy_version: Option<String>,
     /// Whether the National Data Opt-out was applied.
     pub opt_out_applied: Option<bool>,
-    /// The small-number threshold the trust demanded.
-    pub min_distinct_patients: Option<u64>,
+    /// The ρ this request cost the project at this trust (0 for a stored answer).
+    pub rho_charged: Option<f64>,
+    /// Whether the answer was the stored noisy answer of the same release.
+    pub stored_answer: Option<bool>,
     /// Rows returned (groups), when answered.
     pub rows: Option<usize>,
     /// Wall time in milliseconds.
@@ -89,7 +101,8 @@ impl NodeAuditRecord {
             codes: vec![ErrorCode::ClientCertificate.to_string()],
             policy_version: None,
             opt_out_applied: None,
-            min_distinct_patients: None,
+            rho_charged: None,
+            stored_answer: None,
             rows: None,
             duration_ms: 0.0,
             detail: Some(refused.reason.clone()),
@@ -116,6 +129,7 @@ pub struct NodeService {
     policy: Arc<Policy>,
     audit: Arc<AuditLog<NodeAuditRecord>>,
     query_timeout: Duration,
+    privacy: Option<Arc<PrivacyState>>,
 }
 
 /// What one request is about, for its audit record.
@@ -136,6 +150,22 @@ struct Outcome {
     decision: Option<Decision>,
     rows: Option<usize>,
     failed: bool,
+    charged: Option<f64>,
+    stored: Option<bool>,
+}
+
+/// A release's answer at this trust.
+struct Answer {
+    batch: RecordBatch,
+    charged: Rho,
+    stored: bool,
+}
+
+/// Why a release was not answered: refused before anything was charged or read, or failed
+/// after (a charge already reserved stays).
+enum NotAnswered {
+    Refused(TallyError),
+    Failed(TallyError, Rho),
 }
 
 impl RequestContext {
@@ -183,10 +213,8 @@ impl RequestContext {
                 .decision
                 .as_ref()
                 .map(|d| d.obligations.apply_opt_out),
-            min_distinct_patients: outcome
-                .decision
-                .as_ref()
-                .map(|d| d.obligations.min_distinct_patients),
+            rho_charged: outcome.charged,
+            stored_answer: outcome.stored,
             rows: outcome.rows,
             duration_ms: self.started.elapsed().as_secs_f64() * 1e3,
             detail: None,
@@ -196,8 +224,10 @@ impl RequestContext {
 
 impl NodeService {
     /// The service of trust `trust`, checking who asks with `identity`, over `contexts`,
-    /// whose tables are listed in `tables`, deciding with `policy`; each query may run for
-    /// `query_timeout`.
+    /// whose tables are listed in `tables`, deciding with `policy`, keeping its budget and
+    /// stored answers in `privacy` (required by policies that add noise); each query may
+    /// run for `query_timeout`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         trust: String,
         identity: Arc<NodeIdentity>,
@@ -206,6 +236,7 @@ impl NodeService {
         policy: Arc<Policy>,
         audit: Arc<AuditLog<NodeAuditRecord>>,
         query_timeout: Duration,
+        privacy: Option<Arc<PrivacyState>>,
     ) -> Self {
         NodeService {
             trust,
@@ -215,6 +246,7 @@ impl NodeService {
             policy,
             audit,
             query_timeout,
+            privacy,
         }
     }
 
@@ -267,11 +299,20 @@ impl NodeService {
         let policy = self.policy.snapshot();
         context.sql = request.release.render_sql(policy.governance());
         context.release = Some(request.release.clone());
+        let spent = self.privacy.as_ref().map_or(0.0, |state| {
+            let dataset = &policy.governance().settings.privacy.dataset;
+            state
+                .ledger
+                .balance(&context.identity.project, dataset)
+                .spent
+                .as_f64()
+        });
         let decision = match decide(
             &policy,
             &context.identity,
             Origin::Gateway,
             std::slice::from_ref(&request.release),
+            spent,
         ) {
             Ok(decision) => decision,
             Err(refused) => return Err(self.refuse(&context, refused).await),
@@ -296,49 +337,176 @@ impl NodeService {
             Ok(ctx) => ctx.clone(),
             Err(error) => return Err(self.refuse(&context, refuse_with(error, &decision)).await),
         };
-        let threshold = decision
-            .obligations
-            .min_distinct_patients
-            .max(request.min_distinct_patients);
-        // The audit record shows the threshold applied: the stricter of the two.
-        let mut decision = decision;
-        decision.obligations.min_distinct_patients = threshold;
-        let plan = match build_plan(
-            &ctx,
-            policy.governance(),
-            &request.release,
-            threshold,
-            decision.obligations.round_to,
-        )
-        .await
-        {
-            Ok(plan) => plan,
-            Err(error) => return Err(self.refuse(&context, refuse_with(error, &decision)).await),
+        let answer = match policy.governance().settings.privacy.noise {
+            Noise::Off => self.exact(&ctx, &policy, &request.release, &context).await,
+            Noise::DiscreteGaussian => {
+                self.protected(&ctx, &policy, &decision, &request.release, &context)
+                    .await
+            }
         };
-        let frame = DataFrame::new(ctx.state(), plan);
-        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-        let stream = match frame.execute_stream().await {
-            Ok(stream) => stream,
-            Err(err) => {
-                let error = TallyError::from_execution(err, &context.query_id);
+        match answer {
+            Ok(answer) => {
+                let outcome = Outcome {
+                    rows: Some(answer.batch.num_rows()),
+                    decision: Some(decision),
+                    charged: Some(answer.charged.as_f64()),
+                    stored: Some(answer.stored),
+                    ..Outcome::default()
+                };
+                self.audit
+                    .write(context.record("release", outcome))
+                    .await
+                    .map_err(|e| e.to_status())?;
+                let schema = answer.batch.schema();
+                let batches = futures::stream::iter([Ok(answer.batch)]);
+                Ok(Response::new(encode_batches(schema, batches)))
+            }
+            Err(NotAnswered::Refused(error)) => {
+                Err(self.refuse(&context, refuse_with(error, &decision)).await)
+            }
+            Err(NotAnswered::Failed(error, charged)) => {
                 let outcome = Outcome {
                     codes: vec![error.code.to_string()],
                     decision: Some(decision),
                     failed: true,
+                    charged: Some(charged.as_f64()),
                     ..Outcome::default()
                 };
-                return Err(
+                Err(
                     match self.audit.write(context.record("release", outcome)).await {
                         Ok(()) => error.to_status(),
                         Err(audit) => audit.to_status(),
                     },
-                );
+                )
             }
+        }
+    }
+
+    /// Runs `plan` to the end within the query's time limit.
+    async fn run(
+        &self,
+        ctx: &SessionContext,
+        plan: LogicalPlan,
+        context: &RequestContext,
+    ) -> Result<Vec<RecordBatch>, TallyError> {
+        let remaining = self.query_timeout.saturating_sub(context.started.elapsed());
+        let frame = DataFrame::new(ctx.state(), plan);
+        match tokio::time::timeout(remaining, frame.collect()).await {
+            Ok(Ok(batches)) => Ok(batches),
+            Ok(Err(err)) => Err(TallyError::from_execution(err, &context.query_id)),
+            Err(_) => Err(TallyError::new(
+                ErrorCode::QueryTimeout,
+                format!(
+                    "the query ran longer than this trust's limit of {:.0} s",
+                    self.query_timeout.as_secs_f64()
+                ),
+            )),
+        }
+    }
+
+    /// Exact aggregates, for policies without noise.
+    async fn exact(
+        &self,
+        ctx: &SessionContext,
+        policy: &PolicySnapshot,
+        release: &ReleaseQuery,
+        context: &RequestContext,
+    ) -> Result<Answer, NotAnswered> {
+        let (plan, expected) = build_plan(ctx, policy.governance(), release, &Aggregation::Exact)
+            .await
+            .map_err(NotAnswered::Refused)?;
+        let batches = self
+            .run(ctx, plan, context)
+            .await
+            .map_err(|e| NotAnswered::Failed(e, Rho::ZERO))?;
+        let batch = arrow::compute::concat_batches(&expected, &batches).map_err(|_| {
+            NotAnswered::Failed(
+                TallyError::new(ErrorCode::Internal, "the answer could not be assembled"),
+                Rho::ZERO,
+            )
+        })?;
+        Ok(Answer {
+            batch,
+            charged: Rho::ZERO,
+            stored: false,
+        })
+    }
+
+    /// A release bounded per patient, noised, paid for in this trust's ledger, and stored
+    /// (or the stored answer of the same release over the same data, free).
+    async fn protected(
+        &self,
+        ctx: &SessionContext,
+        policy: &PolicySnapshot,
+        decision: &Decision,
+        release: &ReleaseQuery,
+        context: &RequestContext,
+    ) -> Result<Answer, NotAnswered> {
+        let refused = NotAnswered::Refused;
+        let governance = policy.governance();
+        let state = self.privacy.as_ref().ok_or_else(|| {
+            refused(TallyError::new(
+                ErrorCode::LedgerBroken,
+                "this trust's policy adds noise but the node has no state_dir for its budget ledger",
+            ))
+        })?;
+        let budget = &decision.obligations.budget;
+        let rho = Rho::from_decimal(budget.rho_per_release).map_err(refused)?;
+        let cap = Rho::from_decimal(budget.rho_cap).map_err(refused)?;
+        let project = &context.identity.project;
+        let key = state.answer_key(release, project, governance, budget.rho_per_release);
+        let lock = state.lock_for(&key);
+        let _one_at_a_time = lock.lock().await;
+        let stored = state.answers.get(&key).map_err(refused)?;
+        if let Some(batches) = stored
+            && let [batch] = batches.as_slice()
+        {
+            return Ok(Answer {
+                batch: batch.clone(),
+                charged: Rho::ZERO,
+                stored: true,
+            });
+        }
+        let bounds = ContributionBounds::of(governance, release);
+        let aggregation = Aggregation::Bounded {
+            bounds,
+            rank: Arc::new(keyed_rank_udf(state.bounding_key)),
         };
-        let deadline = context.started + self.query_timeout;
-        let stream = within_deadline(stream, deadline, self.query_timeout);
-        let batches = audited(stream, context, decision, self.audit.clone());
-        Ok(Response::new(encode_batches(schema, batches)))
+        let (plan, expected) = build_plan(ctx, governance, release, &aggregation)
+            .await
+            .map_err(refused)?;
+        let groups = release.group_by.len();
+        let group_types: Vec<DataType> = expected.fields()[..groups]
+            .iter()
+            .map(|f| f.data_type().clone())
+            .collect();
+        let noise =
+            ReleaseNoise::of(governance, release, bounds, rho, &group_types).map_err(refused)?;
+        state
+            .reserve(Reservation {
+                project: project.clone(),
+                dataset: budget.dataset.clone(),
+                models: vec![format!("{key}/{}", uuid::Uuid::new_v4())],
+                charge_each: rho,
+                cap,
+                cap_set_by: format!("policy {}", policy.version()),
+                query_id: context.query_id.clone(),
+                user: context.identity.user.clone(),
+            })
+            .await
+            .map_err(refused)?;
+        let failed = |e: TallyError| NotAnswered::Failed(e, rho);
+        let batches = self.run(ctx, plan, context).await.map_err(failed)?;
+        let batch = protect(&noise, &expected, groups, &batches).map_err(failed)?;
+        state
+            .answers
+            .put(&key, &batch.schema(), std::slice::from_ref(&batch))
+            .map_err(failed)?;
+        Ok(Answer {
+            batch,
+            charged: rho,
+            stored: false,
+        })
     }
 
     /// Refuses SQL text: a node runs only release requests it plans itself.
@@ -360,137 +528,6 @@ impl NodeService {
         self.refuse(&RequestContext::new(request), error.into())
             .await
     }
-}
-
-/// Ends a result stream with E_QUERY_TIMEOUT (and cancels the query) at `deadline`.
-fn within_deadline<S>(
-    stream: S,
-    deadline: Instant,
-    limit: Duration,
-) -> impl Stream<Item = datafusion::error::Result<arrow::record_batch::RecordBatch>> + Send
-where
-    S: Stream<Item = datafusion::error::Result<arrow::record_batch::RecordBatch>>
-        + Send
-        + Unpin
-        + 'static,
-{
-    let deadline = tokio::time::Instant::from_std(deadline);
-    futures::stream::unfold(Some(stream), move |state| async move {
-        let mut stream = state?;
-        let next = if tokio::time::Instant::now() < deadline {
-            tokio::time::timeout_at(deadline, stream.next()).await
-        } else {
-            tokio::time::timeout_at(deadline, std::future::pending()).await
-        };
-        match next {
-            Ok(Some(item)) => Some((item, Some(stream))),
-            Ok(None) => None,
-            Err(_) => {
-                let timeout = TallyError::new(
-                    ErrorCode::QueryTimeout,
-                    format!(
-                        "the query ran longer than this trust's limit of {:.0} s",
-                        limit.as_secs_f64()
-                    ),
-                );
-                Some((Err(timeout.into_datafusion()), None))
-            }
-        }
-    })
-}
-
-/// The audit record of one run, written exactly once: when the stream ends, when it fails
-/// (before the error is sent), or when it is dropped early (the gateway went away).
-struct RunRecord {
-    request: RequestContext,
-    decision: Option<Decision>,
-    audit: Arc<AuditLog<NodeAuditRecord>>,
-    rows: usize,
-}
-
-impl RunRecord {
-    /// The record, if not yet taken, with `failure`'s code, if any.
-    fn take(&mut self, failure: Option<&TallyError>, cancelled: bool) -> Option<NodeAuditRecord> {
-        let decision = self.decision.take()?;
-        let mut codes: Vec<String> = failure.map(|e| e.code.to_string()).into_iter().collect();
-        if cancelled {
-            codes.push("CANCELLED".into());
-        }
-        let outcome = Outcome {
-            failed: failure.is_some() || cancelled,
-            codes,
-            rows: Some(self.rows),
-            decision: Some(decision),
-        };
-        Some(self.request.record("release", outcome))
-    }
-}
-
-impl Drop for RunRecord {
-    fn drop(&mut self) {
-        if let Some(record) = self.take(None, true) {
-            let _ = self.audit.append(record);
-        }
-    }
-}
-
-/// Counts the rows of a result stream and writes its audit record (see [`RunRecord`]); a
-/// record that cannot be written ends the stream with an error, so the gateway, which needs
-/// the whole stream, never answers from it.
-fn audited<S>(
-    stream: S,
-    request: RequestContext,
-    decision: Decision,
-    audit: Arc<AuditLog<NodeAuditRecord>>,
-) -> impl Stream<Item = Result<arrow::record_batch::RecordBatch, TallyError>> + Send
-where
-    S: Stream<Item = datafusion::error::Result<arrow::record_batch::RecordBatch>> + Send + 'static,
-{
-    let query_id = request.query_id.clone();
-    let record = Arc::new(std::sync::Mutex::new(RunRecord {
-        request,
-        decision: Some(decision),
-        audit: audit.clone(),
-        rows: 0,
-    }));
-    let finished = record.clone();
-    let failed_audit = audit.clone();
-    let batches = stream.then(move |batch| {
-        let record = record.clone();
-        let audit = failed_audit.clone();
-        let query_id = query_id.clone();
-        async move {
-            match batch {
-                Ok(batch) => {
-                    record.lock().unwrap_or_else(|p| p.into_inner()).rows += batch.num_rows();
-                    Ok(batch)
-                }
-                Err(err) => {
-                    let err = TallyError::from_execution(err, &query_id);
-                    let taken = record
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .take(Some(&err), false);
-                    if let Some(entry) = taken {
-                        audit.write(entry).await?;
-                    }
-                    Err(err)
-                }
-            }
-        }
-    });
-    let finish = futures::stream::once(async move {
-        let taken = finished
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(None, false);
-        match taken {
-            Some(entry) => audit.write(entry).await.err().map(Err),
-            None => None,
-        }
-    })
-    .filter_map(|item| async { item });
-    batches.chain(finish)
 }
 
 #[tonic::async_trait]

@@ -153,6 +153,12 @@ impl TableFiles {
         })
     }
 
+    /// A text that changes whenever the files do (paths, sizes, modification times): what
+    /// "unchanged data" means for stored noisy answers.
+    pub fn fingerprint(&self) -> String {
+        format!("{:?}", self.files)
+    }
+
     /// Checks that the files are still exactly as recorded: none changed size or
     /// modification time, vanished, appeared, became unreadable or empty. The error
     /// describes the change with paths, for the node's log only.
@@ -290,6 +296,11 @@ impl TrustTable {
             excluded: applies.then(|| excluded.clone()),
             files: self.files.clone(),
         }
+    }
+
+    /// The fingerprint of the table's files (see [`TableFiles::fingerprint`]).
+    pub fn fingerprint(&self) -> String {
+        self.files.fingerprint()
     }
 
     fn trust_code_index(&self) -> usize {

@@ -172,12 +172,14 @@ fn spawn_node(
     workload: Workload,
     certs: &CertFolder,
     policies: &Path,
+    state: &Path,
 ) -> Result<SiteProcess, String> {
     let leaf = certs.node(code);
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let mut toml = format!(
-        "listen = \"127.0.0.1:0\"\npolicies = {:?}\n\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_gateways = [\"{GATEWAY_IDENTITY}\"]\n\n[limits]\nquery_timeout_secs = 600\nmemory_limit_mb = 8192\n\n[trust]\ncode = \"{code}\"\nname = \"Site {code}\"\n",
+        "listen = \"127.0.0.1:0\"\npolicies = {:?}\nstate_dir = {:?}\n\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_gateways = [\"{GATEWAY_IDENTITY}\"]\n\n[limits]\nquery_timeout_secs = 600\nmemory_limit_mb = 8192\n\n[trust]\ncode = \"{code}\"\nname = \"Site {code}\"\n",
         abs(policies),
+        abs(&state.join(code)),
         abs(&leaf.cert),
         abs(&leaf.key),
         abs(&certs.ca()),
@@ -393,6 +395,7 @@ async fn reach(
 struct Federation {
     nodes: Vec<SiteProcess>,
     _links: Vec<Link>,
+    _state: tempfile::TempDir,
     gateway: tally_gateway::GatewayHandle,
     target: crate::client::GatewayTarget,
     client: AnalystClient,
@@ -411,9 +414,12 @@ impl Federation {
         let mut nodes = Vec::new();
         let mut links = Vec::new();
         let mut endpoints = Vec::new();
+        // Fresh ledgers and answer stores for every run.
+        let state_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let state = state_dir.path().to_path_buf();
         for (index, dir) in dirs.iter().enumerate() {
             let code = site_code(dirs.len(), index);
-            let node = spawn_node(&code, dir, workload, certs, policies)?;
+            let node = spawn_node(&code, dir, workload, certs, policies, &state)?;
             let addr = reach(node.addr, link_mbit, &mut links).await?;
             endpoints.push((code.clone(), format!("Site {code}"), addr));
             nodes.push(node);
@@ -427,6 +433,7 @@ impl Federation {
             policies,
             &security,
             &bench_identity(certs)?,
+            &state,
         );
         config.request_timeout_secs = 600.0;
         config.limits.query_timeout_secs = 600.0;
@@ -446,6 +453,7 @@ impl Federation {
         Ok(Federation {
             nodes,
             _links: links,
+            _state: state_dir,
             gateway,
             target,
             client,

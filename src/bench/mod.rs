@@ -56,7 +56,7 @@ pub async fn policy(policies: &Path, data: &Path, iterations: usize) -> Result<S
             let releases =
                 releases_of(plan.clone(), snapshot.governance()).map_err(|e| e.to_string())?;
             let decided = Instant::now();
-            decide(&snapshot, &identity, Origin::Analyst, &releases)
+            decide(&snapshot, &identity, Origin::Analyst, &releases, 0.0)
                 .map_err(|refused| refused.error.to_string())?;
             decided_times.push(decided.elapsed().as_secs_f64() * 1e6);
             whole.push(started.elapsed().as_secs_f64() * 1e6);
@@ -123,8 +123,15 @@ pub async fn links(data: &Path, policies: &Path, rounds: usize) -> Result<String
         ("TLS + mutual TLS", Security::tls_in(&certs)?),
         ("plaintext (loopback)", Security::InsecureLoopback),
     ] {
-        let local =
-            federation::start(data, "127.0.0.1:0".parse().unwrap(), policies, security).await?;
+        let state = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let local = federation::start(
+            data,
+            "127.0.0.1:0".parse().unwrap(),
+            policies,
+            security,
+            state.path(),
+        )
+        .await?;
         let token = local.analyst_token()?;
         let mut client = crate::client::AnalystClient::connect(&local.gateway_target(), &token)
             .await

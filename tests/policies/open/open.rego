@@ -8,5 +8,8 @@ import rego.v1
 decision := {
 	"allow": true,
 	"reasons": [],
-	"obligations": {"min_distinct_patients": 0, "round_to": 1, "apply_opt_out": false},
+	"obligations": {
+		"apply_opt_out": false,
+		"budget": {"dataset": "hes", "rho_per_release": 0, "rho_cap": 1000000},
+	},
 }

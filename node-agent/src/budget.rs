@@ -1,0 +1,121 @@
+//! The trust's privacy state: its own budget ledger (which refuses whatever the gateway's
+//! says), its stored noisy answers, and the secret of the keyed hash that bounds
+//! contributions, all kept in the node's `state_dir`.
+//!
+//! A release is paid for every time the trust computes it: the charge is reserved (and
+//! synced to disk) before any data is read and kept if the query then fails. Once answered,
+//! the noisy answer is stored before it is sent, and the same release over the same data
+//! returns it again at no charge, so repeating a query cannot average its noise away. A
+//! lock per release makes two identical requests at once compute (and pay) only once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+use tally_common::answers::AnswerStore;
+use tally_common::governance::Governance;
+use tally_common::ledger::{Ledger, Reservation};
+use tally_common::model::ReleaseQuery;
+use tally_common::{ErrorCode, TallyError};
+
+use crate::bounding::load_or_create_key;
+
+/// The node's privacy state.
+pub struct PrivacyState {
+    /// The budget ledger.
+    pub ledger: Arc<Ledger>,
+    /// Noisy answers already released.
+    pub answers: AnswerStore,
+    /// The secret of the keyed hash that chooses a patient's groups.
+    pub bounding_key: [u8; 32],
+    /// What the data is: a change (new files, a new opt-out list) is new data.
+    data_version: String,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for PrivacyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivacyState")
+            .field("data_version", &self.data_version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn broken(path: &Path, why: impl std::fmt::Display) -> TallyError {
+    tracing::error!(path = %path.display(), %why, "the node's privacy state");
+    TallyError::new(
+        ErrorCode::LedgerBroken,
+        "this trust's privacy state cannot be opened",
+    )
+}
+
+impl PrivacyState {
+    /// Opens (or creates) the state in `dir` for data whose fingerprint is `data_version`.
+    pub fn open(dir: &Path, data_version: String) -> Result<PrivacyState, TallyError> {
+        std::fs::create_dir_all(dir).map_err(|e| broken(dir, e))?;
+        let ledger = Ledger::open(&dir.join("ledger.jsonl"))?;
+        let answers = AnswerStore::open(&dir.join("answers"))?;
+        Ok(PrivacyState {
+            ledger: Arc::new(ledger),
+            answers,
+            bounding_key: load_or_create_key(dir)?,
+            data_version,
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The key a release's stored answer is kept under: the release, the project, the
+    /// privacy settings and the data, hashed.
+    pub fn answer_key(
+        &self,
+        release: &ReleaseQuery,
+        project: &str,
+        governance: &Governance,
+        rho_per_release: f64,
+    ) -> String {
+        let mut hasher = Sha256::new();
+        let parts = serde_json::json!({
+            "release": release,
+            "project": project,
+            "privacy": governance.settings.privacy,
+            "rho_per_release": rho_per_release,
+            "columns": release
+                .partials()
+                .iter()
+                .filter_map(|p| p.column().and_then(|c| governance.column(&c.table, &c.column)))
+                .collect::<Vec<_>>(),
+            "data": self.data_version,
+        });
+        hasher.update(parts.to_string().as_bytes());
+        hex::encode(hasher.finalize())
+    }
+
+    /// The lock that serialises requests for one stored answer.
+    pub fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(key.to_string()).or_default().clone()
+    }
+
+    /// Reserves one release's charge in the trust's ledger; every computation is paid.
+    pub async fn reserve(&self, reservation: Reservation) -> Result<(), TallyError> {
+        self.ledger.reserve_async(reservation).await.map(|_| ())
+    }
+}
+
+/// The fingerprint of a node's data: its tables' files and its opt-out list.
+pub fn data_version(tables: &[String], opt_out: Option<&PathBuf>) -> String {
+    let mut hasher = Sha256::new();
+    for table in tables {
+        hasher.update(table.as_bytes());
+        hasher.update([0]);
+    }
+    if let Some(path) = opt_out {
+        let stamp = std::fs::metadata(path)
+            .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
+            .unwrap_or_default();
+        hasher.update(stamp.as_bytes());
+    }
+    hex::encode(hasher.finalize())
+}
