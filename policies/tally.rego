@@ -178,11 +178,9 @@ allowed_trusts := project.trusts
 # --- Privacy budget (zCDP ρ, kept per project and dataset at the gateway and every trust) ---
 
 # A project's own budget, where the catalogue gives one; else the settings' defaults.
-project_budget := object.get(project, "budget", {})
+project_budget := object.get(data.governance.projects, [object.get(identity, "project", ""), "budget"], {})
 
 rho_per_release := object.get(project_budget, "rho_per_release", settings.privacy.rho_per_release)
-
-default rho_cap := 0
 
 rho_cap := object.get(project_budget, "rho_cap", settings.privacy.rho_cap)
 

@@ -88,9 +88,11 @@ test_example_release_is_allowed if {
 
 # --- Privacy budget --------------------------------------------------------------------------------
 
-decide_with_spent(spent) := tally.decision with input as {
-	"context": {"identity": identity, "origin": "analyst", "budget": {"spent": spent}},
-	"action": example_action,
+decide_with_spent(spent) := d if {
+	d := tally.decision with input as {
+		"context": {"identity": identity, "origin": "analyst", "budget": {"spent": spent}},
+		"action": example_action,
+	}
 }
 
 test_a_release_within_the_budget_is_allowed if {

@@ -1301,7 +1301,7 @@ async fn node_answer_violations(
 ) -> Vec<String> {
     let mut found = answer_violations(&lab.truth, batches);
     let release = &request.release;
-    let threshold = THRESHOLD.max(request.min_distinct_patients as i64);
+    let threshold = THRESHOLD;
     let groups = lab.truth.groups(release, code, threshold).await;
     let keys = release.group_by.len();
     let partials = release.partials();

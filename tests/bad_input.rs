@@ -10,7 +10,7 @@ use tally::federation;
 use tally_synth::default_trusts;
 
 use crate::support::{
-    analyst, analyst_token, copy_of_data, expect_refusal, gateway_config, gateway_target,
+    fresh_state, analyst, analyst_token, copy_of_data, expect_refusal, gateway_config, gateway_target,
     identity_provider, open_policies, start_federation, start_federation_over, start_node, tls,
 };
 
@@ -270,6 +270,7 @@ async fn a_corrupt_parquet_file_is_a_typed_error() {
         &open_policies(),
         &tls(),
         &identity_provider(),
+        &fresh_state(),
     );
     let err = tally_node::start(&config)
         .await

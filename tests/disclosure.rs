@@ -40,8 +40,8 @@ fn rules() -> Rules {
     let snapshot = policy.snapshot();
     let settings = &snapshot.governance().settings;
     let rules = Rules {
-        min_patients: settings.min_distinct_patients,
-        round_to: settings.round_to,
+        min_patients: settings.disclosure.suppress_below,
+        round_to: settings.disclosure.round_to,
     };
     assert!(
         rules.min_patients > 1 && rules.round_to > 1,

@@ -17,7 +17,7 @@ use tally_gateway::{GatewayConfig, GatewayHandle, JwtConfig};
 use tally_node::{NodeConfig, NodeHandle};
 
 use crate::support::{
-    data_dir, default_policies, expect_refusal, gateway_config, gateway_target, identity_provider,
+    fresh_state, data_dir, default_policies, expect_refusal, gateway_config, gateway_target, identity_provider,
     init_logging, tls,
 };
 
@@ -127,7 +127,8 @@ async fn federation_with(
             &default_policies(),
             &tls(),
             &identity_provider(),
-        );
+        &fresh_state(),
+    );
         node(&mut config);
         let handle = tally_node::start(&config).await.unwrap();
         endpoints.push((trust.code.to_string(), trust.name.to_string(), handle.addr));

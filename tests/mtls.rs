@@ -7,7 +7,7 @@ use tally_common::flight::list_tables;
 use tally_synth::default_trusts;
 
 use crate::support::{
-    certs, data_dir, gateway_config, init_logging, node_client_as, open_policies, start_node,
+    fresh_state, certs, data_dir, gateway_config, init_logging, node_client_as, open_policies, start_node,
 };
 
 /// Asks RXA's node at `addr` for its tables, presenting `identity`; the error when refused.
@@ -135,6 +135,7 @@ async fn plaintext_needs_the_flag_and_a_loopback_address() {
         &open_policies(),
         &Security::InsecureLoopback,
         &crate::support::identity_provider(),
+        &fresh_state(),
     );
     config.insecure_loopback = false;
     let err = tally_node::start(&config).await.err().expect("refused");
@@ -156,6 +157,7 @@ async fn plaintext_needs_the_flag_and_a_loopback_address() {
         &open_policies(),
         &Security::InsecureLoopback,
         &crate::support::identity_provider(),
+        &fresh_state(),
     );
     let err = tally_gateway::start(&gateway).await.err().expect("refused");
     assert!(err.to_string().contains("not a loopback address"), "{err}");

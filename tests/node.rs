@@ -26,7 +26,7 @@ use tally_common::model::{
 };
 
 use crate::support::{
-    analyst_token, audited_nodes, data_dir, identity_provider, node_client, rows,
+    fresh_state, analyst_token, audited_nodes, data_dir, identity_provider, node_client, rows,
 };
 
 /// The demo's trusts, each with its own audit log, under the default policy.
@@ -191,7 +191,6 @@ fn count(
             group_by,
             aggregates: vec![Aggregate::CountRows],
         },
-        min_distinct_patients: 0,
     }
 }
 
@@ -634,6 +633,7 @@ async fn a_measure_valued_for_too_few_patients_is_withheld() {
         &crate::support::default_policies(),
         &crate::support::tls(),
         &identity_provider(),
+        &fresh_state(),
     );
     config.audit_log = Some(data.join("rxa.jsonl"));
     let node = tally_node::start(&config).await.unwrap();
@@ -660,7 +660,6 @@ async fn a_measure_valued_for_too_few_patients_is_withheld() {
                 },
             ],
         },
-        min_distinct_patients: 8,
     };
     let asker = Asker::analyst(DEMO_PROJECT, "planning");
     let batches = send(

@@ -84,7 +84,7 @@ async fn explain(tables: &SessionContext, sql: &str, identity: &RequestIdentity)
     let plan = tally_gateway::parse::plan_read_only(&tables.state(), sql)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    Explanation::of(plan, &policy.snapshot(), identity)
+    Explanation::of(plan, &policy.snapshot(), identity, 0.0)
         .unwrap_or_else(|e| panic!("a policy case lowers to releases: {sql}: {e}"))
 }
 
@@ -139,10 +139,7 @@ async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
         let mut refused = None;
         for (release_number, release) in explained.releases.into_iter().enumerate() {
             let query_id = format!("policy-case-{number}-{release_number}");
-            let request = ReleaseRequest {
-                release,
-                min_distinct_patients: 0,
-            };
+            let request = ReleaseRequest { release };
             let at_node = send(
                 node.addr,
                 REPLAYED_AT,
@@ -312,7 +309,6 @@ async fn trusts_apply_their_own_opt_out_and_threshold_whatever_the_gateway_says(
     for node in &nodes {
         let record = node.audit.recent().pop().unwrap();
         assert_eq!(record.opt_out_applied, Some(true));
-        assert_eq!(record.min_distinct_patients, Some(threshold as u64));
     }
     gateway.stop().await;
     for node in nodes {

@@ -94,7 +94,7 @@ async fn lower_all() -> (Vec<Vec<ReleaseQuery>>, String) {
     let mut refused = Vec::new();
     for (index, query) in QUERIES.iter().enumerate() {
         let explained = match plan_read_only(&ctx.state(), query.sql).await {
-            Ok(plan) => Explanation::of(plan, &snapshot, &identity),
+            Ok(plan) => Explanation::of(plan, &snapshot, &identity, 0.0),
             Err(err) => Err(err),
         };
         let explanation = match explained {

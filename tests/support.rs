@@ -108,6 +108,14 @@ pub async fn gateway_client(addr: std::net::SocketAddr, token: &str) -> SqlClien
     client
 }
 
+/// A fresh folder for privacy state (budget ledgers, stored answers), so no test's budget
+/// depends on another's or on an earlier run. It is left for the OS to clean up.
+pub fn fresh_state() -> PathBuf {
+    tempfile::tempdir()
+        .expect("a temporary folder")
+        .keep()
+}
+
 /// A TLS node agent for `trust` over the test data, deciding with `policies`.
 pub async fn start_node(trust: &TrustSpec, policies: &Path) -> tally_node::NodeHandle {
     tally_node::start(&federation::node_config(
@@ -116,6 +124,7 @@ pub async fn start_node(trust: &TrustSpec, policies: &Path) -> tally_node::NodeH
         policies,
         &tls(),
         &identity_provider(),
+        &fresh_state(),
     ))
     .await
     .unwrap()
@@ -133,6 +142,7 @@ pub fn gateway_config(
         policies,
         &tls(),
         &identity_provider(),
+        &fresh_state(),
     )
 }
 
@@ -160,7 +170,7 @@ pub fn open_policies() -> PathBuf {
 /// Starts three trusts and a gateway over `data`, all deciding with `policies`.
 pub async fn start_federation_over(data: &Path, policies: &Path) -> LocalFederation {
     init_logging();
-    federation::start(data, "127.0.0.1:0".parse().unwrap(), policies, tls())
+    federation::start(data, "127.0.0.1:0".parse().unwrap(), policies, tls(), &fresh_state())
         .await
         .expect("federation starts")
 }
@@ -175,7 +185,8 @@ pub async fn audited_nodes(dir: &Path) -> Vec<(String, tally_node::NodeHandle, P
             &default_policies(),
             &tls(),
             &identity_provider(),
-        );
+        &fresh_state(),
+    );
         let log = dir.join(format!("{}.jsonl", trust.code));
         config.audit_log = Some(log.clone());
         let node = tally_node::start(&config).await.unwrap();
