@@ -82,7 +82,7 @@ test_example_release_is_allowed if {
 	d.obligations == {
 		"apply_opt_out": true,
 		"trusts": ["RXA", "RXB", "RXC"],
-		"budget": {"dataset": "hes", "rho_per_release": 0.02, "rho_cap": 1},
+		"budget": {"dataset": "hes", "rho_per_release": 0.05, "rho_cap": 2},
 	}
 }
 
@@ -96,11 +96,11 @@ decide_with_spent(spent) := d if {
 }
 
 test_a_release_within_the_budget_is_allowed if {
-	decide_with_spent(0.97).allow
+	decide_with_spent(1.9).allow
 }
 
 test_a_release_past_the_budget_is_refused if {
-	d := decide_with_spent(0.99)
+	d := decide_with_spent(1.99)
 	not d.allow
 	codes_of(d) == {"E_BUDGET_EXHAUSTED"}
 }

@@ -10,8 +10,8 @@ use arrow::array::{Array, ArrayRef, AsArray, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use tally_gateway::release::{CI95, DERIVED};
 use clap::ValueEnum;
+use tally_gateway::release::{CI95, DERIVED};
 
 /// Output formats of `tally query`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -57,17 +57,22 @@ fn with_intervals(
                 .columns()
                 .iter()
                 .zip(&intervals)
-                .map(|(column, ci)| -> Result<ArrayRef, arrow::error::ArrowError> {
-                    let Some(ci) = ci else {
-                        return Ok(column.clone());
-                    };
-                    let text = cast(column, &DataType::Utf8)?;
-                    let text = text.as_string::<i32>();
-                    Ok(Arc::new(StringArray::from_iter((0..text.len()).map(|row| {
-                        text.is_valid(row)
-                            .then(|| format!("{} ± {}", text.value(row), format_interval(*ci)))
-                    }))))
-                })
+                .map(
+                    |(column, ci)| -> Result<ArrayRef, arrow::error::ArrowError> {
+                        let Some(ci) = ci else {
+                            return Ok(column.clone());
+                        };
+                        let text = cast(column, &DataType::Utf8)?;
+                        let text = text.as_string::<i32>();
+                        Ok(Arc::new(StringArray::from_iter((0..text.len()).map(
+                            |row| {
+                                text.is_valid(row).then(|| {
+                                    format!("{} ± {}", text.value(row), format_interval(*ci))
+                                })
+                            },
+                        ))))
+                    },
+                )
                 .collect::<Result<Vec<_>, _>>()?;
             RecordBatch::try_new(shown.clone(), columns)
         })
@@ -93,7 +98,10 @@ fn accuracy_note(schema: &SchemaRef) -> Option<String> {
             .and_then(|v| v.parse::<f64>().ok())
             .is_some_and(|ci| ci > 0.0)
     });
-    let derived = schema.fields().iter().any(|f| f.metadata().contains_key(DERIVED));
+    let derived = schema
+        .fields()
+        .iter()
+        .any(|f| f.metadata().contains_key(DERIVED));
     match (noisy, derived) {
         (false, false) => None,
         (true, false) => Some(NOISE_NOTE.to_string()),

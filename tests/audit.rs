@@ -269,9 +269,10 @@ fn gateway_toml(dir: &Path, nodes: &[(String, std::net::SocketAddr)], log: &Path
     let certs = certs();
     let jwt = identity_provider().jwt_config();
     let mut toml = format!(
-        "listen = \"127.0.0.1:0\"\npolicies = {:?}\naudit_log = {:?}\n\n[tls]\ncert = {:?}\nkey = {:?}\n\n[node_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n[jwt]\njwks = {:?}\nissuer = {:?}\naudience = {:?}\n",
+        "listen = \"127.0.0.1:0\"\npolicies = {:?}\naudit_log = {:?}\nbudget_ledger = {:?}\n\n[tls]\ncert = {:?}\nkey = {:?}\n\n[node_tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n[jwt]\njwks = {:?}\nissuer = {:?}\naudience = {:?}\n",
         default_policies(),
         log,
+        dir.join("gateway-ledger.jsonl"),
         certs.gateway_server().cert,
         certs.gateway_server().key,
         certs.gateway_client().cert,

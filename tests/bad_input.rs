@@ -10,8 +10,9 @@ use tally::federation;
 use tally_synth::default_trusts;
 
 use crate::support::{
-    fresh_state, analyst, analyst_token, copy_of_data, expect_refusal, gateway_config, gateway_target,
-    identity_provider, open_policies, start_federation, start_federation_over, start_node, tls,
+    analyst, analyst_token, copy_of_data, expect_refusal, fresh_state, gateway_config,
+    gateway_target, identity_provider, open_policies, start_federation, start_federation_over,
+    start_node, tls,
 };
 
 /// Asserts that an error the analyst sees names none of the trusts, by code or by name.

@@ -54,7 +54,8 @@ fn the_demo_runs_anywhere_on_its_built_in_policy() {
     std::fs::create_dir_all(&data).unwrap();
     for entry in std::fs::read_dir(data_dir()).unwrap() {
         let entry = entry.unwrap();
-        if entry.path().is_dir() && entry.file_name() != "idp" && entry.file_name() != "policies" {
+        let skipped = ["idp", "policies", "state"];
+        if entry.path().is_dir() && !skipped.iter().any(|name| entry.file_name() == *name) {
             let to = data.join(entry.file_name());
             std::fs::create_dir_all(&to).unwrap();
             for file in std::fs::read_dir(entry.path()).unwrap() {
@@ -347,7 +348,11 @@ fn policy_explain_prints_the_releases_inputs_and_decision() {
     let decision = &explained["decision"]["Ok"];
     assert_eq!(decision["allow"], true, "{explained}");
     assert_eq!(decision["obligations"]["apply_opt_out"], true);
-    assert_eq!(decision["obligations"]["min_distinct_patients"], 8);
+    assert_eq!(
+        decision["obligations"]["budget"],
+        serde_json::json!({"dataset": "hes", "rho_per_release": 0.05, "rho_cap": 2.0}),
+        "the policy sets what a release costs and what the project may spend"
+    );
 
     // The policy's refusal is the decision; the model is still shown.
     let refused = explain(

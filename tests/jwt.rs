@@ -17,8 +17,8 @@ use tally_gateway::{GatewayConfig, GatewayHandle, JwtConfig};
 use tally_node::{NodeConfig, NodeHandle};
 
 use crate::support::{
-    fresh_state, data_dir, default_policies, expect_refusal, gateway_config, gateway_target, identity_provider,
-    init_logging, tls,
+    data_dir, default_policies, expect_refusal, fresh_state, gateway_config, gateway_target,
+    identity_provider, init_logging, tls,
 };
 
 const ISSUER: &str = "https://login.example.nhs.uk";
@@ -127,8 +127,8 @@ async fn federation_with(
             &default_policies(),
             &tls(),
             &identity_provider(),
-        &fresh_state(),
-    );
+            &fresh_state(),
+        );
         node(&mut config);
         let handle = tally_node::start(&config).await.unwrap();
         endpoints.push((trust.code.to_string(), trust.name.to_string(), handle.addr));

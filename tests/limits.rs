@@ -8,8 +8,8 @@ use tally_synth::default_trusts;
 
 use crate::bad_input::assert_names_no_trust;
 use crate::support::{
-    fresh_state, analyst_token, data_dir, expect_refusal, gateway_config, gateway_target, identity_provider,
-    init_logging, open_policies, tls,
+    analyst_token, data_dir, expect_refusal, fresh_state, gateway_config, gateway_target,
+    identity_provider, init_logging, open_policies, tls,
 };
 
 const SQL: &str = "SELECT sex, COUNT(*) FROM patients GROUP BY sex";
@@ -40,8 +40,8 @@ async fn limited(
             &open_policies(),
             &tls(),
             &identity_provider(),
-        &fresh_state(),
-    );
+            &fresh_state(),
+        );
         config.limits = node_limits.clone();
         let node = tally_node::start(&config).await.unwrap();
         endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));

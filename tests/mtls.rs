@@ -7,7 +7,8 @@ use tally_common::flight::list_tables;
 use tally_synth::default_trusts;
 
 use crate::support::{
-    fresh_state, certs, data_dir, gateway_config, init_logging, node_client_as, open_policies, start_node,
+    certs, data_dir, fresh_state, gateway_config, init_logging, node_client_as, open_policies,
+    start_node,
 };
 
 /// Asks RXA's node at `addr` for its tables, presenting `identity`; the error when refused.

@@ -26,7 +26,7 @@ use tally_common::model::{
 };
 
 use crate::support::{
-    fresh_state, analyst_token, audited_nodes, data_dir, identity_provider, node_client, rows,
+    analyst_token, audited_nodes, data_dir, fresh_state, identity_provider, node_client, rows,
 };
 
 /// The demo's trusts, each with its own audit log, under the default policy.

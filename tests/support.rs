@@ -111,9 +111,7 @@ pub async fn gateway_client(addr: std::net::SocketAddr, token: &str) -> SqlClien
 /// A fresh folder for privacy state (budget ledgers, stored answers), so no test's budget
 /// depends on another's or on an earlier run. It is left for the OS to clean up.
 pub fn fresh_state() -> PathBuf {
-    tempfile::tempdir()
-        .expect("a temporary folder")
-        .keep()
+    tempfile::tempdir().expect("a temporary folder").keep()
 }
 
 /// A TLS node agent for `trust` over the test data, deciding with `policies`.
@@ -170,9 +168,15 @@ pub fn open_policies() -> PathBuf {
 /// Starts three trusts and a gateway over `data`, all deciding with `policies`.
 pub async fn start_federation_over(data: &Path, policies: &Path) -> LocalFederation {
     init_logging();
-    federation::start(data, "127.0.0.1:0".parse().unwrap(), policies, tls(), &fresh_state())
-        .await
-        .expect("federation starts")
+    federation::start(
+        data,
+        "127.0.0.1:0".parse().unwrap(),
+        policies,
+        tls(),
+        &fresh_state(),
+    )
+    .await
+    .expect("federation starts")
 }
 
 /// Nodes for every trust, each with an audit log in `dir`.
@@ -185,8 +189,8 @@ pub async fn audited_nodes(dir: &Path) -> Vec<(String, tally_node::NodeHandle, P
             &default_policies(),
             &tls(),
             &identity_provider(),
-        &fresh_state(),
-    );
+            &fresh_state(),
+        );
         let log = dir.join(format!("{}.jsonl", trust.code));
         config.audit_log = Some(log.clone());
         let node = tally_node::start(&config).await.unwrap();

@@ -17,7 +17,7 @@ use datafusion::common::ScalarValue;
 
 use crate::generalise::band_of;
 use crate::governance::{ColumnSpec, Governance};
-use crate::model::{Dimension, Generaliser, Partial, ReleaseQuery};
+use crate::model::{Comparison, Dimension, Generaliser, Literal, Partial, Predicate, ReleaseQuery};
 use crate::noise::{NoiseScale, Rho};
 use crate::{ErrorCode, TallyError};
 
@@ -88,6 +88,22 @@ impl FixedPoint {
             high,
             scale: 10i64.pow(spec.precision),
         })
+    }
+
+    /// The fixed point of a partial's values: none for counts, the column's for sums.
+    pub fn of_partial(
+        governance: &Governance,
+        partial: &Partial,
+    ) -> Result<Option<FixedPoint>, TallyError> {
+        match partial {
+            Partial::Rows | Partial::Count(_) => Ok(None),
+            Partial::Sum(column) | Partial::SumSquares(column) => {
+                let spec = governance
+                    .column(&column.table, &column.column)
+                    .ok_or_else(|| internal("an aggregated column has no catalogue entry"))?;
+                FixedPoint::of(spec).map(Some)
+            }
+        }
     }
 
     /// The largest magnitude one clamped value can have, in fixed-point units.
@@ -174,15 +190,7 @@ impl ReleaseNoise {
         let share = rho.split(statistics.max(1));
         let fixed = partials
             .iter()
-            .map(|partial| match partial {
-                Partial::Rows => Ok(None),
-                Partial::Count(column) | Partial::Sum(column) | Partial::SumSquares(column) => {
-                    let spec = governance
-                        .column(&column.table, &column.column)
-                        .ok_or_else(|| internal("an aggregated column has no catalogue entry"))?;
-                    FixedPoint::of(spec).map(Some)
-                }
-            })
+            .map(|partial| FixedPoint::of_partial(governance, partial))
             .collect::<Result<Vec<_>, TallyError>>()?;
         let scales = partials
             .iter()
@@ -250,10 +258,11 @@ pub fn public_keys(
     }
     let mut keys: Vec<Vec<ScalarValue>> = vec![Vec::new()];
     for (dimension, data_type) in release.group_by.iter().zip(group_types) {
-        let Some(domain) = public_domain(governance, dimension, data_type)? else {
+        let filter = release.filter.as_ref();
+        let Some(domain) = public_domain(governance, dimension, data_type, filter)? else {
             return Ok(None);
         };
-        if domain.is_empty() || keys.len().saturating_mul(domain.len()) > MAX_PUBLIC_KEYS {
+        if keys.len().saturating_mul(domain.len()) > MAX_PUBLIC_KEYS {
             return Ok(None);
         }
         keys = keys
@@ -270,11 +279,149 @@ pub fn public_keys(
     Ok(Some(keys))
 }
 
-/// The public values of one dimension, as values of `data_type`, if it has any.
+/// The public values of one dimension, as values of `data_type`, if it has any, narrowed
+/// to what the release's filter allows (the filter is public too: it is in the model).
 fn public_domain(
     governance: &Governance,
     dimension: &Dimension,
     data_type: &DataType,
+    filter: Option<&Predicate>,
+) -> Result<Option<Vec<ScalarValue>>, TallyError> {
+    let Some(values) = declared_domain(governance, dimension, data_type, filter)? else {
+        return Ok(None);
+    };
+    let mut conjuncts = Vec::new();
+    if let Some(filter) = filter {
+        conjunction(filter, &mut conjuncts);
+    }
+    Ok(Some(
+        values
+            .into_iter()
+            .filter(|value| {
+                conjuncts
+                    .iter()
+                    .all(|conjunct| allows(conjunct, dimension, value))
+            })
+            .collect(),
+    ))
+}
+
+/// The operands of a filter's top-level AND (the filter itself when it is not one).
+fn conjunction<'a>(predicate: &'a Predicate, out: &mut Vec<&'a Predicate>) {
+    match predicate {
+        Predicate::And { all } => all.iter().for_each(|p| conjunction(p, out)),
+        Predicate::Or { .. }
+        | Predicate::Not { .. }
+        | Predicate::Compare { .. }
+        | Predicate::InList { .. }
+        | Predicate::Between { .. }
+        | Predicate::IsNull { .. }
+        | Predicate::Prefix { .. } => out.push(predicate),
+    }
+}
+
+/// Whether one conjunct of the filter lets rows with `value` of `dimension` through: only
+/// `dimension = c` and `dimension IN (...)` pin it; anything else leaves every key.
+fn allows(conjunct: &Predicate, dimension: &Dimension, value: &ScalarValue) -> bool {
+    let text = value.to_string();
+    match conjunct {
+        Predicate::Compare {
+            on,
+            cmp: Comparison::Eq,
+            value: constant,
+        } if on == dimension => literal_text(constant) == text,
+        Predicate::InList {
+            on,
+            values,
+            negated: false,
+        } if on == dimension => values.iter().any(|v| literal_text(v) == text),
+        Predicate::Compare { .. }
+        | Predicate::InList { .. }
+        | Predicate::And { .. }
+        | Predicate::Or { .. }
+        | Predicate::Not { .. }
+        | Predicate::Between { .. }
+        | Predicate::IsNull { .. }
+        | Predicate::Prefix { .. } => true,
+    }
+}
+
+/// A constant as the text a domain value of its type displays as.
+fn literal_text(literal: &Literal) -> String {
+    match literal {
+        Literal::Int(v) => v.to_string(),
+        Literal::Float(v) => v.to_string(),
+        Literal::Text(v) | Literal::Date(v) => v.clone(),
+        Literal::Bool(v) => v.to_string(),
+    }
+}
+
+/// The days a filter's top-level AND allows for the bare date column of `dimension`:
+/// `>=`, `>`, `<`, `<=` and `BETWEEN` with dates narrow `[first, last]`.
+fn narrowed_period(
+    filter: Option<&Predicate>,
+    dimension: &Dimension,
+    mut first: chrono::NaiveDate,
+    mut last: chrono::NaiveDate,
+) -> (chrono::NaiveDate, chrono::NaiveDate) {
+    let bare = Dimension {
+        column: dimension.column.clone(),
+        generaliser: None,
+    };
+    let date = |literal: &Literal| match literal {
+        Literal::Date(text) => chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").ok(),
+        Literal::Int(_) | Literal::Float(_) | Literal::Text(_) | Literal::Bool(_) => None,
+    };
+    let mut conjuncts = Vec::new();
+    if let Some(filter) = filter {
+        conjunction(filter, &mut conjuncts);
+    }
+    for conjunct in conjuncts {
+        match conjunct {
+            Predicate::Compare { on, cmp, value } if *on == bare => {
+                let Some(day) = date(value) else { continue };
+                match cmp {
+                    Comparison::Gt | Comparison::GtEq => first = first.max(day),
+                    Comparison::Lt => last = last.min(day.pred_opt().unwrap_or(day)),
+                    Comparison::LtEq => last = last.min(day),
+                    Comparison::Eq => {
+                        first = first.max(day);
+                        last = last.min(day);
+                    }
+                    Comparison::NotEq => {}
+                }
+            }
+            Predicate::Between {
+                on,
+                low,
+                high,
+                negated: false,
+            } if *on == bare => {
+                if let (Some(low), Some(high)) = (date(low), date(high)) {
+                    first = first.max(low);
+                    last = last.min(high);
+                }
+            }
+            Predicate::Compare { .. }
+            | Predicate::Between { .. }
+            | Predicate::And { .. }
+            | Predicate::Or { .. }
+            | Predicate::Not { .. }
+            | Predicate::InList { .. }
+            | Predicate::IsNull { .. }
+            | Predicate::Prefix { .. } => {}
+        }
+    }
+    (first, last)
+}
+
+/// The public values the catalogue declares for one dimension, as values of `data_type`
+/// (months and years only within the filter's dates).
+fn declared_domain(
+    governance: &Governance,
+    dimension: &Dimension,
+    data_type: &DataType,
+    filter: Option<&Predicate>,
 ) -> Result<Option<Vec<ScalarValue>>, TallyError> {
     let Some(spec) = governance.column(&dimension.column.table, &dimension.column.column) else {
         return Ok(None);
@@ -293,7 +440,12 @@ fn public_domain(
     let period = || -> Option<(chrono::NaiveDate, chrono::NaiveDate)> {
         let [first, last] = spec.period.as_ref()?;
         let parse = |d: &str| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok();
-        Some((parse(first)?, parse(last)?))
+        Some(narrowed_period(
+            filter,
+            dimension,
+            parse(first)?,
+            parse(last)?,
+        ))
     };
     let values: Vec<ScalarValue> = match dimension.generaliser {
         None => match &spec.domain {
@@ -327,6 +479,7 @@ fn public_domain(
                 chrono::NaiveDate::from_ymd_opt(1970, 1, 1).ok_or_else(|| internal("no epoch"))?;
             let mut months = Vec::new();
             let mut month = first.with_day0(0).ok_or_else(|| internal("bad period"))?;
+            // An empty range (first after last) has no months.
             while month <= last && months.len() <= MAX_PUBLIC_KEYS {
                 let days = i32::try_from(month.signed_duration_since(epoch).num_days())
                     .map_err(|_| internal("bad period"))?;
@@ -394,5 +547,120 @@ mod tests {
         };
         assert_eq!(fixed.fixed_bounds(), (-13, 75));
         assert_eq!(fixed.magnitude(), 75);
+    }
+
+    fn governance() -> Governance {
+        let data: serde_json::Value =
+            serde_json::from_str(include_str!("../../policies/catalogue.json")).unwrap();
+        Governance::from_policy_data(&data).unwrap()
+    }
+
+    fn release(group_by: Vec<Dimension>, filter: Option<Predicate>) -> ReleaseQuery {
+        ReleaseQuery {
+            version: crate::model::MODEL_VERSION,
+            fact: "episodes".into(),
+            joins: Vec::new(),
+            filter,
+            group_by,
+            aggregates: vec![crate::model::Aggregate::CountRows],
+        }
+    }
+
+    fn month_of_admission() -> Dimension {
+        Dimension {
+            column: ColumnRef {
+                table: "episodes".into(),
+                column: "admission_date".into(),
+            },
+            generaliser: Some(Generaliser::Month),
+        }
+    }
+
+    #[test]
+    fn public_domains_release_every_key_and_open_ones_none() {
+        let governance = governance();
+        let specialty = Dimension::bare("episodes", "specialty");
+        let keys = public_keys(
+            &governance,
+            &release(vec![specialty], None),
+            &[DataType::Utf8],
+        )
+        .unwrap()
+        .expect("specialty has a public domain");
+        assert_eq!(keys.len(), 14);
+        let months = public_keys(
+            &governance,
+            &release(vec![month_of_admission()], None),
+            &[DataType::Date32],
+        )
+        .unwrap()
+        .expect("admission months have a public period");
+        assert_eq!(months.len(), 72, "2019-01 to 2024-12");
+        let diagnosis = Dimension::bare("episodes", "diagnosis_icd10");
+        assert_eq!(
+            public_keys(
+                &governance,
+                &release(vec![diagnosis], None),
+                &[DataType::Utf8]
+            )
+            .unwrap(),
+            None,
+            "a diagnosis code list is not declared: thresholded"
+        );
+    }
+
+    #[test]
+    fn the_filter_narrows_public_keys() {
+        let governance = governance();
+        let specialty = Dimension::bare("episodes", "specialty");
+        let pinned = Predicate::And {
+            all: vec![
+                Predicate::InList {
+                    on: specialty.clone(),
+                    values: vec![Literal::Text("100".into()), Literal::Text("300".into())],
+                    negated: false,
+                },
+                Predicate::Compare {
+                    on: Dimension::bare("episodes", "admission_date"),
+                    cmp: Comparison::GtEq,
+                    value: Literal::Date("2024-01-01".into()),
+                },
+                Predicate::Compare {
+                    on: Dimension::bare("episodes", "admission_date"),
+                    cmp: Comparison::Lt,
+                    value: Literal::Date("2024-04-01".into()),
+                },
+            ],
+        };
+        let keys = public_keys(
+            &governance,
+            &release(vec![specialty, month_of_admission()], Some(pinned)),
+            &[DataType::Utf8, DataType::Date32],
+        )
+        .unwrap()
+        .unwrap();
+        let shown: Vec<String> = keys.iter().map(|k| format!("{} {}", k[0], k[1])).collect();
+        assert_eq!(
+            shown,
+            [
+                "100 2024-01-01",
+                "100 2024-02-01",
+                "100 2024-03-01",
+                "300 2024-01-01",
+                "300 2024-02-01",
+                "300 2024-03-01"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_threshold_lets_a_one_patient_group_through_at_most_delta() {
+        let scale = NoiseScale::for_sensitivity(3, Rho::from_decimal(0.025).unwrap()).unwrap();
+        let threshold = threshold(&scale, 3, 1e-9);
+        // P(1 + Z >= t) <= exp(-(t-1)^2 / 2σ^2) <= δ/k.
+        let margin = (threshold - 1) as f64;
+        let tail = (-(margin * margin) / (2.0 * scale.sd() * scale.sd())).exp();
+        assert!(tail <= 1e-9 / 3.0, "{tail}");
+        assert!(threshold > 30 && threshold < 80, "{threshold}");
     }
 }

@@ -153,7 +153,10 @@ impl Budget {
         let privacy = &governance.settings.privacy;
         let project = governance.projects.get(&identity.project);
         let budget = project.and_then(|p| p.budget.as_ref());
-        let balance = self.ledger.as_ref().map(|ledger| ledger.balance(&identity.project, &privacy.dataset));
+        let balance = self
+            .ledger
+            .as_ref()
+            .map(|ledger| ledger.balance(&identity.project, &privacy.dataset));
         let spent = balance.as_ref().map_or(Rho::ZERO, |b| b.spent);
         let cap = balance
             .as_ref()

@@ -19,11 +19,11 @@ use tally_common::policy::{Decision, Obligations, Policy, PolicySnapshot};
 use tally_common::session::new_context;
 use tally_common::{ErrorCode, TallyError};
 
+use crate::budget::{Budget, BudgetReport};
 use crate::catalogue::{Catalogue, CatalogueSchema};
 use crate::config::GatewayLimits;
 use crate::error::GatewayError;
 use crate::limits::RateLimiter;
-use crate::budget::{Budget, BudgetReport};
 use crate::lower::{lower, releases_of};
 use crate::parse::{QueryLimits, plan_read_only};
 use crate::planned::{PlanCache, PlannedQuery};
@@ -337,7 +337,9 @@ impl Gateway {
         // The releases are decided first; the plan that runs them is lowered once the
         // decision (and so each value's accuracy) is known.
         let releases = releases_of(plan.clone(), policy.governance())?;
-        let spent = self.budget.spent(&caller.identity.project, policy.governance());
+        let spent = self
+            .budget
+            .spent(&caller.identity.project, policy.governance());
         let decision = decide(policy, &caller.identity, Origin::Analyst, &releases, spent)?;
         dispatch.bind(decision.obligations.clone());
         let (plan, releases) = lower(plan, policy.governance(), &dispatch)?;

@@ -75,6 +75,11 @@ struct Release {
     sql: String,
     dispatch: Arc<QueryDispatch>,
     disclosure: DisclosureSettings,
+    /// Per aggregate, the bounds its noisy mean, variance or deviation is clamped into
+    /// (none without noise: exact values are shown as they are).
+    clamps: Vec<Option<[f64; 2]>>,
+    /// The noise of each merged partial (empty when unknown).
+    sds: Vec<f64>,
 }
 
 impl fmt::Debug for ReleaseTable {
@@ -96,7 +101,19 @@ impl ReleaseTable {
         dispatch: Arc<QueryDispatch>,
         governance: &Governance,
     ) -> Self {
-        let mut accuracy = accuracy(&query, governance, &dispatch).into_iter();
+        let sds = partial_sds(&query, governance, &dispatch);
+        let mut accuracy = accuracy(&query, governance, sds.as_deref()).into_iter();
+        let clamps = query
+            .aggregates
+            .iter()
+            .map(|aggregate| match governance.settings.privacy.noise {
+                Noise::Off => None,
+                Noise::DiscreteGaussian => aggregate
+                    .column()
+                    .and_then(|c| governance.column(&c.table, &c.column))
+                    .and_then(|spec| spec.bounds),
+            })
+            .collect();
         let fields: Vec<Field> = types
             .into_iter()
             .enumerate()
@@ -112,48 +129,58 @@ impl ReleaseTable {
                 sql,
                 dispatch,
                 disclosure: governance.settings.disclosure.clone(),
+                clamps,
+                sds: sds.unwrap_or_default(),
             }),
             schema: Arc::new(Schema::new(fields)),
         }
     }
 }
 
-/// The accuracy metadata of each output column (none for group keys, and none before the
-/// query is decided): the trusts' noise added up, from the model, the catalogue and the
-/// policy's ρ alone.
-fn accuracy(
+/// The standard deviation of each merged partial's noise (the trusts' noise added up),
+/// from the model, the catalogue and the policy's ρ alone; none before the query is
+/// decided.
+fn partial_sds(
     query: &ReleaseQuery,
     governance: &Governance,
     dispatch: &QueryDispatch,
+) -> Option<Vec<f64>> {
+    match governance.settings.privacy.noise {
+        Noise::Off => Some(vec![0.0; query.partials().len()]),
+        Noise::DiscreteGaussian => {
+            let rho =
+                Rho::from_decimal(dispatch.obligations().ok()?.budget.rho_per_release).ok()?;
+            let trusts = dispatch.trusts_reached(query).ok()?;
+            let partials = dispatch.partial_schema(query).ok()?;
+            let groups: Vec<DataType> = partials.fields()[..query.group_by.len()]
+                .iter()
+                .map(|f| f.data_type().clone())
+                .collect();
+            let bounds = ContributionBounds::of(governance, query);
+            let noise = ReleaseNoise::of(governance, query, bounds, rho, &groups).ok()?;
+            Some(
+                (0..noise.partials.len())
+                    .map(|i| combined_sd(std::iter::repeat_n(noise.sd(i), trusts)))
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// The accuracy metadata of each output column (none for group keys, and none before the
+/// query is decided), from the merged partials' noise `sds`.
+fn accuracy(
+    query: &ReleaseQuery,
+    governance: &Governance,
+    sds: Option<&[f64]>,
 ) -> Vec<HashMap<String, String>> {
     let mut out = vec![HashMap::new(); query.group_by.len()];
-    let sds: Vec<f64> = match governance.settings.privacy.noise {
-        Noise::Off => vec![0.0; query.partials().len()],
-        Noise::DiscreteGaussian => {
-            let noise = (|| {
-                let rho = Rho::from_decimal(dispatch.obligations()?.budget.rho_per_release)?;
-                let trusts = dispatch.trusts_reached(query)?;
-                let partials = dispatch.partial_schema(query)?;
-                let groups: Vec<DataType> = partials.fields()[..query.group_by.len()]
-                    .iter()
-                    .map(|f| f.data_type().clone())
-                    .collect();
-                let bounds = ContributionBounds::of(governance, query);
-                let noise = ReleaseNoise::of(governance, query, bounds, rho, &groups)?;
-                Ok::<_, TallyError>(
-                    (0..noise.partials.len())
-                        .map(|i| combined_sd(std::iter::repeat_n(noise.sd(i), trusts)))
-                        .collect(),
-                )
-            })();
-            match noise {
-                Ok(sds) => sds,
-                Err(_) => {
-                    out.resize(query.group_by.len() + query.aggregates.len(), HashMap::new());
-                    return out;
-                }
-            }
-        }
+    let Some(sds) = sds else {
+        out.resize(
+            query.group_by.len() + query.aggregates.len(),
+            HashMap::new(),
+        );
+        return out;
     };
     let partials = query.partials();
     let sd_of = |wanted: &Partial| {
@@ -367,7 +394,7 @@ async fn run(
     rows_in.add(partitions.iter().flatten().map(RecordBatch::num_rows).sum());
     let groups = release.query.group_by.len();
     let merged = merge_partials(&partials, groups, partitions)?;
-    disclose(&release.query, &merged, output, &release.disclosure)
+    disclose(&release.query, &merged, output, release)
 }
 
 /// A noisy count as released: at least zero, rounded to the nearest multiple of `to`
@@ -383,13 +410,15 @@ fn round_count(n: i64, to: u64) -> i64 {
 
 /// The analyst's columns from the merged partials: group keys as they are, counts at
 /// least zero and rounded, every other statistic derived from the released counts and
-/// sums, and groups whose released count is below `suppress_below` dropped.
+/// sums (means, variances and deviations clamped into what the column's bounds allow),
+/// and groups whose released count is below `suppress_below` dropped.
 fn disclose(
     query: &ReleaseQuery,
     merged: &RecordBatch,
     output: &SchemaRef,
-    disclosure: &DisclosureSettings,
+    release: &Release,
 ) -> Result<RecordBatch, TallyError> {
+    let disclosure = &release.disclosure;
     let round_to = disclosure.round_to;
     let partials = query.partials();
     let groups = query.group_by.len();
@@ -439,7 +468,25 @@ fn disclose(
         };
         columns.push(key);
     }
-    for aggregate in &query.aggregates {
+    // A ratio over a count that noise could have made is noise: it is not shown.
+    let meaningful = |column: &tally_common::model::ColumnRef, n: i64| {
+        let sd = partials
+            .iter()
+            .position(|p| *p == Partial::Count(column.clone()))
+            .and_then(|i| release.sds.get(i))
+            .copied()
+            .unwrap_or(0.0);
+        n > 0 && n as f64 >= 2.0 * sd
+    };
+    for (aggregate, clamp) in query.aggregates.iter().zip(&release.clamps) {
+        // Post-processing: a noisy mean lies within the bounds, a variance within what
+        // bounded values can have.
+        let within = |value: f64, low: f64, high: f64| match clamp {
+            Some(_) => value.clamp(low, high),
+            None => value,
+        };
+        let [low, high] = clamp.unwrap_or([f64::MIN, f64::MAX]);
+        let spread = (high - low) / 2.0;
         let values: ArrayRef = match aggregate {
             Aggregate::CountRows => Arc::new(Int64Array::from(count(&Partial::Rows)?)),
             Aggregate::Count { column } => {
@@ -465,7 +512,9 @@ fn disclose(
                 Arc::new(Float64Array::from(
                     n.iter()
                         .zip(&s)
-                        .map(|(n, s)| (*n > 0).then(|| s / *n as f64))
+                        .map(|(n, s)| {
+                            meaningful(column, *n).then(|| within(s / *n as f64, low, high))
+                        })
                         .collect::<Vec<_>>(),
                 ))
             }
@@ -478,10 +527,12 @@ fn disclose(
                 Arc::new(Float64Array::from(
                     (0..rows)
                         .map(|row| {
+                            let shown = meaningful(column, n[row]);
                             let n = n[row] as f64;
                             let divisor = if *population { n } else { n - 1.0 };
-                            (divisor > 0.0).then(|| {
+                            (shown && divisor > 0.0).then(|| {
                                 let variance = ((q[row] - s[row] * s[row] / n) / divisor).max(0.0);
+                                let variance = within(variance, 0.0, spread * spread);
                                 if root { variance.sqrt() } else { variance }
                             })
                         })

@@ -32,9 +32,7 @@ pub fn load_or_create_key(state: &Path) -> Result<[u8; 32], TallyError> {
         )
     };
     match std::fs::read(&path) {
-        Ok(bytes) => bytes
-            .try_into()
-            .map_err(|_| broken("not 32 bytes".into())),
+        Ok(bytes) => bytes.try_into().map_err(|_| broken("not 32 bytes".into())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut key = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);

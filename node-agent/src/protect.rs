@@ -145,4 +145,3 @@ fn integer_at(array: &ArrayRef, row: usize) -> Result<i128, TallyError> {
         _ => Err(internal("a bounded aggregate is not an integer")),
     }
 }
-

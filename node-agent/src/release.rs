@@ -13,14 +13,14 @@ use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::FunctionRegistry;
-use datafusion::functions::string::expr_fn::starts_with;
 use datafusion::functions::core::expr_fn::{greatest, least};
 use datafusion::functions::math::expr_fn::round;
+use datafusion::functions::string::expr_fn::starts_with;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::functions_window::expr_fn::row_number;
-use datafusion::logical_expr::{ExprFunctionExt, ScalarUDF};
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
+use datafusion::logical_expr::{ExprFunctionExt, ScalarUDF};
 use datafusion::prelude::SessionContext;
 use tally_common::governance::{Governance, Relationship};
 use tally_common::model::{
@@ -200,15 +200,8 @@ fn bounded(
     let mut capped = Vec::new();
     for (i, partial) in partials.iter().enumerate() {
         let name = partial_column(i);
-        let fixed = match partial {
-            Partial::Rows => None,
-            Partial::Count(column) | Partial::Sum(column) | Partial::SumSquares(column) => {
-                let spec = governance
-                    .column(&column.table, &column.column)
-                    .ok_or_else(|| bad("an aggregated column is not in this trust's catalogue"))?;
-                Some((column, FixedPoint::of(spec)?))
-            }
-        };
+        let fixed = FixedPoint::of_partial(governance, partial)?
+            .and_then(|fixed| partial.column().map(|column| (column, fixed)));
         let (expr, low, high) = match (partial, fixed) {
             (Partial::Rows, _) => (count(lit(1i64)), 0, rows),
             (Partial::Count(column), _) => (count(column_ref_expr(column)), 0, rows),
@@ -245,7 +238,9 @@ fn bounded(
     let group_names: Vec<Expr> = (0..groups.len()).map(|i| col(group_column(i))).collect();
     let mut unit_and_groups = vec![unit.alias(UNIT)];
     unit_and_groups.extend(groups);
-    let mut builder = builder.aggregate(unit_and_groups, per_unit).map_err(engine)?;
+    let mut builder = builder
+        .aggregate(unit_and_groups, per_unit)
+        .map_err(engine)?;
     if !release.group_by.is_empty() {
         let mut hashed = vec![col(UNIT)];
         hashed.extend(group_names.iter().cloned());

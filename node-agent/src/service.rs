@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
-use datafusion::logical_expr::LogicalPlan;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::sql::{
@@ -21,6 +20,7 @@ use arrow_flight::sql::{
     CommandGetTables, CommandStatementQuery, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{FlightDescriptor, FlightInfo, HandshakeRequest, HandshakeResponse, Ticket};
+use datafusion::logical_expr::LogicalPlan;
 
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::Stream;
@@ -30,9 +30,9 @@ use tally_common::audit::{AuditLog, now_millis};
 use tally_common::flight::{
     FlightDataStream, MetadataRequest, QUERY_ID_HEADER, TableInfo, encode_batches, header_text,
 };
-use tally_common::model::{ReleaseQuery, ReleaseRequest};
 use tally_common::governance::Noise;
 use tally_common::ledger::Reservation;
+use tally_common::model::{ReleaseQuery, ReleaseRequest};
 use tally_common::noise::Rho;
 use tally_common::policy::{Decision, Policy, PolicySnapshot};
 use tally_common::privacy::{ContributionBounds, ReleaseNoise};
@@ -382,25 +382,33 @@ impl NodeService {
         }
     }
 
-    /// Runs `plan` to the end within the query's time limit.
+    /// Runs `plan` to the end within the query's time limit (an answer finished after the
+    /// limit is not given either).
     async fn run(
         &self,
         ctx: &SessionContext,
         plan: LogicalPlan,
         context: &RequestContext,
     ) -> Result<Vec<RecordBatch>, TallyError> {
-        let remaining = self.query_timeout.saturating_sub(context.started.elapsed());
-        let frame = DataFrame::new(ctx.state(), plan);
-        match tokio::time::timeout(remaining, frame.collect()).await {
-            Ok(Ok(batches)) => Ok(batches),
-            Ok(Err(err)) => Err(TallyError::from_execution(err, &context.query_id)),
-            Err(_) => Err(TallyError::new(
+        let timeout = || {
+            TallyError::new(
                 ErrorCode::QueryTimeout,
                 format!(
                     "the query ran longer than this trust's limit of {:.0} s",
                     self.query_timeout.as_secs_f64()
                 ),
-            )),
+            )
+        };
+        let remaining = self.query_timeout.saturating_sub(context.started.elapsed());
+        if remaining.is_zero() {
+            return Err(timeout());
+        }
+        let frame = DataFrame::new(ctx.state(), plan);
+        match tokio::time::timeout(remaining, frame.collect()).await {
+            Ok(Ok(_)) if context.started.elapsed() > self.query_timeout => Err(timeout()),
+            Ok(Ok(batches)) => Ok(batches),
+            Ok(Err(err)) => Err(TallyError::from_execution(err, &context.query_id)),
+            Err(_) => Err(timeout()),
         }
     }
 
