@@ -129,6 +129,13 @@ pub async fn run(
             }
         }
     }
+    match client.budget().await {
+        Ok(report) => println!(
+            "Privacy budget of project '{}' at each trust: ρ = {:.2} spent of {:.2} ({} releases; repeated queries are free). `tally budget` shows it.\n",
+            report.project, report.spent, report.cap, report.releases
+        ),
+        Err(err) => println!("budget: {err}\n"),
+    }
     println!("Flight SQL endpoint: {url}");
     println!(
         "Credentials: user '{DEMO_USER}' with this signed token (valid 12 h; `tally token` mints more), as Basic auth in the handshake or 'authorization: Bearer <token>':\n{token}"

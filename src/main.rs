@@ -225,6 +225,10 @@ enum BenchCommand {
         /// which never apply it.
         #[arg(long)]
         no_opt_out: bool,
+        /// Run Tally's sites without differential-privacy noise (a bench-only copy of the
+        /// policy with `noise = "off"`), to measure what the noise, bounding and budget cost.
+        #[arg(long)]
+        no_noise: bool,
         /// Also run the queries in DuckDB over Centralised's files (needs `python3` with the
         /// `duckdb` module: `pip install duckdb`).
         #[arg(long)]
@@ -544,6 +548,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
             row_shipping_max,
             purpose,
             no_opt_out,
+            no_noise,
             duckdb,
             link_mbit,
             out,
@@ -564,6 +569,7 @@ async fn bench(command: BenchCommand) -> Result<(), String> {
                 link_mbit,
                 purpose,
                 opt_out: !no_opt_out,
+                noise: !no_noise,
             };
             let report = tally::bench::compare::run(&options).await?;
             write_report(&report, &out)

@@ -2292,3 +2292,54 @@ async fn the_judge_flags_what_the_rules_forbid() {
         all.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn zz_explore() {
+    let lab = lab().await;
+    let kit = Kit::new();
+    let mut client = analyst(&lab.local).await;
+    for sql in [
+        "SELECT sex, COUNT(*) AS n FROM patients GROUP BY 1",
+        "SELECT COUNT(*) AS n, SUM(cost) AS s, AVG(cost) AS a FROM episodes",
+        "SELECT a.n - b.n AS n FROM (SELECT COUNT(*) AS n FROM episodes) a CROSS JOIN (SELECT COUNT(*) AS n FROM episodes WHERE cost < 741356) b",
+        "SELECT diagnosis_icd10, COUNT(*) AS n FROM episodes GROUP BY 1",
+        "SELECT specialty, COUNT(*) AS n, RANK() OVER (ORDER BY COUNT(*)) AS r FROM episodes GROUP BY 1",
+    ] {
+        let got = client.query(sql).await.unwrap();
+        println!("SQL {sql}\nSCHEMA {:?}\nBATCH SCHEMA {:?}\nROWS {}", got.schema, got.batches.first().map(|b| b.schema()), row_count(&got));
+        for r in rows(&got.batches).iter().take(5) { println!("  {r:?}"); }
+        let rec = lab.answered_record(sql).unwrap();
+        println!("REC rho {:?}", rec["rho_charged"]);
+        let qid = rec["query_id"].as_str().unwrap().to_string();
+        for code in TRUSTS { for n in lab.node_records(code, &qid) { println!("  NODE {code} rows {} rho {} stored {}", n["rows"], n["rho_charged"], n["stored_answer"]); } }
+        for release in lab.releases_of(sql) {
+            let t = request_ticket(json!({"release": release}));
+            let probe = kit.probe(t).at("RXA");
+            let mut c = node_client(lab.node_addrs["RXA"], "RXA").await;
+            for (name, value) in &probe.headers { c.set_header(*name, value.clone()); }
+            c.set_header(QUERY_ID_HEADER, "explore");
+            let Call::DoGet(bytes) = probe.call else { unreachable!() };
+            let stream = c.do_get(Ticket::new(bytes)).await.unwrap();
+            println!("  NODE HEADERS {:?}", stream.headers());
+            let batches: Vec<RecordBatch> = stream.try_collect().await.unwrap();
+            println!("  NODE SCHEMA {:?}", batches.first().map(|b| b.schema()));
+            for r in rows(&batches).iter().take(3) { println!("   {r:?}"); }
+            let recs = lab.node_records("RXA", "explore");
+            println!("  REPLAY rho {} stored {}", recs.last().unwrap()["rho_charged"], recs.last().unwrap()["stored_answer"]);
+        }
+    }
+    for q in [
+        "SELECT trust_code, COUNT(*) FROM patients GROUP BY 1 ORDER BY 1",
+        "SELECT trust_code, COUNT(*) FROM kept_patients GROUP BY 1 ORDER BY 1",
+        "SELECT trust_code, COUNT(*) FROM episodes GROUP BY 1 ORDER BY 1",
+        "SELECT trust_code, COUNT(*) FROM kept_episodes GROUP BY 1 ORDER BY 1",
+        "SELECT c, COUNT(*) FROM (SELECT nhs_number, COUNT(*) AS c FROM patients GROUP BY 1) GROUP BY 1 ORDER BY 1",
+        "SELECT k, COUNT(*) FROM (SELECT person_id, COUNT(*) AS k FROM kept_episodes GROUP BY 1) GROUP BY 1 ORDER BY 1",
+        "SELECT arrow_typeof(imd_decile), arrow_typeof(sex), arrow_typeof(length_of_stay), arrow_typeof(cost), arrow_typeof(age_at_admission) FROM patients p JOIN episodes e ON e.person_id = p.person_id LIMIT 1",
+        "SELECT MIN(cost), MAX(cost), MIN(length_of_stay), MAX(length_of_stay), MIN(age_at_admission), MAX(age_at_admission) FROM episodes",
+        "SELECT COUNT(*) FROM (SELECT specialty FROM episodes GROUP BY 1)",
+    ] {
+        println!("TRUTH {q}: {:?}", lab.truth.rows(q).await);
+    }
+    lab.stop().await;
+}

@@ -517,25 +517,14 @@ async fn a_group_small_at_every_trust_is_not_released() {
 async fn zz_scratch_explore() {
     let ctx = opted_out_files().await;
     for sql in [
-        "SELECT trust_code, COUNT(*), COUNT(DISTINCT person_id) FROM episodes GROUP BY 1 ORDER BY 1",
-        "SELECT trust_code, COUNT(*) FROM patients GROUP BY 1 ORDER BY 1",
-        "SELECT sex, COUNT(*) FROM patients GROUP BY 1 ORDER BY 1",
-        "SELECT arrow_typeof(imd_decile), arrow_typeof(sex), arrow_typeof(specialty), arrow_typeof(admission_method) FROM episodes e JOIN patients p ON e.person_id = p.person_id LIMIT 1",
-        "SELECT MIN(admission_date), MAX(admission_date), MIN(age_at_admission), MAX(age_at_admission), MAX(cost), MAX(length_of_stay) FROM episodes",
-        "SELECT specialty, COUNT(*) FROM episodes GROUP BY 1 ORDER BY 1",
-        "SELECT admission_method, COUNT(*) FROM episodes GROUP BY 1 ORDER BY 1",
-        "SELECT t, COUNT(*) FROM (SELECT trust_code t, diagnosis_icd10, COUNT(DISTINCT person_id) n FROM episodes GROUP BY 1,2) WHERE n >= 50 GROUP BY 1",
-        "SELECT t, MAX(n), COUNT(*) FROM (SELECT trust_code t, diagnosis_icd10, COUNT(DISTINCT person_id) n FROM episodes GROUP BY 1,2) GROUP BY 1",
-        "SELECT t, diagnosis_icd10, n FROM (SELECT trust_code t, diagnosis_icd10, COUNT(DISTINCT person_id) n FROM episodes GROUP BY 1,2) ORDER BY n DESC LIMIT 20",
-        "SELECT t, MAX(n), COUNT(*) FROM (SELECT trust_code t, postcode_district(postcode), COUNT(DISTINCT person_id) n FROM patients GROUP BY 1,2) GROUP BY 1",
-        "SELECT n, COUNT(*) FROM (SELECT person_id, specialty, COUNT(*) n FROM episodes GROUP BY 1,2) GROUP BY 1 ORDER BY 1",
-        "SELECT n, COUNT(*) FROM (SELECT person_id, COUNT(*) n FROM episodes GROUP BY 1) GROUP BY 1 ORDER BY 1",
-        "SELECT trust_code, COUNT(*) FROM episodes WHERE diagnosis_icd10 = 'A92.8' GROUP BY 1",
+        "SELECT arrow_typeof(episode_id), arrow_typeof(person_id), arrow_typeof(admission_date), arrow_typeof(age_at_admission), arrow_typeof(cost) FROM episodes LIMIT 1",
+        "SELECT value FROM generate_series(1, 3)",
+        "SELECT specialty, COUNT(*) FROM episodes WHERE diagnosis_icd10 = 'A92.8' GROUP BY 1",
+        "SELECT COUNT(DISTINCT month(admission_date)) FROM episodes WHERE diagnosis_icd10 = 'A92.8'",
+        "SELECT imd_decile, COUNT(*) FROM patients GROUP BY 1 ORDER BY 1",
+        "SELECT COUNT(*) FROM episodes WHERE diagnosis_icd10 IS NULL",
     ] {
         let b = collect(&ctx, sql).await;
-        println!(
-            "{sql}\n{}",
-            arrow::util::pretty::pretty_format_batches(&b).unwrap()
-        );
+        println!("{sql}\n{}", arrow::util::pretty::pretty_format_batches(&b).unwrap());
     }
 }

@@ -13,7 +13,7 @@ use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::FunctionRegistry;
-use datafusion::functions::core::expr_fn::{greatest, least};
+use datafusion::functions::core::expr_fn::{greatest, least, nullif};
 use datafusion::functions::math::expr_fn::round;
 use datafusion::functions::string::expr_fn::starts_with;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
@@ -227,7 +227,21 @@ fn bounded(
             }
         };
         per_unit.push(expr.alias(name.clone()));
-        let clamped = greatest(vec![lit(low), least(vec![col(&name), lit(high)])]);
+        // A patient with more than `rows` values in a group counts `rows` of them: counts
+        // are capped, and sums scaled to `rows` times the patient's own mean there, so the
+        // group's mean is not skewed by how many rows were cut.
+        let per_patient = match (partial, fixed) {
+            (Partial::Rows | Partial::Count(_), _) => col(&name),
+            (Partial::Sum(_) | Partial::SumSquares(_), None) => {
+                return Err(bad("a sum has no column"));
+            }
+            (Partial::Sum(_) | Partial::SumSquares(_), Some((column, _))) => {
+                let values = format!("{name}_values");
+                per_unit.push(count(column_ref_expr(column)).alias(values.clone()));
+                col(&name) * least(vec![col(&values), lit(rows)]) / nullif(col(&values), lit(0i64))
+            }
+        };
+        let clamped = greatest(vec![lit(low), least(vec![per_patient, lit(high)])]);
         let value = match partial {
             Partial::Rows | Partial::Count(_) => clamped,
             Partial::Sum(_) | Partial::SumSquares(_) => cast(clamped, DataType::Decimal128(38, 0)),
@@ -473,4 +487,177 @@ fn fold(
         .next()
         .ok_or_else(|| bad("an AND or OR with no operands"))??;
     exprs.try_fold(first, |acc, next| Ok(combine(acc, next?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray, Float64Array, RecordBatch, StringArray};
+    use arrow::datatypes::{Decimal128Type, Field, Int64Type, Schema};
+    use datafusion::datasource::MemTable;
+    use datafusion::prelude::DataFrame;
+    use tally_common::model::{Aggregate, MODEL_VERSION};
+
+    use crate::bounding::keyed_rank_udf;
+
+    fn governance() -> Governance {
+        let data: serde_json::Value =
+            serde_json::from_str(include_str!("../../policies/catalogue.json")).unwrap();
+        Governance::from_policy_data(&data).unwrap()
+    }
+
+    /// Episodes of three patients: `p1` has five episodes in specialty 100 (one costing a
+    /// billion) and one in each of 300, 320, 340, 400; `p2` and `p3` one each in 100; in
+    /// reverse order if `reversed`.
+    fn context(reversed: bool) -> SessionContext {
+        let mut rows = vec![
+            ("p1", "100", 1.0e9),
+            ("p1", "100", 10.0),
+            ("p1", "100", 10.0),
+            ("p1", "100", 10.0),
+            ("p1", "100", 10.0),
+            ("p1", "300", 10.0),
+            ("p1", "320", 10.0),
+            ("p1", "340", 10.0),
+            ("p1", "400", 10.0),
+            ("p2", "100", 100.0),
+            ("p3", "100", 200.0),
+        ];
+        if reversed {
+            rows.reverse();
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("person_id", DataType::Utf8, false),
+            Field::new("specialty", DataType::Utf8, false),
+            Field::new("cost", DataType::Float64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            ],
+        )
+        .unwrap();
+        let ctx = SessionContext::new();
+        ctx.register_table(
+            "episodes",
+            Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+        )
+        .unwrap();
+        ctx
+    }
+
+    fn cost_by_specialty() -> ReleaseQuery {
+        let cost = ColumnRef {
+            table: "episodes".into(),
+            column: "cost".into(),
+        };
+        ReleaseQuery {
+            version: MODEL_VERSION,
+            fact: "episodes".into(),
+            joins: Vec::new(),
+            filter: None,
+            group_by: vec![Dimension::bare("episodes", "specialty")],
+            aggregates: vec![
+                Aggregate::CountRows,
+                Aggregate::Variance {
+                    column: cost,
+                    population: true,
+                },
+            ],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bounded_plan_caps_each_patient_and_yields_only_integers_for_the_noise() {
+        let ctx = context(false);
+        let governance = governance();
+        let release = cost_by_specialty();
+        let bounds = ContributionBounds::of(&governance, &release);
+        assert_eq!(
+            bounds,
+            ContributionBounds {
+                rows_per_group: 2,
+                groups_per_unit: 3
+            }
+        );
+        let aggregation = Aggregation::Bounded {
+            bounds,
+            rank: Arc::new(keyed_rank_udf([7; 32])),
+        };
+        let (plan, _) = build_plan(&ctx, &governance, &release, &aggregation)
+            .await
+            .unwrap();
+        let batches = DataFrame::new(ctx.state(), plan).collect().await.unwrap();
+        let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        // What noise is added to is integer: counts, and sums in fixed point. No float.
+        for field in batch.schema().fields().iter().skip(1) {
+            assert!(
+                matches!(field.data_type(), DataType::Int64 | DataType::Decimal128(38, 0)),
+                "{field}"
+            );
+        }
+        let partials = release.partials();
+        let index = |p: &Partial| 1 + partials.iter().position(|q| q == p).unwrap();
+        let cost = ColumnRef {
+            table: "episodes".into(),
+            column: "cost".into(),
+        };
+        let specialties = batch.column(0).as_string::<i32>();
+        let row = (0..batch.num_rows())
+            .find(|&r| specialties.value(r) == "100")
+            .unwrap();
+        let rows = batch.column(index(&Partial::Rows)).as_primitive::<Int64Type>();
+        let units = batch
+            .column(batch.schema().index_of(UNITS).unwrap())
+            .as_primitive::<Int64Type>();
+        let p1_in_100 = units.value(row) == 3;
+        assert_eq!(
+            rows.value(row),
+            if p1_in_100 { 4 } else { 2 },
+            "p1's five episodes count 2, p2 and p3 one each"
+        );
+        let others = (0..batch.num_rows())
+            .filter(|&r| specialties.value(r) != "100")
+            .count();
+        assert_eq!(
+            others + usize::from(p1_in_100),
+            3,
+            "p1 counts in exactly 3 of the 5 specialties it has episodes in"
+        );
+        let sums = batch
+            .column(index(&Partial::Sum(cost)))
+            .as_primitive::<Decimal128Type>();
+        // Each value is clamped to [0, 20000]; p1's five (20040 in all) count as two
+        // values at p1's mean: 20040 x 2 / 5.
+        let expected = if p1_in_100 { 8_016 + 100 + 200 } else { 300 };
+        assert_eq!(sums.value(row), expected);
+    }
+
+    #[tokio::test]
+    async fn the_keyed_rank_picks_the_same_groups_whatever_the_row_order() {
+        let governance = governance();
+        let release = cost_by_specialty();
+        let aggregation = Aggregation::Bounded {
+            bounds: ContributionBounds::of(&governance, &release),
+            rank: Arc::new(keyed_rank_udf([9; 32])),
+        };
+        let mut answers = Vec::new();
+        for reversed in [false, true] {
+            let ctx = context(reversed);
+            let (plan, _) = build_plan(&ctx, &governance, &release, &aggregation)
+                .await
+                .unwrap();
+            let sorted = LogicalPlanBuilder::from(plan)
+                .sort(vec![col(group_column(0)).sort(true, false)])
+                .unwrap()
+                .build()
+                .unwrap();
+            let batches = DataFrame::new(ctx.state(), sorted).collect().await.unwrap();
+            answers.push(arrow::util::pretty::pretty_format_batches(&batches).unwrap().to_string());
+        }
+        assert_eq!(answers[0], answers[1]);
+    }
 }

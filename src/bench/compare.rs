@@ -55,6 +55,10 @@ pub struct Options {
     /// policy is the default one with the opt-out obligation turned off, so that all three
     /// systems count the same rows.
     pub opt_out: bool,
+    /// Whether Tally's sites add differential-privacy noise (the default policy does). Off,
+    /// the bench policies are copies with `noise = "off"`: exact answers, no bounding, no
+    /// budget. On, every timed run is computed afresh (see [`Federation::measure`]).
+    pub noise: bool,
 }
 
 /// One system's figures for one query.
@@ -395,7 +399,8 @@ async fn reach(
 struct Federation {
     nodes: Vec<SiteProcess>,
     _links: Vec<Link>,
-    _state: tempfile::TempDir,
+    state: tempfile::TempDir,
+    codes: Vec<String>,
     gateway: tally_gateway::GatewayHandle,
     target: crate::client::GatewayTarget,
     client: AnalystClient,
@@ -453,7 +458,8 @@ impl Federation {
         Ok(Federation {
             nodes,
             _links: links,
-            _state: state_dir,
+            state: state_dir,
+            codes: endpoints.iter().map(|(code, _, _)| code.clone()).collect(),
             gateway,
             target,
             client,
@@ -470,10 +476,18 @@ impl Federation {
             size,
         };
         let mut results = Vec::new();
+        let answers: Vec<PathBuf> = self
+            .codes
+            .iter()
+            .map(|code| self.state.path().join(code).join("answers"))
+            .collect();
         for (index, (_, sql)) in workload.queries().iter().enumerate() {
             reset_peak_rss();
             let client = &mut self.client;
+            // Each run must be computed, bounded and noised afresh rather than returned from
+            // the trusts' stored answers: the bench empties the stores (a few files) first.
             let timing = timed(runs, async || {
+                forget_stored_answers(&answers);
                 client.query(sql).await.map_err(|e| e.to_string())
             })
             .await;
@@ -491,6 +505,15 @@ impl Federation {
 
     async fn stop(self) {
         self.gateway.stop().await;
+    }
+}
+
+/// Empties the sites' stores of noisy answers (bench only: a trust never forgets one).
+fn forget_stored_answers(dirs: &[PathBuf]) {
+    for dir in dirs {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -720,9 +743,10 @@ struct BenchPolicies {
 }
 
 impl BenchPolicies {
-    fn create(from: &Path, root: &Path, codes: &[String]) -> Result<Self, String> {
-        let with_opt_out = bench_policies(from, &root.join("policies"), codes)?;
-        let without_opt_out = bench_policies(from, &root.join("policies-no-opt-out"), codes)?;
+    fn create(from: &Path, root: &Path, codes: &[String], noise: bool) -> Result<Self, String> {
+        let with_opt_out = bench_policies(from, &root.join("policies"), codes, noise)?;
+        let without_opt_out =
+            bench_policies(from, &root.join("policies-no-opt-out"), codes, noise)?;
         let rules = without_opt_out.join("tally.rego");
         let text = std::fs::read_to_string(&rules).map_err(|e| e.to_string())?;
         const OBLIGATION: &str = "apply_opt_out := true";
@@ -751,8 +775,14 @@ impl BenchPolicies {
 
 /// A copy of the policy folder `from` in `to` whose `uec-demand` project may also query the
 /// benchmark's sites `codes` and TPC-H `lineitem` (the shipped catalogue lists the demo
-/// trusts and tables only).
-fn bench_policies(from: &Path, to: &Path, codes: &[String]) -> Result<PathBuf, String> {
+/// trusts and tables only), with a budget large enough for every timed run, and with
+/// noise off unless `noise`.
+fn bench_policies(
+    from: &Path,
+    to: &Path,
+    codes: &[String],
+    noise: bool,
+) -> Result<PathBuf, String> {
     std::fs::create_dir_all(to).map_err(|e| e.to_string())?;
     for entry in std::fs::read_dir(from).map_err(|e| e.to_string())? {
         let path = entry.map_err(|e| e.to_string())?.path();
@@ -769,6 +799,9 @@ fn bench_policies(from: &Path, to: &Path, codes: &[String]) -> Result<PathBuf, S
         .get_mut("governance")
         .ok_or("the catalogue has no governance section")?;
     governance["catalogue"]["lineitem"] = lineitem_catalogue();
+    if !noise {
+        governance["settings"]["privacy"]["noise"] = "off".into();
+    }
     let project = governance
         .pointer_mut("/projects/uec-demand")
         .ok_or("the catalogue has no uec-demand project")?;
@@ -781,6 +814,7 @@ fn bench_policies(from: &Path, to: &Path, codes: &[String]) -> Result<PathBuf, S
     };
     extend("trusts", &mut codes.iter().cloned())?;
     extend("tables", &mut std::iter::once("lineitem".to_string()))?;
+    project["budget"] = serde_json::json!({ "rho_cap": 1.0e6 });
     std::fs::write(&catalogue_path, catalogue.to_string()).map_err(|e| e.to_string())?;
     Ok(to.to_path_buf())
 }
@@ -794,8 +828,20 @@ fn lineitem_catalogue() -> serde_json::Value {
     for name in ["l_orderkey", "l_partkey", "l_suppkey", "l_comment"] {
         columns.insert(name.into(), serde_json::json!({ "class": "identifier" }));
     }
-    for name in ["l_quantity", "l_extendedprice", "l_discount", "l_tax"] {
-        columns.insert(name.into(), class("measure"));
+    // Bounds from the TPC-H specification (4.2.3): quantities 1..50, prices below 105,000,
+    // discounts 0..0.10 and taxes 0..0.08 (two decimals).
+    for (name, high, precision) in [
+        ("l_quantity", 50.0, 0),
+        ("l_extendedprice", 105_000.0, 2),
+        ("l_discount", 0.1, 2),
+        ("l_tax", 0.08, 2),
+    ] {
+        columns.insert(
+            name.into(),
+            serde_json::json!({
+                "class": "measure", "filter": true, "bounds": [0.0, high], "precision": precision
+            }),
+        );
     }
     for name in [
         "l_linenumber",
@@ -1016,7 +1062,7 @@ pub async fn run(options: &Options) -> Result<Report, String> {
     if !certs.is_complete(&code_refs) {
         crate::certs::create(&certs_dir, &code_refs)?;
     }
-    let policies = BenchPolicies::create(&options.policies, &options.root, &codes)?;
+    let policies = BenchPolicies::create(&options.policies, &options.root, &codes, options.noise)?;
     let mut report = Report {
         measurements: Vec::new(),
         overhead: None,
