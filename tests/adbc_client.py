@@ -2,7 +2,8 @@
 
 Usage: python3 tests/adbc_client.py URL USER TOKEN [CA_PEM]
 With CA_PEM, the gateway's TLS certificate is verified against that CA.
-Prints one JSON object: the rows of a plain statement and of a prepared statement.
+Prints one JSON object: the rows of a plain statement and of a prepared statement, and the
+Arrow field metadata of the prepared statement's answer (each value's noise scale).
 """
 import json
 import sys
@@ -25,8 +26,14 @@ def main() -> None:
             plain = [list(row) for row in cur.fetchall()]
             parameters = cur.adbc_prepare(PREPARED)
             cur.execute(PREPARED)
-            prepared = [list(row) for row in cur.fetchall()]
-    print(json.dumps({"plain": plain, "prepared": prepared, "parameters": len(parameters)}))
+            table = cur.fetch_arrow_table()
+            prepared = [list(row.values()) for row in table.to_pylist()]
+            metadata = {
+                field.name: {k.decode(): v.decode() for k, v in (field.metadata or {}).items()}
+                for field in table.schema
+            }
+    print(json.dumps({"plain": plain, "prepared": prepared, "parameters": len(parameters),
+                      "metadata": metadata}))
 
 
 if __name__ == "__main__":

@@ -2,25 +2,45 @@
 //! Flight SQL client and straight at a node with the gateway's client certificate, each
 //! judged against ground truth computed here from the trusts' Parquet files.
 //!
-//! Every attack must end refused with a stable code, or answered with nothing the rules
-//! forbid: no group with fewer than 8 distinct patients at any single trust, no identifier
-//! (or full postcode) in the answer, every released count a multiple of 5, no single
-//! record's value. The attacks are data: [`GATEWAY_ATTACKS`] (analyst SQL; each is also sent
-//! to a node as SQL text, and every release it lowers to is replayed at every node asking for
-//! no threshold) and [`NODE_ATTACKS`] (crafted requests and identities at a node). Bespoke
-//! tests below cover what needs several answers (trackers, patients at two trusts,
-//! purposes, oracles).
+//! Under the default policy every trust protects what it releases with differential
+//! privacy (see `../shared/DESIGN.md` §3): it bounds each patient's contribution, adds
+//! discrete Gaussian noise to every partial, and releases either every key of public
+//! domains or only keys whose noisy patient count clears a threshold. Every attack must end
+//! refused with a stable code, or answered with nothing the rules forbid:
+//! - no identifier (or full postcode) anywhere in an answer;
+//! - keys: with public domains, only keys of the declared domains, every key that has rows
+//!   at the trust, and the same keys at every trust (presence says nothing about the data);
+//!   otherwise only keys with at least [`MIN_RELEASED_PATIENTS`] true patients at the trust
+//!   that released them (after its opt-out);
+//! - values: every partial carries the σ of its noise (`tally.noise_sd`), that σ is what
+//!   the policy's ρ calls for, and the value lies within [`TOLERANCE_SDS`] σ of the ground
+//!   truth *after contribution bounding* (computed here as the node bounds it: see
+//!   [`bounded_truth_sql`]); over a whole suite the errors where the bounded truth is exact
+//!   have the spread the σ claims ([`Lab::assert_noise_as_stated`]);
+//! - budget: every charge is what the model predicts (ρ per release not paid before by the
+//!   project, at the gateway and at each trust), and repeating a release returns the
+//!   trust's stored answer for free.
 //!
-//! Columns named `n...` (and DataFusion's `count(...)`) in an attack's answer are counts
-//! and must be multiples of 5; columns named `whole...` must be whole numbers.
+//! The attacks are data: [`GATEWAY_ATTACKS`] (analyst SQL; each is also sent to a node as
+//! SQL text, and every release it lowers to is replayed straight at every node) and
+//! [`NODE_ATTACKS`] (crafted requests and identities at a node). Bespoke tests below cover
+//! what needs several answers (trackers, patients at two trusts, purposes, oracles, the
+//! budget).
+//!
+//! Every test starts its own federation with fresh budget ledgers and stored answers
+//! ([`crate::support::fresh_state`]). They run under the default policy (`policies/`) as it
+//! ships, except the analyst table, whose releases outnumber one project's default budget:
+//! it runs under a copy whose only change is a larger project `rho_cap`
+//! ([`PolicyUnderTest::with_releases`]), so every value is exactly as noisy as by default.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::DataType;
+use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow_flight::Ticket;
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::{
@@ -38,24 +58,46 @@ use tally::tokens::{AUDIENCE, ISSUER, IdentityProvider};
 use tally_common::flight::{
     ANALYST_TOKEN_HEADER, PROJECT_HEADER, PURPOSE_HEADER, QUERY_ID_HEADER, fetch_all,
 };
+use tally_common::generalise::band_of;
+use tally_common::governance::Governance;
 use tally_common::model::{
-    ColumnRef, Dimension, Generaliser, Literal, Partial, Predicate, RELEASE_TYPE_URL, ReleaseQuery,
-    ReleaseRequest,
+    Aggregate, ColumnRef, Dimension, Generaliser, Literal, Partial, Predicate, RELEASE_TYPE_URL,
+    ReleaseQuery, ReleaseRequest,
 };
+use tally_common::privacy::NOISE_SD;
+use tally_gateway::release::{CI95, DERIVED};
 use tally_synth::default_trusts;
 
 use crate::support::{
-    analyst, analyst_token, audited_nodes, centralised, copy_of_data, data_dir, default_policies,
+    analyst, analyst_token, centralised, copy_of_data, data_dir, default_policies, fresh_state,
     gateway_client, gateway_config, identity_provider, init_logging, node_client, rows,
     start_federation_over, tls,
 };
 
-/// The default policy's smallest group, in distinct patients at one trust.
-const THRESHOLD: i64 = 8;
-/// The default policy's rounding of counts.
-const ROUND_TO: f64 = 5.0;
 /// The trusts of the test data.
 const TRUSTS: [&str; 3] = ["RXA", "RXB", "RXC"];
+
+/// The fewest true patients (at one trust, after its opt-out) a key released by noisy
+/// thresholding may have. A trust releases a key when its noisy patient count reaches
+/// `1 + σ·sqrt(2 ln(k/δ))`: under the default policy about 30 at σ ≈ 4.5 (patients) and
+/// about 53 at σ ≈ 7.7 (episodes). A key of at most 4 patients then needs noise of more than
+/// 5.8 σ to pass, which happens with probability below 1e-8 per key: a released key with
+/// fewer than 5 patients is a leak, not bad luck. The judge's own test checks that this
+/// margin holds for the policy in `policies/` (`the_judge_flags_what_the_rules_forbid`).
+const MIN_RELEASED_PATIENTS: f64 = 5.0;
+
+/// How far (in σ of the noise a value carries) a noisy value may lie from its bounded
+/// ground truth: a discrete Gaussian draw lands beyond 6 σ with probability about 2e-9, so
+/// the thousands of values a suite checks all land inside unless the noise is not what
+/// the trust says it is.
+const TOLERANCE_SDS: f64 = 6.0;
+
+/// The most keys a release with public domains enumerates (beyond, the trust thresholds):
+/// `tally_common::privacy::MAX_PUBLIC_KEYS`, as documented.
+const MAX_PUBLIC_KEYS: usize = 20_000;
+
+/// The project the demo analyst's queries are for unless they say otherwise.
+const PROJECT: &str = "uec-demand";
 
 /// How an attack must end.
 #[derive(Debug, Clone, Copy)]
@@ -73,7 +115,7 @@ use Expect::{Answered, Refused};
 /// One attack through the gateway: its class, the analyst's SQL, and how it must end.
 type GatewayAttack = (&'static str, &'static str, Expect);
 
-/// Analyst SQL, by class. Counts are aliased `n...` so that their rounding is checked.
+/// Analyst SQL, by class.
 #[rustfmt::skip]
 const GATEWAY_ATTACKS: &[GatewayAttack] = &[
     // --- 1. Padding joins: anything but the declared relationship, on exactly its keys. ---
@@ -162,23 +204,24 @@ const GATEWAY_ATTACKS: &[GatewayAttack] = &[
     ("identifier", "SELECT COUNT(*) AS n FROM (SELECT nhs_number AS sex FROM patients) t WHERE sex = '9693109996'", Refused("E_IDENTIFIER_COLUMN")),
     ("identifier", "SELECT MAX(nhs_number) AS m FROM patients", Refused("E_AGG_NOT_ALLOWED")),
     ("identifier", "SELECT COUNT(*) AS n FROM (SELECT nhs_number, sex FROM patients) t", Answered(0)),
-    // --- 6. Rounding undone: every count derived from released statistics is rounded. ---
-    ("rounding", "SELECT SUM(cost) / AVG(cost) AS n FROM episodes", Answered(0)),
-    ("rounding", "SELECT specialty, SUM(length_of_stay) / AVG(length_of_stay) AS n FROM episodes GROUP BY 1", Answered(1)),
-    ("rounding", "SELECT VAR_SAMP(cost) / (VAR_SAMP(cost) - VAR_POP(cost)) AS n FROM episodes", Answered(0)),
-    ("rounding", "SELECT power(STDDEV_SAMP(cost), 2) / (power(STDDEV_SAMP(cost), 2) - power(STDDEV_POP(cost), 2)) AS n FROM episodes WHERE specialty = '300'", Answered(0)),
-    ("rounding", "SELECT age_band(age_at_admission) AS b, SUM(age_at_admission) / AVG(age_at_admission) AS n FROM episodes GROUP BY 1", Refused("E_MEASURE_USAGE")),
-    ("rounding", "SELECT SUM(length_of_stay) AS n FROM episodes WHERE length_of_stay = 1", Refused("E_MEASURE_USAGE")),
-    ("rounding", "SELECT SUM(age_at_admission) / 40 AS n FROM episodes WHERE age_at_admission BETWEEN 40 AND 40", Refused("E_MEASURE_USAGE")),
-    ("rounding", "SELECT specialty, SUM(length_of_stay) / AVG(length_of_stay) AS n FROM episodes WHERE length_of_stay > 21 GROUP BY 1", Refused("E_MEASURE_USAGE")),
-    ("rounding", "SELECT age_band(age_at_admission) AS b, SUM(length_of_stay) / AVG(length_of_stay) AS n FROM episodes GROUP BY 1", Answered(1)),
-    ("rounding", "SELECT SUM(1) AS n FROM episodes", Refused("E_EXPR_SHAPE")),
-    ("rounding", "SELECT SUM(x) AS n FROM (SELECT 1 AS x FROM episodes) t", Refused("E_QUERY_SHAPE")),
-    ("rounding", "SELECT COUNT(*) * 1.0 / 5 AS whole_fifths FROM episodes", Answered(0)),
-    ("rounding", "SELECT COUNT(*) AS n, COUNT(procedure_opcs4) AS n_coded, COUNT(e.cost) AS n_costed FROM episodes e JOIN patients p ON e.person_id = p.person_id", Answered(0)),
-    ("rounding", "SELECT c.chapter, COUNT(*) AS n, SUM(e.cost) / AVG(e.cost) AS n_derived FROM episodes e JOIN icd10_chapters c ON substr(e.diagnosis_icd10, 1, 3) BETWEEN c.code_from AND c.code_to GROUP BY 1", Answered(1)),
-    ("rounding", "SELECT a.n - b.n AS n FROM (SELECT COUNT(*) AS n FROM episodes) a CROSS JOIN (SELECT COUNT(*) AS n FROM episodes WHERE cost < 741356) b", Answered(0)),
-    ("rounding", "SELECT COUNT(*) AS n FROM episodes UNION ALL SELECT COUNT(*) AS n FROM patients", Answered(0)),
+    // --- 6. Exact counts derived from released statistics (SUM / AVG, variances): every
+    //     statistic is derived from noisy partials, so what they give is a noisy count. ---
+    ("derived count", "SELECT SUM(cost) / AVG(cost) AS n FROM episodes", Answered(0)),
+    ("derived count", "SELECT specialty, SUM(length_of_stay) / AVG(length_of_stay) AS n FROM episodes GROUP BY 1", Answered(1)),
+    ("derived count", "SELECT VAR_SAMP(cost) / (VAR_SAMP(cost) - VAR_POP(cost)) AS n FROM episodes", Answered(0)),
+    ("derived count", "SELECT power(STDDEV_SAMP(cost), 2) / (power(STDDEV_SAMP(cost), 2) - power(STDDEV_POP(cost), 2)) AS n FROM episodes WHERE specialty = '300'", Answered(0)),
+    ("derived count", "SELECT age_band(age_at_admission) AS b, SUM(age_at_admission) / AVG(age_at_admission) AS n FROM episodes GROUP BY 1", Refused("E_MEASURE_USAGE")),
+    ("derived count", "SELECT SUM(length_of_stay) AS n FROM episodes WHERE length_of_stay = 1", Refused("E_MEASURE_USAGE")),
+    ("derived count", "SELECT SUM(age_at_admission) / 40 AS n FROM episodes WHERE age_at_admission BETWEEN 40 AND 40", Refused("E_MEASURE_USAGE")),
+    ("derived count", "SELECT specialty, SUM(length_of_stay) / AVG(length_of_stay) AS n FROM episodes WHERE length_of_stay > 21 GROUP BY 1", Refused("E_MEASURE_USAGE")),
+    ("derived count", "SELECT age_band(age_at_admission) AS b, SUM(length_of_stay) / AVG(length_of_stay) AS n FROM episodes GROUP BY 1", Answered(1)),
+    ("derived count", "SELECT SUM(1) AS n FROM episodes", Refused("E_EXPR_SHAPE")),
+    ("derived count", "SELECT SUM(x) AS n FROM (SELECT 1 AS x FROM episodes) t", Refused("E_QUERY_SHAPE")),
+    ("derived count", "SELECT COUNT(*) * 1.0 / 5 AS fifths FROM episodes", Answered(0)),
+    ("derived count", "SELECT COUNT(*) AS n, COUNT(procedure_opcs4) AS n_coded, COUNT(e.cost) AS n_costed FROM episodes e JOIN patients p ON e.person_id = p.person_id", Answered(0)),
+    ("derived count", "SELECT c.chapter, COUNT(*) AS n, SUM(e.cost) / AVG(e.cost) AS n_derived FROM episodes e JOIN icd10_chapters c ON substr(e.diagnosis_icd10, 1, 3) BETWEEN c.code_from AND c.code_to GROUP BY 1", Answered(1)),
+    ("derived count", "SELECT a.n - b.n AS n FROM (SELECT COUNT(*) AS n FROM episodes) a CROSS JOIN (SELECT COUNT(*) AS n FROM episodes WHERE cost < 741356) b", Answered(0)),
+    ("derived count", "SELECT COUNT(*) AS n FROM episodes UNION ALL SELECT COUNT(*) AS n FROM patients", Answered(0)),
     // --- 10. Oracles: nothing that can fail on a row's value is planned. ---
     ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE 1 / (cost - 903.2) > 0", Refused("E_QUERY_SHAPE")),
     ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE cost / 0 > 1", Refused("E_QUERY_SHAPE")),
@@ -250,30 +293,315 @@ const GATEWAY_ATTACKS: &[GatewayAttack] = &[
 ];
 
 // ------------------------------------------------------------------------------------------
-// The laboratory: a federation under the default policy, every log on disk, ground truth.
+// The policy under test: what it says each release must look like, from its catalogue alone.
 // ------------------------------------------------------------------------------------------
 
-/// A federation under the default policy whose gateway and nodes write audit logs, with
-/// rate limits raised so that a whole table of attacks fits in a minute.
+/// A policy folder and its catalogue, with what the catalogue implies for a release: the
+/// contribution bounds, the public keys and the σ of every partial. This is computed here,
+/// independently of `tally_common::privacy`, from the rules the documentation states, so
+/// that a trust adding less noise than its policy requires is caught.
+struct PolicyUnderTest {
+    dir: PathBuf,
+    governance: Governance,
+    /// The copied folder, when this is a copy.
+    _copy: Option<tempfile::TempDir>,
+}
+
+/// The catalogue of the policy folder `dir`.
+fn governance_of(dir: &Path) -> Governance {
+    let text = std::fs::read_to_string(dir.join("catalogue.json")).unwrap();
+    Governance::from_policy_data(&serde_json::from_str(&text).unwrap()).unwrap()
+}
+
+impl PolicyUnderTest {
+    /// The default policy, as it ships.
+    fn default_policy() -> Self {
+        PolicyUnderTest {
+            dir: default_policies(),
+            governance: governance_of(&default_policies()),
+            _copy: None,
+        }
+    }
+
+    /// A copy of the default policy in which every project may pay for `releases` releases
+    /// (its `budget.rho_cap` is `releases` × ρ per release). Nothing else changes: ρ per
+    /// release, the bounds and the noise are the default's, so every released value is as
+    /// noisy as under the default policy; only the number of questions grows.
+    fn with_releases(releases: u32) -> Self {
+        let copy = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(default_policies()).unwrap() {
+            let entry = entry.unwrap();
+            if entry.path().is_file() {
+                std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+            }
+        }
+        let path = copy.path().join("catalogue.json");
+        let mut catalogue: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let default_rho = catalogue["governance"]["settings"]["privacy"]["rho_per_release"]
+            .as_f64()
+            .unwrap();
+        for (_, project) in catalogue["governance"]["projects"]
+            .as_object_mut()
+            .unwrap()
+            .iter_mut()
+        {
+            let rho = project["budget"]["rho_per_release"]
+                .as_f64()
+                .unwrap_or(default_rho);
+            let mut budget = json!({"rho_cap": rho * f64::from(releases)});
+            if project["budget"]["rho_per_release"].is_number() {
+                budget["rho_per_release"] = json!(rho);
+            }
+            project["budget"] = budget;
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(&catalogue).unwrap()).unwrap();
+        PolicyUnderTest {
+            dir: copy.path().to_path_buf(),
+            governance: governance_of(copy.path()),
+            _copy: Some(copy),
+        }
+    }
+
+    /// ρ one release costs `project`.
+    fn rho(&self, project: &str) -> f64 {
+        self.governance
+            .projects
+            .get(project)
+            .and_then(|p| p.budget.as_ref())
+            .and_then(|b| b.rho_per_release)
+            .unwrap_or(self.governance.settings.privacy.rho_per_release)
+    }
+
+    /// How many releases `project` may pay for.
+    fn releases_allowed(&self, project: &str) -> u64 {
+        let cap = self
+            .governance
+            .projects
+            .get(project)
+            .and_then(|p| p.budget.as_ref())
+            .map_or(self.governance.settings.privacy.rho_cap, |b| b.rho_cap);
+        (cap / self.rho(project) + 1e-9).floor() as u64
+    }
+
+    /// Rows of one patient counted per group, and groups one patient counts in: the
+    /// settings' bounds, tightened by the fact table's rows per patient; one group without
+    /// GROUP BY.
+    fn bounds(&self, release: &ReleaseQuery) -> (u64, u64) {
+        let privacy = &self.governance.settings.privacy;
+        let per_unit = self
+            .governance
+            .table(&release.fact)
+            .and_then(|t| t.max_rows_per_unit)
+            .unwrap_or(u64::MAX);
+        let groups = if release.group_by.is_empty() {
+            1
+        } else {
+            privacy.max_groups_per_unit.min(per_unit)
+        };
+        (
+            privacy.max_rows_per_group.min(per_unit).max(1),
+            groups.max(1),
+        )
+    }
+
+    /// The fact table's privacy unit column.
+    fn unit_of(&self, table: &str) -> String {
+        self.governance
+            .table(table)
+            .and_then(|t| t.privacy_unit.clone())
+            .unwrap_or_else(|| panic!("{table} has no privacy unit"))
+    }
+
+    /// `(low, high, scale)` of a measure: its catalogue bounds and fixed-point unit.
+    fn fixed_point(&self, column: &ColumnRef) -> (f64, f64, f64) {
+        let spec = self
+            .governance
+            .column(&column.table, &column.column)
+            .unwrap_or_else(|| panic!("{column:?} is not in the catalogue"));
+        let [low, high] = spec.bounds.expect("an aggregated column has bounds");
+        (low, high, 10f64.powi(spec.precision as i32))
+    }
+
+    /// The declared values of one dimension as key text (`None` when it has no public
+    /// domain): a domain list, the age bands within a column's bounds, or the months or
+    /// years of its period. Not narrowed by any filter (a trust may narrow them by the
+    /// release's filter: see [`judge_node_answer`]).
+    fn declared_values(&self, dimension: &Dimension) -> Option<Vec<String>> {
+        let spec = self
+            .governance
+            .column(&dimension.column.table, &dimension.column.column)?;
+        let period = || {
+            let [first, last] = spec.period.as_ref()?;
+            let parse = |d: &str| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok();
+            Some((parse(first)?, parse(last)?))
+        };
+        match dimension.generaliser {
+            None => spec.domain.clone(),
+            Some(Generaliser::AgeBand) => {
+                let [low, high] = spec.bounds?;
+                let mut bands: Vec<String> = Vec::new();
+                for age in (low.ceil() as i64)..=(high.floor() as i64) {
+                    let band = band_of(age);
+                    if bands.last() != Some(&band) {
+                        bands.push(band);
+                    }
+                }
+                (high - low < 1000.0).then_some(bands)
+            }
+            Some(Generaliser::Month) => {
+                use chrono::Datelike as _;
+                let (first, last) = period()?;
+                let mut months = Vec::new();
+                let mut month = first.with_day(1)?;
+                while month <= last {
+                    months.push(month.format("%Y-%m-%d").to_string());
+                    month = month.checked_add_months(chrono::Months::new(1))?;
+                }
+                Some(months)
+            }
+            Some(Generaliser::Year) => {
+                use chrono::Datelike as _;
+                let (first, last) = period()?;
+                Some(
+                    (first.year()..=last.year())
+                        .map(|y| y.to_string())
+                        .collect(),
+                )
+            }
+            Some(Generaliser::PostcodeDistrict) => None,
+        }
+    }
+
+    /// Every key of the release's declared domains (as [`key_of`] writes keys), when every
+    /// group dimension has one and there are at most [`MAX_PUBLIC_KEYS`]; `None` when the
+    /// trusts must threshold.
+    fn public_keys(&self, release: &ReleaseQuery) -> Option<BTreeSet<String>> {
+        let mut keys: Vec<Vec<String>> = vec![Vec::new()];
+        for dimension in &release.group_by {
+            let values = self.declared_values(dimension)?;
+            if keys.len().saturating_mul(values.len()) > MAX_PUBLIC_KEYS {
+                return None;
+            }
+            keys = keys
+                .into_iter()
+                .flat_map(|key| {
+                    values.iter().map(move |v| {
+                        let mut next = key.clone();
+                        next.push(v.clone());
+                        next
+                    })
+                })
+                .collect();
+        }
+        Some(keys.into_iter().map(|k| k.join("|")).collect())
+    }
+
+    /// The σ a trust must add to each partial of `release` for `project` (in the partial's
+    /// own units) and, when keys are thresholded, the σ of the noisy patient count: ρ per
+    /// release split equally over the partials (and the patient count), each σ the
+    /// smallest with σ² ≥ Δ²/(2ρ), Δ² the squared L2 sensitivity over all groups (one
+    /// patient changes `groups` groups by at most `rows` rows, or that many clamped values).
+    fn sds(&self, release: &ReleaseQuery, project: &str) -> (Vec<f64>, Option<f64>) {
+        let partials = release.partials();
+        let thresholded = self.public_keys(release).is_none();
+        let statistics = partials.len() + usize::from(thresholded);
+        let share = self.rho(project) / statistics.max(1) as f64;
+        let (rows, groups) = self.bounds(release);
+        let (rows, groups) = (rows as f64, groups as f64);
+        let sd = |per_group: f64| (per_group * per_group * groups / (2.0 * share)).sqrt();
+        let sds = partials
+            .iter()
+            .map(|partial| match partial {
+                Partial::Rows | Partial::Count(_) => sd(rows),
+                Partial::Sum(column) => {
+                    let (low, high, scale) = self.fixed_point(column);
+                    let magnitude = (low * scale).floor().abs().max((high * scale).ceil().abs());
+                    sd(rows * magnitude) / scale
+                }
+                Partial::SumSquares(column) => {
+                    let (low, high, scale) = self.fixed_point(column);
+                    let magnitude = (low * scale).floor().abs().max((high * scale).ceil().abs());
+                    sd(rows * magnitude * magnitude) / (scale * scale)
+                }
+            })
+            .collect();
+        (sds, thresholded.then(|| sd(1.0)))
+    }
+
+    /// The noisy patient count a thresholded release needs, with its σ: a group made by one
+    /// patient passes with probability at most δ per group it is in.
+    fn threshold(&self, release: &ReleaseQuery, project: &str) -> Option<(f64, f64)> {
+        let (_, units) = self.sds(release, project);
+        let sd = (units? * 1000.0).ceil() / 1000.0;
+        let (_, groups) = self.bounds(release);
+        let delta = self.governance.settings.privacy.delta;
+        let tail = (2.0 * (groups as f64 / delta).ln()).sqrt();
+        Some((1.0 + (sd * tail).ceil(), sd))
+    }
+}
+
+/// Whether a reported σ is the one the policy requires (trusts round σ up to a thousandth).
+fn sd_as_required(reported: f64, required: f64) -> bool {
+    reported >= required * (1.0 - 1e-9) && reported <= required * (1.0 + 1e-6) + 0.0011
+}
+
+/// The σ a field's metadata reports.
+fn sd_of(field: &Field) -> Option<f64> {
+    field.metadata().get(NOISE_SD)?.parse().ok()
+}
+
+// ------------------------------------------------------------------------------------------
+// The laboratory: a federation whose gateway and nodes write audit logs, with ground truth.
+// ------------------------------------------------------------------------------------------
+
+/// A federation whose gateway and nodes write audit logs, with rate limits raised so that a
+/// whole table of attacks fits in a minute; fresh budget ledgers and stored answers.
 struct Lab {
     local: LocalFederation,
+    policy: PolicyUnderTest,
     gateway_log: PathBuf,
     node_logs: BTreeMap<String, PathBuf>,
     node_addrs: BTreeMap<String, SocketAddr>,
     truth: Truth,
+    /// Releases paid for so far: (`gateway` or trust, project, model as JSON).
+    paid: Mutex<HashSet<(String, String, String)>>,
+    /// Standardised errors of values whose bounded truth is exact, per answer (trust,
+    /// project, model): a trust's stored answer is counted once however often it is asked.
+    errors: Mutex<BTreeMap<(String, String, String), Vec<f64>>>,
     _dir: tempfile::TempDir,
 }
 
+/// A lab under the default policy.
 async fn lab() -> Lab {
+    lab_over(PolicyUnderTest::default_policy()).await
+}
+
+/// A lab whose gateway and nodes all decide with `policy`.
+async fn lab_over(policy: PolicyUnderTest) -> Lab {
     init_logging();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = audited_nodes(dir.path()).await;
-    let names: BTreeMap<&str, &str> = default_trusts().iter().map(|t| (t.code, t.name)).collect();
+    let state = fresh_state();
+    let mut nodes = Vec::new();
+    for trust in default_trusts() {
+        let mut config = tally::federation::node_config(
+            data_dir(),
+            &trust,
+            &policy.dir,
+            &tls(),
+            &identity_provider(),
+            &state,
+        );
+        let log = dir.path().join(format!("{}.jsonl", trust.code));
+        config.audit_log = Some(log.clone());
+        let node = tally_node::start(&config).await.unwrap();
+        nodes.push((trust.code.to_string(), trust.name.to_string(), node, log));
+    }
     let endpoints: Vec<_> = nodes
         .iter()
-        .map(|(code, node, _)| (code.clone(), names[code.as_str()].to_string(), node.addr))
+        .map(|(code, name, node, _)| (code.clone(), name.clone(), node.addr))
         .collect();
-    let mut config = gateway_config(&endpoints, &default_policies());
+    let mut config = gateway_config(&endpoints, &policy.dir);
     config.limits.queries_per_minute_per_user = 100_000;
     config.limits.queries_per_minute_per_project = 100_000;
     let gateway_log = dir.path().join("gateway.jsonl");
@@ -281,21 +609,27 @@ async fn lab() -> Lab {
     let gateway = tally_gateway::start(&config).await.unwrap();
     let node_logs = nodes
         .iter()
-        .map(|(c, _, log)| (c.clone(), log.clone()))
+        .map(|(c, _, _, log)| (c.clone(), log.clone()))
         .collect();
-    let node_addrs = nodes.iter().map(|(c, n, _)| (c.clone(), n.addr)).collect();
+    let node_addrs = nodes
+        .iter()
+        .map(|(c, _, n, _)| (c.clone(), n.addr))
+        .collect();
     let local = LocalFederation {
-        nodes: nodes.into_iter().map(|(_, node, _)| node).collect(),
+        nodes: nodes.into_iter().map(|(_, _, node, _)| node).collect(),
         gateway,
         security: tls(),
         identity_provider: identity_provider(),
     };
     Lab {
         local,
+        policy,
         gateway_log,
         node_logs,
         node_addrs,
         truth: Truth::new().await,
+        paid: Mutex::new(HashSet::new()),
+        errors: Mutex::new(BTreeMap::new()),
         _dir: dir,
     }
 }
@@ -323,6 +657,62 @@ impl Lab {
             .collect()
     }
 
+    /// What computing `release` for `project` at `place` (`gateway` or a trust) must
+    /// charge: ρ the first time, nothing after (the trusts return their stored answer).
+    fn charge(&self, place: &str, project: &str, release: &ReleaseQuery) -> f64 {
+        let key = (
+            place.to_string(),
+            project.to_string(),
+            serde_json::to_string(release).unwrap(),
+        );
+        if self.paid.lock().unwrap().insert(key) {
+            self.policy.rho(project)
+        } else {
+            0.0
+        }
+    }
+
+    /// Keeps the standardised errors of one answer (the first time it is seen).
+    fn keep_errors(&self, code: &str, project: &str, release: &ReleaseQuery, errors: Vec<f64>) {
+        let key = (
+            code.to_string(),
+            project.to_string(),
+            serde_json::to_string(release).unwrap(),
+        );
+        self.errors.lock().unwrap().entry(key).or_insert(errors);
+    }
+
+    /// Asserts that the errors of every value whose bounded truth is exact have the spread
+    /// the trusts' σ claims: their root mean square (in σ) is 1 within 6 standard errors of
+    /// its estimate (RMS² of n standard normal draws is 1 ± sqrt(2/n)). A trust that adds
+    /// less noise than it reports fails here even when every value is within 6 σ; so does
+    /// one that adds more. Needs at least `at_least` values.
+    fn assert_noise_as_stated(&self, at_least: usize) {
+        let errors: Vec<f64> = self
+            .errors
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        let n = errors.len();
+        assert!(
+            n >= at_least,
+            "only {n} values with an exact bounded truth (want {at_least})"
+        );
+        let mean_square = errors.iter().map(|z| z * z).sum::<f64>() / n as f64;
+        let margin = 6.0 * (2.0 / n as f64).sqrt();
+        eprintln!("DEBUG noise: n={n} rms={}", mean_square.sqrt());
+        assert!(
+            (mean_square - 1.0).abs() <= margin,
+            "over {n} noisy values the errors have RMS {:.3} σ, not 1 σ (± {:.3}): the noise \
+             is not what the trusts report",
+            mean_square.sqrt(),
+            margin
+        );
+    }
+
     async fn stop(self) {
         self.local.stop().await;
     }
@@ -348,6 +738,22 @@ struct Truth {
     ctx: SessionContext,
     /// Every NHS number, person id, episode id and full postcode in the files.
     forbidden: HashSet<String>,
+    /// Bounded ground truth already computed, by SQL.
+    cache: Mutex<HashMap<String, Arc<BTreeMap<String, Group>>>>,
+}
+
+/// One group of a release at one trust, after the trust's opt-out and contribution
+/// bounding.
+#[derive(Debug, Clone, PartialEq)]
+struct Group {
+    /// Distinct patients with rows in the group (before the cut to a patient's groups).
+    patients: f64,
+    /// Per partial, the least and the most the bounded value can be: patients in more
+    /// groups than the bounds allow keep some of them, chosen by the trust's secret keyed
+    /// hash, so which is not known here; the two are equal when no such patient is in
+    /// the group.
+    low: Vec<f64>,
+    high: Vec<f64>,
 }
 
 impl Truth {
@@ -382,6 +788,7 @@ impl Truth {
         let mut truth = Truth {
             ctx,
             forbidden: HashSet::new(),
+            cache: Mutex::new(HashMap::new()),
         };
         let values = truth
             .rows(
@@ -412,27 +819,38 @@ impl Truth {
         number(&self.rows(sql).await[0][0]).unwrap_or(0.0)
     }
 
-    /// The groups trust `code` may release for `release` (at least `threshold` distinct
-    /// patients there, after its opt-out), each with its exact partials (in
-    /// [`ReleaseQuery::partials`] order).
-    async fn groups(
+    /// Every group of `release` at trust `code` (keys as [`key_of`] writes them), with its
+    /// patients and bounded partials (in [`ReleaseQuery::partials`] order); a release
+    /// without GROUP BY has one group, keyed "".
+    async fn bounded(
         &self,
+        policy: &PolicyUnderTest,
         release: &ReleaseQuery,
         code: &str,
-        threshold: i64,
-    ) -> BTreeMap<String, Vec<Option<f64>>> {
+    ) -> Arc<BTreeMap<String, Group>> {
+        let sql = bounded_truth_sql(policy, release, code);
+        if let Some(hit) = self.cache.lock().unwrap().get(&sql) {
+            return hit.clone();
+        }
         let keys = release.group_by.len();
-        self.rows(&truth_sql(release, code))
+        let partials = release.partials().len();
+        let groups: BTreeMap<String, Group> = self
+            .rows(&sql)
             .await
             .into_iter()
-            .filter(|row| number(&row[keys]).unwrap_or(0.0) >= threshold as f64)
             .map(|row| {
-                (
-                    key_of(&row[..keys]),
-                    row[keys + 1..].iter().map(number).collect(),
-                )
+                let value = |i: usize| number(&row[i]).unwrap_or(0.0);
+                let group = Group {
+                    patients: value(keys),
+                    low: (0..partials).map(|i| value(keys + 1 + 2 * i)).collect(),
+                    high: (0..partials).map(|i| value(keys + 2 + 2 * i)).collect(),
+                };
+                (key_of(&row[..keys]), group)
             })
-            .collect()
+            .collect();
+        let groups = Arc::new(groups);
+        self.cache.lock().unwrap().insert(sql, groups.clone());
+        groups
     }
 }
 
@@ -445,40 +863,94 @@ fn key_of(values: &[ScalarValue]) -> String {
         .join("|")
 }
 
-/// The ground-truth SQL of `release` at trust `code`: per group, distinct patients and rows.
-fn truth_sql(release: &ReleaseQuery, code: &str) -> String {
+/// A number as a SQL constant of type DOUBLE.
+fn double(x: f64) -> String {
+    format!("CAST({x} AS DOUBLE)")
+}
+
+/// The ground-truth SQL of `release` at trust `code`, bounded as the README says a trust
+/// bounds it (and `node-agent/src/release.rs` does): per (patient, group), rows counted up
+/// to `rows`; each value clamped to the column's bounds and rounded to its fixed point, the
+/// patient's sum there scaled to `rows` times the patient's own mean when the patient has
+/// more values (in integer arithmetic), and clamped to `rows` × the bounds; then per group,
+/// over its patients: the number of patients, and for each partial the least and the most
+/// it can be once patients in more than `groups` groups keep only `groups` of them (chosen
+/// by the trust's secret keyed hash: a patient's contribution counts in the least only when
+/// negative and in the most only when positive, unless the patient keeps all its groups).
+fn bounded_truth_sql(policy: &PolicyUnderTest, release: &ReleaseQuery, code: &str) -> String {
     let fact = &release.fact;
-    let mut sql = String::from("SELECT ");
+    let unit = policy.unit_of(fact);
+    let (rows, groups) = policy.bounds(release);
+    let dims = release.group_by.len();
+    let partials = release.partials();
+    let mut inner = format!("SELECT {fact}.{unit} AS unit");
     for (i, dimension) in release.group_by.iter().enumerate() {
-        let _ = write!(sql, "{} AS g{i}, ", dimension_sql(dimension));
+        let _ = write!(inner, ", {} AS g{i}", dimension_sql(dimension));
     }
-    let _ = write!(sql, "COUNT(DISTINCT {fact}.person_id) AS patients");
-    for partial in release.partials() {
-        let value = match &partial {
-            Partial::Rows => "COUNT(*)".to_string(),
-            Partial::Count(c) => format!("COUNT({})", column_sql(c)),
-            Partial::Sum(c) => format!("SUM(CAST({} AS DOUBLE))", column_sql(c)),
-            Partial::SumSquares(c) => {
+    for (i, partial) in partials.iter().enumerate() {
+        let r = rows as f64;
+        let value = match partial {
+            Partial::Rows => format!("LEAST(CAST(COUNT(*) AS DOUBLE), {})", double(r)),
+            Partial::Count(c) => {
                 format!(
-                    "SUM(CAST({0} AS DOUBLE) * CAST({0} AS DOUBLE))",
-                    column_sql(c)
+                    "LEAST(CAST(COUNT({}) AS DOUBLE), {})",
+                    column_sql(c),
+                    double(r)
+                )
+            }
+            Partial::Sum(c) | Partial::SumSquares(c) => {
+                let (low, high, scale) = policy.fixed_point(c);
+                let fixed = format!(
+                    "CAST(ROUND(LEAST(GREATEST(CAST({} AS DOUBLE), {}), {}) * {}) AS BIGINT)",
+                    column_sql(c),
+                    double(low),
+                    double(high),
+                    double(scale)
+                );
+                let (fixed_low, fixed_high) = ((low * scale).floor(), (high * scale).ceil());
+                let (summed, least, most, unit) = match partial {
+                    Partial::Sum(_) => (
+                        format!("SUM({fixed})"),
+                        r * fixed_low.min(0.0),
+                        r * fixed_high.max(0.0),
+                        scale,
+                    ),
+                    _ => {
+                        let magnitude = fixed_low.abs().max(fixed_high.abs());
+                        (
+                            format!("SUM({fixed} * {fixed})"),
+                            0.0,
+                            r * magnitude * magnitude,
+                            scale * scale,
+                        )
+                    }
+                };
+                // Integer arithmetic, as the trust does it: the patient's sum times the
+                // values that count over the values it has (truncated).
+                let values = format!("COUNT({})", column_sql(c));
+                format!(
+                    "CAST(LEAST(GREATEST({summed} * LEAST({values}, {rows}) / NULLIF({values}, 0), \
+                     {least}), {most}) AS DOUBLE) / {}",
+                    double(unit),
+                    least = least as i64,
+                    most = most as i64,
                 )
             }
         };
-        let _ = write!(sql, ", {value}");
+        let _ = write!(inner, ", {value} AS v{i}");
     }
-    let _ = write!(sql, " FROM kept_{fact} AS {fact}");
+    let _ = write!(inner, " FROM kept_{fact} AS {fact}");
     for join in &release.joins {
         match join.as_str() {
             "patients" => {
                 let _ = write!(
-                    sql,
+                    inner,
                     " JOIN kept_patients AS patients ON {fact}.person_id = patients.person_id"
                 );
             }
             "icd10_chapters" => {
                 let _ = write!(
-                    sql,
+                    inner,
                     " JOIN (SELECT *, '{code}' AS trust_code FROM icd10_chapters) AS chapters \
                      ON substr({fact}.diagnosis_icd10, 1, 3) BETWEEN chapters.code_from AND chapters.code_to"
                 );
@@ -486,15 +958,32 @@ fn truth_sql(release: &ReleaseQuery, code: &str) -> String {
             other => panic!("no ground truth for a join to {other}"),
         }
     }
-    let _ = write!(sql, " WHERE {fact}.trust_code = '{code}'");
+    let _ = write!(inner, " WHERE {fact}.trust_code = '{code}'");
     if let Some(filter) = &release.filter {
-        let _ = write!(sql, " AND ({})", predicate_sql(filter));
+        let _ = write!(inner, " AND ({})", predicate_sql(filter));
     }
-    if !release.group_by.is_empty() {
-        let positions: Vec<String> = (1..=release.group_by.len())
-            .map(|i| i.to_string())
-            .collect();
-        let _ = write!(sql, " GROUP BY {}", positions.join(", "));
+    let positions: Vec<String> = (1..=dims + 1).map(|i| i.to_string()).collect();
+    let _ = write!(inner, " GROUP BY {}", positions.join(", "));
+    let names: Vec<String> = (0..dims).map(|i| format!("g{i}")).collect();
+    let mut sql = String::from("SELECT ");
+    for name in &names {
+        let _ = write!(sql, "{name}, ");
+    }
+    let _ = write!(sql, "CAST(COUNT(*) AS DOUBLE) AS patients");
+    for i in 0..partials.len() {
+        let _ = write!(
+            sql,
+            ", SUM(CASE WHEN k <= {groups} THEN v{i} ELSE LEAST(v{i}, {zero}) END), \
+             SUM(CASE WHEN k <= {groups} THEN v{i} ELSE GREATEST(v{i}, {zero}) END)",
+            zero = double(0.0)
+        );
+    }
+    let _ = write!(
+        sql,
+        " FROM (SELECT *, COUNT(*) OVER (PARTITION BY unit) AS k FROM ({inner}) per_unit) ranked"
+    );
+    if dims > 0 {
+        let _ = write!(sql, " GROUP BY {}", names.join(", "));
     }
     sql
 }
@@ -626,60 +1115,32 @@ fn number(value: &ScalarValue) -> Option<f64> {
     }
 }
 
-/// A count rounded as the policy rounds it (to the nearest 5, halves up).
-fn rounded(n: f64) -> f64 {
-    ((n + ROUND_TO / 2.0) / ROUND_TO).floor() * ROUND_TO
-}
-
-/// Whether `x` is a multiple of `m` (up to floating-point error).
-fn multiple_of(x: f64, m: f64) -> bool {
-    let q = x / m;
-    (q - q.round()).abs() <= 1e-6 * q.abs().max(1.0)
-}
-
-/// A cell as the text an identifier would have.
+/// A cell as the text an identifier would have. Floating-point cells are noisy sums (or
+/// values derived from them) and are not compared: a noisy sum of squares is a number of
+/// ten digits or more, and would match some NHS number by chance.
 fn cell_text(value: &ScalarValue) -> Option<String> {
     match value {
         v if v.is_null() => None,
-        ScalarValue::Float64(Some(f)) if f.fract() == 0.0 && f.abs() < 1e15 => {
-            Some(format!("{f:.0}"))
-        }
+        ScalarValue::Float64(_) | ScalarValue::Float32(_) => None,
         v => Some(v.to_string()),
     }
 }
 
-/// What an answer holds that the rules forbid: identifiers or full postcodes anywhere, and
-/// counts (columns named `n...` or `count(...)`) that are not multiples of 5, or `whole...`
-/// columns that are not whole.
-fn answer_violations(truth: &Truth, batches: &[RecordBatch]) -> Vec<String> {
+/// Identifiers or full postcodes anywhere in an answer.
+fn identifier_violations(truth: &Truth, batches: &[RecordBatch]) -> Vec<String> {
     let mut found = Vec::new();
     let Some(first) = batches.first() else {
         return found;
     };
-    let names: Vec<String> = first
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().to_lowercase())
-        .collect();
+    let schema = first.schema();
     for row in rows(batches) {
-        for (name, value) in names.iter().zip(&row) {
+        for (field, value) in schema.fields().iter().zip(&row) {
             if let Some(text) = cell_text(value)
                 && truth.forbidden.contains(&text)
             {
                 found.push(format!(
-                    "column {name} releases the identifier or postcode {text}"
-                ));
-            }
-            let Some(x) = number(value) else { continue };
-            if (name.starts_with('n') || name.starts_with("count(")) && !multiple_of(x, ROUND_TO) {
-                found.push(format!(
-                    "count {name} = {x} is not a multiple of {ROUND_TO}"
-                ));
-            }
-            if name.starts_with("whole") && !multiple_of(x, 1.0) {
-                found.push(format!(
-                    "{name} = {x} is not whole, so the count it derives from is not rounded"
+                    "column {} releases the identifier or postcode {text}",
+                    field.name()
                 ));
             }
         }
@@ -687,9 +1148,144 @@ fn answer_violations(truth: &Truth, batches: &[RecordBatch]) -> Vec<String> {
     found
 }
 
-/// Checks, for the last answered run of `sql`, that every trust released exactly the groups
-/// with at least 8 distinct patients there, and (with `keys` > 0 and one release) that the
-/// answer's keys are exactly the union of those groups.
+/// What the judge makes of one trust's answer to one release.
+struct Judged {
+    /// What the answer holds that it must not.
+    found: Vec<String>,
+    /// The errors, in σ, of values whose bounded truth is exact.
+    errors: Vec<f64>,
+    /// The keys released.
+    keys: BTreeSet<String>,
+}
+
+/// Judges trust `code`'s answer to `release` for `project` (group columns, then one column
+/// per partial): identifiers; keys (declared domains: none outside, every key with rows at
+/// this trust, one row without GROUP BY; thresholded: none with fewer than
+/// [`MIN_RELEASED_PATIENTS`] true patients here); each partial's σ in its field metadata,
+/// as the policy requires; each value within [`TOLERANCE_SDS`] σ of the bounded truth after
+/// this trust's opt-out.
+async fn judge_node_answer(
+    truth: &Truth,
+    policy: &PolicyUnderTest,
+    code: &str,
+    project: &str,
+    release: &ReleaseQuery,
+    batches: &[RecordBatch],
+) -> Judged {
+    let mut found = identifier_violations(truth, batches);
+    let dims = release.group_by.len();
+    let partials = release.partials();
+    let groups = truth.bounded(policy, release, code).await;
+    let (required, _) = policy.sds(release, project);
+    let public = policy.public_keys(release);
+    let mut sds = vec![None; partials.len()];
+    if let Some(batch) = batches.first() {
+        let schema = batch.schema();
+        if schema.fields().len() != dims + partials.len() {
+            found.push(format!(
+                "{code} answered {} columns for {dims} keys and {} partials",
+                schema.fields().len(),
+                partials.len()
+            ));
+            return Judged {
+                found,
+                errors: Vec::new(),
+                keys: BTreeSet::new(),
+            };
+        }
+        for (i, want) in required.iter().enumerate() {
+            match sd_of(schema.field(dims + i)) {
+                None => found.push(format!(
+                    "{code} released {:?} without the σ of its noise ({NOISE_SD})",
+                    partials[i]
+                )),
+                Some(sd) if !sd_as_required(sd, *want) => found.push(format!(
+                    "{code} reports σ = {sd} for {:?}; the policy's ρ requires {want:.3}",
+                    partials[i]
+                )),
+                Some(sd) => sds[i] = Some(sd),
+            }
+        }
+    }
+    let answer = rows(batches);
+    if dims == 0 && answer.len() != 1 {
+        found.push(format!(
+            "{code} answered {} rows to a release without GROUP BY (always one, whatever the data)",
+            answer.len()
+        ));
+    }
+    let mut keys = BTreeSet::new();
+    let mut errors = Vec::new();
+    for row in &answer {
+        let key = key_of(&row[..dims]);
+        if !keys.insert(key.clone()) {
+            found.push(format!("{code} released key [{key}] twice"));
+        }
+        let group = groups.get(&key);
+        match &public {
+            Some(domain) if !domain.contains(&key) => found.push(format!(
+                "{code} released key [{key}], outside the declared domains"
+            )),
+            Some(_) => {}
+            None => {
+                let patients = group.map_or(0.0, |g| g.patients);
+                if patients < MIN_RELEASED_PATIENTS {
+                    found.push(format!(
+                        "{code} released key [{key}] of {patients} patients there (thresholded keys need far more)"
+                    ));
+                }
+            }
+        }
+        for (i, partial) in partials.iter().enumerate() {
+            let Some(value) = number(&row[dims + i]) else {
+                found.push(format!("{code} released {partial:?} = NULL for [{key}]"));
+                continue;
+            };
+            let Some(sd) = sds[i] else { continue };
+            let (low, high) = group.map_or((0.0, 0.0), |g| (g.low[i], g.high[i]));
+            if value < low - TOLERANCE_SDS * sd || value > high + TOLERANCE_SDS * sd {
+                found.push(format!(
+                    "{code} released {partial:?} = {value} for [{key}]; the bounded truth after \
+                     the opt-out is in [{low}, {high}] and σ = {sd}"
+                ));
+            }
+            if low == high {
+                errors.push((value - low) / sd);
+            }
+        }
+    }
+    if let Some(domain) = &public {
+        // The filter may narrow a declared domain, never below the keys with rows.
+        let missing: Vec<&String> = groups
+            .iter()
+            .filter(|(key, g)| g.patients > 0.0 && domain.contains(*key) && !keys.contains(*key))
+            .map(|(key, _)| key)
+            .take(5)
+            .collect();
+        if !missing.is_empty() {
+            found.push(format!(
+                "{code} withheld public keys that have rows there: {missing:?}"
+            ));
+        }
+    }
+    Judged {
+        found,
+        errors,
+        keys,
+    }
+}
+
+/// Whether two ρ amounts are the same (the ledgers keep ρ in nanos).
+fn same_rho(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-6
+}
+
+/// Checks, for the last answered run of `sql`: the gateway charged ρ for each release the
+/// project had not paid for; every trust's record of it is answered, charged likewise, and
+/// released no more groups than it may (every key of the declared domains, or the groups of
+/// at least [`MIN_RELEASED_PATIENTS`] patients there); and (with `keys` > 0 and one release)
+/// the answer's keys are keys some trust may release, including every public key that has
+/// rows at a trust asked.
 async fn release_violations(
     lab: &Lab,
     sql: &str,
@@ -700,9 +1296,22 @@ async fn release_violations(
         return vec!["answered without a gateway audit record".into()];
     };
     let query_id = record["query_id"].as_str().unwrap().to_string();
+    let project = record["identity"]["project"].as_str().unwrap_or_default();
     let releases: Vec<ReleaseQuery> = serde_json::from_value(record["releases"].clone()).unwrap();
     let mut found = Vec::new();
-    let mut union = BTreeSet::new();
+    let want: f64 = releases
+        .iter()
+        .map(|r| lab.charge("gateway", project, r))
+        .sum();
+    let charged = record["rho_charged"].as_f64().unwrap_or(f64::NAN);
+    if !same_rho(charged, want) {
+        found.push(format!(
+            "the gateway charged ρ = {charged}; its {} releases call for {want}",
+            releases.len()
+        ));
+    }
+    let mut allowed = BTreeSet::new();
+    let mut with_rows = BTreeSet::new();
     for code in TRUSTS {
         for node in lab.node_records(code, &query_id) {
             let Ok(release) = serde_json::from_value::<ReleaseQuery>(node["release"].clone())
@@ -710,36 +1319,137 @@ async fn release_violations(
                 found.push(format!("{code} logged no model for {query_id}"));
                 continue;
             };
-            let groups = lab.truth.groups(&release, code, THRESHOLD).await;
-            let released = node["rows"].as_u64().unwrap_or(u64::MAX);
-            if node["outcome"] != "answered" || released != groups.len() as u64 {
+            let want = lab.charge(code, project, &release);
+            let charged = node["rho_charged"].as_f64().unwrap_or(f64::NAN);
+            if node["outcome"] != "answered"
+                || !same_rho(charged, want)
+                || node["stored_answer"] != json!(want == 0.0)
+            {
                 found.push(format!(
-                    "{code} released {released} groups of {}, ground truth has {} with >= {THRESHOLD} patients there",
-                    release.render_sql(&governance()),
-                    groups.len()
+                    "{code} {} with ρ = {charged} (stored answer: {}); expected answered with ρ = {want}",
+                    node["outcome"], node["stored_answer"]
                 ));
             }
-            union.extend(groups.into_keys());
+            let released = node["rows"].as_u64().unwrap_or(u64::MAX) as usize;
+            let groups = lab.truth.bounded(&lab.policy, &release, code).await;
+            let may = match lab.policy.public_keys(&release) {
+                Some(domain) => {
+                    with_rows.extend(
+                        groups
+                            .iter()
+                            .filter(|(k, g)| g.patients > 0.0 && domain.contains(*k))
+                            .map(|(k, _)| k.clone()),
+                    );
+                    domain
+                }
+                None => groups
+                    .iter()
+                    .filter(|(_, g)| g.patients >= MIN_RELEASED_PATIENTS)
+                    .map(|(k, _)| k.clone())
+                    .collect(),
+            };
+            if released > may.len() {
+                found.push(format!(
+                    "{code} released {released} groups of {}; at most {} may be released there",
+                    release.render_sql(&lab.policy.governance),
+                    may.len()
+                ));
+            }
+            allowed.extend(may);
         }
     }
     if keys > 0 && releases.len() == 1 {
         let got: BTreeSet<String> = rows(answer).iter().map(|r| key_of(&r[..keys])).collect();
-        let extra: Vec<_> = got.difference(&union).take(5).collect();
-        let missing: Vec<_> = union.difference(&got).take(5).collect();
+        let extra: Vec<_> = got.difference(&allowed).take(5).collect();
+        let missing: Vec<_> = with_rows.difference(&got).take(5).collect();
         if !extra.is_empty() || !missing.is_empty() {
             found.push(format!(
-                "released keys differ from the groups of >= {THRESHOLD} patients at a trust: extra {extra:?}, missing {missing:?}"
+                "released keys: {extra:?} no trust may release, public keys with rows missing: {missing:?}"
             ));
         }
     }
     found
 }
 
-/// The default catalogue, for rendering releases in messages.
-fn governance() -> tally_common::governance::Governance {
-    let text = std::fs::read_to_string(default_policies().join("catalogue.json")).unwrap();
-    tally_common::governance::Governance::from_policy_data(&serde_json::from_str(&text).unwrap())
-        .unwrap()
+/// For an answer whose columns are the group keys and then the aggregates of its one
+/// release, in order: every count and sum carries σ and its 95% interval in its metadata
+/// (σ that of the trusts asked, added up), every mean, variance or deviation says what it
+/// is derived from, and every count and sum lies within [`TOLERANCE_SDS`] σ of the bounded
+/// truth summed over the trusts asked (counts below zero are shown as zero, which only
+/// brings them nearer; a sum is NULL when its noisy count is not positive).
+async fn gateway_value_violations(
+    lab: &Lab,
+    sql: &str,
+    answer: &Answer,
+    keys: usize,
+) -> Vec<String> {
+    let Some(record) = lab.answered_record(sql) else {
+        return vec![format!("{sql}: no gateway record")];
+    };
+    let releases: Vec<ReleaseQuery> = serde_json::from_value(record["releases"].clone()).unwrap();
+    let [release] = releases.as_slice() else {
+        return vec![format!("{sql}: {} releases, not one", releases.len())];
+    };
+    let project = record["identity"]["project"].as_str().unwrap_or_default();
+    let trusts: Vec<String> = serde_json::from_value(record["trusts"].clone()).unwrap();
+    let mut truth = Vec::new();
+    for code in &trusts {
+        truth.push(lab.truth.bounded(&lab.policy, release, code).await);
+    }
+    let partials = release.partials();
+    let (sds, _) = lab.policy.sds(release, project);
+    let answer_rows = rows(&answer.batches);
+    let mut found = Vec::new();
+    for (j, aggregate) in release.aggregates.iter().enumerate() {
+        let field = answer.schema.field(keys + j);
+        let partial = match aggregate {
+            Aggregate::CountRows => Partial::Rows,
+            Aggregate::Count { column } => Partial::Count(column.clone()),
+            Aggregate::Sum { column } => Partial::Sum(column.clone()),
+            Aggregate::Mean { .. } | Aggregate::Variance { .. } | Aggregate::StdDev { .. } => {
+                if !field.metadata().contains_key(DERIVED) {
+                    found.push(format!(
+                        "{sql}: {} does not say what it is derived from",
+                        field.name()
+                    ));
+                }
+                continue;
+            }
+        };
+        let i = partials.iter().position(|p| *p == partial).unwrap();
+        let want = (sds[i] * sds[i] * trusts.len() as f64).sqrt();
+        let Some(sd) = sd_of(field).filter(|_| field.metadata().contains_key(CI95)) else {
+            found.push(format!("{sql}: {} carries no σ and interval", field.name()));
+            continue;
+        };
+        // Each trust's σ is rounded up to a thousandth before they are added.
+        if (sd - want).abs() > 1e-6 * want + 0.002 * trusts.len() as f64 {
+            found.push(format!(
+                "{sql}: {} reports σ = {sd}, the trusts' noise is {want}",
+                field.name()
+            ));
+        }
+        for row in &answer_rows {
+            let key = key_of(&row[..keys]);
+            let Some(value) = number(&row[keys + j]) else {
+                if partial.is_count() {
+                    found.push(format!("{sql}: count {} is NULL for [{key}]", field.name()));
+                }
+                continue;
+            };
+            let (low, high) = truth
+                .iter()
+                .filter_map(|groups| groups.get(&key))
+                .fold((0.0, 0.0), |(l, h), g| (l + g.low[i], h + g.high[i]));
+            if value < low - TOLERANCE_SDS * sd || value > high + TOLERANCE_SDS * sd {
+                found.push(format!(
+                    "{sql}: {} = {value} for [{key}], bounded truth in [{low}, {high}], σ = {sd}",
+                    field.name()
+                ));
+            }
+        }
+    }
+    found
 }
 
 /// Runs one analyst attack through the gateway and judges it; returns what went wrong, and
@@ -749,31 +1459,35 @@ async fn gateway_attack(
     client: &mut AnalystClient,
     sql: &str,
     expect: Expect,
-) -> (Vec<String>, Option<Vec<RecordBatch>>) {
+) -> (Vec<String>, Option<Answer>) {
     let result = client.query(sql).await;
     let mut found = Vec::new();
-    let batches = result.as_ref().ok().map(|a| a.batches.clone());
     match (expect, result) {
         (Refused(spec), Err(err)) => {
             if !leads_with(&err.to_string(), spec) {
                 found.push(format!("expected {spec}, refused with: {err}"));
             }
+            (found, None)
         }
         (Refused(spec), Ok(answer)) => {
             found.push(format!(
                 "expected {spec}, but it was ANSWERED with {} rows",
                 row_count(&answer)
             ));
-            found.extend(answer_violations(&lab.truth, &answer.batches));
+            found.extend(identifier_violations(&lab.truth, &answer.batches));
             found.extend(release_violations(lab, sql, 0, &answer.batches).await);
+            (found, Some(answer))
         }
-        (Answered(_), Err(err)) => found.push(format!("expected an answer, refused with: {err}")),
+        (Answered(_), Err(err)) => {
+            found.push(format!("expected an answer, refused with: {err}"));
+            (found, None)
+        }
         (Answered(keys), Ok(answer)) => {
-            found.extend(answer_violations(&lab.truth, &answer.batches));
+            found.extend(identifier_violations(&lab.truth, &answer.batches));
             found.extend(release_violations(lab, sql, keys, &answer.batches).await);
+            (found, Some(answer))
         }
     }
-    (found, batches)
 }
 
 fn row_count(answer: &Answer) -> usize {
@@ -975,19 +1689,30 @@ const NODE_ATTACKS: &[NodeAttack] = &[
     ("purpose", |k| k.as_user(&k.token, "cardiac-audit", "planning"), Refused("E_PURPOSE")),
     ("purpose", |k| k.as_user(&k.sign(&k.claims_with(json!({"projects": {"uec-demand": ["direct_care"]}, "default_purpose": null}))), "uec-demand", "direct_care"), Refused("E_PURPOSE")),
     ("purpose", |k| k.as_user(&k.sign(&k.claims_with(json!({"projects": {"uec-demand": ["audit"]}, "default_purpose": null}))), "uec-demand", "audit"), Refused("E_PURPOSE")),
-    ("purpose", |k| k.probe(request_ticket(json!({"release": baseline(), "min_distinct_patients": 0, "apply_opt_out": false}))), Refused("E_BAD_REQUEST")),
+    // --- A request is the release and nothing else: a gateway cannot weaken (or otherwise
+    //     set) a trust's protection through it; the trust's own policy alone decides. ---
+    ("weakening", |k| k.probe(ticket(baseline())), Answered(0)),
+    ("weakening", |k| k.probe(request_ticket(json!({"release": baseline(), "min_distinct_patients": 0}))), Refused("E_BAD_REQUEST")),
+    ("weakening", |k| k.probe(request_ticket(json!({"release": baseline(), "min_distinct_patients": -1}))), Refused("E_BAD_REQUEST")),
+    ("weakening", |k| k.probe(request_ticket(json!({"release": baseline(), "min_distinct_patients": 1000}))).at("RXC"), Refused("E_BAD_REQUEST")),
+    ("weakening", |k| k.probe(request_ticket(json!({"release": baseline(), "min_distinct_patients": 0, "apply_opt_out": false}))), Refused("E_BAD_REQUEST")),
+    ("weakening", |k| k.probe(request_ticket(json!({"release": baseline(), "min_distinct_patients": 0, "round_to": 1}))), Refused("E_BAD_REQUEST")),
+    ("weakening", |k| k.probe(request_ticket(json!({"release": baseline(), "noise": "off"}))), Refused("E_BAD_REQUEST")),
+    ("weakening", |k| k.probe(request_ticket(json!({"release": baseline(), "rho_per_release": 100.0}))).at("RXB"), Refused("E_BAD_REQUEST")),
+    ("weakening", |k| k.probe(request_ticket(json!({"release": baseline(), "max_rows_per_group": 1_000_000, "max_groups_per_unit": 1_000_000}))), Refused("E_BAD_REQUEST")),
+    ("weakening", |k| k.probe(request_ticket(json!({"release": baseline(), "budget": {"rho_cap": 1e9}}))), Refused("E_BAD_REQUEST")),
+    ("weakening", |k| k.probe(request_ticket(json!({"release": baseline(), "stored_answer": false}))), Refused("E_BAD_REQUEST")),
+    ("weakening", |k| k.probe(request_ticket(json!({"release": with(baseline(), "noise", json!("off"))}))), Refused("E_BAD_REQUEST")),
     // --- Malformed models. ---
     ("malformed model", |k| k.probe(ticket(with(baseline(), "version", json!(2)))), Refused("E_BAD_REQUEST")),
     ("malformed model", |k| k.probe(ticket(with(baseline(), "version", json!(0)))), Refused("E_BAD_REQUEST")),
     ("malformed model", |k| k.probe(ticket(with(baseline(), "version", json!("1")))), Refused("E_BAD_REQUEST")),
     ("malformed model", |k| k.probe(ticket(with(baseline(), "sql", json!("SELECT * FROM patients")))), Refused("E_BAD_REQUEST")),
-    ("malformed model", |k| k.probe(request_ticket(json!({"release": baseline(), "min_distinct_patients": 0, "round_to": 1}))), Refused("E_BAD_REQUEST")),
     ("malformed model", |k| k.probe(ticket(model("episodes", &[], None, vec![json!({"column": col("episodes", "specialty"), "generaliser": null, "expr": "cost * 1"})], vec![count_rows()]))), Refused("E_BAD_REQUEST")),
-    ("malformed model", |k| k.probe(request_ticket(json!({"release": "SELECT nhs_number FROM patients", "min_distinct_patients": 0}))), Refused("E_BAD_REQUEST")),
-    ("malformed model", |k| k.probe(request_ticket(json!({"release": baseline(), "min_distinct_patients": -1}))), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(request_ticket(json!({"release": "SELECT nhs_number FROM patients"}))), Refused("E_BAD_REQUEST")),
     ("malformed model", |k| k.probe(any_ticket(RELEASE_TYPE_URL, duplicate_release().into_bytes())), Refused("E_BAD_REQUEST")),
     ("malformed model", |k| k.probe(any_ticket(RELEASE_TYPE_URL, b"{not json".to_vec())), Refused("E_BAD_REQUEST")),
-    ("malformed model", |k| k.probe(any_ticket("type.googleapis.com/evil.Command", serde_json::to_vec(&json!({"release": baseline(), "min_distinct_patients": 0})).unwrap())), Refused("E_BAD_REQUEST")),
+    ("malformed model", |k| k.probe(any_ticket("type.googleapis.com/evil.Command", serde_json::to_vec(&json!({"release": baseline()})).unwrap())), Refused("E_BAD_REQUEST")),
     ("malformed model", |k| k.probe(vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]), Refused("E_BAD_REQUEST")),
     ("malformed model", |k| k.probe(b"SELECT nhs_number, postcode FROM patients".to_vec()), Refused("E_BAD_REQUEST")),
     ("malformed model", |k| k.probe(statement_ticket("SELECT nhs_number, postcode FROM patients")), Refused("E_BAD_REQUEST")),
@@ -1038,18 +1763,19 @@ const NODE_ATTACKS: &[NodeAttack] = &[
     ("filter", |k| k.probe(ticket(model("episodes", &[], Some(json!({"op": "and", "all": []})), vec![], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
     ("filter", |k| k.probe(ticket(model("episodes", &[], Some(nested_not(40)), vec![], vec![count_rows()]))), Refused("E_QUERY_SHAPE")),
     ("filter", |k| k.probe(any_ticket(RELEASE_TYPE_URL, deeply_nested_not(10_000))), Refused("E_BAD_REQUEST")),
-    // --- What a node must answer safely whatever it is asked. ---
-    ("threshold", |k| k.probe(ticket(model("episodes", &[], None, vec![dim("episodes", "diagnosis_icd10")], vec![count_rows(), agg("sum", "episodes", "cost")]))), Answered(0)),
-    ("rounding", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "cost"), "gt", int(300_000))), vec![], vec![count_rows(), agg("sum", "episodes", "cost")]))).at("RXB"), Refused("E_MEASURE_USAGE")),
-    ("rounding", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "length_of_stay"), "eq", int(1))), vec![dim("episodes", "specialty")], vec![agg("sum", "episodes", "length_of_stay")]))), Refused("E_MEASURE_USAGE")),
-    ("rounding", |k| k.probe(ticket(model("episodes", &[], None, vec![generalised("age_band", "episodes", "age_at_admission")], vec![agg("mean", "episodes", "age_at_admission")]))), Refused("E_MEASURE_USAGE")),
-    ("threshold", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "cost"), "gt", int(300_000))), vec![], vec![count_rows(), agg("sum", "episodes", "length_of_stay")]))).at("RXB"), Answered(0)),
-    ("threshold", |k| k.probe(ticket(model("episodes", &["patients", "icd10_chapters"], None, vec![dim("icd10_chapters", "chapter"), dim("patients", "sex"), generalised("age_band", "episodes", "age_at_admission")], vec![count_rows(), agg("mean", "episodes", "length_of_stay")]))).at("RXC"), Answered(0)),
-    ("threshold", |k| k.probe(ticket(model("patients", &[], None, vec![generalised("postcode_district", "patients", "postcode"), dim("patients", "sex")], vec![count_rows()]))), Answered(0)),
-    ("threshold", |k| k.probe(request_ticket(json!({"release": model("episodes", &[], None, vec![dim("episodes", "specialty"), dim("episodes", "admission_method")], vec![count_rows()]), "min_distinct_patients": 25}))).at("RXB"), Answered(0)),
-    ("threshold", |k| k.probe(ticket(model("episodes", &[], Some(json!({"op": "prefix", "on": dim("episodes", "diagnosis_icd10"), "prefix": "%", "negated": false})), vec![], vec![count_rows()]))), Answered(0)),
-    ("threshold", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "trust_code"), "eq", text("RXB"))), vec![dim("episodes", "specialty")], vec![count_rows()]))), Answered(0)),
-    ("threshold", |k| k.probe(ticket(model("episodes", &[], Some(json!({"op": "not", "not": compare(dim("episodes", "specialty"), "eq", text("100"))})), vec![generalised("month", "episodes", "admission_date")], vec![count_rows(), json!({"function": "variance", "column": col("episodes", "cost"), "population": true})]))).at("RXC"), Answered(0)),
+    // --- What a node must answer safely whatever it is asked: open keys thresholded on
+    //     noisy patient counts, public keys all released, every value noisy. ---
+    ("noisy keys", |k| k.probe(ticket(model("episodes", &[], None, vec![dim("episodes", "diagnosis_icd10")], vec![count_rows(), agg("sum", "episodes", "cost")]))), Answered(0)),
+    ("pinned measure", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "cost"), "gt", int(300_000))), vec![], vec![count_rows(), agg("sum", "episodes", "cost")]))).at("RXB"), Refused("E_MEASURE_USAGE")),
+    ("pinned measure", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "length_of_stay"), "eq", int(1))), vec![dim("episodes", "specialty")], vec![agg("sum", "episodes", "length_of_stay")]))), Refused("E_MEASURE_USAGE")),
+    ("pinned measure", |k| k.probe(ticket(model("episodes", &[], None, vec![generalised("age_band", "episodes", "age_at_admission")], vec![agg("mean", "episodes", "age_at_admission")]))), Refused("E_MEASURE_USAGE")),
+    ("noisy keys", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "cost"), "gt", int(300_000))), vec![], vec![count_rows(), agg("sum", "episodes", "length_of_stay")]))).at("RXB"), Answered(0)),
+    ("noisy keys", |k| k.probe(ticket(model("episodes", &["patients", "icd10_chapters"], None, vec![dim("icd10_chapters", "chapter"), dim("patients", "sex"), generalised("age_band", "episodes", "age_at_admission")], vec![count_rows(), agg("mean", "episodes", "length_of_stay")]))).at("RXC"), Answered(0)),
+    ("noisy keys", |k| k.probe(ticket(model("patients", &[], None, vec![generalised("postcode_district", "patients", "postcode"), dim("patients", "sex")], vec![count_rows()]))), Answered(0)),
+    ("noisy keys", |k| k.probe(ticket(model("episodes", &[], None, vec![dim("episodes", "specialty"), dim("episodes", "admission_method")], vec![count_rows()]))).at("RXB"), Answered(0)),
+    ("noisy keys", |k| k.probe(ticket(model("episodes", &[], Some(json!({"op": "prefix", "on": dim("episodes", "diagnosis_icd10"), "prefix": "%", "negated": false})), vec![], vec![count_rows()]))), Answered(0)),
+    ("noisy keys", |k| k.probe(ticket(model("episodes", &[], Some(compare(dim("episodes", "trust_code"), "eq", text("RXB"))), vec![dim("episodes", "specialty")], vec![count_rows()]))), Answered(0)),
+    ("noisy keys", |k| k.probe(ticket(model("episodes", &[], Some(json!({"op": "not", "not": compare(dim("episodes", "specialty"), "eq", text("100"))})), vec![generalised("month", "episodes", "admission_date")], vec![count_rows(), json!({"function": "variance", "column": col("episodes", "cost"), "population": true})]))).at("RXC"), Answered(0)),
 ];
 
 /// Episodes per specialty: count and total cost (a legitimate release).
@@ -1164,7 +1890,7 @@ fn deeply_nested_not(depth: usize) -> Vec<u8> {
     let release = baseline()
         .to_string()
         .replace(r#""filter":null"#, &format!(r#""filter":{filter}"#));
-    format!(r#"{{"release":{release},"min_distinct_patients":0}}"#).into_bytes()
+    format!(r#"{{"release":{release}}}"#).into_bytes()
 }
 
 /// A request naming two releases: the validator and the planner must see the same one.
@@ -1178,12 +1904,12 @@ fn duplicate_release() -> String {
         vec![count_rows()],
     )
     .to_string();
-    format!(r#"{{"release":{harmless},"release":{harmful},"min_distinct_patients":0}}"#)
+    format!(r#"{{"release":{harmless},"release":{harmful}}}"#)
 }
 
-/// The ticket the gateway sends for `release`, asking for no threshold at all.
+/// The ticket the gateway sends for `release`: the release and nothing else.
 fn ticket(release: Value) -> Vec<u8> {
-    request_ticket(json!({"release": release, "min_distinct_patients": 0}))
+    request_ticket(json!({"release": release}))
 }
 
 fn request_ticket(request: Value) -> Vec<u8> {
@@ -1290,59 +2016,20 @@ fn probe_request(probe: &Probe) -> Option<ReleaseRequest> {
     ReleaseRequest::from_any(&Any::decode(bytes.as_slice()).ok()?).ok()
 }
 
-/// What a node's answer to `request` holds that it must not: groups other than those with
-/// at least the threshold of distinct patients at this trust after its opt-out, row counts
-/// other than the ground truth's (so rows of opted-out patients were counted), identifiers.
-async fn node_answer_violations(
+/// Sends one crafted request and judges the answer (see [`judge_node_answer`]) and the
+/// trust's audit record (refused with the code, or answered for the token's user with the
+/// charge the model predicts: ρ the first time, a free stored answer after); returns what
+/// went wrong and, when answered, the keys released.
+async fn node_attack(
     lab: &Lab,
-    code: &str,
-    request: &ReleaseRequest,
-    batches: &[RecordBatch],
-) -> Vec<String> {
-    let mut found = answer_violations(&lab.truth, batches);
-    let release = &request.release;
-    let threshold = THRESHOLD;
-    let groups = lab.truth.groups(release, code, threshold).await;
-    let keys = release.group_by.len();
-    let partials = release.partials();
-    let answer = rows(batches);
-    let got: BTreeSet<String> = answer.iter().map(|r| key_of(&r[..keys])).collect();
-    let want: BTreeSet<String> = groups.keys().cloned().collect();
-    if got != want {
-        let extra: Vec<_> = got.difference(&want).take(5).collect();
-        let missing: Vec<_> = want.difference(&got).take(5).collect();
-        found.push(format!(
-            "{code} released other groups than those of >= {threshold} patients there: extra {extra:?}, missing {missing:?}"
-        ));
-    }
-    for row in &answer {
-        let key = key_of(&row[..keys]);
-        let Some(truth) = groups.get(&key) else {
-            continue;
-        };
-        for (i, (partial, want)) in partials.iter().zip(truth).enumerate() {
-            let got = number(&row[keys + i]);
-            let ok = match (partial.is_count(), got, want) {
-                (true, Some(got), Some(want)) => got == rounded(*want),
-                (false, Some(got), Some(want)) => (got - want).abs() <= 1e-9 * want.abs().max(1.0),
-                (_, None, None) => true,
-                _ => false,
-            };
-            if !ok {
-                found.push(format!(
-                    "{code} released {partial:?} = {got:?} for group [{key}]; ground truth after the opt-out is {want:?}{}",
-                    if partial.is_count() { " (rounded to 5)" } else { "" }
-                ));
-            }
-        }
-    }
-    found
-}
-
-/// Sends one crafted request and judges the answer and the trust's audit record.
-async fn node_attack(lab: &Lab, probe: &Probe, expect: Expect, query_id: &str) -> Vec<String> {
+    probe: &Probe,
+    expect: Expect,
+    query_id: &str,
+) -> (Vec<String>, Option<BTreeSet<String>>) {
     let result = call_node(lab, probe, query_id).await;
     let mut found = Vec::new();
+    let records = lab.node_records(probe.trust, query_id);
+    let mut keys = None;
     match (&expect, &result) {
         (Refused(spec), Err(err)) => {
             if !leads_with(err, spec) {
@@ -1365,19 +2052,48 @@ async fn node_attack(lab: &Lab, probe: &Probe, expect: Expect, query_id: &str) -
                 probe.trust,
                 rows(batches).len()
             ));
+            found.extend(identifier_violations(&lab.truth, batches));
         }
         (Answered(_), Err(err)) => found.push(format!(
             "expected an answer from {}, refused with: {err}",
             probe.trust
         )),
-        (Answered(_), Ok(batches)) => match probe_request(probe) {
-            Some(request) => {
-                found.extend(node_answer_violations(lab, probe.trust, &request, batches).await)
+        (Answered(_), Ok(batches)) => match (probe_request(probe), records.last()) {
+            (Some(request), Some(record)) => {
+                let project = record["identity"]["project"].as_str().unwrap_or_default();
+                let release = &request.release;
+                let judged = judge_node_answer(
+                    &lab.truth,
+                    &lab.policy,
+                    probe.trust,
+                    project,
+                    release,
+                    batches,
+                )
+                .await;
+                found.extend(judged.found);
+                lab.keep_errors(probe.trust, project, release, judged.errors);
+                keys = Some(judged.keys);
+                let want = lab.charge(probe.trust, project, release);
+                let charged = record["rho_charged"].as_f64().unwrap_or(f64::NAN);
+                if !same_rho(charged, want) || record["stored_answer"] != json!(want == 0.0) {
+                    found.push(format!(
+                        "{} charged ρ = {charged} (stored answer: {}); the model calls for {want}",
+                        probe.trust, record["stored_answer"]
+                    ));
+                }
+                if record["rows"] != json!(rows(batches).len()) {
+                    found.push(format!(
+                        "audited {} rows, answered {}",
+                        record["rows"],
+                        rows(batches).len()
+                    ));
+                }
             }
-            None => found.push("answered something that is not a release request".into()),
+            (None, _) => found.push("answered something that is not a release request".into()),
+            (Some(_), None) => {}
         },
     }
-    let records = lab.node_records(probe.trust, query_id);
     match (records.last(), expect) {
         (None, _) => found.push(format!("{} wrote no audit record for it", probe.trust)),
         (Some(record), Refused(spec)) => {
@@ -1409,6 +2125,44 @@ async fn node_attack(lab: &Lab, probe: &Probe, expect: Expect, query_id: &str) -
             }
         }
     }
+    (found, keys)
+}
+
+/// Replays `release` straight at every trust `project` reaches, as the gateway sends it;
+/// each answer is judged, and with public domains every trust must release the same keys
+/// (the keys depend on the model, never on a trust's data).
+async fn replay_everywhere(
+    lab: &Lab,
+    kit: &Kit,
+    release: &ReleaseQuery,
+    trusts: &[&'static str],
+    id: &str,
+) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut released: Vec<(&str, BTreeSet<String>)> = Vec::new();
+    for &code in trusts {
+        let probe = kit
+            .probe(ticket(serde_json::to_value(release).unwrap()))
+            .at(code);
+        let (problems, keys) = node_attack(lab, &probe, Answered(0), &format!("{id}-{code}")).await;
+        found.extend(problems.into_iter().map(|p| format!("at {code}: {p}")));
+        if let Some(keys) = keys {
+            released.push((code, keys));
+        }
+    }
+    if lab.policy.public_keys(release).is_some()
+        && let Some((first, keys)) = released.first()
+    {
+        for (code, other) in &released[1..] {
+            if other != keys {
+                found.push(format!(
+                    "public keys differ between {first} ({} keys) and {code} ({} keys)",
+                    keys.len(),
+                    other.len()
+                ));
+            }
+        }
+    }
     found
 }
 
@@ -1417,11 +2171,14 @@ async fn node_attack(lab: &Lab, probe: &Probe, expect: Expect, query_id: &str) -
 // ------------------------------------------------------------------------------------------
 
 /// Every analyst attack through the gateway; then each one's SQL text straight at a node
-/// (both ways a Flight SQL client sends SQL), and every release an answered attack lowered to
-/// replayed at every trust, asking for no threshold.
+/// (both ways a Flight SQL client sends SQL), and every release an answered attack lowered
+/// to replayed straight at every trust (each returns the answer it stored for the gateway,
+/// free, which is judged). The table asks more releases than one project's default budget
+/// allows, so it runs under a copy of the default policy with a larger `rho_cap` and
+/// nothing else changed ([`PolicyUnderTest::with_releases`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn analyst_attacks_through_the_gateway_and_at_the_nodes() {
-    let lab = lab().await;
+    let lab = lab_over(PolicyUnderTest::with_releases(1_000)).await;
     let kit = Kit::new();
     let mut client = analyst(&lab.local).await;
     let mut outcomes = Vec::new();
@@ -1440,7 +2197,7 @@ async fn analyst_attacks_through_the_gateway_and_at_the_nodes() {
                 call,
                 headers: kit.headers(),
             };
-            let found = node_attack(
+            let (found, _) = node_attack(
                 &lab,
                 &probe,
                 Refused("E_BAD_REQUEST"),
@@ -1457,27 +2214,25 @@ async fn analyst_attacks_through_the_gateway_and_at_the_nodes() {
             continue;
         }
         for (r, release) in lab.releases_of(sql).iter().enumerate() {
-            for code in TRUSTS {
-                let model = serde_json::to_value(release).unwrap();
-                let probe = kit.probe(ticket(model)).at(code);
-                let found =
-                    node_attack(&lab, &probe, Answered(0), &format!("replay-{i}-{r}-{code}")).await;
-                node_outcomes.push((
-                    class.to_string(),
-                    format!("release {r} of `{sql}` at {code} with no threshold"),
-                    found,
-                ));
-            }
+            let found =
+                replay_everywhere(&lab, &kit, release, &TRUSTS, &format!("replay-{i}-{r}")).await;
+            node_outcomes.push((
+                class.to_string(),
+                format!("release {r} of `{sql}` replayed at every trust"),
+                found,
+            ));
         }
     }
     report("gateway attacks", &outcomes);
     report("node replays of gateway attacks", &node_outcomes);
+    lab.assert_noise_as_stated(1_000);
     lab.stop().await;
 }
 
 /// Crafted requests and forged identities straight at a node with the gateway's
 /// certificate: each refused with its code and audited, or answered within the trust's own
-/// rules (its threshold, its opt-out) whatever the request asked.
+/// rules (its keys, its noise, its bounds, its opt-out, its budget) whatever the request
+/// asked. Under the default policy as it ships.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crafted_requests_straight_at_a_node() {
     let lab = lab().await;
@@ -1485,7 +2240,7 @@ async fn crafted_requests_straight_at_a_node() {
     let mut outcomes = Vec::new();
     for (i, (class, build, expect)) in NODE_ATTACKS.iter().enumerate() {
         let probe = build(&kit);
-        let found = node_attack(&lab, &probe, *expect, &format!("node-{i}")).await;
+        let (found, _) = node_attack(&lab, &probe, *expect, &format!("node-{i}")).await;
         outcomes.push((
             class.to_string(),
             format!("node attack #{i} at {} ({expect:?})", probe.trust),
@@ -1493,6 +2248,7 @@ async fn crafted_requests_straight_at_a_node() {
         ));
     }
     report("node attacks", &outcomes);
+    lab.assert_noise_as_stated(100);
     lab.stop().await;
 }
 
@@ -1500,12 +2256,12 @@ async fn crafted_requests_straight_at_a_node() {
 // Ground-truth attacks that need several answers.
 // ------------------------------------------------------------------------------------------
 
-/// The rows of an answer that must be given.
-async fn answer(client: &mut AnalystClient, sql: &str) -> Vec<Vec<ScalarValue>> {
-    match client.query(sql).await {
-        Ok(answer) => rows(&answer.batches),
-        Err(err) => panic!("{sql}: {err}"),
-    }
+/// An answer that must be given.
+async fn answer(client: &mut AnalystClient, sql: &str) -> Answer {
+    client
+        .query(sql)
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"))
 }
 
 /// The text of a refusal that must be given.
@@ -1516,28 +2272,37 @@ async fn refusal(client: &mut AnalystClient, sql: &str) -> String {
     }
 }
 
+/// The trusts the gateway asked for the last answered run of `sql`.
+fn trusts_asked(lab: &Lab, sql: &str) -> Vec<&'static str> {
+    let record = lab.answered_record(sql).unwrap_or_default();
+    TRUSTS
+        .into_iter()
+        .filter(|code| {
+            record["trusts"]
+                .as_array()
+                .is_some_and(|t| t.contains(&json!(code)))
+        })
+        .collect()
+}
+
 /// Runs `sql` through the gateway and judges it like a table attack (`keys` as in
-/// [`Expect::Answered`]), then replays each of its releases straight at every trust with no
-/// threshold; panics listing what went wrong, else returns the answer's rows.
+/// [`Expect::Answered`]), then replays each of its releases straight at every trust it
+/// asked; panics listing what went wrong, else returns the answer.
 async fn judged(
     lab: &Lab,
     kit: &Kit,
     client: &mut AnalystClient,
     sql: &str,
     keys: usize,
-) -> Vec<Vec<ScalarValue>> {
+) -> Answer {
     let (mut found, answer) = gateway_attack(lab, client, sql, Answered(keys)).await;
+    let asked = trusts_asked(lab, sql);
     for (r, release) in lab.releases_of(sql).iter().enumerate() {
-        for code in TRUSTS {
-            let probe = kit
-                .probe(ticket(serde_json::to_value(release).unwrap()))
-                .at(code);
-            let id = format!("judged-{}-{r}-{code}", tag(sql));
-            found.extend(node_attack(lab, &probe, Answered(0), &id).await);
-        }
+        let id = format!("judged-{}-{r}", tag(sql));
+        found.extend(replay_everywhere(lab, kit, release, &asked, &id).await);
     }
     assert!(found.is_empty(), "{sql}:\n  - {}", found.join("\n  - "));
-    rows(&answer.unwrap_or_default())
+    answer.unwrap()
 }
 
 /// A short tag for a query, for the query ids of its replays at the nodes.
@@ -1553,9 +2318,64 @@ fn keys_of(rows: &[Vec<ScalarValue>], keys: usize) -> BTreeSet<String> {
     rows.iter().map(|r| key_of(&r[..keys])).collect()
 }
 
-/// Class 7. Patients at two trusts: groups of 4 to 7 real people (NHS numbers) whose person
-/// rows over the trusts number 8 or more would pass a threshold counted over the union; no
-/// such group is released, by the gateway or by any node (each counts its own patients).
+/// One released statistic of a one-row answer: the noisy value (NULL for a sum whose noisy
+/// count is not positive), the bounded truth summed over the trusts asked, and σ.
+#[derive(Debug, Clone, Copy)]
+struct Statistic {
+    value: Option<f64>,
+    truth: f64,
+    sd: f64,
+}
+
+/// Runs a one-row query whose columns are the counts and sums of its one release, judged
+/// (see [`judged`] and [`gateway_value_violations`]); each column's statistic, and the ρ the
+/// gateway charged for it.
+async fn statistics(
+    lab: &Lab,
+    kit: &Kit,
+    client: &mut AnalystClient,
+    sql: &str,
+) -> (Vec<Statistic>, f64) {
+    let got = judged(lab, kit, client, sql, 0).await;
+    let found = gateway_value_violations(lab, sql, &got, 0).await;
+    assert!(found.is_empty(), "{found:?}");
+    let record = lab.answered_record(sql).unwrap();
+    let [release] = lab.releases_of(sql).try_into().unwrap();
+    let partials = release.partials();
+    let row = rows(&got.batches).remove(0);
+    let mut out = Vec::new();
+    for (j, aggregate) in release.aggregates.iter().enumerate() {
+        let partial = match aggregate {
+            Aggregate::CountRows => Partial::Rows,
+            Aggregate::Count { column } => Partial::Count(column.clone()),
+            Aggregate::Sum { column } => Partial::Sum(column.clone()),
+            other => panic!("{sql}: {other:?} is not a count or a sum"),
+        };
+        let i = partials.iter().position(|p| *p == partial).unwrap();
+        let mut truth = 0.0;
+        for code in trusts_asked(lab, sql) {
+            let groups = lab.truth.bounded(&lab.policy, &release, code).await;
+            let group = &groups[""];
+            assert_eq!(group.low[i], group.high[i], "one group per patient: exact");
+            truth += group.low[i];
+        }
+        out.push(Statistic {
+            value: number(&row[j]),
+            truth,
+            sd: sd_of(got.schema.field(j)).unwrap(),
+        });
+    }
+    (out, record["rho_charged"].as_f64().unwrap())
+}
+
+/// Class 7. Patients at two trusts: each trust counts its own patients (per trust until
+/// cross-trust linkage exists, so a patient at m trusts has m times the per-trust
+/// guarantee, as the README states). With open domains a group is released only by a trust
+/// where it has many patients ([`judge_node_answer`] checks every trust's keys against its
+/// own patients), so groups of fewer than [`MIN_RELEASED_PATIENTS`] real people (NHS
+/// numbers) whose person rows over the trusts number more are never released; with public
+/// domains every key is released, these groups included, with noise, so their presence
+/// says nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn patients_at_two_trusts_are_not_counted_twice() {
     let lab = lab().await;
@@ -1590,7 +2410,7 @@ async fn patients_at_two_trusts_are_not_counted_twice() {
             "episodes",
         ),
     ];
-    let mut spread = 0;
+    let (mut open, mut public) = (0, 0);
     for (truth_keys, keys, table) in cases {
         let k = keys.split(", ").count();
         let positions = (1..=k)
@@ -1605,23 +2425,38 @@ async fn patients_at_two_trusts_are_not_counted_twice() {
             &lab.truth
                 .rows(&format!(
                     "SELECT {truth_keys} FROM {from} GROUP BY {positions} \
-                     HAVING COUNT(DISTINCT p.nhs_number) BETWEEN 4 AND 7 AND COUNT(DISTINCT p.person_id) >= {THRESHOLD}"
+                     HAVING COUNT(DISTINCT p.nhs_number) < {MIN_RELEASED_PATIENTS} \
+                     AND COUNT(DISTINCT p.person_id) >= {MIN_RELEASED_PATIENTS}"
                 ))
                 .await,
             k,
         );
-        spread += small.len();
         let sql = format!("SELECT {keys}, COUNT(*) AS n FROM {table} GROUP BY {positions}");
-        let released = keys_of(&judged(&lab, &kit, &mut client, &sql, k).await, k);
-        let leaked: Vec<_> = released.intersection(&small).collect();
-        assert!(
-            leaked.is_empty(),
-            "{sql} released groups of fewer than {THRESHOLD} real people: {leaked:?}"
+        let released = keys_of(
+            &rows(&judged(&lab, &kit, &mut client, &sql, k).await.batches),
+            k,
         );
+        eprintln!("DEBUG two trusts {sql}: {} small, {} released", small.len(), released.len());
+        let release = lab.releases_of(&sql).remove(0);
+        if lab.policy.public_keys(&release).is_some() {
+            let missing: Vec<_> = small.difference(&released).collect();
+            assert!(
+                missing.is_empty(),
+                "{sql}: public keys withheld: {missing:?}"
+            );
+            public += small.len();
+        } else {
+            let leaked: Vec<_> = released.intersection(&small).collect();
+            assert!(
+                leaked.is_empty(),
+                "{sql} released groups of fewer than {MIN_RELEASED_PATIENTS} real people: {leaked:?}"
+            );
+            open += small.len();
+        }
     }
     assert!(
-        spread > 0,
-        "the test data holds groups of 4-7 people spread over trusts"
+        open > 0 && public > 0,
+        "the test data holds small groups spread over trusts ({open} open, {public} public)"
     );
     lab.stop().await;
 }
@@ -1629,7 +2464,9 @@ async fn patients_at_two_trusts_are_not_counted_twice() {
 /// Class 8. Project and purpose come from signed approvals: an analyst cannot choose
 /// `direct_care` (which would skip the opt-out) or a purpose or project not approved, a
 /// project reaches only its trusts and tables, and every analytics purpose applies the
-/// opt-out, so switching purpose tells nothing about who opted out.
+/// opt-out (its effect on the total number of patients is far larger than the noise, so it
+/// shows), so switching purpose tells nothing about who opted out; nor does it buy fresh
+/// noise: the same release for the same project returns the stored answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn purposes_and_projects_come_from_signed_approvals() {
     let lab = lab().await;
@@ -1638,13 +2475,13 @@ async fn purposes_and_projects_come_from_signed_approvals() {
     let by_sex = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY 1";
     let signed = |changes: Value| kit.sign(&kit.claims_with(changes));
     let games = [
-        (kit.token.clone(), "uec-demand", "direct_care", "E_PURPOSE"),
-        (kit.token.clone(), "uec-demand", "audit", "E_PURPOSE"),
+        (kit.token.clone(), PROJECT, "direct_care", "E_PURPOSE"),
+        (kit.token.clone(), PROJECT, "audit", "E_PURPOSE"),
         (kit.token.clone(), "cardiac-audit", "planning", "E_PURPOSE"),
         (kit.token.clone(), "renal-research", "research", "E_PROJECT"),
         (
             signed(json!({"projects": {"uec-demand": ["direct_care"]}, "default_purpose": null})),
-            "uec-demand",
+            PROJECT,
             "direct_care",
             "E_PURPOSE",
         ),
@@ -1683,8 +2520,9 @@ async fn purposes_and_projects_come_from_signed_approvals() {
         "trusts that answered for cardiac-audit"
     );
     let found = [
-        answer_violations(&lab.truth, &got.batches),
+        identifier_violations(&lab.truth, &got.batches),
         release_violations(&lab, sql, 1, &got.batches).await,
+        gateway_value_violations(&lab, sql, &got, 1).await,
     ]
     .concat();
     assert!(found.is_empty(), "{sql}: {found:?}");
@@ -1696,12 +2534,13 @@ async fn purposes_and_projects_come_from_signed_approvals() {
         lab.node_records("RXC", &query_id).is_empty(),
         "RXC was asked for cardiac-audit"
     );
-    // Headers an analyst adds do not change who is asking or the threshold.
+    // Headers an analyst adds do not change who is asking, the keys or the noise.
     let mut raw = gateway_client(lab.local.gateway.addr, &kit.token).await;
     for (name, value) in [
         ("x-tally-user", "mallory"),
         ("x-tally-groups", "admins"),
         ("x-tally-min-patients", "0"),
+        ("x-tally-noise", "off"),
         (ANALYST_TOKEN_HEADER, kit.foreign.as_str()),
     ] {
         raw.set_header(name, value);
@@ -1710,7 +2549,7 @@ async fn purposes_and_projects_come_from_signed_approvals() {
     let info = raw.execute(sql.into(), None).await.unwrap();
     let (batches, _) = fetch_all(&mut raw, info).await.unwrap();
     let found = [
-        answer_violations(&lab.truth, &batches),
+        identifier_violations(&lab.truth, &batches),
         release_violations(&lab, sql, 1, &batches).await,
     ]
     .concat();
@@ -1720,43 +2559,46 @@ async fn purposes_and_projects_come_from_signed_approvals() {
         record["identity"]["user"], "analyst",
         "the gateway audits the token's user"
     );
-    // Every purpose applies the opt-out: the total is that of the kept patients.
+    // Every purpose applies the opt-out: the noisy total is that of the kept patients, and
+    // the opted-out patients are many more than the noise could hide.
     let total = "SELECT COUNT(*) AS n FROM patients";
-    let mut kept = 0.0;
-    let mut all = 0.0;
-    for code in TRUSTS {
-        kept += rounded(
-            lab.truth
-                .number(&format!(
-                    "SELECT COUNT(*) FROM kept_patients WHERE trust_code = '{code}'"
-                ))
-                .await,
-        );
-        all += rounded(
-            lab.truth
-                .number(&format!(
-                    "SELECT COUNT(*) FROM patients WHERE trust_code = '{code}'"
-                ))
-                .await,
-        );
-    }
-    assert_ne!(kept, all, "the opt-out changes the released total");
+    let kept = lab.truth.number("SELECT COUNT(*) FROM kept_patients").await;
+    let all = lab.truth.number("SELECT COUNT(*) FROM patients").await;
+    let mut seen = Vec::new();
     for purpose in ["planning", "research"] {
-        let mut client = AnalystClient::connect_for(&target, &kit.token, "uec-demand", purpose)
+        let mut client = AnalystClient::connect_for(&target, &kit.token, PROJECT, purpose)
             .await
             .unwrap();
-        let n = number(&answer(&mut client, total).await[0][0]).unwrap();
-        assert_eq!(n, kept, "{purpose}: the total counts opted-out patients");
+        let got = answer(&mut client, total).await;
+        let n = number(&rows(&got.batches)[0][0]).unwrap();
+        let sd = sd_of(got.schema.field(0)).unwrap();
+        assert!(
+            all - kept > 2.0 * TOLERANCE_SDS * sd,
+            "the opt-out ({} patients) shows through noise of σ = {sd}",
+            all - kept
+        );
+        assert!(
+            (n - kept).abs() <= TOLERANCE_SDS * sd && (n - all).abs() > TOLERANCE_SDS * sd,
+            "{purpose}: the total {n} (σ {sd}) is not that of the {kept} kept patients of {all}"
+        );
+        seen.push((
+            n,
+            lab.answered_record(total).unwrap()["rho_charged"].clone(),
+        ));
     }
+    assert_eq!(
+        seen[0].0, seen[1].0,
+        "another purpose of the same project gets the stored answer, not fresh noise"
+    );
+    assert_eq!(seen[1].1, json!(0.0), "the stored answer is free");
     lab.stop().await;
 }
 
-/// The most expensive episode of a patient who has not opted out, as the attacker knows it
-/// from outside (its specialty, admission date, diagnosis and age), with its exact cost and
-/// length of stay.
+/// A kept patient's episode as the attacker knows it from outside (its specialty, admission
+/// method, admission date, diagnosis and age), with its exact cost and length of stay.
 struct TargetEpisode {
-    trust: String,
     specialty: String,
+    method: String,
     admitted: String,
     diagnosis: String,
     age: i64,
@@ -1765,168 +2607,276 @@ struct TargetEpisode {
 }
 
 impl TargetEpisode {
+    /// The most expensive episode of each of the `n` commonest (specialty, admission
+    /// method) pairs among `among`'s episodes, so that no two targets share a tracker half.
+    async fn several(truth: &Truth, among: &str, n: usize) -> Vec<Self> {
+        let rows = truth
+            .rows(&format!(
+                "SELECT specialty, admission_method, CAST(admission_date AS VARCHAR), \
+                 diagnosis_icd10, CAST(age_at_admission AS BIGINT), cost, \
+                 CAST(length_of_stay AS DOUBLE) FROM (SELECT *, \
+                 ROW_NUMBER() OVER (PARTITION BY specialty, admission_method ORDER BY cost DESC, episode_id) AS r, \
+                 COUNT(*) OVER (PARTITION BY specialty, admission_method) AS pair \
+                 FROM {among}) t WHERE r = 1 ORDER BY pair DESC, specialty, admission_method LIMIT {n}"
+            ))
+            .await;
+        assert_eq!(rows.len(), n, "{n} targets among {among}");
+        let text = |v: &ScalarValue| v.to_string();
+        rows.iter()
+            .map(|row| TargetEpisode {
+                specialty: text(&row[0]),
+                method: text(&row[1]),
+                admitted: text(&row[2]),
+                diagnosis: text(&row[3]),
+                age: number(&row[4]).unwrap() as i64,
+                cost: number(&row[5]).unwrap(),
+                stay: number(&row[6]).unwrap(),
+            })
+            .collect()
+    }
+
+    /// The most expensive of `among`'s episodes.
     async fn find(truth: &Truth, among: &str) -> Self {
         let row = truth
             .rows(&format!(
-                "SELECT trust_code, specialty, CAST(admission_date AS VARCHAR), diagnosis_icd10, \
-                 CAST(age_at_admission AS BIGINT), cost, CAST(length_of_stay AS DOUBLE) FROM {among} \
+                "SELECT CAST(admission_date AS VARCHAR), diagnosis_icd10, \
+                 CAST(age_at_admission AS BIGINT), cost, specialty, admission_method FROM {among} \
                  ORDER BY cost DESC LIMIT 1"
             ))
             .await
             .remove(0);
-        let text = |v: &ScalarValue| v.to_string();
         TargetEpisode {
-            trust: text(&row[0]),
-            specialty: text(&row[1]),
-            admitted: text(&row[2]),
-            diagnosis: text(&row[3]),
-            age: number(&row[4]).unwrap() as i64,
-            cost: number(&row[5]).unwrap(),
-            stay: number(&row[6]).unwrap(),
+            admitted: row[0].to_string(),
+            diagnosis: row[1].to_string(),
+            age: number(&row[2]).unwrap() as i64,
+            cost: number(&row[3]).unwrap(),
+            specialty: row[4].to_string(),
+            method: row[5].to_string(),
+            stay: f64::NAN,
         }
     }
 
-    /// A filter that holds for this episode only (among its trust's episodes).
+    /// A filter that holds for this episode (among its trust's episodes, and in the test
+    /// data for it alone).
     fn only(&self) -> String {
         format!(
             "admission_date = DATE '{}' AND diagnosis_icd10 = '{}' AND age_at_admission = {}",
             self.admitted, self.diagnosis, self.age
         )
     }
+
+    /// The tracker's base: the episodes of the target's specialty and admission method.
+    fn base(&self) -> String {
+        format!(
+            "specialty = '{}' AND admission_method = '{}'",
+            self.specialty, self.method
+        )
+    }
 }
 
-/// The difference of one statistic over two releases in one query: a tracker.
-fn tracker(statistic: &str, base: &str, without: &str) -> String {
+/// A tracker: each statistic `(name, expression)` over `base` minus the same over `base`
+/// without the target, in one query.
+fn tracker(statistics: &[(&str, &str)], base: &str, without: &str) -> String {
+    let differences: Vec<String> = statistics
+        .iter()
+        .map(|(name, _)| format!("a.{name} - b.{name} AS {name}"))
+        .collect();
     format!(
-        "SELECT a.v - b.v AS diff FROM (SELECT {statistic} AS v FROM episodes WHERE {base}) a \
-         CROSS JOIN (SELECT {statistic} AS v FROM episodes WHERE {base} AND NOT ({without})) b"
+        "SELECT {} FROM ({}) a CROSS JOIN ({}) b",
+        differences.join(", "),
+        half(statistics, base),
+        half(statistics, &format!("{base} AND NOT ({without})"))
     )
 }
 
-/// Trackers and differencing, with what the default policy can bound without noise: a
-/// query isolating one episode is suppressed, a count tracker's estimate of one episode is
-/// a multiple of 5 (never the 1 it is), and an opted-out patient's rows change no answer.
-/// (Exact sums still give a tracker one record's value: see
-/// `residual_exact_sums_let_a_tracker_recover_one_record`.)
+/// One half of a tracker, as a query of its own.
+fn half(statistics: &[(&str, &str)], filter: &str) -> String {
+    let items: Vec<String> = statistics
+        .iter()
+        .map(|(name, expression)| format!("{expression} AS {name}"))
+        .collect();
+    format!("SELECT {} FROM episodes WHERE {filter}", items.join(", "))
+}
+
+/// What a tracker tells about its target, per statistic: its estimate, the bounded truth of
+/// the difference it estimates, and the σ of the estimate's error (the two halves' noise
+/// added up). The halves are asked again on their own: that is free (the trusts return
+/// what they stored for the tracker) and gives exactly the values the tracker used, so
+/// there is no fresh noise to average.
+async fn run_tracker(
+    lab: &Lab,
+    kit: &Kit,
+    client: &mut AnalystClient,
+    statistics_of: &[(&str, &str)],
+    target: &TargetEpisode,
+) -> Vec<(f64, f64, f64)> {
+    let sql = tracker(statistics_of, &target.base(), &target.only());
+    let got = judged(lab, kit, client, &sql, 0).await;
+    let estimates = rows(&got.batches).remove(0);
+    let (with, paid_with) =
+        statistics(lab, kit, client, &half(statistics_of, &target.base())).await;
+    let without_filter = format!("{} AND NOT ({})", target.base(), target.only());
+    let (without, paid_without) =
+        statistics(lab, kit, client, &half(statistics_of, &without_filter)).await;
+    assert!(
+        paid_with == 0.0 && paid_without == 0.0,
+        "the halves of {sql} were charged again"
+    );
+    let mut out = Vec::new();
+    for (i, (name, _)) in statistics_of.iter().enumerate() {
+        let estimate = number(&estimates[i]).unwrap_or_else(|| panic!("{sql}: {name} is NULL"));
+        let (a, b) = (with[i], without[i]);
+        assert_eq!(
+            Some(estimate),
+            a.value.zip(b.value).map(|(a, b)| a - b),
+            "{sql}: the halves asked alone are not the values the tracker used"
+        );
+        out.push((
+            estimate,
+            a.truth - b.truth,
+            (a.sd * a.sd + b.sd * b.sd).sqrt(),
+        ));
+    }
+    out
+}
+
+/// The root mean square of errors in σ, over trackers: for honest noise it is about 1
+/// (each error is a draw of σ); errors systematically near zero mean the noise is not
+/// there. With 16 independent errors, RMS < 0.3 happens by chance with probability 1e-6.
+fn rms(errors: &[f64]) -> f64 {
+    (errors.iter().map(|z| z * z).sum::<f64>() / errors.len() as f64).sqrt()
+}
+
+/// How many trackers each tracker test runs (independent errors for [`rms`]).
+const TRACKERS: usize = 16;
+
+/// Trackers and differencing of counts: a query isolating one episode still returns one
+/// noisy row, and a count tracker's estimate of one episode (base minus base without it:
+/// 1 without noise) is off by noise of the σ the answers state: every error is within
+/// [`TOLERANCE_SDS`] σ, σ is at least what one patient can contribute, and over
+/// [`TRACKERS`] targets the errors are not near zero. Asking a tracker again returns the
+/// same answer for free. (Opting out cannot be seen through one episode's count against
+/// this noise; the opt-out is tested where its effect shows:
+/// `purposes_and_projects_come_from_signed_approvals`, and every node value is compared
+/// with the truth without opted-out patients.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn trackers_are_bounded_by_rounding_and_the_threshold() {
+async fn trackers_estimate_a_record_no_better_than_the_noise() {
     let lab = lab().await;
     let kit = Kit::new();
     let mut client = analyst(&lab.local).await;
+    assert!(
+        lab.policy.releases_allowed(PROJECT) > 2 * TRACKERS as u64,
+        "one project's budget holds the trackers"
+    );
+    // Isolating one episode: one row, whatever the data, with noisy values.
     let target = TargetEpisode::find(&lab.truth, "kept_episodes").await;
-    // Isolating the episode: suppressed.
     let isolate = format!(
         "SELECT COUNT(*) AS n, SUM(length_of_stay) AS s FROM episodes WHERE cost >= {}",
         target.cost
     );
-    let row = judged(&lab, &kit, &mut client, &isolate, 0).await.remove(0);
-    assert!(
-        number(&row[0]) == Some(0.0) && row[1].is_null(),
-        "{isolate}: {row:?}"
-    );
-    // Count trackers: base minus base-without-the-target.
-    let base = format!("specialty = '{}'", target.specialty);
-    for without in [target.only(), format!("cost >= {}", target.cost)] {
-        let sql = tracker("COUNT(*)", &base, &without);
-        let estimate = number(&judged(&lab, &kit, &mut client, &sql, 0).await[0][0]).unwrap();
+    let (isolated, _) = statistics(&lab, &kit, &mut client, &isolate).await;
+    assert!(isolated[0].sd >= 1.0, "{isolate}: {isolated:?}");
+    // Count trackers.
+    let (rows_per_group, _) = lab.policy.bounds(&lab.releases_of(&isolate)[0]);
+    let mut errors = Vec::new();
+    let mut report = Vec::new();
+    let mut estimates = Vec::new();
+    for target in TargetEpisode::several(&lab.truth, "kept_episodes", TRACKERS).await {
+        let [(estimate, truth, sd)] =
+            run_tracker(&lab, &kit, &mut client, &[("n", "COUNT(*)")], &target)
+                .await
+                .try_into()
+                .unwrap();
+        let error = (estimate - truth) / sd;
         assert!(
-            multiple_of(estimate, ROUND_TO) && estimate != 1.0,
-            "{sql}: the tracker counts {estimate}"
+            error.abs() <= TOLERANCE_SDS && sd >= rows_per_group as f64,
+            "tracker of {}: estimate {estimate}, bounded truth {truth}, σ {sd}",
+            target.only()
         );
+        errors.push(error);
+        estimates.push(estimate);
+        report.push(format!("{estimate} (truth {truth})"));
     }
-    // Straight at the target's node, both tracker halves: rounded counts, so no exact 1.
-    let node_count =
-        |filter: Value| model("episodes", &[], Some(filter), vec![], vec![count_rows()]);
-    let specialty = compare(dim("episodes", "specialty"), "eq", text(&target.specialty));
-    let mut counts = Vec::new();
-    for filter in [
-        specialty.clone(),
-        json!({"op": "and", "all": [specialty, {"op": "not", "not": compare(dim("episodes", "cost"), "lt", json!({"type": "float", "value": target.cost}))}]}),
-    ] {
-        let probe = kit
-            .probe(ticket(node_count(filter)))
-            .at(TRUSTS.iter().find(|t| **t == target.trust).unwrap());
-        let id = format!("tracker-{}", counts.len());
-        let found = node_attack(&lab, &probe, Answered(0), &id).await;
-        assert!(found.is_empty(), "node tracker half: {found:?}");
-        let batches = call_node(&lab, &probe, &format!("{id}-again"))
-            .await
-            .unwrap();
-        counts.push(
-            rows(&batches)
-                .first()
-                .and_then(|r| number(&r[0]))
-                .unwrap_or(0.0),
-        );
-    }
-    let estimate = counts[0] - counts[1];
+    eprintln!("DEBUG count trackers rms {} {report:?}", rms(&errors));
     assert!(
-        multiple_of(estimate, ROUND_TO) && estimate != 1.0,
-        "the node's tracker counts {estimate}"
+        rms(&errors) >= 0.3,
+        "count trackers estimate their targets too well for the noise stated: errors {errors:?}, estimates {report:?}"
     );
-    // An opted-out patient's episode: excluding it changes nothing, counts and sums alike.
-    let opted = TargetEpisode::find(
-        &lab.truth,
-        "episodes WHERE person_id IN (SELECT person_id FROM opted_out)",
-    )
-    .await;
-    let matching = lab
-        .truth
-        .number(&format!(
-            "SELECT COUNT(*) FROM kept_episodes WHERE trust_code = '{}' AND {}",
-            opted.trust,
-            opted.only()
-        ))
-        .await;
+    // Repeating a tracker returns the same answer, free: its noise cannot be averaged away.
+    let first = TargetEpisode::several(&lab.truth, "kept_episodes", 1)
+        .await
+        .remove(0);
+    let sql = tracker(&[("n", "COUNT(*)")], &first.base(), &first.only());
+    let again = judged(&lab, &kit, &mut client, &sql, 0).await;
+    let earlier = log_records(&lab.gateway_log)
+        .into_iter()
+        .find(|r| r["sql"] == sql.as_str() && r["outcome"] == "answered")
+        .unwrap();
     assert_eq!(
-        matching, 0.0,
-        "the opted-out episode's description matches no other episode"
+        lab.answered_record(&sql).unwrap()["rho_charged"],
+        json!(0.0)
     );
-    let statistics = "COUNT(*) AS n, SUM(cost) AS s, SUM(length_of_stay) AS l";
-    let with_target = format!(
-        "SELECT {statistics} FROM episodes WHERE trust_code = '{}'",
-        opted.trust
-    );
-    let without_target = format!("{with_target} AND NOT ({})", opted.only());
-    let a = judged(&lab, &kit, &mut client, &with_target, 0).await;
-    let b = judged(&lab, &kit, &mut client, &without_target, 0).await;
+    assert!(earlier["rho_charged"].as_f64().unwrap() > 0.0);
     assert_eq!(
-        a, b,
-        "excluding an opted-out patient's episode changed the answer"
+        number(&rows(&again.batches)[0][0]),
+        Some(estimates[0]),
+        "a repeated tracker got fresh noise"
     );
     lab.stop().await;
 }
 
-/// RESIDUAL RISK (no noise yet): exact sums over groups that each pass the threshold let a
-/// tracker recover one episode's cost and length of stay exactly, and so whether its
-/// patient opted out. Differential privacy (the next issue) must make this test pass.
+/// The residual of exact sums (closed by differential privacy): a tracker over sums, base
+/// minus base without one episode, would give that episode's cost and length of stay
+/// exactly (and so whether its patient opted out). Now each estimate is off by noise of
+/// the stated σ, and σ exceeds the most one patient's record can contribute after
+/// clamping to the catalogue's bounds, so the estimate's 95% interval covers every value
+/// the record could have; over [`TRACKERS`] estimates (half costs, half stays) the errors
+/// are not near zero.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "residual risk inherent to exact sums without noise: a tracker recovers one record (closed by DP, next issue)"]
-async fn residual_exact_sums_let_a_tracker_recover_one_record() {
+async fn exact_sums_no_longer_let_a_tracker_recover_one_record() {
     let lab = lab().await;
+    let kit = Kit::new();
     let mut client = analyst(&lab.local).await;
-    let target = TargetEpisode::find(&lab.truth, "kept_episodes").await;
-    let base = format!("specialty = '{}'", target.specialty);
-    let mut recovered = Vec::new();
-    for (statistic, truth) in [
-        ("SUM(cost)", target.cost),
-        ("SUM(length_of_stay)", target.stay),
-    ] {
-        let sql = tracker(statistic, &base, &target.only());
-        let Ok(got) = client.query(&sql).await else {
-            continue;
-        };
-        let estimate = number(&rows(&got.batches)[0][0]).unwrap_or(f64::NAN);
-        if (estimate - truth).abs() < 0.005 {
-            recovered.push(format!(
-                "{sql}\n    gives {estimate}, the episode's exact value {truth}"
-            ));
+    let statistics_of = [("cost", "SUM(cost)"), ("stay", "SUM(length_of_stay)")];
+    let mut errors = Vec::new();
+    let mut seen = Vec::new();
+    for target in TargetEpisode::several(&lab.truth, "kept_episodes", TRACKERS / 2).await {
+        let estimates = run_tracker(&lab, &kit, &mut client, &statistics_of, &target).await;
+        let release = &lab.releases_of(&half(&statistics_of, &target.base()))[0];
+        let (rows_per_group, _) = lab.policy.bounds(release);
+        for ((name, _), (estimate, truth, sd), exact) in statistics_of
+            .iter()
+            .zip(&estimates)
+            .zip([target.cost, target.stay])
+            .map(|((a, b), c)| (a, b, c))
+        {
+            let column = if *name == "cost" {
+                "cost"
+            } else {
+                "length_of_stay"
+            };
+            let (_, high, _) = lab.policy.fixed_point(&ColumnRef {
+                table: "episodes".into(),
+                column: column.into(),
+            });
+            let error = (estimate - truth) / sd;
+            assert!(
+                error.abs() <= TOLERANCE_SDS,
+                "{name} tracker of {}: estimate {estimate}, bounded truth {truth}, σ {sd}",
+                target.only()
+            );
+            assert!(
+                *sd >= rows_per_group as f64 * high,
+                "{name}: σ {sd} is below one patient's largest contribution"
+            );
+            errors.push(error);
+            seen.push(format!("{name}: {estimate} ± {sd:.0} (exact {exact})"));
         }
     }
+    eprintln!("DEBUG sum trackers rms {} {seen:?}", rms(&errors));
     assert!(
-        recovered.is_empty(),
-        "a tracker recovered one episode exactly:\n  {}",
-        recovered.join("\n  ")
+        rms(&errors) >= 0.3,
+        "sum trackers estimate their targets too well for the noise stated: {seen:?}"
     );
     lab.stop().await;
 }
@@ -1934,14 +2884,12 @@ async fn residual_exact_sums_let_a_tracker_recover_one_record() {
 /// Class 6, through correlated columns: the floor refuses a sum of a column the release
 /// filters or groups on, but `length_of_stay` is `discharge_date - admission_date`, so
 /// pinning both dates pins the stay, and `SUM(length_of_stay)` over episodes pinned to a
-/// stay of 1 day is their exact count. Every count derived from released statistics must be
-/// a multiple of 5 (or the query refused), at the gateway and at each node. This is the same
-/// residual as the tracker above: an exact sum of values the analyst can pin down reveals an
-/// exact count, and no rule over the query text closes that for every correlation in the
-/// data; noise on sums (differential privacy, the next issue) must make this test pass.
+/// stay of 1 day is their count. Without noise that count was exact (the residual no rule
+/// over the query text closes); now the sum carries noise of σ at least the most one
+/// patient can contribute, at the gateway and at each node, and lies within
+/// [`TOLERANCE_SDS`] σ of its bounded truth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "residual risk inherent to exact sums without noise: a measure pinned through correlated columns gives an exact count (closed by DP, next issue)"]
-async fn rounding_is_not_undone_by_a_measure_pinned_through_other_columns() {
+async fn a_measure_pinned_through_other_columns_gives_only_a_noisy_count() {
     let lab = lab().await;
     let kit = Kit::new();
     let mut client = analyst(&lab.local).await;
@@ -1972,46 +2920,56 @@ async fn rounding_is_not_undone_by_a_measure_pinned_through_other_columns() {
             "SELECT COUNT(*) FROM kept_episodes WHERE {filter}"
         ))
         .await;
+    let (_, high, _) = lab.policy.fixed_point(&ColumnRef {
+        table: "episodes".into(),
+        column: "length_of_stay".into(),
+    });
     let mut found = Vec::new();
     for sql in [
         format!("SELECT SUM(length_of_stay) AS n FROM episodes WHERE {filter}"),
-        format!(
-            "SELECT SUM(length_of_stay) / 1 AS n, COUNT(*) AS n_rows FROM episodes WHERE {filter}"
-        ),
+        format!("SELECT SUM(length_of_stay) AS n, COUNT(*) AS n_rows FROM episodes WHERE {filter}"),
     ] {
-        match client.query(&sql).await {
-            Err(err) => assert!(
-                !codes(&err.to_string()).is_empty(),
-                "refused without a code: {err}"
-            ),
-            Ok(got) => {
-                for v in answer_violations(&lab.truth, &got.batches) {
-                    found.push(format!("gateway: {v} (ground truth: {exact} episodes)"));
-                }
-            }
+        let (problems, got) = gateway_attack(&lab, &mut client, &sql, Answered(0)).await;
+        let Some(got) = got else {
+            // Refused (by the model's size limits, say): nothing was released.
+            assert!(
+                problems.len() == 1 && problems[0].contains("E_"),
+                "{problems:?}"
+            );
+            continue;
+        };
+        eprintln!("DEBUG pinned answered {:?} exact {exact} sd {:?}", rows(&got.batches), sd_of(got.schema.field(0)));
+        found.extend(problems);
+        found.extend(gateway_value_violations(&lab, &sql, &got, 0).await);
+        let release = lab.releases_of(&sql).remove(0);
+        let (rows_per_group, _) = lab.policy.bounds(&release);
+        let sd = sd_of(got.schema.field(0)).unwrap_or(0.0);
+        if sd < rows_per_group as f64 * high {
+            found.push(format!(
+                "gateway: SUM(length_of_stay) over {exact} pinned episodes has σ {sd}, below one patient's largest contribution"
+            ));
         }
-    }
-    for (r, release) in lab
-        .releases_of(&format!(
-            "SELECT SUM(length_of_stay) AS n FROM episodes WHERE {filter}"
-        ))
-        .iter()
-        .enumerate()
-    {
-        for code in TRUSTS {
-            let probe = kit
-                .probe(ticket(serde_json::to_value(release).unwrap()))
-                .at(code);
-            let Ok(batches) = call_node(&lab, &probe, &format!("pinned-{r}-{code}")).await else {
-                continue;
-            };
-            for row in rows(&batches) {
-                if let Some(sum) = number(&row[1])
-                    && !multiple_of(sum, ROUND_TO)
-                {
-                    found.push(format!("{code} released SUM(length_of_stay) = {sum} over stays pinned to 1 day: an exact count"));
-                }
-            }
+        found.extend(
+            replay_everywhere(
+                &lab,
+                &kit,
+                &release,
+                &TRUSTS,
+                &format!("pinned-{}", tag(&sql)),
+            )
+            .await,
+        );
+        let (required, _) = lab.policy.sds(&release, PROJECT);
+        let sum = release
+            .partials()
+            .iter()
+            .position(|p| matches!(p, Partial::Sum(_)))
+            .unwrap();
+        if required[sum] < rows_per_group as f64 * high {
+            found.push(format!(
+                "each trust's σ for the sum, {}, is below one patient's largest contribution",
+                required[sum]
+            ));
         }
     }
     assert!(
@@ -2022,14 +2980,131 @@ async fn rounding_is_not_undone_by_a_measure_pinned_through_other_columns() {
     lab.stop().await;
 }
 
-/// Asks a node for `release` with the gateway's headers; the rows and the response headers.
-async fn node_rows_and_headers(
+/// How many releases one project may pay for, and what happens then: each fresh release is
+/// charged once at the gateway and at every trust; at the cap the gateway refuses with
+/// `E_BUDGET_EXHAUSTED`; a repeat of a paid release never gets fresh noise; every trust
+/// refuses a fresh release straight from a gateway certificate on its own ledger; another
+/// project's budget is its own; and a trust whose own ledger is spent refuses through the
+/// gateway (`E_TRUST_REFUSED E_BUDGET_EXHAUSTED`) whatever the gateway's ledger says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_budget_bounds_how_many_releases_a_project_gets() {
+    let lab = lab().await;
+    let kit = Kit::new();
+    let mut client = analyst(&lab.local).await;
+    let allowed = lab.policy.releases_allowed(PROJECT);
+    let fresh =
+        |i: u64| format!("SELECT COUNT(*) AS n FROM episodes WHERE age_at_admission >= {i}");
+    let mut paid = 0;
+    for i in 0..=allowed {
+        match client.query(&fresh(i)).await {
+            Ok(got) => {
+                let found = release_violations(&lab, &fresh(i), 0, &got.batches).await;
+                assert!(found.is_empty(), "{found:?}");
+                paid += 1;
+            }
+            Err(err) => {
+                assert!(
+                    leads_with(&err.to_string(), "E_BUDGET_EXHAUSTED"),
+                    "fresh release {i}: {err}"
+                );
+                break;
+            }
+        }
+    }
+    assert_eq!(paid, allowed, "releases paid before the cap");
+    let budget = client.budget().await.unwrap();
+    assert_eq!(budget.releases, allowed, "{budget:?}");
+    assert!(
+        same_rho(budget.spent, allowed as f64 * lab.policy.rho(PROJECT)),
+        "{budget:?}"
+    );
+    // A paid release asked again: its stored answer, or a refusal; never fresh noise.
+    let first = log_records(&lab.gateway_log)
+        .into_iter()
+        .find(|r| r["sql"] == fresh(0).as_str() && r["outcome"] == "answered")
+        .unwrap();
+    let dbg = client.query(&fresh(0)).await.map(|a| rows(&a.batches)).map_err(|e| e.to_string()); eprintln!("DEBUG repeat after exhaustion: {dbg:?}");
+    match client.query(&fresh(0)).await {
+        Ok(_) => assert_eq!(
+            lab.answered_record(&fresh(0)).unwrap()["rho_charged"],
+            json!(0.0),
+            "a repeat was charged"
+        ),
+        Err(err) => assert!(leads_with(&err.to_string(), "E_BUDGET_EXHAUSTED"), "{err}"),
+    }
+    assert!(first["rho_charged"].as_f64().unwrap() > 0.0);
+    // Every trust's own ledger is spent too: a fresh release straight at it is refused.
+    let fresh_model = |i: i64| {
+        model(
+            "episodes",
+            &[],
+            Some(compare(
+                dim("episodes", "age_at_admission"),
+                "lt_eq",
+                int(i),
+            )),
+            vec![],
+            vec![count_rows()],
+        )
+    };
+    for code in TRUSTS {
+        let probe = kit.probe(ticket(fresh_model(7))).at(code);
+        let (found, _) = node_attack(
+            &lab,
+            &probe,
+            Refused("E_BUDGET_EXHAUSTED"),
+            &format!("spent-{code}"),
+        )
+        .await;
+        assert!(found.is_empty(), "{code}: {found:?}");
+    }
+    // cardiac-audit has its own budget; spend RXA's straight at the node (as a compromised
+    // gateway could): RXA then refuses cardiac-audit through the gateway too.
+    let cardiac = |probe: Probe| {
+        probe.with_headers(kit.headers_with(Some(&kit.token), "cardiac-audit", "research"))
+    };
+    let mut direct = 0;
+    for i in 0..=allowed as i64 {
+        let probe = cardiac(kit.probe(ticket(fresh_model(i))));
+        match call_node(&lab, &probe, &format!("cardiac-{i}")).await {
+            Ok(_) => direct += 1,
+            Err(err) => {
+                assert!(leads_with(&err, "E_BUDGET_EXHAUSTED"), "{err}");
+                break;
+            }
+        }
+    }
+    assert_eq!(direct, allowed, "releases RXA computed for cardiac-audit");
+    let mut cardiac_client = AnalystClient::connect_for(
+        &lab.local.gateway_target(),
+        &kit.token,
+        "cardiac-audit",
+        "research",
+    )
+    .await
+    .unwrap();
+    let err = refusal(
+        &mut cardiac_client,
+        "SELECT specialty, COUNT(*) AS n FROM episodes GROUP BY 1",
+    )
+    .await;
+    eprintln!("DEBUG cardiac through gateway: {err}");
+    assert!(
+        leads_with(&err, "E_TRUST_REFUSED E_BUDGET_EXHAUSTED"),
+        "a trust whose ledger is spent: {err}"
+    );
+    lab.stop().await;
+}
+
+/// Asks trust `code` for `release` as the gateway does; the answer, the names of the
+/// response headers, and the trust's audit record of it.
+async fn node_answer_with_headers(
     lab: &Lab,
     kit: &Kit,
     release: &ReleaseQuery,
     code: &'static str,
     id: &str,
-) -> (Vec<Vec<ScalarValue>>, String) {
+) -> (Vec<RecordBatch>, BTreeSet<String>, Value) {
     let probe = kit
         .probe(ticket(serde_json::to_value(release).unwrap()))
         .at(code);
@@ -2042,24 +3117,50 @@ async fn node_rows_and_headers(
         unreachable!()
     };
     let stream = client.do_get(Ticket::new(bytes)).await.unwrap();
-    let headers = format!("{:?}", stream.headers()).to_lowercase();
+    let headers = stream
+        .headers()
+        .keys()
+        .map(|key| match key {
+            tonic::metadata::KeyRef::Ascii(k) => k.as_str().to_lowercase(),
+            tonic::metadata::KeyRef::Binary(k) => k.as_str().to_lowercase(),
+        })
+        .collect();
     let batches: Vec<RecordBatch> = stream.try_collect().await.unwrap();
-    (rows(&batches), headers)
+    let record = lab.node_records(code, id).pop().unwrap();
+    (batches, headers, record)
 }
 
 /// Response headers that would say something about suppression, sizes or timing.
-fn telling_headers(headers: &str) -> Vec<&'static str> {
-    ["suppress", "elapsed", "min-patients", "rows", "groups"]
+fn telling_headers<'a>(headers: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    let words = [
+        "suppress",
+        "elapsed",
+        "min-patients",
+        "rows",
+        "groups",
+        "noise",
+        "budget",
+    ];
+    headers
         .into_iter()
-        .filter(|word| headers.contains(word))
+        .filter(|h| words.iter().any(|w| h.contains(w)))
+        .cloned()
         .collect()
 }
 
-/// Class 10. Oracles: an empty answer and a suppressed group look the same (at the gateway
-/// and at every node), no response header tells how many groups were hidden, expressions
-/// that could fail on a row's value are refused at planning with the same text whether or
-/// not rows match, the public register shows no constant an analyst typed, and a trust
-/// failing on its data is not named.
+/// The schema of a node's answer (none when it sent no batch).
+fn schema_of(batches: &[RecordBatch]) -> Option<SchemaRef> {
+    batches.first().map(RecordBatch::schema)
+}
+
+/// Class 10. Oracles: what an analyst sees depends on the data only through noisy values.
+/// A rare diagnosis and one that does not exist give different noisy values, each within
+/// [`TOLERANCE_SDS`] σ of its truth, and everything else the same: schema (with the σ and
+/// 95% interval in the field metadata), number of rows (one without GROUP BY), keys,
+/// response headers (none telling sizes), the budget charged, at the gateway and at every
+/// trust. Expressions that could fail on a row's value are refused at planning with the
+/// same text whether or not rows match, the public register shows no constant an analyst
+/// typed, and a trust failing on its data is not named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oracles_say_nothing_about_the_data() {
     let lab = lab().await;
@@ -2068,7 +3169,7 @@ async fn oracles_say_nothing_about_the_data() {
     let first = |rows: Vec<Vec<ScalarValue>>| rows[0][0].to_string();
     let rare = first(lab.truth.rows(&format!(
         "SELECT diagnosis_icd10 FROM kept_episodes GROUP BY 1 HAVING COUNT(DISTINCT person_id) BETWEEN 1 AND {} ORDER BY 1 LIMIT 1",
-        THRESHOLD - 1
+        MIN_RELEASED_PATIENTS - 1.0
     )).await);
     let common = first(lab.truth.rows("SELECT diagnosis_icd10 FROM kept_episodes GROUP BY 1 ORDER BY COUNT(*) DESC LIMIT 1").await);
     let absent = "ZZZ.9";
@@ -2080,67 +3181,108 @@ async fn oracles_say_nothing_about_the_data() {
             .await,
         0.0
     );
-    // 1. Suppressed and empty look the same.
-    for template in [
-        "SELECT COUNT(*) AS n, SUM(length_of_stay) AS s, AVG(cost) AS a, STDDEV(cost) AS d FROM episodes WHERE diagnosis_icd10 = '{}'",
-        "SELECT specialty, COUNT(*) AS n FROM episodes WHERE diagnosis_icd10 = '{}' GROUP BY 1",
-        "SELECT p.sex, COUNT(*) AS n FROM episodes e JOIN patients p ON e.person_id = p.person_id WHERE e.diagnosis_icd10 LIKE '{}%' GROUP BY 1",
+    // 1. Rare and absent differ only in noisy values.
+    for (template, keys) in [
+        (
+            "SELECT COUNT(*) AS n, SUM(length_of_stay) AS s, AVG(cost) AS a, STDDEV(cost) AS d FROM episodes WHERE diagnosis_icd10 = '{}'",
+            0,
+        ),
+        (
+            "SELECT specialty, COUNT(*) AS n FROM episodes WHERE diagnosis_icd10 = '{}' GROUP BY 1",
+            1,
+        ),
+        (
+            "SELECT p.sex, COUNT(*) AS n FROM episodes e JOIN patients p ON e.person_id = p.person_id WHERE e.diagnosis_icd10 LIKE '{}%' GROUP BY 1",
+            1,
+        ),
     ] {
-        let (suppressed, empty) = (
+        let (rare_sql, absent_sql) = (
             template.replace("{}", &rare),
             template.replace("{}", absent),
         );
+        let got = [
+            judged(&lab, &kit, &mut client, &rare_sql, keys).await,
+            judged(&lab, &kit, &mut client, &absent_sql, keys).await,
+        ];
+        for (sql, answer) in [&rare_sql, &absent_sql].into_iter().zip(&got) {
+            let found = gateway_value_violations(&lab, sql, answer, keys).await;
+            assert!(found.is_empty(), "{found:?}");
+        }
         assert_eq!(
-            answer(&mut client, &suppressed).await,
-            answer(&mut client, &empty).await,
-            "{suppressed} vs {empty}"
+            got[0].schema, got[1].schema,
+            "{rare_sql} vs {absent_sql}: schemas"
+        );
+        assert_eq!(row_count(&got[0]), row_count(&got[1]), "{rare_sql}: rows");
+        assert_eq!(
+            keys_of(&rows(&got[0].batches), keys),
+            keys_of(&rows(&got[1].batches), keys),
+            "{rare_sql}: keys"
+        );
+        if keys == 0 {
+            assert_eq!(row_count(&got[0]), 1, "no GROUP BY: one row");
+        }
+        let charged = |sql: &str| lab.answered_record(sql).unwrap()["rho_charged"].clone();
+        assert_eq!(
+            charged(&rare_sql),
+            charged(&absent_sql),
+            "{rare_sql}: budget charged"
         );
         let pairs = lab
-            .releases_of(&suppressed)
+            .releases_of(&rare_sql)
             .into_iter()
-            .zip(lab.releases_of(&empty));
-        for (i, (s, e)) in pairs.enumerate() {
+            .zip(lab.releases_of(&absent_sql));
+        for (i, (r, a)) in pairs.enumerate() {
             for code in TRUSTS {
-                let (s_rows, s_headers) = node_rows_and_headers(
-                    &lab,
-                    &kit,
-                    &s,
-                    code,
-                    &format!("oracle-s-{i}-{code}-{}", tag(template)),
-                )
-                .await;
-                let (e_rows, e_headers) = node_rows_and_headers(
-                    &lab,
-                    &kit,
-                    &e,
-                    code,
-                    &format!("oracle-e-{i}-{code}-{}", tag(template)),
-                )
-                .await;
+                let id = |which: &str| format!("oracle-{which}-{i}-{code}-{}", tag(template));
+                let (r_batches, r_headers, r_record) =
+                    node_answer_with_headers(&lab, &kit, &r, code, &id("rare")).await;
+                let (a_batches, a_headers, a_record) =
+                    node_answer_with_headers(&lab, &kit, &a, code, &id("absent")).await;
                 assert_eq!(
-                    s_rows, e_rows,
-                    "{code} tells a suppressed group from an empty one: {suppressed}"
+                    schema_of(&r_batches),
+                    schema_of(&a_batches),
+                    "{code}: schemas differ: {rare_sql}"
                 );
+                assert_eq!(
+                    rows(&r_batches).len(),
+                    rows(&a_batches).len(),
+                    "{code} tells a rare group from an empty one by its rows: {rare_sql}"
+                );
+                assert_eq!(r_headers, a_headers, "{code}: headers differ");
                 assert!(
-                    telling_headers(&s_headers).is_empty()
-                        && telling_headers(&e_headers).is_empty(),
-                    "{code} headers: {s_headers}"
+                    telling_headers(&r_headers).is_empty(),
+                    "{code} headers: {r_headers:?}"
+                );
+                for field in ["outcome", "rows", "rho_charged", "stored_answer", "codes"] {
+                    assert_eq!(r_record[field], a_record[field], "{code}: audited {field}");
+                }
+                assert_eq!(
+                    r_record["stored_answer"],
+                    json!(true),
+                    "{code}: a replay is stored"
                 );
             }
         }
     }
-    // 2. The gateway's response headers say nothing about suppression either.
+    // 2. The gateway's response headers say nothing about sizes either.
     let mut raw = gateway_client(lab.local.gateway.addr, &kit.token).await;
     let sql = "SELECT diagnosis_icd10, COUNT(*) AS n FROM episodes GROUP BY 1";
     let info = raw.execute(sql.into(), None).await.unwrap();
     assert_eq!(info.total_records, -1, "GetFlightInfo announces no size");
     for endpoint in info.endpoint {
         let stream = raw.do_get(endpoint.ticket.unwrap()).await.unwrap();
-        let headers = format!("{:?}", stream.headers()).to_lowercase();
+        let headers: Vec<String> = stream
+            .headers()
+            .keys()
+            .map(|key| match key {
+                tonic::metadata::KeyRef::Ascii(k) => k.as_str().to_lowercase(),
+                tonic::metadata::KeyRef::Binary(k) => k.as_str().to_lowercase(),
+            })
+            .collect();
         let _: Vec<RecordBatch> = stream.try_collect().await.unwrap();
         assert!(
             telling_headers(&headers).is_empty(),
-            "gateway headers: {headers}"
+            "gateway headers: {headers:?}"
         );
     }
     // 3. What could fail on a row is refused at planning, the same whether rows match or not.
@@ -2245,14 +3387,18 @@ async fn oracles_say_nothing_about_the_data() {
     broken.stop().await;
 }
 
-/// The judge itself: an answer holding an identifier, a full postcode, an unrounded count
-/// or an unrounded derived count is flagged, and the ground truth suppresses small groups
-/// (so that a clean report means something).
+/// The judge itself: identifiers and full postcodes are flagged; a node answer with a
+/// thresholded key of few patients, a value beyond the noise, a missing or understated σ,
+/// a key outside the declared domains or a public key with rows withheld is flagged, and an
+/// answer at the truth is not; and the policy keeps the margin [`MIN_RELEASED_PATIENTS`]
+/// relies on (so that a clean report means something, and a flaky one cannot happen).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_judge_flags_what_the_rules_forbid() {
-    use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};
+    use arrow::array::{ArrayRef, Int64Array, StringArray};
+    use arrow::datatypes::Schema;
     use std::sync::Arc;
     let truth = Truth::new().await;
+    let policy = PolicyUnderTest::default_policy();
     let person = truth
         .rows("SELECT nhs_number, postcode FROM patients LIMIT 1")
         .await
@@ -2267,79 +3413,130 @@ async fn the_judge_flags_what_the_rules_forbid() {
             Arc::new(StringArray::from(vec![person[1].to_string(), "x".into()])) as ArrayRef,
         ),
         ("n", Arc::new(Int64Array::from(vec![10, 7])) as ArrayRef),
-        (
-            "whole_fifths",
-            Arc::new(Float64Array::from(vec![2.0, 1.4])) as ArrayRef,
-        ),
     ])
     .unwrap();
-    let found = answer_violations(&truth, &[batch]);
-    assert_eq!(found.len(), 4, "{found:?}");
-    let by_diagnosis: ReleaseQuery = serde_json::from_value(model(
-        "episodes",
+    assert_eq!(identifier_violations(&truth, &[batch]).len(), 2);
+    // A node answer as a trust would send it: keys, then partials with their σ.
+    let answer = |rows: &[(&str, i64)], sd: Option<f64>| {
+        let partial = Field::new("p0", DataType::Int64, true);
+        let partial = match sd {
+            Some(sd) => {
+                partial.with_metadata(HashMap::from([(NOISE_SD.to_string(), sd.to_string())]))
+            }
+            None => partial,
+        };
+        let schema = Schema::new(vec![Field::new("g0", DataType::Utf8, true), partial]);
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                )) as ArrayRef,
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )) as ArrayRef,
+            ],
+        )
+        .unwrap()
+    };
+    let count_by = |column: &str| -> ReleaseQuery {
+        serde_json::from_value(model(
+            "episodes",
+            &[],
+            None,
+            vec![dim("episodes", column)],
+            vec![count_rows()],
+        ))
+        .unwrap()
+    };
+    // Thresholded keys (diagnoses).
+    let by_diagnosis = count_by("diagnosis_icd10");
+    let groups = truth.bounded(&policy, &by_diagnosis, "RXA").await;
+    let (sds, units) = policy.sds(&by_diagnosis, PROJECT);
+    assert!(units.is_some(), "diagnoses have no public domain");
+    let sd = (sds[0] * 1000.0).ceil() / 1000.0;
+    let (common, big) = groups
+        .iter()
+        .filter(|(_, g)| g.low[0] == g.high[0])
+        .max_by(|a, b| a.1.patients.total_cmp(&b.1.patients))
+        .unwrap();
+    let (rare, _) = groups
+        .iter()
+        .find(|(_, g)| g.patients < MIN_RELEASED_PATIENTS)
+        .unwrap();
+    let exact = big.low[0] as i64;
+    let judge = |batch: RecordBatch, release: ReleaseQuery| {
+        let (truth, policy) = (&truth, &policy);
+        async move {
+            judge_node_answer(truth, policy, "RXA", PROJECT, &release, &[batch])
+                .await
+                .found
+        }
+    };
+    let clean = judge(answer(&[(common, exact)], Some(sd)), by_diagnosis.clone()).await;
+    assert!(clean.is_empty(), "{clean:?}");
+    for (rows, sd, what) in [
+        (
+            vec![(common.as_str(), exact), (rare.as_str(), 40)],
+            Some(sd),
+            "a key of few patients",
+        ),
+        (
+            vec![(common.as_str(), exact + (10.0 * sd) as i64)],
+            Some(sd),
+            "a value beyond the noise",
+        ),
+        (vec![(common.as_str(), exact)], None, "no σ"),
+        (
+            vec![(common.as_str(), exact)],
+            Some(sd / 2.0),
+            "less noise than the policy requires",
+        ),
+    ] {
+        let found = judge(answer(&rows, sd), by_diagnosis.clone()).await;
+        assert_eq!(found.len(), 1, "{what}: {found:?}");
+    }
+    // Public keys (specialties).
+    let by_specialty = count_by("specialty");
+    let domain = policy.public_keys(&by_specialty).unwrap();
+    let sd = (policy.sds(&by_specialty, PROJECT).0[0] * 1000.0).ceil() / 1000.0;
+    let at = truth.bounded(&policy, &by_specialty, "RXA").await;
+    let all: Vec<(&str, i64)> = domain
+        .iter()
+        .map(|k| (k.as_str(), at.get(k).map_or(0, |g| g.low[0] as i64)))
+        .collect();
+    let clean = judge(answer(&all, Some(sd)), by_specialty.clone()).await;
+    assert!(clean.is_empty(), "{clean:?}");
+    let withheld = judge(answer(&all[1..], Some(sd)), by_specialty.clone()).await;
+    assert_eq!(
+        withheld.len(),
+        1,
+        "a public key with rows withheld: {withheld:?}"
+    );
+    let mut outside = all.clone();
+    outside.push(("999", 0));
+    let outside = judge(answer(&outside, Some(sd)), by_specialty.clone()).await;
+    assert_eq!(outside.len(), 1, "a key outside the domain: {outside:?}");
+    // The margin behind MIN_RELEASED_PATIENTS: under the policy as it ships, a key of fewer
+    // patients needs noise of more than 5.5 σ to reach the threshold (probability < 2e-8),
+    // for the tables and the fewest partials (the smallest σ).
+    let by_district: ReleaseQuery = serde_json::from_value(model(
+        "patients",
         &[],
         None,
-        vec![dim("episodes", "diagnosis_icd10")],
+        vec![generalised("postcode_district", "patients", "postcode")],
         vec![count_rows()],
     ))
     .unwrap();
-    let all = truth.groups(&by_diagnosis, "RXA", 0).await;
-    let kept = truth.groups(&by_diagnosis, "RXA", THRESHOLD).await;
-    assert!(
-        !kept.is_empty() && kept.len() < all.len(),
-        "{} of {} diagnoses pass",
-        kept.len(),
-        all.len()
-    );
+    for release in [by_diagnosis, by_district] {
+        let (threshold, sd) = policy.threshold(&release, PROJECT).unwrap();
+        let margin = (threshold - (MIN_RELEASED_PATIENTS - 1.0)) / sd;
+        assert!(
+            margin > 5.5,
+            "{}: threshold {threshold}, σ {sd}: a key of {} patients passes too often",
+            release.render_sql(&policy.governance),
+            MIN_RELEASED_PATIENTS - 1.0
+        );
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn zz_explore() {
-    let lab = lab().await;
-    let kit = Kit::new();
-    let mut client = analyst(&lab.local).await;
-    for sql in [
-        "SELECT sex, COUNT(*) AS n FROM patients GROUP BY 1",
-        "SELECT COUNT(*) AS n, SUM(cost) AS s, AVG(cost) AS a FROM episodes",
-        "SELECT a.n - b.n AS n FROM (SELECT COUNT(*) AS n FROM episodes) a CROSS JOIN (SELECT COUNT(*) AS n FROM episodes WHERE cost < 741356) b",
-        "SELECT diagnosis_icd10, COUNT(*) AS n FROM episodes GROUP BY 1",
-        "SELECT specialty, COUNT(*) AS n, RANK() OVER (ORDER BY COUNT(*)) AS r FROM episodes GROUP BY 1",
-    ] {
-        let got = client.query(sql).await.unwrap();
-        println!("SQL {sql}\nSCHEMA {:?}\nBATCH SCHEMA {:?}\nROWS {}", got.schema, got.batches.first().map(|b| b.schema()), row_count(&got));
-        for r in rows(&got.batches).iter().take(5) { println!("  {r:?}"); }
-        let rec = lab.answered_record(sql).unwrap();
-        println!("REC rho {:?}", rec["rho_charged"]);
-        let qid = rec["query_id"].as_str().unwrap().to_string();
-        for code in TRUSTS { for n in lab.node_records(code, &qid) { println!("  NODE {code} rows {} rho {} stored {}", n["rows"], n["rho_charged"], n["stored_answer"]); } }
-        for release in lab.releases_of(sql) {
-            let t = request_ticket(json!({"release": release}));
-            let probe = kit.probe(t).at("RXA");
-            let mut c = node_client(lab.node_addrs["RXA"], "RXA").await;
-            for (name, value) in &probe.headers { c.set_header(*name, value.clone()); }
-            c.set_header(QUERY_ID_HEADER, "explore");
-            let Call::DoGet(bytes) = probe.call else { unreachable!() };
-            let stream = c.do_get(Ticket::new(bytes)).await.unwrap();
-            println!("  NODE HEADERS {:?}", stream.headers());
-            let batches: Vec<RecordBatch> = stream.try_collect().await.unwrap();
-            println!("  NODE SCHEMA {:?}", batches.first().map(|b| b.schema()));
-            for r in rows(&batches).iter().take(3) { println!("   {r:?}"); }
-            let recs = lab.node_records("RXA", "explore");
-            println!("  REPLAY rho {} stored {}", recs.last().unwrap()["rho_charged"], recs.last().unwrap()["stored_answer"]);
-        }
-    }
-    for q in [
-        "SELECT trust_code, COUNT(*) FROM patients GROUP BY 1 ORDER BY 1",
-        "SELECT trust_code, COUNT(*) FROM kept_patients GROUP BY 1 ORDER BY 1",
-        "SELECT trust_code, COUNT(*) FROM episodes GROUP BY 1 ORDER BY 1",
-        "SELECT trust_code, COUNT(*) FROM kept_episodes GROUP BY 1 ORDER BY 1",
-        "SELECT c, COUNT(*) FROM (SELECT nhs_number, COUNT(*) AS c FROM patients GROUP BY 1) GROUP BY 1 ORDER BY 1",
-        "SELECT k, COUNT(*) FROM (SELECT person_id, COUNT(*) AS k FROM kept_episodes GROUP BY 1) GROUP BY 1 ORDER BY 1",
-        "SELECT arrow_typeof(imd_decile), arrow_typeof(sex), arrow_typeof(length_of_stay), arrow_typeof(cost), arrow_typeof(age_at_admission) FROM patients p JOIN episodes e ON e.person_id = p.person_id LIMIT 1",
-        "SELECT MIN(cost), MAX(cost), MIN(length_of_stay), MAX(length_of_stay), MIN(age_at_admission), MAX(age_at_admission) FROM episodes",
-        "SELECT COUNT(*) FROM (SELECT specialty FROM episodes GROUP BY 1)",
-    ] {
-        println!("TRUTH {q}: {:?}", lab.truth.rows(q).await);
-    }
-    lab.stop().await;
-}

@@ -16,5 +16,6 @@ mod link;
 mod mtls;
 mod node;
 mod policy;
+mod privacy;
 mod register;
 mod snapshots;

@@ -1,8 +1,8 @@
 //! The policy over the query model, at the gateway and at every trust: policy cases (SQL and
 //! identity, allowed or refused with a code) decided the same at the gateway and, replayed as
-//! the releases the SQL lowers to, straight at a node; the National Data Opt-out and the
-//! small-number threshold applied by each trust whatever the gateway's policy says; reloading
-//! while running; and the governance team's own Rego tests.
+//! the releases the SQL lowers to, straight at a node; the National Data Opt-out, the
+//! contribution bounds and the noise applied by each trust whatever the gateway's policy
+//! says; reloading while running; and the governance team's own Rego tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -14,10 +14,14 @@ use tally::federation::{self, DEMO_PROJECT, DEMO_USER};
 use tally_common::admission::RequestIdentity;
 use tally_common::model::ReleaseRequest;
 use tally_common::policy::Policy;
+use tally_common::privacy::{ContributionBounds, Keys};
 use tally_gateway::Explanation;
-use tally_synth::default_trusts;
+use tally_synth::{PLANTED_DIAGNOSIS, default_trusts};
 
-use crate::node::{Ask, Asker, default_settings, rounded, send, token_approving, trust_groups};
+use crate::node::{
+    Ask, Asker, bounded_row_counts, governance_of, key_text, number, policy_copy, release_noise,
+    send, stated_sd, token_approving, trust_groups, trust_tables, with_threshold,
+};
 use crate::support::{
     analyst, analyst_token, data_dir, default_policies, expect_refusal, gateway_client,
     gateway_config, gateway_target, init_logging, open_policies, rows, start_federation_over,
@@ -217,27 +221,22 @@ async fn patients_at(code: &str, opt_out: bool) -> i64 {
 
 /// A copy of the default policy with `settings` overridden.
 fn policy_variant(settings: serde_json::Value) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        default_policies().join("tally.rego"),
-        dir.path().join("tally.rego"),
-    )
-    .unwrap();
-    let mut catalogue: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(default_policies().join("catalogue.json")).unwrap(),
-    )
-    .unwrap();
-    for (key, value) in settings.as_object().unwrap() {
-        catalogue["governance"]["settings"][key] = value.clone();
-    }
-    std::fs::write(dir.path().join("catalogue.json"), catalogue.to_string()).unwrap();
-    dir
+    policy_copy(&default_policies(), |governance| {
+        for (key, value) in settings.as_object().unwrap() {
+            governance["settings"][key] = value.clone();
+        }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_opt_out_applies_to_every_purpose_at_every_trust() {
-    // Exact counts, so the opted-out patients show.
-    let exact = policy_variant(serde_json::json!({"round_to": 1}));
+    // Exact counts (no noise, no rounding), so every opted-out patient shows.
+    let mut privacy = governance_of(&default_policies()).settings.privacy;
+    privacy.noise = tally_common::governance::Noise::Off;
+    let exact = policy_variant(serde_json::json!({
+        "privacy": privacy,
+        "disclosure": {"suppress_below": 0, "round_to": 1},
+    }));
     let local = start_federation_over(data_dir(), exact.path()).await;
     for purpose in ["planning", "research"] {
         let answered = patients_by_trust(&local.gateway_target(), purpose).await;
@@ -267,8 +266,8 @@ async fn the_opt_out_applies_to_every_purpose_at_every_trust() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trusts_apply_their_own_opt_out_and_threshold_whatever_the_gateway_says() {
-    // The gateway's policy: no opt-out, no threshold, no rounding. The trusts': the default.
+async fn trusts_apply_their_own_opt_out_and_noise_whatever_the_gateway_says() {
+    // The gateway's policy: no opt-out, no noise, no budget. The trusts': the default.
     init_logging();
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
@@ -283,33 +282,167 @@ async fn trusts_apply_their_own_opt_out_and_threshold_whatever_the_gateway_says(
     let mut client = AnalystClient::connect(&gateway_target(gateway.addr), &analyst_token())
         .await
         .unwrap();
-    let answer = client
-        .query("SELECT diagnosis_icd10, COUNT(*) FROM episodes GROUP BY diagnosis_icd10")
+    let trusts = default_trusts().len() as f64;
+    let governance = governance_of(&default_policies());
+    let tables = federation::local_tables(data_dir(), &default_policies())
         .await
         .unwrap();
-    let released: BTreeMap<String, i64> = rows(&answer.batches)
-        .into_iter()
-        .map(|row| (row[0].to_string(), row[1].to_string().parse().unwrap()))
-        .collect();
-    // Each trust releases, without its opted-out patients, only the groups with enough
-    // distinct patients of its own, its counts rounded; the gateway adds them up. A group
-    // whose patients are spread thinly over the trusts is not released at all.
-    let (threshold, round_to) = default_settings();
-    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
-    for trust in default_trusts() {
-        for (diagnosis, (patients, episodes)) in
-            trust_groups(trust.code, "episodes", "diagnosis_icd10", true).await
-        {
-            if patients >= threshold {
-                *expected.entry(diagnosis).or_default() += rounded(episodes, round_to);
-            }
+    let identity = RequestIdentity {
+        user: DEMO_USER.into(),
+        groups: vec!["analysts".into()],
+        project: DEMO_PROJECT.into(),
+        purpose: "planning".into(),
+    };
+    // The release a query lowers to, and the noise each trust adds to it under its policy.
+    let lowered = |sql: String| {
+        let (tables, identity, governance) = (&tables, &identity, &governance);
+        async move {
+            let release = explain(tables, &sql, identity).await.releases.remove(0);
+            let group_types: Vec<_> = release
+                .group_by
+                .iter()
+                .map(|d| match d.generaliser {
+                    Some(g) => g.output_type(),
+                    None => arrow::datatypes::DataType::Utf8,
+                })
+                .collect();
+            let noise = release_noise(governance, &release, &group_types);
+            (release, noise)
         }
+    };
+
+    // Each trust leaves out its opted-out patients (its audit says so), and its count is
+    // noisy: every trust adds noise to every trust code's count (a public domain).
+    let sql = "SELECT trust_code, COUNT(*) FROM patients GROUP BY trust_code";
+    let (_, noise) = lowered(sql.to_string()).await;
+    let sd = noise.sd(0) * trusts.sqrt();
+    let answer = client.query(sql).await.unwrap();
+    let released: BTreeMap<String, f64> = rows(&answer.batches)
+        .into_iter()
+        .map(|row| (key_text(&row[0]), number(&row[1])))
+        .collect();
+    for trust in default_trusts() {
+        let kept = patients_at(trust.code, true).await as f64;
+        assert!(
+            kept < patients_at(trust.code, false).await as f64,
+            "{}: some patients opted out",
+            trust.code
+        );
+        let count = released[trust.code];
+        assert!(
+            (count - kept).abs() <= 6.0 * sd,
+            "{}: released {count}, {kept} patients without the opted-out, σ {sd}",
+            trust.code
+        );
     }
-    assert_eq!(released, expected);
     for node in &nodes {
         let record = node.audit.recent().pop().unwrap();
         assert_eq!(record.opt_out_applied, Some(true));
+        assert_eq!(record.stored_answer, Some(false));
+        assert!(
+            record.rho_charged.is_some_and(|rho| rho > 0.0),
+            "{record:?}"
+        );
     }
+
+    // The planted cohort's admissions by month: an exact answer has a row for each of the
+    // few months they were admitted in; the trusts release every month of the public
+    // period, noisy, zeros included, whatever the gateway's policy says.
+    let planted = format!("diagnosis_icd10 = '{PLANTED_DIAGNOSIS}'");
+    let sql = format!(
+        "SELECT month(admission_date) AS m, COUNT(*) FROM episodes WHERE {planted} GROUP BY 1"
+    );
+    let (release, noise) = lowered(sql.clone()).await;
+    let Keys::Public(months) = &noise.keys else {
+        panic!("months of the period are public keys");
+    };
+    let bounds = ContributionBounds::of(&governance, &release);
+    let mut truth: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for trust in default_trusts() {
+        let at = bounded_row_counts(
+            &trust_tables(data_dir(), trust.code).await,
+            "person_id",
+            &format!("episodes WHERE {planted}"),
+            "month(admission_date)",
+            bounds,
+        )
+        .await;
+        for (key, (lower, upper)) in at {
+            let entry = truth.entry(key).or_default();
+            entry.0 += lower;
+            entry.1 += upper;
+        }
+    }
+    let answer = client.query(&sql).await.unwrap();
+    let released: BTreeMap<String, f64> = rows(&answer.batches)
+        .into_iter()
+        .map(|row| (key_text(&row[0]), number(&row[1])))
+        .collect();
+    let every_month: BTreeSet<String> = months.iter().map(|k| key_text(&k[0])).collect();
+    assert_eq!(
+        released.keys().cloned().collect::<BTreeSet<_>>(),
+        every_month,
+        "every month of the period"
+    );
+    assert!(
+        truth.len() < every_month.len(),
+        "the cohort misses some months"
+    );
+    let sd = noise.sd(0) * trusts.sqrt();
+    for (month, count) in &released {
+        let (lower, upper) = truth.get(month).copied().unwrap_or((0, 0));
+        assert!(
+            *count >= lower as f64 - 6.0 * sd && *count <= upper as f64 + 6.0 * sd,
+            "{month}: released {count}, bounded truth in [{lower}, {upper}], σ {sd}"
+        );
+    }
+    assert!(
+        released
+            .iter()
+            .any(|(month, count)| !truth.contains_key(month) && *count > 0.0),
+        "only noise gives a month without admissions a positive count: {released:?}"
+    );
+
+    // What each trust sent states its noise, whatever the gateway's policy says; the
+    // trust's stored answer is what the gateway received.
+    let (code, node) = (default_trusts()[0].code, &nodes[0]);
+    let asker = Asker {
+        token: Some(analyst_token()),
+        project: DEMO_PROJECT.into(),
+        purpose: "planning".into(),
+    };
+    let partials = send(
+        node.addr,
+        code,
+        &asker,
+        "policy-test-what-the-trust-sent",
+        &Ask::release(ReleaseRequest {
+            release: release.clone(),
+        }),
+    )
+    .await
+    .unwrap();
+    let field = partials[0].schema().field(1).clone();
+    let stated = stated_sd(&field);
+    assert!(
+        stated > 0.0 && (stated - noise.sd(0)).abs() < 1e-3,
+        "{field:?}"
+    );
+    let record = node.audit.recent().pop().unwrap();
+    assert_eq!(record.stored_answer, Some(true), "{record:?}");
+
+    // And the gateway cannot ask a trust for anything less: a request stating how to
+    // protect the patients (here a threshold of one patient) is not a release request.
+    let err = send(
+        node.addr,
+        code,
+        &asker,
+        "policy-test-threshold",
+        &Ask::Json(with_threshold(&ReleaseRequest { release })),
+    )
+    .await
+    .expect_err("refused");
+    assert!(err.contains("E_BAD_REQUEST: "), "{err}");
     gateway.stop().await;
     for node in nodes {
         node.stop().await;
