@@ -186,11 +186,15 @@ rho_cap := object.get(project_budget, "rho_cap", settings.privacy.rho_cap)
 
 spent := object.get(input, ["context", "budget", "spent"], 0)
 
+# A release the project already paid for returns its stored noisy answer, free.
+repeat := object.get(input, ["context", "budget", "repeat"], false)
+
 # No noise, no budget: the exact mode of tests that compare with a central computation.
 charged if settings.privacy.noise != "off"
 
 reasons contains reason("E_BUDGET_EXHAUSTED", msg) if {
 	charged
+	not repeat
 	spent + rho_per_release > rho_cap
 	msg := sprintf(
 		"project '%v' has spent ρ = %v of its %v on dataset '%v'; a release costs %v",

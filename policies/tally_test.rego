@@ -105,6 +105,14 @@ test_a_release_past_the_budget_is_refused if {
 	codes_of(d) == {"E_BUDGET_EXHAUSTED"}
 }
 
+test_a_repeat_is_allowed_past_the_budget if {
+	d := tally.decision with input as {
+		"context": {"identity": identity, "origin": "analyst", "budget": {"spent": 2, "repeat": true}},
+		"action": example_action,
+	}
+	d.allow
+}
+
 test_a_project_budget_overrides_the_default if {
 	d := tally.decision with input as {
 		"context": {"identity": identity, "origin": "analyst", "budget": {"spent": 1.5}},

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use tally_common::admission::RequestIdentity;
+use tally_common::admission::{BudgetState, RequestIdentity};
 use tally_common::policy::{Policy, run_tests};
 use tally_gateway::Explanation;
 use tally_gateway::parse::plan_read_only;
@@ -43,6 +43,6 @@ pub async fn explain(
         .await
         .map_err(|e| e.to_string())?;
     let explanation =
-        Explanation::of(plan, &policy.snapshot(), &identity, 0.0).map_err(|e| e.to_string())?;
+        Explanation::of(plan, &policy.snapshot(), &identity, &BudgetState::unspent()).map_err(|e| e.to_string())?;
     serde_json::to_string_pretty(&explanation).map_err(|e| e.to_string())
 }

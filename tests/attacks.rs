@@ -2342,7 +2342,9 @@ async fn statistics(
     let record = lab.answered_record(sql).unwrap();
     let [release] = lab.releases_of(sql).try_into().unwrap();
     let partials = release.partials();
-    let row = rows(&got.batches).remove(0);
+    let [row] = rows(&got.batches)
+        .try_into()
+        .expect("one row without GROUP BY");
     let mut out = Vec::new();
     for (j, aggregate) in release.aggregates.iter().enumerate() {
         let partial = match aggregate {
@@ -2436,7 +2438,6 @@ async fn patients_at_two_trusts_are_not_counted_twice() {
             &rows(&judged(&lab, &kit, &mut client, &sql, k).await.batches),
             k,
         );
-        eprintln!("DEBUG two trusts {sql}: {} small, {} released", small.len(), released.len());
         let release = lab.releases_of(&sql).remove(0);
         if lab.policy.public_keys(&release).is_some() {
             let missing: Vec<_> = small.difference(&released).collect();
@@ -2637,23 +2638,8 @@ impl TargetEpisode {
 
     /// The most expensive of `among`'s episodes.
     async fn find(truth: &Truth, among: &str) -> Self {
-        let row = truth
-            .rows(&format!(
-                "SELECT CAST(admission_date AS VARCHAR), diagnosis_icd10, \
-                 CAST(age_at_admission AS BIGINT), cost, specialty, admission_method FROM {among} \
-                 ORDER BY cost DESC LIMIT 1"
-            ))
-            .await
-            .remove(0);
-        TargetEpisode {
-            admitted: row[0].to_string(),
-            diagnosis: row[1].to_string(),
-            age: number(&row[2]).unwrap() as i64,
-            cost: number(&row[3]).unwrap(),
-            specialty: row[4].to_string(),
-            method: row[5].to_string(),
-            stay: f64::NAN,
-        }
+        let from = format!("(SELECT * FROM {among} ORDER BY cost DESC, episode_id LIMIT 1) t");
+        Self::several(truth, &from, 1).await.remove(0)
     }
 
     /// A filter that holds for this episode (among its trust's episodes, and in the test
@@ -2768,16 +2754,20 @@ async fn trackers_estimate_a_record_no_better_than_the_noise() {
         lab.policy.releases_allowed(PROJECT) > 2 * TRACKERS as u64,
         "one project's budget holds the trackers"
     );
-    // Isolating one episode: one row, whatever the data, with noisy values.
+    // Isolating one episode: one row, whatever the data, its count off by noise of σ at
+    // least the most one patient contributes (checked against the truth by `statistics`).
     let target = TargetEpisode::find(&lab.truth, "kept_episodes").await;
     let isolate = format!(
         "SELECT COUNT(*) AS n, SUM(length_of_stay) AS s FROM episodes WHERE cost >= {}",
         target.cost
     );
     let (isolated, _) = statistics(&lab, &kit, &mut client, &isolate).await;
-    assert!(isolated[0].sd >= 1.0, "{isolate}: {isolated:?}");
-    // Count trackers.
     let (rows_per_group, _) = lab.policy.bounds(&lab.releases_of(&isolate)[0]);
+    assert!(
+        isolated[0].truth == 1.0 && isolated[0].sd >= rows_per_group as f64,
+        "{isolate}: {isolated:?}"
+    );
+    // Count trackers.
     let mut errors = Vec::new();
     let mut report = Vec::new();
     let mut estimates = Vec::new();
@@ -2797,7 +2787,6 @@ async fn trackers_estimate_a_record_no_better_than_the_noise() {
         estimates.push(estimate);
         report.push(format!("{estimate} (truth {truth})"));
     }
-    eprintln!("DEBUG count trackers rms {} {report:?}", rms(&errors));
     assert!(
         rms(&errors) >= 0.3,
         "count trackers estimate their targets too well for the noise stated: errors {errors:?}, estimates {report:?}"
@@ -2873,7 +2862,6 @@ async fn exact_sums_no_longer_let_a_tracker_recover_one_record() {
             seen.push(format!("{name}: {estimate} ± {sd:.0} (exact {exact})"));
         }
     }
-    eprintln!("DEBUG sum trackers rms {} {seen:?}", rms(&errors));
     assert!(
         rms(&errors) >= 0.3,
         "sum trackers estimate their targets too well for the noise stated: {seen:?}"
@@ -2938,7 +2926,6 @@ async fn a_measure_pinned_through_other_columns_gives_only_a_noisy_count() {
             );
             continue;
         };
-        eprintln!("DEBUG pinned answered {:?} exact {exact} sd {:?}", rows(&got.batches), sd_of(got.schema.field(0)));
         found.extend(problems);
         found.extend(gateway_value_violations(&lab, &sql, &got, 0).await);
         let release = lab.releases_of(&sql).remove(0);
@@ -2981,10 +2968,12 @@ async fn a_measure_pinned_through_other_columns_gives_only_a_noisy_count() {
 }
 
 /// How many releases one project may pay for, and what happens then: each fresh release is
-/// charged once at the gateway and at every trust; at the cap the gateway refuses with
-/// `E_BUDGET_EXHAUSTED`; a repeat of a paid release never gets fresh noise; every trust
-/// refuses a fresh release straight from a gateway certificate on its own ledger; another
-/// project's budget is its own; and a trust whose own ledger is spent refuses through the
+/// charged once at the gateway and at every trust, up to the cap; fresh releases racing for
+/// the last one get exactly one answer (the ledgers serialise them); then the gateway
+/// refuses with `E_BUDGET_EXHAUSTED`, while a repeat of a paid release still gets its
+/// stored answer, free and identical; every trust refuses a fresh release straight from a
+/// gateway certificate on its own ledger. Identical requests racing at a trust are computed and paid once. Another
+/// project's budget is its own, and a trust whose own ledger is spent refuses through the
 /// gateway (`E_TRUST_REFUSED E_BUDGET_EXHAUSTED`) whatever the gateway's ledger says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_budget_bounds_how_many_releases_a_project_gets() {
@@ -2994,45 +2983,60 @@ async fn the_budget_bounds_how_many_releases_a_project_gets() {
     let allowed = lab.policy.releases_allowed(PROJECT);
     let fresh =
         |i: u64| format!("SELECT COUNT(*) AS n FROM episodes WHERE age_at_admission >= {i}");
-    let mut paid = 0;
-    for i in 0..=allowed {
-        match client.query(&fresh(i)).await {
-            Ok(got) => {
-                let found = release_violations(&lab, &fresh(i), 0, &got.batches).await;
-                assert!(found.is_empty(), "{found:?}");
-                paid += 1;
-            }
-            Err(err) => {
-                assert!(
-                    leads_with(&err.to_string(), "E_BUDGET_EXHAUSTED"),
-                    "fresh release {i}: {err}"
-                );
-                break;
-            }
-        }
+    let mut first = None;
+    for i in 0..allowed - 1 {
+        let got = answer(&mut client, &fresh(i)).await;
+        let found = release_violations(&lab, &fresh(i), 0, &got.batches).await;
+        assert!(found.is_empty(), "fresh release {i}: {found:?}");
+        first.get_or_insert(rows(&got.batches));
     }
-    assert_eq!(paid, allowed, "releases paid before the cap");
+    // Fresh releases racing for the last one.
+    const RACERS: u64 = 8;
+    let target = lab.local.gateway_target();
+    let raced = futures::future::join_all((0..RACERS).map(|j| {
+        let (sql, target, token) = (fresh(allowed + j), target.clone(), kit.token.clone());
+        async move {
+            let mut client = AnalystClient::connect(&target, &token).await.unwrap();
+            client.query(&sql).await.map_err(|e| e.to_string())
+        }
+    }))
+    .await;
+    let refused: Vec<&String> = raced.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(
+        refused.len() as u64,
+        RACERS - 1,
+        "{RACERS} fresh releases racing for the last one: {refused:?}"
+    );
+    for err in refused {
+        assert!(leads_with(err, "E_BUDGET_EXHAUSTED"), "{err}");
+    }
     let budget = client.budget().await.unwrap();
     assert_eq!(budget.releases, allowed, "{budget:?}");
     assert!(
         same_rho(budget.spent, allowed as f64 * lab.policy.rho(PROJECT)),
         "{budget:?}"
     );
-    // A paid release asked again: its stored answer, or a refusal; never fresh noise.
-    let first = log_records(&lab.gateway_log)
-        .into_iter()
-        .find(|r| r["sql"] == fresh(0).as_str() && r["outcome"] == "answered")
-        .unwrap();
-    let dbg = client.query(&fresh(0)).await.map(|a| rows(&a.batches)).map_err(|e| e.to_string()); eprintln!("DEBUG repeat after exhaustion: {dbg:?}");
-    match client.query(&fresh(0)).await {
-        Ok(_) => assert_eq!(
-            lab.answered_record(&fresh(0)).unwrap()["rho_charged"],
-            json!(0.0),
-            "a repeat was charged"
-        ),
-        Err(err) => assert!(leads_with(&err.to_string(), "E_BUDGET_EXHAUSTED"), "{err}"),
-    }
-    assert!(first["rho_charged"].as_f64().unwrap() > 0.0);
+    let err = refusal(&mut client, &fresh(allowed + RACERS)).await;
+    assert!(
+        leads_with(&err, "E_BUDGET_EXHAUSTED"),
+        "past the cap: {err}"
+    );
+    // A paid release asked again is its stored answer, free: a repeat teaches nothing new,
+    // so it is not refused for want of budget, at the gateway or straight at a trust.
+    let again = answer(&mut client, &fresh(0)).await;
+    assert_eq!(
+        Some(rows(&again.batches)),
+        first,
+        "a repeat got fresh noise"
+    );
+    let found = release_violations(&lab, &fresh(0), 0, &again.batches).await;
+    assert!(found.is_empty(), "a repeat after the cap: {found:?}");
+    let release = lab.releases_of(&fresh(0)).remove(0);
+    let found = replay_everywhere(&lab, &kit, &release, &TRUSTS, "repeat-after-cap").await;
+    assert!(
+        found.is_empty(),
+        "a repeat straight at a trust after the cap: {found:?}"
+    );
     // Every trust's own ledger is spent too: a fresh release straight at it is refused.
     let fresh_model = |i: i64| {
         model(
@@ -3049,24 +3053,46 @@ async fn the_budget_bounds_how_many_releases_a_project_gets() {
     };
     for code in TRUSTS {
         let probe = kit.probe(ticket(fresh_model(7))).at(code);
-        let (found, _) = node_attack(
-            &lab,
-            &probe,
-            Refused("E_BUDGET_EXHAUSTED"),
-            &format!("spent-{code}"),
-        )
-        .await;
+        let id = format!("spent-{code}");
+        let (found, _) = node_attack(&lab, &probe, Refused("E_BUDGET_EXHAUSTED"), &id).await;
         assert!(found.is_empty(), "{code}: {found:?}");
     }
-    // cardiac-audit has its own budget; spend RXA's straight at the node (as a compromised
-    // gateway could): RXA then refuses cardiac-audit through the gateway too.
-    let cardiac = |probe: Probe| {
-        probe.with_headers(kit.headers_with(Some(&kit.token), "cardiac-audit", "research"))
+    // cardiac-audit has its own budget. Identical requests racing straight at RXA are
+    // computed once: one is charged, the others get the stored answer.
+    let cardiac = |model: Value| {
+        kit.probe(ticket(model)).with_headers(kit.headers_with(
+            Some(&kit.token),
+            "cardiac-audit",
+            "research",
+        ))
     };
-    let mut direct = 0;
-    for i in 0..=allowed as i64 {
-        let probe = cardiac(kit.probe(ticket(fresh_model(i))));
-        match call_node(&lab, &probe, &format!("cardiac-{i}")).await {
+    let probe = cardiac(fresh_model(0));
+    let ids: Vec<String> = (0..RACERS).map(|j| format!("cardiac-race-{j}")).collect();
+    let raced = futures::future::join_all(ids.iter().map(|id| call_node(&lab, &probe, id))).await;
+    let answers: BTreeSet<String> = raced
+        .iter()
+        .map(|r| {
+            format!(
+                "{:?}",
+                rows(r.as_ref().expect("an identical request is answered"))
+            )
+        })
+        .collect();
+    assert_eq!(answers.len(), 1, "identical requests got different noise");
+    let charged: f64 = ids
+        .iter()
+        .flat_map(|id| lab.node_records("RXA", id))
+        .filter_map(|r| r["rho_charged"].as_f64())
+        .sum();
+    assert!(
+        same_rho(charged, lab.policy.rho("cardiac-audit")),
+        "{RACERS} identical requests charged ρ = {charged}"
+    );
+    // Spend the rest of RXA's cardiac-audit budget straight at the node (as a compromised
+    // gateway could): RXA then refuses cardiac-audit through the gateway too.
+    let mut direct = 1;
+    for i in 1..=allowed as i64 {
+        match call_node(&lab, &cardiac(fresh_model(i)), &format!("cardiac-{i}")).await {
             Ok(_) => direct += 1,
             Err(err) => {
                 assert!(leads_with(&err, "E_BUDGET_EXHAUSTED"), "{err}");
@@ -3074,21 +3100,20 @@ async fn the_budget_bounds_how_many_releases_a_project_gets() {
             }
         }
     }
-    assert_eq!(direct, allowed, "releases RXA computed for cardiac-audit");
-    let mut cardiac_client = AnalystClient::connect_for(
-        &lab.local.gateway_target(),
-        &kit.token,
-        "cardiac-audit",
-        "research",
-    )
-    .await
-    .unwrap();
+    assert_eq!(
+        direct,
+        lab.policy.releases_allowed("cardiac-audit"),
+        "releases RXA computed for cardiac-audit"
+    );
+    let mut cardiac_client =
+        AnalystClient::connect_for(&target, &kit.token, "cardiac-audit", "research")
+            .await
+            .unwrap();
     let err = refusal(
         &mut cardiac_client,
         "SELECT specialty, COUNT(*) AS n FROM episodes GROUP BY 1",
     )
     .await;
-    eprintln!("DEBUG cardiac through gateway: {err}");
     assert!(
         leads_with(&err, "E_TRUST_REFUSED E_BUDGET_EXHAUSTED"),
         "a trust whose ledger is spent: {err}"
@@ -3396,7 +3421,6 @@ async fn oracles_say_nothing_about_the_data() {
 async fn the_judge_flags_what_the_rules_forbid() {
     use arrow::array::{ArrayRef, Int64Array, StringArray};
     use arrow::datatypes::Schema;
-    use std::sync::Arc;
     let truth = Truth::new().await;
     let policy = PolicyUnderTest::default_policy();
     let person = truth
@@ -3539,4 +3563,3 @@ async fn the_judge_flags_what_the_rules_forbid() {
         );
     }
 }
-

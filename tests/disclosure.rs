@@ -75,7 +75,12 @@ async fn lowered(sql: &str) -> ReleaseQuery {
         purpose: "planning".into(),
     };
     let policy = Policy::load(&default_policies()).unwrap();
-    let mut releases = tally_gateway::Explanation::of(plan, &policy.snapshot(), &identity, 0.0)
+    let mut releases = tally_gateway::Explanation::of(
+        plan,
+        &policy.snapshot(),
+        &identity,
+        &tally_common::admission::BudgetState::unspent(),
+    )
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
         .releases;
     assert_eq!(releases.len(), 1, "{sql} is one release");

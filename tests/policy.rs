@@ -11,7 +11,7 @@ use datafusion::prelude::SessionContext;
 use serde::Deserialize;
 use tally::client::{AnalystClient, GatewayTarget};
 use tally::federation::{self, DEMO_PROJECT, DEMO_USER};
-use tally_common::admission::RequestIdentity;
+use tally_common::admission::{BudgetState, RequestIdentity};
 use tally_common::model::ReleaseRequest;
 use tally_common::policy::Policy;
 use tally_common::privacy::{ContributionBounds, Keys};
@@ -88,7 +88,7 @@ async fn explain(tables: &SessionContext, sql: &str, identity: &RequestIdentity)
     let plan = tally_gateway::parse::plan_read_only(&tables.state(), sql)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    Explanation::of(plan, &policy.snapshot(), identity, 0.0)
+    Explanation::of(plan, &policy.snapshot(), identity, &BudgetState::unspent())
         .unwrap_or_else(|e| panic!("a policy case lowers to releases: {sql}: {e}"))
 }
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tally::federation::{DEMO_PROJECT, DEMO_USER, local_tables};
-use tally_common::admission::RequestIdentity;
+use tally_common::admission::{BudgetState, RequestIdentity};
 use tally_common::model::ReleaseQuery;
 use tally_common::policy::Policy;
 use tally_gateway::Explanation;
@@ -94,7 +94,7 @@ async fn lower_all() -> (Vec<Vec<ReleaseQuery>>, String) {
     let mut refused = Vec::new();
     for (index, query) in QUERIES.iter().enumerate() {
         let explained = match plan_read_only(&ctx.state(), query.sql).await {
-            Ok(plan) => Explanation::of(plan, &snapshot, &identity, 0.0),
+            Ok(plan) => Explanation::of(plan, &snapshot, &identity, &BudgetState::unspent()),
             Err(err) => Err(err),
         };
         let explanation = match explained {

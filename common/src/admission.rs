@@ -99,15 +99,34 @@ fn tested<'a>(predicate: &'a Predicate, out: &mut Vec<&'a Dimension>) {
     }
 }
 
-/// The policy input for one release: the model itself, and its tables, column uses and
-/// aggregate functions flattened, and the ρ the project has spent on the dataset so far
-/// (see `policies/README.md`).
+/// The project's privacy budget as the deciding side's own ledger has it.
+pub struct BudgetState<'a> {
+    /// ρ spent on the dataset so far.
+    pub spent: f64,
+    /// Whether a release was already paid for: a repeat returns its stored noisy answer
+    /// and costs nothing, so it is never refused for want of budget.
+    pub paid: &'a (dyn Fn(&ReleaseQuery) -> bool + Send + Sync),
+}
+
+impl BudgetState<'_> {
+    /// Nothing spent, nothing paid for (explaining a query without a ledger).
+    pub fn unspent() -> BudgetState<'static> {
+        BudgetState {
+            spent: 0.0,
+            paid: &|_| false,
+        }
+    }
+}
+
+/// The policy input for one release: the model itself, its tables, column uses and
+/// aggregate functions flattened, and the project's budget: the ρ spent on the dataset so
+/// far and whether this release is a repeat (see `policies/README.md`).
 pub fn policy_input(
     identity: &RequestIdentity,
     origin: Origin,
     release: &ReleaseQuery,
     governance: &Governance,
-    budget_spent: f64,
+    budget: &BudgetState,
 ) -> serde_json::Value {
     let mut tables = vec![release.fact.as_str()];
     tables.extend(release.joins.iter().map(String::as_str));
@@ -157,7 +176,7 @@ pub fn policy_input(
         "context": {
             "identity": identity,
             "origin": origin,
-            "budget": { "spent": budget_spent },
+            "budget": { "spent": budget.spent, "repeat": (budget.paid)(release) },
         },
         "action": {
             "kind": "release",
@@ -169,20 +188,19 @@ pub fn policy_input(
     })
 }
 
-/// Decides `releases` for `identity`, whose project has spent `budget_spent` (ρ) on the
-/// dataset: each must pass the floor and the policy. The obligations are the strictest
-/// over all of them.
+/// Decides `releases` for `identity`, whose project's budget is `budget`: each must pass
+/// the floor and the policy. The obligations are the strictest over all of them.
 pub fn decide(
     policy: &PolicySnapshot,
     identity: &RequestIdentity,
     origin: Origin,
     releases: &[ReleaseQuery],
-    budget_spent: f64,
+    budget: &BudgetState,
 ) -> Result<Decision, Refused> {
     let mut combined: Option<Decision> = None;
     for release in releases {
         release.validate(policy.governance())?;
-        let input = policy_input(identity, origin, release, policy.governance(), budget_spent);
+        let input = policy_input(identity, origin, release, policy.governance(), budget);
         let decision = policy.decide(&input)?;
         if let Some(error) = decision.refusal() {
             return Err(Refused {

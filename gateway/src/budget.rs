@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
-use tally_common::admission::RequestIdentity;
+use tally_common::admission::{BudgetState, RequestIdentity};
 use tally_common::governance::{Governance, Noise};
 use tally_common::ledger::{Balance, Ledger, Reservation};
 use tally_common::model::ReleaseQuery;
@@ -25,6 +25,22 @@ use tally_common::{ErrorCode, TallyError};
 pub struct Budget {
     ledger: Option<Arc<Ledger>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A project's budget as the gateway's ledger has it.
+pub struct ProjectBudget {
+    spent: f64,
+    paid: Box<dyn Fn(&ReleaseQuery) -> bool + Send + Sync>,
+}
+
+impl ProjectBudget {
+    /// The budget as the policy sees it.
+    pub fn view(&self) -> BudgetState<'_> {
+        BudgetState {
+            spent: self.spent,
+            paid: &*self.paid,
+        }
+    }
 }
 
 /// A paid-for query: what it cost, and the lock that keeps identical queries apart until
@@ -48,14 +64,22 @@ impl Budget {
         })
     }
 
-    /// ρ `project` has spent on `governance`'s dataset so far.
-    pub fn spent(&self, project: &str, governance: &Governance) -> f64 {
-        self.ledger.as_ref().map_or(0.0, |ledger| {
-            ledger
-                .balance(project, &governance.settings.privacy.dataset)
-                .spent
-                .as_f64()
-        })
+    /// `project`'s budget on `governance`'s dataset, for deciding its next query.
+    pub fn state(&self, project: &str, governance: &Governance) -> ProjectBudget {
+        let dataset = governance.settings.privacy.dataset.clone();
+        let spent = self.ledger.as_ref().map_or(0.0, |ledger| {
+            ledger.balance(project, &dataset).spent.as_f64()
+        });
+        let ledger = self.ledger.clone();
+        let project = project.to_string();
+        ProjectBudget {
+            spent,
+            paid: Box::new(move |release| {
+                ledger.as_ref().is_some_and(|ledger| {
+                    ledger.has_charged(&project, &dataset, &release_hash(release, &project))
+                })
+            }),
+        }
     }
 
     /// Every project's balance, by project and dataset.

@@ -11,7 +11,9 @@ use arrow::record_batch::RecordBatch;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{DataFrame, SessionContext};
 use serde::Serialize;
-use tally_common::admission::{Origin, Refused, RequestIdentity, decide, policy_input};
+use tally_common::admission::{
+    BudgetState, Origin, Refused, RequestIdentity, decide, policy_input,
+};
 use tally_common::audit::{AuditLog, now_millis};
 use tally_common::flight::TableInfo;
 use tally_common::model::ReleaseQuery;
@@ -116,13 +118,13 @@ pub struct Explanation {
 }
 
 impl Explanation {
-    /// What `plan` lowers to and what `policy` decides for `identity`, whose project has
-    /// spent `spent` (ρ) of its budget.
+    /// What `plan` lowers to and what `policy` decides for `identity`, whose project's
+    /// budget is `budget`.
     pub fn of(
         plan: LogicalPlan,
         policy: &PolicySnapshot,
         identity: &RequestIdentity,
-        spent: f64,
+        budget: &BudgetState,
     ) -> Result<Self, TallyError> {
         let governance = policy.governance();
         let releases = releases_of(plan, governance)?;
@@ -130,9 +132,9 @@ impl Explanation {
             release_sql: releases.iter().map(|r| r.render_sql(governance)).collect(),
             inputs: releases
                 .iter()
-                .map(|r| policy_input(identity, Origin::Analyst, r, governance, spent))
+                .map(|r| policy_input(identity, Origin::Analyst, r, governance, budget))
                 .collect(),
-            decision: decide(policy, identity, Origin::Analyst, &releases, spent)
+            decision: decide(policy, identity, Origin::Analyst, &releases, budget)
                 .map_err(|refused| refused.error.to_string()),
             releases,
         })
@@ -337,10 +339,16 @@ impl Gateway {
         // The releases are decided first; the plan that runs them is lowered once the
         // decision (and so each value's accuracy) is known.
         let releases = releases_of(plan.clone(), policy.governance())?;
-        let spent = self
+        let budget = self
             .budget
-            .spent(&caller.identity.project, policy.governance());
-        let decision = decide(policy, &caller.identity, Origin::Analyst, &releases, spent)?;
+            .state(&caller.identity.project, policy.governance());
+        let decision = decide(
+            policy,
+            &caller.identity,
+            Origin::Analyst,
+            &releases,
+            &budget.view(),
+        )?;
         dispatch.bind(decision.obligations.clone());
         let (plan, releases) = lower(plan, policy.governance(), &dispatch)?;
         let release_sql = releases
@@ -364,8 +372,8 @@ impl Gateway {
     ) -> Result<Explanation, TallyError> {
         let policy = self.policy.snapshot();
         let plan = plan_read_only(&self.ctx.state(), sql).await?;
-        let spent = self.budget.spent(&identity.project, policy.governance());
-        Explanation::of(plan, &policy, identity, spent)
+        let budget = self.budget.state(&identity.project, policy.governance());
+        Explanation::of(plan, &policy, identity, &budget.view())
     }
 
     /// Records a request refused before it reached the planner (credentials, project

@@ -54,6 +54,9 @@ pub enum GatewayError {
     /// The policy folder could not be loaded.
     #[error("{0}")]
     Policy(String),
+    /// The budget ledger could not be opened (it does not verify, or noise is on without one).
+    #[error("budget ledger: {0}")]
+    Ledger(String),
     /// The query engine could not be set up.
     #[error("engine set-up failed: {0}")]
     Engine(String),

@@ -121,12 +121,12 @@ pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError
     let policy =
         Arc::new(Policy::load(&config.policies).map_err(|e| GatewayError::Policy(e.to_string()))?);
     let budget = budget::Budget::open(config.budget_ledger.as_deref())
-        .map_err(|e| GatewayError::Policy(format!("budget ledger: {}", e.message)))?;
+        .map_err(|e| GatewayError::Ledger(e.to_string()))?;
     if config.budget_ledger.is_none()
         && policy.snapshot().governance().settings.privacy.noise
             != tally_common::governance::Noise::Off
     {
-        return Err(GatewayError::Policy(
+        return Err(GatewayError::Ledger(
             "the policy adds noise, so the gateway needs budget_ledger in its config".into(),
         ));
     }

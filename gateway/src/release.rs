@@ -80,6 +80,9 @@ struct Release {
     clamps: Vec<Option<[f64; 2]>>,
     /// The noise of each merged partial (empty when unknown).
     sds: Vec<f64>,
+    /// The noise each trust should add to each partial: a trust that adds more is refused,
+    /// since the accuracy shown would then be wrong.
+    trust_sds: Vec<f64>,
 }
 
 impl fmt::Debug for ReleaseTable {
@@ -101,7 +104,12 @@ impl ReleaseTable {
         dispatch: Arc<QueryDispatch>,
         governance: &Governance,
     ) -> Self {
-        let sds = partial_sds(&query, governance, &dispatch);
+        let (trust_sds, trusts) = partial_sds(&query, governance, &dispatch).unzip();
+        let sds: Option<Vec<f64>> = trust_sds.as_ref().zip(trusts).map(|(sds, trusts)| {
+            sds.iter()
+                .map(|sd| combined_sd(std::iter::repeat_n(*sd, trusts)))
+                .collect()
+        });
         let mut accuracy = accuracy(&query, governance, sds.as_deref()).into_iter();
         let clamps = query
             .aggregates
@@ -131,26 +139,28 @@ impl ReleaseTable {
                 disclosure: governance.settings.disclosure.clone(),
                 clamps,
                 sds: sds.unwrap_or_default(),
+                trust_sds: trust_sds.unwrap_or_default(),
             }),
             schema: Arc::new(Schema::new(fields)),
         }
     }
 }
 
-/// The standard deviation of each merged partial's noise (the trusts' noise added up),
-/// from the model, the catalogue and the policy's ρ alone; none before the query is
-/// decided.
+/// The standard deviation of each partial's noise at one trust, and how many trusts add
+/// theirs, from the model, the catalogue and the policy's ρ alone; none before the query
+/// is decided, and none under a policy without noise.
 fn partial_sds(
     query: &ReleaseQuery,
     governance: &Governance,
     dispatch: &QueryDispatch,
-) -> Option<Vec<f64>> {
+) -> Option<(Vec<f64>, usize)> {
+    let trusts = dispatch.trusts_reached(query).ok()?;
     match governance.settings.privacy.noise {
-        Noise::Off => Some(vec![0.0; query.partials().len()]),
+        // The exact mode of tests: the gateway cannot know what the trusts add, and claims
+        // nothing.
+        Noise::Off => None,
         Noise::DiscreteGaussian => {
-            let rho =
-                Rho::from_decimal(dispatch.obligations().ok()?.budget.rho_per_release).ok()?;
-            let trusts = dispatch.trusts_reached(query).ok()?;
+            let rho = Rho::from_decimal(dispatch.obligations().ok()?.budget.rho_per_release).ok()?;
             let partials = dispatch.partial_schema(query).ok()?;
             let groups: Vec<DataType> = partials.fields()[..query.group_by.len()]
                 .iter()
@@ -158,11 +168,7 @@ fn partial_sds(
                 .collect();
             let bounds = ContributionBounds::of(governance, query);
             let noise = ReleaseNoise::of(governance, query, bounds, rho, &groups).ok()?;
-            Some(
-                (0..noise.partials.len())
-                    .map(|i| combined_sd(std::iter::repeat_n(noise.sd(i), trusts)))
-                    .collect(),
-            )
+            Some(((0..noise.partials.len()).map(|i| noise.sd(i)).collect(), trusts))
         }
     }
 }
@@ -190,17 +196,28 @@ fn accuracy(
             .map_or(f64::NAN, |i| sds[i])
     };
     let round_to = governance.settings.disclosure.round_to;
-    let exact = |sd: f64, rounding: u64| {
+    // Integer values (counts, sums of whole numbers) have integer noise: their interval's
+    // half-width is rounded up, so it covers at least 95%.
+    let exact = |sd: f64, rounding: u64, integer: bool| {
+        let ci = interval95(sd, rounding);
+        let ci = if integer { ci.ceil() } else { ci };
         HashMap::from([
             (NOISE_SD.to_string(), sd.to_string()),
-            (CI95.to_string(), interval95(sd, rounding).to_string()),
+            (CI95.to_string(), ci.to_string()),
         ])
     };
     for aggregate in &query.aggregates {
         out.push(match aggregate {
-            Aggregate::CountRows => exact(sd_of(&Partial::Rows), round_to),
-            Aggregate::Count { column } => exact(sd_of(&Partial::Count(column.clone())), round_to),
-            Aggregate::Sum { column } => exact(sd_of(&Partial::Sum(column.clone())), 1),
+            Aggregate::CountRows => exact(sd_of(&Partial::Rows), round_to, true),
+            Aggregate::Count { column } => {
+                exact(sd_of(&Partial::Count(column.clone())), round_to, true)
+            }
+            Aggregate::Sum { column } => {
+                let integer = governance
+                    .column(&column.table, &column.column)
+                    .is_some_and(|c| c.precision == 0);
+                exact(sd_of(&Partial::Sum(column.clone())), 1, integer)
+            }
             Aggregate::Mean { column }
             | Aggregate::Variance { column, .. }
             | Aggregate::StdDev { column, .. } => HashMap::from([(
@@ -388,7 +405,13 @@ async fn run(
     let partials = release.dispatch.partial_schema(&release.query)?;
     let partitions = release
         .dispatch
-        .run(release.id, &release.query, &release.sql, &partials)
+        .run(
+            release.id,
+            &release.query,
+            &release.sql,
+            &partials,
+            &release.trust_sds,
+        )
         .await?;
     trusts.add(partitions.len());
     rows_in.add(partitions.iter().flatten().map(RecordBatch::num_rows).sum());

@@ -10,6 +10,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use tally_common::admission::RequestIdentity;
 use tally_common::model::{ReleaseQuery, ReleaseRequest};
+use tally_common::privacy::NOISE_SD;
 use tally_common::policy::Obligations;
 use tally_common::{ErrorCode, TallyError};
 
@@ -115,13 +116,15 @@ impl QueryDispatch {
     }
 
     /// Runs `release` (number `id`, rendered as `sql`) at every allowed trust that holds its
-    /// tables; all must answer. Each trust's batches are checked against `schema`.
+    /// tables; all must answer. Each trust's batches are checked against `schema`, and the
+    /// noise it states against `noise` (what each partial's noise should be at most).
     pub async fn run(
         &self,
         id: usize,
         release: &ReleaseQuery,
         sql: &str,
         schema: &SchemaRef,
+        noise: &[f64],
     ) -> Result<Vec<Vec<RecordBatch>>, TallyError> {
         let obligations = self.obligations()?;
         let snapshot = self.catalogue.refresh_if_incomplete().await;
@@ -172,7 +175,7 @@ impl QueryDispatch {
         let mut partitions = Vec::with_capacity(answers.len());
         for answer in answers {
             let answer = answer?;
-            let batches = conform(&answer, schema)?;
+            let batches = conform(&answer, schema, noise)?;
             self.record(id, sql, &answer, &batches);
             partitions.push(batches);
         }
@@ -223,8 +226,36 @@ fn reaches(
 }
 
 /// Checks a trust's batches against the expected partials' schema (columns by name, of the
-/// expected types) and relabels them with it.
-fn conform(answer: &TrustAnswer, schema: &SchemaRef) -> Result<Vec<RecordBatch>, TallyError> {
+/// expected types, with no more noise than `noise` says each partial has, or the accuracy
+/// shown would be wrong) and relabels them with it.
+fn conform(
+    answer: &TrustAnswer,
+    schema: &SchemaRef,
+    noise: &[f64],
+) -> Result<Vec<RecordBatch>, TallyError> {
+    let groups = schema.fields().len().saturating_sub(noise.len());
+    for batch in &answer.batches {
+        for (index, expected) in noise.iter().enumerate() {
+            let Some(field) = batch.schema().fields().get(groups + index).cloned() else {
+                continue;
+            };
+            let stated: f64 = field
+                .metadata()
+                .get(NOISE_SD)
+                .and_then(|sd| sd.parse().ok())
+                .unwrap_or(0.0);
+            if stated > expected * (1.0 + 1e-9) + 1e-12 {
+                tracing::warn!(trust = %answer.trust, stated, expected, "a trust adds more noise than the gateway's policy");
+                return Err(TallyError::new(
+                    ErrorCode::TrustProtocol,
+                    format!(
+                        "trust {} adds more noise than the gateway's policy expects (sd {stated} > {expected}), so the accuracy shown would be wrong: align the gateway's privacy settings with the trusts'",
+                        answer.trust
+                    ),
+                ));
+            }
+        }
+    }
     let mismatch = || {
         tracing::warn!(trust = %answer.trust, "trust answered with columns Tally did not ask for");
         TallyError::new(

@@ -66,20 +66,15 @@ impl PrivacyState {
     }
 
     /// The key a release's stored answer is kept under: the release, the project, the
-    /// privacy settings and the data, hashed.
-    pub fn answer_key(
-        &self,
-        release: &ReleaseQuery,
-        project: &str,
-        governance: &Governance,
-        rho_per_release: f64,
-    ) -> String {
+    /// privacy settings (the catalogue's and the project's budget), the aggregated columns'
+    /// bounds, and the data, hashed.
+    pub fn answer_key(&self, release: &ReleaseQuery, project: &str, governance: &Governance) -> String {
         let mut hasher = Sha256::new();
         let parts = serde_json::json!({
             "release": release,
             "project": project,
             "privacy": governance.settings.privacy,
-            "rho_per_release": rho_per_release,
+            "budget": governance.projects.get(project).and_then(|p| p.budget.as_ref()),
             "columns": release
                 .partials()
                 .iter()
@@ -91,17 +86,46 @@ impl PrivacyState {
         hex::encode(hasher.finalize())
     }
 
-    /// The lock that serialises requests for one stored answer.
-    pub fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-        locks.entry(key.to_string()).or_default().clone()
+    /// The place of `release` for `project` in the answer store, held until the returned
+    /// slot is dropped: requests for the same release wait, so it is computed (and paid
+    /// for) once.
+    pub async fn slot(
+        &self,
+        release: &ReleaseQuery,
+        project: &str,
+        governance: &Governance,
+    ) -> Result<Slot, TallyError> {
+        let key = self.answer_key(release, project, governance);
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            locks.entry(key.clone()).or_default().clone()
+        };
+        let guard = lock.lock_owned().await;
+        let stored = match self.answers.get(&key)?.as_deref() {
+            Some([batch]) => Some(batch.clone()),
+            Some(_) | None => None,
+        };
+        Ok(Slot {
+            key,
+            stored,
+            _one_at_a_time: guard,
+        })
     }
 
     /// Reserves one release's charge in the trust's ledger; every computation is paid.
     pub async fn reserve(&self, reservation: Reservation) -> Result<(), TallyError> {
         self.ledger.reserve_async(reservation).await.map(|_| ())
     }
+}
+
+/// A release's place in the answer store, held by one request at a time.
+pub struct Slot {
+    /// The key its answer is stored under.
+    pub key: String,
+    /// The answer already released for it, if any.
+    pub stored: Option<arrow::record_batch::RecordBatch>,
+    _one_at_a_time: tokio::sync::OwnedMutexGuard<()>,
 }
 
 /// The fingerprint of a node's data: its tables' files and its opt-out list.

@@ -121,7 +121,7 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
     let privacy = match &config.state_dir {
         Some(dir) => Some(Arc::new(
             budget::PrivacyState::open(dir, data_version)
-                .map_err(|e| NodeError::State(format!("{}: {}", dir.display(), e.message)))?,
+                .map_err(|e| NodeError::State(format!("{}: {e}", dir.display())))?,
         )),
         None if policy.snapshot().governance().settings.privacy.noise
             == tally_common::governance::Noise::Off =>

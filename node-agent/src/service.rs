@@ -25,7 +25,7 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::Stream;
 use serde::Serialize;
-use tally_common::admission::{Origin, Refused, RequestIdentity, decide};
+use tally_common::admission::{BudgetState, Origin, Refused, RequestIdentity, decide};
 use tally_common::audit::{AuditLog, now_millis};
 use tally_common::flight::{
     FlightDataStream, MetadataRequest, QUERY_ID_HEADER, TableInfo, encode_batches, header_text,
@@ -41,7 +41,7 @@ use tally_common::{ErrorCode, TallyError};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::bounding::keyed_rank_udf;
-use crate::budget::PrivacyState;
+use crate::budget::{PrivacyState, Slot};
 use crate::identity::NodeIdentity;
 use crate::protect::protect;
 use crate::release::{Aggregation, build_plan};
@@ -299,20 +299,43 @@ impl NodeService {
         let policy = self.policy.snapshot();
         context.sql = request.release.render_sql(policy.governance());
         context.release = Some(request.release.clone());
+        let governance = policy.governance();
+        let slot = match (governance.settings.privacy.noise, &self.privacy) {
+            (Noise::Off, _) => None,
+            (Noise::DiscreteGaussian, Some(state)) => {
+                let project = &context.identity.project;
+                match state.slot(&request.release, project, governance).await {
+                    Ok(slot) => Some(slot),
+                    Err(error) => return Err(self.refuse(&context, error.into()).await),
+                }
+            }
+            (Noise::DiscreteGaussian, None) => {
+                let error = TallyError::new(
+                    ErrorCode::LedgerBroken,
+                    "this trust's policy adds noise but the node has no state_dir for its budget ledger",
+                );
+                return Err(self.refuse(&context, error.into()).await);
+            }
+        };
         let spent = self.privacy.as_ref().map_or(0.0, |state| {
-            let dataset = &policy.governance().settings.privacy.dataset;
+            let dataset = &governance.settings.privacy.dataset;
             state
                 .ledger
                 .balance(&context.identity.project, dataset)
                 .spent
                 .as_f64()
         });
+        let repeat = slot.as_ref().is_some_and(|slot| slot.stored.is_some());
+        let budget = BudgetState {
+            spent,
+            paid: &|_| repeat,
+        };
         let decision = match decide(
             &policy,
             &context.identity,
             Origin::Gateway,
             std::slice::from_ref(&request.release),
-            spent,
+            &budget,
         ) {
             Ok(decision) => decision,
             Err(refused) => return Err(self.refuse(&context, refused).await),
@@ -337,10 +360,10 @@ impl NodeService {
             Ok(ctx) => ctx.clone(),
             Err(error) => return Err(self.refuse(&context, refuse_with(error, &decision)).await),
         };
-        let answer = match policy.governance().settings.privacy.noise {
-            Noise::Off => self.exact(&ctx, &policy, &request.release, &context).await,
-            Noise::DiscreteGaussian => {
-                self.protected(&ctx, &policy, &decision, &request.release, &context)
+        let answer = match slot {
+            None => self.exact(&ctx, &policy, &request.release, &context).await,
+            Some(slot) => {
+                self.protected(&ctx, &policy, &decision, &request.release, &context, slot)
                     .await
             }
         };
@@ -442,6 +465,7 @@ impl NodeService {
 
     /// A release bounded per patient, noised, paid for in this trust's ledger, and stored
     /// (or the stored answer of the same release over the same data, free).
+    #[allow(clippy::too_many_arguments)]
     async fn protected(
         &self,
         ctx: &SessionContext,
@@ -449,9 +473,17 @@ impl NodeService {
         decision: &Decision,
         release: &ReleaseQuery,
         context: &RequestContext,
+        slot: Slot,
     ) -> Result<Answer, NotAnswered> {
         let refused = NotAnswered::Refused;
         let governance = policy.governance();
+        if let Some(batch) = slot.stored {
+            return Ok(Answer {
+                batch,
+                charged: Rho::ZERO,
+                stored: true,
+            });
+        }
         let state = self.privacy.as_ref().ok_or_else(|| {
             refused(TallyError::new(
                 ErrorCode::LedgerBroken,
@@ -462,19 +494,7 @@ impl NodeService {
         let rho = Rho::from_decimal(budget.rho_per_release).map_err(refused)?;
         let cap = Rho::from_decimal(budget.rho_cap).map_err(refused)?;
         let project = &context.identity.project;
-        let key = state.answer_key(release, project, governance, budget.rho_per_release);
-        let lock = state.lock_for(&key);
-        let _one_at_a_time = lock.lock().await;
-        let stored = state.answers.get(&key).map_err(refused)?;
-        if let Some(batches) = stored
-            && let [batch] = batches.as_slice()
-        {
-            return Ok(Answer {
-                batch: batch.clone(),
-                charged: Rho::ZERO,
-                stored: true,
-            });
-        }
+        let key = slot.key;
         let bounds = ContributionBounds::of(governance, release);
         let aggregation = Aggregation::Bounded {
             bounds,

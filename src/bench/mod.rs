@@ -10,7 +10,7 @@ pub mod workload;
 use std::path::Path;
 use std::time::Instant;
 
-use tally_common::admission::{Origin, RequestIdentity, decide};
+use tally_common::admission::{BudgetState, Origin, RequestIdentity, decide};
 use tally_common::policy::Policy;
 use tally_gateway::lower::releases_of;
 use tally_gateway::parse::plan_read_only;
@@ -56,7 +56,13 @@ pub async fn policy(policies: &Path, data: &Path, iterations: usize) -> Result<S
             let releases =
                 releases_of(plan.clone(), snapshot.governance()).map_err(|e| e.to_string())?;
             let decided = Instant::now();
-            decide(&snapshot, &identity, Origin::Analyst, &releases, 0.0)
+            decide(
+                &snapshot,
+                &identity,
+                Origin::Analyst,
+                &releases,
+                &BudgetState::unspent(),
+            )
                 .map_err(|refused| refused.error.to_string())?;
             decided_times.push(decided.elapsed().as_secs_f64() * 1e6);
             whole.push(started.elapsed().as_secs_f64() * 1e6);
