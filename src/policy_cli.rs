@@ -42,7 +42,7 @@ pub async fn explain(
     let plan = plan_read_only(&ctx.state(), sql)
         .await
         .map_err(|e| e.to_string())?;
-    let explanation =
-        Explanation::of(plan, &policy.snapshot(), &identity, &BudgetState::unspent()).map_err(|e| e.to_string())?;
+    let explanation = Explanation::of(plan, &policy.snapshot(), &identity, &BudgetState::unspent())
+        .map_err(|e| e.to_string())?;
     serde_json::to_string_pretty(&explanation).map_err(|e| e.to_string())
 }

@@ -95,7 +95,11 @@ async fn python_adbc_driver_reads_each_values_noise_scale() {
     let local = start_federation_over(data_dir(), &default_policies()).await;
     let answer = adbc_answer(&local).await;
     let metadata = &answer["metadata"]["n"];
-    let sd: f64 = metadata["tally.noise_sd"].as_str().unwrap().parse().unwrap();
+    let sd: f64 = metadata["tally.noise_sd"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let ci: f64 = metadata["tally.ci95"].as_str().unwrap().parse().unwrap();
     assert!(sd > 1.0, "three trusts' noise on a patient count: {sd}");
     assert!((ci - 1.96 * sd).abs() < 1e-6, "{ci} vs {sd}");

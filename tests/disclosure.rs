@@ -81,8 +81,8 @@ async fn lowered(sql: &str) -> ReleaseQuery {
         &identity,
         &tally_common::admission::BudgetState::unspent(),
     )
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .releases;
+    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    .releases;
     assert_eq!(releases.len(), 1, "{sql} is one release");
     releases.remove(0)
 }

@@ -160,7 +160,8 @@ fn partial_sds(
         // nothing.
         Noise::Off => None,
         Noise::DiscreteGaussian => {
-            let rho = Rho::from_decimal(dispatch.obligations().ok()?.budget.rho_per_release).ok()?;
+            let rho =
+                Rho::from_decimal(dispatch.obligations().ok()?.budget.rho_per_release).ok()?;
             let partials = dispatch.partial_schema(query).ok()?;
             let groups: Vec<DataType> = partials.fields()[..query.group_by.len()]
                 .iter()
@@ -168,7 +169,10 @@ fn partial_sds(
                 .collect();
             let bounds = ContributionBounds::of(governance, query);
             let noise = ReleaseNoise::of(governance, query, bounds, rho, &groups).ok()?;
-            Some(((0..noise.partials.len()).map(|i| noise.sd(i)).collect(), trusts))
+            Some((
+                (0..noise.partials.len()).map(|i| noise.sd(i)).collect(),
+                trusts,
+            ))
         }
     }
 }

@@ -10,8 +10,8 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use tally_common::admission::RequestIdentity;
 use tally_common::model::{ReleaseQuery, ReleaseRequest};
-use tally_common::privacy::NOISE_SD;
 use tally_common::policy::Obligations;
+use tally_common::privacy::NOISE_SD;
 use tally_common::{ErrorCode, TallyError};
 
 use crate::catalogue::{Catalogue, Snapshot, TrustStatus};

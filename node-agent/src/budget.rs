@@ -68,7 +68,12 @@ impl PrivacyState {
     /// The key a release's stored answer is kept under: the release, the project, the
     /// privacy settings (the catalogue's and the project's budget), the aggregated columns'
     /// bounds, and the data, hashed.
-    pub fn answer_key(&self, release: &ReleaseQuery, project: &str, governance: &Governance) -> String {
+    pub fn answer_key(
+        &self,
+        release: &ReleaseQuery,
+        project: &str,
+        governance: &Governance,
+    ) -> String {
         let mut hasher = Sha256::new();
         let parts = serde_json::json!({
             "release": release,

@@ -17,19 +17,19 @@ use datafusion::functions::core::expr_fn::{greatest, least, nullif};
 use datafusion::functions::math::expr_fn::round;
 use datafusion::functions::string::expr_fn::starts_with;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
-use datafusion::functions_window::expr_fn::row_number;
-use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::ScalarUDF;
+use datafusion::logical_expr::expr::{AggregateFunction, ScalarFunction};
 use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
-use datafusion::logical_expr::{ExprFunctionExt, ScalarUDF};
 use datafusion::prelude::SessionContext;
 use tally_common::governance::{Governance, Relationship};
 use tally_common::model::{
     ColumnRef, Comparison, Dimension, Literal, Partial, Predicate, ReleaseQuery, group_column,
     partial_column,
 };
+use tally_common::privacy::{ContributionBounds, FixedPoint, public_keys};
 use tally_common::{ErrorCode, TallyError};
 
-use tally_common::privacy::{ContributionBounds, FixedPoint};
+use crate::bounding::group_cut_udaf;
 
 fn bad(message: impl Into<String>) -> TallyError {
     TallyError::new(ErrorCode::BadRequest, message)
@@ -168,33 +168,73 @@ pub async fn build_plan(
         }
         Aggregation::Bounded { bounds, rank } => {
             let unit = column_expr(&release.fact, unit);
+            let group_types: Vec<DataType> = expected.fields()[..groups.len()]
+                .iter()
+                .map(|f| f.data_type().clone())
+                .collect();
+            let per_group = PerGroup {
+                groups,
+                group_types,
+                unit,
+            };
             let plan = bounded(
-                builder, governance, release, &partials, groups, unit, *bounds, rank,
+                builder, governance, release, &partials, per_group, *bounds, rank,
             )?;
             Ok((plan, expected))
         }
     }
 }
 
+/// What a bounded plan groups by: the group expressions and their types, and the patient.
+struct PerGroup {
+    groups: Vec<Expr>,
+    group_types: Vec<DataType>,
+    unit: Expr,
+}
+
 /// The hidden column holding each row's patient in a bounded plan.
 const UNIT: &str = "__tally_unit";
 
-/// The hidden rank of a (patient, group) among the patient's groups.
+/// The hidden keyed rank of a (patient, group).
 const RANK: &str = "__tally_rank";
+
+/// The hidden patient column of the per-patient cut-offs.
+const CUT_UNIT: &str = "__tally_cut_unit";
+
+/// The hidden per-patient cut-off rank.
+const CUT: &str = "__tally_cut";
+
+/// Whether a patient could fall in more groups than the bounds allow: not when there are
+/// no groups, nor when every key is public and there are no more keys than that.
+fn needs_cut(
+    governance: &Governance,
+    release: &ReleaseQuery,
+    group_types: &[DataType],
+    bounds: ContributionBounds,
+) -> Result<bool, TallyError> {
+    if release.group_by.is_empty() {
+        return Ok(false);
+    }
+    let keys = public_keys(governance, release, group_types)?;
+    Ok(keys.is_none_or(|keys| keys.len() as u64 > bounds.groups_per_unit))
+}
 
 /// Per (patient, group) aggregates, a patient's groups cut to `groups_per_unit` by keyed
 /// rank, each per-patient aggregate capped or clamped, then summed per group.
-#[allow(clippy::too_many_arguments)]
 fn bounded(
     builder: LogicalPlanBuilder,
     governance: &Governance,
     release: &ReleaseQuery,
     partials: &[Partial],
-    groups: Vec<Expr>,
-    unit: Expr,
+    per_group: PerGroup,
     bounds: ContributionBounds,
     rank: &Arc<ScalarUDF>,
 ) -> Result<LogicalPlan, TallyError> {
+    let PerGroup {
+        groups,
+        group_types,
+        unit,
+    } = per_group;
     let rows = i64::try_from(bounds.rows_per_group).unwrap_or(i64::MAX);
     let mut per_unit = Vec::new();
     let mut capped = Vec::new();
@@ -255,20 +295,49 @@ fn bounded(
     let mut builder = builder
         .aggregate(unit_and_groups, per_unit)
         .map_err(engine)?;
-    if !release.group_by.is_empty() {
+    if needs_cut(governance, release, &group_types, bounds)? {
+        // Each patient's groups ranked by the keyed hash; the patient's `groups_per_unit`
+        // lowest count. (An aggregate per patient and a join: a window partitioned by
+        // patient costs several times more.)
         let mut hashed = vec![col(UNIT)];
         hashed.extend(group_names.iter().cloned());
-        let order = Expr::ScalarFunction(ScalarFunction::new_udf(rank.clone(), hashed));
-        let ranked = row_number()
-            .partition_by(vec![col(UNIT)])
-            .order_by(vec![order.sort(true, false)])
-            .build()
-            .map_err(engine)?
-            .alias(RANK);
-        let limit = i64::try_from(bounds.groups_per_unit).unwrap_or(i64::MAX);
-        builder = builder
-            .window(vec![ranked])
-            .and_then(|b| b.filter(col(RANK).lt_eq(lit(limit as u64))))
+        let rank_of = Expr::ScalarFunction(ScalarFunction::new_udf(rank.clone(), hashed));
+        let mut columns: Vec<Expr> = builder
+            .schema()
+            .columns()
+            .into_iter()
+            .map(Expr::Column)
+            .collect();
+        columns.push(rank_of.alias(RANK));
+        let ranked = builder
+            .project(columns)
+            .and_then(|b| b.build())
+            .map_err(engine)?;
+        let cut = Expr::AggregateFunction(AggregateFunction::new_udf(
+            Arc::new(group_cut_udaf(
+                usize::try_from(bounds.groups_per_unit).unwrap_or(usize::MAX),
+            )),
+            vec![col(RANK)],
+            false,
+            None,
+            vec![],
+            None,
+        ));
+        let cuts = LogicalPlanBuilder::from(ranked.clone())
+            .aggregate(vec![col(UNIT).alias(CUT_UNIT)], vec![cut.alias(CUT)])
+            .and_then(|b| b.build())
+            .map_err(engine)?;
+        builder = LogicalPlanBuilder::from(ranked)
+            .join(
+                cuts,
+                JoinType::Inner,
+                (
+                    vec![Column::from_name(UNIT)],
+                    vec![Column::from_name(CUT_UNIT)],
+                ),
+                None,
+            )
+            .and_then(|b| b.filter(col(CUT).is_null().or(col(RANK).lt_eq(col(CUT)))))
             .map_err(engine)?;
     }
     builder
@@ -492,7 +561,7 @@ fn fold(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Array, AsArray, Float64Array, RecordBatch, StringArray};
+    use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray};
     use arrow::datatypes::{Decimal128Type, Field, Int64Type, Schema};
     use datafusion::datasource::MemTable;
     use datafusion::prelude::DataFrame;
@@ -595,7 +664,10 @@ mod tests {
         // What noise is added to is integer: counts, and sums in fixed point. No float.
         for field in batch.schema().fields().iter().skip(1) {
             assert!(
-                matches!(field.data_type(), DataType::Int64 | DataType::Decimal128(38, 0)),
+                matches!(
+                    field.data_type(),
+                    DataType::Int64 | DataType::Decimal128(38, 0)
+                ),
                 "{field}"
             );
         }
@@ -609,7 +681,9 @@ mod tests {
         let row = (0..batch.num_rows())
             .find(|&r| specialties.value(r) == "100")
             .unwrap();
-        let rows = batch.column(index(&Partial::Rows)).as_primitive::<Int64Type>();
+        let rows = batch
+            .column(index(&Partial::Rows))
+            .as_primitive::<Int64Type>();
         let units = batch
             .column(batch.schema().index_of(UNITS).unwrap())
             .as_primitive::<Int64Type>();
@@ -656,7 +730,11 @@ mod tests {
                 .build()
                 .unwrap();
             let batches = DataFrame::new(ctx.state(), sorted).collect().await.unwrap();
-            answers.push(arrow::util::pretty::pretty_format_batches(&batches).unwrap().to_string());
+            answers.push(
+                arrow::util::pretty::pretty_format_batches(&batches)
+                    .unwrap()
+                    .to_string(),
+            );
         }
         assert_eq!(answers[0], answers[1]);
     }

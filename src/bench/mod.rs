@@ -63,7 +63,7 @@ pub async fn policy(policies: &Path, data: &Path, iterations: usize) -> Result<S
                 &releases,
                 &BudgetState::unspent(),
             )
-                .map_err(|refused| refused.error.to_string())?;
+            .map_err(|refused| refused.error.to_string())?;
             decided_times.push(decided.elapsed().as_secs_f64() * 1e6);
             whole.push(started.elapsed().as_secs_f64() * 1e6);
         }
