@@ -200,28 +200,17 @@ fn accuracy(
             .map_or(f64::NAN, |i| sds[i])
     };
     let round_to = governance.settings.disclosure.round_to;
-    // Integer values (counts, sums of whole numbers) have integer noise: their interval's
-    // half-width is rounded up, so it covers at least 95%.
-    let exact = |sd: f64, rounding: u64, integer: bool| {
-        let ci = interval95(sd, rounding);
-        let ci = if integer { ci.ceil() } else { ci };
+    let exact = |sd: f64, rounding: u64| {
         HashMap::from([
             (NOISE_SD.to_string(), sd.to_string()),
-            (CI95.to_string(), ci.to_string()),
+            (CI95.to_string(), interval95(sd, rounding).to_string()),
         ])
     };
     for aggregate in &query.aggregates {
         out.push(match aggregate {
-            Aggregate::CountRows => exact(sd_of(&Partial::Rows), round_to, true),
-            Aggregate::Count { column } => {
-                exact(sd_of(&Partial::Count(column.clone())), round_to, true)
-            }
-            Aggregate::Sum { column } => {
-                let integer = governance
-                    .column(&column.table, &column.column)
-                    .is_some_and(|c| c.precision == 0);
-                exact(sd_of(&Partial::Sum(column.clone())), 1, integer)
-            }
+            Aggregate::CountRows => exact(sd_of(&Partial::Rows), round_to),
+            Aggregate::Count { column } => exact(sd_of(&Partial::Count(column.clone())), round_to),
+            Aggregate::Sum { column } => exact(sd_of(&Partial::Sum(column.clone())), 1),
             Aggregate::Mean { column }
             | Aggregate::Variance { column, .. }
             | Aggregate::StdDev { column, .. } => HashMap::from([(
