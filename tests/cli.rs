@@ -14,7 +14,7 @@ fn tally() -> Command {
 #[test]
 fn every_subcommand_has_help() {
     for sub in [
-        "demo", "node", "gateway", "query", "generate", "policy", "audit", "bench",
+        "demo", "node", "gateway", "query", "budget", "generate", "policy", "audit", "bench",
     ] {
         let out = tally().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success(), "{sub} --help");
@@ -113,6 +113,14 @@ fn demo_runs_its_showcase_and_exits() {
     );
     // Asking for patient rows is refused by the query model: no release can list rows.
     assert!(stdout.contains("refused: E_NOT_AGGREGATE"), "{stdout}");
+    assert!(
+        stdout.contains("Privacy budget of project 'uec-demand' at each trust"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(" ± "),
+        "noisy values print with their interval: {stdout}"
+    );
     assert!(
         stdout.contains("TLS on: mutual TLS") && stdout.contains("gateway on grpc+tls://"),
         "the demo runs with TLS by default: {stdout}"
@@ -395,4 +403,60 @@ fn a_users_file_adds_analysts() {
     assert_eq!(config.users.len(), 1);
     assert_eq!(config.users[0].name, "ada");
     assert_eq!(config.policies, dir.path().join("policies"));
+}
+
+/// Under the default policy `tally query` prints each noisy value with its 95% interval, and
+/// `tally budget` shows what the project spent: one release, and nothing more for a repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_shows_intervals_and_budget_shows_the_spend() {
+    let local =
+        crate::support::start_federation_over(data_dir(), &crate::support::default_policies())
+            .await;
+    let url = local.gateway_url();
+    let token = local.analyst_token().unwrap();
+    let ca = crate::support::certs().ca();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || tally().args(args).output().unwrap())
+    };
+    let common = |command: &str| {
+        vec![
+            command.to_string(),
+            "--gateway".into(),
+            url.clone(),
+            "--ca-cert".into(),
+            ca.display().to_string(),
+            "--token".into(),
+            token.clone(),
+        ]
+    };
+    let mut query = common("query");
+    query.push("SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex".into());
+    for _ in 0..2 {
+        let out = run(query.clone()).await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(" ± "), "{stdout}");
+        assert!(stdout.contains("95% interval"), "{stdout}");
+    }
+    let out = run(common("budget")).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("project uec-demand on dataset hes"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("spent      ρ = 0.0500") && stdout.contains("1 releases"),
+        "one release, the repeat free: {stdout}"
+    );
+    assert!(stdout.contains("remaining  ρ = 1.9500"), "{stdout}");
+    local.stop().await;
 }
