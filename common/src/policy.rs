@@ -1,7 +1,7 @@
 //! Rego policies, evaluated in-process with regorus.
 //!
 //! A policy folder holds `.rego` files and `.json` data files (the governance catalogue:
-//! column classes, projects, purposes, thresholds). Every decision carries the policy
+//! column classes, projects, purposes, budgets). Every decision carries the policy
 //! version, a hash of those files. Reloading keeps the previous policy when the new one
 //! fails to load, and queries in flight finish on the policy they started with.
 

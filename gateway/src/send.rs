@@ -78,7 +78,7 @@ impl QueryDispatch {
         self.runs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Binds the gateway policy's obligations (allowed trusts, threshold, rounding) once the
+    /// Binds the gateway policy's obligations (allowed trusts, opt-out, budget) once the
     /// policy has decided; a second decision cannot replace the first.
     pub fn bind(&self, obligations: Obligations) {
         let _ = self.obligations.set(obligations);
