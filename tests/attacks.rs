@@ -2466,8 +2466,8 @@ async fn patients_at_two_trusts_are_not_counted_twice() {
 /// `direct_care` (which would skip the opt-out) or a purpose or project not approved, a
 /// project reaches only its trusts and tables, and every analytics purpose applies the
 /// opt-out (its effect on the total number of patients is far larger than the noise, so it
-/// shows), so switching purpose tells nothing about who opted out; nor does it buy fresh
-/// noise: the same release for the same project returns the stored answer.
+/// shows), so switching purpose tells nothing about who opted out. Another purpose is another
+/// release (a policy may oblige differently per purpose), paid for again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn purposes_and_projects_come_from_signed_approvals() {
     let lab = lab().await;
@@ -2587,11 +2587,11 @@ async fn purposes_and_projects_come_from_signed_approvals() {
             lab.answered_record(total).unwrap()["rho_charged"].clone(),
         ));
     }
-    assert_eq!(
-        seen[0].0, seen[1].0,
-        "another purpose of the same project gets the stored answer, not fresh noise"
+    assert!(
+        seen[1].1.as_f64().is_some_and(|rho| rho > 0.0),
+        "another purpose is another release, paid for: {:?}",
+        seen[1].1
     );
-    assert_eq!(seen[1].1, json!(0.0), "the stored answer is free");
     lab.stop().await;
 }
 

@@ -287,9 +287,12 @@ fn public_domain(
     data_type: &DataType,
     filter: Option<&Predicate>,
 ) -> Result<Option<Vec<ScalarValue>>, TallyError> {
-    let Some(values) = declared_domain(governance, dimension, data_type, filter)? else {
+    let Some(mut values) = declared_domain(governance, dimension, data_type, filter)? else {
         return Ok(None);
     };
+    // A key twice would be released twice, each with its own noise: once each.
+    let mut seen = std::collections::HashSet::new();
+    values.retain(|value| seen.insert(value.clone()));
     let mut conjuncts = Vec::new();
     if let Some(filter) = filter {
         conjunction(filter, &mut conjuncts);

@@ -64,19 +64,20 @@ impl Budget {
         })
     }
 
-    /// `project`'s budget on `governance`'s dataset, for deciding its next query.
-    pub fn state(&self, project: &str, governance: &Governance) -> ProjectBudget {
+    /// `identity`'s project's budget on `governance`'s dataset, for deciding its next query.
+    pub fn state(&self, identity: &RequestIdentity, governance: &Governance) -> ProjectBudget {
         let dataset = governance.settings.privacy.dataset.clone();
         let spent = self.ledger.as_ref().map_or(0.0, |ledger| {
-            ledger.balance(project, &dataset).spent.as_f64()
+            ledger.balance(&identity.project, &dataset).spent.as_f64()
         });
         let ledger = self.ledger.clone();
-        let project = project.to_string();
+        let identity = identity.clone();
         ProjectBudget {
             spent,
             paid: Box::new(move |release| {
                 ledger.as_ref().is_some_and(|ledger| {
-                    ledger.has_charged(&project, &dataset, &release_hash(release, &project))
+                    let paid = release_hash(release, &identity);
+                    ledger.has_charged(&identity.project, &dataset, &paid)
                 })
             }),
         }
@@ -116,7 +117,7 @@ impl Budget {
         })?;
         let models: Vec<String> = releases
             .iter()
-            .map(|release| release_hash(release, &identity.project))
+            .map(|release| release_hash(release, identity))
             .collect();
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
@@ -205,8 +206,14 @@ impl Budget {
     }
 }
 
-/// The hash a release is paid for under: the model and the project.
-fn release_hash(release: &ReleaseQuery, project: &str) -> String {
-    let text = serde_json::json!({ "release": release, "project": project }).to_string();
+/// The hash a release is paid for under: the model, the project and the purpose (the
+/// trusts store answers per purpose too, since a policy may oblige differently per purpose).
+fn release_hash(release: &ReleaseQuery, identity: &RequestIdentity) -> String {
+    let text = serde_json::json!({
+        "release": release,
+        "project": identity.project,
+        "purpose": identity.purpose,
+    })
+    .to_string();
     hex::encode(Sha256::digest(text.as_bytes()))
 }

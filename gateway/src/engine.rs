@@ -339,9 +339,7 @@ impl Gateway {
         // The releases are decided first; the plan that runs them is lowered once the
         // decision (and so each value's accuracy) is known.
         let releases = releases_of(plan.clone(), policy.governance())?;
-        let budget = self
-            .budget
-            .state(&caller.identity.project, policy.governance());
+        let budget = self.budget.state(&caller.identity, policy.governance());
         let decision = decide(
             policy,
             &caller.identity,
@@ -372,7 +370,7 @@ impl Gateway {
     ) -> Result<Explanation, TallyError> {
         let policy = self.policy.snapshot();
         let plan = plan_read_only(&self.ctx.state(), sql).await?;
-        let budget = self.budget.state(&identity.project, policy.governance());
+        let budget = self.budget.state(identity, policy.governance());
         Explanation::of(plan, &policy, identity, &budget.view())
     }
 

@@ -13,10 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
+use tally_common::admission::RequestIdentity;
 use tally_common::answers::AnswerStore;
-use tally_common::governance::Governance;
 use tally_common::ledger::{Ledger, Reservation};
 use tally_common::model::ReleaseQuery;
+use tally_common::policy::PolicySnapshot;
 use tally_common::{ErrorCode, TallyError};
 
 use crate::bounding::load_or_create_key;
@@ -65,19 +66,25 @@ impl PrivacyState {
         })
     }
 
-    /// The key a release's stored answer is kept under: the release, the project, the
-    /// privacy settings (the catalogue's and the project's budget), the aggregated columns'
+    /// The key a release's stored answer is kept under: the release, who asks for what
+    /// (project, purpose, groups) under which version of the policy (so its obligations,
+    /// the opt-out among them, are the same), the privacy settings, the aggregated columns'
     /// bounds, and the data, hashed.
     pub fn answer_key(
         &self,
         release: &ReleaseQuery,
-        project: &str,
-        governance: &Governance,
+        identity: &RequestIdentity,
+        policy: &PolicySnapshot,
     ) -> String {
+        let governance = policy.governance();
+        let project = identity.project.as_str();
         let mut hasher = Sha256::new();
         let parts = serde_json::json!({
             "release": release,
             "project": project,
+            "purpose": identity.purpose,
+            "groups": identity.groups,
+            "policy": policy.version(),
             "privacy": governance.settings.privacy,
             "budget": governance.projects.get(project).and_then(|p| p.budget.as_ref()),
             "columns": release
@@ -91,16 +98,16 @@ impl PrivacyState {
         hex::encode(hasher.finalize())
     }
 
-    /// The place of `release` for `project` in the answer store, held until the returned
-    /// slot is dropped: requests for the same release wait, so it is computed (and paid
-    /// for) once.
+    /// The place of `release` for `identity` under `policy` in the answer store, held
+    /// until the returned slot is dropped: requests for the same release wait, so it is
+    /// computed (and paid for) once.
     pub async fn slot(
         &self,
         release: &ReleaseQuery,
-        project: &str,
-        governance: &Governance,
+        identity: &RequestIdentity,
+        policy: &PolicySnapshot,
     ) -> Result<Slot, TallyError> {
-        let key = self.answer_key(release, project, governance);
+        let key = self.answer_key(release, identity, policy);
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             locks.retain(|_, lock| Arc::strong_count(lock) > 1);

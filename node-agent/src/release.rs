@@ -13,7 +13,7 @@ use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::FunctionRegistry;
-use datafusion::functions::core::expr_fn::{greatest, least, nullif};
+use datafusion::functions::core::expr_fn::{coalesce, greatest, least, nullif};
 use datafusion::functions::math::expr_fn::round;
 use datafusion::functions::string::expr_fn::starts_with;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
@@ -278,7 +278,13 @@ fn bounded(
             (Partial::Sum(_) | Partial::SumSquares(_), Some((column, _))) => {
                 let values = format!("{name}_values");
                 per_unit.push(count(column_ref_expr(column)).alias(values.clone()));
-                col(&name) * least(vec![col(&values), lit(rows)]) / nullif(col(&values), lit(0i64))
+                // A patient with no value of the column adds nothing (not NULL, which the
+                // clamp below would turn into its upper bound).
+                coalesce(vec![
+                    col(&name) * least(vec![col(&values), lit(rows)])
+                        / nullif(col(&values), lit(0i64)),
+                    lit(0i64),
+                ])
             }
         };
         let clamped = greatest(vec![lit(low), least(vec![per_patient, lit(high)])]);
@@ -346,14 +352,23 @@ fn bounded(
         .map_err(engine)
 }
 
-/// A value clamped to its bounds, in integer fixed point.
+/// A value clamped to its bounds, in integer fixed point; NULL stays NULL (`least` and
+/// `greatest` skip NULLs, so a missing value would otherwise become the upper bound).
 fn fixed_point(column: &ColumnRef, fixed: FixedPoint) -> Expr {
     let value = cast(column_ref_expr(column), DataType::Float64);
-    let clamped = greatest(vec![lit(fixed.low), least(vec![value, lit(fixed.high)])]);
-    cast(
+    let clamped = greatest(vec![
+        lit(fixed.low),
+        least(vec![value.clone(), lit(fixed.high)]),
+    ]);
+    let fixed_value = cast(
         round(vec![clamped * lit(fixed.scale as f64)]),
         DataType::Int64,
-    )
+    );
+    Expr::Case(datafusion::logical_expr::Case::new(
+        None,
+        vec![(Box::new(value.is_not_null()), Box::new(fixed_value))],
+        None,
+    ))
 }
 
 fn column_expr(table: &str, column: &str) -> Expr {
@@ -737,5 +752,63 @@ mod tests {
             );
         }
         assert_eq!(answers[0], answers[1]);
+    }
+
+    #[tokio::test]
+    async fn a_missing_value_adds_nothing_to_a_sum() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("person_id", DataType::Utf8, false),
+            Field::new("specialty", DataType::Utf8, false),
+            Field::new("cost", DataType::Float64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec!["p1", "p1", "p2", "p2"])),
+                Arc::new(StringArray::from(vec!["100", "100", "100", "100"])),
+                Arc::new(Float64Array::from(vec![None, None, Some(100.0), None])),
+            ],
+        )
+        .unwrap();
+        let ctx = SessionContext::new();
+        ctx.register_table(
+            "episodes",
+            Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+        )
+        .unwrap();
+        let governance = governance();
+        let release = cost_by_specialty();
+        let aggregation = Aggregation::Bounded {
+            bounds: ContributionBounds::of(&governance, &release),
+            rank: Arc::new(keyed_rank_udf([3; 32])),
+        };
+        let (plan, _) = build_plan(&ctx, &governance, &release, &aggregation)
+            .await
+            .unwrap();
+        let batches = DataFrame::new(ctx.state(), plan).collect().await.unwrap();
+        let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let partials = release.partials();
+        let cost = ColumnRef {
+            table: "episodes".into(),
+            column: "cost".into(),
+        };
+        let index = |p: &Partial| 1 + partials.iter().position(|q| q == p).unwrap();
+        let value = |p: &Partial| match batch.column(index(p)).data_type() {
+            DataType::Int64 => {
+                i128::from(batch.column(index(p)).as_primitive::<Int64Type>().value(0))
+            }
+            _ => batch
+                .column(index(p))
+                .as_primitive::<Decimal128Type>()
+                .value(0),
+        };
+        assert_eq!(value(&Partial::Rows), 4);
+        assert_eq!(value(&Partial::Count(cost.clone())), 1);
+        assert_eq!(
+            value(&Partial::Sum(cost.clone())),
+            100,
+            "NULL costs are not the upper bound"
+        );
+        assert_eq!(value(&Partial::SumSquares(cost)), 10_000);
     }
 }

@@ -303,8 +303,10 @@ impl NodeService {
         let slot = match (governance.settings.privacy.noise, &self.privacy) {
             (Noise::Off, _) => None,
             (Noise::DiscreteGaussian, Some(state)) => {
-                let project = &context.identity.project;
-                match state.slot(&request.release, project, governance).await {
+                match state
+                    .slot(&request.release, &context.identity, &policy)
+                    .await
+                {
                     Ok(slot) => Some(slot),
                     Err(error) => return Err(self.refuse(&context, error.into()).await),
                 }
