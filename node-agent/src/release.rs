@@ -610,17 +610,23 @@ mod tests {
         if reversed {
             rows.reverse();
         }
+        let rows: Vec<_> = rows.into_iter().map(|(p, s, c)| (p, s, Some(c))).collect();
+        episodes(&rows)
+    }
+
+    /// A session whose `episodes` table holds `rows` of (person, specialty, cost).
+    fn episodes(rows: &[(&str, &str, Option<f64>)]) -> SessionContext {
         let schema = Arc::new(Schema::new(vec![
             Field::new("person_id", DataType::Utf8, false),
             Field::new("specialty", DataType::Utf8, false),
-            Field::new("cost", DataType::Float64, false),
+            Field::new("cost", DataType::Float64, true),
         ]));
         let batch = RecordBatch::try_new(
             schema.clone(),
             vec![
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
-                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+                Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))),
             ],
         )
         .unwrap();
@@ -631,6 +637,20 @@ mod tests {
         )
         .unwrap();
         ctx
+    }
+
+    /// The bounded plan's answer to `release` over `ctx`, with the bounding key `key`.
+    async fn bounded_answer(ctx: &SessionContext, release: &ReleaseQuery, key: u8) -> RecordBatch {
+        let governance = governance();
+        let aggregation = Aggregation::Bounded {
+            bounds: ContributionBounds::of(&governance, release),
+            rank: Arc::new(keyed_rank_udf([key; 32])),
+        };
+        let (plan, _) = build_plan(ctx, &governance, release, &aggregation)
+            .await
+            .unwrap();
+        let batches = DataFrame::new(ctx.state(), plan).collect().await.unwrap();
+        arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
     }
 
     fn cost_by_specialty() -> ReleaseQuery {
@@ -667,15 +687,7 @@ mod tests {
                 groups_per_unit: 3
             }
         );
-        let aggregation = Aggregation::Bounded {
-            bounds,
-            rank: Arc::new(keyed_rank_udf([7; 32])),
-        };
-        let (plan, _) = build_plan(&ctx, &governance, &release, &aggregation)
-            .await
-            .unwrap();
-        let batches = DataFrame::new(ctx.state(), plan).collect().await.unwrap();
-        let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let batch = bounded_answer(&ctx, &release, 7).await;
         // What noise is added to is integer: counts, and sums in fixed point. No float.
         for field in batch.schema().fields().iter().skip(1) {
             assert!(
@@ -756,37 +768,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_value_adds_nothing_to_a_sum() {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("person_id", DataType::Utf8, false),
-            Field::new("specialty", DataType::Utf8, false),
-            Field::new("cost", DataType::Float64, true),
-        ]));
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(StringArray::from(vec!["p1", "p1", "p2", "p2"])),
-                Arc::new(StringArray::from(vec!["100", "100", "100", "100"])),
-                Arc::new(Float64Array::from(vec![None, None, Some(100.0), None])),
-            ],
-        )
-        .unwrap();
-        let ctx = SessionContext::new();
-        ctx.register_table(
-            "episodes",
-            Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
-        )
-        .unwrap();
-        let governance = governance();
+        let ctx = episodes(&[
+            ("p1", "100", None),
+            ("p1", "100", None),
+            ("p2", "100", Some(100.0)),
+            ("p2", "100", None),
+        ]);
         let release = cost_by_specialty();
-        let aggregation = Aggregation::Bounded {
-            bounds: ContributionBounds::of(&governance, &release),
-            rank: Arc::new(keyed_rank_udf([3; 32])),
-        };
-        let (plan, _) = build_plan(&ctx, &governance, &release, &aggregation)
-            .await
-            .unwrap();
-        let batches = DataFrame::new(ctx.state(), plan).collect().await.unwrap();
-        let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let batch = bounded_answer(&ctx, &release, 3).await;
         let partials = release.partials();
         let cost = ColumnRef {
             table: "episodes".into(),
