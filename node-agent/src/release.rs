@@ -10,8 +10,9 @@
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, SchemaRef};
+use arrow::record_batch::RecordBatch;
 use datafusion::common::{Column, ScalarValue};
-use datafusion::datasource::provider_as_source;
+use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::execution::FunctionRegistry;
 use datafusion::functions::core::expr_fn::{coalesce, greatest, least, nullif};
 use datafusion::functions::math::expr_fn::round;
@@ -74,6 +75,75 @@ pub enum Aggregation {
 /// The column of a bounded plan counting each group's patients.
 pub const UNITS: &str = "__tally_units";
 
+/// How a node runs a release.
+pub enum ReleasePlan {
+    /// One plan, run to the end.
+    Single(LogicalPlan),
+    /// The per-patient table first, kept in memory, then [`Cut::plan`] over it: the cut of
+    /// each patient's groups and the totals both read it, and computing it once halves the
+    /// work.
+    PerPatient {
+        /// The per-(patient, group) aggregates, each with its keyed rank.
+        per_patient: LogicalPlan,
+        /// What is done with them.
+        cut: Cut,
+    },
+}
+
+/// The second half of a release whose patients may fall in too many groups.
+pub struct Cut {
+    groups_per_unit: u64,
+    group_names: Vec<Expr>,
+    capped: Vec<Expr>,
+}
+
+impl Cut {
+    /// The plan over the per-patient table `rows` (of `schema`): each patient's
+    /// `groups_per_unit` lowest-ranked groups, capped and summed per group.
+    pub fn plan(
+        self,
+        schema: SchemaRef,
+        rows: Vec<RecordBatch>,
+    ) -> Result<LogicalPlan, TallyError> {
+        let table = MemTable::try_new(schema, vec![rows]).map_err(engine)?;
+        let ranked =
+            LogicalPlanBuilder::scan(PER_PATIENT, provider_as_source(Arc::new(table)), None)
+                .and_then(|b| b.build())
+                .map_err(engine)?;
+        let cut = Expr::AggregateFunction(AggregateFunction::new_udf(
+            Arc::new(group_cut_udaf(
+                usize::try_from(self.groups_per_unit).unwrap_or(usize::MAX),
+            )),
+            vec![col(RANK)],
+            false,
+            None,
+            vec![],
+            None,
+        ));
+        let cuts = LogicalPlanBuilder::from(ranked.clone())
+            .aggregate(vec![col(UNIT).alias(CUT_UNIT)], vec![cut.alias(CUT)])
+            .and_then(|b| b.build())
+            .map_err(engine)?;
+        LogicalPlanBuilder::from(ranked)
+            .join(
+                cuts,
+                JoinType::Inner,
+                (
+                    vec![Column::from_name(UNIT)],
+                    vec![Column::from_name(CUT_UNIT)],
+                ),
+                None,
+            )
+            .and_then(|b| b.filter(col(CUT).is_null().or(col(RANK).lt_eq(col(CUT)))))
+            .and_then(|b| b.aggregate(self.group_names, self.capped))
+            .and_then(|b| b.build())
+            .map_err(engine)
+    }
+}
+
+/// The name the per-patient table is scanned under.
+const PER_PATIENT: &str = "__tally_per_patient";
+
 /// The plan for `release` over `ctx`'s tables, validated against `governance` (already
 /// done by the caller) and this trust's schemas: group columns `g0..`, then one column per
 /// partial `p0..` (and [`UNITS`] when bounded); and the partial schema the trust answers
@@ -83,7 +153,7 @@ pub async fn build_plan(
     governance: &Governance,
     release: &ReleaseQuery,
     aggregation: &Aggregation,
-) -> Result<(LogicalPlan, SchemaRef), TallyError> {
+) -> Result<(ReleasePlan, SchemaRef), TallyError> {
     let fact = governance
         .table(&release.fact)
         .ok_or_else(|| bad("the fact table is not in this trust's catalogue"))?;
@@ -164,7 +234,7 @@ pub async fn build_plan(
                 .and_then(|b| b.project(outputs))
                 .and_then(|b| b.build())
                 .map_err(engine)?;
-            Ok((plan, expected))
+            Ok((ReleasePlan::Single(plan), expected))
         }
         Aggregation::Bounded { bounds, rank } => {
             let unit = column_expr(&release.fact, unit);
@@ -229,7 +299,7 @@ fn bounded(
     per_group: PerGroup,
     bounds: ContributionBounds,
     rank: &Arc<ScalarUDF>,
-) -> Result<LogicalPlan, TallyError> {
+) -> Result<ReleasePlan, TallyError> {
     let PerGroup {
         groups,
         group_types,
@@ -298,13 +368,13 @@ fn bounded(
     let group_names: Vec<Expr> = (0..groups.len()).map(|i| col(group_column(i))).collect();
     let mut unit_and_groups = vec![unit.alias(UNIT)];
     unit_and_groups.extend(groups);
-    let mut builder = builder
+    let builder = builder
         .aggregate(unit_and_groups, per_unit)
         .map_err(engine)?;
     if needs_cut(governance, release, &group_types, bounds)? {
         // Each patient's groups ranked by the keyed hash; the patient's `groups_per_unit`
-        // lowest count. (An aggregate per patient and a join: a window partitioned by
-        // patient costs several times more.)
+        // lowest count (see [`Cut`]: an aggregate per patient and a join; a window
+        // partitioned by patient costs several times more).
         let mut hashed = vec![col(UNIT)];
         hashed.extend(group_names.iter().cloned());
         let rank_of = Expr::ScalarFunction(ScalarFunction::new_udf(rank.clone(), hashed));
@@ -315,40 +385,23 @@ fn bounded(
             .map(Expr::Column)
             .collect();
         columns.push(rank_of.alias(RANK));
-        let ranked = builder
+        let per_patient = builder
             .project(columns)
             .and_then(|b| b.build())
             .map_err(engine)?;
-        let cut = Expr::AggregateFunction(AggregateFunction::new_udf(
-            Arc::new(group_cut_udaf(
-                usize::try_from(bounds.groups_per_unit).unwrap_or(usize::MAX),
-            )),
-            vec![col(RANK)],
-            false,
-            None,
-            vec![],
-            None,
-        ));
-        let cuts = LogicalPlanBuilder::from(ranked.clone())
-            .aggregate(vec![col(UNIT).alias(CUT_UNIT)], vec![cut.alias(CUT)])
-            .and_then(|b| b.build())
-            .map_err(engine)?;
-        builder = LogicalPlanBuilder::from(ranked)
-            .join(
-                cuts,
-                JoinType::Inner,
-                (
-                    vec![Column::from_name(UNIT)],
-                    vec![Column::from_name(CUT_UNIT)],
-                ),
-                None,
-            )
-            .and_then(|b| b.filter(col(CUT).is_null().or(col(RANK).lt_eq(col(CUT)))))
-            .map_err(engine)?;
+        return Ok(ReleasePlan::PerPatient {
+            per_patient,
+            cut: Cut {
+                groups_per_unit: bounds.groups_per_unit,
+                group_names,
+                capped,
+            },
+        });
     }
     builder
         .aggregate(group_names, capped)
         .and_then(|b| b.build())
+        .map(ReleasePlan::Single)
         .map_err(engine)
 }
 
@@ -649,8 +702,24 @@ mod tests {
         let (plan, _) = build_plan(ctx, &governance, release, &aggregation)
             .await
             .unwrap();
-        let batches = DataFrame::new(ctx.state(), plan).collect().await.unwrap();
-        arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+        let batches = match plan {
+            ReleasePlan::Single(plan) => DataFrame::new(ctx.state(), plan).collect().await,
+            ReleasePlan::PerPatient { per_patient, cut } => {
+                let schema = Arc::new(per_patient.schema().as_arrow().clone());
+                let rows = DataFrame::new(ctx.state(), per_patient)
+                    .collect()
+                    .await
+                    .unwrap();
+                DataFrame::new(ctx.state(), cut.plan(schema, rows).unwrap())
+                    .collect()
+                    .await
+            }
+        }
+        .unwrap();
+        let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        // In the order of the first group column, for comparisons.
+        let order = arrow::compute::sort_to_indices(batch.column(0), None, None).unwrap();
+        arrow::compute::take_record_batch(&batch, &order).unwrap()
     }
 
     fn cost_by_specialty() -> ReleaseQuery {
@@ -739,26 +808,12 @@ mod tests {
 
     #[tokio::test]
     async fn the_keyed_rank_picks_the_same_groups_whatever_the_row_order() {
-        let governance = governance();
         let release = cost_by_specialty();
-        let aggregation = Aggregation::Bounded {
-            bounds: ContributionBounds::of(&governance, &release),
-            rank: Arc::new(keyed_rank_udf([9; 32])),
-        };
         let mut answers = Vec::new();
         for reversed in [false, true] {
-            let ctx = context(reversed);
-            let (plan, _) = build_plan(&ctx, &governance, &release, &aggregation)
-                .await
-                .unwrap();
-            let sorted = LogicalPlanBuilder::from(plan)
-                .sort(vec![col(group_column(0)).sort(true, false)])
-                .unwrap()
-                .build()
-                .unwrap();
-            let batches = DataFrame::new(ctx.state(), sorted).collect().await.unwrap();
+            let batch = bounded_answer(&context(reversed), &release, 9).await;
             answers.push(
-                arrow::util::pretty::pretty_format_batches(&batches)
+                arrow::util::pretty::pretty_format_batches(&[batch])
                     .unwrap()
                     .to_string(),
             );

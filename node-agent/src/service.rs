@@ -44,7 +44,7 @@ use crate::bounding::keyed_rank_udf;
 use crate::budget::{PrivacyState, Slot};
 use crate::identity::NodeIdentity;
 use crate::protect::protect;
-use crate::release::{Aggregation, build_plan};
+use crate::release::{Aggregation, ReleasePlan, build_plan};
 
 /// One line of the trust's own audit log.
 #[derive(Debug, Clone, Serialize)]
@@ -407,9 +407,28 @@ impl NodeService {
         }
     }
 
+    /// Runs a release's plan to the end within the query's time limit: the per-patient
+    /// table first, when the plan has one.
+    async fn run(
+        &self,
+        ctx: &SessionContext,
+        plan: ReleasePlan,
+        context: &RequestContext,
+    ) -> Result<Vec<RecordBatch>, TallyError> {
+        match plan {
+            ReleasePlan::Single(plan) => self.run_plan(ctx, plan, context).await,
+            ReleasePlan::PerPatient { per_patient, cut } => {
+                let schema = Arc::new(per_patient.schema().as_arrow().clone());
+                let rows = self.run_plan(ctx, per_patient, context).await?;
+                let plan = cut.plan(schema, rows)?;
+                self.run_plan(ctx, plan, context).await
+            }
+        }
+    }
+
     /// Runs `plan` to the end within the query's time limit (an answer finished after the
     /// limit is not given either).
-    async fn run(
+    async fn run_plan(
         &self,
         ctx: &SessionContext,
         plan: LogicalPlan,
