@@ -80,15 +80,18 @@ pub fn protect(
             .collect::<Result<Vec<i128>, TallyError>>()?;
         // Post-processing of the noisy integers: back from fixed point to the column's units.
         let unit = noise.unit(i);
-        let array: ArrayRef = match field.data_type() {
-            DataType::Int64 => Arc::new(Int64Array::from_iter_values(noisy.iter().map(|v| {
+        // The partial schema holds Int64 or Float64 partials only.
+        let array: ArrayRef = if *field.data_type() == DataType::Int64 {
+            Arc::new(Int64Array::from_iter_values(noisy.iter().map(|v| {
                 let whole = v / unit;
                 i64::try_from(whole).unwrap_or(if whole < 0 { i64::MIN } else { i64::MAX })
-            }))),
-            DataType::Float64 => Arc::new(Float64Array::from_iter_values(
+            })))
+        } else if *field.data_type() == DataType::Float64 {
+            Arc::new(Float64Array::from_iter_values(
                 noisy.iter().map(|v| *v as f64 / unit as f64),
-            )),
-            _ => return Err(internal("a partial has an unexpected type")),
+            ))
+        } else {
+            return Err(internal("a partial has an unexpected type"));
         };
         columns.push(array);
         let sd = noise.sd(i);
@@ -139,9 +142,11 @@ fn integer_at(array: &ArrayRef, row: usize) -> Result<i128, TallyError> {
     if array.is_null(row) {
         return Ok(0);
     }
-    match array.data_type() {
-        DataType::Int64 => Ok(i128::from(array.as_primitive::<Int64Type>().value(row))),
-        DataType::Decimal128(_, 0) => Ok(array.as_primitive::<Decimal128Type>().value(row)),
-        _ => Err(internal("a bounded aggregate is not an integer")),
+    if let Some(counts) = array.as_primitive_opt::<Int64Type>() {
+        return Ok(i128::from(counts.value(row)));
+    }
+    match array.as_primitive_opt::<Decimal128Type>() {
+        Some(sums) if sums.scale() == 0 => Ok(sums.value(row)),
+        Some(_) | None => Err(internal("a bounded aggregate is not an integer")),
     }
 }

@@ -837,14 +837,12 @@ mod tests {
             column: "cost".into(),
         };
         let index = |p: &Partial| 1 + partials.iter().position(|q| q == p).unwrap();
-        let value = |p: &Partial| match batch.column(index(p)).data_type() {
-            DataType::Int64 => {
-                i128::from(batch.column(index(p)).as_primitive::<Int64Type>().value(0))
+        let value = |p: &Partial| {
+            let column = batch.column(index(p));
+            match column.as_primitive_opt::<Int64Type>() {
+                Some(counts) => i128::from(counts.value(0)),
+                None => column.as_primitive::<Decimal128Type>().value(0),
             }
-            _ => batch
-                .column(index(p))
-                .as_primitive::<Decimal128Type>()
-                .value(0),
         };
         assert_eq!(value(&Partial::Rows), 4);
         assert_eq!(value(&Partial::Count(cost.clone())), 1);
