@@ -14,12 +14,10 @@
 //!
 //! [`get`]: AnswerStore::get
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow::datatypes::SchemaRef;
@@ -29,17 +27,11 @@ use arrow::record_batch::RecordBatch;
 
 use crate::error::{ErrorCode, TallyError};
 
-/// Where a store keeps its answers.
-#[derive(Debug)]
-enum Backing {
-    Dir(PathBuf),
-    Memory(Mutex<HashMap<String, Vec<RecordBatch>>>),
-}
-
 /// A store of noisy answers already released, by key.
 #[derive(Debug)]
 pub struct AnswerStore {
-    backing: Backing,
+    /// The folder of stored answers.
+    dir: PathBuf,
     /// Makes temporary file names unique within the process.
     counter: AtomicU64,
 }
@@ -78,31 +70,16 @@ impl AnswerStore {
             sync_dir(parent).map_err(|e| store_error("cannot sync its folder", dir, e))?;
         }
         Ok(AnswerStore {
-            backing: Backing::Dir(dir.to_path_buf()),
+            dir: dir.to_path_buf(),
             counter: AtomicU64::new(0),
         })
-    }
-
-    /// A store kept in memory only (tests, and nodes without a state folder).
-    pub fn in_memory() -> AnswerStore {
-        AnswerStore {
-            backing: Backing::Memory(Mutex::new(HashMap::new())),
-            counter: AtomicU64::new(0),
-        }
     }
 
     /// The answer stored under `key`, if there is one. A file that cannot be read as Arrow
     /// IPC is logged and treated as absent. Refuses a key that is not a hex SHA-256.
     pub fn get(&self, key: &str) -> Result<Option<Vec<RecordBatch>>, TallyError> {
         check_key(key)?;
-        let dir = match &self.backing {
-            Backing::Memory(map) => {
-                let map = map.lock().unwrap_or_else(|p| p.into_inner());
-                return Ok(map.get(key).cloned());
-            }
-            Backing::Dir(dir) => dir,
-        };
-        let path = dir.join(format!("{key}.arrow"));
+        let path = self.dir.join(format!("{key}.arrow"));
         let file = match File::open(&path) {
             Ok(file) => file,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -149,14 +126,7 @@ impl AnswerStore {
                 ),
             ));
         }
-        let dir = match &self.backing {
-            Backing::Memory(map) => {
-                let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-                map.insert(key.to_string(), batches.to_vec());
-                return Ok(());
-            }
-            Backing::Dir(dir) => dir,
-        };
+        let dir = &self.dir;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let temp = dir.join(format!(".{key}.{}-{n}.tmp", std::process::id()));
         let path = dir.join(format!("{key}.arrow"));
@@ -304,7 +274,6 @@ mod tests {
     fn keys_that_are_not_hex_sha256_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = AnswerStore::open(dir.path()).unwrap();
-        let memory = AnswerStore::in_memory();
         let traversal = format!("../{}", &KEY[3..]);
         for bad in [
             "",
@@ -315,15 +284,13 @@ mod tests {
             &traversal,
             &KEY.replace('a', "g"),
         ] {
-            for store in [&store, &memory] {
-                assert_eq!(
-                    store.get(bad).unwrap_err().code,
-                    ErrorCode::Internal,
-                    "{bad}"
-                );
-                let put = store.put(bad, &schema(), &batches());
-                assert_eq!(put.unwrap_err().code, ErrorCode::Internal, "{bad}");
-            }
+            assert_eq!(
+                store.get(bad).unwrap_err().code,
+                ErrorCode::Internal,
+                "{bad}"
+            );
+            let put = store.put(bad, &schema(), &batches());
+            assert_eq!(put.unwrap_err().code, ErrorCode::Internal, "{bad}");
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         assert!(!dir.path().parent().unwrap().join(&KEY[3..]).exists());
@@ -331,18 +298,11 @@ mod tests {
 
     #[test]
     fn batches_of_another_schema_are_refused() {
-        let store = AnswerStore::in_memory();
+        let dir = tempfile::tempdir().unwrap();
+        let store = AnswerStore::open(dir.path()).unwrap();
         let other = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
         let err = store.put(KEY, &other, &batches()).unwrap_err();
         assert_eq!(err.code, ErrorCode::Internal);
         assert_eq!(store.get(KEY).unwrap(), None);
-    }
-
-    #[test]
-    fn in_memory_stores_round_trip() {
-        let store = AnswerStore::in_memory();
-        assert_eq!(store.get(KEY).unwrap(), None);
-        store.put(KEY, &schema(), &batches()).unwrap();
-        assert_eq!(store.get(KEY).unwrap(), Some(batches()));
     }
 }

@@ -442,7 +442,7 @@ pub fn now_millis() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[derive(Clone, Serialize)]
@@ -462,7 +462,8 @@ mod tests {
         }
     }
 
-    fn lines(path: &Path) -> Vec<String> {
+    /// A log file's lines (for tests that edit logs).
+    pub(crate) fn lines(path: &Path) -> Vec<String> {
         std::fs::read_to_string(path)
             .unwrap()
             .lines()

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 use tally_common::admission::{BudgetState, RequestIdentity};
 use tally_common::governance::{Governance, Noise};
-use tally_common::ledger::{Balance, Ledger, Reservation};
+use tally_common::ledger::{Ledger, Reservation};
 use tally_common::model::ReleaseQuery;
 use tally_common::noise::Rho;
 use tally_common::policy::Obligations;
@@ -81,13 +81,6 @@ impl Budget {
                 })
             }),
         }
-    }
-
-    /// Every project's balance, by project and dataset.
-    pub fn balances(&self) -> Vec<(String, String, Balance)> {
-        self.ledger
-            .as_ref()
-            .map_or_else(Vec::new, |ledger| ledger.balances())
     }
 
     /// Pays for `releases` before they are sent (see the module documentation).

@@ -287,11 +287,6 @@ impl Gateway {
         &self.audit
     }
 
-    /// The gateway's budget ledger.
-    pub fn budget(&self) -> &Budget {
-        &self.budget
-    }
-
     /// `identity`'s project budget under the current policy.
     pub fn budget_report(&self, identity: &RequestIdentity) -> BudgetReport {
         self.budget
