@@ -1,33 +1,33 @@
-//! Bounding: the keyed hash that chooses which of a patient's groups count when a patient
-//! falls in more groups than the bounds allow (see [`tally_common::privacy`]).
+//! Bounding: what one patient may add to a release, enforced while the rows stream past.
 //!
-//! The node aggregates per (patient, group) first and keeps at most `groups_per_unit`
-//! groups of each patient: those whose keyed hash of patient and group ranks lowest, so the
-//! choice depends on neither data order nor anything an analyst controls.
+//! A bounded release's rows reach [`BoundedTotals`] ordered by patient: each table with a
+//! privacy unit is kept in that order at the node (see [`crate::tables`]), and the plan
+//! sorts when it is not. For each patient in turn the node gathers the rows per group,
+//! keeps at most `groups_per_unit` of that patient's groups (those whose keyed hash of
+//! patient and group ranks lowest, so the choice depends on neither data order nor anything
+//! an analyst controls), caps and clamps what the patient adds to each kept group, and adds
+//! it to the group's totals. One pass over the rows, holding one patient and the groups.
 
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::hash::Hasher as _;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::UInt64Array;
-use arrow::array::{Array, ArrayRef, UInt64Builder};
-use arrow::datatypes::DataType;
-use arrow::datatypes::{Field, FieldRef, UInt64Type};
-use datafusion::common::ScalarValue;
-use datafusion::common::{Result as DfResult, exec_err};
-use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
-use datafusion::logical_expr::{
-    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, EmitTo, GroupsAccumulator,
-    ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+use arrow::array::{
+    Array, ArrayRef, AsArray, Decimal128Array, Int64Array, RecordBatch, StringArray, UInt64Array,
 };
-use std::hash::Hasher as _;
-
-use arrow::array::AsArray;
-use arrow::datatypes::Int64Type;
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use datafusion::common::{Result as DfResult, exec_err};
+use datafusion::logical_expr::EmitTo;
+use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use siphasher::sip::SipHasher24;
+use tally_common::model::partial_column;
 use tally_common::{ErrorCode, TallyError};
 
-/// The name of the keyed-hash function in the node's plans.
-pub const KEYED_RANK: &str = "__tally_keyed_rank";
+/// The column of a bounded answer counting each group's patients.
+pub const UNITS: &str = "__tally_units";
 
 /// The node's secret for the keyed hash, kept in `<state>/bounding.key` (created with
 /// random bytes the first time).
@@ -54,69 +54,552 @@ pub fn load_or_create_key(state: &Path) -> Result<[u8; 32], TallyError> {
     }
 }
 
-/// `__tally_keyed_rank(unit, g0, g1, ...)`: SipHash-2-4 (a keyed pseudo-random function)
-/// of the arguments under the node's secret, as an unsigned 64-bit number. Ordering a patient's
-/// groups by it picks the same groups for the same patient every time, independently of
-/// the order rows arrive in, and an analyst who does not know the secret cannot steer it.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct KeyedRank {
-    key: [u8; 32],
-    signature: Signature,
+/// What one partial adds up, per patient and group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    /// The patient's rows, at most `rows_per_group`.
+    Rows,
+    /// The patient's non-NULL values of argument `arg`, at most `rows_per_group`.
+    Values {
+        /// The argument's index among the input's arguments.
+        arg: usize,
+    },
+    /// The sum of argument `arg` (integer fixed point), scaled to at most `rows_per_group`
+    /// values at the patient's own mean there, then clamped to `[low, high]`.
+    Sum {
+        /// The argument's index among the input's arguments.
+        arg: usize,
+        /// The least a patient may add.
+        low: i128,
+        /// The most a patient may add.
+        high: i128,
+    },
+    /// The same for the squares of argument `arg`.
+    SumSquares {
+        /// The argument's index among the input's arguments.
+        arg: usize,
+        /// The least a patient may add.
+        low: i128,
+        /// The most a patient may add.
+        high: i128,
+    },
 }
 
-impl ScalarUDFImpl for KeyedRank {
-    fn name(&self) -> &str {
-        KEYED_RANK
-    }
+/// The bounds [`BoundedTotals`] enforces, and the layout of its input: the patient, then
+/// `groups` group columns, then `arguments` columns (Int64 fixed point for sums; for a
+/// count of values any type, of which only NULLs matter).
+#[derive(Debug, Clone)]
+pub struct Bounding {
+    /// How many group columns follow the patient.
+    pub groups: usize,
+    /// How many argument columns follow the groups.
+    pub arguments: usize,
+    /// One per partial, in the partials' order.
+    pub measures: Vec<Measure>,
+    /// The most rows one patient counts in one group.
+    pub rows_per_group: u64,
+    /// The most groups one patient counts in; `None` when no patient can exceed the bounds
+    /// (no groups, or no more public keys than that).
+    pub groups_per_unit: Option<usize>,
+    /// The node's secret for the keyed hash.
+    pub key: [u8; 32],
+}
 
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
-        Ok(DataType::UInt64)
-    }
-
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let rows = args.number_rows;
-        let arrays: Vec<ArrayRef> = args
-            .args
+impl Bounding {
+    /// The schema of the totals: the input's group fields, one field per partial (Int64
+    /// counts, Decimal128(38, 0) sums), then [`UNITS`].
+    pub fn output_schema(&self, input: &Schema) -> SchemaRef {
+        let mut fields: Vec<Field> = input.fields()[1..=self.groups]
             .iter()
-            .map(|arg| arg.to_array(rows))
-            .collect::<DfResult<_>>()?;
-        let columns = arrays.iter().map(hashable).collect::<DfResult<Vec<_>>>()?;
-        let (k0, k1) = self.keys();
-        let mut out = UInt64Builder::with_capacity(rows);
-        for row in 0..rows {
-            let mut hasher = SipHasher24::new_with_keys(k0, k1);
-            for column in &columns {
-                column.write(row, &mut hasher);
-            }
-            out.append_value(hasher.finish());
+            .map(|f| f.as_ref().clone())
+            .collect();
+        for (i, measure) in self.measures.iter().enumerate() {
+            let data_type = match measure {
+                Measure::Rows | Measure::Values { .. } => DataType::Int64,
+                Measure::Sum { .. } | Measure::SumSquares { .. } => DataType::Decimal128(38, 0),
+            };
+            fields.push(Field::new(partial_column(i), data_type, true));
         }
-        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+        fields.push(Field::new(UNITS, DataType::Int64, false));
+        Arc::new(Schema::new(fields))
     }
 }
 
-impl KeyedRank {
-    /// The two SipHash keys, from the node's secret.
-    fn keys(&self) -> (u64, u64) {
+/// SipHash-2-4 under the node's secret: a keyed pseudo-random function, so ordering a
+/// patient's groups by it picks the same groups every time, independently of the order
+/// rows arrive in, and an analyst who does not know the secret cannot steer it.
+#[derive(Debug, Clone, Copy)]
+struct KeyedHash {
+    k0: u64,
+    k1: u64,
+}
+
+impl KeyedHash {
+    fn new(key: &[u8; 32]) -> Self {
         let mut k0 = [0u8; 8];
         let mut k1 = [0u8; 8];
-        k0.copy_from_slice(&self.key[..8]);
-        k1.copy_from_slice(&self.key[8..16]);
-        (u64::from_le_bytes(k0), u64::from_le_bytes(k1))
+        k0.copy_from_slice(&key[..8]);
+        k1.copy_from_slice(&key[8..16]);
+        KeyedHash {
+            k0: u64::from_le_bytes(k0),
+            k1: u64::from_le_bytes(k1),
+        }
+    }
+
+    fn hasher(&self) -> SipHasher24 {
+        SipHasher24::new_with_keys(self.k0, self.k1)
+    }
+
+    /// The rank of `group` (its own keyed hash) for `unit`.
+    fn rank(&self, unit: &Unit, group: u64) -> u64 {
+        let mut hasher = self.hasher();
+        unit.write(&mut hasher);
+        hasher.write_u64(group);
+        hasher.finish()
     }
 }
 
-/// One argument of the keyed rank, read without allocating per row: text as its bytes,
+/// One patient's identifier, as the rows carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Unit {
+    Null,
+    Text(Vec<u8>),
+    Number(i64),
+}
+
+impl Unit {
+    fn write(&self, hasher: &mut SipHasher24) {
+        match self {
+            Unit::Null => hasher.write_u8(0),
+            Unit::Text(bytes) => {
+                hasher.write_u8(1);
+                hasher.write_usize(bytes.len());
+                hasher.write(bytes);
+            }
+            Unit::Number(value) => {
+                hasher.write_u8(2);
+                hasher.write_i64(*value);
+            }
+        }
+    }
+}
+
+/// A batch's patient column, read without allocating per row.
+enum Units {
+    Text(StringArray),
+    View(arrow::array::StringViewArray),
+    Number(Int64Array),
+}
+
+impl Units {
+    fn of(array: &ArrayRef) -> DfResult<Self> {
+        let data_type = array.data_type();
+        if data_type.is_integer() {
+            let numbers = arrow::compute::cast(array, &DataType::Int64)?;
+            return Ok(Units::Number(numbers.as_primitive::<Int64Type>().clone()));
+        }
+        match data_type {
+            DataType::Utf8View => Ok(Units::View(array.as_string_view().clone())),
+            DataType::Utf8 | DataType::LargeUtf8 => {
+                let text = arrow::compute::cast(array, &DataType::Utf8)?;
+                Ok(Units::Text(text.as_string::<i32>().clone()))
+            }
+            other => exec_err!("a privacy unit must be text or an integer, not {other}"),
+        }
+    }
+
+    fn is_null(&self, row: usize) -> bool {
+        match self {
+            Units::Text(values) => values.is_null(row),
+            Units::View(values) => values.is_null(row),
+            Units::Number(values) => values.is_null(row),
+        }
+    }
+
+    /// How row `row`'s patient compares with `unit` in the order rows arrive in (ascending,
+    /// NULL first).
+    fn compare(&self, row: usize, unit: &Unit) -> Ordering {
+        if self.is_null(row) {
+            return if *unit == Unit::Null {
+                Ordering::Equal
+            } else {
+                Ordering::Less
+            };
+        }
+        match (self, unit) {
+            (Units::Text(_) | Units::View(_) | Units::Number(_), Unit::Null) => Ordering::Greater,
+            (Units::Text(values), Unit::Text(bytes)) => {
+                values.value(row).as_bytes().cmp(bytes.as_slice())
+            }
+            (Units::View(values), Unit::Text(bytes)) => {
+                values.value(row).as_bytes().cmp(bytes.as_slice())
+            }
+            (Units::Number(values), Unit::Number(number)) => values.value(row).cmp(number),
+            (Units::Text(_) | Units::View(_), Unit::Number(_))
+            | (Units::Number(_), Unit::Text(_)) => Ordering::Less,
+        }
+    }
+
+    /// Row `row`'s patient, written into `unit` (reusing its buffer).
+    fn read(&self, row: usize, unit: &mut Unit) {
+        if self.is_null(row) {
+            *unit = Unit::Null;
+            return;
+        }
+        let text = match self {
+            Units::Text(values) => values.value(row),
+            Units::View(values) => values.value(row),
+            Units::Number(values) => {
+                *unit = Unit::Number(values.value(row));
+                return;
+            }
+        };
+        match unit {
+            Unit::Text(bytes) => {
+                bytes.clear();
+                bytes.extend_from_slice(text.as_bytes());
+            }
+            Unit::Null | Unit::Number(_) => *unit = Unit::Text(text.as_bytes().to_vec()),
+        }
+    }
+}
+
+/// A batch's argument column: fixed-point numbers, or any column whose NULLs are counted.
+enum Argument<'a> {
+    Numbers(&'a Int64Array),
+    Presence(&'a ArrayRef),
+}
+
+/// What one patient has in one group so far, per argument.
+#[derive(Debug, Clone, Copy, Default)]
+struct Accumulated {
+    values: u64,
+    sum: i128,
+    squares: i128,
+}
+
+/// The patient whose rows are arriving: their groups, rows per group, and per-argument
+/// accumulations (`arguments` per group, flattened).
+#[derive(Debug)]
+struct Patient {
+    unit: Option<Unit>,
+    groups: Vec<usize>,
+    rows: Vec<u64>,
+    accumulated: Vec<Accumulated>,
+    /// Group id to entry, once the patient has more groups than a scan should search.
+    index: HashMap<usize, usize>,
+}
+
+/// Entries a patient's groups are searched in linearly before they are indexed.
+const LINEAR_ENTRIES: usize = 16;
+
+impl Patient {
+    fn entry(&mut self, group: usize, arguments: usize) -> usize {
+        if self.groups.len() <= LINEAR_ENTRIES {
+            if let Some(entry) = self.groups.iter().position(|&g| g == group) {
+                return entry;
+            }
+        } else if let Some(&entry) = self.index.get(&group) {
+            return entry;
+        }
+        let entry = self.groups.len();
+        self.groups.push(group);
+        self.rows.push(0);
+        self.accumulated
+            .extend(std::iter::repeat_n(Accumulated::default(), arguments));
+        if self.groups.len() == LINEAR_ENTRIES + 1 {
+            self.index = self
+                .groups
+                .iter()
+                .enumerate()
+                .map(|(e, &g)| (g, e))
+                .collect();
+        } else if self.groups.len() > LINEAR_ENTRIES + 1 {
+            self.index.insert(group, entry);
+        }
+        entry
+    }
+
+    fn clear(&mut self) {
+        self.groups.clear();
+        self.rows.clear();
+        self.accumulated.clear();
+        self.index.clear();
+    }
+}
+
+/// The bounded totals of a release, fed its rows in patient order (see the module docs).
+pub struct BoundedTotals {
+    bounding: Bounding,
+    hash: KeyedHash,
+    output: SchemaRef,
+    /// The distinct group keys seen, by group id (none when the release has no groups).
+    keys: Option<Box<dyn GroupValues>>,
+    /// Each group id's keyed hash of its key.
+    key_hashes: Vec<u64>,
+    /// Per group id, each measure's total (flattened).
+    totals: Vec<i128>,
+    /// Per group id, the patients counted.
+    units: Vec<i64>,
+    patient: Patient,
+    ids: Vec<usize>,
+    order: Vec<(u64, u64, usize)>,
+}
+
+impl BoundedTotals {
+    /// Totals for rows of `input`'s schema, laid out as `bounding` says.
+    pub fn new(bounding: Bounding, input: &Schema) -> DfResult<Self> {
+        if input.fields().len() != 1 + bounding.groups + bounding.arguments {
+            return exec_err!("a bounded release's rows have the wrong number of columns");
+        }
+        let keys = if bounding.groups == 0 {
+            None
+        } else {
+            let fields = input.fields()[1..=bounding.groups].to_vec();
+            Some(new_group_values(
+                Arc::new(Schema::new(fields)),
+                &GroupOrdering::None,
+            )?)
+        };
+        let groups = usize::from(bounding.groups == 0);
+        Ok(BoundedTotals {
+            hash: KeyedHash::new(&bounding.key),
+            output: bounding.output_schema(input),
+            keys,
+            key_hashes: Vec::new(),
+            totals: vec![0; groups * bounding.measures.len()],
+            units: vec![0; groups],
+            patient: Patient {
+                unit: None,
+                groups: Vec::new(),
+                rows: Vec::new(),
+                accumulated: Vec::new(),
+                index: HashMap::new(),
+            },
+            ids: Vec::new(),
+            order: Vec::new(),
+            bounding,
+        })
+    }
+
+    /// Adds a batch of rows; refuses rows that are not in patient order, which would let a
+    /// patient count twice.
+    pub fn add(&mut self, batch: &RecordBatch) -> DfResult<()> {
+        let rows = batch.num_rows();
+        let groups = self.bounding.groups;
+        let arguments = self.bounding.arguments;
+        let units = Units::of(batch.column(0))?;
+        self.group_ids(&batch.columns()[1..=groups], rows)?;
+        let columns: Vec<Argument> = batch.columns()[1 + groups..]
+            .iter()
+            .map(|column| match column.as_primitive_opt::<Int64Type>() {
+                Some(numbers) => Argument::Numbers(numbers),
+                None => Argument::Presence(column),
+            })
+            .collect();
+        for row in 0..rows {
+            let next = match &self.patient.unit {
+                None => true,
+                Some(unit) => match units.compare(row, unit) {
+                    Ordering::Equal => false,
+                    Ordering::Greater => true,
+                    Ordering::Less => {
+                        return exec_err!("a bounded release's rows are not in patient order");
+                    }
+                },
+            };
+            if next {
+                self.end_patient();
+                let unit = self.patient.unit.get_or_insert(Unit::Null);
+                units.read(row, unit);
+            }
+            let entry = self.patient.entry(self.ids[row], arguments);
+            self.patient.rows[entry] += 1;
+            let accumulated = &mut self.patient.accumulated[entry * arguments..][..arguments];
+            for (column, accumulated) in columns.iter().zip(accumulated) {
+                match column {
+                    Argument::Numbers(numbers) => {
+                        if numbers.is_valid(row) {
+                            let value = i128::from(numbers.value(row));
+                            accumulated.values += 1;
+                            accumulated.sum = accumulated.sum.saturating_add(value);
+                            accumulated.squares = accumulated.squares.saturating_add(value * value);
+                        }
+                    }
+                    Argument::Presence(array) => {
+                        if array.is_valid(row) {
+                            accumulated.values += 1;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The group id of each of the batch's rows in `self.ids`, with a keyed hash for each
+    /// new group.
+    fn group_ids(&mut self, columns: &[ArrayRef], rows: usize) -> DfResult<()> {
+        let Some(keys) = &mut self.keys else {
+            self.ids.clear();
+            self.ids.resize(rows, 0);
+            return Ok(());
+        };
+        let before = keys.len();
+        keys.intern(columns, &mut self.ids)?;
+        let added = keys.len() - before;
+        if added == 0 {
+            return Ok(());
+        }
+        let mut first_rows = vec![usize::MAX; added];
+        for (row, &id) in self.ids.iter().enumerate() {
+            if id >= before && first_rows[id - before] == usize::MAX {
+                first_rows[id - before] = row;
+            }
+        }
+        let hashable = columns
+            .iter()
+            .map(Hashable::of)
+            .collect::<DfResult<Vec<_>>>()?;
+        for row in first_rows {
+            let mut hasher = self.hash.hasher();
+            for column in &hashable {
+                column.write(row, &mut hasher);
+            }
+            self.key_hashes.push(hasher.finish());
+        }
+        let measures = self.bounding.measures.len();
+        self.totals.resize(keys.len() * measures, 0);
+        self.units.resize(keys.len(), 0);
+        Ok(())
+    }
+
+    /// Adds the patient whose rows have all arrived to the totals: their lowest-ranked
+    /// groups, each capped and clamped.
+    fn end_patient(&mut self) {
+        let patient = &mut self.patient;
+        let entries = patient.groups.len();
+        if entries == 0 {
+            return;
+        }
+        self.order.clear();
+        let unit = patient.unit.as_ref().unwrap_or(&Unit::Null);
+        match self.bounding.groups_per_unit {
+            Some(limit) if entries > limit => {
+                for (entry, &group) in patient.groups.iter().enumerate() {
+                    let key_hash = self.key_hashes[group];
+                    self.order
+                        .push((self.hash.rank(unit, key_hash), key_hash, entry));
+                }
+                self.order.sort_unstable();
+                self.order.truncate(limit);
+            }
+            Some(_) | None => self.order.extend((0..entries).map(|entry| (0, 0, entry))),
+        }
+        let cap = i128::from(self.bounding.rows_per_group);
+        let arguments = self.bounding.arguments;
+        let measures = self.bounding.measures.len();
+        for &(_, _, entry) in &self.order {
+            let group = patient.groups[entry];
+            let accumulated = &patient.accumulated[entry * arguments..][..arguments];
+            self.units[group] += 1;
+            let totals = &mut self.totals[group * measures..][..measures];
+            for (total, measure) in totals.iter_mut().zip(&self.bounding.measures) {
+                let added = match *measure {
+                    Measure::Rows => i128::from(patient.rows[entry]).min(cap),
+                    Measure::Values { arg } => i128::from(accumulated[arg].values).min(cap),
+                    Measure::Sum { arg, low, high } => {
+                        let a = accumulated[arg];
+                        scaled(a.sum, a.values, cap).clamp(low, high)
+                    }
+                    Measure::SumSquares { arg, low, high } => {
+                        let a = accumulated[arg];
+                        scaled(a.squares, a.values, cap).clamp(low, high)
+                    }
+                };
+                *total = total.saturating_add(added);
+            }
+        }
+        patient.clear();
+    }
+
+    /// The totals of every group some patient counts in (one row when there are no groups).
+    pub fn finish(mut self) -> DfResult<RecordBatch> {
+        self.end_patient();
+        let kept: Vec<u64> = match &self.keys {
+            None => vec![0],
+            Some(_) => (0..self.units.len())
+                .filter(|&group| self.units[group] > 0)
+                .map(|group| group as u64)
+                .collect(),
+        };
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        if let Some(keys) = &mut self.keys {
+            let indices = UInt64Array::from(kept.clone());
+            for key in keys.emit(EmitTo::All)? {
+                columns.push(arrow::compute::take(&key, &indices, None)?);
+            }
+        }
+        let measures = self.bounding.measures.len();
+        let total = |group: u64, i: usize| self.totals[group as usize * measures + i];
+        for (i, measure) in self.bounding.measures.iter().enumerate() {
+            let column: ArrayRef = match measure {
+                Measure::Rows | Measure::Values { .. } => Arc::new(Int64Array::from(
+                    kept.iter()
+                        .map(|&group| i64::try_from(total(group, i)).unwrap_or(i64::MAX))
+                        .collect::<Vec<_>>(),
+                )),
+                Measure::Sum { .. } | Measure::SumSquares { .. } => Arc::new(
+                    Decimal128Array::from(
+                        kept.iter()
+                            .map(|&group| total(group, i))
+                            .collect::<Vec<_>>(),
+                    )
+                    .with_precision_and_scale(38, 0)?,
+                ),
+            };
+            columns.push(column);
+        }
+        columns.push(Arc::new(Int64Array::from(
+            kept.iter()
+                .map(|&group| self.units[group as usize])
+                .collect::<Vec<_>>(),
+        )));
+        Ok(RecordBatch::try_new(self.output.clone(), columns)?)
+    }
+}
+
+/// A patient's `sum` over `values` values, scaled to at most `cap` values at the patient's
+/// own mean (so a group's mean is not skewed by how many rows were cut); nothing when the
+/// patient has no values.
+fn scaled(sum: i128, values: u64, cap: i128) -> i128 {
+    let values = i128::from(values);
+    if values == 0 {
+        return 0;
+    }
+    sum.saturating_mul(values.min(cap)) / values
+}
+
+/// A group column read for the keyed hash without allocating per row: text as its bytes,
 /// integers and dates as 64-bit numbers, anything else as its text.
 enum Hashable {
-    Text(arrow::array::StringArray),
-    Number(arrow::array::Int64Array),
+    Text(StringArray),
+    Number(Int64Array),
 }
 
 impl Hashable {
+    fn of(array: &ArrayRef) -> DfResult<Self> {
+        let data_type = array.data_type();
+        if data_type.is_integer() || matches!(data_type, DataType::Date32 | DataType::Date64) {
+            let numbers = arrow::compute::cast(array, &DataType::Int64)?;
+            return Ok(Hashable::Number(
+                numbers.as_primitive::<Int64Type>().clone(),
+            ));
+        }
+        let text = arrow::compute::cast(array, &DataType::Utf8)?;
+        Ok(Hashable::Text(text.as_string::<i32>().clone()))
+    }
+
     fn write(&self, row: usize, hasher: &mut SipHasher24) {
         match self {
             Hashable::Text(values) if values.is_valid(row) => {
@@ -134,269 +617,126 @@ impl Hashable {
     }
 }
 
-fn hashable(array: &ArrayRef) -> DfResult<Hashable> {
-    let data_type = array.data_type();
-    if data_type.is_integer() || matches!(data_type, DataType::Date32 | DataType::Date64) {
-        let numbers = arrow::compute::cast(array, &DataType::Int64)?;
-        return Ok(Hashable::Number(
-            numbers.as_primitive::<Int64Type>().clone(),
-        ));
-    }
-    let text = arrow::compute::cast(array, &DataType::Utf8)?;
-    match text.as_any().downcast_ref::<arrow::array::StringArray>() {
-        Some(strings) => Ok(Hashable::Text(strings.clone())),
-        None => exec_err!("the keyed rank needs text arguments"),
-    }
-}
-
-/// The keyed-rank function for the node's plans, with the node's secret.
-pub fn keyed_rank_udf(key: [u8; 32]) -> ScalarUDF {
-    ScalarUDF::new_from_impl(KeyedRank {
-        key,
-        signature: Signature::variadic_any(Volatility::Immutable),
-    })
-}
-
-/// The name of the cut-off aggregate in the node's plans.
-pub const GROUP_CUT: &str = "__tally_group_cut";
-
-/// `__tally_group_cut(rank)` per patient: the `k`-th smallest keyed rank among the
-/// patient's groups, or NULL when the patient has at most `k` (every group counts). The
-/// groups whose rank is at most the cut are the `k` the patient contributes to.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct GroupCut {
-    k: usize,
-    signature: Signature,
-}
-
-/// The cut-off aggregate keeping `k` groups per patient.
-pub fn group_cut_udaf(k: usize) -> AggregateUDF {
-    AggregateUDF::new_from_impl(GroupCut {
-        k: k.max(1),
-        signature: Signature::exact(vec![DataType::UInt64], Volatility::Immutable),
-    })
-}
-
-impl AggregateUDFImpl for GroupCut {
-    fn name(&self) -> &str {
-        GROUP_CUT
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
-        Ok(DataType::UInt64)
-    }
-
-    fn state_fields(&self, _: StateFieldsArgs) -> DfResult<Vec<FieldRef>> {
-        Ok((0..self.k)
-            .map(|i| Arc::new(Field::new(format!("smallest_{i}"), DataType::UInt64, true)))
-            .collect())
-    }
-
-    fn accumulator(&self, _: AccumulatorArgs) -> DfResult<Box<dyn Accumulator>> {
-        Ok(Box::new(CutAccumulator {
-            cuts: Smallest::new(self.k),
-        }))
-    }
-
-    fn groups_accumulator_supported(&self, _: AccumulatorArgs) -> bool {
-        true
-    }
-
-    fn create_groups_accumulator(
-        &self,
-        _: AccumulatorArgs,
-    ) -> DfResult<Box<dyn GroupsAccumulator>> {
-        Ok(Box::new(CutGroups {
-            k: self.k,
-            groups: Vec::new(),
-        }))
-    }
-}
-
-/// The `k` smallest ranks seen for one patient, ascending.
-#[derive(Debug, Clone)]
-struct Smallest {
-    k: usize,
-    ranks: Vec<u64>,
-}
-
-impl Smallest {
-    fn new(k: usize) -> Self {
-        Smallest {
-            k,
-            ranks: Vec::with_capacity(k),
-        }
-    }
-
-    fn add(&mut self, rank: u64) {
-        if self.ranks.len() == self.k && self.ranks.last().is_some_and(|last| rank >= *last) {
-            return;
-        }
-        let at = self.ranks.partition_point(|r| *r < rank);
-        self.ranks.insert(at, rank);
-        self.ranks.truncate(self.k);
-    }
-
-    /// The cut: the k-th smallest, or none when there were at most k.
-    fn cut(&self) -> Option<u64> {
-        (self.ranks.len() == self.k).then(|| self.ranks[self.k - 1])
-    }
-
-    fn add_column(&mut self, column: &ArrayRef, row: usize) -> DfResult<()> {
-        let values = column.as_primitive_opt::<UInt64Type>();
-        let Some(values) = values else {
-            return exec_err!("the group cut needs UInt64 ranks");
-        };
-        if values.is_valid(row) {
-            self.add(values.value(row));
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug)]
-struct CutAccumulator {
-    cuts: Smallest,
-}
-
-impl Accumulator for CutAccumulator {
-    fn update_batch(&mut self, values: &[ArrayRef]) -> DfResult<()> {
-        let [ranks] = values else {
-            return exec_err!("the group cut takes one argument");
-        };
-        for row in 0..ranks.len() {
-            self.cuts.add_column(ranks, row)?;
-        }
-        Ok(())
-    }
-
-    fn evaluate(&mut self) -> DfResult<ScalarValue> {
-        Ok(ScalarValue::UInt64(self.cuts.cut()))
-    }
-
-    fn size(&self) -> usize {
-        std::mem::size_of_val(self) + self.cuts.ranks.capacity() * 8
-    }
-
-    fn state(&mut self) -> DfResult<Vec<ScalarValue>> {
-        Ok((0..self.cuts.k)
-            .map(|i| ScalarValue::UInt64(self.cuts.ranks.get(i).copied()))
-            .collect())
-    }
-
-    fn merge_batch(&mut self, states: &[ArrayRef]) -> DfResult<()> {
-        for column in states {
-            for row in 0..column.len() {
-                self.cuts.add_column(column, row)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug)]
-struct CutGroups {
-    k: usize,
-    groups: Vec<Smallest>,
-}
-
-impl CutGroups {
-    fn add(
-        &mut self,
-        columns: &[ArrayRef],
-        group_indices: &[usize],
-        filter: Option<&arrow::array::BooleanArray>,
-        total_num_groups: usize,
-    ) -> DfResult<()> {
-        let k = self.k;
-        self.groups
-            .resize_with(total_num_groups, || Smallest::new(k));
-        for column in columns {
-            for (row, group) in group_indices.iter().enumerate() {
-                if filter.is_some_and(|f| !f.is_valid(row) || !f.value(row)) {
-                    continue;
-                }
-                self.groups[*group].add_column(column, row)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl GroupsAccumulator for CutGroups {
-    fn update_batch(
-        &mut self,
-        values: &[ArrayRef],
-        group_indices: &[usize],
-        opt_filter: Option<&arrow::array::BooleanArray>,
-        total_num_groups: usize,
-    ) -> DfResult<()> {
-        self.add(values, group_indices, opt_filter, total_num_groups)
-    }
-
-    fn evaluate(&mut self, emit_to: EmitTo) -> DfResult<ArrayRef> {
-        let groups = emit_to.take_needed(&mut self.groups);
-        Ok(Arc::new(UInt64Array::from_iter(
-            groups.iter().map(Smallest::cut),
-        )))
-    }
-
-    fn state(&mut self, emit_to: EmitTo) -> DfResult<Vec<ArrayRef>> {
-        let groups = emit_to.take_needed(&mut self.groups);
-        Ok((0..self.k)
-            .map(|i| {
-                Arc::new(UInt64Array::from_iter(
-                    groups.iter().map(|g| g.ranks.get(i).copied()),
-                )) as ArrayRef
-            })
-            .collect())
-    }
-
-    fn merge_batch(
-        &mut self,
-        values: &[ArrayRef],
-        group_indices: &[usize],
-        total_num_groups: usize,
-    ) -> DfResult<()> {
-        self.add(values, group_indices, None, total_num_groups)
-    }
-
-    fn convert_to_state(
-        &self,
-        values: &[ArrayRef],
-        opt_filter: Option<&arrow::array::BooleanArray>,
-    ) -> DfResult<Vec<ArrayRef>> {
-        let [ranks] = values else {
-            return exec_err!("the group cut takes one argument");
-        };
-        let Some(ranks) = ranks.as_primitive_opt::<UInt64Type>() else {
-            return exec_err!("the group cut needs UInt64 ranks");
-        };
-        let first: UInt64Array = (0..ranks.len())
-            .map(|row| {
-                let kept = opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row));
-                (kept && ranks.is_valid(row)).then(|| ranks.value(row))
-            })
-            .collect();
-        let mut state: Vec<ArrayRef> = vec![Arc::new(first)];
-        for _ in 1..self.k {
-            state.push(arrow::array::new_null_array(&DataType::UInt64, ranks.len()));
-        }
-        Ok(state)
-    }
-
-    fn size(&self) -> usize {
-        self.groups.capacity() * (std::mem::size_of::<Smallest>() + self.k * 8)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows of (patient, group, value), as the totals' input.
+    fn batch(rows: &[(&str, &str, Option<i64>)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("unit", DataType::Utf8, false),
+            Field::new("g0", DataType::Utf8, false),
+            Field::new("value", DataType::Int64, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.2))),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn bounding(groups_per_unit: Option<usize>) -> Bounding {
+        Bounding {
+            groups: 1,
+            arguments: 1,
+            measures: vec![
+                Measure::Rows,
+                Measure::Sum {
+                    arg: 0,
+                    low: 0,
+                    high: 100,
+                },
+            ],
+            rows_per_group: 2,
+            groups_per_unit,
+            key: [5; 32],
+        }
+    }
+
+    /// The totals of `batches` as (group, rows, sum, patients), by group.
+    fn totals(
+        bounding: Bounding,
+        batches: &[RecordBatch],
+    ) -> DfResult<Vec<(String, i64, i128, i64)>> {
+        let mut totals = BoundedTotals::new(bounding, &batches[0].schema())?;
+        for batch in batches {
+            totals.add(batch)?;
+        }
+        let out = totals.finish()?;
+        let mut rows: Vec<_> = (0..out.num_rows())
+            .map(|r| {
+                (
+                    out.column(0).as_string::<i32>().value(r).to_string(),
+                    out.column(1).as_primitive::<Int64Type>().value(r),
+                    out.column(2)
+                        .as_primitive::<arrow::datatypes::Decimal128Type>()
+                        .value(r),
+                    out.column(3).as_primitive::<Int64Type>().value(r),
+                )
+            })
+            .collect();
+        rows.sort();
+        Ok(rows)
+    }
+
+    #[test]
+    fn a_patient_split_across_batches_counts_once() {
+        let whole = batch(&[
+            ("a", "x", Some(10)),
+            ("a", "x", Some(30)),
+            ("a", "x", Some(50)),
+            ("b", "x", Some(7)),
+        ]);
+        let split = [
+            batch(&[("a", "x", Some(10)), ("a", "x", Some(30))]),
+            batch(&[("a", "x", Some(50)), ("b", "x", Some(7))]),
+        ];
+        let expected = vec![("x".to_string(), 3, 60 + 7, 2)];
+        assert_eq!(totals(bounding(None), &[whole]).unwrap(), expected);
+        assert_eq!(totals(bounding(None), &split).unwrap(), expected);
+    }
+
+    #[test]
+    fn rows_out_of_patient_order_are_refused_not_counted_twice() {
+        let shuffled = batch(&[
+            ("a", "x", Some(1)),
+            ("b", "x", Some(1)),
+            ("a", "x", Some(1)),
+        ]);
+        assert!(totals(bounding(None), &[shuffled]).is_err());
+        let across = [batch(&[("b", "x", Some(1))]), batch(&[("a", "x", Some(1))])];
+        assert!(totals(bounding(None), &across).is_err());
+    }
+
+    #[test]
+    fn a_patient_counts_in_at_most_the_allowed_groups_chosen_by_the_keyed_hash() {
+        let rows: Vec<(&str, &str, Option<i64>)> = ["g1", "g2", "g3", "g4", "g5"]
+            .iter()
+            .map(|g| ("a", *g, Some(1)))
+            .collect();
+        let mut reversed = rows.clone();
+        reversed.reverse();
+        let forward = totals(bounding(Some(2)), &[batch(&rows)]).unwrap();
+        let backward = totals(bounding(Some(2)), &[batch(&reversed)]).unwrap();
+        assert_eq!(forward.len(), 2, "{forward:?}");
+        assert_eq!(forward, backward, "the choice does not follow row order");
+        let chosen: Vec<_> = (0u8..8)
+            .map(|k| {
+                let mut b = bounding(Some(2));
+                b.key = [k; 32];
+                totals(b, &[batch(&rows)]).unwrap()
+            })
+            .collect();
+        assert!(
+            chosen.iter().any(|c| c != &forward),
+            "different secrets choose different groups"
+        );
+        assert_eq!(totals(bounding(None), &[batch(&rows)]).unwrap().len(), 5);
+    }
 
     #[test]
     fn the_bounding_key_is_created_once_and_kept() {

@@ -69,6 +69,21 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
     // outside the queries' memory limit.
     let setup = tally_common::session::new_context().map_err(engine)?;
     let tables = tables::open_tables(&setup, &config.tables, &config.trust.code).await?;
+    let policy =
+        Arc::new(Policy::load(&config.policies).map_err(|e| NodeError::Policy(e.to_string()))?);
+    let tables = match &config.state_dir {
+        Some(dir) => {
+            let snapshot = policy.snapshot();
+            let unit_of = |name: &str| {
+                snapshot
+                    .governance()
+                    .table(name)
+                    .and_then(|t| t.privacy_unit.clone())
+            };
+            tables::cluster(&setup, tables, &unit_of, &dir.join("clustered")).await?
+        }
+        None => tables,
+    };
     for (name, table) in &tables {
         full.register_table(name.as_str(), table.clone())
             .map_err(engine)?;
@@ -100,8 +115,6 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
             schema: datafusion::catalog::TableProvider::schema(table.as_ref()),
         })
         .collect();
-    let policy =
-        Arc::new(Policy::load(&config.policies).map_err(|e| NodeError::Policy(e.to_string()))?);
     let audit = Arc::new(match &config.audit_log {
         Some(path) => AuditLog::open(path, config.audit_rotate_bytes()).map_err(|source| {
             NodeError::Audit {

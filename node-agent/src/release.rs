@@ -7,21 +7,20 @@
 //! [`crate::bounding`]) so the noise added afterwards is calibrated to what one patient can
 //! change.
 
-use std::sync::Arc;
-
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use datafusion::common::{Column, ScalarValue};
-use datafusion::datasource::{MemTable, provider_as_source};
+use datafusion::common::{Column, Result as DfResult, ScalarValue};
+use datafusion::datasource::provider_as_source;
 use datafusion::execution::FunctionRegistry;
-use datafusion::functions::core::expr_fn::{coalesce, greatest, least, nullif};
+use datafusion::functions::core::expr_fn::{greatest, least};
 use datafusion::functions::math::expr_fn::round;
 use datafusion::functions::string::expr_fn::starts_with;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
-use datafusion::logical_expr::ScalarUDF;
-use datafusion::logical_expr::expr::{AggregateFunction, ScalarFunction};
+use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
-use datafusion::prelude::SessionContext;
+use datafusion::physical_plan::ExecutionPlanProperties;
+use datafusion::prelude::{DataFrame, SessionContext};
+use futures::StreamExt;
 use tally_common::governance::{Governance, Relationship};
 use tally_common::model::{
     ColumnRef, Comparison, Dimension, Literal, Partial, Predicate, ReleaseQuery, group_column,
@@ -30,7 +29,7 @@ use tally_common::model::{
 use tally_common::privacy::{ContributionBounds, FixedPoint, public_keys};
 use tally_common::{ErrorCode, TallyError};
 
-use crate::bounding::group_cut_udaf;
+use crate::bounding::{BoundedTotals, Bounding, Measure};
 
 fn bad(message: impl Into<String>) -> TallyError {
     TallyError::new(ErrorCode::BadRequest, message)
@@ -61,92 +60,58 @@ pub enum Aggregation {
     /// Exact aggregates, for policies without noise (tests that compare answers with a
     /// central computation): the partial schema's columns, nothing bounded.
     Exact,
-    /// Bounded per patient: the columns noise is added to. Counts are Int64, sums and sums
-    /// of squares Decimal128(38, 0) in fixed-point units, and [`UNITS`] counts the patients
-    /// left in each group after bounding.
+    /// Bounded per patient: the columns noise is added to (see
+    /// [`Bounding::output_schema`]).
     Bounded {
         /// The contribution bounds.
         bounds: ContributionBounds,
-        /// The keyed hash that chooses a patient's groups.
-        rank: Arc<ScalarUDF>,
+        /// The node's secret for the keyed hash that chooses a patient's groups.
+        key: [u8; 32],
     },
 }
-
-/// The column of a bounded plan counting each group's patients.
-pub const UNITS: &str = "__tally_units";
 
 /// How a node runs a release.
 pub enum ReleasePlan {
-    /// One plan, run to the end.
-    Single(LogicalPlan),
-    /// The per-patient table first, kept in memory, then [`Cut::plan`] over it: the cut of
-    /// each patient's groups and the totals both read it, and computing it once halves the
-    /// work.
-    PerPatient {
-        /// The per-(patient, group) aggregates, each with its keyed rank.
-        per_patient: LogicalPlan,
-        /// What is done with them.
-        cut: Cut,
+    /// Exact aggregates: one plan, run to the end.
+    Exact(LogicalPlan),
+    /// Bounded aggregates: the release's rows in patient order (the patient, the groups,
+    /// the arguments), totalled by [`BoundedTotals`] under `bounding`.
+    Bounded {
+        /// The rows, sorted by patient.
+        rows: LogicalPlan,
+        /// The bounds and the rows' layout.
+        bounding: Bounding,
     },
 }
 
-/// The second half of a release whose patients may fall in too many groups.
-pub struct Cut {
-    groups_per_unit: u64,
-    group_names: Vec<Expr>,
-    capped: Vec<Expr>,
-}
-
-impl Cut {
-    /// The plan over the per-patient table `rows` (of `schema`): each patient's
-    /// `groups_per_unit` lowest-ranked groups, capped and summed per group.
-    pub fn plan(
-        self,
-        schema: SchemaRef,
-        rows: Vec<RecordBatch>,
-    ) -> Result<LogicalPlan, TallyError> {
-        let table = MemTable::try_new(schema, vec![rows]).map_err(engine)?;
-        let ranked =
-            LogicalPlanBuilder::scan(PER_PATIENT, provider_as_source(Arc::new(table)), None)
-                .and_then(|b| b.build())
-                .map_err(engine)?;
-        let cut = Expr::AggregateFunction(AggregateFunction::new_udf(
-            Arc::new(group_cut_udaf(
-                usize::try_from(self.groups_per_unit).unwrap_or(usize::MAX),
-            )),
-            vec![col(RANK)],
-            false,
-            None,
-            vec![],
-            None,
-        ));
-        let cuts = LogicalPlanBuilder::from(ranked.clone())
-            .aggregate(vec![col(UNIT).alias(CUT_UNIT)], vec![cut.alias(CUT)])
-            .and_then(|b| b.build())
-            .map_err(engine)?;
-        LogicalPlanBuilder::from(ranked)
-            .join(
-                cuts,
-                JoinType::Inner,
-                (
-                    vec![Column::from_name(UNIT)],
-                    vec![Column::from_name(CUT_UNIT)],
-                ),
-                None,
-            )
-            .and_then(|b| b.filter(col(CUT).is_null().or(col(RANK).lt_eq(col(CUT)))))
-            .and_then(|b| b.aggregate(self.group_names, self.capped))
-            .and_then(|b| b.build())
-            .map_err(engine)
+impl ReleasePlan {
+    /// Runs the plan to the end over `ctx`.
+    pub async fn run(self, ctx: &SessionContext) -> DfResult<Vec<RecordBatch>> {
+        match self {
+            ReleasePlan::Exact(plan) => DataFrame::new(ctx.state(), plan).collect().await,
+            ReleasePlan::Bounded { rows, bounding } => {
+                let plan = ctx.state().create_physical_plan(&rows).await?;
+                // One ordered stream: a patient split over two would count twice (the
+                // totals also refuse rows out of order).
+                if plan.output_partitioning().partition_count() != 1 {
+                    return datafusion::common::exec_err!(
+                        "a bounded release's rows are not one stream"
+                    );
+                }
+                let mut totals = BoundedTotals::new(bounding, &plan.schema())?;
+                let mut stream = plan.execute(0, ctx.task_ctx())?;
+                while let Some(batch) = stream.next().await {
+                    totals.add(&batch?)?;
+                }
+                Ok(vec![totals.finish()?])
+            }
+        }
     }
 }
 
-/// The name the per-patient table is scanned under.
-const PER_PATIENT: &str = "__tally_per_patient";
-
 /// The plan for `release` over `ctx`'s tables, validated against `governance` (already
 /// done by the caller) and this trust's schemas: group columns `g0..`, then one column per
-/// partial `p0..` (and [`UNITS`] when bounded); and the partial schema the trust answers
+/// partial `p0..` (and [`crate::bounding::UNITS`] when bounded); and the partial schema the trust answers
 /// with.
 pub async fn build_plan(
     ctx: &SessionContext,
@@ -234,45 +199,25 @@ pub async fn build_plan(
                 .and_then(|b| b.project(outputs))
                 .and_then(|b| b.build())
                 .map_err(engine)?;
-            Ok((ReleasePlan::Single(plan), expected))
+            Ok((ReleasePlan::Exact(plan), expected))
         }
-        Aggregation::Bounded { bounds, rank } => {
-            let unit = column_expr(&release.fact, unit);
+        Aggregation::Bounded { bounds, key } => {
             let group_types: Vec<DataType> = expected.fields()[..groups.len()]
                 .iter()
                 .map(|f| f.data_type().clone())
                 .collect();
-            let per_group = PerGroup {
-                groups,
-                group_types,
-                unit,
-            };
+            let cut = needs_cut(governance, release, &group_types, *bounds)?;
+            let unit = column_expr(&release.fact, unit);
             let plan = bounded(
-                builder, governance, release, &partials, per_group, *bounds, rank,
+                builder, governance, &partials, unit, groups, *bounds, cut, *key,
             )?;
             Ok((plan, expected))
         }
     }
 }
 
-/// What a bounded plan groups by: the group expressions and their types, and the patient.
-struct PerGroup {
-    groups: Vec<Expr>,
-    group_types: Vec<DataType>,
-    unit: Expr,
-}
-
 /// The hidden column holding each row's patient in a bounded plan.
 const UNIT: &str = "__tally_unit";
-
-/// The hidden keyed rank of a (patient, group).
-const RANK: &str = "__tally_rank";
-
-/// The hidden patient column of the per-patient cut-offs.
-const CUT_UNIT: &str = "__tally_cut_unit";
-
-/// The hidden per-patient cut-off rank.
-const CUT: &str = "__tally_cut";
 
 /// Whether a patient could fall in more groups than the bounds allow: not when there are
 /// no groups, nor when every key is public and there are no more keys than that.
@@ -289,120 +234,96 @@ fn needs_cut(
     Ok(keys.is_none_or(|keys| keys.len() as u64 > bounds.groups_per_unit))
 }
 
-/// Per (patient, group) aggregates, a patient's groups cut to `groups_per_unit` by keyed
-/// rank, each per-patient aggregate capped or clamped, then summed per group.
+/// The release's rows in patient order (the patient, the groups, then one argument per
+/// measured column: its fixed-point value for sums, the bare column for counts), and the
+/// bounds [`BoundedTotals`] enforces over them.
+#[allow(clippy::too_many_arguments)]
 fn bounded(
     builder: LogicalPlanBuilder,
     governance: &Governance,
-    release: &ReleaseQuery,
     partials: &[Partial],
-    per_group: PerGroup,
+    unit: Expr,
+    groups: Vec<Expr>,
     bounds: ContributionBounds,
-    rank: &Arc<ScalarUDF>,
+    cut: bool,
+    key: [u8; 32],
 ) -> Result<ReleasePlan, TallyError> {
-    let PerGroup {
-        groups,
-        group_types,
-        unit,
-    } = per_group;
-    let rows = i64::try_from(bounds.rows_per_group).unwrap_or(i64::MAX);
-    let mut per_unit = Vec::new();
-    let mut capped = Vec::new();
-    for (i, partial) in partials.iter().enumerate() {
-        let name = partial_column(i);
-        let fixed = FixedPoint::of_partial(governance, partial)?
-            .and_then(|fixed| partial.column().map(|column| (column, fixed)));
-        let (expr, low, high) = match (partial, fixed) {
-            (Partial::Rows, _) => (count(lit(1i64)), 0, rows),
-            (Partial::Count(column), _) => (count(column_ref_expr(column)), 0, rows),
-            (Partial::Sum(_), Some((column, fixed))) => {
+    let rows = i128::from(bounds.rows_per_group);
+    // Sums first, so a column both counted and summed is read once, as fixed point (NULL
+    // exactly where the value is).
+    let mut arguments: Vec<(ColumnRef, Expr)> = Vec::new();
+    let mut fixed_points = Vec::new();
+    for partial in partials {
+        let fixed = FixedPoint::of_partial(governance, partial)?;
+        fixed_points.push(fixed);
+        if let (Some(column), Some(fixed)) = (partial.column(), fixed)
+            && !arguments.iter().any(|(c, _)| c == column)
+        {
+            arguments.push((column.clone(), fixed_point(column, fixed)));
+        }
+    }
+    for partial in partials {
+        if let Partial::Count(column) = partial
+            && !arguments.iter().any(|(c, _)| c == column)
+        {
+            arguments.push((column.clone(), column_ref_expr(column)));
+        }
+    }
+    let arg = |column: &ColumnRef| {
+        arguments
+            .iter()
+            .position(|(c, _)| c == column)
+            .ok_or_else(|| bad("a measured column has no argument"))
+    };
+    let mut measures = Vec::new();
+    for (partial, fixed) in partials.iter().zip(&fixed_points) {
+        let measure = match (partial, fixed) {
+            (Partial::Rows, _) => Measure::Rows,
+            (Partial::Count(column), _) => Measure::Values { arg: arg(column)? },
+            (Partial::Sum(column), Some(fixed)) => {
                 let (low, high) = fixed.fixed_bounds();
-                (
-                    sum(fixed_point(column, fixed)),
-                    rows.saturating_mul(low.min(0)),
-                    rows.saturating_mul(high.max(0)),
-                )
+                Measure::Sum {
+                    arg: arg(column)?,
+                    low: rows * i128::from(low.min(0)),
+                    high: rows * i128::from(high.max(0)),
+                }
             }
-            (Partial::SumSquares(_), Some((column, fixed))) => {
-                let value = fixed_point(column, fixed);
-                let magnitude = i64::try_from(fixed.magnitude()).unwrap_or(i64::MAX);
-                (
-                    sum(value.clone() * value),
-                    0,
-                    rows.saturating_mul(magnitude.saturating_mul(magnitude)),
-                )
+            (Partial::SumSquares(column), Some(fixed)) => {
+                let magnitude = i128::try_from(fixed.magnitude()).unwrap_or(i128::MAX);
+                Measure::SumSquares {
+                    arg: arg(column)?,
+                    low: 0,
+                    high: rows.saturating_mul(magnitude.saturating_mul(magnitude)),
+                }
             }
             (Partial::Sum(_) | Partial::SumSquares(_), None) => {
-                return Err(bad("a sum has no column"));
+                return Err(bad("a sum has no bounds"));
             }
         };
-        per_unit.push(expr.alias(name.clone()));
-        // A patient with more than `rows` values in a group counts `rows` of them: counts
-        // are capped, and sums scaled to `rows` times the patient's own mean there, so the
-        // group's mean is not skewed by how many rows were cut.
-        let per_patient = match (partial, fixed) {
-            (Partial::Rows | Partial::Count(_), _) => col(&name),
-            (Partial::Sum(_) | Partial::SumSquares(_), None) => {
-                return Err(bad("a sum has no column"));
-            }
-            (Partial::Sum(_) | Partial::SumSquares(_), Some((column, _))) => {
-                let values = format!("{name}_values");
-                per_unit.push(count(column_ref_expr(column)).alias(values.clone()));
-                // A patient with no value of the column adds nothing (not NULL, which the
-                // clamp below would turn into its upper bound).
-                coalesce(vec![
-                    col(&name) * least(vec![col(&values), lit(rows)])
-                        / nullif(col(&values), lit(0i64)),
-                    lit(0i64),
-                ])
-            }
-        };
-        let clamped = greatest(vec![lit(low), least(vec![per_patient, lit(high)])]);
-        let value = match partial {
-            Partial::Rows | Partial::Count(_) => clamped,
-            Partial::Sum(_) | Partial::SumSquares(_) => cast(clamped, DataType::Decimal128(38, 0)),
-        };
-        capped.push(sum(value).alias(name));
+        measures.push(measure);
     }
-    capped.push(count(lit(1i64)).alias(UNITS));
-    let group_names: Vec<Expr> = (0..groups.len()).map(|i| col(group_column(i))).collect();
-    let mut unit_and_groups = vec![unit.alias(UNIT)];
-    unit_and_groups.extend(groups);
-    let builder = builder
-        .aggregate(unit_and_groups, per_unit)
-        .map_err(engine)?;
-    if needs_cut(governance, release, &group_types, bounds)? {
-        // Each patient's groups ranked by the keyed hash; the patient's `groups_per_unit`
-        // lowest count (see [`Cut`]: an aggregate per patient and a join; a window
-        // partitioned by patient costs several times more).
-        let mut hashed = vec![col(UNIT)];
-        hashed.extend(group_names.iter().cloned());
-        let rank_of = Expr::ScalarFunction(ScalarFunction::new_udf(rank.clone(), hashed));
-        let mut columns: Vec<Expr> = builder
-            .schema()
-            .columns()
+    let bounding = Bounding {
+        groups: groups.len(),
+        arguments: arguments.len(),
+        measures,
+        rows_per_group: bounds.rows_per_group,
+        groups_per_unit: cut.then(|| usize::try_from(bounds.groups_per_unit).unwrap_or(usize::MAX)),
+        key,
+    };
+    let mut columns = vec![unit.alias(UNIT)];
+    columns.extend(groups);
+    columns.extend(
+        arguments
             .into_iter()
-            .map(Expr::Column)
-            .collect();
-        columns.push(rank_of.alias(RANK));
-        let per_patient = builder
-            .project(columns)
-            .and_then(|b| b.build())
-            .map_err(engine)?;
-        return Ok(ReleasePlan::PerPatient {
-            per_patient,
-            cut: Cut {
-                groups_per_unit: bounds.groups_per_unit,
-                group_names,
-                capped,
-            },
-        });
-    }
-    builder
-        .aggregate(group_names, capped)
+            .enumerate()
+            .map(|(i, (_, expr))| expr.alias(format!("__tally_argument_{i}"))),
+    );
+    let rows = builder
+        .project(columns)
+        .and_then(|b| b.sort(vec![col(UNIT).sort(true, true)]))
         .and_then(|b| b.build())
-        .map(ReleasePlan::Single)
-        .map_err(engine)
+        .map_err(engine)?;
+    Ok(ReleasePlan::Bounded { rows, bounding })
 }
 
 /// A value clamped to its bounds, in integer fixed point; NULL stays NULL (`least` and
@@ -632,10 +553,10 @@ mod tests {
     use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray};
     use arrow::datatypes::{Decimal128Type, Field, Int64Type, Schema};
     use datafusion::datasource::MemTable;
-    use datafusion::prelude::DataFrame;
+    use std::sync::Arc;
     use tally_common::model::{Aggregate, MODEL_VERSION};
 
-    use crate::bounding::keyed_rank_udf;
+    use crate::bounding::UNITS;
 
     fn governance() -> Governance {
         let data: serde_json::Value =
@@ -697,25 +618,12 @@ mod tests {
         let governance = governance();
         let aggregation = Aggregation::Bounded {
             bounds: ContributionBounds::of(&governance, release),
-            rank: Arc::new(keyed_rank_udf([key; 32])),
+            key: [key; 32],
         };
         let (plan, _) = build_plan(ctx, &governance, release, &aggregation)
             .await
             .unwrap();
-        let batches = match plan {
-            ReleasePlan::Single(plan) => DataFrame::new(ctx.state(), plan).collect().await,
-            ReleasePlan::PerPatient { per_patient, cut } => {
-                let schema = Arc::new(per_patient.schema().as_arrow().clone());
-                let rows = DataFrame::new(ctx.state(), per_patient)
-                    .collect()
-                    .await
-                    .unwrap();
-                DataFrame::new(ctx.state(), cut.plan(schema, rows).unwrap())
-                    .collect()
-                    .await
-            }
-        }
-        .unwrap();
+        let batches = plan.run(ctx).await.unwrap();
         let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
         // In the order of the first group column, for comparisons.
         let order = arrow::compute::sort_to_indices(batch.column(0), None, None).unwrap();

@@ -20,9 +20,8 @@ use arrow_flight::sql::{
     CommandGetTables, CommandStatementQuery, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{FlightDescriptor, FlightInfo, HandshakeRequest, HandshakeResponse, Ticket};
-use datafusion::logical_expr::LogicalPlan;
 
-use datafusion::prelude::{DataFrame, SessionContext};
+use datafusion::prelude::SessionContext;
 use futures::Stream;
 use serde::Serialize;
 use tally_common::admission::{BudgetState, Origin, Refused, RequestIdentity, decide};
@@ -40,7 +39,6 @@ use tally_common::tls::{RefusedConnection, certificate_identity};
 use tally_common::{ErrorCode, TallyError};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::bounding::keyed_rank_udf;
 use crate::budget::{PrivacyState, Slot};
 use crate::identity::NodeIdentity;
 use crate::protect::protect;
@@ -407,31 +405,12 @@ impl NodeService {
         }
     }
 
-    /// Runs a release's plan to the end within the query's time limit: the per-patient
-    /// table first, when the plan has one.
+    /// Runs a release's plan to the end within the query's time limit (an answer finished
+    /// after the limit is not given either).
     async fn run(
         &self,
         ctx: &SessionContext,
         plan: ReleasePlan,
-        context: &RequestContext,
-    ) -> Result<Vec<RecordBatch>, TallyError> {
-        match plan {
-            ReleasePlan::Single(plan) => self.run_plan(ctx, plan, context).await,
-            ReleasePlan::PerPatient { per_patient, cut } => {
-                let schema = Arc::new(per_patient.schema().as_arrow().clone());
-                let rows = self.run_plan(ctx, per_patient, context).await?;
-                let plan = cut.plan(schema, rows)?;
-                self.run_plan(ctx, plan, context).await
-            }
-        }
-    }
-
-    /// Runs `plan` to the end within the query's time limit (an answer finished after the
-    /// limit is not given either).
-    async fn run_plan(
-        &self,
-        ctx: &SessionContext,
-        plan: LogicalPlan,
         context: &RequestContext,
     ) -> Result<Vec<RecordBatch>, TallyError> {
         let timeout = || {
@@ -447,8 +426,7 @@ impl NodeService {
         if remaining.is_zero() {
             return Err(timeout());
         }
-        let frame = DataFrame::new(ctx.state(), plan);
-        match tokio::time::timeout(remaining, frame.collect()).await {
+        match tokio::time::timeout(remaining, plan.run(ctx)).await {
             Ok(Ok(_)) if context.started.elapsed() > self.query_timeout => Err(timeout()),
             Ok(Ok(batches)) => Ok(batches),
             Ok(Err(err)) => Err(TallyError::from_execution(err, &context.query_id)),
@@ -519,7 +497,7 @@ impl NodeService {
         let bounds = ContributionBounds::of(governance, release);
         let aggregation = Aggregation::Bounded {
             bounds,
-            rank: Arc::new(keyed_rank_udf(state.bounding_key)),
+            key: state.bounding_key,
         };
         let (plan, expected) = build_plan(ctx, governance, release, &aggregation)
             .await

@@ -14,6 +14,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::{Column, Result, ScalarValue};
+use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::datasource::TableType;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_expr::PhysicalExpr;
@@ -22,6 +23,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+use sha2::{Digest, Sha256};
 
 use tally_common::{ErrorCode, TallyError};
 
@@ -54,6 +56,29 @@ pub async fn open_tables(
         ));
     }
     Ok(opened)
+}
+
+/// Each table with a privacy unit (`unit_of` its name) read instead from a copy of its rows
+/// in patient order, written into `dir` the first time the table's files are seen (and
+/// kept while they do not change): bounded releases read a patient's rows together, so
+/// they need no sort. Copies of earlier versions of the files are removed.
+pub async fn cluster(
+    ctx: &SessionContext,
+    tables: Vec<(String, Arc<TrustTable>)>,
+    unit_of: &dyn Fn(&str) -> Option<String>,
+    dir: &Path,
+) -> Result<Vec<(String, Arc<TrustTable>)>, NodeError> {
+    let mut clustered = Vec::new();
+    for (name, table) in tables {
+        let table = match unit_of(&name) {
+            Some(unit) if table.inner.schema().field_with_name(&unit).is_ok() => {
+                Arc::new(table.clustered(ctx, &name, &unit, dir).await?)
+            }
+            Some(_) | None => table,
+        };
+        clustered.push((name, table));
+    }
+    Ok(clustered)
 }
 
 /// Opens the files of one table (inferring their schema) without registering it; refuses
@@ -296,6 +321,85 @@ impl TrustTable {
             excluded: applies.then(|| excluded.clone()),
             files: self.files.clone(),
         }
+    }
+
+    /// The same table read from a copy of its rows ordered by `unit` (NULL first) in
+    /// `dir`, written now unless a copy of the same files is already there.
+    async fn clustered(
+        &self,
+        ctx: &SessionContext,
+        name: &str,
+        unit: &str,
+        dir: &Path,
+    ) -> Result<TrustTable, NodeError> {
+        let fail = |reason: String| NodeError::Table {
+            table: name.to_string(),
+            reason: format!("its copy in patient order: {reason}"),
+        };
+        let engine = |e: datafusion::error::DataFusionError| fail(e.message().to_string());
+        let order = vec![Expr::Column(Column::from_name(unit)).sort(true, true)];
+        let digest = Sha256::digest(format!("{}\0{unit}", self.fingerprint()));
+        let prefix = format!("{name}-");
+        let file = format!("{prefix}{}.parquet", hex::encode(&digest[..12]));
+        let path = dir.join(&file);
+        std::fs::create_dir_all(dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+        if !path.exists() {
+            tracing::info!(
+                table = name,
+                unit,
+                "writing the table's rows in patient order"
+            );
+            let partial = dir.join(format!(".{file}.{}.parquet", uuid::Uuid::new_v4()));
+            let text = partial
+                .to_str()
+                .ok_or_else(|| fail("the state folder is not valid UTF-8".into()))?;
+            ctx.read_table(self.inner.clone())
+                .and_then(|frame| frame.sort(order.clone()))
+                .map_err(engine)?
+                .write_parquet(
+                    text,
+                    DataFrameWriteOptions::new().with_single_file_output(true),
+                    None,
+                )
+                .await
+                .map_err(engine)?;
+            File::open(&partial)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::rename(&partial, &path))
+                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        }
+        for entry in std::fs::read_dir(dir).map_err(|e| fail(e.to_string()))? {
+            let entry = entry.map_err(|e| fail(e.to_string()))?;
+            let other = entry.file_name().to_string_lossy().to_string();
+            let stale = (other.starts_with(&prefix) && other != file)
+                || other.starts_with(&format!(".{prefix}"));
+            if stale {
+                // Best effort: a copy left behind is only disk space.
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let schema = self.inner.schema();
+        let options = ParquetReadOptions::default()
+            .schema(&schema)
+            .file_sort_order(vec![order]);
+        let staging = format!("__tally_clustering_{name}");
+        let text = path
+            .to_str()
+            .ok_or_else(|| fail("the state folder is not valid UTF-8".into()))?;
+        ctx.register_parquet(&staging, text, options)
+            .await
+            .map_err(engine)?;
+        let inner = ctx
+            .deregister_table(&staging)
+            .map_err(engine)?
+            .ok_or_else(|| fail("the copy vanished while loading".into()))?;
+        Ok(TrustTable {
+            inner,
+            schema: self.schema.clone(),
+            trust_code: self.trust_code.clone(),
+            excluded: self.excluded.clone(),
+            files: self.files.clone(),
+        })
     }
 
     /// The fingerprint of the table's files (see [`TableFiles::fingerprint`]).
