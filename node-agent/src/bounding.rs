@@ -14,16 +14,18 @@ use std::hash::Hasher as _;
 use std::path::Path;
 use std::sync::Arc;
 
+use arrow::array::Float64Array;
 use arrow::array::{
     Array, ArrayRef, AsArray, Decimal128Array, Int64Array, RecordBatch, StringArray, UInt64Array,
 };
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
 use datafusion::common::{Result as DfResult, exec_err};
 use datafusion::logical_expr::EmitTo;
 use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use siphasher::sip::SipHasher24;
 use tally_common::model::partial_column;
+use tally_common::privacy::FixedPoint;
 use tally_common::{ErrorCode, TallyError};
 
 /// The column of a bounded answer counting each group's patients.
@@ -86,14 +88,14 @@ pub enum Measure {
 }
 
 /// The bounds [`BoundedTotals`] enforces, and the layout of its input: the patient, then
-/// `groups` group columns, then `arguments` columns (Int64 fixed point for sums; for a
-/// count of values any type, of which only NULLs matter).
+/// `groups` group columns, then one column per argument.
 #[derive(Debug, Clone)]
 pub struct Bounding {
     /// How many group columns follow the patient.
     pub groups: usize,
-    /// How many argument columns follow the groups.
-    pub arguments: usize,
+    /// Per argument column: the fixed point its values are clamped to and summed in, or
+    /// `None` when only its NULLs matter (a count of values).
+    pub arguments: Vec<Option<FixedPoint>>,
     /// One per partial, in the partials' order.
     pub measures: Vec<Measure>,
     /// The most rows one patient counts in one group.
@@ -264,10 +266,27 @@ impl Units {
     }
 }
 
-/// A batch's argument column: fixed-point numbers, or any column whose NULLs are counted.
+/// A batch's argument column: numbers to clamp and sum in fixed point (with their
+/// squares when a measure needs them), or any column whose NULLs are counted.
 enum Argument<'a> {
-    Numbers(&'a Int64Array),
+    Numbers {
+        values: Float64Array,
+        fixed: FixedPoint,
+        squares: bool,
+    },
     Presence(&'a ArrayRef),
+}
+
+impl Argument<'_> {
+    /// Row `row`'s value in fixed point, clamped; `None` when missing (NULL or NaN).
+    fn fixed(values: &Float64Array, fixed: &FixedPoint, row: usize) -> Option<i128> {
+        let value = values.value(row);
+        if values.is_null(row) || value.is_nan() {
+            return None;
+        }
+        let clamped = value.clamp(fixed.low, fixed.high) * fixed.scale as f64;
+        Some(i128::from(clamped.round() as i64))
+    }
 }
 
 /// What one patient has in one group so far, per argument.
@@ -342,6 +361,8 @@ pub struct BoundedTotals {
     /// Per group id, the patients counted.
     units: Vec<i64>,
     patient: Patient,
+    /// Per argument, whether a measure sums its squares.
+    squared: Vec<bool>,
     ids: Vec<usize>,
     order: Vec<(u64, u64, usize)>,
 }
@@ -349,7 +370,7 @@ pub struct BoundedTotals {
 impl BoundedTotals {
     /// Totals for rows of `input`'s schema, laid out as `bounding` says.
     pub fn new(bounding: Bounding, input: &Schema) -> DfResult<Self> {
-        if input.fields().len() != 1 + bounding.groups + bounding.arguments {
+        if input.fields().len() != 1 + bounding.groups + bounding.arguments.len() {
             return exec_err!("a bounded release's rows have the wrong number of columns");
         }
         let keys = if bounding.groups == 0 {
@@ -376,6 +397,14 @@ impl BoundedTotals {
                 accumulated: Vec::new(),
                 index: HashMap::new(),
             },
+            squared: (0..bounding.arguments.len())
+                .map(|a| {
+                    bounding
+                        .measures
+                        .iter()
+                        .any(|m| matches!(m, Measure::SumSquares { arg, .. } if *arg == a))
+                })
+                .collect(),
             ids: Vec::new(),
             order: Vec::new(),
             bounding,
@@ -387,16 +416,26 @@ impl BoundedTotals {
     pub fn add(&mut self, batch: &RecordBatch) -> DfResult<()> {
         let rows = batch.num_rows();
         let groups = self.bounding.groups;
-        let arguments = self.bounding.arguments;
+        let arguments = self.bounding.arguments.len();
         let units = Units::of(batch.column(0))?;
         self.group_ids(&batch.columns()[1..=groups], rows)?;
-        let columns: Vec<Argument> = batch.columns()[1 + groups..]
+        let mut columns = Vec::with_capacity(arguments);
+        for (a, (column, fixed)) in batch.columns()[1 + groups..]
             .iter()
-            .map(|column| match column.as_primitive_opt::<Int64Type>() {
-                Some(numbers) => Argument::Numbers(numbers),
+            .zip(&self.bounding.arguments)
+            .enumerate()
+        {
+            columns.push(match fixed {
+                Some(fixed) => Argument::Numbers {
+                    values: arrow::compute::cast(column, &DataType::Float64)?
+                        .as_primitive::<Float64Type>()
+                        .clone(),
+                    fixed: *fixed,
+                    squares: self.squared[a],
+                },
                 None => Argument::Presence(column),
-            })
-            .collect();
+            });
+        }
         for row in 0..rows {
             let next = match &self.patient.unit {
                 None => true,
@@ -418,12 +457,18 @@ impl BoundedTotals {
             let accumulated = &mut self.patient.accumulated[entry * arguments..][..arguments];
             for (column, accumulated) in columns.iter().zip(accumulated) {
                 match column {
-                    Argument::Numbers(numbers) => {
-                        if numbers.is_valid(row) {
-                            let value = i128::from(numbers.value(row));
+                    Argument::Numbers {
+                        values,
+                        fixed,
+                        squares,
+                    } => {
+                        if let Some(value) = Argument::fixed(values, fixed, row) {
                             accumulated.values += 1;
                             accumulated.sum = accumulated.sum.saturating_add(value);
-                            accumulated.squares = accumulated.squares.saturating_add(value * value);
+                            if *squares {
+                                accumulated.squares =
+                                    accumulated.squares.saturating_add(value * value);
+                            }
                         }
                     }
                     Argument::Presence(array) => {
@@ -497,7 +542,7 @@ impl BoundedTotals {
             Some(_) | None => self.order.extend((0..entries).map(|entry| (0, 0, entry))),
         }
         let cap = i128::from(self.bounding.rows_per_group);
-        let arguments = self.bounding.arguments;
+        let arguments = self.bounding.arguments.len();
         let measures = self.bounding.measures.len();
         for &(_, _, entry) in &self.order {
             let group = patient.groups[entry];
@@ -642,7 +687,11 @@ mod tests {
     fn bounding(groups_per_unit: Option<usize>) -> Bounding {
         Bounding {
             groups: 1,
-            arguments: 1,
+            arguments: vec![Some(FixedPoint {
+                low: 0.0,
+                high: 100.0,
+                scale: 1,
+            })],
             measures: vec![
                 Measure::Rows,
                 Measure::Sum {

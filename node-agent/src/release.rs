@@ -12,11 +12,16 @@ use arrow::record_batch::RecordBatch;
 use datafusion::common::{Column, Result as DfResult, ScalarValue};
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::FunctionRegistry;
-use datafusion::functions::core::expr_fn::{greatest, least};
-use datafusion::functions::math::expr_fn::round;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::functions::string::expr_fn::starts_with;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
+use std::sync::Arc;
+
+use arrow::array::{AsArray, StringArray};
 use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
 use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
 use datafusion::physical_plan::ExecutionPlanProperties;
 use datafusion::prelude::{DataFrame, SessionContext};
@@ -90,7 +95,20 @@ impl ReleasePlan {
         match self {
             ReleasePlan::Exact(plan) => DataFrame::new(ctx.state(), plan).collect().await,
             ReleasePlan::Bounded { rows, bounding } => {
-                let plan = ctx.state().create_physical_plan(&rows).await?;
+                // One partition: the rows arrive in the files' patient order through
+                // order-preserving joins (the small side built), with no sort or merge.
+                let state = ctx.state();
+                // (Not creating a default catalog, which would replace the tables' own in
+                // the catalogue list this state shares with the context.)
+                let config = state
+                    .config()
+                    .clone()
+                    .with_target_partitions(1)
+                    .with_create_default_catalog_and_schema(false);
+                let state = SessionStateBuilder::new_from_existing(state)
+                    .with_config(config)
+                    .build();
+                let plan = state.create_physical_plan(&rows).await?;
                 // One ordered stream: a patient split over two would count twice (the
                 // totals also refuse rows out of order).
                 if plan.output_partitioning().partition_count() != 1 {
@@ -99,7 +117,7 @@ impl ReleasePlan {
                     );
                 }
                 let mut totals = BoundedTotals::new(bounding, &plan.schema())?;
-                let mut stream = plan.execute(0, ctx.task_ctx())?;
+                let mut stream = plan.execute(0, state.task_ctx())?;
                 while let Some(batch) = stream.next().await {
                     totals.add(&batch?)?;
                 }
@@ -148,16 +166,26 @@ pub async fn build_plan(
                 prefix,
                 low,
                 high,
-            } => builder.join_on(
-                right,
-                JoinType::Inner,
-                [datafusion::functions::unicode::expr_fn::substring(
+            } => {
+                let code = datafusion::functions::unicode::expr_fn::substring(
                     column_expr(&release.fact, code),
                     lit(1i64),
                     lit(i64::from(*prefix)),
-                )
-                .between(column_expr(join, low), column_expr(join, high))],
-            ),
+                );
+                match range_lookup(ctx, join, low, high, &code).await? {
+                    // An equi-join on each code's range: the reference table is built and
+                    // the fact rows keep their order (a bounded release needs them in
+                    // patient order, which a nested-loop join would lose).
+                    Some(range) => {
+                        builder.join_on(right, JoinType::Inner, [range.eq(column_expr(join, low))])
+                    }
+                    None => builder.join_on(
+                        right,
+                        JoinType::Inner,
+                        [code.between(column_expr(join, low), column_expr(join, high))],
+                    ),
+                }
+            }
         }
         .map_err(engine)?;
     }
@@ -216,6 +244,106 @@ pub async fn build_plan(
     }
 }
 
+/// The most ranges of a reference table looked up by a `CASE` rather than joined.
+const RANGE_LOOKUP_LIMIT: usize = 1_000;
+
+/// The lower bound of the one range of `table` holding each code (NULL when none does), as
+/// a lookup by binary search, when the table is small, its bounds are text and its ranges
+/// do not overlap (so at most one matches); otherwise `None`.
+async fn range_lookup(
+    ctx: &SessionContext,
+    table: &str,
+    low: &str,
+    high: &str,
+    code: &Expr,
+) -> Result<Option<Expr>, TallyError> {
+    let frame = ctx
+        .table(table)
+        .await
+        .and_then(|t| t.select(vec![col_named(low), col_named(high)]))
+        .and_then(|t| t.limit(0, Some(RANGE_LOOKUP_LIMIT + 1)))
+        .map_err(engine)?;
+    let batches = frame.collect().await.map_err(engine)?;
+    let mut ranges = Vec::new();
+    let mut low_type = DataType::Utf8;
+    for batch in &batches {
+        low_type = batch.column(0).data_type().clone();
+        for row in 0..batch.num_rows() {
+            let bound = |c: usize| {
+                ScalarValue::try_from_array(batch.column(c), row)
+                    .ok()
+                    .and_then(|v| v.try_as_str().flatten().map(str::to_string))
+            };
+            match (bound(0), bound(1)) {
+                (Some(l), Some(h)) => ranges.push((l, h)),
+                (None, _) | (_, None) => return Ok(None),
+            }
+        }
+    }
+    if ranges.is_empty() || ranges.len() > RANGE_LOOKUP_LIMIT {
+        return Ok(None);
+    }
+    ranges.sort();
+    if !ranges.windows(2).all(|pair| pair[0].1 < pair[1].0) {
+        return Ok(None);
+    }
+    let udf = ScalarUDF::new_from_impl(RangeLookup {
+        ranges,
+        output: low_type,
+        signature: Signature::any(1, Volatility::Immutable),
+    });
+    Ok(Some(Expr::ScalarFunction(ScalarFunction::new_udf(
+        Arc::new(udf),
+        vec![code.clone()],
+    ))))
+}
+
+/// `__tally_range_low(code)`: the lower bound of the sorted, disjoint range holding `code`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct RangeLookup {
+    ranges: Vec<(String, String)>,
+    output: DataType,
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for RangeLookup {
+    fn name(&self) -> &str {
+        "__tally_range_low"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(self.output.clone())
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let codes =
+            arrow::compute::cast(&args.args[0].to_array(args.number_rows)?, &DataType::Utf8)?;
+        let codes = codes.as_string::<i32>();
+        let lows: StringArray = codes
+            .iter()
+            .map(|code| {
+                let code = code?;
+                // The last range starting at or before the code, if the code is within it.
+                let at = self.ranges.partition_point(|(low, _)| low.as_str() <= code);
+                let (low, high) = self.ranges.get(at.checked_sub(1)?)?;
+                (code <= high.as_str()).then_some(low.as_str())
+            })
+            .collect();
+        Ok(ColumnarValue::Array(arrow::compute::cast(
+            &lows,
+            &self.output,
+        )?))
+    }
+}
+
+fn col_named(name: &str) -> Expr {
+    Expr::Column(Column::from_name(name))
+}
+
 /// The hidden column holding each row's patient in a bounded plan.
 const UNIT: &str = "__tally_unit";
 
@@ -249,9 +377,9 @@ fn bounded(
     key: [u8; 32],
 ) -> Result<ReleasePlan, TallyError> {
     let rows = i128::from(bounds.rows_per_group);
-    // Sums first, so a column both counted and summed is read once, as fixed point (NULL
-    // exactly where the value is).
-    let mut arguments: Vec<(ColumnRef, Expr)> = Vec::new();
+    // Sums first, so a column both counted and summed is read once, in fixed point (a
+    // value is missing exactly where the column is NULL).
+    let mut arguments: Vec<(ColumnRef, Option<FixedPoint>)> = Vec::new();
     let mut fixed_points = Vec::new();
     for partial in partials {
         let fixed = FixedPoint::of_partial(governance, partial)?;
@@ -259,14 +387,14 @@ fn bounded(
         if let (Some(column), Some(fixed)) = (partial.column(), fixed)
             && !arguments.iter().any(|(c, _)| c == column)
         {
-            arguments.push((column.clone(), fixed_point(column, fixed)));
+            arguments.push((column.clone(), Some(fixed)));
         }
     }
     for partial in partials {
         if let Partial::Count(column) = partial
             && !arguments.iter().any(|(c, _)| c == column)
         {
-            arguments.push((column.clone(), column_ref_expr(column)));
+            arguments.push((column.clone(), None));
         }
     }
     let arg = |column: &ColumnRef| {
@@ -304,7 +432,7 @@ fn bounded(
     }
     let bounding = Bounding {
         groups: groups.len(),
-        arguments: arguments.len(),
+        arguments: arguments.iter().map(|(_, fixed)| *fixed).collect(),
         measures,
         rows_per_group: bounds.rows_per_group,
         groups_per_unit: cut.then(|| usize::try_from(bounds.groups_per_unit).unwrap_or(usize::MAX)),
@@ -313,10 +441,9 @@ fn bounded(
     let mut columns = vec![unit.alias(UNIT)];
     columns.extend(groups);
     columns.extend(
-        arguments
-            .into_iter()
-            .enumerate()
-            .map(|(i, (_, expr))| expr.alias(format!("__tally_argument_{i}"))),
+        arguments.into_iter().enumerate().map(|(i, (column, _))| {
+            column_ref_expr(&column).alias(format!("__tally_argument_{i}"))
+        }),
     );
     let rows = builder
         .project(columns)
@@ -324,25 +451,6 @@ fn bounded(
         .and_then(|b| b.build())
         .map_err(engine)?;
     Ok(ReleasePlan::Bounded { rows, bounding })
-}
-
-/// A value clamped to its bounds, in integer fixed point; NULL stays NULL (`least` and
-/// `greatest` skip NULLs, so a missing value would otherwise become the upper bound).
-fn fixed_point(column: &ColumnRef, fixed: FixedPoint) -> Expr {
-    let value = cast(column_ref_expr(column), DataType::Float64);
-    let clamped = greatest(vec![
-        lit(fixed.low),
-        least(vec![value.clone(), lit(fixed.high)]),
-    ]);
-    let fixed_value = cast(
-        round(vec![clamped * lit(fixed.scale as f64)]),
-        DataType::Int64,
-    );
-    Expr::Case(datafusion::logical_expr::Case::new(
-        None,
-        vec![(Box::new(value.is_not_null()), Box::new(fixed_value))],
-        None,
-    ))
 }
 
 fn column_expr(table: &str, column: &str) -> Expr {
