@@ -837,6 +837,92 @@ mod tests {
         assert_eq!(answers[0], answers[1]);
     }
 
+    /// A session with a `ranges` table of (code_from, code_to).
+    fn ranges(rows: &[(&str, &str)]) -> SessionContext {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("code_from", DataType::Utf8, false),
+            Field::new("code_to", DataType::Utf8, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+            ],
+        )
+        .unwrap();
+        let ctx = SessionContext::new();
+        ctx.register_table(
+            "ranges",
+            Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+        )
+        .unwrap();
+        ctx
+    }
+
+    #[tokio::test]
+    async fn a_range_lookup_finds_the_range_between_would_and_declines_overlaps() {
+        let table = [("A00", "B99"), ("D50", "D89"), ("C00", "D48")];
+        let ctx = ranges(&table);
+        let codes = [
+            Some("A00"),
+            Some("B99"),
+            Some("C00"),
+            Some("D49"),
+            Some("D50"),
+            Some("D89"),
+            Some("D90"),
+            Some("Z"),
+            Some(""),
+            None,
+        ];
+        let lookup = range_lookup(&ctx, "ranges", "code_from", "code_to", &col("code"))
+            .await
+            .unwrap()
+            .expect("small disjoint text ranges are looked up");
+        let schema = Arc::new(Schema::new(vec![Field::new("code", DataType::Utf8, true)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(StringArray::from(codes.to_vec()))],
+        )
+        .unwrap();
+        let found = SessionContext::new()
+            .read_batch(batch)
+            .unwrap()
+            .select(vec![lookup.alias("low")])
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let found = arrow::compute::cast(found[0].column(0), &DataType::Utf8).unwrap();
+        let found: Vec<Option<String>> = found
+            .as_string::<i32>()
+            .iter()
+            .map(|v| v.map(str::to_string))
+            .collect();
+        // What `code BETWEEN code_from AND code_to` matches, row by row.
+        let between: Vec<Option<String>> = codes
+            .iter()
+            .map(|code| {
+                let code = (*code)?;
+                table
+                    .iter()
+                    .find(|(low, high)| *low <= code && code <= *high)
+                    .map(|(low, _)| low.to_string())
+            })
+            .collect();
+        assert_eq!(found, between);
+        assert_eq!(found[3], None, "D49 falls between two ranges");
+        let overlapping = ranges(&[("A00", "C99"), ("C50", "D89")]);
+        assert!(
+            range_lookup(&overlapping, "ranges", "code_from", "code_to", &col("code"))
+                .await
+                .unwrap()
+                .is_none(),
+            "overlapping ranges keep the join"
+        );
+    }
+
     #[tokio::test]
     async fn a_missing_value_adds_nothing_to_a_sum() {
         let ctx = episodes(&[

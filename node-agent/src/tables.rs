@@ -371,8 +371,20 @@ impl TrustTable {
         for entry in std::fs::read_dir(dir).map_err(|e| fail(e.to_string()))? {
             let entry = entry.map_err(|e| fail(e.to_string()))?;
             let other = entry.file_name().to_string_lossy().to_string();
-            let stale = (other.starts_with(&prefix) && other != file)
-                || other.starts_with(&format!(".{prefix}"));
+            let is_copy = |name: &str| {
+                name.strip_prefix(&prefix)
+                    .and_then(|rest| rest.strip_suffix(".parquet"))
+                    .is_some_and(|digest| {
+                        digest.len() == 24 && digest.bytes().all(|b| b.is_ascii_hexdigit())
+                    })
+            };
+            // Earlier copies of this table, and copies left half-written by a crash
+            // (`.<copy>.<uuid>.parquet`).
+            let half_written = other
+                .strip_prefix('.')
+                .and_then(|rest| rest.split_once(".parquet."))
+                .is_some_and(|(copy, _)| is_copy(&format!("{copy}.parquet")));
+            let stale = (is_copy(&other) && other != file) || half_written;
             if stale {
                 // Best effort: a copy left behind is only disk space.
                 let _ = std::fs::remove_file(entry.path());
@@ -603,6 +615,109 @@ mod tests {
         ctx.register_table("opted_out", Arc::new(table.excluding(&excluded)))
             .expect("registers");
         ctx
+    }
+
+    #[tokio::test]
+    async fn a_table_with_a_privacy_unit_is_served_from_a_copy_in_patient_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("patients.parquet");
+        write_parquet(&data, 500);
+        let copies = dir.path().join("clustered");
+        let ctx = tally_common::session::new_context().expect("context");
+        let unit = |_: &str| Some("person_id".to_string());
+        let cluster_now = || async {
+            let tables = open_tables(&ctx, &[config("patients", &data)], "RXX")
+                .await
+                .expect("opens");
+            cluster(&ctx, tables, &unit, &copies)
+                .await
+                .expect("clusters")
+        };
+        let listing = || {
+            let mut names: Vec<String> = std::fs::read_dir(&copies)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .collect();
+            names.sort();
+            names
+        };
+        let tables = cluster_now().await;
+        let first = listing();
+        assert_eq!(first.len(), 1, "{first:?}");
+        let served = SessionContext::new();
+        served
+            .register_table("patients", tables[0].1.clone())
+            .unwrap();
+        let excluded = Arc::new(Excluded {
+            column: "person_id".into(),
+            people: vec!["p7".into()],
+        });
+        served
+            .register_table("opted_out", Arc::new(tables[0].1.excluding(&excluded)))
+            .unwrap();
+        let ids = |table: &'static str| {
+            let served = served.clone();
+            async move {
+                let batches = served
+                    .sql(&format!("SELECT person_id FROM {table}"))
+                    .await
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap();
+                batches
+                    .iter()
+                    .flat_map(|b| {
+                        let column = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+                        column
+                            .as_any()
+                            .downcast_ref::<StringArray>()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.unwrap().to_string())
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<String>>()
+            }
+        };
+        let rows = ids("patients").await;
+        let mut sorted = rows.clone();
+        sorted.sort();
+        assert_eq!(rows, sorted, "the rows come in patient order");
+        assert_eq!(rows.len(), 500);
+        let without = ids("opted_out").await;
+        assert_eq!(without.len(), 499, "the opt-out still applies to the copy");
+        assert!(!without.contains(&"p7".to_string()));
+        // A restart over the same files reuses the copy; changed files get a new one and
+        // the old is removed.
+        cluster_now().await;
+        assert_eq!(listing(), first);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write_parquet(&data, 300);
+        let tables = cluster_now().await;
+        let second = listing();
+        assert_eq!(second.len(), 1, "{second:?}");
+        assert_ne!(second, first);
+        let served = SessionContext::new();
+        served
+            .register_table("patients", tables[0].1.clone())
+            .unwrap();
+        let count = served
+            .sql("SELECT COUNT(*) FROM patients")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            count[0]
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0),
+            300
+        );
     }
 
     /// The row count of `table`, or the typed error of the query.
