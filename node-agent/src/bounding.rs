@@ -89,7 +89,7 @@ pub enum Measure {
 
 /// The bounds [`BoundedTotals`] enforces, and the layout of its input: the patient, then
 /// `groups` group columns, then one column per argument.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Bounding {
     /// How many group columns follow the patient.
     pub groups: usize,
@@ -105,6 +105,19 @@ pub struct Bounding {
     pub groups_per_unit: Option<usize>,
     /// The node's secret for the keyed hash.
     pub key: [u8; 32],
+}
+
+impl std::fmt::Debug for Bounding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Bounding")
+            .field("groups", &self.groups)
+            .field("arguments", &self.arguments)
+            .field("measures", &self.measures)
+            .field("rows_per_group", &self.rows_per_group)
+            .field("groups_per_unit", &self.groups_per_unit)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Bounding {
@@ -197,7 +210,12 @@ impl Units {
     fn of(array: &ArrayRef) -> DfResult<Self> {
         let data_type = array.data_type();
         if data_type.is_integer() {
-            let numbers = arrow::compute::cast(array, &DataType::Int64)?;
+            // Refused, not turned into NULL, where an unsigned id does not fit.
+            let strict = arrow::compute::CastOptions {
+                safe: false,
+                ..Default::default()
+            };
+            let numbers = arrow::compute::cast_with_options(array, &DataType::Int64, &strict)?;
             return Ok(Units::Number(numbers.as_primitive::<Int64Type>().clone()));
         }
         match data_type {
@@ -268,16 +286,16 @@ impl Units {
 
 /// A batch's argument column: numbers to clamp and sum in fixed point (with their
 /// squares when a measure needs them), or any column whose NULLs are counted.
-enum Argument<'a> {
+enum Argument {
     Numbers {
         values: Float64Array,
         fixed: FixedPoint,
         squares: bool,
     },
-    Presence(&'a ArrayRef),
+    Presence(Option<arrow::buffer::NullBuffer>),
 }
 
-impl Argument<'_> {
+impl Argument {
     /// Row `row`'s value in fixed point, clamped; `None` when missing (NULL or NaN).
     fn fixed(values: &Float64Array, fixed: &FixedPoint, row: usize) -> Option<i128> {
         let value = values.value(row);
@@ -411,6 +429,22 @@ impl BoundedTotals {
         })
     }
 
+    /// The memory the totals hold, in bytes (for the query's memory limit).
+    pub fn size(&self) -> usize {
+        let keys = self.keys.as_ref().map_or(0, |keys| keys.size());
+        let patient = &self.patient;
+        keys + self.key_hashes.capacity() * 8
+            + self.totals.capacity() * 16
+            + self.units.capacity() * 8
+            + self.ids.capacity() * 8
+            + self.order.capacity() * 24
+            + self.squared.capacity()
+            + patient.groups.capacity() * 8
+            + patient.rows.capacity() * 8
+            + patient.accumulated.capacity() * std::mem::size_of::<Accumulated>()
+            + patient.index.capacity() * 16
+    }
+
     /// Adds a batch of rows; refuses rows that are not in patient order, which would let a
     /// patient count twice.
     pub fn add(&mut self, batch: &RecordBatch) -> DfResult<()> {
@@ -433,7 +467,7 @@ impl BoundedTotals {
                     fixed: *fixed,
                     squares: self.squared[a],
                 },
-                None => Argument::Presence(column),
+                None => Argument::Presence(column.logical_nulls()),
             });
         }
         for row in 0..rows {
@@ -471,8 +505,8 @@ impl BoundedTotals {
                             }
                         }
                     }
-                    Argument::Presence(array) => {
-                        if array.is_valid(row) {
+                    Argument::Presence(nulls) => {
+                        if nulls.as_ref().is_none_or(|nulls| nulls.is_valid(row)) {
                             accumulated.values += 1;
                         }
                     }
@@ -579,11 +613,21 @@ impl BoundedTotals {
                 .collect(),
         };
         let mut columns: Vec<ArrayRef> = Vec::new();
-        if let Some(keys) = &mut self.keys {
-            let indices = UInt64Array::from(kept.clone());
-            for key in keys.emit(EmitTo::All)? {
-                columns.push(arrow::compute::take(&key, &indices, None)?);
+        match &mut self.keys {
+            // No row arrived: no group to emit (some of DataFusion's group stores cannot
+            // emit before their first row).
+            Some(keys) if keys.is_empty() => {
+                for field in &self.output.fields()[..self.bounding.groups] {
+                    columns.push(arrow::array::new_empty_array(field.data_type()));
+                }
             }
+            Some(keys) => {
+                let indices = UInt64Array::from(kept.clone());
+                for key in keys.emit(EmitTo::All)? {
+                    columns.push(arrow::compute::take(&key, &indices, None)?);
+                }
+            }
+            None => {}
         }
         let measures = self.bounding.measures.len();
         let total = |group: u64, i: usize| self.totals[group as usize * measures + i];
@@ -747,6 +791,27 @@ mod tests {
         let expected = vec![("x".to_string(), 3, 60 + 7, 2)];
         assert_eq!(totals(bounding(None), &[whole]).unwrap(), expected);
         assert_eq!(totals(bounding(None), &split).unwrap(), expected);
+    }
+
+    #[test]
+    fn no_rows_give_no_groups_whatever_the_group_type() {
+        for group_type in [
+            DataType::Utf8,
+            DataType::Null,
+            DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+        ] {
+            let schema = Schema::new(vec![
+                Field::new("unit", DataType::Utf8, false),
+                Field::new("g0", group_type.clone(), true),
+                Field::new("value", DataType::Int64, true),
+            ]);
+            let out = BoundedTotals::new(bounding(Some(2)), &schema)
+                .unwrap()
+                .finish()
+                .unwrap();
+            assert_eq!(out.num_rows(), 0, "{group_type}");
+            assert_eq!(out.schema().field(0).data_type(), &group_type);
+        }
     }
 
     #[test]

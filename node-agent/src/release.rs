@@ -12,6 +12,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::common::{Column, Result as DfResult, ScalarValue};
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::FunctionRegistry;
+use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::functions::string::expr_fn::starts_with;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
@@ -26,6 +27,7 @@ use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, LogicalPlanBuilder, 
 use datafusion::physical_plan::ExecutionPlanProperties;
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::StreamExt;
+use tally_common::error::find_tally_error;
 use tally_common::governance::{Governance, Relationship};
 use tally_common::model::{
     ColumnRef, Comparison, Dimension, Literal, Partial, Predicate, ReleaseQuery, group_column,
@@ -59,8 +61,8 @@ async fn scan(ctx: &SessionContext, name: &str) -> Result<LogicalPlanBuilder, Ta
     LogicalPlanBuilder::scan(name, provider_as_source(provider), None).map_err(engine)
 }
 
-/// How a node aggregates a release.
-#[derive(Debug, Clone)]
+/// How a node aggregates a release (no `Debug`: it holds the bounding key).
+#[derive(Clone)]
 pub enum Aggregation {
     /// Exact aggregates, for policies without noise (tests that compare answers with a
     /// central computation): the partial schema's columns, nothing bounded.
@@ -96,7 +98,8 @@ impl ReleasePlan {
             ReleasePlan::Exact(plan) => DataFrame::new(ctx.state(), plan).collect().await,
             ReleasePlan::Bounded { rows, bounding } => {
                 // One partition: the rows arrive in the files' patient order through
-                // order-preserving joins (the small side built), with no sort or merge.
+                // order-preserving joins (the small side built), with no merge; DataFusion
+                // sorts only where it cannot prove that order.
                 let state = ctx.state();
                 // (Not creating a default catalog, which would replace the tables' own in
                 // the catalogue list this state shares with the context.)
@@ -117,9 +120,13 @@ impl ReleasePlan {
                     );
                 }
                 let mut totals = BoundedTotals::new(bounding, &plan.schema())?;
-                let mut stream = plan.execute(0, state.task_ctx())?;
+                let task = state.task_ctx();
+                let memory =
+                    MemoryConsumer::new("bounded release totals").register(task.memory_pool());
+                let mut stream = plan.execute(0, task)?;
                 while let Some(batch) = stream.next().await {
                     totals.add(&batch?)?;
+                    memory.try_resize(totals.size())?;
                 }
                 Ok(vec![totals.finish()?])
             }
@@ -244,7 +251,7 @@ pub async fn build_plan(
     }
 }
 
-/// The most ranges of a reference table looked up by a `CASE` rather than joined.
+/// The most ranges of a reference table looked up (rather than joined range by range).
 const RANGE_LOOKUP_LIMIT: usize = 1_000;
 
 /// The lower bound of the one range of `table` holding each code (NULL when none does), as
@@ -263,7 +270,11 @@ async fn range_lookup(
         .and_then(|t| t.select(vec![col_named(low), col_named(high)]))
         .and_then(|t| t.limit(0, Some(RANGE_LOOKUP_LIMIT + 1)))
         .map_err(engine)?;
-    let batches = frame.collect().await.map_err(engine)?;
+    // A typed error (the table's files changed) reaches the analyst as it is.
+    let batches = frame
+        .collect()
+        .await
+        .map_err(|e| find_tally_error(&e).unwrap_or_else(|| engine(e)))?;
     let mut ranges = Vec::new();
     let mut low_type = DataType::Utf8;
     for batch in &batches {
@@ -284,7 +295,10 @@ async fn range_lookup(
         return Ok(None);
     }
     ranges.sort();
-    if !ranges.windows(2).all(|pair| pair[0].1 < pair[1].0) {
+    // Every range proper and none overlapping, so each code is in at most one and each
+    // lower bound names one range.
+    let proper = ranges.iter().all(|(low, high)| low <= high);
+    if !proper || !ranges.windows(2).all(|pair| pair[0].1 < pair[1].0) {
         return Ok(None);
     }
     let udf = ScalarUDF::new_from_impl(RangeLookup {
@@ -378,7 +392,7 @@ fn bounded(
 ) -> Result<ReleasePlan, TallyError> {
     let rows = i128::from(bounds.rows_per_group);
     // Sums first, so a column both counted and summed is read once, in fixed point (a
-    // value is missing exactly where the column is NULL).
+    // value is missing where the column is NULL or NaN).
     let mut arguments: Vec<(ColumnRef, Option<FixedPoint>)> = Vec::new();
     let mut fixed_points = Vec::new();
     for partial in partials {
@@ -438,15 +452,18 @@ fn bounded(
         groups_per_unit: cut.then(|| usize::try_from(bounds.groups_per_unit).unwrap_or(usize::MAX)),
         key,
     };
-    let mut columns = vec![unit.alias(UNIT)];
+    let mut columns = vec![unit.clone().alias(UNIT)];
     columns.extend(groups);
     columns.extend(
         arguments.into_iter().enumerate().map(|(i, (column, _))| {
             column_ref_expr(&column).alias(format!("__tally_argument_{i}"))
         }),
     );
+    // Rows with no patient cannot be bounded per patient (they may be anyone's): they are
+    // left out of a bounded release.
     let rows = builder
-        .project(columns)
+        .filter(unit.clone().is_not_null())
+        .and_then(|b| b.project(columns))
         .and_then(|b| b.sort(vec![col(UNIT).sort(true, true)]))
         .and_then(|b| b.build())
         .map_err(engine)?;

@@ -6,6 +6,7 @@
 //! query with a typed error, never silently answering from different data.
 
 use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -29,6 +30,9 @@ use tally_common::{ErrorCode, TallyError};
 
 use crate::config::{TableConfig, TableFormat};
 use crate::error::NodeError;
+
+/// The layout of the copies in patient order; changing it makes the nodes write new ones.
+const CLUSTERED_FORMAT: &str = "tally-clustered-1";
 
 /// Name of the column every federated table gains.
 pub const TRUST_CODE_COLUMN: &str = "trust_code";
@@ -68,15 +72,32 @@ pub async fn cluster(
     unit_of: &dyn Fn(&str) -> Option<String>,
     dir: &Path,
 ) -> Result<Vec<(String, Arc<TrustTable>)>, NodeError> {
+    let fail = |reason: String| NodeError::State(format!("{}: {reason}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    // Patient-level rows: readable by the node's own user only.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| fail(e.to_string()))?;
     let mut clustered = Vec::new();
+    let mut kept = Vec::new();
     for (name, table) in tables {
         let table = match unit_of(&name) {
             Some(unit) if table.inner.schema().field_with_name(&unit).is_ok() => {
-                Arc::new(table.clustered(ctx, &name, &unit, dir).await?)
+                let (table, file) = table.clustered(ctx, &name, &unit, dir).await?;
+                kept.push(file);
+                Arc::new(table)
             }
             Some(_) | None => table,
         };
         clustered.push((name, table));
+    }
+    // Copies of earlier files, of tables no longer served, and copies a crash left
+    // half-written are patient data nobody reads: removed.
+    for entry in std::fs::read_dir(dir).map_err(|e| fail(e.to_string()))? {
+        let entry = entry.map_err(|e| fail(e.to_string()))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !kept.contains(&name) {
+            std::fs::remove_file(entry.path()).map_err(|e| fail(format!("{name}: {e}")))?;
+        }
     }
     Ok(clustered)
 }
@@ -324,25 +345,27 @@ impl TrustTable {
     }
 
     /// The same table read from a copy of its rows ordered by `unit` (NULL first) in
-    /// `dir`, written now unless a copy of the same files is already there.
+    /// `dir`, written now unless a copy of the same files is already there; and the copy's
+    /// file name.
     async fn clustered(
         &self,
         ctx: &SessionContext,
         name: &str,
         unit: &str,
         dir: &Path,
-    ) -> Result<TrustTable, NodeError> {
+    ) -> Result<(TrustTable, String), NodeError> {
         let fail = |reason: String| NodeError::Table {
             table: name.to_string(),
             reason: format!("its copy in patient order: {reason}"),
         };
         let engine = |e: datafusion::error::DataFusionError| fail(e.message().to_string());
         let order = vec![Expr::Column(Column::from_name(unit)).sort(true, true)];
-        let digest = Sha256::digest(format!("{}\0{unit}", self.fingerprint()));
-        let prefix = format!("{name}-");
-        let file = format!("{prefix}{}.parquet", hex::encode(&digest[..12]));
+        let digest = Sha256::digest(format!(
+            "{CLUSTERED_FORMAT}\0{}\0{unit}",
+            self.fingerprint()
+        ));
+        let file = format!("{name}-{}.parquet", hex::encode(&digest[..12]));
         let path = dir.join(&file);
-        std::fs::create_dir_all(dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
         if !path.exists() {
             tracing::info!(
                 table = name,
@@ -353,41 +376,32 @@ impl TrustTable {
             let text = partial
                 .to_str()
                 .ok_or_else(|| fail("the state folder is not valid UTF-8".into()))?;
-            ctx.read_table(self.inner.clone())
-                .and_then(|frame| frame.sort(order.clone()))
-                .map_err(engine)?
-                .write_parquet(
-                    text,
-                    DataFrameWriteOptions::new().with_single_file_output(true),
-                    None,
-                )
-                .await
-                .map_err(engine)?;
-            File::open(&partial)
-                .and_then(|f| f.sync_all())
-                .and_then(|()| std::fs::rename(&partial, &path))
-                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
-        }
-        for entry in std::fs::read_dir(dir).map_err(|e| fail(e.to_string()))? {
-            let entry = entry.map_err(|e| fail(e.to_string()))?;
-            let other = entry.file_name().to_string_lossy().to_string();
-            let is_copy = |name: &str| {
-                name.strip_prefix(&prefix)
-                    .and_then(|rest| rest.strip_suffix(".parquet"))
-                    .is_some_and(|digest| {
-                        digest.len() == 24 && digest.bytes().all(|b| b.is_ascii_hexdigit())
-                    })
-            };
-            // Earlier copies of this table, and copies left half-written by a crash
-            // (`.<copy>.<uuid>.parquet`).
-            let half_written = other
-                .strip_prefix('.')
-                .and_then(|rest| rest.split_once(".parquet."))
-                .is_some_and(|(copy, _)| is_copy(&format!("{copy}.parquet")));
-            let stale = (is_copy(&other) && other != file) || half_written;
-            if stale {
-                // Best effort: a copy left behind is only disk space.
-                let _ = std::fs::remove_file(entry.path());
+            let written = async {
+                ctx.read_table(self.inner.clone())
+                    .and_then(|frame| frame.sort(order.clone()))
+                    .map_err(engine)?
+                    .write_parquet(
+                        text,
+                        DataFrameWriteOptions::new().with_single_file_output(true),
+                        None,
+                    )
+                    .await
+                    .map_err(engine)?;
+                std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o600))
+                    .and_then(|()| File::open(&partial)?.sync_all())
+                    .map_err(|e| fail(format!("{}: {e}", partial.display())))?;
+                // Files that changed while they were copied would give a torn copy.
+                self.files
+                    .verify()
+                    .map_err(|change| fail(format!("the files changed while copied: {change}")))?;
+                std::fs::rename(&partial, &path)
+                    .map_err(|e| fail(format!("{}: {e}", path.display())))
+            }
+            .await;
+            if let Err(error) = written {
+                // Best effort: `cluster` removes anything left over at the next start.
+                let _ = std::fs::remove_file(&partial);
+                return Err(error);
             }
         }
         let schema = self.inner.schema();
@@ -405,13 +419,14 @@ impl TrustTable {
             .deregister_table(&staging)
             .map_err(engine)?
             .ok_or_else(|| fail("the copy vanished while loading".into()))?;
-        Ok(TrustTable {
+        let table = TrustTable {
             inner,
             schema: self.schema.clone(),
             trust_code: self.trust_code.clone(),
             excluded: self.excluded.clone(),
             files: self.files.clone(),
-        })
+        };
+        Ok((table, file))
     }
 
     /// The fingerprint of the table's files (see [`TableFiles::fingerprint`]).
