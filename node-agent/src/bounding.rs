@@ -303,6 +303,11 @@ impl Argument {
             return None;
         }
         let clamped = value.clamp(fixed.low, fixed.high) * fixed.scale as f64;
+        // Most values are whole already: rounding (a libm call) only for the rest.
+        let whole = clamped as i64;
+        if whole as f64 == clamped {
+            return Some(i128::from(whole));
+        }
         Some(i128::from(clamped.round() as i64))
     }
 }
@@ -470,7 +475,15 @@ impl BoundedTotals {
                 None => Argument::Presence(column.logical_nulls()),
             });
         }
+        // The previous row's group and entry: consecutive rows of a patient are often in
+        // the same group.
+        let mut last: Option<(usize, usize)> = None;
         for row in 0..rows {
+            // A row with no patient cannot be bounded per patient (it may be anyone's):
+            // it is left out.
+            if units.is_null(row) {
+                continue;
+            }
             let next = match &self.patient.unit {
                 None => true,
                 Some(unit) => match units.compare(row, unit) {
@@ -486,7 +499,12 @@ impl BoundedTotals {
                 let unit = self.patient.unit.get_or_insert(Unit::Null);
                 units.read(row, unit);
             }
-            let entry = self.patient.entry(self.ids[row], arguments);
+            let group = self.ids[row];
+            let entry = match last {
+                Some((g, e)) if g == group && !next => e,
+                Some(_) | None => self.patient.entry(group, arguments),
+            };
+            last = Some((group, entry));
             self.patient.rows[entry] += 1;
             let accumulated = &mut self.patient.accumulated[entry * arguments..][..arguments];
             for (column, accumulated) in columns.iter().zip(accumulated) {
@@ -663,10 +681,11 @@ impl BoundedTotals {
 /// patient has no values.
 fn scaled(sum: i128, values: u64, cap: i128) -> i128 {
     let values = i128::from(values);
-    if values == 0 {
-        return 0;
+    if values <= cap {
+        // Within the cap (or no values, whose sum is 0): the sum as it is.
+        return sum;
     }
-    sum.saturating_mul(values.min(cap)) / values
+    sum.saturating_mul(cap) / values
 }
 
 /// A group column read for the keyed hash without allocating per row: text as its bytes,
@@ -774,6 +793,28 @@ mod tests {
             .collect();
         rows.sort();
         Ok(rows)
+    }
+
+    #[test]
+    fn rows_with_no_patient_are_left_out() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("unit", DataType::Utf8, true),
+            Field::new("g0", DataType::Utf8, false),
+            Field::new("value", DataType::Int64, true),
+        ]));
+        let rows = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![None, None, Some("a")])),
+                Arc::new(StringArray::from(vec!["x", "x", "x"])),
+                Arc::new(Int64Array::from(vec![Some(50), Some(50), Some(7)])),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            totals(bounding(None), &[rows]).unwrap(),
+            vec![("x".to_string(), 1, 7, 1)]
+        );
     }
 
     #[test]

@@ -452,18 +452,15 @@ fn bounded(
         groups_per_unit: cut.then(|| usize::try_from(bounds.groups_per_unit).unwrap_or(usize::MAX)),
         key,
     };
-    let mut columns = vec![unit.clone().alias(UNIT)];
+    let mut columns = vec![unit.alias(UNIT)];
     columns.extend(groups);
     columns.extend(
         arguments.into_iter().enumerate().map(|(i, (column, _))| {
             column_ref_expr(&column).alias(format!("__tally_argument_{i}"))
         }),
     );
-    // Rows with no patient cannot be bounded per patient (they may be anyone's): they are
-    // left out of a bounded release.
     let rows = builder
-        .filter(unit.clone().is_not_null())
-        .and_then(|b| b.project(columns))
+        .project(columns)
         .and_then(|b| b.sort(vec![col(UNIT).sort(true, true)]))
         .and_then(|b| b.build())
         .map_err(engine)?;
