@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use tally::bench::link::Link;
+use tally::link::Link;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -17,6 +17,7 @@ mod nhs_number;
 mod population;
 mod random;
 mod tables;
+#[cfg(feature = "tpch")]
 pub mod tpch;
 mod trusts;
 mod writer;

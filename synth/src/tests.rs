@@ -453,6 +453,7 @@ fn unwritable_output_is_an_io_error() {
     let _ = fs::remove_file(&out.0);
 }
 
+#[cfg(feature = "tpch")]
 #[test]
 fn tpch_lineitem_parts_add_up_to_the_whole_table() {
     let out = OutDir::new("tpch");
@@ -522,6 +523,7 @@ fn tpch_lineitem_parts_add_up_to_the_whole_table() {
     assert!(!out.0.join("bad.parquet").exists());
 }
 
+#[cfg(feature = "tpch")]
 fn sum_decimal(batch: &RecordBatch, column: &str) -> i128 {
     batch
         .column_by_name(column)

@@ -1,4 +1,4 @@
-# The DuckDB baseline of `tally bench compare --duckdb`: the same queries over the same
+# The DuckDB baseline of `tally-bench compare --duckdb`: the same queries over the same
 # Parquet files, in DuckDB. Reads a JSON spec on stdin and prints one JSON line per query:
 # {"median_ms", "p95_ms", "rows", "peak_rss_mib"} or {"error"}.
 #

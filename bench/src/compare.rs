@@ -1,4 +1,4 @@
-//! `tally bench compare`: the same queries over the same data, side by side, on one machine:
+//! `tally-bench compare`: the same queries over the same data, side by side, on one machine:
 //! Tally (gateway in this process, one `tally node` process per site, TLS, policies on),
 //! Centralised (one DataFusion context over every file) and Row shipping (sites that ship
 //! rows to a DataFusion "gateway" that aggregates them).
@@ -16,14 +16,14 @@ use tally_synth::default_trusts;
 use tonic::transport::Endpoint;
 
 use super::data::{hes, site_code, split, tpch};
-use super::link::Link;
 use super::percentile;
 use super::rows::{Shipped, ShippedTable};
 use super::workload::Workload;
-use crate::certs::{CertFolder, GATEWAY_IDENTITY};
-use crate::client::AnalystClient;
-use crate::federation::{self, Security};
-use crate::tokens::IdentityProvider;
+use tally::certs::{CertFolder, GATEWAY_IDENTITY};
+use tally::client::AnalystClient;
+use tally::federation::{self, Security};
+use tally::link::Link;
+use tally::tokens::IdentityProvider;
 
 /// What to compare.
 #[derive(Debug, Clone)]
@@ -141,10 +141,37 @@ impl Drop for SiteProcess {
     }
 }
 
-/// Starts `tally <args>` and waits for the stderr line starting with `prefix` that ends in
-/// the address it serves on.
-fn spawn_site(args: &[String], prefix: &str) -> Result<SiteProcess, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+/// The program a site runs: `tally` (built beside this benchmark's binary: `cargo build
+/// --release` builds both), or this benchmark itself for its own row-serving sites.
+enum Program {
+    Tally,
+    Bench,
+}
+
+impl Program {
+    fn path(&self) -> Result<PathBuf, String> {
+        let bench = std::env::current_exe().map_err(|e| e.to_string())?;
+        match self {
+            Program::Bench => Ok(bench),
+            Program::Tally => {
+                let tally = bench.with_file_name(format!("tally{}", std::env::consts::EXE_SUFFIX));
+                if tally.exists() {
+                    Ok(tally)
+                } else {
+                    Err(format!(
+                        "{} is missing: build both with `cargo build --release --workspace`",
+                        tally.display()
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Starts `program <args>` and waits for the stderr line starting with `prefix` that ends
+/// in the address it serves on.
+fn spawn_site(program: Program, args: &[String], prefix: &str) -> Result<SiteProcess, String> {
+    let exe = program.path()?;
     let mut child = Command::new(exe)
         .args(args)
         .stdout(Stdio::null())
@@ -192,8 +219,8 @@ fn spawn_node(
     toml.push_str(&format!(
         "\n[identity.jwt]\njwks = {:?}\nissuer = {:?}\naudience = {:?}\n",
         abs(&idp.jwks_path()),
-        crate::tokens::ISSUER,
-        crate::tokens::AUDIENCE
+        tally::tokens::ISSUER,
+        tally::tokens::AUDIENCE
     ));
     let opt_outs = dir.join("opt_outs.parquet");
     if opt_outs.exists() {
@@ -208,6 +235,7 @@ fn spawn_node(
     let config = dir.join("node.toml");
     std::fs::write(&config, toml).map_err(|e| e.to_string())?;
     spawn_site(
+        Program::Tally,
         &[
             "node".into(),
             "--config".into(),
@@ -402,7 +430,7 @@ struct Federation {
     state: tempfile::TempDir,
     codes: Vec<String>,
     gateway: tally_gateway::GatewayHandle,
-    target: crate::client::GatewayTarget,
+    target: tally::client::GatewayTarget,
     client: AnalystClient,
     token: String,
 }
@@ -447,7 +475,7 @@ impl Federation {
         let gateway = tally_gateway::start(&config)
             .await
             .map_err(|e| e.to_string())?;
-        let target = crate::client::GatewayTarget::new(
+        let target = tally::client::GatewayTarget::new(
             federation::gateway_url(&security, gateway.addr),
             federation::ca_cert(&security),
         );
@@ -530,8 +558,8 @@ async fn row_shipping(
     let mut channels = Vec::new();
     for dir in dirs {
         let server = spawn_site(
+            Program::Bench,
             &[
-                "bench".into(),
                 "serve-rows".into(),
                 "--dir".into(),
                 dir.display().to_string(),
@@ -668,6 +696,66 @@ pub struct Overhead {
     pub queries_per_second: f64,
     /// Queries that failed.
     pub errors: usize,
+    /// The same through the Python ADBC Flight SQL driver (a third-party client), when it is
+    /// installed.
+    #[serde(default)]
+    pub adbc: Option<ClientFigures>,
+}
+
+/// The tiny query's figures through one client library.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientFigures {
+    /// Median end-to-end latency over the sequential runs, ms.
+    pub median_ms: f64,
+    /// 95th percentile, ms.
+    pub p95_ms: f64,
+    /// Sequential runs timed.
+    pub runs: usize,
+    /// Queries answered per second by the concurrent clients.
+    pub queries_per_second: f64,
+    /// Queries that failed.
+    pub errors: usize,
+}
+
+/// The tiny query through the ADBC driver: `runs` in sequence, then `clients` processes for
+/// `seconds`. `None` (with a note on stderr) when the driver is not installed.
+async fn adbc_overhead(
+    federation: &Federation,
+    sql: &str,
+    runs: usize,
+    clients: usize,
+    seconds: f64,
+) -> Option<ClientFigures> {
+    let spec = serde_json::json!({
+        "url": federation.target.url,
+        "user": federation::DEMO_USER,
+        "token": federation.token,
+        "ca": federation.target.ca_cert,
+        "sql": sql,
+        "runs": runs,
+        "clients": clients,
+        "seconds": seconds,
+    });
+    let script = include_str!("adbc_load.py");
+    let hint = "pip install adbc-driver-flightsql pyarrow";
+    let lines = tokio::task::spawn_blocking(move || run_python("ADBC", hint, script, &spec))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|lines| lines);
+    match lines.map(|lines| lines.into_iter().next()) {
+        Ok(Some(line)) => match serde_json::from_value(line) {
+            Ok(figures) => Some(figures),
+            Err(e) => {
+                eprintln!("the ADBC figures are unreadable: {e}");
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("skipping the ADBC figures: {e}");
+            None
+        }
+    }
 }
 
 /// The tiny query, and throughput from `clients` concurrent analysts for `seconds`.
@@ -708,6 +796,7 @@ async fn overhead(
         ok += o;
         errors += e;
     }
+    let adbc = adbc_overhead(federation, TINY, runs.max(200), clients, seconds).await;
     Ok(Overhead {
         sql: TINY.into(),
         sites: federation.nodes.len(),
@@ -717,6 +806,7 @@ async fn overhead(
         seconds,
         queries_per_second: ok as f64 / seconds,
         errors,
+        adbc,
     })
 }
 
@@ -984,9 +1074,17 @@ async fn duckdb(
         "reference_tables": reference_tables,
         "queries": queries,
     });
-    let lines = tokio::task::spawn_blocking(move || run_python(include_str!("duckdb.py"), &spec))
-        .await
-        .map_err(|e| e.to_string())??;
+    let hint = "pip install duckdb";
+    let lines = tokio::task::spawn_blocking(move || {
+        run_python(
+            "the DuckDB baseline",
+            hint,
+            include_str!("duckdb.py"),
+            &spec,
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())??;
     let series = Series {
         system: "DuckDB",
         workload,
@@ -1016,7 +1114,14 @@ async fn duckdb(
 }
 
 /// Runs `script` in `python3` with `spec` on its stdin; returns its stdout as JSON lines.
-fn run_python(script: &str, spec: &serde_json::Value) -> Result<Vec<serde_json::Value>, String> {
+/// Runs `script` (`what`, installed with `install`) on `spec` as JSON on stdin: the JSON
+/// lines it prints.
+fn run_python(
+    what: &str,
+    install: &str,
+    script: &str,
+    spec: &serde_json::Value,
+) -> Result<Vec<serde_json::Value>, String> {
     use std::io::Write;
     let mut child = Command::new("python3")
         .arg("-c")
@@ -1025,7 +1130,7 @@ fn run_python(script: &str, spec: &serde_json::Value) -> Result<Vec<serde_json::
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("the DuckDB baseline needs python3: {e}"))?;
+        .map_err(|e| format!("{what} needs python3: {e}"))?;
     child
         .stdin
         .take()
@@ -1036,13 +1141,13 @@ fn run_python(script: &str, spec: &serde_json::Value) -> Result<Vec<serde_json::
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(format!(
-            "the DuckDB baseline failed (install it with `pip install duckdb`): {}",
+            "{what} failed (install it with `{install}`): {}",
             stderr.lines().last().unwrap_or_default()
         ));
     }
     String::from_utf8_lossy(&output.stdout)
         .lines()
-        .map(|line| serde_json::from_str(line).map_err(|e| format!("DuckDB printed {line}: {e}")))
+        .map(|line| serde_json::from_str(line).map_err(|e| format!("{what} printed {line}: {e}")))
         .collect()
 }
 
@@ -1060,7 +1165,7 @@ pub async fn run(options: &Options) -> Result<Report, String> {
     };
     let code_refs: Vec<&str> = codes.iter().map(String::as_str).collect();
     if !certs.is_complete(&code_refs) {
-        crate::certs::create(&certs_dir, &code_refs)?;
+        tally::certs::create(&certs_dir, &code_refs)?;
     }
     let policies = BenchPolicies::create(&options.policies, &options.root, &codes, options.noise)?;
     let mut report = Report {

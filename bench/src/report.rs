@@ -173,6 +173,19 @@ pub fn markdown(report: &Report) -> String {
             o.queries_per_second,
             o.errors
         );
+        if let Some(adbc) = &o.adbc {
+            let _ = writeln!(
+                out,
+                "| the same through the Python ADBC driver ({} runs) | median {:.2} ms, p95 {:.2} ms |\n| {} ADBC client processes for {:.0} s | {:.0} queries/s, {} errors |",
+                adbc.runs,
+                adbc.median_ms,
+                adbc.p95_ms,
+                o.clients,
+                o.seconds,
+                adbc.queries_per_second,
+                adbc.errors
+            );
+        }
     }
     out
 }

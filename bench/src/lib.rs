@@ -1,8 +1,8 @@
-//! `tally bench`: measurements recorded in BENCHMARKS.md.
+//! `tally-bench`: the measurements recorded in BENCHMARKS.md, kept out of the `tally`
+//! binary a trust runs.
 
 pub mod compare;
 mod data;
-pub mod link;
 pub mod report;
 mod rows;
 pub mod workload;
@@ -33,7 +33,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Times lowering to the query model and policy evaluation per query; returns a report.
 pub async fn policy(policies: &Path, data: &Path, iterations: usize) -> Result<String, String> {
     let policy = Policy::load(policies).map_err(|e| e.to_string())?;
-    let ctx = crate::federation::local_tables(data, policies).await?;
+    let ctx = tally::federation::local_tables(data, policies).await?;
     let identity = RequestIdentity {
         user: "analyst".into(),
         groups: vec!["analysts".into()],
@@ -119,7 +119,7 @@ fn tempfile_dir() -> Result<std::path::PathBuf, String> {
 /// loopback (analyst round trip, connection reused). Keep `(rounds + 1) * 3` within the
 /// gateway's default rate limit of 60 queries a minute.
 pub async fn links(data: &Path, policies: &Path, rounds: usize) -> Result<String, String> {
-    use crate::federation::{self, Security};
+    use tally::federation::{self, Security};
     let certs = tempfile_dir()?.join("certs");
     let mut report = format!(
         "analyst round trip, {rounds} rounds of {} queries (ms)\nlink | median | p95\n",
@@ -139,7 +139,7 @@ pub async fn links(data: &Path, policies: &Path, rounds: usize) -> Result<String
         )
         .await?;
         let token = local.analyst_token()?;
-        let mut client = crate::client::AnalystClient::connect(&local.gateway_target(), &token)
+        let mut client = tally::client::AnalystClient::connect(&local.gateway_target(), &token)
             .await
             .map_err(|e| e.to_string())?;
         let mut times = Vec::new();

@@ -1,0 +1,195 @@
+//! `tally-bench`: the benchmarks recorded in BENCHMARKS.md (Tally against Centralised and
+//! Row shipping, policy evaluation, audit logging, TLS). It starts `tally` processes for
+//! the sites, so build both: `cargo build --release --workspace`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The same allocator as `tally`, so the in-process baselines are measured alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use clap::{Parser, Subcommand};
+use tally::federation;
+
+#[derive(Parser)]
+#[command(
+    name = "tally-bench",
+    version,
+    about = "Tally's benchmarks (BENCHMARKS.md)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Policy evaluation, audit logging and TLS overhead.
+    Policy {
+        /// The policy folder (default: the built-in policy, written to DATA/policies).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// Data folder whose first trust's tables give the schemas.
+        #[arg(long, default_value_os_t = federation::default_data_dir())]
+        data: PathBuf,
+        /// Evaluations per query.
+        #[arg(long, default_value_t = 2_000)]
+        iterations: usize,
+    },
+    /// Tally against Centralised and Row shipping: same data, same queries, one machine.
+    Compare {
+        /// Where generated data and certificates are cached.
+        #[arg(long, default_value_os_t = PathBuf::from(".tally").join("bench"))]
+        root: PathBuf,
+        /// HES-like dataset sizes in episodes, comma-separated; 0 skips HES.
+        #[arg(long, value_delimiter = ',', default_values_t = [1_000_000usize, 10_000_000])]
+        episodes: Vec<usize>,
+        /// TPC-H scale factors for lineitem (about 6 million rows each), comma-separated;
+        /// 0 skips TPC-H.
+        #[arg(long = "tpch-sf", value_delimiter = ',', default_values_t = [1.0f64])]
+        tpch_scale_factors: Vec<f64>,
+        /// Numbers of sites, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 3, 8])]
+        sites: Vec<usize>,
+        /// Timed runs per query, after one warm-up.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// The policy folder (Tally's gateway and nodes; default: the built-in policy,
+        /// written to ROOT/source/policies).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// Run Row shipping only on datasets up to this many rows (it ships every row every
+        /// run).
+        #[arg(long, default_value_t = 10_000_000)]
+        row_shipping_max: usize,
+        /// Purpose of Tally's queries (an approved analytics purpose).
+        #[arg(long, default_value = "planning")]
+        purpose: String,
+        /// Run Tally's HES-like sites without the National Data Opt-out (a bench-only copy of
+        /// the policy), so that Tally counts the same rows as Centralised and Row shipping,
+        /// which never apply it.
+        #[arg(long)]
+        no_opt_out: bool,
+        /// Run Tally's sites without differential-privacy noise (a bench-only copy of the
+        /// policy with `noise = "off"`), to measure what the noise, bounding and budget cost.
+        #[arg(long)]
+        no_noise: bool,
+        /// Also run the queries in DuckDB over Centralised's files (needs `python3` with the
+        /// `duckdb` module: `pip install duckdb`).
+        #[arg(long)]
+        duckdb: bool,
+        /// Reach the sites over an emulated link of this many Mbit/s each way (a
+        /// rate-limiting proxy per site) instead of bare loopback.
+        #[arg(long)]
+        link_mbit: Option<f64>,
+        /// Where to write results.json, results.md and latency-ratio.svg.
+        #[arg(long, default_value_os_t = PathBuf::from("bench-results"))]
+        out: PathBuf,
+    },
+    /// Rewrite results.md and latency-ratio.svg from a saved results.json.
+    Render {
+        /// The results.json of an earlier `compare`.
+        results: PathBuf,
+        /// Where to write results.md and latency-ratio.svg.
+        #[arg(long, default_value_os_t = PathBuf::from("bench-results"))]
+        out: PathBuf,
+    },
+    /// (internal) Serve one site's rows for the Row shipping baseline.
+    #[command(hide = true)]
+    ServeRows {
+        /// The site's folder.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tally::process::run_main(run(cli.command))
+}
+
+/// Runs one benchmark.
+async fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Policy {
+            policies,
+            data,
+            iterations,
+        } => {
+            federation::ensure_data(&data, 20_000, 42)?;
+            let policies = federation::policies_folder(policies.as_deref(), &data)?;
+            println!(
+                "{}",
+                tally_bench::policy(&policies, &data, iterations.max(1)).await?
+            );
+            println!("{}", tally_bench::audit(1_000)?);
+            println!("{}", tally_bench::links(&data, &policies, 15).await?);
+            Ok(())
+        }
+        Command::Compare {
+            root,
+            episodes,
+            tpch_scale_factors,
+            sites,
+            runs,
+            policies,
+            row_shipping_max,
+            purpose,
+            no_opt_out,
+            no_noise,
+            duckdb,
+            link_mbit,
+            out,
+        } => {
+            let policies = federation::policies_folder(policies.as_deref(), &root.join("source"))?;
+            let options = tally_bench::compare::Options {
+                root,
+                episodes: episodes.into_iter().filter(|&n| n != 0).collect(),
+                tpch_scale_factors: tpch_scale_factors
+                    .into_iter()
+                    .filter(|&sf| sf != 0.0)
+                    .collect(),
+                sites,
+                runs: runs.max(1),
+                policies,
+                row_shipping_max_rows: row_shipping_max,
+                duckdb,
+                link_mbit,
+                purpose,
+                opt_out: !no_opt_out,
+                noise: !no_noise,
+            };
+            let report = tally_bench::compare::run(&options).await?;
+            write_report(&report, &out)
+        }
+        Command::Render { results, out } => {
+            let text = std::fs::read_to_string(&results)
+                .map_err(|e| format!("{}: {e}", results.display()))?;
+            let report =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", results.display()))?;
+            write_report(&report, &out)
+        }
+        Command::ServeRows { dir } => tally_bench::compare::serve_rows(&dir).await,
+    }
+}
+
+/// Writes `results.json`, `results.md` and `latency-ratio.svg` into `out`.
+fn write_report(
+    report: &tally_bench::compare::Report,
+    out: &std::path::Path,
+) -> Result<(), String> {
+    std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
+    let write = |name: &str, text: String| {
+        std::fs::write(out.join(name), text).map_err(|e| format!("{name}: {e}"))
+    };
+    let markdown = tally_bench::report::markdown(report);
+    write(
+        "results.json",
+        serde_json::to_string_pretty(report).map_err(|e| e.to_string())?,
+    )?;
+    write("results.md", markdown.clone())?;
+    write("latency-ratio.svg", tally_bench::report::svg(report))?;
+    println!("{markdown}\nwritten to {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! What every Tally program does around its work: logs to stderr (`RUST_LOG`, default
+//! warnings), an async runtime, and an exit code with the error printed.
+
+use std::process::ExitCode;
+
+/// Runs `work` on a new runtime after setting up logging: success, or the error on stderr
+/// and a failing exit code.
+pub fn run_main<F>(work: F) -> ExitCode
+where
+    F: Future<Output = Result<(), String>>,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
