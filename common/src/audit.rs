@@ -5,7 +5,9 @@
 //! carries `"prev"`, the hash of the record before it (64 zeros for the very first). Editing
 //! a record breaks its own hash; deleting or reordering records breaks a `prev`; [`verify`]
 //! names the first record that fails. Each line is written and synced to disk before
-//! `append` returns, and a log reopened after a restart (or a crash) continues the chain.
+//! `append` (or `write`) returns, and a log reopened after a restart (or a crash) continues
+//! the chain. Records written concurrently through `write` are committed in groups: one
+//! blocking task writes every record waiting and syncs once for all of them.
 //!
 //! A chain alone cannot show that records were cut off its end, so the writer also keeps
 //! `<name>.head`: the hash of the newest record, rewritten in place after each append.
@@ -58,6 +60,40 @@ const RECENT: usize = 10_000;
 pub struct AuditLog<R> {
     recent: Mutex<VecDeque<R>>,
     file: Option<Mutex<ChainedFile>>,
+    waiting: Mutex<Waiting<R>>,
+}
+
+/// Records handed to [`AuditLog::write`] and not yet committed, and whether a task is
+/// committing them.
+#[derive(Debug)]
+struct Waiting<R> {
+    records: Vec<(R, Committed)>,
+    committing: bool,
+}
+
+type Committed = tokio::sync::oneshot::Sender<Result<(), TallyError>>;
+
+fn unwritten() -> TallyError {
+    TallyError::new(
+        ErrorCode::Internal,
+        "the audit record could not be written, so no answer is given",
+    )
+}
+
+/// Fails the records still waiting when a commit task unwinds, and lets the next writer
+/// start another, so that a panic cannot leave writers waiting forever.
+struct CommitGuard<'a, R>(&'a AuditLog<R>);
+
+impl<R> Drop for CommitGuard<'_, R> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut waiting = self.0.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, committed) in waiting.records.drain(..) {
+                let _ = committed.send(Err(unwritten()));
+            }
+            waiting.committing = false;
+        }
+    }
 }
 
 impl<R: Serialize + Clone> AuditLog<R> {
@@ -66,6 +102,7 @@ impl<R: Serialize + Clone> AuditLog<R> {
         AuditLog {
             recent: Mutex::new(VecDeque::new()),
             file: None,
+            waiting: Mutex::new(Waiting::default()),
         }
     }
 
@@ -99,6 +136,7 @@ impl<R: Serialize + Clone> AuditLog<R> {
             .open(head_path(path))?;
         Ok(AuditLog {
             recent: Mutex::new(VecDeque::new()),
+            waiting: Mutex::new(Waiting::default()),
             file: Some(Mutex::new(ChainedFile {
                 path: path.to_path_buf(),
                 file,
@@ -113,39 +151,71 @@ impl<R: Serialize + Clone> AuditLog<R> {
     /// Appends a record; the line is written and synced to disk before this returns. When
     /// it cannot be written the caller must not answer (fail closed).
     pub fn append(&self, record: R) -> Result<(), TallyError> {
+        self.append_all(vec![record])
+    }
+
+    /// Appends `records` in order with one sync for all of them; all or none are
+    /// acknowledged.
+    fn append_all(&self, records: Vec<R>) -> Result<(), TallyError> {
         if let Some(file) = &self.file {
             let mut chained = file.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(err) = chained.append(&record) {
+            let written = records
+                .iter()
+                .try_for_each(|record| chained.write_record(record))
+                .and_then(|()| chained.sync());
+            if let Err(err) = written {
                 tracing::error!(error = %err, path = %chained.path.display(), "audit log write failed");
-                return Err(TallyError::new(
-                    ErrorCode::Internal,
-                    "the audit record could not be written, so no answer is given",
-                ));
+                return Err(unwritten());
             }
         }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.len() == RECENT {
-            recent.pop_front();
+        for record in records {
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(record);
         }
-        recent.push_back(record);
         Ok(())
     }
 
-    /// [`AuditLog::append`] on a blocking thread, so that the fsync never stalls the async
-    /// runtime's workers.
+    /// Appends a record without blocking the async runtime: the record waits with any
+    /// others written meanwhile, and one blocking task commits them together (one sync).
+    /// Returns once the record is on disk; when it is not, the caller must not answer.
     pub async fn write(self: &Arc<Self>, record: R) -> Result<(), TallyError>
     where
         R: Send + 'static,
     {
-        let log = self.clone();
-        tokio::task::spawn_blocking(move || log.append(record))
-            .await
-            .unwrap_or_else(|_| {
-                Err(TallyError::new(
-                    ErrorCode::Internal,
-                    "the audit record could not be written, so no answer is given",
-                ))
-            })
+        let (committed, outcome) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            waiting.records.push((record, committed));
+            !std::mem::replace(&mut waiting.committing, true)
+        };
+        if lead {
+            let log = self.clone();
+            tokio::task::spawn_blocking(move || log.commit_waiting());
+        }
+        outcome.await.unwrap_or_else(|_| Err(unwritten()))
+    }
+
+    /// Commits waiting records, group by group, until none wait.
+    fn commit_waiting(&self) {
+        let _guard = CommitGuard(self);
+        loop {
+            let group = {
+                let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                if waiting.records.is_empty() {
+                    waiting.committing = false;
+                    return;
+                }
+                std::mem::take(&mut waiting.records)
+            };
+            let (records, committed): (Vec<R>, Vec<Committed>) = group.into_iter().unzip();
+            let outcome = self.append_all(records);
+            for one in committed {
+                let _ = one.send(outcome.clone());
+            }
+        }
     }
 
     /// The most recent records, oldest first.
@@ -155,8 +225,18 @@ impl<R: Serialize + Clone> AuditLog<R> {
     }
 }
 
+impl<R> Default for Waiting<R> {
+    fn default() -> Self {
+        Waiting {
+            records: Vec::new(),
+            committing: false,
+        }
+    }
+}
+
 impl ChainedFile {
-    fn append<R: Serialize>(&mut self, record: &R) -> std::io::Result<()> {
+    /// Writes one record's line, chained to the last (not yet synced).
+    fn write_record<R: Serialize>(&mut self, record: &R) -> std::io::Result<()> {
         let (line, hash) = chained_line(record, &self.last)?;
         let length = line.len() as u64 + 1;
         if self
@@ -166,13 +246,18 @@ impl ChainedFile {
             self.rotate()?;
         }
         writeln!(self.file, "{line}")?;
-        self.file.sync_data()?;
         self.size += length;
-        use std::os::unix::fs::FileExt;
-        self.head.write_all_at(head_line(&hash).as_bytes(), 0)?;
-        self.head.sync_data()?;
         self.last = hash;
         Ok(())
+    }
+
+    /// Syncs the lines written, then records the newest one's hash in the head file.
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        use std::os::unix::fs::FileExt;
+        self.head
+            .write_all_at(head_line(&self.last).as_bytes(), 0)?;
+        self.head.sync_data()
     }
 
     /// Renames the active file to the next numbered segment and starts a new one.
@@ -544,6 +629,41 @@ pub(crate) mod tests {
         let broken = verify(&path).unwrap_err();
         assert_eq!(broken.file, verified.files[2]);
         assert_eq!(broken.line, 1);
+    }
+
+    #[test]
+    fn records_written_together_are_all_committed_in_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = Arc::new(AuditLog::open(&path, Some(4096)).unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let writes: Vec<_> = (0..200)
+                .map(|n| {
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        let note = format!("record {n}");
+                        log.write(Entry { n, note }).await
+                    })
+                })
+                .collect();
+            for write in writes {
+                write.await.unwrap().unwrap();
+            }
+        });
+        let verified = verify(&path).unwrap();
+        assert_eq!(verified.records, 200);
+        let mut seen: Vec<u64> = read_records(&path)
+            .unwrap()
+            .iter()
+            .map(|r| r["n"].as_u64().unwrap())
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..200).collect::<Vec<_>>());
+        assert_eq!(log.recent().len(), 200);
     }
 
     #[test]

@@ -6,12 +6,15 @@
 //! (optional `default_project` and `default_purpose` claims choose when it does not). The
 //! gateway verifies the token, forwards it, and every node verifies it again itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use jsonwebtoken::{
+    Algorithm, DecodingKey, Validation, decode, decode_header, get_current_timestamp,
+};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -151,6 +154,52 @@ const ACCEPTED: [Algorithm; 9] = [
 pub struct JwtVerifier {
     keys: JwkSet,
     config: JwtConfig,
+    verified: Arc<VerifiedTokens>,
+}
+
+/// Tokens whose signature has verified, by their exact text, with the analyst they name
+/// and the window in which they are valid: a dashboard's hundreds of queries with one token
+/// check its signature once, and every use still checks the window. Emptied when full.
+#[derive(Default)]
+struct VerifiedTokens(Mutex<HashMap<String, VerifiedToken>>);
+
+/// Tokens remembered at most.
+const VERIFIED_CAPACITY: usize = 1024;
+
+#[derive(Clone)]
+struct VerifiedToken {
+    identity: Identity,
+    not_before: Option<u64>,
+    expires: u64,
+}
+
+impl std::fmt::Debug for VerifiedTokens {
+    /// Counts only: the tokens are credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = self.0.lock().map_or(0, |tokens| tokens.len());
+        write!(f, "VerifiedTokens({count})")
+    }
+}
+
+impl VerifiedTokens {
+    /// The identity of `token` if it verified before and is valid now, within `leeway`
+    /// seconds, by the same rules as a full verification.
+    fn valid(&self, token: &str, leeway: u64) -> Option<Identity> {
+        let tokens = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let known = tokens.get(token)?;
+        let now = get_current_timestamp();
+        let started = known.not_before.is_none_or(|nbf| nbf <= now + leeway);
+        let running = known.expires >= now.saturating_sub(leeway);
+        (started && running).then(|| known.identity.clone())
+    }
+
+    fn remember(&self, token: &str, known: VerifiedToken) {
+        let mut tokens = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if tokens.len() >= VERIFIED_CAPACITY {
+            tokens.clear();
+        }
+        tokens.insert(token.to_string(), known);
+    }
 }
 
 fn refused(message: impl Into<String>) -> TallyError {
@@ -169,6 +218,7 @@ impl JwtVerifier {
         Ok(JwtVerifier {
             keys,
             config: config.clone(),
+            verified: Arc::default(),
         })
     }
 
@@ -179,6 +229,9 @@ impl JwtVerifier {
 
     /// The analyst a valid token names; a clear reason when it is not valid.
     pub fn verify(&self, token: &str) -> Result<Identity, TallyError> {
+        if let Some(identity) = self.verified.valid(token, self.config.leeway_secs) {
+            return Ok(identity);
+        }
         let header =
             decode_header(token).map_err(|_| refused("the token is not a well-formed JWT"))?;
         if !ACCEPTED.contains(&header.alg) {
@@ -204,7 +257,21 @@ impl JwtVerifier {
         let claims = decode::<Map<String, Value>>(token, &key, &validation)
             .map_err(|err| refused(describe(err.kind())))?
             .claims;
-        self.identity(&claims)
+        let identity = self.identity(&claims)?;
+        let seconds = |claim: &str| claims.get(claim).and_then(Value::as_u64);
+        if let Some(expires) = seconds("exp") {
+            let not_before = seconds("nbf");
+            let window_known = not_before.is_some() || !claims.contains_key("nbf");
+            if window_known {
+                let known = VerifiedToken {
+                    identity: identity.clone(),
+                    not_before,
+                    expires,
+                };
+                self.verified.remember(token, known);
+            }
+        }
+        Ok(identity)
     }
 
     fn identity(&self, claims: &Map<String, Value>) -> Result<Identity, TallyError> {
@@ -281,5 +348,70 @@ fn describe(kind: &ErrorKind) -> String {
         ErrorKind::MissingRequiredClaim(claim) => format!("the token has no '{claim}' claim"),
         ErrorKind::InvalidAlgorithm => "the token's algorithm does not match its key".into(),
         _ => "the token is not valid".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn analyst() -> Identity {
+        Identity {
+            user: "ana".into(),
+            groups: Vec::new(),
+            approvals: BTreeMap::new(),
+            default_project: None,
+            default_purpose: None,
+        }
+    }
+
+    fn remembered(not_before: Option<u64>, expires: u64) -> VerifiedTokens {
+        let tokens = VerifiedTokens::default();
+        let known = VerifiedToken {
+            identity: analyst(),
+            not_before,
+            expires,
+        };
+        tokens.remember("a.b.c", known);
+        tokens
+    }
+
+    #[test]
+    fn a_remembered_token_is_valid_only_within_its_window() {
+        let now = get_current_timestamp();
+        assert_eq!(
+            remembered(None, now + 60).valid("a.b.c", 0),
+            Some(analyst())
+        );
+        assert_eq!(remembered(None, now + 60).valid("x.y.z", 0), None);
+        assert_eq!(remembered(None, now - 60).valid("a.b.c", 0), None);
+        assert_eq!(
+            remembered(None, now - 60).valid("a.b.c", 90),
+            Some(analyst())
+        );
+        assert_eq!(
+            remembered(Some(now + 60), now + 120).valid("a.b.c", 0),
+            None
+        );
+        assert_eq!(
+            remembered(Some(now + 60), now + 120).valid("a.b.c", 90),
+            Some(analyst())
+        );
+    }
+
+    #[test]
+    fn remembered_tokens_stay_bounded_and_out_of_debug_output() {
+        let tokens = VerifiedTokens::default();
+        let expires = get_current_timestamp() + 60;
+        for i in 0..VERIFIED_CAPACITY + 10 {
+            let known = VerifiedToken {
+                identity: analyst(),
+                not_before: None,
+                expires,
+            };
+            tokens.remember(&format!("secret.token.{i}"), known);
+        }
+        assert!(tokens.0.lock().unwrap().len() <= VERIFIED_CAPACITY);
+        assert!(!format!("{tokens:?}").contains("secret"));
     }
 }

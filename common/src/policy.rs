@@ -5,6 +5,7 @@
 //! version, a hash of those files. Reloading keeps the previous policy when the new one
 //! fails to load, and queries in flight finish on the policy they started with.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -123,6 +124,19 @@ struct Loaded {
     version: String,
     data: serde_json::Value,
     governance: Governance,
+    /// Decisions this version has made, by input document (absent when the rules draw
+    /// random numbers, so that the same input may be decided differently).
+    decided: Option<Mutex<HashMap<String, Decision>>>,
+}
+
+/// Decisions remembered per policy version; the memory is emptied when it fills.
+const DECIDED_CAPACITY: usize = 4096;
+
+/// Whether rules written in `text` decide the same input the same way every time. The
+/// engine is built without its clock, HTTP, UUID and runtime built-ins, so the only
+/// source of variation left is `rand.intn`.
+fn deterministic(text: &str) -> bool {
+    !text.contains("rand.")
 }
 
 /// One loaded version of a policy: its files' hash, its catalogue and its rules. A query is
@@ -209,6 +223,7 @@ fn load(dir: &Path) -> Result<Loaded, PolicyError> {
     engine.set_rego_v0(false);
     let mut hasher = Sha256::new();
     let mut data = serde_json::Value::Object(Default::default());
+    let mut memoisable = true;
     for path in policy_files(dir)? {
         let fail = |reason: String| PolicyError {
             path: path.clone(),
@@ -224,6 +239,7 @@ fn load(dir: &Path) -> Result<Loaded, PolicyError> {
         hasher.update(text.as_bytes());
         hasher.update([0]);
         if path.extension().is_some_and(|e| e == "rego") {
+            memoisable &= deterministic(&text);
             engine
                 .add_policy(path.display().to_string(), text)
                 .map_err(|e| fail(e.to_string()))?;
@@ -246,6 +262,7 @@ fn load(dir: &Path) -> Result<Loaded, PolicyError> {
         version,
         data,
         governance,
+        decided: memoisable.then(|| Mutex::new(HashMap::new())),
     };
     // A policy that cannot produce a decision is not loaded.
     loaded
@@ -269,7 +286,30 @@ fn merge_json(into: &mut serde_json::Value, from: serde_json::Value) {
 }
 
 impl Loaded {
+    /// The decision for `input`: remembered when this version has decided the same input
+    /// before (a policy is a function of its files and its input), evaluated otherwise.
     fn evaluate(&self, input: &serde_json::Value) -> Result<Decision, TallyError> {
+        let Some(decided) = &self.decided else {
+            return self.evaluate_rules(&input.to_string());
+        };
+        let input = input.to_string();
+        if let Some(decision) = decided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&input)
+        {
+            return Ok(decision.clone());
+        }
+        let decision = self.evaluate_rules(&input)?;
+        let mut decided = decided.lock().unwrap_or_else(|p| p.into_inner());
+        if decided.len() >= DECIDED_CAPACITY {
+            decided.clear();
+        }
+        decided.insert(input, decision.clone());
+        Ok(decision)
+    }
+
+    fn evaluate_rules(&self, input: &str) -> Result<Decision, TallyError> {
         let broken = |what: &str| {
             tracing::error!(error = what, "policy evaluation failed");
             TallyError::new(
@@ -277,8 +317,7 @@ impl Loaded {
                 "the policy could not decide, so the query is refused",
             )
         };
-        let input = regorus::Value::from_json_str(&input.to_string())
-            .map_err(|e| broken(&e.to_string()))?;
+        let input = regorus::Value::from_json_str(input).map_err(|e| broken(&e.to_string()))?;
         let value = {
             let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
             engine.set_input(input);
@@ -460,4 +499,66 @@ pub fn run_tests(dir: &Path) -> Result<Vec<TestOutcome>, PolicyError> {
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped_policy() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+    }
+
+    /// A copy of the shipped policy folder with `extra` appended to its rules.
+    fn policy_with(extra: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["tally.rego", "catalogue.json"] {
+            std::fs::copy(shipped_policy().join(name), dir.path().join(name)).unwrap();
+        }
+        let rules = dir.path().join("tally.rego");
+        let text = std::fs::read_to_string(&rules).unwrap() + extra;
+        std::fs::write(rules, text).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_remembered_decision_is_the_decision_the_rules_make() {
+        let loaded = load(&shipped_policy()).unwrap();
+        let input = serde_json::json!({"identity": {"user": "ana", "project": "none"}});
+        let evaluated = loaded.evaluate_rules(&input.to_string()).unwrap();
+        let first = loaded.evaluate(&input).unwrap();
+        let second = loaded.evaluate(&input).unwrap();
+        assert_eq!(first, evaluated);
+        assert_eq!(second, evaluated);
+        assert!(
+            !evaluated.reasons.is_empty(),
+            "an unknown project is refused"
+        );
+        let decided = loaded
+            .decided
+            .as_ref()
+            .expect("the shipped rules are memoised");
+        let remembered = decided.lock().unwrap();
+        assert!(remembered.contains_key(&input.to_string()));
+    }
+
+    #[test]
+    fn rules_that_draw_random_numbers_are_evaluated_every_time() {
+        let dir = policy_with("\nlucky if rand.intn(\"draw\", 2) == 1\n");
+        let loaded = load(dir.path()).unwrap();
+        assert!(loaded.decided.is_none());
+        let plain = load(policy_with("\nplain := 1\n").path()).unwrap();
+        assert!(plain.decided.is_some());
+    }
+
+    #[test]
+    fn the_memory_of_decisions_stays_bounded() {
+        let loaded = load(&shipped_policy()).unwrap();
+        for i in 0..DECIDED_CAPACITY + 10 {
+            let input = serde_json::json!({"identity": {"user": format!("u{i}")}});
+            loaded.evaluate(&input).unwrap();
+        }
+        let decided = loaded.decided.as_ref().unwrap().lock().unwrap();
+        assert!(decided.len() <= DECIDED_CAPACITY);
+    }
 }
