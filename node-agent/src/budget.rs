@@ -20,7 +20,31 @@ use tally_common::model::ReleaseQuery;
 use tally_common::policy::PolicySnapshot;
 use tally_common::{ErrorCode, TallyError};
 
-use crate::bounding::load_or_create_key;
+/// The node's secret for the keyed hash, kept in `<state>/bounding.key` (created with
+/// random bytes the first time).
+pub fn load_or_create_key(state: &Path) -> Result<[u8; 32], TallyError> {
+    let path = state.join("bounding.key");
+    let broken = |why: String| {
+        tracing::error!(path = %path.display(), %why, "the bounding key");
+        TallyError::new(
+            ErrorCode::Internal,
+            "this trust's contribution-bounding key cannot be read",
+        )
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => bytes.try_into().map_err(|_| broken("not 32 bytes".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
+            std::fs::write(&path, key)
+                .and_then(|()| std::fs::File::open(&path)?.sync_all())
+                .map_err(|e| broken(e.to_string()))?;
+            Ok(key)
+        }
+        Err(e) => Err(broken(e.to_string())),
+    }
+}
+
 
 /// The node's privacy state.
 pub struct PrivacyState {
@@ -154,4 +178,23 @@ pub fn data_version(tables: &[String], opt_out: Option<&PathBuf>) -> String {
         hasher.update(stamp.as_bytes());
     }
     hex::encode(hasher.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bounding_key_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_key(dir.path()).unwrap();
+        let second = load_or_create_key(dir.path()).unwrap();
+        assert_eq!(first, second);
+        assert_ne!(first, [0u8; 32]);
+        std::fs::write(dir.path().join("bounding.key"), b"short").unwrap();
+        assert_eq!(
+            load_or_create_key(dir.path()).unwrap_err().code,
+            ErrorCode::Internal
+        );
+    }
 }

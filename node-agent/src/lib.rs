@@ -1,7 +1,6 @@
 //! Tally node agent: serves one trust's tables over Arrow Flight SQL and answers only with
 //! aggregates, whatever it is asked.
 
-pub mod bounding;
 pub mod budget;
 pub mod config;
 pub mod error;

@@ -36,7 +36,7 @@ use tally_common::model::{
 use tally_common::privacy::{ContributionBounds, FixedPoint, public_keys};
 use tally_common::{ErrorCode, TallyError};
 
-use crate::bounding::{BoundedTotals, Bounding, Measure};
+use tally_bounding::{BoundedTotals, Bounding, Measure};
 
 fn bad(message: impl Into<String>) -> TallyError {
     TallyError::new(ErrorCode::BadRequest, message)
@@ -136,7 +136,7 @@ impl ReleasePlan {
 
 /// The plan for `release` over `ctx`'s tables, validated against `governance` (already
 /// done by the caller) and this trust's schemas: group columns `g0..`, then one column per
-/// partial `p0..` (and [`crate::bounding::UNITS`] when bounded); and the partial schema the trust answers
+/// partial `p0..` (and [`tally_bounding::UNITS`] when bounded); and the partial schema the trust answers
 /// with.
 pub async fn build_plan(
     ctx: &SessionContext,
@@ -678,7 +678,7 @@ mod tests {
     use std::sync::Arc;
     use tally_common::model::{Aggregate, MODEL_VERSION};
 
-    use crate::bounding::UNITS;
+    use tally_bounding::UNITS;
 
     fn governance() -> Governance {
         let data: serde_json::Value =

@@ -1,17 +1,19 @@
 //! Bounding: what one patient may add to a release, enforced while the rows stream past.
 //!
 //! A bounded release's rows reach [`BoundedTotals`] ordered by patient: each table with a
-//! privacy unit is kept in that order at the node (see [`crate::tables`]), and the plan
+//! privacy unit is kept in that order at the node (see the node agent's `tables`), and the plan
 //! sorts when it is not. For each patient in turn the node gathers the rows per group,
 //! keeps at most `groups_per_unit` of that patient's groups (those whose keyed hash of
 //! patient and group ranks lowest, so the choice depends on neither data order nor anything
 //! an analyst controls), caps and clamps what the patient adds to each kept group, and adds
 //! it to the group's totals. One pass over the rows, holding one patient and the groups.
+//!
+//! A crate of its own so that this per-row loop is optimised fully while the rest of the
+//! node agent builds quickly (see the workspace's release profile).
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::hash::Hasher as _;
-use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::Float64Array;
@@ -26,35 +28,9 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use siphasher::sip::SipHasher24;
 use tally_common::model::partial_column;
 use tally_common::privacy::FixedPoint;
-use tally_common::{ErrorCode, TallyError};
 
 /// The column of a bounded answer counting each group's patients.
 pub const UNITS: &str = "__tally_units";
-
-/// The node's secret for the keyed hash, kept in `<state>/bounding.key` (created with
-/// random bytes the first time).
-pub fn load_or_create_key(state: &Path) -> Result<[u8; 32], TallyError> {
-    let path = state.join("bounding.key");
-    let broken = |why: String| {
-        tracing::error!(path = %path.display(), %why, "the bounding key");
-        TallyError::new(
-            ErrorCode::Internal,
-            "this trust's contribution-bounding key cannot be read",
-        )
-    };
-    match std::fs::read(&path) {
-        Ok(bytes) => bytes.try_into().map_err(|_| broken("not 32 bytes".into())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = [0u8; 32];
-            rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
-            std::fs::write(&path, key)
-                .and_then(|()| std::fs::File::open(&path)?.sync_all())
-                .map_err(|e| broken(e.to_string()))?;
-            Ok(key)
-        }
-        Err(e) => Err(broken(e.to_string())),
-    }
-}
 
 /// What one partial adds up, per patient and group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -891,19 +867,5 @@ mod tests {
             "different secrets choose different groups"
         );
         assert_eq!(totals(bounding(None), &[batch(&rows)]).unwrap().len(), 5);
-    }
-
-    #[test]
-    fn the_bounding_key_is_created_once_and_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = load_or_create_key(dir.path()).unwrap();
-        let second = load_or_create_key(dir.path()).unwrap();
-        assert_eq!(first, second);
-        assert_ne!(first, [0u8; 32]);
-        std::fs::write(dir.path().join("bounding.key"), b"short").unwrap();
-        assert_eq!(
-            load_or_create_key(dir.path()).unwrap_err().code,
-            ErrorCode::Internal
-        );
     }
 }
