@@ -6,7 +6,9 @@
 //! and reserved, synced to disk, before anything is sent; it stays if the query then fails.
 //! A release identical to one the project already paid for is free: the trusts return the
 //! noisy answer they stored for it (over unchanged data), so nothing new is learnt. A lock
-//! per query shape makes identical queries run one at a time, so the trusts compute once.
+//! per query shape makes an identical query wait while the one that paid for it runs, so
+//! the trusts compute once; repeats of a query already paid for then run side by side
+//! (each trust still takes its stored answer one request at a time).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -43,8 +45,8 @@ impl ProjectBudget {
     }
 }
 
-/// A paid-for query: what it cost, and the lock that keeps identical queries apart until
-/// it has run.
+/// A paid-for query: what it cost, and, when it paid, the lock that keeps identical
+/// queries waiting until it has run.
 pub struct Reserved {
     /// ρ charged now (zero for repeats and for policies without noise).
     pub charged: Rho,
@@ -132,7 +134,7 @@ impl Budget {
             .await?;
         Ok(Reserved {
             charged: charged.charged,
-            _running: Some(running),
+            _running: (charged.charged > Rho::ZERO).then_some(running),
         })
     }
 }
