@@ -13,9 +13,20 @@ pub fn new_context() -> Result<SessionContext> {
     new_context_in(Arc::new(RuntimeEnv::default()))
 }
 
+/// Stack a recursive step of parsing or planning must find left, or it continues on a new
+/// segment. DataFusion's planning crates are built without optimisation (see the
+/// workspace's release profile), so their frames are large: the default 128 KiB red zone
+/// let a statement at the gateway's size limits overflow a 2 MiB worker stack.
+const PLANNING_RED_ZONE: usize = 1024 * 1024;
+
+/// The size of each new stack segment recursive planning continues on.
+const PLANNING_SEGMENT: usize = 8 * 1024 * 1024;
+
 /// A fresh, locked-down session context running in `runtime` (its memory pool is shared
 /// by every context in it).
 pub fn new_context_in(runtime: Arc<RuntimeEnv>) -> Result<SessionContext> {
+    recursive::set_minimum_stack_size(PLANNING_RED_ZONE);
+    recursive::set_stack_allocation_size(PLANNING_SEGMENT);
     let config = SessionConfig::new()
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(true);

@@ -28,7 +28,7 @@ use crate::error::GatewayError;
 use crate::limits::RateLimiter;
 use crate::lower::{lower, releases_of};
 use crate::parse::{QueryLimits, plan_read_only};
-use crate::planned::{PlanCache, PlannedQuery};
+use crate::planned::{PlanCache, PlannedQuery, StatementPlans};
 use crate::send::{QueryDispatch, ReleaseRun};
 
 /// One line of the gateway's audit log.
@@ -150,6 +150,7 @@ pub struct Gateway {
     rates: RateLimiter,
     query_timeout: Duration,
     plans: PlanCache,
+    statements: StatementPlans,
     budget: Budget,
 }
 
@@ -268,6 +269,7 @@ impl Gateway {
             ),
             query_timeout: limits.query_timeout(),
             plans: PlanCache::default(),
+            statements: StatementPlans::default(),
             budget,
         })
     }
@@ -324,7 +326,7 @@ impl Gateway {
         query_id: &str,
         policy: &PolicySnapshot,
     ) -> Result<Decided, Refused> {
-        let plan = plan_read_only(&self.ctx.state(), sql).await?;
+        let plan = self.statement_plan(sql).await?;
         let dispatch = Arc::new(QueryDispatch::new(
             query_id.to_string(),
             self.catalogue.clone(),
@@ -355,6 +357,18 @@ impl Gateway {
             release_sql,
             decision,
         })
+    }
+
+    /// The logical plan of `sql`: kept from an earlier request over the same catalogue, or
+    /// parsed and planned now (and kept).
+    async fn statement_plan(&self, sql: &str) -> Result<LogicalPlan, TallyError> {
+        let view = self.catalogue.snapshot();
+        if let Some(plan) = self.statements.get(&view, sql) {
+            return Ok(plan);
+        }
+        let plan = plan_read_only(&self.ctx.state(), sql).await?;
+        self.statements.keep(view, sql, &plan);
+        Ok(plan)
     }
 
     /// The releases, policy inputs and decision for `sql`, without running it.

@@ -1,12 +1,15 @@
-//! Plans made to describe a statement (Flight SQL `GetFlightInfo`), kept for the `DoGet`
-//! that follows, so each query is parsed, planned, lowered and decided once rather than twice.
+//! Plans kept between requests. A plan made to describe a statement (Flight SQL
+//! `GetFlightInfo`) is kept for the `DoGet` that follows ([`PlanCache`]), so each query is
+//! parsed, planned, lowered and decided once rather than twice; and the logical plan of a
+//! statement's text is kept for as long as the catalogue does not change
+//! ([`StatementPlans`]), so a dashboard's repeated statement is parsed and planned once.
 //!
 //! A plan is handed out at most once, only to the identity it was made for, only while the
 //! policy that decided it is still in force, and only within [`PLAN_TTL`]; otherwise the
 //! query is planned again from its SQL. The statement ticket carries both the plan's handle
 //! and the SQL, so a ticket whose plan is gone still runs.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +19,7 @@ use tally_common::admission::RequestIdentity;
 use tally_common::model::ReleaseQuery;
 use tally_common::policy::Obligations;
 
+use crate::catalogue::Snapshot;
 use crate::send::QueryDispatch;
 
 /// How long a described plan waits for its `DoGet`.
@@ -89,10 +93,73 @@ impl PlanCache {
     }
 }
 
+/// Statements' texts kept at most with their plans; all are dropped when the bound is hit.
+const STATEMENTS: usize = 1024;
+
+/// The logical plans of statements already planned, by their exact text, for one view of
+/// the catalogue: planning depends on nothing else (not on who asks: each request is still
+/// lowered, decided and audited for its caller). A new view drops them all.
+#[derive(Default)]
+pub struct StatementPlans {
+    kept: Mutex<(Option<Arc<Snapshot>>, HashMap<String, LogicalPlan>)>,
+}
+
+impl StatementPlans {
+    /// The plan of `sql` made over `view`, if it was kept.
+    pub fn get(&self, view: &Arc<Snapshot>, sql: &str) -> Option<LogicalPlan> {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        match &kept.0 {
+            Some(planned_over) if Arc::ptr_eq(planned_over, view) => kept.1.get(sql).cloned(),
+            Some(_) | None => None,
+        }
+    }
+
+    /// Keeps `plan`, made for `sql` over `view`.
+    pub fn keep(&self, view: Arc<Snapshot>, sql: &str, plan: &LogicalPlan) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let same_view = kept.0.as_ref().is_some_and(|v| Arc::ptr_eq(v, &view));
+        if !same_view || kept.1.len() >= STATEMENTS {
+            kept.1.clear();
+            kept.0 = Some(view);
+        }
+        kept.1.insert(sql.to_string(), plan.clone());
+    }
+}
+
 /// A statement ticket's plan handle (if it names one) and SQL.
 pub fn parse_ticket(ticket: &str) -> (Option<&str>, &str) {
     ticket
         .strip_prefix(MARKER)
         .and_then(|rest| rest.split_once('\n'))
         .map_or((None, ticket), |(handle, sql)| (Some(handle), sql))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::common::DFSchema;
+    use datafusion::logical_expr::EmptyRelation;
+
+    fn plan() -> LogicalPlan {
+        LogicalPlan::EmptyRelation(EmptyRelation {
+            produce_one_row: true,
+            schema: Arc::new(DFSchema::empty()),
+        })
+    }
+
+    #[test]
+    fn a_statement_plan_is_kept_only_for_its_text_and_catalogue_view() {
+        let plans = StatementPlans::default();
+        let view = Arc::new(Snapshot::default());
+        let sql = "SELECT COUNT(*) FROM episodes";
+        assert!(plans.get(&view, sql).is_none());
+        plans.keep(view.clone(), sql, &plan());
+        assert!(plans.get(&view, sql).is_some());
+        assert!(plans.get(&view, "SELECT COUNT(*) FROM patients").is_none());
+        let refreshed = Arc::new(Snapshot::default());
+        assert!(plans.get(&refreshed, sql).is_none());
+        plans.keep(refreshed.clone(), "SELECT 1", &plan());
+        assert!(plans.get(&view, "SELECT 1").is_none());
+        assert!(plans.get(&refreshed, sql).is_none(), "a new view drops the old plans");
+    }
 }
