@@ -13,10 +13,15 @@ pub fn new_context() -> Result<SessionContext> {
     new_context_in(Arc::new(RuntimeEnv::default()))
 }
 
+/// The stack of every thread of the gateway's and the nodes' runtimes. DataFusion's
+/// planning crates are built without optimisation (see the workspace's release profile),
+/// and some of their recursion (typing an expression, say) has no stack guard: a statement
+/// at the gateway's size limits (256 operators deep) needs more than Tokio's default
+/// 2 MiB. Untouched stack costs no memory.
+pub const WORKER_STACK_BYTES: usize = 16 * 1024 * 1024;
+
 /// Stack a recursive step of parsing or planning must find left, or it continues on a new
-/// segment. DataFusion's planning crates are built without optimisation (see the
-/// workspace's release profile), so their frames are large: the default 128 KiB red zone
-/// let a statement at the gateway's size limits overflow a 2 MiB worker stack.
+/// segment; unoptimised frames are large, so the default 128 KiB is not enough.
 const PLANNING_RED_ZONE: usize = 1024 * 1024;
 
 /// The size of each new stack segment recursive planning continues on.

@@ -753,13 +753,13 @@ mod tests {
         );
     }
 
-    /// Runs `work` on a thread with a 2 MiB stack (Tokio's worker default) and its own
+    /// Runs `work` on a thread with the stack of the gateway's workers and its own
     /// runtime, so that a stack overflow would abort the test run.
-    fn on_small_stack<T: Send + 'static>(
+    fn on_worker_stack<T: Send + 'static>(
         work: impl std::future::Future<Output = T> + Send + 'static,
     ) -> T {
         std::thread::Builder::new()
-            .stack_size(2 * 1024 * 1024)
+            .stack_size(tally_common::session::WORKER_STACK_BYTES)
             .spawn(move || {
                 tokio::runtime::Builder::new_current_thread()
                     .build()
@@ -772,10 +772,10 @@ mod tests {
     }
 
     /// Through the real planning path: hostile statements are refused before the parser,
-    /// and statements at the limits parse, plan and optimise on a small stack.
+    /// and statements at the limits parse, plan and optimise on a worker's stack.
     #[test]
     fn planning_refuses_hostile_statements_and_survives_the_limits() {
-        on_small_stack(async {
+        on_worker_stack(async {
             let ctx = tally_common::session::new_context().expect("context");
             // The plan depth limit would refuse the long joins after planning; lifted here
             // to show that the token limits alone keep planning within the stack.

@@ -160,6 +160,9 @@ mod tests {
         assert!(plans.get(&refreshed, sql).is_none());
         plans.keep(refreshed.clone(), "SELECT 1", &plan());
         assert!(plans.get(&view, "SELECT 1").is_none());
-        assert!(plans.get(&refreshed, sql).is_none(), "a new view drops the old plans");
+        assert!(
+            plans.get(&refreshed, sql).is_none(),
+            "a new view drops the old plans"
+        );
     }
 }

@@ -45,7 +45,6 @@ pub fn load_or_create_key(state: &Path) -> Result<[u8; 32], TallyError> {
     }
 }
 
-
 /// The node's privacy state.
 pub struct PrivacyState {
     /// The budget ledger.
