@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::execution::TaskContext;
+use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::prelude::{DataFrame, SessionContext};
 use serde::Serialize;
 use tally_common::admission::{
     BudgetState, Origin, Refused, RequestIdentity, decide, policy_input,
@@ -143,7 +144,10 @@ impl Explanation {
 
 /// The gateway's engine.
 pub struct Gateway {
-    ctx: SessionContext,
+    /// The session every statement is planned in (made once: cloning a state copies its
+    /// function registries), and the task context every plan runs in.
+    state: SessionState,
+    task: Arc<TaskContext>,
     catalogue: Arc<Catalogue>,
     policy: Arc<Policy>,
     audit: Arc<AuditLog<GatewayAuditRecord>>,
@@ -258,8 +262,10 @@ impl Gateway {
         default_catalog
             .register_schema("public", Arc::new(CatalogueSchema::new(catalogue.clone())))
             .map_err(engine)?;
+        let state = ctx.state();
         Ok(Gateway {
-            ctx,
+            task: state.task_ctx(),
+            state,
             catalogue,
             policy,
             audit,
@@ -366,7 +372,7 @@ impl Gateway {
         if let Some(plan) = self.statements.get(&view, sql) {
             return Ok(plan);
         }
-        let plan = plan_read_only(&self.ctx.state(), sql).await?;
+        let plan = plan_read_only(&self.state, sql).await?;
         self.statements.keep(view, sql, &plan);
         Ok(plan)
     }
@@ -378,7 +384,7 @@ impl Gateway {
         sql: &str,
     ) -> Result<Explanation, TallyError> {
         let policy = self.policy.snapshot();
-        let plan = plan_read_only(&self.ctx.state(), sql).await?;
+        let plan = plan_read_only(&self.state, sql).await?;
         let budget = self.budget.state(identity, policy.governance());
         Explanation::of(plan, &policy, identity, &budget.view())
     }
@@ -587,12 +593,16 @@ impl Gateway {
         plan: LogicalPlan,
         dispatch: &Arc<QueryDispatch>,
     ) -> Result<(SchemaRef, Vec<RecordBatch>), TallyError> {
-        let frame = DataFrame::new(self.ctx.state(), plan);
-        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-        let batches = frame
-            .collect()
+        let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
+        let failed = |e| TallyError::from_execution(e, &dispatch.query_id);
+        let physical = self
+            .state
+            .create_physical_plan(&plan)
             .await
-            .map_err(|e| TallyError::from_execution(e, &dispatch.query_id))?;
+            .map_err(failed)?;
+        let batches = datafusion::physical_plan::collect(physical, self.task.clone())
+            .await
+            .map_err(failed)?;
         Ok((schema, batches))
     }
 }
