@@ -101,8 +101,11 @@ const STATEMENTS: usize = 1024;
 /// lowered, decided and audited for its caller). A new view drops them all.
 #[derive(Default)]
 pub struct StatementPlans {
-    kept: Mutex<(Option<Arc<Snapshot>>, HashMap<String, LogicalPlan>)>,
+    kept: Mutex<KeptStatements>,
 }
+
+/// The view the kept plans were made over, and the plans by statement text.
+type KeptStatements = (Option<Arc<Snapshot>>, HashMap<String, LogicalPlan>);
 
 impl StatementPlans {
     /// The plan of `sql` made over `view`, if it was kept.
