@@ -15,7 +15,7 @@ use tally_common::noise::add_noise;
 use tally_common::privacy::{Keys, NOISE_SD, ReleaseNoise};
 use tally_common::{ErrorCode, TallyError};
 
-use tally_bounding::UNITS;
+use tally_kernels::bounding::UNITS;
 
 fn internal(message: &str) -> TallyError {
     TallyError::new(ErrorCode::Internal, message.to_string())

@@ -18,11 +18,8 @@ use datafusion::functions::string::expr_fn::starts_with;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use std::sync::Arc;
 
-use arrow::array::{AsArray, StringArray};
+use datafusion::logical_expr::ScalarUDF;
 use datafusion::logical_expr::expr::ScalarFunction;
-use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
-};
 use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, col, lit};
 use datafusion::physical_plan::ExecutionPlanProperties;
 use datafusion::prelude::{DataFrame, SessionContext};
@@ -36,7 +33,8 @@ use tally_common::model::{
 use tally_common::privacy::{ContributionBounds, FixedPoint, public_keys};
 use tally_common::{ErrorCode, TallyError};
 
-use tally_bounding::{BoundedTotals, Bounding, Measure};
+use tally_kernels::bounding::{BoundedTotals, Bounding, Measure};
+use tally_kernels::range::RangeLookup;
 
 fn bad(message: impl Into<String>) -> TallyError {
     TallyError::new(ErrorCode::BadRequest, message)
@@ -136,7 +134,7 @@ impl ReleasePlan {
 
 /// The plan for `release` over `ctx`'s tables, validated against `governance` (already
 /// done by the caller) and this trust's schemas: group columns `g0..`, then one column per
-/// partial `p0..` (and [`tally_bounding::UNITS`] when bounded); and the partial schema the trust answers
+/// partial `p0..` (and [`tally_kernels::bounding::UNITS`] when bounded); and the partial schema the trust answers
 /// with.
 pub async fn build_plan(
     ctx: &SessionContext,
@@ -301,57 +299,11 @@ async fn range_lookup(
     if !proper || !ranges.windows(2).all(|pair| pair[0].1 < pair[1].0) {
         return Ok(None);
     }
-    let udf = ScalarUDF::new_from_impl(RangeLookup {
-        ranges,
-        output: low_type,
-        signature: Signature::any(1, Volatility::Immutable),
-    });
+    let udf = ScalarUDF::new_from_impl(RangeLookup::new(ranges, low_type));
     Ok(Some(Expr::ScalarFunction(ScalarFunction::new_udf(
         Arc::new(udf),
         vec![code.clone()],
     ))))
-}
-
-/// `__tally_range_low(code)`: the lower bound of the sorted, disjoint range holding `code`.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct RangeLookup {
-    ranges: Vec<(String, String)>,
-    output: DataType,
-    signature: Signature,
-}
-
-impl ScalarUDFImpl for RangeLookup {
-    fn name(&self) -> &str {
-        "__tally_range_low"
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
-        Ok(self.output.clone())
-    }
-
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let codes =
-            arrow::compute::cast(&args.args[0].to_array(args.number_rows)?, &DataType::Utf8)?;
-        let codes = codes.as_string::<i32>();
-        let lows: StringArray = codes
-            .iter()
-            .map(|code| {
-                let code = code?;
-                // The last range starting at or before the code, if the code is within it.
-                let at = self.ranges.partition_point(|(low, _)| low.as_str() <= code);
-                let (low, high) = self.ranges.get(at.checked_sub(1)?)?;
-                (code <= high.as_str()).then_some(low.as_str())
-            })
-            .collect();
-        Ok(ColumnarValue::Array(arrow::compute::cast(
-            &lows,
-            &self.output,
-        )?))
-    }
 }
 
 fn col_named(name: &str) -> Expr {
@@ -678,7 +630,7 @@ mod tests {
     use std::sync::Arc;
     use tally_common::model::{Aggregate, MODEL_VERSION};
 
-    use tally_bounding::UNITS;
+    use tally_kernels::bounding::UNITS;
 
     fn governance() -> Governance {
         let data: serde_json::Value =

@@ -7,9 +7,6 @@
 //! patient and group ranks lowest, so the choice depends on neither data order nor anything
 //! an analyst controls), caps and clamps what the patient adds to each kept group, and adds
 //! it to the group's totals. One pass over the rows, holding one patient and the groups.
-//!
-//! A crate of its own so that this per-row loop is optimised fully while the rest of the
-//! node agent builds quickly (see the workspace's release profile).
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
