@@ -13,15 +13,16 @@ pub fn new_context() -> Result<SessionContext> {
     new_context_in(Arc::new(RuntimeEnv::default()))
 }
 
-/// The stack of every thread of the gateway's and the nodes' runtimes. DataFusion's
-/// planning crates are built without optimisation (see the workspace's release profile),
-/// and some of their recursion (typing an expression, say) has no stack guard: a statement
-/// at the gateway's size limits (256 operators deep) needs more than Tokio's default
-/// 2 MiB. Untouched stack costs no memory.
+/// The stack of every thread of the gateway's and the nodes' runtimes. Parsing and planning
+/// recurse, and some of that recursion (typing an expression, say) has no stack guard; how
+/// deep a frame is depends on how DataFusion's planning crates are optimised (see the
+/// workspace's release profile): built at opt-level 0, a statement at the gateway's size
+/// limits (256 operators deep) overflowed Tokio's default 2 MiB. Untouched stack costs no
+/// memory.
 pub const WORKER_STACK_BYTES: usize = 16 * 1024 * 1024;
 
-/// Stack a recursive step of parsing or planning must find left, or it continues on a new
-/// segment; unoptimised frames are large, so the default 128 KiB is not enough.
+/// Stack a guarded recursive step of parsing or planning must find left, or it continues on
+/// a new segment (DataFusion's default, 128 KiB, assumes optimised frames).
 const PLANNING_RED_ZONE: usize = 1024 * 1024;
 
 /// The size of each new stack segment recursive planning continues on.
