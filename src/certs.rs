@@ -3,8 +3,9 @@
 //!
 //! In the folder: `ca.pem` (+ `ca-key.pem`), `gateway-client.pem` (the identity nodes list
 //! as an allowed gateway), `gateway-server.pem` (what analysts' clients verify, for
-//! `localhost`/`127.0.0.1`), and `node-<code>.pem` per trust (named `<code>.node.tally`),
-//! each with its `-key.pem`. Keys are ECDSA P-256 and written readable by the owner only.
+//! `localhost`/`127.0.0.1`, and to nodes that dial in), and `node-<code>.pem` per trust
+//! (named `<code>.node.tally`, for serving the gateway and for dialing it), each with its
+//! `-key.pem`. Keys are ECDSA P-256 and written readable by the owner only.
 
 use std::path::{Path, PathBuf};
 
@@ -29,9 +30,16 @@ pub struct CertFolder {
 pub enum Role {
     /// A TLS client (the gateway towards nodes).
     Client,
-    /// A TLS server (nodes, the gateway towards analysts).
+    /// A TLS server (the gateway towards analysts and towards nodes that dial in).
     Server,
+    /// A trust's node: the server when the gateway dials it, the client when it dials the
+    /// gateway.
+    Node,
 }
+
+/// The layout `create` writes, recorded in the folder: folders of an older layout (node
+/// certificates that could not dial out) are made anew.
+const LAYOUT: &str = "2";
 
 impl CertFolder {
     /// The CA certificate.
@@ -73,6 +81,7 @@ impl CertFolder {
             files.push(leaf.key);
         }
         files.iter().all(|file| file.exists())
+            && std::fs::read_to_string(self.dir.join("layout")).is_ok_and(|l| l.trim() == LAYOUT)
     }
 }
 
@@ -139,8 +148,9 @@ pub fn create(dir: &Path, trusts: &[&str]) -> Result<CertFolder, String> {
     for code in trusts {
         let name = default_node_name(code);
         let file = format!("node-{}", code.to_ascii_lowercase());
-        issue(&folder, &issuer, &file, &name, &[&name], Role::Server)?;
+        issue(&folder, &issuer, &file, &name, &[&name], Role::Node)?;
     }
+    write(&dir.join("layout"), LAYOUT, false)?;
     Ok(folder)
 }
 
@@ -181,10 +191,14 @@ fn issue(
         });
     }
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![match role {
-        Role::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        Role::Server => ExtendedKeyUsagePurpose::ServerAuth,
-    }];
+    params.extended_key_usages = match role {
+        Role::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Role::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        Role::Node => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    };
     params.use_authority_key_identifier_extension = true;
     let cert = params
         .signed_by(&key, issuer)

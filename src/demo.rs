@@ -87,10 +87,19 @@ pub async fn run(
         }
     }
     for (trust, node) in tally_synth::default_trusts().iter().zip(&local.nodes) {
-        println!(
-            "  node agent {} ({}) on {}",
-            trust.code, trust.name, node.addr
-        );
+        match node.listen_addr {
+            Some(addr) => println!("  node agent {} ({}) on {addr}", trust.code, trust.name),
+            None => println!(
+                "  node agent {} ({}) dials out to the gateway's port for trusts{}, listening nowhere",
+                trust.code,
+                trust.name,
+                local
+                    .gateway
+                    .trust_port_addr
+                    .map(|a| format!(" {a}"))
+                    .unwrap_or_default()
+            ),
+        }
     }
     let target = local.gateway_target();
     let url = target.url.clone();

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use tally_gateway::{
     GatewayConfig, GatewayHandle, GatewayLimits, NodeEndpoint, NodeTlsConfig as GatewayNodeTls,
-    UserConfig, token_hash,
+    TrustPortConfig, UserConfig, token_hash,
 };
 use tally_node::{
-    IdentityConfig, NodeConfig, NodeHandle, NodeLimits, NodeTlsConfig, OptOutConfig, TableConfig,
-    TrustConfig,
+    GatewayLink, IdentityConfig, NodeConfig, NodeHandle, NodeLimits, NodeTlsConfig, OptOutConfig,
+    TableConfig, TrustConfig,
 };
 use tally_synth::{SynthConfig, TrustSpec, default_trusts};
 
@@ -156,7 +156,8 @@ pub fn node_config(
             code: trust.code.to_string(),
             name: trust.name.to_string(),
         },
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        gateway: None,
         audit_log: None,
         state_dir: Some(state.join(trust.code)),
         audit_rotate_mb: 64,
@@ -216,7 +217,8 @@ pub fn gateway_config(
             .map(|(code, name, addr)| NodeEndpoint {
                 code: code.clone(),
                 name: Some(name.clone()),
-                url: format!("{scheme}://{addr}"),
+                url: Some(format!("{scheme}://{addr}")),
+                dials_in: false,
                 tls_name: None,
             })
             .collect(),
@@ -252,6 +254,7 @@ pub fn gateway_config(
             }
             Security::InsecureLoopback => None,
         },
+        trust_port: None,
         jwt: Some(identity.jwt_config()),
         limits: GatewayLimits::default(),
         insecure_loopback: matches!(security, Security::InsecureLoopback),
@@ -270,7 +273,9 @@ pub fn ensure_data(data_dir: &Path, patients: usize, seed: u64) -> Result<bool, 
 
 /// Starts a node per default trust over `data_dir` and a gateway on `gateway_listen`, all
 /// deciding with the policy folder `policies`, secured as `security` says, keeping their
-/// budget ledgers and stored answers under `state`.
+/// budget ledgers and stored answers under `state`. Under TLS the last trust's node dials
+/// out to the gateway and listens nowhere, as on a network that takes no inbound
+/// connection; the gateway dials the others.
 pub async fn start(
     data_dir: &Path,
     gateway_listen: SocketAddr,
@@ -279,18 +284,26 @@ pub async fn start(
     state: &Path,
 ) -> Result<LocalFederation, String> {
     let identity = identity_provider(data_dir)?;
+    let mut trusts = default_trusts();
+    let dialing = match &security {
+        Security::Tls(folder) => trusts.pop().map(|trust| (trust, folder.clone())),
+        Security::InsecureLoopback => None,
+    };
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
-    for trust in default_trusts() {
+    for trust in &trusts {
         let node = tally_node::start(&node_config(
-            data_dir, &trust, policies, &security, &identity, state,
+            data_dir, trust, policies, &security, &identity, state,
         ))
         .await
         .map_err(|e| format!("trust {}: {e}", trust.code))?;
-        endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
+        let addr = node
+            .listen_addr
+            .ok_or_else(|| format!("trust {}: the node is not listening", trust.code))?;
+        endpoints.push((trust.code.to_string(), trust.name.to_string(), addr));
         nodes.push(node);
     }
-    let config = gateway_config(
+    let mut config = gateway_config(
         gateway_listen,
         &endpoints,
         policies,
@@ -298,15 +311,66 @@ pub async fn start(
         &identity,
         state,
     );
+    if let Some((trust, folder)) = &dialing {
+        dial_in(&mut config, trust.code, trust.name, folder);
+    }
     let gateway = tally_gateway::start(&config)
         .await
         .map_err(|e| e.to_string())?;
+    if let (Some((trust, _)), Some(port)) = (&dialing, gateway.trust_port_addr) {
+        let mut config = node_config(data_dir, trust, policies, &security, &identity, state);
+        config.listen = None;
+        config.gateway = Some(dialing_out_to(port));
+        let node = tally_node::start(&config)
+            .await
+            .map_err(|e| format!("trust {}: {e}", trust.code))?;
+        nodes.push(node);
+        if !gateway.wait_for_trusts(DIAL_IN_WAIT).await {
+            return Err(format!(
+                "trust {} did not dial in to the gateway within {} s",
+                trust.code,
+                DIAL_IN_WAIT.as_secs()
+            ));
+        }
+    }
     Ok(LocalFederation {
         nodes,
         gateway,
         security,
         identity_provider: identity,
     })
+}
+
+/// How long a local federation waits for its dialing trust to connect.
+const DIAL_IN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Adds trust `code` (named `name`) to a gateway config as a trust whose node dials in,
+/// and the port it dials (on loopback, with the gateway's server certificate from `folder`).
+pub fn dial_in(config: &mut GatewayConfig, code: &str, name: &str, folder: &CertFolder) {
+    config.nodes.push(NodeEndpoint {
+        code: code.to_string(),
+        name: Some(name.to_string()),
+        url: None,
+        dials_in: true,
+        tls_name: None,
+    });
+    let server = folder.gateway_server();
+    config.trust_port = Some(TrustPortConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        cert: server.cert,
+        key: server.key,
+        ca: folder.ca(),
+    });
+}
+
+/// The `[gateway]` section of a node that dials the gateway's port for trusts at `port`.
+pub fn dialing_out_to(port: SocketAddr) -> GatewayLink {
+    GatewayLink {
+        address: port.to_string(),
+        server_name: None,
+        proxy: None,
+        max_backoff_secs: 8.0,
+    }
 }
 
 /// A session over the first trust's tables under `data_dir`: their schemas, for planning

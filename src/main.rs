@@ -350,10 +350,17 @@ async fn run(command: Command) -> Result<(), String> {
             let node = tally_node::start(&config)
                 .await
                 .map_err(|e| e.to_string())?;
-            eprintln!(
-                "node agent for {} ({}) on {}",
-                config.trust.code, config.trust.name, node.addr
-            );
+            match (node.listen_addr, &config.gateway) {
+                (Some(addr), _) => eprintln!(
+                    "node agent for {} ({}) on {addr}",
+                    config.trust.code, config.trust.name
+                ),
+                (None, Some(link)) => eprintln!(
+                    "node agent for {} ({}) dialing out to the gateway at {}, listening nowhere",
+                    config.trust.code, config.trust.name, link.address
+                ),
+                (None, None) => {}
+            }
             serve_until_ctrl_c(node.wait()).await;
             Ok(())
         }
@@ -371,6 +378,9 @@ async fn run(command: Command) -> Result<(), String> {
             } else {
                 "grpc"
             };
+            if let Some(port) = gateway.trust_port_addr {
+                eprintln!("port for trusts that dial in on {port}");
+            }
             eprintln!("gateway on {scheme}://{}", gateway.addr);
             serve_until_ctrl_c(gateway.wait()).await;
             Ok(())

@@ -600,7 +600,7 @@ async fn lab_over(policy: PolicyUnderTest) -> Lab {
     }
     let endpoints: Vec<_> = nodes
         .iter()
-        .map(|(code, name, node, _)| (code.clone(), name.clone(), node.addr))
+        .map(|(code, name, node, _)| (code.clone(), name.clone(), node.listen_addr.unwrap()))
         .collect();
     let mut config = gateway_config(&endpoints, &policy.dir);
     config.limits.queries_per_minute_per_user = 100_000;
@@ -614,7 +614,7 @@ async fn lab_over(policy: PolicyUnderTest) -> Lab {
         .collect();
     let node_addrs = nodes
         .iter()
-        .map(|(c, _, n, _)| (c.clone(), n.addr))
+        .map(|(c, _, n, _)| (c.clone(), n.listen_addr.unwrap()))
         .collect();
     let local = LocalFederation {
         nodes: nodes.into_iter().map(|(_, _, node, _)| node).collect(),

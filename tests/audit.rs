@@ -323,7 +323,7 @@ async fn a_gateway_killed_between_queries_leaves_a_log_that_verifies() {
     let nodes = audited_nodes(dir.path()).await;
     let endpoints: Vec<_> = nodes
         .iter()
-        .map(|(code, node, _)| (code.clone(), node.addr))
+        .map(|(code, node, _)| (code.clone(), node.listen_addr.unwrap()))
         .collect();
     let log = dir.path().join("gateway.jsonl");
     let config = gateway_toml(dir.path(), &endpoints, &log);

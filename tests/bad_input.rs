@@ -167,7 +167,7 @@ async fn a_silent_trust_is_named_unavailable_quickly() {
         (
             trusts[0].code.to_string(),
             trusts[0].name.to_string(),
-            node.addr,
+            node.listen_addr.unwrap(),
         ),
         (
             "SLOW".to_string(),

@@ -243,7 +243,19 @@ fn example_configs_load_and_bad_configs_say_why() {
     gateway
         .validate()
         .expect("the example gateway needs no --insecure-loopback");
-    assert!(gateway.nodes.iter().all(|node| node.uses_tls()));
+    assert!(
+        gateway
+            .nodes
+            .iter()
+            .all(|node| node.uses_tls() || node.dials_in)
+    );
+    let rxc = tally_node::NodeConfig::load(&examples.join("node-rxc.toml")).unwrap();
+    assert_eq!(rxc.listen_addr(), None, "the example RXC only dials out");
+    assert_eq!(
+        rxc.gateway.map(|g| g.address),
+        gateway.trust_port.map(|p| p.listen.to_string()),
+        "it dials the example gateway's port for trusts"
+    );
     assert_eq!(
         gateway.users[0].token_sha256,
         tally_gateway::token_hash(tally::federation::DEMO_STATIC_TOKEN)
@@ -275,6 +287,24 @@ fn example_configs_load_and_bad_configs_say_why() {
             "missing field `identity`",
         ),
         ("[trust]\ncode = \"RXA\"\n".to_string(), "missing field"),
+        (
+            format!(
+                "policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\n[gateway]\naddress = \"gw:7443\"\n{identity}{tables}"
+            ),
+            "[gateway] needs the [tls] section",
+        ),
+        (
+            format!(
+                "policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\n[gateway]\naddress = \"gw\"\n[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\nallowed_gateways = [\"g\"]\n{identity}{tables}"
+            ),
+            "gateway.address 'gw' must be host:port",
+        ),
+        (
+            format!(
+                "policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\n[gateway]\naddress = \"gw:1\"\nproxy = \"socks5://p:1\"\n[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\nallowed_gateways = [\"g\"]\n{identity}{tables}"
+            ),
+            "must be an http:// URL",
+        ),
     ];
     for (text, expected) in cases {
         let path = dir.path().join("node.toml");
@@ -290,6 +320,26 @@ fn example_configs_load_and_bad_configs_say_why() {
         .expect_err("negative timeout")
         .to_string();
     assert!(err.contains("request_timeout_secs"), "{err}");
+    for (nodes, expected) in [
+        (
+            "[[nodes]]\ncode = \"A\"\ndials_in = true\n",
+            "no [trust_port] section",
+        ),
+        (
+            "[[nodes]]\ncode = \"A\"\ndials_in = true\nurl = \"grpc://127.0.0.1:1\"\n",
+            "not both",
+        ),
+        (
+            "[[nodes]]\ncode = \"A\"\n",
+            "needs a url, or dials_in = true",
+        ),
+    ] {
+        std::fs::write(&path, format!("policies = \"p\"\n{nodes}")).unwrap();
+        let mut config = tally_gateway::GatewayConfig::load(&path).unwrap();
+        config.insecure_loopback = true;
+        let err = config.validate().expect_err(nodes);
+        assert!(err.contains(expected), "{err}");
+    }
 }
 
 /// Runs `tally policy explain` over the test data for the demo analyst in `project` for

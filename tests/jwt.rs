@@ -131,7 +131,11 @@ async fn federation_with(
         );
         node(&mut config);
         let handle = tally_node::start(&config).await.unwrap();
-        endpoints.push((trust.code.to_string(), trust.name.to_string(), handle.addr));
+        endpoints.push((
+            trust.code.to_string(),
+            trust.name.to_string(),
+            handle.listen_addr.unwrap(),
+        ));
         nodes.push(handle);
     }
     let mut config = gateway_config(&endpoints, &default_policies());

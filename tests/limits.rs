@@ -44,7 +44,11 @@ async fn limited(
         );
         config.limits = node_limits.clone();
         let node = tally_node::start(&config).await.unwrap();
-        endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
+        endpoints.push((
+            trust.code.to_string(),
+            trust.name.to_string(),
+            node.listen_addr.unwrap(),
+        ));
         nodes.push(node);
     }
     let mut config = gateway_config(&endpoints, &open_policies());

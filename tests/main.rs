@@ -8,6 +8,7 @@ mod attacks;
 mod audit;
 mod bad_input;
 mod cli;
+mod dial_out;
 mod disclosure;
 mod equivalence;
 mod jwt;

@@ -28,20 +28,20 @@ async fn a_node_admits_only_allowed_gateways_and_audits_every_refusal() {
     init_logging();
     let trust = &default_trusts()[0];
     let node = start_node(trust, &open_policies()).await;
-    let tables = try_list(node.addr, Some(&certs().gateway_client())).await;
+    let tables = try_list(node.listen_addr.unwrap(), Some(&certs().gateway_client())).await;
     assert_eq!(tables, Ok(3), "the gateway's certificate is accepted");
 
-    let no_certificate = try_list(node.addr, None).await;
+    let no_certificate = try_list(node.listen_addr.unwrap(), None).await;
     assert!(no_certificate.is_err(), "no client certificate");
 
     let elsewhere = tempfile::tempdir().unwrap();
     let other_ca = tally::certs::create(elsewhere.path(), &["RXA"]).unwrap();
-    let foreign = try_list(node.addr, Some(&other_ca.gateway_client())).await;
+    let foreign = try_list(node.listen_addr.unwrap(), Some(&other_ca.gateway_client())).await;
     assert!(foreign.is_err(), "a certificate from another CA");
 
     let rogue =
         issue_from_folder(certs(), "client-rogue", "rogue-gateway", &[], Role::Client).unwrap();
-    let not_allowed = try_list(node.addr, Some(&rogue)).await;
+    let not_allowed = try_list(node.listen_addr.unwrap(), Some(&rogue)).await;
     assert!(
         not_allowed.is_err(),
         "a valid certificate of an identity not allowed"
@@ -104,7 +104,11 @@ async fn the_gateway_checks_each_node_against_the_trusts_expected_name() {
     let trusts = default_trusts();
     let node = start_node(&trusts[0], &open_policies()).await;
     // The gateway believes RXB lives where RXA's node is: RXA's certificate does not name RXB.
-    let endpoints = vec![("RXB".to_string(), "Impostor".to_string(), node.addr)];
+    let endpoints = vec![(
+        "RXB".to_string(),
+        "Impostor".to_string(),
+        node.listen_addr.unwrap(),
+    )];
     let config = gateway_config(&endpoints, &open_policies());
     let gateway = tally_gateway::start(&config).await.unwrap();
     let snapshot = gateway.gateway.catalogue().snapshot();
@@ -143,7 +147,7 @@ async fn plaintext_needs_the_flag_and_a_loopback_address() {
     assert!(err.to_string().contains("--insecure-loopback"), "{err}");
 
     config.insecure_loopback = true;
-    config.listen = "0.0.0.0:0".parse().unwrap();
+    config.listen = Some("0.0.0.0:0".parse().unwrap());
     let err = tally_node::start(&config).await.err().expect("refused");
     assert!(err.to_string().contains("not a loopback address"), "{err}");
 

@@ -84,7 +84,14 @@ impl Trust {
         query_id: &str,
         ask: &Ask,
     ) -> Result<Vec<RecordBatch>, String> {
-        send(self.node.addr, &self.code, asker, query_id, ask).await
+        send(
+            self.node.listen_addr.unwrap(),
+            &self.code,
+            asker,
+            query_id,
+            ask,
+        )
+        .await
     }
 
     /// The record of query `query_id` in the trust's own audit log (exactly one).

@@ -145,7 +145,7 @@ async fn policy_cases_hold_at_the_gateway_and_at_a_node() {
             let query_id = format!("policy-case-{number}-{release_number}");
             let request = ReleaseRequest { release };
             let at_node = send(
-                node.addr,
+                node.listen_addr.unwrap(),
                 REPLAYED_AT,
                 &asker,
                 &query_id,
@@ -273,7 +273,11 @@ async fn trusts_apply_their_own_opt_out_and_noise_whatever_the_gateway_says() {
     let mut endpoints = Vec::new();
     for trust in default_trusts() {
         let node = start_node(&trust, &default_policies()).await;
-        endpoints.push((trust.code.to_string(), trust.name.to_string(), node.addr));
+        endpoints.push((
+            trust.code.to_string(),
+            trust.name.to_string(),
+            node.listen_addr.unwrap(),
+        ));
         nodes.push(node);
     }
     let gateway = tally_gateway::start(&gateway_config(&endpoints, &open_policies()))
@@ -412,7 +416,7 @@ async fn trusts_apply_their_own_opt_out_and_noise_whatever_the_gateway_says() {
         purpose: "planning".into(),
     };
     let partials = send(
-        node.addr,
+        node.listen_addr.unwrap(),
         code,
         &asker,
         "policy-test-what-the-trust-sent",
@@ -434,7 +438,7 @@ async fn trusts_apply_their_own_opt_out_and_noise_whatever_the_gateway_says() {
     // And the gateway cannot ask a trust for anything less: a request stating how to
     // protect the patients (here a threshold of one patient) is not a release request.
     let err = send(
-        node.addr,
+        node.listen_addr.unwrap(),
         code,
         &asker,
         "policy-test-threshold",

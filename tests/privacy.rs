@@ -68,7 +68,13 @@ fn gateway_config_over(nodes: &[NodeHandle], policies: &Path, state: &Path) -> G
     let endpoints: Vec<_> = default_trusts()
         .iter()
         .zip(nodes)
-        .map(|(trust, node)| (trust.code.to_string(), trust.name.to_string(), node.addr))
+        .map(|(trust, node)| {
+            (
+                trust.code.to_string(),
+                trust.name.to_string(),
+                node.listen_addr.unwrap(),
+            )
+        })
         .collect();
     let mut config = federation::gateway_config(
         "127.0.0.1:0".parse().unwrap(),

@@ -26,6 +26,9 @@ pub fn data_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temp dir");
         federation::ensure_data(dir.path(), TEST_PATIENTS, 7).expect("generate test data");
+        // The identity provider's keys are made here, once: tests that start together
+        // would otherwise each make their own.
+        federation::identity_provider(dir.path()).expect("identity provider");
         dir
     })
     .path()
@@ -206,7 +209,7 @@ pub async fn audited_federation(dir: &Path) -> (LocalFederation, PathBuf, Vec<(S
     let nodes = audited_nodes(dir).await;
     let endpoints: Vec<_> = nodes
         .iter()
-        .map(|(code, node, _)| (code.clone(), code.clone(), node.addr))
+        .map(|(code, node, _)| (code.clone(), code.clone(), node.listen_addr.unwrap()))
         .collect();
     let mut config = gateway_config(&endpoints, &default_policies());
     let gateway_log = dir.join("gateway.jsonl");

@@ -48,6 +48,8 @@ pub struct Options {
     /// Reach every site (Tally's and Row shipping's) over an emulated link of this many
     /// Mbit/s each way instead of bare loopback.
     pub link_mbit: Option<f64>,
+    /// Tally's sites dial the gateway's port for trusts instead of being dialed.
+    pub dial_in: bool,
     /// The purpose Tally's queries are for (an approved analytics purpose).
     pub purpose: String,
     /// Whether Tally's sites apply the National Data Opt-out to the HES-like data (the
@@ -131,7 +133,8 @@ async fn timed<T>(
 /// A child process serving one site; killed when dropped.
 struct SiteProcess {
     child: Child,
-    addr: SocketAddr,
+    /// Where it listens; none for a node that dials the gateway.
+    addr: Option<SocketAddr>,
 }
 
 impl Drop for SiteProcess {
@@ -168,8 +171,8 @@ impl Program {
     }
 }
 
-/// Starts `program <args>` and waits for the stderr line starting with `prefix` that ends
-/// in the address it serves on.
+/// Starts `program <args>` and waits for the stderr line starting with `prefix`, which ends
+/// in the address it serves on unless it only dials out.
 fn spawn_site(program: Program, args: &[String], prefix: &str) -> Result<SiteProcess, String> {
     let exe = program.path()?;
     let mut child = Command::new(exe)
@@ -185,18 +188,23 @@ fn spawn_site(program: Program, args: &[String], prefix: &str) -> Result<SitePro
             let _ = child.kill();
             return Err(format!("site {args:?} exited before serving"));
         };
-        if line.starts_with(prefix)
-            && let Some(addr) = line.rsplit(' ').next().and_then(|a| a.parse().ok())
-        {
-            break addr;
+        if line.starts_with(prefix) {
+            break line.rsplit(' ').next().and_then(|a| a.parse().ok());
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
     Ok(SiteProcess { child, addr })
 }
 
+/// A site's address, or an error naming it when it does not listen.
+fn listening(site: &SiteProcess) -> Result<SocketAddr, String> {
+    site.addr
+        .ok_or_else(|| "the site does not listen".to_string())
+}
+
 /// Writes a node config for site `code` serving `workload`'s tables in `dir` (and the
-/// opt-out list, if `dir` has one) and starts `tally node` on it.
+/// opt-out list, if `dir` has one) and starts `tally node` on it: listening on a loopback
+/// port, or dialing the gateway's port for trusts at `dials`.
 fn spawn_node(
     code: &str,
     dir: &Path,
@@ -204,11 +212,16 @@ fn spawn_node(
     certs: &CertFolder,
     policies: &Path,
     state: &Path,
+    dials: Option<SocketAddr>,
 ) -> Result<SiteProcess, String> {
     let leaf = certs.node(code);
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let reach = match dials {
+        Some(port) => format!("[gateway]\naddress = \"{port}\"\n\n"),
+        None => "listen = \"127.0.0.1:0\"\n".to_string(),
+    };
     let mut toml = format!(
-        "listen = \"127.0.0.1:0\"\npolicies = {:?}\nstate_dir = {:?}\n\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_gateways = [\"{GATEWAY_IDENTITY}\"]\n\n[limits]\nquery_timeout_secs = 600\nmemory_limit_mb = 8192\n\n[trust]\ncode = \"{code}\"\nname = \"Site {code}\"\n",
+        "{reach}policies = {:?}\nstate_dir = {:?}\n\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_gateways = [\"{GATEWAY_IDENTITY}\"]\n\n[limits]\nquery_timeout_secs = 600\nmemory_limit_mb = 8192\n\n[trust]\ncode = \"{code}\"\nname = \"Site {code}\"\n",
         abs(policies),
         abs(&state.join(code)),
         abs(&leaf.cert),
@@ -443,19 +456,22 @@ impl Federation {
         policies: &Path,
         purpose: &str,
         link_mbit: Option<f64>,
+        dial_in: bool,
     ) -> Result<Self, String> {
         let mut nodes = Vec::new();
         let mut links = Vec::new();
         let mut endpoints = Vec::new();
+        let codes: Vec<String> = (0..dirs.len()).map(|i| site_code(dirs.len(), i)).collect();
         // Fresh ledgers and answer stores for every run.
         let state_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let state = state_dir.path().to_path_buf();
-        for (index, dir) in dirs.iter().enumerate() {
-            let code = site_code(dirs.len(), index);
-            let node = spawn_node(&code, dir, workload, certs, policies, &state)?;
-            let addr = reach(node.addr, link_mbit, &mut links).await?;
-            endpoints.push((code.clone(), format!("Site {code}"), addr));
-            nodes.push(node);
+        if !dial_in {
+            for (code, dir) in codes.iter().zip(dirs) {
+                let node = spawn_node(code, dir, workload, certs, policies, &state, None)?;
+                let addr = reach(listening(&node)?, link_mbit, &mut links).await?;
+                endpoints.push((code.clone(), format!("Site {code}"), addr));
+                nodes.push(node);
+            }
         }
         let security = Security::Tls(certs.clone());
         let mut config = federation::gateway_config(
@@ -468,6 +484,11 @@ impl Federation {
             &bench_identity(certs)?,
             &state,
         );
+        if dial_in {
+            for code in &codes {
+                federation::dial_in(&mut config, code, &format!("Site {code}"), certs);
+            }
+        }
         config.request_timeout_secs = 600.0;
         config.limits.query_timeout_secs = 600.0;
         config.limits.queries_per_minute_per_user = 1_000_000;
@@ -475,6 +496,23 @@ impl Federation {
         let gateway = tally_gateway::start(&config)
             .await
             .map_err(|e| e.to_string())?;
+        if let Some(port) = gateway.trust_port_addr {
+            for (code, dir) in codes.iter().zip(dirs) {
+                let via = reach(port, link_mbit, &mut links).await?;
+                nodes.push(spawn_node(
+                    code,
+                    dir,
+                    workload,
+                    certs,
+                    policies,
+                    &state,
+                    Some(via),
+                )?);
+            }
+            if !gateway.wait_for_trusts(Duration::from_secs(120)).await {
+                return Err("the sites did not dial in within 120 s".into());
+            }
+        }
         let target = tally::client::GatewayTarget::new(
             federation::gateway_url(&security, gateway.addr),
             federation::ca_cert(&security),
@@ -487,7 +525,7 @@ impl Federation {
             nodes,
             _links: links,
             state: state_dir,
-            codes: endpoints.iter().map(|(code, _, _)| code.clone()).collect(),
+            codes,
             gateway,
             target,
             client,
@@ -566,7 +604,7 @@ async fn row_shipping(
             ],
             "rows on",
         )?;
-        let addr = reach(server.addr, options.link_mbit, &mut links).await?;
+        let addr = reach(listening(&server)?, options.link_mbit, &mut links).await?;
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| e.to_string())?
             .connect()
@@ -823,6 +861,9 @@ pub struct Report {
     /// The emulated link's rate between the gateway and each site, if there was one.
     #[serde(default)]
     pub link_mbit: Option<f64>,
+    /// Whether Tally's sites dialed the gateway.
+    #[serde(default)]
+    pub dial_in: bool,
 }
 
 /// The bench policy folders under `root`: one applying the opt-out and one not (TPC-H has no
@@ -1022,8 +1063,16 @@ async fn compare_dataset(
     }
     for (n, dirs) in &dataset.splits {
         eprintln!("{name}: Tally over {n} sites");
-        let mut federation =
-            Federation::start(dirs, workload, certs, policies, purpose, options.link_mbit).await?;
+        let mut federation = Federation::start(
+            dirs,
+            workload,
+            certs,
+            policies,
+            purpose,
+            options.link_mbit,
+            options.dial_in,
+        )
+        .await?;
         results.extend(federation.measure(workload, size, options.runs).await);
         federation.stop().await;
         if size <= options.row_shipping_max_rows {
@@ -1172,6 +1221,7 @@ pub async fn run(options: &Options) -> Result<Report, String> {
         measurements: Vec::new(),
         overhead: None,
         link_mbit: options.link_mbit,
+        dial_in: options.dial_in,
     };
     // The gateway's own overhead, on data small enough that the sites' work is negligible.
     let small = split(&hes(&options.root, SMALL_EPISODES)?, 3).await?;
@@ -1183,6 +1233,7 @@ pub async fn run(options: &Options) -> Result<Report, String> {
         policies.for_workload(Workload::Hes, options.opt_out),
         &options.purpose,
         None,
+        options.dial_in,
     )
     .await?;
     report.overhead = Some(overhead(&mut federation, options.runs, 16, 10.0).await?);

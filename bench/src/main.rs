@@ -83,6 +83,10 @@ enum Command {
         /// rate-limiting proxy per site) instead of bare loopback.
         #[arg(long)]
         link_mbit: Option<f64>,
+        /// Tally's sites dial the gateway's port for trusts (over the link, if any) instead
+        /// of being dialed, as outbound-only trusts do.
+        #[arg(long)]
+        dial_in: bool,
         /// Where to write results.json, results.md and latency-ratio.svg.
         #[arg(long, default_value_os_t = PathBuf::from("bench-results"))]
         out: PathBuf,
@@ -140,6 +144,7 @@ async fn run(command: Command) -> Result<(), String> {
             no_noise,
             duckdb,
             link_mbit,
+            dial_in,
             out,
         } => {
             let policies = federation::policies_folder(policies.as_deref(), &root.join("source"))?;
@@ -156,6 +161,7 @@ async fn run(command: Command) -> Result<(), String> {
                 row_shipping_max_rows: row_shipping_max,
                 duckdb,
                 link_mbit,
+                dial_in,
                 purpose,
                 opt_out: !no_opt_out,
                 noise: !no_noise,

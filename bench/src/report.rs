@@ -80,6 +80,12 @@ pub fn markdown(report: &Report) -> String {
             "\nTally and Row shipping reach every site over an emulated link of {rate} Mbit/s each way (a rate-limiting proxy per site); Centralised reads local files."
         );
     }
+    if report.dial_in {
+        let _ = writeln!(
+            out,
+            "\nTally's sites dial the gateway's port for trusts (outbound-only nodes) instead of being dialed."
+        );
+    }
     for &dataset in &datasets {
         let (workload, size) = dataset;
         let name = workload.dataset(size);

@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod answers;
 pub mod audit;
+pub mod dialed;
 pub mod error;
 pub mod flight;
 pub mod generalise;

@@ -1,14 +1,17 @@
 //! Starting and stopping a Flight SQL server on a TCP listener (port 0 picks a free port),
-//! with TLS, or in plaintext on loopback only.
+//! with TLS, or in plaintext on loopback only; or on connections the server dialed itself.
 
 use std::net::SocketAddr;
 
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, TcpIncoming};
 
+use crate::dialed::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::tls::{OnRefused, ServerTls, accept_tls, require_loopback};
 
 /// How a server talks to its clients.
@@ -83,6 +86,49 @@ impl RunningServer {
     /// Waits until the server stops (on error or `stop` from elsewhere).
     pub async fn wait(self) {
         let _ = self.task.await;
+    }
+}
+
+/// A Flight service served on connections it is handed rather than on a listener: those a
+/// node dialed to its gateway.
+pub struct DialedServer {
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl DialedServer {
+    /// Serves `service` on the connections sent to `connections`, pinging each over HTTP/2
+    /// so that idle firewalls keep it open and a dead one ends.
+    pub fn start<S, IO>(
+        service: S,
+        connections: mpsc::Receiver<std::io::Result<IO>>,
+        name: &'static str,
+    ) -> Self
+    where
+        S: FlightService,
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        IO::ConnectInfo: Clone + Send + Sync + 'static,
+    {
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let serving = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .add_service(FlightServiceServer::new(service))
+            .serve_with_incoming_shutdown(ReceiverStream::new(connections), async {
+                let _ = stopped.await;
+            });
+        DialedServer {
+            shutdown: Some(shutdown),
+            task: tokio::spawn(report(serving, name)),
+        }
+    }
+
+    /// Stops serving: calls in flight finish, then the connections close.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
     }
 }
 

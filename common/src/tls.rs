@@ -1,7 +1,9 @@
 //! TLS on Tally's two links, with rustls: gateway ↔ nodes is mutual TLS (a node accepts only
 //! client certificates from its configured CA whose identity it lists as an allowed
-//! gateway; the gateway checks each node's certificate against the trust's expected name),
-//! and analysts ↔ gateway is server-authenticated TLS.
+//! gateway; the gateway checks each node's certificate against the trust's expected name;
+//! a node that dials out is the TLS client and makes the same checks of the gateway's
+//! certificate, and the gateway takes the trust's identity from the node's), and
+//! analysts ↔ gateway is server-authenticated TLS.
 //!
 //! Servers complete handshakes themselves, off the accept loop, so that every refused
 //! connection (no certificate, another CA, an identity not allowed) can be audited before
@@ -17,13 +19,15 @@ use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::client::TlsStream as ClientTlsStream;
 use tokio_rustls::rustls::crypto::CryptoProvider;
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
@@ -109,6 +113,8 @@ pub struct ServerTls {
     acceptor: TlsAcceptor,
     /// Client identities accepted (mutual TLS only).
     allowed_clients: Option<Arc<Vec<String>>>,
+    /// What an accepted client is, for refusals ("an allowed gateway").
+    accepted: &'static str,
 }
 
 impl ServerTls {
@@ -120,15 +126,17 @@ impl ServerTls {
             .with_no_client_auth()
             .with_single_cert(read_certificates(&identity.cert)?, read_key(&identity.key)?)
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        Ok(Self::from_config(config, None))
+        Ok(Self::from_config(config, None, "a client"))
     }
 
-    /// Mutual TLS (a node): client certificates must chain to `client_ca` and name one of
-    /// `allowed_clients`.
+    /// Mutual TLS (a node, or the gateway's port for trusts that dial in): client
+    /// certificates must chain to `client_ca` and name one of `allowed_clients`, which are
+    /// `accepted` (e.g. "an allowed gateway", for the refusal's reason).
     pub fn mutual(
         identity: &CertificateFiles,
         client_ca: &Path,
         allowed_clients: Vec<String>,
+        accepted: &'static str,
     ) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
         for cert in read_certificates(client_ca)? {
@@ -145,14 +153,19 @@ impl ServerTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(read_certificates(&identity.cert)?, read_key(&identity.key)?)
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        Ok(Self::from_config(config, Some(allowed_clients)))
+        Ok(Self::from_config(config, Some(allowed_clients), accepted))
     }
 
-    fn from_config(mut config: ServerConfig, allowed: Option<Vec<String>>) -> Self {
+    fn from_config(
+        mut config: ServerConfig,
+        allowed: Option<Vec<String>>,
+        accepted: &'static str,
+    ) -> Self {
         config.alpn_protocols = vec![b"h2".to_vec()];
         ServerTls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             allowed_clients: allowed.map(Arc::new),
+            accepted,
         }
     }
 
@@ -173,7 +186,7 @@ impl ServerTls {
                 Some(name) if allowed.contains(&name) => {}
                 Some(name) => {
                     return Err(RefusalReason {
-                        reason: format!("certificate identity '{name}' is not an allowed gateway"),
+                        reason: format!("certificate identity '{name}' is not {}", self.accepted),
                         identity: Some(name),
                     });
                 }
@@ -293,6 +306,75 @@ pub fn certificate_identity(cert: &CertificateDer<'_>) -> Option<String> {
         .ok()?
         .to_string();
     Some(name)
+}
+
+/// How a node dials the gateway: TLS as the client, presenting the trust's certificate,
+/// expecting the gateway's name in a certificate from `ca` whose identity is allowed.
+#[derive(Clone)]
+pub struct DialTls {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+    allowed_servers: Arc<Vec<String>>,
+}
+
+impl DialTls {
+    /// Client TLS with `identity`, trusting `ca`, for a server named `server_name` (a DNS
+    /// name or an IP address) whose certificate's identity is one of `allowed_servers`.
+    pub fn new(
+        identity: &CertificateFiles,
+        ca: &Path,
+        server_name: &str,
+        allowed_servers: Vec<String>,
+    ) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for cert in read_certificates(ca)? {
+            roots
+                .add(cert)
+                .map_err(|e| file_error(ca, format!("not a usable CA certificate: {e}")))?;
+        }
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(read_certificates(&identity.cert)?, read_key(&identity.key)?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|_| TlsError::Config(format!("'{server_name}' is not a server name")))?;
+        Ok(DialTls {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name,
+            allowed_servers: Arc::new(allowed_servers),
+        })
+    }
+
+    /// Completes the handshake over `tcp` and returns the stream with the identity the
+    /// server's certificate names; fails with a reason an operator can act on.
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<(ClientTlsStream<TcpStream>, String), String> {
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            self.connector.connect(self.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| "the TLS handshake did not finish in time".to_string())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let identity = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(certificate_identity)
+            .ok_or_else(|| "the server certificate names no identity".to_string())?;
+        if !self.allowed_servers.contains(&identity) {
+            return Err(format!(
+                "the server's certificate identity '{identity}' is not an allowed gateway"
+            ));
+        }
+        Ok((tls, identity))
+    }
 }
 
 /// Client TLS for a tonic channel: trust `ca`, expect `server_name` in the server's

@@ -219,6 +219,22 @@ impl Catalogue {
         snapshot
     }
 
+    /// Waits up to `timeout` until every trust is available, asking again those that are
+    /// not every 50 ms; returns whether they all are.
+    pub async fn wait_until_complete(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let snapshot = self.refresh_if_incomplete().await;
+            if snapshot.unavailable().is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Refreshes only if some trust is marked unavailable; returns the current view.
     pub async fn refresh_if_incomplete(&self) -> Arc<Snapshot> {
         let snapshot = self.snapshot();

@@ -52,6 +52,9 @@ pub struct GatewayConfig {
     /// The gateway's side of mutual TLS with the nodes (for `grpc+tls://` node URLs).
     #[serde(default)]
     pub node_tls: Option<NodeTlsConfig>,
+    /// The port trusts whose nodes dial in connect to (`dials_in = true`).
+    #[serde(default)]
+    pub trust_port: Option<TrustPortConfig>,
     /// Signed JWTs accepted as bearer tokens, besides the listed users' tokens.
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
@@ -85,6 +88,22 @@ impl NodeTlsConfig {
             key: self.key.clone(),
         }
     }
+}
+
+/// The gateway's port for trusts whose nodes dial in (`[trust_port]`): mutual TLS, where
+/// each node's certificate says which trust it is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustPortConfig {
+    /// Address the nodes dial.
+    pub listen: SocketAddr,
+    /// The certificate the nodes verify (PEM): it carries the name they dial and an
+    /// identity in their `allowed_gateways`.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA the nodes' certificates must chain to (PEM).
+    pub ca: PathBuf,
 }
 
 /// Limits on what analysts can ask of the trusts.
@@ -161,8 +180,13 @@ pub struct NodeEndpoint {
     #[serde(default)]
     pub name: Option<String>,
     /// Flight SQL URL of the node: `grpc+tls://host:port` (mutual TLS), or `grpc://` on
-    /// loopback with `--insecure-loopback`.
-    pub url: String,
+    /// loopback with `--insecure-loopback`. None for a trust whose node dials in.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The trust's node dials in to the `[trust_port]` instead of being dialed, for a
+    /// trust whose network takes no inbound connection.
+    #[serde(default)]
+    pub dials_in: bool,
     /// The name the node's certificate must carry (default: `<code>.node.tally`, lower case).
     #[serde(default)]
     pub tls_name: Option<String>,
@@ -171,7 +195,9 @@ pub struct NodeEndpoint {
 impl NodeEndpoint {
     /// Whether the URL asks for TLS.
     pub fn uses_tls(&self) -> bool {
-        self.url.starts_with("grpc+tls://") || self.url.starts_with("https://")
+        self.url
+            .as_deref()
+            .is_some_and(|url| url.starts_with("grpc+tls://") || url.starts_with("https://"))
     }
 
     /// The name the node's certificate must carry.
@@ -183,7 +209,8 @@ impl NodeEndpoint {
 
     /// The host part of the URL.
     fn host(&self) -> &str {
-        let rest = self.url.split_once("://").map_or("", |(_, rest)| rest);
+        let url = self.url.as_deref().unwrap_or_default();
+        let rest = url.split_once("://").map_or("", |(_, rest)| rest);
         let authority = rest.split('/').next().unwrap_or_default();
         match authority.rsplit_once(':') {
             Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
@@ -276,6 +303,13 @@ impl GatewayConfig {
         for files in [config.tls.as_mut()].into_iter().flatten() {
             files.resolve(base);
         }
+        if let Some(port) = &mut config.trust_port {
+            for file in [&mut port.cert, &mut port.key, &mut port.ca] {
+                if file.is_relative() {
+                    *file = base.join(&*file);
+                }
+            }
+        }
         if let Some(node_tls) = &mut config.node_tls {
             for file in [&mut node_tls.cert, &mut node_tls.key, &mut node_tls.ca] {
                 if file.is_relative() {
@@ -357,9 +391,32 @@ impl GatewayConfig {
         Ok(())
     }
 
-    /// Only `grpc+tls://` with a `[node_tls]` section, or plaintext to loopback when
-    /// started with `--insecure-loopback`.
+    /// Either a node that dials in, with a `[trust_port]`, or a URL: `grpc+tls://` with a
+    /// `[node_tls]` section, or plaintext to loopback when started with
+    /// `--insecure-loopback`.
     fn validate_node_url(&self, node: &NodeEndpoint) -> Result<(), String> {
+        let url = match (&node.url, node.dials_in) {
+            (None, true) if self.trust_port.is_some() => return Ok(()),
+            (None, true) => {
+                return Err(format!(
+                    "node {} dials in, but there is no [trust_port] section to dial",
+                    node.code
+                ));
+            }
+            (Some(_), true) => {
+                return Err(format!(
+                    "node {}: give a url or dials_in = true, not both",
+                    node.code
+                ));
+            }
+            (None, false) => {
+                return Err(format!(
+                    "node {} needs a url, or dials_in = true for a node that dials the gateway",
+                    node.code
+                ));
+            }
+            (Some(url), false) => url,
+        };
         if node.uses_tls() {
             if self.node_tls.is_none() {
                 return Err(format!(
@@ -370,16 +427,15 @@ impl GatewayConfig {
             return Ok(());
         }
         let plaintext = ["grpc://", "grpc+tcp://", "http://"];
-        if !plaintext.iter().any(|scheme| node.url.starts_with(scheme)) {
+        if !plaintext.iter().any(|scheme| url.starts_with(scheme)) {
             return Err(format!(
-                "node url '{}' must start with grpc+tls:// (or grpc:// with --insecure-loopback)",
-                node.url
+                "node url '{url}' must start with grpc+tls:// (or grpc:// with --insecure-loopback)"
             ));
         }
         if !self.insecure_loopback {
             return Err(format!(
-                "node {} is plaintext ({}); use grpc+tls://, or pass --insecure-loopback for loopback nodes",
-                node.code, node.url
+                "node {} is plaintext ({url}); use grpc+tls://, or pass --insecure-loopback for loopback nodes",
+                node.code
             ));
         }
         require_loopback(node.host()).map_err(|e| format!("node {}: {e}", node.code))

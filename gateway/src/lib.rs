@@ -10,6 +10,7 @@ pub mod auth;
 pub mod budget;
 pub mod catalogue;
 pub mod config;
+pub mod dial_in;
 pub mod engine;
 pub mod error;
 pub mod limits;
@@ -33,7 +34,8 @@ use tokio::task::JoinHandle;
 
 pub use auth::{Users, token_hash};
 pub use config::{
-    GatewayConfig, GatewayLimits, NodeEndpoint, NodeTlsConfig, UserConfig, default_node_name,
+    GatewayConfig, GatewayLimits, NodeEndpoint, NodeTlsConfig, TrustPortConfig, UserConfig,
+    default_node_name,
 };
 pub use engine::{Caller, Explanation, Gateway, GatewayAuditRecord, QueryOutcome};
 pub use error::GatewayError;
@@ -52,17 +54,30 @@ pub struct GatewayHandle {
     pub addr: SocketAddr,
     /// The engine, for in-process use and inspection.
     pub gateway: Arc<Gateway>,
+    /// The address of the port for trusts that dial in, when there is one.
+    pub trust_port_addr: Option<SocketAddr>,
     server: RunningServer,
+    trust_port: Option<dial_in::TrustPort>,
     refresher: JoinHandle<()>,
     policy_watcher: JoinHandle<()>,
 }
 
 impl GatewayHandle {
-    /// Stops serving and waits until the listener is closed.
+    /// Stops serving and waits until the listener is closed; the connections of trusts
+    /// that dial in are closed.
     pub async fn stop(self) {
         self.refresher.abort();
         self.policy_watcher.abort();
+        if let Some(port) = &self.trust_port {
+            port.stop();
+        }
         self.server.stop().await;
+    }
+
+    /// Waits up to `timeout` for every trust to be available (those that dial in have
+    /// connected); returns whether they all are.
+    pub async fn wait_for_trusts(&self, timeout: std::time::Duration) -> bool {
+        self.gateway.catalogue().wait_until_complete(timeout).await
     }
 
     /// Waits until the server stops.
@@ -75,18 +90,22 @@ impl GatewayHandle {
 /// retried) and starts serving Flight SQL on `config.listen`.
 pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError> {
     config.validate().map_err(GatewayError::Invalid)?;
-    let trusts = config
-        .nodes
-        .iter()
-        .map(|node| {
+    let mut dial_ins = Vec::new();
+    let mut trusts = Vec::new();
+    for node in &config.nodes {
+        trusts.push(if node.dials_in {
+            let dial_in = Arc::new(dial_in::DialIn::new(&node.code));
+            dial_ins.push((node.expected_name(), dial_in.clone()));
+            Trust::dialing_in(node, dial_in, config.request_timeout())
+        } else {
             Trust::new(
                 node,
                 config.node_tls.as_ref(),
                 config.connect_timeout(),
                 config.request_timeout(),
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+            )?
+        });
+    }
     let jwt = config
         .jwt
         .as_ref()
@@ -138,6 +157,20 @@ pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError
         budget,
         &config.limits,
     )?);
+    let trust_port = match &config.trust_port {
+        Some(port) => Some(
+            dial_in::TrustPort::start(
+                port,
+                dial_ins,
+                catalogue.clone(),
+                gateway.audit().clone(),
+                config.connect_timeout(),
+                config.request_timeout(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let service = GatewayService::new(gateway.clone(), Users::new(config.users.clone(), jwt));
     let server = RunningServer::start(service, config.listen, "gateway", transport)
         .await
@@ -159,7 +192,9 @@ pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError
     Ok(GatewayHandle {
         addr,
         gateway,
+        trust_port_addr: trust_port.as_ref().map(|port| port.addr),
         server,
+        trust_port,
         refresher,
         policy_watcher,
     })

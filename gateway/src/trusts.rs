@@ -1,6 +1,8 @@
-//! Connections to the trusts' node agents: one pooled channel per trust, every call bounded
-//! by a timeout, every failure turned into a typed error that names the trust.
+//! Connections to the trusts' node agents: one pooled channel per trust (dialed by the
+//! gateway, or the node's own connection when it dials in), every call bounded by a
+//! timeout, every failure turned into a typed error that names the trust.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
@@ -17,6 +19,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{NodeEndpoint, NodeTlsConfig};
+use crate::dial_in::DialIn;
 use crate::error::GatewayError;
 
 /// One trust's node agent, as the gateway reaches it.
@@ -26,8 +29,17 @@ pub struct Trust {
     pub code: String,
     /// The trust's name, for messages.
     pub name: String,
-    channel: Channel,
+    link: Link,
     request_timeout: Duration,
+}
+
+/// How the gateway reaches a trust.
+#[derive(Debug, Clone)]
+enum Link {
+    /// It dials the node's URL.
+    Dials(Channel),
+    /// The node dials in; calls go down its current connection.
+    DialsIn(Arc<DialIn>),
 }
 
 /// What one trust answered to one per-trust query.
@@ -52,11 +64,12 @@ impl Trust {
         connect_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<Self, GatewayError> {
+        let url = endpoint.url.clone().unwrap_or_default();
         let bad_url = || GatewayError::NodeUrl {
             code: endpoint.code.clone(),
-            url: endpoint.url.clone(),
+            url: url.clone(),
         };
-        let mut channel = Endpoint::from_shared(http_url(&endpoint.url)).map_err(|_| bad_url())?;
+        let mut channel = Endpoint::from_shared(http_url(&url)).map_err(|_| bad_url())?;
         if endpoint.uses_tls() {
             let tls = tls.ok_or_else(|| {
                 GatewayError::Tls(format!(
@@ -77,22 +90,37 @@ impl Trust {
             .connect_lazy();
         Ok(Trust {
             code: endpoint.code.clone(),
-            name: endpoint
-                .name
-                .clone()
-                .unwrap_or_else(|| endpoint.code.clone()),
-            channel,
+            name: endpoint_name(endpoint),
+            link: Link::Dials(channel),
             request_timeout,
         })
     }
 
-    fn client(&self) -> SqlClient {
-        SqlClient::new(self.channel.clone())
+    /// A trust whose node dials in, reached down its connection in `dial_in`.
+    pub fn dialing_in(
+        endpoint: &NodeEndpoint,
+        dial_in: Arc<DialIn>,
+        request_timeout: Duration,
+    ) -> Self {
+        Trust {
+            code: endpoint.code.clone(),
+            name: endpoint_name(endpoint),
+            link: Link::DialsIn(dial_in),
+            request_timeout,
+        }
+    }
+
+    /// The channel calls to the trust go down.
+    fn channel(&self) -> Result<Channel, TallyError> {
+        match &self.link {
+            Link::Dials(channel) => Ok(channel.clone()),
+            Link::DialsIn(dial_in) => dial_in.channel(),
+        }
     }
 
     /// The tables the trust announces.
     pub async fn tables(&self) -> Result<Vec<TableInfo>, TallyError> {
-        let mut client = self.client();
+        let mut client = SqlClient::new(self.channel()?);
         self.bounded(list_tables(&mut client)).await
     }
 
@@ -112,11 +140,7 @@ impl Trust {
             headers.push((ANALYST_TOKEN_HEADER, token.to_string()));
         }
         let fetched = self
-            .bounded(run_ticket(
-                self.channel.clone(),
-                &headers,
-                request.to_ticket(),
-            ))
+            .bounded(run_ticket(self.channel()?, &headers, request.to_ticket()))
             .await?;
         Ok(TrustAnswer {
             trust: self.code.clone(),
@@ -219,4 +243,12 @@ impl Trust {
             | Code::Unauthenticated => failed(),
         }
     }
+}
+
+/// The trust's name for messages: its configured name, else its code.
+fn endpoint_name(endpoint: &NodeEndpoint) -> String {
+    endpoint
+        .name
+        .clone()
+        .unwrap_or_else(|| endpoint.code.clone())
 }

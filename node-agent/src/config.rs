@@ -15,9 +15,14 @@ use crate::error::NodeError;
 pub struct NodeConfig {
     /// The trust this node serves.
     pub trust: TrustConfig,
-    /// Address the Flight SQL service listens on.
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
+    /// Address the Flight SQL service listens on. Without it, a node that dials the gateway
+    /// (`[gateway]`) listens nowhere, and any other node listens on 127.0.0.1:50051.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Dial out to the gateway and serve it on that connection, for a trust that accepts no
+    /// inbound connection.
+    #[serde(default)]
+    pub gateway: Option<GatewayLink>,
     /// Append-only JSON-lines audit log of every request; none if absent.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
@@ -67,6 +72,48 @@ pub struct IdentityConfig {
     pub trust_gateway_identity: bool,
 }
 
+/// The gateway a node dials out to (`[gateway]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayLink {
+    /// `host:port` of the gateway's port for trusts.
+    pub address: String,
+    /// The name the gateway's certificate must carry (default: the host of `address`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// An HTTP CONNECT proxy to reach the gateway through: `http://[user:password@]host:port`.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    /// The longest wait, in seconds, between two attempts to reach the gateway (the waits
+    /// grow from a quarter of a second, with random jitter).
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_secs: f64,
+}
+
+impl GatewayLink {
+    /// The name the gateway's certificate must carry.
+    pub fn server_name(&self) -> String {
+        self.server_name.clone().unwrap_or_else(|| {
+            let host = self
+                .address
+                .rsplit_once(':')
+                .map_or(self.address.as_str(), |(host, _)| host);
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        })
+    }
+
+    /// The longest wait between two attempts.
+    pub fn max_backoff(&self) -> Duration {
+        Duration::from_secs_f64(self.max_backoff_secs)
+    }
+}
+
+fn default_max_backoff() -> f64 {
+    8.0
+}
+
 /// The node's side of mutual TLS.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,7 +122,8 @@ pub struct NodeTlsConfig {
     pub cert: PathBuf,
     /// The node's private key (PEM).
     pub key: PathBuf,
-    /// The CA whose client certificates are accepted (PEM).
+    /// The CA whose gateway certificates are accepted (PEM): as clients when the gateway
+    /// dials in, as the server when this node dials out.
     pub client_ca: PathBuf,
     /// Identities (certificate common names) of the gateways allowed to ask.
     pub allowed_gateways: Vec<String>,
@@ -207,6 +255,16 @@ fn default_listen() -> SocketAddr {
 }
 
 impl NodeConfig {
+    /// Where the node listens: the configured address, none for a node that only dials
+    /// out, the default otherwise.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        match (&self.listen, &self.gateway) {
+            (Some(addr), _) => Some(*addr),
+            (None, Some(_)) => None,
+            (None, None) => Some(default_listen()),
+        }
+    }
+
     /// The audit log's rotation size in bytes, if it rotates.
     pub fn audit_rotate_bytes(&self) -> Option<u64> {
         (self.audit_rotate_mb > 0).then(|| self.audit_rotate_mb.saturating_mul(1024 * 1024))
@@ -279,6 +337,30 @@ impl NodeConfig {
             && tls.allowed_gateways.is_empty()
         {
             return Err("tls.allowed_gateways must name at least one gateway".into());
+        }
+        if let Some(link) = &self.gateway {
+            if self.tls.is_none() {
+                return Err(
+                    "[gateway] needs the [tls] section: a node dials out over mutual TLS only"
+                        .into(),
+                );
+            }
+            if !tally_common::dialed::has_port(&link.address) {
+                return Err(format!(
+                    "gateway.address '{}' must be host:port",
+                    link.address
+                ));
+            }
+            if let Some(proxy) = &link.proxy {
+                tally_common::dialed::Proxy::parse(proxy)
+                    .map_err(|e| format!("gateway.proxy: {e}"))?;
+            }
+            let backoff = link.max_backoff_secs;
+            if !(backoff.is_finite() && (0.25..=3600.0).contains(&backoff)) {
+                return Err(
+                    "gateway.max_backoff_secs must be between 0.25 and 3600 seconds".into(),
+                );
+            }
         }
         if !is_identifier(&self.trust.code) {
             return Err(format!(

@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod dial_out;
 pub mod error;
 pub mod identity;
 pub mod opt_out;
@@ -18,12 +19,12 @@ use std::sync::Arc;
 use tally_common::audit::AuditLog;
 use tally_common::flight::TableInfo;
 use tally_common::policy::Policy;
-use tally_common::server::{RunningServer, Transport};
+use tally_common::server::{DialedServer, RunningServer, Transport};
 use tally_common::tls::{RefusedConnection, ServerTls};
 
 pub use config::{
-    IdentityConfig, NodeConfig, NodeLimits, NodeTlsConfig, OptOutConfig, TableConfig, TableFormat,
-    TrustConfig,
+    GatewayLink, IdentityConfig, NodeConfig, NodeLimits, NodeTlsConfig, OptOutConfig, TableConfig,
+    TableFormat, TrustConfig,
 };
 pub use error::NodeError;
 pub use service::{Contexts, NodeAuditRecord, NodeService};
@@ -33,31 +34,52 @@ const POLICY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A running node agent.
 pub struct NodeHandle {
-    /// The address it listens on (with the real port when configured with port 0).
-    pub addr: SocketAddr,
+    /// The address it listens on (with the real port when configured with port 0); none
+    /// for a node that only dials out to its gateway.
+    pub listen_addr: Option<SocketAddr>,
     /// The trust's audit log.
     pub audit: Arc<AuditLog<NodeAuditRecord>>,
     /// The trust's policy (reloaded when its files change or on SIGHUP).
     pub policy: Arc<Policy>,
-    server: RunningServer,
+    server: Option<RunningServer>,
+    dial_out: Option<DialOut>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
+/// A node's connection to its gateway: the task that dials, the server on what it dials.
+struct DialOut {
+    dialing: tokio::task::JoinHandle<()>,
+    server: DialedServer,
+}
+
 impl NodeHandle {
-    /// Stops serving and waits until the listener is closed.
+    /// Stops serving and waits until the listener and the gateway's connection are closed.
     pub async fn stop(self) {
         self.watcher.abort();
-        self.server.stop().await;
+        if let Some(dial_out) = self.dial_out {
+            dial_out.dialing.abort();
+            let _ = dial_out.dialing.await;
+            dial_out.server.stop().await;
+        }
+        if let Some(server) = self.server {
+            server.stop().await;
+        }
     }
 
-    /// Waits until the server stops (it only stops on error or `stop`).
+    /// Waits until the node stops serving (only on error or `stop`).
     pub async fn wait(self) {
-        self.server.wait().await;
+        match (self.server, self.dial_out) {
+            (Some(server), _) => server.wait().await,
+            (None, Some(dial_out)) => {
+                let _ = dial_out.dialing.await;
+            }
+            (None, None) => {}
+        }
     }
 }
 
 /// Opens the trust's tables, its policy and its opt-out list, and starts serving Flight
-/// SQL on `config.listen`.
+/// SQL on `config.listen`, on its connection to the gateway (`[gateway]`), or both.
 pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
     let engine = |e: datafusion::error::DataFusionError| NodeError::Engine(e.to_string());
     let runtime = tally_common::session::memory_limited_runtime(config.limits.memory_limit_bytes())
@@ -159,26 +181,53 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         config.limits.query_timeout(),
         privacy,
     );
-    let transport = transport(config, &audit)?;
-    let server = RunningServer::start(
-        wire::NodeFlight::new(service),
-        config.listen,
-        "node agent",
-        transport,
-    )
-    .await
-    .map_err(|source| NodeError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-    let addr = server.addr;
+    let flight = wire::NodeFlight::new(service);
+    let server = match config.listen_addr() {
+        Some(addr) => Some(
+            RunningServer::start(
+                flight.clone(),
+                addr,
+                "node agent",
+                transport(config, &audit)?,
+            )
+            .await
+            .map_err(|source| NodeError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let dial_out = match (&config.gateway, &config.tls) {
+        (Some(link), Some(tls)) => {
+            let dialer = dial_out::Dialer::new(link, tls)?;
+            let (connections, incoming) = tokio::sync::mpsc::channel(1);
+            Some(DialOut {
+                server: DialedServer::start(flight, incoming, "node agent (dialed out)"),
+                dialing: dialer.spawn(connections, audit.clone()),
+            })
+        }
+        (Some(_), None) => {
+            return Err(NodeError::Tls(
+                "[gateway] needs the [tls] section: a node dials out over mutual TLS only".into(),
+            ));
+        }
+        (None, _) => None,
+    };
+    let listen_addr = server.as_ref().map(|s| s.addr);
     let watcher = policy.watch(POLICY_POLL);
-    tracing::info!(trust = %config.trust.code, %addr, policy = %policy.version(), "node agent serving Flight SQL");
+    match (&listen_addr, &config.gateway) {
+        (Some(addr), _) => {
+            tracing::info!(trust = %config.trust.code, %addr, policy = %policy.version(), "node agent serving Flight SQL")
+        }
+        (None, Some(link)) => {
+            tracing::info!(trust = %config.trust.code, gateway = %link.address, policy = %policy.version(), "node agent dialing out to its gateway, listening nowhere")
+        }
+        (None, None) => {}
+    }
     Ok(NodeHandle {
-        addr,
+        listen_addr,
         audit,
         policy,
         server,
+        dial_out,
         watcher,
     })
 }
@@ -201,6 +250,7 @@ fn transport(
         &tls.identity(),
         &tls.client_ca,
         tls.allowed_gateways.clone(),
+        "an allowed gateway",
     )
     .map_err(|e| NodeError::Tls(e.to_string()))?;
     let audit = audit.clone();

@@ -26,6 +26,7 @@ use futures::Stream;
 use serde::Serialize;
 use tally_common::admission::{BudgetState, Origin, Refused, RequestIdentity, decide};
 use tally_common::audit::{AuditLog, now_millis};
+use tally_common::dialed::DialedPeer;
 use tally_common::flight::{
     FlightDataStream, MetadataRequest, QUERY_ID_HEADER, TableInfo, encode_batches, header_text,
 };
@@ -108,6 +109,36 @@ impl NodeAuditRecord {
     }
 }
 
+impl NodeAuditRecord {
+    /// The record of this node's connection to its gateway opening (`connected`), ending
+    /// (`disconnected`), or being refused because the gateway's certificate was not one
+    /// this trust accepts (`refused`, with the reason in `refusal`).
+    pub fn gateway_link(peer: &DialedPeer, outcome: &'static str, refusal: Option<String>) -> Self {
+        NodeAuditRecord {
+            time_ms: now_millis(),
+            query_id: "-".into(),
+            peer: peer.addr.to_string(),
+            gateway: (!peer.identity.is_empty()).then(|| peer.identity.clone()),
+            identity: RequestIdentity::default(),
+            step: "dial",
+            sql: String::new(),
+            release: None,
+            outcome,
+            codes: refusal
+                .iter()
+                .map(|_| ErrorCode::ClientCertificate.to_string())
+                .collect(),
+            policy_version: None,
+            opt_out_applied: None,
+            rho_charged: None,
+            stored_answer: None,
+            rows: None,
+            duration_ms: 0.0,
+            detail: refusal,
+        }
+    }
+}
+
 /// The node's two views of its tables: everything, and without opted-out patients.
 #[derive(Clone)]
 pub struct Contexts {
@@ -169,6 +200,8 @@ enum NotAnswered {
 impl RequestContext {
     fn new<T>(request: &Request<T>) -> Self {
         let query_id = header_text(request.metadata(), QUERY_ID_HEADER);
+        // A request on the connection this node dialed to its gateway.
+        let dialed = request.extensions().get::<DialedPeer>();
         RequestContext {
             query_id: if query_id.is_empty() {
                 "-".into()
@@ -177,10 +210,12 @@ impl RequestContext {
             },
             peer: request
                 .remote_addr()
+                .or(dialed.map(|d| d.addr))
                 .map_or_else(|| "unknown".into(), |a| a.to_string()),
             gateway: request
                 .peer_certs()
-                .and_then(|certs| certs.first().and_then(certificate_identity)),
+                .and_then(|certs| certs.first().and_then(certificate_identity))
+                .or_else(|| dialed.map(|d| d.identity.clone())),
             identity: RequestIdentity::default(),
             sql: String::new(),
             release: None,
