@@ -196,7 +196,11 @@ impl Catalogue {
             let status = match trust.tables().await {
                 Ok(tables) => TrustStatus::Available(tables),
                 Err(err) => {
-                    tracing::warn!(trust = %trust.code, error = %err, "trust unavailable");
+                    if trust.dials_in() {
+                        tracing::info!(trust = %trust.code, error = %err, "trust not connected");
+                    } else {
+                        tracing::warn!(trust = %trust.code, error = %err, "trust unavailable");
+                    }
                     TrustStatus::Unavailable(TallyError::new(
                         ErrorCode::TrustUnavailable,
                         format!(

@@ -125,8 +125,16 @@ pub async fn start(config: &GatewayConfig) -> Result<GatewayHandle, GatewayError
     };
     let catalogue = Arc::new(Catalogue::new(trusts));
     let snapshot = catalogue.refresh().await;
-    for err in snapshot.unavailable() {
-        tracing::warn!(error = %err, "starting without this trust; it will be asked again");
+    for ((_, status), trust) in snapshot.trusts.iter().zip(catalogue.trusts()) {
+        match status {
+            catalogue::TrustStatus::Unavailable(_) if trust.dials_in() => {
+                tracing::info!(trust = %trust.code, "waiting for the trust's node to dial in");
+            }
+            catalogue::TrustStatus::Unavailable(err) => {
+                tracing::warn!(error = %err, "starting without this trust; it will be asked again");
+            }
+            catalogue::TrustStatus::Available(_) => {}
+        }
     }
     let audit = Arc::new(match &config.audit_log {
         Some(path) => AuditLog::open(path, config.audit_rotate_bytes()).map_err(|source| {

@@ -110,6 +110,14 @@ impl Trust {
         }
     }
 
+    /// Whether the trust's node dials in (rather than being dialed).
+    pub fn dials_in(&self) -> bool {
+        match self.link {
+            Link::Dials(_) => false,
+            Link::DialsIn(_) => true,
+        }
+    }
+
     /// The channel calls to the trust go down.
     fn channel(&self) -> Result<Channel, TallyError> {
         match &self.link {
