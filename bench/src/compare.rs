@@ -216,18 +216,23 @@ fn spawn_node(
 ) -> Result<SiteProcess, String> {
     let leaf = certs.node(code);
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let reach = match dials {
-        Some(port) => format!("[gateway]\naddress = \"{port}\"\n\n"),
-        None => "listen = \"127.0.0.1:0\"\n".to_string(),
+    // A node that dials out has no listening address, and a [gateway] section instead.
+    let (listen, gateway) = match dials {
+        Some(port) => (
+            String::new(),
+            format!("\n[gateway]\naddress = \"{port}\"\n"),
+        ),
+        None => ("listen = \"127.0.0.1:0\"\n".to_string(), String::new()),
     };
     let mut toml = format!(
-        "{reach}policies = {:?}\nstate_dir = {:?}\n\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_gateways = [\"{GATEWAY_IDENTITY}\"]\n\n[limits]\nquery_timeout_secs = 600\nmemory_limit_mb = 8192\n\n[trust]\ncode = \"{code}\"\nname = \"Site {code}\"\n",
+        "{listen}policies = {:?}\nstate_dir = {:?}\n\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nallowed_gateways = [\"{GATEWAY_IDENTITY}\"]\n\n[limits]\nquery_timeout_secs = 600\nmemory_limit_mb = 8192\n\n[trust]\ncode = \"{code}\"\nname = \"Site {code}\"\n",
         abs(policies),
         abs(&state.join(code)),
         abs(&leaf.cert),
         abs(&leaf.key),
         abs(&certs.ca()),
     );
+    toml.push_str(&gateway);
     let idp = bench_identity(certs)?;
     toml.push_str(&format!(
         "\n[identity.jwt]\njwks = {:?}\nissuer = {:?}\naudience = {:?}\n",
