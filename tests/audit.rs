@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -15,12 +14,8 @@ use tally_common::audit::read_records;
 
 use crate::support::{
     analyst_token, audited_federation, audited_nodes, certs, default_policies, expect_refusal,
-    gateway_target, identity_provider, init_logging,
+    gateway_target, identity_provider, init_logging, spawn_gateway, tally,
 };
-
-fn tally() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-}
 
 fn text<'a>(record: &'a Value, field: &str) -> &'a str {
     record[field].as_str().unwrap_or_default()
@@ -290,30 +285,6 @@ fn gateway_toml(dir: &Path, nodes: &[(String, std::net::SocketAddr)], log: &Path
     let path = dir.join("gateway.toml");
     std::fs::write(&path, toml).unwrap();
     path
-}
-
-/// Starts `tally gateway` and waits for the address it prints.
-fn spawn_gateway(config: &Path) -> (Child, std::net::SocketAddr) {
-    let mut child = tally()
-        .args(["gateway", "--config"])
-        .arg(config)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the gateway prints its address")
-            .unwrap();
-        if let Some(addr) = line.strip_prefix("gateway on grpc+tls://") {
-            break addr.trim().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

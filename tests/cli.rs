@@ -1,15 +1,9 @@
 //! The `tally` binary as a newcomer uses it: `--help`, `demo --exit`, `query` formats,
 //! example configs, `policy explain`.
 
-use std::process::Command;
-
 use tally_common::identity::JwtVerifier;
 
-use crate::support::{data_dir, default_policies, identity_provider, start_federation};
-
-fn tally() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-}
+use crate::support::{data_dir, default_policies, identity_provider, start_federation, tally};
 
 #[test]
 fn every_subcommand_has_help() {

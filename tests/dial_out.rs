@@ -6,8 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::{
     analyst, analyst_token, certs, data_dir, fresh_state, gateway_config, gateway_target,
-    identity_provider, init_logging, open_policies, start_federation,
+    identity_provider, init_logging, open_policies, spawn_gateway, start_federation, tally,
 };
 
 const SQL: &str = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex";
@@ -369,34 +368,6 @@ async fn a_node_reaches_the_gateway_through_an_http_connect_proxy() {
     assert_eq!(asked.lock().unwrap().clone(), vec![port.to_string()]);
     node.stop().await;
     gateway.stop().await;
-}
-
-fn tally() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-}
-
-/// Starts `tally gateway --config <config>` and returns it once it prints its address.
-fn spawn_gateway(config: &Path) -> (Child, SocketAddr) {
-    let mut child = tally()
-        .args(["gateway", "--config"])
-        .arg(config)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the gateway prints its address")
-            .unwrap();
-        if let Some(addr) = line.strip_prefix("gateway on grpc+tls://") {
-            break addr.trim().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
 }
 
 /// Inodes of the TCP sockets in LISTEN state on this machine.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tally::federation::DEMO_USER;
 use tally::register::{Outcome, WITHHELD_SQL, public_sql};
 
-use crate::support::{analyst, audited_federation, expect_refusal, rows};
+use crate::support::{analyst, audited_federation, expect_refusal, rows, tally};
 
 /// A valid-looking NHS number an analyst should never have typed.
 const NHS_NUMBER: &str = "9434765919";
@@ -23,10 +23,6 @@ const LITERAL_SQL: &str = "SELECT COUNT(*) AS episodes FROM episodes WHERE speci
 
 /// How the register publishes [`LITERAL_SQL`].
 const LITERAL_SQL_MASKED: &str = "SELECT COUNT(*) AS episodes FROM episodes WHERE specialty = ?";
-
-fn tally() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-}
 
 /// Chromium, or a failure that says how to install it.
 fn chromium() -> PathBuf {

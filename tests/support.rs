@@ -17,6 +17,35 @@ use tally_gateway::{GatewayConfig, default_node_name};
 use tally_synth::{TrustSpec, default_trusts};
 use tonic::transport::Endpoint;
 
+/// The `tally` binary this test run built.
+pub fn tally() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+}
+
+/// Starts `tally gateway --config <config>` and returns it once it prints its address.
+pub fn spawn_gateway(config: &Path) -> (std::process::Child, std::net::SocketAddr) {
+    let mut child = tally()
+        .args(["gateway", "--config"])
+        .arg(config)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the gateway prints its address")
+            .unwrap();
+        if let Some(addr) = line.strip_prefix("gateway on grpc+tls://") {
+            break addr.trim().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr)
+}
+
 /// Patients in the test data: small enough to build fast, large enough for many groups.
 pub const TEST_PATIENTS: usize = 3_000;
 

@@ -87,40 +87,43 @@ pub struct NodeAuditRecord {
 impl NodeAuditRecord {
     /// The record of a connection refused during the TLS handshake or identity check.
     pub fn refused_connection(refused: &RefusedConnection) -> Self {
-        NodeAuditRecord {
-            time_ms: now_millis(),
-            query_id: "-".into(),
-            peer: refused.peer.to_string(),
-            gateway: refused.identity.clone(),
-            identity: RequestIdentity::default(),
-            step: "connect",
-            sql: String::new(),
-            release: None,
-            outcome: "refused",
-            codes: vec![ErrorCode::ClientCertificate.to_string()],
-            policy_version: None,
-            opt_out_applied: None,
-            rho_charged: None,
-            stored_answer: None,
-            rows: None,
-            duration_ms: 0.0,
-            detail: Some(refused.reason.clone()),
-        }
+        Self::connection(
+            refused.peer.to_string(),
+            refused.identity.clone(),
+            "connect",
+            "refused",
+            Some(refused.reason.clone()),
+        )
     }
-}
 
-impl NodeAuditRecord {
     /// The record of this node's connection to its gateway opening (`connected`), ending
     /// (`disconnected`), or being refused because the gateway's certificate was not one
     /// this trust accepts (`refused`, with the reason in `refusal`).
     pub fn gateway_link(peer: &DialedPeer, outcome: &'static str, refusal: Option<String>) -> Self {
+        Self::connection(
+            peer.addr.to_string(),
+            (!peer.identity.is_empty()).then(|| peer.identity.clone()),
+            "dial",
+            outcome,
+            refusal,
+        )
+    }
+
+    /// A record about a connection rather than a request; a refusal carries its reason.
+    fn connection(
+        peer: String,
+        gateway: Option<String>,
+        step: &'static str,
+        outcome: &'static str,
+        refusal: Option<String>,
+    ) -> Self {
         NodeAuditRecord {
             time_ms: now_millis(),
             query_id: "-".into(),
-            peer: peer.addr.to_string(),
-            gateway: (!peer.identity.is_empty()).then(|| peer.identity.clone()),
+            peer,
+            gateway,
             identity: RequestIdentity::default(),
-            step: "dial",
+            step,
             sql: String::new(),
             release: None,
             outcome,
