@@ -334,6 +334,16 @@ fn example_configs_load_and_bad_configs_say_why() {
         let err = config.validate().expect_err(nodes);
         assert!(err.contains(expected), "{err}");
     }
+    // Two trusts that would accept the same certificate.
+    std::fs::write(
+        &path,
+        "policies = \"p\"\n[[nodes]]\ncode = \"RXC\"\ndials_in = true\n[[nodes]]\ncode = \"rxc\"\ndials_in = true\n",
+    )
+    .unwrap();
+    let err = tally_gateway::GatewayConfig::load(&path)
+        .expect_err("two trusts, one certificate name")
+        .to_string();
+    assert!(err.contains("expects the certificate name 'rxc.node.tally'"), "{err}");
 }
 
 /// Runs `tally policy explain` over the test data for the demo analyst in `project` for

@@ -119,7 +119,7 @@ impl<S> tonic::transport::server::Connected for WatchedStream<S> {
 }
 
 /// An HTTP CONNECT proxy a node reaches the gateway through.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Proxy {
     /// `host:port` of the proxy.
     pub authority: String,
@@ -127,19 +127,38 @@ pub struct Proxy {
     credentials: Option<String>,
 }
 
+/// Never shows the proxy's password.
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("authority", &self.authority)
+            .field("credentials", &self.credentials.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// `url` without the user and password it may carry, for messages.
+fn without_credentials(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+        _ => url.to_string(),
+    }
+}
+
 impl Proxy {
     /// Parses `http://[user:password@]host:port`.
     pub fn parse(url: &str) -> Result<Self, String> {
+        let shown = without_credentials(url);
         let rest = url
             .strip_prefix("http://")
-            .ok_or_else(|| format!("proxy '{url}' must be an http:// URL (HTTP CONNECT)"))?;
+            .ok_or_else(|| format!("proxy '{shown}' must be an http:// URL (HTTP CONNECT)"))?;
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         let (credentials, authority) = match rest.rsplit_once('@') {
             Some((credentials, authority)) => (Some(credentials.to_string()), authority),
             None => (None, rest),
         };
         if !has_port(authority) || authority.contains('/') {
-            return Err(format!("proxy '{url}' must be http://host:port"));
+            return Err(format!("proxy '{shown}' must be http://host:port"));
         }
         Ok(Proxy {
             authority: authority.to_string(),
@@ -220,6 +239,12 @@ mod tests {
             let err = Proxy::parse(bad).unwrap_err();
             assert!(err.contains(bad), "{err}");
         }
+        let err = Proxy::parse("http://ops:s3cret@proxy").unwrap_err();
+        assert!(
+            !err.contains("s3cret") && err.contains("***@proxy"),
+            "{err}"
+        );
+        assert!(!format!("{with_user:?}").contains("s3cret"));
     }
 
     #[tokio::test]

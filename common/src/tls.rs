@@ -34,6 +34,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 /// How long a client has to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes a server completes at once; further connections wait to be accepted.
+const MAX_HANDSHAKES: usize = 256;
+
 /// A certificate chain and its private key, as PEM files.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -261,13 +264,21 @@ pub fn accept_tls(
     on_refused: OnRefused,
 ) -> (TlsIncoming, JoinHandle<()>) {
     let (sender, receiver) = mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let task = tokio::spawn(async move {
         loop {
+            // At most MAX_HANDSHAKES at once: a flood of connections that never finish
+            // their handshake waits here instead of using up the process's descriptors.
+            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
             let (tcp, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(err) => {
                         tracing::warn!(error = %err, "accept failed");
+                        // Out of descriptors, say: let connections close before trying again.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
@@ -276,7 +287,9 @@ pub fn accept_tls(
             let _ = tcp.set_nodelay(true);
             let (tls, sender, on_refused) = (tls.clone(), sender.clone(), on_refused.clone());
             tokio::spawn(async move {
-                match tls.accept(tcp).await {
+                let accepted = tls.accept(tcp).await;
+                drop(permit);
+                match accepted {
                     Ok(stream) => {
                         let _ = sender.send(Ok(stream)).await;
                     }

@@ -165,7 +165,9 @@ fn reconcile(known: &Schema, other: &Schema) -> Result<SchemaRef, String> {
 #[derive(Debug)]
 pub struct Catalogue {
     trusts: Vec<Trust>,
-    snapshot: RwLock<Arc<Snapshot>>,
+    /// The newest view, with the number of the refresh that made it.
+    snapshot: RwLock<(u64, Arc<Snapshot>)>,
+    refreshes: std::sync::atomic::AtomicU64,
 }
 
 impl Catalogue {
@@ -173,7 +175,8 @@ impl Catalogue {
     pub fn new(trusts: Vec<Trust>) -> Self {
         Catalogue {
             trusts,
-            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            snapshot: RwLock::new((0, Arc::new(Snapshot::default()))),
+            refreshes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -187,11 +190,17 @@ impl Catalogue {
         self.snapshot
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .1
             .clone()
     }
 
-    /// Asks every trust (all at once) for its tables and replaces the view.
+    /// Asks every trust (all at once) for its tables and replaces the view, unless a
+    /// refresh that started later has already replaced it (trusts come and go while one
+    /// runs); returns the newest view.
     pub async fn refresh(&self) -> Arc<Snapshot> {
+        let number = 1 + self
+            .refreshes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let answers = futures::future::join_all(self.trusts.iter().map(|trust| async move {
             let status = match trust.tables().await {
                 Ok(tables) => TrustStatus::Available(tables),
@@ -219,8 +228,11 @@ impl Catalogue {
                 tracing::error!(error = %err, "schema mismatch");
             }
         }
-        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = snapshot.clone();
-        snapshot
+        let mut newest = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        if number > newest.0 {
+            *newest = (number, snapshot);
+        }
+        newest.1.clone()
     }
 
     /// Waits up to `timeout` until every trust is available, asking again those that are

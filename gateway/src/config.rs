@@ -365,9 +365,19 @@ impl GatewayConfig {
             return Err("at least one [[nodes]] entry is required".into());
         }
         let mut codes = std::collections::BTreeSet::new();
+        let mut names = std::collections::BTreeSet::new();
         for node in &self.nodes {
             if !codes.insert(node.code.as_str()) {
                 return Err(format!("trust '{}' is listed twice", node.code));
+            }
+            // A certificate names one trust: two trusts expecting the same name could each
+            // pass for the other.
+            if !names.insert(node.expected_name().to_lowercase()) {
+                return Err(format!(
+                    "trust '{}' expects the certificate name '{}', as another trust does",
+                    node.code,
+                    node.expected_name()
+                ));
             }
         }
         let limits = &self.limits;

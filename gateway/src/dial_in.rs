@@ -71,8 +71,9 @@ impl DialIn {
 
     /// Makes `channel` the trust's connection; returns its number.
     fn install(&self, channel: Channel) -> u64 {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let number = self.connections.fetch_add(1, Ordering::Relaxed);
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((number, channel));
+        *current = Some((number, channel));
         number
     }
 
@@ -136,14 +137,19 @@ impl TrustPort {
             source,
         })?;
         let refusals = audit.clone();
+        // Written by the audit log's group commit, off the handshake's task.
         let on_refused = Arc::new(move |refused: RefusedConnection| {
-            let _ = refusals.append(trust_link(
+            let record = trust_link(
                 &refused.peer,
                 None,
                 "refused",
                 Some(ErrorCode::ClientCertificate),
                 Some(refused.reason),
-            ));
+            );
+            let refusals = refusals.clone();
+            tokio::spawn(async move {
+                let _ = refusals.write(record).await;
+            });
         });
         let (mut incoming, acceptor) = accept_tls(listener, tls, on_refused);
         let taker = Arc::new(Taker {
@@ -233,36 +239,50 @@ impl Taker {
             Ok(channel) => channel,
             Err(err) => {
                 tracing::warn!(trust = %trust.code, error = %err, "a dialed-in connection failed to start");
-                let _ = self.audit.append(trust_link(
-                    &peer.addr,
-                    Some(&trust.code),
-                    "failed",
-                    Some(ErrorCode::TrustProtocol),
-                    Some("the HTTP/2 connection did not start".into()),
-                ));
+                let _ = self
+                    .audit
+                    .write(trust_link(
+                        &peer.addr,
+                        Some(&trust.code),
+                        "failed",
+                        Some(ErrorCode::TrustProtocol),
+                        Some("the HTTP/2 connection did not start".into()),
+                    ))
+                    .await;
                 return;
             }
         };
+        // On record before any query can use it; a connection that cannot be audited is
+        // not used.
+        let recorded = self
+            .audit
+            .write(trust_link(
+                &peer.addr,
+                Some(&trust.code),
+                "connected",
+                None,
+                None,
+            ))
+            .await;
+        if recorded.is_err() {
+            return;
+        }
         let number = trust.install(channel);
         tracing::info!(trust = %trust.code, addr = %peer.addr, "trust connected");
-        let _ = self.audit.append(trust_link(
-            &peer.addr,
-            Some(&trust.code),
-            "connected",
-            None,
-            None,
-        ));
         self.catalogue.refresh().await;
         let _ = closed.await;
         trust.remove(number);
         tracing::warn!(trust = %trust.code, "trust disconnected");
-        let _ = self.audit.append(trust_link(
-            &peer.addr,
-            Some(&trust.code),
-            "disconnected",
-            None,
-            None,
-        ));
+        let _ = self
+            .audit
+            .write(trust_link(
+                &peer.addr,
+                Some(&trust.code),
+                "disconnected",
+                None,
+                None,
+            ))
+            .await;
         self.catalogue.refresh().await;
     }
 }

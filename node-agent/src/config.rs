@@ -73,7 +73,7 @@ pub struct IdentityConfig {
 }
 
 /// The gateway a node dials out to (`[gateway]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayLink {
     /// `host:port` of the gateway's port for trusts.
@@ -88,6 +88,24 @@ pub struct GatewayLink {
     /// grow from a quarter of a second, with random jitter).
     #[serde(default = "default_max_backoff")]
     pub max_backoff_secs: f64,
+}
+
+/// Never shows the proxy's password.
+impl std::fmt::Debug for GatewayLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayLink")
+            .field("address", &self.address)
+            .field("server_name", &self.server_name)
+            .field(
+                "proxy",
+                &self
+                    .proxy
+                    .as_deref()
+                    .map(tally_common::dialed::Proxy::parse),
+            )
+            .field("max_backoff_secs", &self.max_backoff_secs)
+            .finish()
+    }
 }
 
 impl GatewayLink {

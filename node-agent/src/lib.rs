@@ -254,8 +254,12 @@ fn transport(
     )
     .map_err(|e| NodeError::Tls(e.to_string()))?;
     let audit = audit.clone();
+    // Written by the audit log's group commit, off the handshake's task.
     let on_refused = Arc::new(move |refused: RefusedConnection| {
-        let _ = audit.append(NodeAuditRecord::refused_connection(&refused));
+        let (audit, record) = (audit.clone(), NodeAuditRecord::refused_connection(&refused));
+        tokio::spawn(async move {
+            let _ = audit.write(record).await;
+        });
     });
     Ok(Transport::Tls(server, on_refused))
 }
