@@ -343,7 +343,10 @@ fn example_configs_load_and_bad_configs_say_why() {
     let err = tally_gateway::GatewayConfig::load(&path)
         .expect_err("two trusts, one certificate name")
         .to_string();
-    assert!(err.contains("expects the certificate name 'rxc.node.tally'"), "{err}");
+    assert!(
+        err.contains("expects the certificate name 'rxc.node.tally'"),
+        "{err}"
+    );
 }
 
 /// Runs `tally policy explain` over the test data for the demo analyst in `project` for
