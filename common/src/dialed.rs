@@ -141,7 +141,7 @@ impl std::fmt::Debug for Proxy {
 fn without_credentials(url: &str) -> String {
     match (url.split_once("://"), url.rsplit_once('@')) {
         (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
-        _ => url.to_string(),
+        (None, _) | (_, None) => url.to_string(),
     }
 }
 
