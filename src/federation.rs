@@ -179,14 +179,17 @@ pub fn node_config(
         opt_out: Some(OptOutConfig {
             path: data_dir.join(trust.code).join("opt_outs.parquet"),
             patients_table: "patients".into(),
+            patient_key: "nhs_number".into(),
             person_column: "person_id".into(),
         }),
+        postgres: None,
         tables: DEMO_TABLES
             .iter()
-            .map(|table| TableConfig {
-                name: table.to_string(),
-                path: data_dir.join(trust.code).join(format!("{table}.parquet")),
-                format: None,
+            .map(|table| {
+                TableConfig::files(
+                    table,
+                    data_dir.join(trust.code).join(format!("{table}.parquet")),
+                )
             })
             .collect(),
         identity: IdentityConfig {
@@ -390,7 +393,7 @@ pub async fn local_tables(
         &data_dir.join("state"),
     );
     let ctx = tally_common::session::new_context().map_err(|e| e.to_string())?;
-    let tables = tally_node::tables::open_tables(&ctx, &config.tables, &config.trust.code)
+    let tables = tally_node::tables::open_tables(&ctx, &config.tables, &config.trust.code, None)
         .await
         .map_err(|e| format!("{e} (generate data with `tally generate`, or pass --data)"))?;
     for (name, table) in tables {

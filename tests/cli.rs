@@ -228,9 +228,24 @@ fn example_configs_load_and_bad_configs_say_why() {
             config
                 .tables
                 .iter()
-                .all(|t| t.path.is_absolute() || t.path.starts_with(&examples))
+                .all(|t| t.path.as_ref().is_some_and(|p| p.starts_with(&examples)))
         );
     }
+    let in_database = tally_node::NodeConfig::load(&examples.join("node-rxb-postgres.toml"))
+        .expect("example node config over PostgreSQL");
+    assert!(
+        in_database
+            .tables
+            .iter()
+            .all(|t| t.path.is_none() && t.postgres.is_some())
+    );
+    let postgres = in_database.postgres.expect("the [postgres] section");
+    assert!(
+        postgres
+            .password_file
+            .is_some_and(|file| file.starts_with(&examples)),
+        "the password file is relative to the config"
+    );
     let gateway = tally_gateway::GatewayConfig::load(&examples.join("gateway.toml"))
         .expect("example gateway config");
     assert_eq!(gateway.nodes.len(), 3);
@@ -300,13 +315,52 @@ fn example_configs_load_and_bad_configs_say_why() {
             "must be an http:// URL",
         ),
     ];
+    // Past the identity check, to the tables'.
+    let head = "policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\n[identity]\ntrust_gateway_identity = true\n";
+    let postgres = "[postgres]\nconnection = \"host=/run/postgresql user=reader dbname=hes\"\n";
+    let cases = cases
+        .into_iter()
+        .map(|(text, expected)| (text, expected.to_string()))
+        .chain([
+        (
+            format!("{head}{postgres}[[tables]]\nname = \"t\"\npath = \"t.parquet\"\npostgres = \"t\"\n"),
+            "sets both path and postgres".to_string(),
+        ),
+        (
+            format!("{head}[[tables]]\nname = \"t\"\npostgres = \"t\"\n"),
+            "there is no [postgres] section".to_string(),
+        ),
+        (
+            format!("{head}{postgres}[[tables]]\nname = \"t\"\n"),
+            "needs path (files) or postgres".to_string(),
+        ),
+        (
+            format!("{head}{postgres}[[tables]]\nname = \"t\"\npostgres = \"a.b.c\"\n"),
+            "must be a table or view name".to_string(),
+        ),
+        (
+            format!("{head}{postgres}[[tables]]\nname = \"t\"\npostgres = \"t\"\nformat = \"csv\"\n"),
+            "format applies to files".to_string(),
+        ),
+        (
+            format!(
+                "{head}[postgres]\nconnection = \"host=/run/postgresql user=r password=hunter2\"\n[[tables]]\nname = \"t\"\npostgres = \"t\"\n"
+            ),
+            "put it in password_file".to_string(),
+        ),
+        (
+            format!("{head}{tables}[opt_out]\npath = \"o.parquet\"\npatients_table = \"t\"\npatient_key = \"a b\"\n"),
+            "opt_out.patient_key 'a b'".to_string(),
+        ),
+    ]);
     for (text, expected) in cases {
         let path = dir.path().join("node.toml");
         std::fs::write(&path, &text).unwrap();
         let err = tally_node::NodeConfig::load(&path)
             .expect_err(&text)
             .to_string();
-        assert!(err.contains(expected), "{err}");
+        assert!(err.contains(expected.as_str()), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
     }
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, "request_timeout_secs = -1\npolicies = \"p\"\n[[nodes]]\ncode = \"A\"\nurl = \"http://127.0.0.1:1\"\n").unwrap();

@@ -77,7 +77,7 @@ fn demo_identity() -> RequestIdentity {
 
 /// Lowers every equivalence query under the default policy's catalogue; returns the
 /// releases of each and the whole snapshot text.
-async fn lower_all() -> (Vec<Vec<ReleaseQuery>>, String) {
+pub(crate) async fn lower_all() -> (Vec<Vec<ReleaseQuery>>, String) {
     let policies = default_policies();
     let policy = Policy::load(&policies).expect("default policy loads");
     let snapshot = policy.snapshot();

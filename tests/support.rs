@@ -148,16 +148,26 @@ pub fn fresh_state() -> PathBuf {
 
 /// A TLS node agent for `trust` over the test data, deciding with `policies`.
 pub async fn start_node(trust: &TrustSpec, policies: &Path) -> tally_node::NodeHandle {
-    tally_node::start(&federation::node_config(
+    tally_node::start(&node_config(trust.code, policies))
+        .await
+        .unwrap()
+}
+
+/// The config of a TLS node for the default trust `code` over the test data, deciding with
+/// `policies`, with fresh privacy state.
+pub fn node_config(code: &str, policies: &Path) -> tally_node::NodeConfig {
+    let trust = default_trusts()
+        .into_iter()
+        .find(|t| t.code == code)
+        .unwrap_or_else(|| panic!("no default trust {code}"));
+    federation::node_config(
         data_dir(),
-        trust,
+        &trust,
         policies,
         &tls(),
         &identity_provider(),
         &fresh_state(),
-    ))
-    .await
-    .unwrap()
+    )
 }
 
 /// The config of a TLS gateway on a loopback port over `endpoints` (code, name, address),
@@ -236,25 +246,39 @@ pub async fn audited_nodes(dir: &Path) -> Vec<(String, tally_node::NodeHandle, P
 pub async fn audited_federation(dir: &Path) -> (LocalFederation, PathBuf, Vec<(String, PathBuf)>) {
     init_logging();
     let nodes = audited_nodes(dir).await;
-    let endpoints: Vec<_> = nodes
-        .iter()
-        .map(|(code, node, _)| (code.clone(), code.clone(), node.listen_addr.unwrap()))
-        .collect();
-    let mut config = gateway_config(&endpoints, &default_policies());
-    let gateway_log = dir.join("gateway.jsonl");
-    config.audit_log = Some(gateway_log.clone());
-    let gateway = tally_gateway::start(&config).await.unwrap();
     let logs = nodes
         .iter()
         .map(|(code, _, log)| (code.clone(), log.clone()))
         .collect();
-    let local = LocalFederation {
-        nodes: nodes.into_iter().map(|(_, node, _)| node).collect(),
+    let gateway_log = dir.join("gateway.jsonl");
+    let nodes = nodes
+        .into_iter()
+        .map(|(code, node, _)| (code, node))
+        .collect();
+    let local = federation_of(nodes, &default_policies(), Some(gateway_log.clone())).await;
+    (local, gateway_log, logs)
+}
+
+/// A TLS gateway deciding with `policies` (auditing to `gateway_log` if given) over
+/// `nodes`, each with its trust's code, which all listen.
+pub async fn federation_of(
+    nodes: Vec<(String, tally_node::NodeHandle)>,
+    policies: &Path,
+    gateway_log: Option<PathBuf>,
+) -> LocalFederation {
+    let endpoints: Vec<_> = nodes
+        .iter()
+        .map(|(code, node)| (code.clone(), code.clone(), node.listen_addr.unwrap()))
+        .collect();
+    let mut config = gateway_config(&endpoints, policies);
+    config.audit_log = gateway_log;
+    let gateway = tally_gateway::start(&config).await.unwrap();
+    LocalFederation {
+        nodes: nodes.into_iter().map(|(_, node)| node).collect(),
         gateway,
         security: tls(),
         identity_provider: identity_provider(),
-    };
-    (local, gateway_log, logs)
+    }
 }
 
 /// Starts three trusts and a gateway over the test data under the open policy.

@@ -50,6 +50,9 @@ pub struct NodeConfig {
     /// refuses queries whose decision requires one.
     #[serde(default)]
     pub opt_out: Option<OptOutConfig>,
+    /// The trust's PostgreSQL database, for tables served from it (`postgres = ...`).
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
     /// The tables this trust serves.
     pub tables: Vec<TableConfig>,
     /// How the trust knows who is asking; required.
@@ -211,6 +214,10 @@ pub struct OptOutConfig {
     /// The served table that maps NHS numbers to person ids.
     #[serde(default = "default_patients_table")]
     pub patients_table: String,
+    /// The column of the patients table the list's `nhs_number` values are matched with
+    /// (OMOP's `person`, say, keeps the NHS number in `person_source_value`).
+    #[serde(default = "default_patient_key")]
+    pub patient_key: String,
     /// Column holding the person id in every person-level table.
     #[serde(default = "default_person_column")]
     pub person_column: String,
@@ -218,6 +225,10 @@ pub struct OptOutConfig {
 
 fn default_patients_table() -> String {
     "patients".into()
+}
+
+fn default_patient_key() -> String {
+    "nhs_number".into()
 }
 
 fn default_person_column() -> String {
@@ -234,17 +245,55 @@ pub struct TrustConfig {
     pub name: String,
 }
 
-/// One table: a Parquet or CSV file, or a folder of them.
+/// One table: a Parquet or CSV file, a folder of them, or a table or view of the trust's
+/// PostgreSQL database.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableConfig {
     /// Table name as analysts write it.
     pub name: String,
     /// File or folder; relative paths are relative to the config file.
-    pub path: PathBuf,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
     /// File format; guessed from the extension when absent (folders default to Parquet).
     #[serde(default)]
     pub format: Option<TableFormat>,
+    /// A table or view (`name` or `schema.name`) of the database in `[postgres]`, instead
+    /// of `path`.
+    #[serde(default)]
+    pub postgres: Option<String>,
+}
+
+/// Where one table's rows are.
+#[derive(Debug, Clone, Copy)]
+pub enum TableLocation<'a> {
+    /// Files of one format.
+    Files {
+        /// The file or folder.
+        path: &'a Path,
+        /// Their format.
+        format: TableFormat,
+    },
+    /// A relation of the trust's PostgreSQL database.
+    Postgres {
+        /// The relation as configured (`name` or `schema.name`).
+        relation: &'a str,
+    },
+}
+
+/// The trust's PostgreSQL database (`[postgres]`). The node connects with a role that may
+/// only read its tables; it pushes each release into the database as one aggregate query.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// libpq connection settings without the password, as `key=value` pairs
+    /// (`host=/var/run/postgresql dbname=hes user=tally_reader`) or a `postgresql://` URL.
+    /// TLS is not supported: connect over a Unix socket or loopback.
+    pub connection: String,
+    /// A file holding the role's password (relative to the config file; trailing newline
+    /// ignored), when the server asks for one.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 /// Supported file formats.
@@ -258,13 +307,32 @@ pub enum TableFormat {
 }
 
 impl TableConfig {
-    /// The table's format, from the config or the file extension.
-    pub fn format(&self) -> TableFormat {
-        self.format
-            .unwrap_or_else(|| match self.path.extension().and_then(|e| e.to_str()) {
-                Some(ext) if ext.eq_ignore_ascii_case("csv") => TableFormat::Csv,
-                _ => TableFormat::Parquet,
-            })
+    /// A table read from `path` (its format guessed from the extension).
+    pub fn files(name: &str, path: PathBuf) -> Self {
+        TableConfig {
+            name: name.to_string(),
+            path: Some(path),
+            format: None,
+            postgres: None,
+        }
+    }
+
+    /// Where the table's rows are; `None` unless exactly one of `path` and `postgres` is
+    /// set (checked by [`NodeConfig::validate`]).
+    pub fn location(&self) -> Option<TableLocation<'_>> {
+        match (&self.path, &self.postgres) {
+            (Some(path), None) => Some(TableLocation::Files {
+                path,
+                format: self.format.unwrap_or_else(|| {
+                    match path.extension().and_then(|e| e.to_str()) {
+                        Some(ext) if ext.eq_ignore_ascii_case("csv") => TableFormat::Csv,
+                        _ => TableFormat::Parquet,
+                    }
+                }),
+            }),
+            (None, Some(relation)) => Some(TableLocation::Postgres { relation }),
+            (Some(_), Some(_)) | (None, None) => None,
+        }
     }
 }
 
@@ -300,9 +368,19 @@ impl NodeConfig {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for table in &mut config.tables {
-            if table.path.is_relative() {
-                table.path = base.join(&table.path);
+            if let Some(path) = &mut table.path
+                && path.is_relative()
+            {
+                *path = base.join(&*path);
             }
+        }
+        if let Some(file) = config
+            .postgres
+            .as_mut()
+            .and_then(|p| p.password_file.as_mut())
+            && file.is_relative()
+        {
+            *file = base.join(&*file);
         }
         if let Some(log) = &mut config.audit_log
             && log.is_relative()
@@ -386,6 +464,18 @@ impl NodeConfig {
                 self.trust.code
             ));
         }
+        if let Some(opt_out) = &self.opt_out {
+            for (field, column) in [
+                ("patient_key", &opt_out.patient_key),
+                ("person_column", &opt_out.person_column),
+            ] {
+                if !is_identifier(column) {
+                    return Err(format!(
+                        "opt_out.{field} '{column}' must be letters, digits or '_'"
+                    ));
+                }
+            }
+        }
         if let Some(opt_out) = &self.opt_out
             && !self.tables.iter().any(|t| t.name == opt_out.patients_table)
         {
@@ -413,6 +503,42 @@ impl NodeConfig {
             if !seen.insert(table.name.to_lowercase()) {
                 return Err(format!("table '{}' is listed twice", table.name));
             }
+            match (&table.path, &table.postgres, &table.format) {
+                (Some(_), None, _) => {}
+                (None, Some(relation), None) => {
+                    if self.postgres.is_none() {
+                        return Err(format!(
+                            "table '{}' names a PostgreSQL relation but there is no [postgres] section",
+                            table.name
+                        ));
+                    }
+                    crate::postgres::quoted_relation(relation).map_err(|e| {
+                        format!("table '{}': postgres = '{relation}': {e}", table.name)
+                    })?;
+                }
+                (None, Some(_), Some(_)) => {
+                    return Err(format!(
+                        "table '{}': format applies to files, not to a PostgreSQL relation",
+                        table.name
+                    ));
+                }
+                (Some(_), Some(_), _) => {
+                    return Err(format!(
+                        "table '{}' sets both path and postgres; give one",
+                        table.name
+                    ));
+                }
+                (None, None, _) => {
+                    return Err(format!(
+                        "table '{}' needs path (files) or postgres (a relation)",
+                        table.name
+                    ));
+                }
+            }
+        }
+        if let Some(postgres) = &self.postgres {
+            crate::postgres::connection_settings(postgres)
+                .map_err(|e| format!("postgres.connection: {e}"))?;
         }
         Ok(())
     }

@@ -49,6 +49,10 @@ pub enum NodeError {
     /// The identity provider's key set could not be loaded.
     #[error("identity: {0}")]
     Identity(String),
+    /// The trust's PostgreSQL database is unreachable or unsuitable (a role that may write,
+    /// a missing relation).
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
     /// The query engine could not be set up.
     #[error("engine set-up failed: {0}")]
     Engine(String),

@@ -7,7 +7,9 @@ pub mod dial_out;
 pub mod error;
 pub mod identity;
 pub mod opt_out;
+pub mod postgres;
 pub mod protect;
+pub mod pushdown;
 pub mod release;
 pub mod service;
 pub mod tables;
@@ -23,8 +25,8 @@ use tally_common::server::{DialedServer, RunningServer, Transport};
 use tally_common::tls::{RefusedConnection, ServerTls};
 
 pub use config::{
-    GatewayLink, IdentityConfig, NodeConfig, NodeLimits, NodeTlsConfig, OptOutConfig, TableConfig,
-    TableFormat, TrustConfig,
+    GatewayLink, IdentityConfig, NodeConfig, NodeLimits, NodeTlsConfig, OptOutConfig,
+    PostgresConfig, TableConfig, TableFormat, TrustConfig,
 };
 pub use error::NodeError;
 pub use service::{Contexts, NodeAuditRecord, NodeService};
@@ -89,7 +91,20 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
     // Start-up work (reading schemas, matching the opt-out list) is not a query: it runs
     // outside the queries' memory limit.
     let setup = tally_common::session::new_context().map_err(engine)?;
-    let tables = tables::open_tables(&setup, &config.tables, &config.trust.code).await?;
+    let database = match &config.postgres {
+        Some(postgres) => Some(Arc::new(postgres::PgDatabase::new(
+            postgres,
+            config.limits.query_timeout(),
+        )?)),
+        None => None,
+    };
+    let tables = tables::open_tables(
+        &setup,
+        &config.tables,
+        &config.trust.code,
+        database.as_ref(),
+    )
+    .await?;
     let policy =
         Arc::new(Policy::load(&config.policies).map_err(|e| NodeError::Policy(e.to_string()))?);
     let tables = match &config.state_dir {

@@ -1,14 +1,18 @@
 //! The National Data Opt-out: the trust's list of opted-out NHS numbers, turned into the
 //! person ids whose rows are hidden when a query's purpose requires it.
 
-use arrow::array::{Array, AsArray};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
-use arrow::datatypes::DataType;
+use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::catalog::TableProvider;
 use datafusion::prelude::SessionContext;
 
 use crate::config::{OptOutConfig, TableFormat};
 use crate::error::NodeError;
-use crate::tables::{Excluded, load_table};
+use crate::postgres::{PgDatabase, quote_identifier};
+use crate::tables::{Excluded, TrustTable, load_table};
 
 const OPT_OUT_TABLE: &str = "__tally_opt_outs";
 
@@ -24,24 +28,21 @@ pub async fn load(ctx: &SessionContext, config: &OptOutConfig) -> Result<Exclude
         reason,
     };
     let list = load_table(ctx, OPT_OUT_TABLE, &config.path, format).await?;
-    ctx.register_table(OPT_OUT_TABLE, list)
-        .map_err(|e| fail(e.to_string()))?;
-    let sql = format!(
-        "SELECT DISTINCT p.{person} FROM {patients} p JOIN {OPT_OUT_TABLE} o ON CAST(p.nhs_number AS VARCHAR) = CAST(o.nhs_number AS VARCHAR)",
-        person = config.person_column,
-        patients = config.patients_table,
-    );
-    let batches = async { ctx.sql(&sql).await?.collect().await }
+    let patients = ctx
+        .table_provider(config.patients_table.as_str())
         .await
-        .map_err(|e| {
-            fail(format!(
-                "the opt-out list could not be matched to patients: {}",
-                e.message()
-            ))
-        });
-    let _ = ctx.deregister_table(OPT_OUT_TABLE);
+        .map_err(|e| fail(e.message().to_string()))?;
+    let batches = match patients
+        .downcast_ref::<TrustTable>()
+        .and_then(TrustTable::postgres)
+    {
+        Some((database, relation)) => in_database(ctx, list, config, database, &relation.quoted)
+            .await
+            .map_err(fail)?,
+        None => in_files(ctx, list, config).await.map_err(fail)?,
+    };
     let mut people = Vec::new();
-    for batch in batches? {
+    for batch in batches {
         let ids = cast(batch.column(0), &DataType::Utf8).map_err(|e| fail(e.to_string()))?;
         let ids = ids.as_string::<i32>();
         people.extend(
@@ -55,4 +56,74 @@ pub async fn load(ctx: &SessionContext, config: &OptOutConfig) -> Result<Exclude
         column: config.person_column.clone(),
         people,
     })
+}
+
+/// The opted-out person ids, matched by DataFusion against a patients table read from files.
+async fn in_files(
+    ctx: &SessionContext,
+    list: Arc<dyn TableProvider>,
+    config: &OptOutConfig,
+) -> Result<Vec<RecordBatch>, String> {
+    ctx.register_table(OPT_OUT_TABLE, list)
+        .map_err(|e| e.to_string())?;
+    let sql = format!(
+        "SELECT DISTINCT p.{person} FROM {patients} p JOIN {OPT_OUT_TABLE} o ON CAST(p.{key} AS VARCHAR) = CAST(o.nhs_number AS VARCHAR)",
+        person = config.person_column,
+        patients = config.patients_table,
+        key = config.patient_key,
+    );
+    let batches = async { ctx.sql(&sql).await?.collect().await }
+        .await
+        .map_err(|e| {
+            format!(
+                "the opt-out list could not be matched to patients: {}",
+                e.message()
+            )
+        });
+    let _ = ctx.deregister_table(OPT_OUT_TABLE);
+    batches
+}
+
+/// The opted-out person ids, matched inside the trust's database (which returns only
+/// theirs, never the patients table).
+async fn in_database(
+    ctx: &SessionContext,
+    list: Arc<dyn TableProvider>,
+    config: &OptOutConfig,
+    database: &PgDatabase,
+    patients: &str,
+) -> Result<Vec<RecordBatch>, String> {
+    let numbers = ctx
+        .read_table(list)
+        .and_then(|frame| frame.select_columns(&["nhs_number"]))
+        .map_err(|e| e.message().to_string())?
+        .collect()
+        .await
+        .map_err(|e| format!("the opt-out list could not be read: {}", e.message()))?;
+    let mut wanted: Vec<String> = Vec::new();
+    for batch in &numbers {
+        let column = cast(batch.column(0), &DataType::Utf8).map_err(|e| e.to_string())?;
+        let column = column.as_string::<i32>();
+        wanted.extend(column.iter().flatten().map(str::to_string));
+    }
+    let sql = format!(
+        "SELECT DISTINCT CAST({person} AS text) FROM {patients} \
+         WHERE CAST({key} AS text) = ANY($1::text[])",
+        person = quote_identifier(&config.person_column),
+        key = quote_identifier(&config.patient_key),
+    );
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "person",
+        DataType::Utf8,
+        true,
+    )]));
+    let mut batches = Vec::new();
+    database
+        .read(&sql, &[&wanted], &schema, "opt-out", |batch| {
+            batches.push(batch);
+            Ok(())
+        })
+        .await
+        .map_err(|e| format!("the opt-out list could not be matched to patients: {e}"))?;
+    Ok(batches)
 }

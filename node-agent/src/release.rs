@@ -87,6 +87,8 @@ pub enum ReleasePlan {
         /// The bounds and the rows' layout.
         bounding: Bounding,
     },
+    /// One query of the trust's PostgreSQL database (see [`crate::pushdown`]).
+    Pushed(crate::pushdown::PushedRelease),
 }
 
 impl ReleasePlan {
@@ -128,6 +130,7 @@ impl ReleasePlan {
                 }
                 Ok(vec![totals.finish()?])
             }
+            ReleasePlan::Pushed(pushed) => pushed.run(ctx).await,
         }
     }
 }
@@ -149,6 +152,10 @@ pub async fn build_plan(
         .privacy_unit
         .as_ref()
         .ok_or_else(|| bad("the fact table has no privacy unit"))?;
+    if let Some(pushed) = crate::pushdown::plan(ctx, governance, release, aggregation, unit).await?
+    {
+        return Ok(pushed);
+    }
     let mut builder = scan(ctx, &release.fact).await?;
     for join in &release.joins {
         let relationship = fact
@@ -315,7 +322,7 @@ const UNIT: &str = "__tally_unit";
 
 /// Whether a patient could fall in more groups than the bounds allow: not when there are
 /// no groups, nor when every key is public and there are no more keys than that.
-fn needs_cut(
+pub(crate) fn needs_cut(
     governance: &Governance,
     release: &ReleaseQuery,
     group_types: &[DataType],
@@ -342,6 +349,34 @@ fn bounded(
     cut: bool,
     key: [u8; 32],
 ) -> Result<ReleasePlan, TallyError> {
+    let (bounding, arguments) = bounding_of(governance, partials, groups.len(), bounds, cut, key)?;
+    let mut columns = vec![unit.alias(UNIT)];
+    columns.extend(groups);
+    columns.extend(
+        arguments
+            .into_iter()
+            .enumerate()
+            .map(|(i, column)| column_ref_expr(&column).alias(format!("__tally_argument_{i}"))),
+    );
+    let rows = builder
+        .project(columns)
+        .and_then(|b| b.sort(vec![col(UNIT).sort(true, true)]))
+        .and_then(|b| b.build())
+        .map_err(engine)?;
+    Ok(ReleasePlan::Bounded { rows, bounding })
+}
+
+/// The bounds [`BoundedTotals`] enforces over a release's rows with `groups` group columns,
+/// and the measured columns its arguments are, in order (sums first, in fixed point; then
+/// columns only counted).
+pub(crate) fn bounding_of(
+    governance: &Governance,
+    partials: &[Partial],
+    groups: usize,
+    bounds: ContributionBounds,
+    cut: bool,
+    key: [u8; 32],
+) -> Result<(Bounding, Vec<ColumnRef>), TallyError> {
     let rows = i128::from(bounds.rows_per_group);
     // Sums first, so a column both counted and summed is read once, in fixed point (a
     // value is missing where the column is NULL or NaN).
@@ -397,26 +432,17 @@ fn bounded(
         measures.push(measure);
     }
     let bounding = Bounding {
-        groups: groups.len(),
+        groups,
         arguments: arguments.iter().map(|(_, fixed)| *fixed).collect(),
         measures,
         rows_per_group: bounds.rows_per_group,
         groups_per_unit: cut.then(|| usize::try_from(bounds.groups_per_unit).unwrap_or(usize::MAX)),
         key,
     };
-    let mut columns = vec![unit.alias(UNIT)];
-    columns.extend(groups);
-    columns.extend(
-        arguments.into_iter().enumerate().map(|(i, (column, _))| {
-            column_ref_expr(&column).alias(format!("__tally_argument_{i}"))
-        }),
-    );
-    let rows = builder
-        .project(columns)
-        .and_then(|b| b.sort(vec![col(UNIT).sort(true, true)]))
-        .and_then(|b| b.build())
-        .map_err(engine)?;
-    Ok(ReleasePlan::Bounded { rows, bounding })
+    Ok((
+        bounding,
+        arguments.into_iter().map(|(column, _)| column).collect(),
+    ))
 }
 
 fn column_expr(table: &str, column: &str) -> Expr {
@@ -464,7 +490,7 @@ fn exact_expr(partial: &Partial) -> Expr {
 }
 
 /// A constant as a value of exactly `target`; refused when it does not fit.
-fn literal_value(
+pub(crate) fn literal_value(
     literal: &Literal,
     target: &DataType,
     on: &Dimension,
@@ -517,7 +543,7 @@ fn literal_value(
 }
 
 /// The type a dimension has at this trust.
-fn dimension_type(
+pub(crate) fn dimension_type(
     dimension: &Dimension,
     schema_of: &dyn Fn(&ColumnRef) -> Option<DataType>,
 ) -> Result<DataType, TallyError> {

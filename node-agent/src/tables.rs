@@ -1,9 +1,11 @@
-//! The trust's local tables: Parquet or CSV files (or folders of them), each served with an
-//! extra `trust_code` column holding the trust's code.
+//! The trust's local tables: Parquet or CSV files (or folders of them), or relations of the
+//! trust's PostgreSQL database, each served with an extra `trust_code` column holding the
+//! trust's code.
 //!
 //! A table's files are checked when the node starts (each must be readable and non-empty)
 //! and again on every scan: a file that has since changed, vanished or appeared fails the
-//! query with a typed error, never silently answering from different data.
+//! query with a typed error, never silently answering from different data. A relation is
+//! checked at start-up: it must exist, and the node's role may read it and change nothing.
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
@@ -28,8 +30,9 @@ use sha2::{Digest, Sha256};
 
 use tally_common::{ErrorCode, TallyError};
 
-use crate::config::{TableConfig, TableFormat};
+use crate::config::{TableConfig, TableFormat, TableLocation};
 use crate::error::NodeError;
+use crate::postgres::{PgDatabase, PgRelation, PgTable};
 
 /// The layout of the copies in patient order; changing it makes the nodes write new ones.
 const CLUSTERED_FORMAT: &str = "tally-clustered-1";
@@ -37,26 +40,66 @@ const CLUSTERED_FORMAT: &str = "tally-clustered-1";
 /// Name of the column every federated table gains.
 pub const TRUST_CODE_COLUMN: &str = "trust_code";
 
-/// Opens every configured table and wraps it with its `trust_code` column.
+/// Opens every configured table (those in PostgreSQL from `database`) and wraps it with
+/// its `trust_code` column.
 pub async fn open_tables(
     ctx: &SessionContext,
     tables: &[TableConfig],
     trust_code: &str,
+    database: Option<&Arc<PgDatabase>>,
 ) -> Result<Vec<(String, Arc<TrustTable>)>, NodeError> {
+    let mut relations = Vec::new();
+    for table in tables {
+        if let Some(TableLocation::Postgres { relation }) = table.location() {
+            relations.push((table.name.clone(), relation.to_string()));
+        }
+    }
+    let mut in_database = match (database, relations.is_empty()) {
+        (Some(database), false) => database.open(&relations).await?,
+        (None, false) => {
+            return Err(NodeError::Postgres(
+                "tables name PostgreSQL relations but there is no [postgres] section".into(),
+            ));
+        }
+        (Some(_) | None, true) => Vec::new(),
+    }
+    .into_iter();
     let mut opened = Vec::new();
     for table in tables {
-        let (raw, files) = load_files(ctx, &table.name, &table.path, table.format()).await?;
+        let (raw, source): (Arc<dyn TableProvider>, TableSource) = match table.location() {
+            Some(TableLocation::Files { path, format }) => {
+                let (raw, files) = load_files(ctx, &table.name, path, format).await?;
+                (raw, TableSource::Files(files))
+            }
+            Some(TableLocation::Postgres { .. }) => {
+                let (_, relation, schema) = in_database.next().ok_or_else(|| NodeError::Table {
+                    table: table.name.clone(),
+                    reason: "its relation was not opened".into(),
+                })?;
+                let database = database
+                    .ok_or_else(|| NodeError::Postgres("no [postgres] section".into()))?
+                    .clone();
+                let raw = Arc::new(PgTable::new(schema));
+                (raw, TableSource::Postgres { database, relation })
+            }
+            None => {
+                return Err(NodeError::Table {
+                    table: table.name.clone(),
+                    reason: "needs path or postgres, not both".into(),
+                });
+            }
+        };
         if raw.schema().field_with_name(TRUST_CODE_COLUMN).is_ok() {
             return Err(NodeError::Table {
                 table: table.name.clone(),
                 reason: format!(
-                    "its files already have a '{TRUST_CODE_COLUMN}' column, which the node adds itself"
+                    "it already has a '{TRUST_CODE_COLUMN}' column, which the node adds itself"
                 ),
             });
         }
         opened.push((
             table.name.clone(),
-            Arc::new(TrustTable::new(raw, trust_code, Arc::new(files))),
+            Arc::new(TrustTable::new(raw, trust_code, Arc::new(source))),
         ));
     }
     Ok(opened)
@@ -81,7 +124,10 @@ pub async fn cluster(
     let mut kept = Vec::new();
     for (name, table) in tables {
         let table = match unit_of(&name) {
-            Some(unit) if table.inner.schema().field_with_name(&unit).is_ok() => {
+            Some(unit)
+                if matches!(*table.source, TableSource::Files(_))
+                    && table.inner.schema().field_with_name(&unit).is_ok() =>
+            {
                 let (table, file) = table.clustered(ctx, &name, &unit, dir).await?;
                 kept.push(file);
                 Arc::new(table)
@@ -290,6 +336,20 @@ fn stamp(path: &Path) -> Result<FileStamp, String> {
     })
 }
 
+/// Where a served table's rows are.
+#[derive(Debug)]
+pub enum TableSource {
+    /// Files, checked before every scan.
+    Files(TableFiles),
+    /// A relation of the trust's PostgreSQL database.
+    Postgres {
+        /// The database.
+        database: Arc<PgDatabase>,
+        /// The relation.
+        relation: PgRelation,
+    },
+}
+
 /// People whose rows a table hides: the National Data Opt-out, as person ids.
 #[derive(Debug)]
 pub struct Excluded {
@@ -307,12 +367,12 @@ pub struct TrustTable {
     schema: SchemaRef,
     trust_code: String,
     excluded: Option<Arc<Excluded>>,
-    files: Arc<TableFiles>,
+    source: Arc<TableSource>,
 }
 
 impl TrustTable {
-    /// Wraps `inner`, read from `files`, appending `trust_code` to its schema.
-    pub fn new(inner: Arc<dyn TableProvider>, trust_code: &str, files: Arc<TableFiles>) -> Self {
+    /// Wraps `inner`, read from `source`, appending `trust_code` to its schema.
+    pub fn new(inner: Arc<dyn TableProvider>, trust_code: &str, source: Arc<TableSource>) -> Self {
         let mut fields: Vec<Arc<Field>> = inner.schema().fields().iter().cloned().collect();
         fields.push(Arc::new(Field::new(
             TRUST_CODE_COLUMN,
@@ -324,7 +384,25 @@ impl TrustTable {
             schema: Arc::new(Schema::new(fields)),
             trust_code: trust_code.to_string(),
             excluded: None,
-            files,
+            source,
+        }
+    }
+
+    /// The trust's code, which fills the `trust_code` column.
+    pub fn trust_code(&self) -> &str {
+        &self.trust_code
+    }
+
+    /// The people whose rows this table hides, if any.
+    pub fn excluded(&self) -> Option<&Excluded> {
+        self.excluded.as_deref()
+    }
+
+    /// The database and relation, when the table is served from PostgreSQL.
+    pub fn postgres(&self) -> Option<(&Arc<PgDatabase>, &PgRelation)> {
+        match &*self.source {
+            TableSource::Postgres { database, relation } => Some((database, relation)),
+            TableSource::Files(_) => None,
         }
     }
 
@@ -340,7 +418,7 @@ impl TrustTable {
             schema: self.schema.clone(),
             trust_code: self.trust_code.clone(),
             excluded: applies.then(|| excluded.clone()),
-            files: self.files.clone(),
+            source: self.source.clone(),
         }
     }
 
@@ -359,6 +437,9 @@ impl TrustTable {
             reason: format!("its copy in patient order: {reason}"),
         };
         let engine = |e: datafusion::error::DataFusionError| fail(e.message().to_string());
+        let TableSource::Files(files) = &*self.source else {
+            return Err(fail("only tables read from files are copied".into()));
+        };
         let order = vec![Expr::Column(Column::from_name(unit)).sort(true, true)];
         let digest = Sha256::digest(format!(
             "{CLUSTERED_FORMAT}\0{}\0{unit}",
@@ -391,7 +472,7 @@ impl TrustTable {
                     .and_then(|()| File::open(&partial)?.sync_all())
                     .map_err(|e| fail(format!("{}: {e}", partial.display())))?;
                 // Files that changed while they were copied would give a torn copy.
-                self.files
+                files
                     .verify()
                     .map_err(|change| fail(format!("the files changed while copied: {change}")))?;
                 std::fs::rename(&partial, &path)
@@ -424,14 +505,20 @@ impl TrustTable {
             schema: self.schema.clone(),
             trust_code: self.trust_code.clone(),
             excluded: self.excluded.clone(),
-            files: self.files.clone(),
+            source: self.source.clone(),
         };
         Ok((table, file))
     }
 
-    /// The fingerprint of the table's files (see [`TableFiles::fingerprint`]).
+    /// What "unchanged data" means for stored answers: the fingerprint of the table's
+    /// files (see [`TableFiles::fingerprint`]), or of its database for this node's run.
     pub fn fingerprint(&self) -> String {
-        self.files.fingerprint()
+        match &*self.source {
+            TableSource::Files(files) => files.fingerprint(),
+            TableSource::Postgres { database, relation } => {
+                format!("{}:{}", database.fingerprint(), relation.label)
+            }
+        }
     }
 
     fn trust_code_index(&self) -> usize {
@@ -508,8 +595,10 @@ impl TableProvider for TrustTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        if let Err(detail) = self.files.verify() {
-            return Err(self.files.unavailable(&detail).into_datafusion());
+        if let TableSource::Files(files) = &*self.source
+            && let Err(detail) = files.verify()
+        {
+            return Err(files.unavailable(&detail).into_datafusion());
         }
         let code_index = self.trust_code_index();
         let wanted: Vec<usize> = match projection {
@@ -591,17 +680,13 @@ mod tests {
     }
 
     fn config(name: &str, path: &Path) -> TableConfig {
-        TableConfig {
-            name: name.into(),
-            path: path.to_path_buf(),
-            format: None,
-        }
+        TableConfig::files(name, path.to_path_buf())
     }
 
     /// The error `open_tables` gives for one table at `path`.
     async fn start_up_error(path: &Path) -> String {
         let ctx = tally_common::session::new_context().expect("context");
-        match open_tables(&ctx, &[config("patients", path)], "RXX").await {
+        match open_tables(&ctx, &[config("patients", path)], "RXX", None).await {
             Ok(_) => panic!("{} was accepted", path.display()),
             Err(err) => {
                 assert!(
@@ -617,7 +702,7 @@ mod tests {
     /// hiding person `p0`.
     async fn serve(path: &Path) -> SessionContext {
         let ctx = tally_common::session::new_context().expect("context");
-        let tables = open_tables(&ctx, &[config("patients", path)], "RXX")
+        let tables = open_tables(&ctx, &[config("patients", path)], "RXX", None)
             .await
             .expect("opens");
         let (name, table) = &tables[0];
@@ -641,7 +726,7 @@ mod tests {
         let ctx = tally_common::session::new_context().expect("context");
         let unit = |_: &str| Some("person_id".to_string());
         let cluster_now = || async {
-            let tables = open_tables(&ctx, &[config("patients", &data)], "RXX")
+            let tables = open_tables(&ctx, &[config("patients", &data)], "RXX", None)
                 .await
                 .expect("opens");
             cluster(&ctx, tables, &unit, &copies)

@@ -14,6 +14,7 @@
 mod catalogue;
 mod episodes;
 mod nhs_number;
+pub mod omop;
 mod population;
 mod random;
 mod tables;

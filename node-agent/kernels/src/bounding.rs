@@ -7,6 +7,10 @@
 //! patient and group ranks lowest, so the choice depends on neither data order nor anything
 //! an analyst controls), caps and clamps what the patient adds to each kept group, and adds
 //! it to the group's totals. One pass over the rows, holding one patient and the groups.
+//!
+//! The rows may also arrive already totalled per patient and group
+//! ([`BoundedTotals::add_totals`], what a trust's database returns): the bounds are the same,
+//! applied to the same per-patient accumulations.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -17,7 +21,9 @@ use arrow::array::Float64Array;
 use arrow::array::{
     Array, ArrayRef, AsArray, Decimal128Array, Int64Array, RecordBatch, StringArray, UInt64Array,
 };
-use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use arrow::datatypes::{
+    DataType, Decimal128Type, Field, Float64Type, Int64Type, Schema, SchemaRef,
+};
 use datafusion::common::{Result as DfResult, exec_err};
 use datafusion::logical_expr::EmitTo;
 use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
@@ -364,11 +370,29 @@ pub struct BoundedTotals {
 }
 
 impl BoundedTotals {
-    /// Totals for rows of `input`'s schema, laid out as `bounding` says.
+    /// Totals for rows of `input`'s schema, laid out as `bounding` says (for [`add`](Self::add)).
     pub fn new(bounding: Bounding, input: &Schema) -> DfResult<Self> {
         if input.fields().len() != 1 + bounding.groups + bounding.arguments.len() {
             return exec_err!("a bounded release's rows have the wrong number of columns");
         }
+        Self::with_input(bounding, input)
+    }
+
+    /// Totals for rows already totalled per patient and group, of `input`'s schema (for
+    /// [`add_totals`](Self::add_totals)).
+    pub fn of_totals(bounding: Bounding, input: &Schema) -> DfResult<Self> {
+        let per_argument: usize = bounding
+            .arguments
+            .iter()
+            .map(|fixed| if fixed.is_some() { 3 } else { 1 })
+            .sum();
+        if input.fields().len() != 2 + bounding.groups + per_argument {
+            return exec_err!("a bounded release's totals have the wrong number of columns");
+        }
+        Self::with_input(bounding, input)
+    }
+
+    fn with_input(bounding: Bounding, input: &Schema) -> DfResult<Self> {
         let keys = if bounding.groups == 0 {
             None
         } else {
@@ -426,12 +450,8 @@ impl BoundedTotals {
     /// Adds a batch of rows; refuses rows that are not in patient order, which would let a
     /// patient count twice.
     pub fn add(&mut self, batch: &RecordBatch) -> DfResult<()> {
-        let rows = batch.num_rows();
         let groups = self.bounding.groups;
-        let arguments = self.bounding.arguments.len();
-        let units = Units::of(batch.column(0))?;
-        self.group_ids(&batch.columns()[1..=groups], rows)?;
-        let mut columns = Vec::with_capacity(arguments);
+        let mut columns = Vec::with_capacity(self.bounding.arguments.len());
         for (a, (column, fixed)) in batch.columns()[1 + groups..]
             .iter()
             .zip(&self.bounding.arguments)
@@ -448,6 +468,112 @@ impl BoundedTotals {
                 None => Argument::Presence(column.logical_nulls()),
             });
         }
+        self.add_with(batch, |row, rows, accumulated| {
+            *rows += 1;
+            for (column, accumulated) in columns.iter().zip(accumulated) {
+                match column {
+                    Argument::Numbers {
+                        values,
+                        fixed,
+                        squares,
+                    } => {
+                        if let Some(value) = Argument::fixed(values, fixed, row) {
+                            accumulated.values += 1;
+                            accumulated.sum = accumulated.sum.saturating_add(value);
+                            if *squares {
+                                accumulated.squares =
+                                    accumulated.squares.saturating_add(value * value);
+                            }
+                        }
+                    }
+                    Argument::Presence(nulls) => {
+                        if nulls.as_ref().is_none_or(|nulls| nulls.is_valid(row)) {
+                            accumulated.values += 1;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Adds a batch of rows already totalled per patient and group, in patient order: the
+    /// patient, the groups, the rows, then per argument the values present and, for an
+    /// argument summed in fixed point, their sum and the sum of their squares (each value
+    /// clamped and rounded exactly as [`add`](Self::add) does). NULL totals count as 0.
+    pub fn add_totals(&mut self, batch: &RecordBatch) -> DfResult<()> {
+        let strict = arrow::compute::CastOptions {
+            safe: false,
+            ..Default::default()
+        };
+        let column = |index: usize, data_type: &DataType| {
+            arrow::compute::cast_with_options(batch.column(index), data_type, &strict)
+        };
+        let decimal = DataType::Decimal128(38, 0);
+        let mut index = 1 + self.bounding.groups;
+        let rows = column(index, &DataType::Int64)?
+            .as_primitive::<Int64Type>()
+            .clone();
+        index += 1;
+        let mut arguments = Vec::with_capacity(self.bounding.arguments.len());
+        for fixed in &self.bounding.arguments {
+            let values = column(index, &DataType::Int64)?
+                .as_primitive::<Int64Type>()
+                .clone();
+            index += 1;
+            let sums = match fixed {
+                Some(_) => {
+                    let sum = column(index, &decimal)?
+                        .as_primitive::<Decimal128Type>()
+                        .clone();
+                    let squares = column(index + 1, &decimal)?
+                        .as_primitive::<Decimal128Type>()
+                        .clone();
+                    index += 2;
+                    Some((sum, squares))
+                }
+                None => None,
+            };
+            arguments.push((values, sums));
+        }
+        let count = |values: &Int64Array, row: usize| {
+            if values.is_valid(row) {
+                u64::try_from(values.value(row)).unwrap_or(0)
+            } else {
+                0
+            }
+        };
+        let total = |values: &Decimal128Array, row: usize| {
+            if values.is_valid(row) {
+                values.value(row)
+            } else {
+                0
+            }
+        };
+        self.add_with(batch, |row, patient_rows, accumulated| {
+            *patient_rows += count(&rows, row);
+            for ((values, sums), accumulated) in arguments.iter().zip(accumulated) {
+                accumulated.values += count(values, row);
+                if let Some((sum, squares)) = sums {
+                    accumulated.sum = accumulated.sum.saturating_add(total(sum, row));
+                    accumulated.squares = accumulated.squares.saturating_add(total(squares, row));
+                }
+            }
+        })
+    }
+
+    /// Walks a batch's rows in patient order, handing each row's entry (the patient's rows
+    /// in its group and per-argument accumulations) to `accumulate`; ends each patient
+    /// when the next begins. Refuses rows out of patient order.
+    fn add_with(
+        &mut self,
+        batch: &RecordBatch,
+        mut accumulate: impl FnMut(usize, &mut u64, &mut [Accumulated]),
+    ) -> DfResult<()> {
+        let rows = batch.num_rows();
+        let groups = self.bounding.groups;
+        let arguments = self.bounding.arguments.len();
+        let units = Units::of(batch.column(0))?;
+        self.group_ids(&batch.columns()[1..=groups], rows)?;
         // The previous row's group and entry: consecutive rows of a patient are often in
         // the same group.
         let mut last: Option<(usize, usize)> = None;
@@ -478,31 +604,12 @@ impl BoundedTotals {
                 Some(_) | None => self.patient.entry(group, arguments),
             };
             last = Some((group, entry));
-            self.patient.rows[entry] += 1;
-            let accumulated = &mut self.patient.accumulated[entry * arguments..][..arguments];
-            for (column, accumulated) in columns.iter().zip(accumulated) {
-                match column {
-                    Argument::Numbers {
-                        values,
-                        fixed,
-                        squares,
-                    } => {
-                        if let Some(value) = Argument::fixed(values, fixed, row) {
-                            accumulated.values += 1;
-                            accumulated.sum = accumulated.sum.saturating_add(value);
-                            if *squares {
-                                accumulated.squares =
-                                    accumulated.squares.saturating_add(value * value);
-                            }
-                        }
-                    }
-                    Argument::Presence(nulls) => {
-                        if nulls.as_ref().is_none_or(|nulls| nulls.is_valid(row)) {
-                            accumulated.values += 1;
-                        }
-                    }
-                }
-            }
+            let patient = &mut self.patient;
+            accumulate(
+                row,
+                &mut patient.rows[entry],
+                &mut patient.accumulated[entry * arguments..][..arguments],
+            );
         }
         Ok(())
     }
