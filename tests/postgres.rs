@@ -858,3 +858,111 @@ async fn a_node_refuses_a_role_that_may_write_a_superuser_a_missing_relation_a_b
         .unwrap();
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omop_releases_over_integer_patient_ids_total_the_same_from_postgresql() {
+    use crate::omop::{QUESTIONS, omop_policies, omop_trusts};
+    use tally_synth::omop::OMOP_TABLES;
+    init_logging();
+    let server = PgServer::start();
+    let admin = server.superuser("postgres").await;
+    admin.batch_execute("CREATE DATABASE omop").await.unwrap();
+    let client = server.superuser("omop").await;
+    let files = omop_trusts().join(TRUST);
+    for table in OMOP_TABLES {
+        let batches = read_parquet(&files.join(format!("{table}.parquet")));
+        load(&client, table, &batches).await;
+    }
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {user} LOGIN PASSWORD '{password}';
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO {user};",
+            user = READER.0,
+            password = READER.1
+        ))
+        .await
+        .unwrap();
+    let database = Arc::new(
+        tally_node::postgres::PgDatabase::new(
+            &server.node_settings(READER.0, READER.1, "omop"),
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap(),
+    );
+    let in_files: Vec<TableConfig> = OMOP_TABLES
+        .iter()
+        .map(|t| TableConfig::files(t, files.join(format!("{t}.parquet"))))
+        .collect();
+    let in_db: Vec<TableConfig> = OMOP_TABLES
+        .iter()
+        .map(|t| TableConfig {
+            name: t.to_string(),
+            path: None,
+            format: None,
+            postgres: Some(t.to_string()),
+        })
+        .collect();
+    let opt_out = OptOutConfig {
+        path: files.join("opt_outs.parquet"),
+        patients_table: "person".into(),
+        patient_key: "person_source_value".into(),
+        person_column: "person_id".into(),
+    };
+    let session = |tables: &[TableConfig],
+                   database: Option<Arc<tally_node::postgres::PgDatabase>>| {
+        let tables = tables.to_vec();
+        let opt_out = opt_out.clone();
+        async move {
+            let setup = tally_common::session::new_context().unwrap();
+            let opened = open_tables(&setup, &tables, TRUST, database.as_ref())
+                .await
+                .unwrap();
+            for (name, table) in &opened {
+                setup.register_table(name.as_str(), table.clone()).unwrap();
+            }
+            let excluded = Arc::new(tally_node::opt_out::load(&setup, &opt_out).await.unwrap());
+            assert!(!excluded.people.is_empty(), "some people opted out");
+            let ctx = tally_common::session::new_context().unwrap();
+            for (name, table) in opened {
+                ctx.register_table(name.as_str(), Arc::new(table.excluding(&excluded)))
+                    .unwrap();
+            }
+            ctx
+        }
+    };
+    let from_files = session(&in_files, None).await;
+    let from_database = session(&in_db, Some(database)).await;
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/tally.rego");
+    let policies = omop_policies(&rules, false);
+    let policy = Policy::load(policies.path()).unwrap();
+    let snapshot = policy.snapshot();
+    let governance = snapshot.governance();
+    let identity = tally_common::admission::RequestIdentity {
+        user: federation::DEMO_USER.into(),
+        groups: vec!["analysts".into()],
+        project: "omop-demo".into(),
+        purpose: "research".into(),
+    };
+    for sql in QUESTIONS {
+        let plan = tally_gateway::parse::plan_read_only(&from_files.state(), sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let explained = tally_gateway::Explanation::of(
+            plan,
+            &snapshot,
+            &identity,
+            &tally_common::admission::BudgetState::unspent(),
+        )
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        for release in &explained.releases {
+            let bounded = Aggregation::Bounded {
+                bounds: ContributionBounds::of(governance, release),
+                key: [9; 32],
+            };
+            let want = node_answer(&from_files, governance, release, &bounded).await;
+            let got = node_answer(&from_database, governance, release, &bounded).await;
+            assert!(!rows(&want).is_empty(), "{sql}");
+            assert_same_rows(sql, rows(&got), rows(&want));
+        }
+    }
+}

@@ -12,7 +12,7 @@ use datafusion::prelude::SessionContext;
 use crate::config::{OptOutConfig, TableFormat};
 use crate::error::NodeError;
 use crate::postgres::{PgDatabase, quote_identifier};
-use crate::tables::{Excluded, TrustTable, load_table};
+use crate::tables::{DatabaseOptOut, Excluded, TrustTable, load_table};
 
 const OPT_OUT_TABLE: &str = "__tally_opt_outs";
 
@@ -32,14 +32,23 @@ pub async fn load(ctx: &SessionContext, config: &OptOutConfig) -> Result<Exclude
         .table_provider(config.patients_table.as_str())
         .await
         .map_err(|e| fail(e.message().to_string()))?;
-    let batches = match patients
+    let (batches, in_database) = match patients
         .downcast_ref::<TrustTable>()
         .and_then(TrustTable::postgres)
     {
-        Some((database, relation)) => in_database(ctx, list, config, database, &relation.quoted)
-            .await
-            .map_err(fail)?,
-        None => in_files(ctx, list, config).await.map_err(fail)?,
+        Some((database, relation)) => {
+            let numbers = numbers(ctx, list).await.map_err(fail)?;
+            let batches = matched_in_database(config, database, &relation.quoted, &numbers)
+                .await
+                .map_err(fail)?;
+            let matched = DatabaseOptOut {
+                patients: relation.quoted.clone(),
+                key: quote_identifier(&config.patient_key),
+                numbers,
+            };
+            (batches, Some(matched))
+        }
+        None => (in_files(ctx, list, config).await.map_err(fail)?, None),
     };
     let mut people = Vec::new();
     for batch in batches {
@@ -55,6 +64,7 @@ pub async fn load(ctx: &SessionContext, config: &OptOutConfig) -> Result<Exclude
     Ok(Excluded {
         column: config.person_column.clone(),
         people,
+        in_database,
     })
 }
 
@@ -84,28 +94,35 @@ async fn in_files(
     batches
 }
 
-/// The opted-out person ids, matched inside the trust's database (which returns only
-/// theirs, never the patients table).
-async fn in_database(
+/// The opt-out list's values (NHS numbers), as text.
+async fn numbers(
     ctx: &SessionContext,
     list: Arc<dyn TableProvider>,
-    config: &OptOutConfig,
-    database: &PgDatabase,
-    patients: &str,
-) -> Result<Vec<RecordBatch>, String> {
-    let numbers = ctx
+) -> Result<Vec<String>, String> {
+    let batches = ctx
         .read_table(list)
         .and_then(|frame| frame.select_columns(&["nhs_number"]))
         .map_err(|e| e.message().to_string())?
         .collect()
         .await
         .map_err(|e| format!("the opt-out list could not be read: {}", e.message()))?;
-    let mut wanted: Vec<String> = Vec::new();
-    for batch in &numbers {
+    let mut numbers: Vec<String> = Vec::new();
+    for batch in &batches {
         let column = cast(batch.column(0), &DataType::Utf8).map_err(|e| e.to_string())?;
         let column = column.as_string::<i32>();
-        wanted.extend(column.iter().flatten().map(str::to_string));
+        numbers.extend(column.iter().flatten().map(str::to_string));
     }
+    Ok(numbers)
+}
+
+/// The opted-out person ids, matched inside the trust's database (which returns only
+/// theirs, never the patients table).
+async fn matched_in_database(
+    config: &OptOutConfig,
+    database: &PgDatabase,
+    patients: &str,
+    numbers: &Vec<String>,
+) -> Result<Vec<RecordBatch>, String> {
     let sql = format!(
         "SELECT DISTINCT CAST({person} AS text) FROM {patients} \
          WHERE CAST({key} AS text) = ANY($1::text[])",
@@ -119,7 +136,7 @@ async fn in_database(
     )]));
     let mut batches = Vec::new();
     database
-        .read(&sql, &[&wanted], &schema, "opt-out", |batch| {
+        .read(&sql, &[numbers], &schema, "opt-out", |batch| {
             batches.push(batch);
             Ok(())
         })

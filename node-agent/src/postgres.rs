@@ -3,9 +3,9 @@
 //! or a release's rows in patient order) read back as Arrow batches.
 //!
 //! Every value crosses as text (`CAST(... AS text)` in the query) and is parsed into the
-//! column's Arrow type by arrow's own casts, strictly: a value that does not parse fails the
-//! query rather than becoming NULL. PostgreSQL prints floats in their shortest exact form,
-//! `numeric` exactly and dates as ISO, so nothing is rounded on the way.
+//! column's Arrow type by arrow's own casts. PostgreSQL prints floats in their shortest
+//! exact form, `numeric` exactly and dates as ISO, so nothing is rounded on the way; a value
+//! Arrow cannot hold becomes NULL (see `TextColumns::finish`).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -72,6 +72,24 @@ pub fn connection_settings(config: &PostgresConfig) -> Result<tokio_postgres::Co
     if settings.get_user().is_none() {
         return Err("names no user (the node's read-only role)".into());
     }
+    // No TLS to the database: patient ids and the opt-out list must not cross a network.
+    for host in settings.get_hosts() {
+        match host {
+            tokio_postgres::config::Host::Unix(_) => {}
+            tokio_postgres::config::Host::Tcp(name) => {
+                let loopback = name == "localhost"
+                    || name
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                if !loopback {
+                    return Err(format!(
+                        "host '{name}' is not this machine: connect over a Unix socket or \
+                         loopback (the node does not speak TLS to the database)"
+                    ));
+                }
+            }
+        }
+    }
     Ok(settings)
 }
 
@@ -94,7 +112,11 @@ fn failure(err: &tokio_postgres::Error, query_id: &str) -> TallyError {
 
 /// The trust's database: how to connect, and the query time limit every session gets.
 pub struct PgDatabase {
+    /// For the node's queries: only `pg_catalog` on the search path, so no function or
+    /// operator anyone else created can stand in for a built-in one.
     settings: tokio_postgres::Config,
+    /// For start-up: the role's own search path, to find the configured relations.
+    startup: tokio_postgres::Config,
     /// `user@host/dbname`, for logs and start-up errors.
     label: String,
     /// When the node connected first: stored answers are kept for the node's lifetime.
@@ -137,24 +159,35 @@ impl PgDatabase {
         // Every session: read only, stopped at the node's time limit, and printing values
         // the way the decoding below expects.
         let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
+        let options = format!(
+            "-c default_transaction_read_only=on -c statement_timeout={millis} \
+             -c standard_conforming_strings=on -c DateStyle=ISO,YMD -c TimeZone=UTC \
+             -c extra_float_digits=1 -c client_encoding=UTF8"
+        );
         settings
-            .options(format!(
-                "-c default_transaction_read_only=on -c statement_timeout={millis} \
-                 -c standard_conforming_strings=on -c DateStyle=ISO,YMD -c TimeZone=UTC \
-                 -c extra_float_digits=1 -c client_encoding=UTF8"
-            ))
             .application_name("tally-node")
             .connect_timeout(CONNECT_TIMEOUT);
+        let mut startup = settings.clone();
+        startup.options(options.as_str());
+        settings.options(format!("{options} -c search_path=pg_catalog"));
         Ok(PgDatabase {
             settings,
+            startup,
             label,
             opened: SystemTime::now(),
         })
     }
 
-    /// A new session (its connection runs on its own task until the client is dropped).
+    /// A new session for the node's queries (its connection runs on its own task until the
+    /// client is dropped).
     pub async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
-        let (client, connection) = self.settings.connect(NoTls).await?;
+        Self::connect_with(&self.settings).await
+    }
+
+    async fn connect_with(
+        settings: &tokio_postgres::Config,
+    ) -> Result<Client, tokio_postgres::Error> {
+        let (client, connection) = settings.connect(NoTls).await?;
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 tracing::warn!(error = %err, "a PostgreSQL connection ended with an error");
@@ -165,30 +198,33 @@ impl PgDatabase {
 
     /// A session for start-up work, with errors that name the database.
     async fn connect_for(&self, what: &str) -> Result<Client, NodeError> {
-        self.connect().await.map_err(|e| {
+        Self::connect_with(&self.startup).await.map_err(|e| {
             NodeError::Postgres(format!("{}: cannot connect to {what}: {e}", self.label))
         })
     }
 
     /// Checks that the node's role may read each of `relations` (name, configured relation)
-    /// and write none of them, and is no superuser; returns each relation's Arrow schema.
+    /// and change none of them (no table or column privilege beyond reading), and is no
+    /// superuser and does not bypass row-level security; returns each relation's
+    /// schema-qualified name and Arrow schema.
     pub async fn open(
         &self,
         relations: &[(String, String)],
     ) -> Result<Vec<(String, PgRelation, SchemaRef)>, NodeError> {
         let client = self.connect_for("open the tables").await?;
         let fail = |reason: String| NodeError::Postgres(format!("{}: {reason}", self.label));
-        let superuser: bool = client
+        let privileged: bool = client
             .query_one(
-                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+                "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user",
                 &[],
             )
             .await
             .and_then(|row| row.try_get(0))
             .map_err(|e| fail(e.to_string()))?;
-        if superuser {
+        if privileged {
             return Err(fail(
-                "the node's role is a superuser; give it a role that can only read the trust's tables"
+                "the node's role is a superuser or bypasses row-level security; give it a role \
+                 that can only read the trust's tables"
                     .into(),
             ));
         }
@@ -201,10 +237,16 @@ impl PgDatabase {
             };
             let row = client
                 .query_one(
-                    "SELECT to_regclass($1)::oid::bigint, \
-                            has_table_privilege(current_user, to_regclass($1), 'SELECT'), \
-                            has_table_privilege(current_user, to_regclass($1), \
-                                'INSERT, UPDATE, DELETE, TRUNCATE')",
+                    "SELECT r::oid::bigint, \
+                            has_table_privilege(current_user, r, 'SELECT'), \
+                            has_table_privilege(current_user, r, \
+                                'INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER') \
+                            OR has_any_column_privilege(current_user, r, \
+                                'INSERT, UPDATE, REFERENCES'), \
+                            (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) \
+                             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                             WHERE c.oid = r) \
+                     FROM (SELECT to_regclass($1) AS r) AS relation",
                     &[&quoted],
                 )
                 .await
@@ -217,6 +259,8 @@ impl PgDatabase {
                 row.try_get(1).map_err(|e| table_fail(e.to_string()))?,
                 row.try_get(2).map_err(|e| table_fail(e.to_string()))?,
             );
+            // The schema-qualified name: queries run with only pg_catalog on the path.
+            let qualified: String = row.try_get(3).map_err(|e| table_fail(e.to_string()))?;
             if !reads {
                 return Err(table_fail("the node's role may not read it".into()));
             }
@@ -256,7 +300,7 @@ impl PgDatabase {
             opened.push((
                 name.clone(),
                 PgRelation {
-                    quoted,
+                    quoted: qualified,
                     label: format!("{}:{relation}", self.label),
                 },
                 Arc::new(Schema::new(fields)),
@@ -347,12 +391,15 @@ impl TextColumns {
         }
     }
 
-    /// The rows so far as a batch of `schema`, every value parsed strictly; empties the
-    /// builders.
+    /// The rows so far as a batch of `schema`; empties the builders. A value that does not
+    /// parse as its column's type (a date PostgreSQL holds and Arrow cannot, such as
+    /// `infinity` or a five-digit year) becomes NULL, as the node's generalisers make such
+    /// values NULL: an error here would tell the analyst that some selected row holds one.
+    /// How many did is logged.
     fn finish(&mut self, schema: &SchemaRef) -> Result<RecordBatch, TallyError> {
         self.rows = 0;
-        let strict = CastOptions {
-            safe: false,
+        let lenient = CastOptions {
+            safe: true,
             ..Default::default()
         };
         let undecodable = |column: &str| {
@@ -371,8 +418,17 @@ impl TextColumns {
             .zip(schema.fields())
             .map(|(builder, field)| {
                 let text: ArrayRef = Arc::new(builder.finish());
-                cast_with_options(&text, field.data_type(), &strict)
-                    .map_err(|_| undecodable(field.name()))
+                let parsed = cast_with_options(&text, field.data_type(), &lenient)
+                    .map_err(|_| undecodable(field.name()))?;
+                let lost = parsed.null_count() - text.null_count();
+                if lost > 0 {
+                    tracing::warn!(
+                        column = %field.name(),
+                        values = lost,
+                        "values from the trust's database that Arrow cannot hold were read as NULL"
+                    );
+                }
+                Ok(parsed)
             })
             .collect::<Result<Vec<_>, TallyError>>()?;
         RecordBatch::try_new(schema.clone(), columns).map_err(|_| undecodable("(the row)"))
@@ -518,5 +574,16 @@ mod tests {
         assert!(!err.contains("secret"), "{err}");
         let err = connection_settings(&config("host=/tmp dbname=hes")).expect_err("no user");
         assert!(err.contains("user"), "{err}");
+        for remote in ["host=db.trust.nhs.uk user=r", "host=10.0.0.5 user=r"] {
+            let err = connection_settings(&config(remote)).expect_err(remote);
+            assert!(err.contains("not this machine"), "{err}");
+        }
+        for local in [
+            "host=127.0.0.1 user=r",
+            "host=localhost user=r",
+            "host=::1 user=r",
+        ] {
+            assert!(connection_settings(&config(local)).is_ok(), "{local}");
+        }
     }
 }

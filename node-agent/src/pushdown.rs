@@ -147,10 +147,18 @@ impl Tables {
 
     /// A dimension as SQL, text compared byte by byte as DataFusion compares it.
     fn dimension_sql(&self, dimension: &Dimension) -> Result<String, TallyError> {
+        // A generalised column must be served too (the generaliser's output type alone
+        // would not show it is missing).
+        let bare_type = self.column_type(&dimension.column).ok_or_else(|| {
+            TallyError::new(
+                ErrorCode::UnknownColumn,
+                format!("this trust has no column {}", dimension.to_sql()),
+            )
+        })?;
         let bare = self.column_sql(&dimension.column);
         let sql = match dimension.generaliser {
             None => bare,
-            Some(generaliser) => generalised(generaliser, &bare),
+            Some(generaliser) => generalised(generaliser, &bare, &bare_type),
         };
         let data_type = dimension_type(dimension, &|c| self.column_type(c))?;
         Ok(if data_type.is_string() {
@@ -249,25 +257,34 @@ impl Tables {
     }
 }
 
-/// `generaliser` applied to the SQL expression `bare`, with the meaning of its DataFusion
-/// function (see [`tally_common::generalise`]): the argument cast to the function's input
-/// type, NULL for NULL.
-fn generalised(generaliser: Generaliser, bare: &str) -> String {
+/// `generaliser` applied to the SQL expression `bare` (of type `bare_type` at this trust),
+/// with the meaning of its DataFusion function (see [`tally_common::generalise`]): the
+/// argument cast to the function's input type as Arrow casts it, NULL for NULL.
+fn generalised(generaliser: Generaliser, bare: &str, bare_type: &DataType) -> String {
     let unknown = quote_text(UNKNOWN);
     match generaliser {
         Generaliser::AgeBand => {
-            let age = format!("CAST({bare} AS bigint)");
+            // Arrow truncates a fractional age, where PostgreSQL's cast would round it; a
+            // value no bigint holds (NaN, huge) is NULL rather than an error.
+            let age = if bare_type.is_integer() {
+                format!("CAST({bare} AS bigint)")
+            } else {
+                format!(
+                    "(CASE WHEN CAST({bare} AS double precision) \
+                     BETWEEN -9.2e18 AND 9.2e18 THEN CAST(trunc({bare}) AS bigint) END)"
+                )
+            };
             format!(
                 "(CASE WHEN {age} < 0 THEN {unknown} WHEN {age} >= 90 THEN '90+' \
                  ELSE CAST({age} / 5 * 5 AS text) || '-' || CAST({age} / 5 * 5 + 4 AS text) END)"
             )
         }
         Generaliser::Month => {
-            let date = format!("CAST({bare} AS date)");
+            let date = finite_date(bare);
             format!("({date} - CAST(EXTRACT(DAY FROM {date}) AS integer) + 1)")
         }
         Generaliser::Year => {
-            format!("CAST(EXTRACT(YEAR FROM CAST({bare} AS date)) AS integer)")
+            format!("CAST(EXTRACT(YEAR FROM {}) AS integer)", finite_date(bare))
         }
         Generaliser::PostcodeDistrict => {
             // The text trimmed; its part before the first space or, without one, all but
@@ -282,10 +299,16 @@ fn generalised(generaliser: Generaliser, bare: &str) -> String {
             format!(
                 "(CASE WHEN {bare} IS NULL THEN NULL \
                  WHEN {outward} ~ '^[A-Za-z][A-Za-z0-9]{{1,3}}$' AND {outward} ~ '[0-9]' \
-                 THEN upper({outward}) ELSE {unknown} END)"
+                 THEN upper({outward} COLLATE \"C\") ELSE {unknown} END)"
             )
         }
     }
+}
+
+/// `bare` as a date, NULL where PostgreSQL holds one no Arrow date can (`infinity`), so that
+/// functions of it cannot fail on a row's value.
+fn finite_date(bare: &str) -> String {
+    format!("(CASE WHEN isfinite(CAST({bare} AS date)) THEN CAST({bare} AS date) END)")
 }
 
 /// A finite float as a `double precision` literal (Rust prints its shortest exact form).
@@ -417,14 +440,32 @@ pub async fn plan(
     if let Some(filter) = &release.filter {
         conditions.push(tables.predicate_sql(filter)?);
     }
-    // The opt-out hides a person's rows in every table that has their column (NULL ids
-    // included, as `NOT IN` does for files).
+    // The opt-out hides a person's rows in every table that has their column (rows with no
+    // person too, as `NOT IN` does for files). A patients table in the database is matched
+    // with the list again now: its rows may have changed since the node started.
     let mut opted_out = None;
     for (name, _) in &tables.by_name {
         if let Some(excluded) = tables.table(name)?.excluded() {
             let column = tables.column_sql(&column_ref(name, &excluded.column));
-            conditions.push(format!("(CAST({column} AS text) <> ALL($1::text[]))"));
-            opted_out = Some(excluded.people.clone());
+            match &excluded.in_database {
+                Some(list) => {
+                    conditions.push(format!(
+                        "({column} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {patients} AS opted_out \
+                         WHERE opted_out.{person} = {column} \
+                         AND CAST(opted_out.{key} AS text) = ANY($1::text[])))",
+                        patients = list.patients,
+                        person = quote_identifier(&excluded.column),
+                        key = list.key,
+                    ));
+                    opted_out = Some(list.numbers.clone());
+                }
+                None => {
+                    conditions.push(format!(
+                        "({column} IS NOT NULL AND CAST({column} AS text) <> ALL($1::text[]))"
+                    ));
+                    opted_out = Some(excluded.people.clone());
+                }
+            }
         }
     }
     let filter = if conditions.is_empty() {
@@ -468,7 +509,16 @@ pub async fn plan(
             // Inside: each row's patient, groups and arguments (a summed argument clamped
             // and scaled to its fixed point, NaN as missing). Outside: their totals per
             // patient and group, each value rounded as the node rounds it.
-            let mut inner = vec![format!("{} AS u", tables.column_sql(&unit_column))];
+            // A text patient id compared byte by byte, as the kernel compares it: one
+            // patient's rows are one group, whatever the column's collation. (The ORDER BY
+            // names the inner column: a bare `u` would be the output's text.)
+            let unit_sql = tables.column_sql(&unit_column);
+            let unit_sql = if unit_type.is_string() {
+                format!("({unit_sql} COLLATE \"C\")")
+            } else {
+                unit_sql
+            };
+            let mut inner = vec![format!("{unit_sql} AS u")];
             inner.extend(
                 groups
                     .iter()
@@ -521,16 +571,11 @@ pub async fn plan(
                     None => inner.push(format!("{value} AS a{i}")),
                 }
             }
-            let order = if unit_type.is_string() {
-                "u COLLATE \"C\""
-            } else {
-                "u"
-            };
             let mut keys = vec!["u".to_string()];
             keys.extend(group_names);
             let sql = format!(
                 "SELECT {} FROM (SELECT {} FROM {from}{filter}) AS release_rows \
-                 GROUP BY {} ORDER BY {order} NULLS FIRST",
+                 GROUP BY {} ORDER BY release_rows.u NULLS FIRST",
                 outer.join(", "),
                 inner.join(", "),
                 keys.join(", ")

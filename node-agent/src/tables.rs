@@ -355,8 +355,23 @@ pub enum TableSource {
 pub struct Excluded {
     /// Column holding the person id.
     pub column: String,
-    /// Person ids to hide.
+    /// Person ids to hide (as matched when the node started).
     pub people: Vec<String>,
+    /// When the patients table is in the trust's database: the list itself, matched again
+    /// by every release pushed there, since the database's rows may change while the node
+    /// runs (files cannot: a changed file stops its table until the node restarts).
+    pub in_database: Option<DatabaseOptOut>,
+}
+
+/// The opt-out list as a release pushed into the database matches it.
+#[derive(Debug)]
+pub struct DatabaseOptOut {
+    /// The patients relation, schema-qualified and quoted.
+    pub patients: String,
+    /// Its column the list's values are matched with, quoted.
+    pub key: String,
+    /// The list's values (NHS numbers).
+    pub numbers: Vec<String>,
 }
 
 /// A table with a constant `trust_code` column appended, optionally hiding opted-out people.
@@ -711,6 +726,7 @@ mod tests {
         let excluded = Arc::new(Excluded {
             column: "person_id".into(),
             people: vec!["p0".into()],
+            in_database: None,
         });
         ctx.register_table("opted_out", Arc::new(table.excluding(&excluded)))
             .expect("registers");
@@ -751,6 +767,7 @@ mod tests {
         let excluded = Arc::new(Excluded {
             column: "person_id".into(),
             people: vec!["p7".into()],
+            in_database: None,
         });
         served
             .register_table("opted_out", Arc::new(tables[0].1.excluding(&excluded)))
