@@ -329,9 +329,30 @@ async fn trust_database(server: &PgServer, db: &str) {
         load(&client, table, &batches).await;
     }
     client
+        .batch_execute("CREATE EXTENSION pg_stat_statements")
+        .await
+        .unwrap();
+    grant_reader(&client).await;
+}
+
+/// `tables` as entries read from the relations of the same names in the node's database.
+fn relations(tables: &[&str]) -> Vec<TableConfig> {
+    tables
+        .iter()
+        .map(|name| TableConfig {
+            name: name.to_string(),
+            path: None,
+            format: None,
+            postgres: Some(name.to_string()),
+        })
+        .collect()
+}
+
+/// Creates [`READER`], allowed to read every table of the database of `client`.
+async fn grant_reader(client: &tokio_postgres::Client) {
+    client
         .batch_execute(&format!(
-            "CREATE EXTENSION pg_stat_statements;
-             DO $$ BEGIN
+            "DO $$ BEGIN
                IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{user}') THEN
                  CREATE ROLE {user} LOGIN PASSWORD '{password}';
                END IF;
@@ -344,19 +365,71 @@ async fn trust_database(server: &PgServer, db: &str) {
         .unwrap();
 }
 
+/// The node's view of database `db` of `server`, read as [`READER`].
+fn reader_database(server: &PgServer, db: &str) -> Arc<tally_node::postgres::PgDatabase> {
+    Arc::new(
+        tally_node::postgres::PgDatabase::new(
+            &server.node_settings(READER.0, READER.1, db),
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap(),
+    )
+}
+
+/// The releases `sql` lowers to over `ctx`'s tables, as the gateway lowers them for the demo
+/// analyst in `project` for `purpose` under `snapshot`.
+async fn releases_of(
+    ctx: &SessionContext,
+    snapshot: &tally_common::policy::PolicySnapshot,
+    project: &str,
+    purpose: &str,
+    sql: &str,
+) -> Vec<ReleaseQuery> {
+    let identity = tally_common::admission::RequestIdentity {
+        user: federation::DEMO_USER.into(),
+        groups: vec!["analysts".into()],
+        project: project.into(),
+        purpose: purpose.into(),
+    };
+    let plan = tally_gateway::parse::plan_read_only(&ctx.state(), sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    tally_gateway::Explanation::of(
+        plan,
+        snapshot,
+        &identity,
+        &tally_common::admission::BudgetState::unspent(),
+    )
+    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    .releases
+}
+
+/// Asserts that `release` gives the same bounded (pre-noise) totals, bounding key `key`,
+/// over `from_database` as over `from_files`; returns how many groups they have.
+async fn assert_same_bounded(
+    from_files: &SessionContext,
+    from_database: &SessionContext,
+    governance: &Governance,
+    release: &ReleaseQuery,
+    key: u8,
+) -> usize {
+    let sql = release.render_sql(governance);
+    let bounded = Aggregation::Bounded {
+        bounds: ContributionBounds::of(governance, release),
+        key: [key; 32],
+    };
+    let want = node_answer(from_files, governance, release, &bounded).await;
+    let got = node_answer(from_database, governance, release, &bounded).await;
+    let groups = rows(&want).len();
+    assert_same_rows(&sql, rows(&got), rows(&want));
+    groups
+}
+
 /// Trust [`TRUST`]'s node config (over `policies`), its tables read from database `db`.
 fn node_in_database(server: &PgServer, db: &str, policies: &Path) -> NodeConfig {
     let mut config = node_config(TRUST, policies);
     config.postgres = Some(server.node_settings(READER.0, READER.1, db));
-    config.tables = TABLES
-        .iter()
-        .map(|name| TableConfig {
-            name: name.to_string(),
-            path: None,
-            format: None,
-            postgres: Some(name.to_string()),
-        })
-        .collect();
+    config.tables = relations(&TABLES);
     config
 }
 
@@ -462,18 +535,13 @@ async fn a_trust_in_postgresql_answers_as_its_parquet_files_with_aggregates_only
 /// files when `None`), with the trust's opt-out list applied.
 async fn node_session(database: Option<PostgresConfig>) -> SessionContext {
     let files = data_dir().join(TRUST);
-    let tables: Vec<TableConfig> = TABLES
-        .iter()
-        .map(|name| match database {
-            Some(_) => TableConfig {
-                name: name.to_string(),
-                path: None,
-                format: None,
-                postgres: Some(name.to_string()),
-            },
-            None => TableConfig::files(name, files.join(format!("{name}.parquet"))),
-        })
-        .collect();
+    let tables: Vec<TableConfig> = match database {
+        Some(_) => relations(&TABLES),
+        None => TABLES
+            .iter()
+            .map(|name| TableConfig::files(name, files.join(format!("{name}.parquet"))))
+            .collect(),
+    };
     let database = database.map(|config| {
         Arc::new(
             tally_node::postgres::PgDatabase::new(&config, std::time::Duration::from_secs(60))
@@ -548,13 +616,7 @@ async fn every_release_totals_the_same_from_postgresql_as_from_files_opt_out_app
         let want = node_answer(&files, governance, release, &exact).await;
         let got = node_answer(&database, governance, release, &exact).await;
         assert_same_answer(&sql, &got, &want, false);
-        let bounded = Aggregation::Bounded {
-            bounds: ContributionBounds::of(governance, release),
-            key: [7; 32],
-        };
-        let want = node_answer(&files, governance, release, &bounded).await;
-        let got = node_answer(&database, governance, release, &bounded).await;
-        assert_same_rows(&sql, rows(&got), rows(&want));
+        assert_same_bounded(&files, &database, governance, release, 7).await;
         compared += 1;
     }
     eprintln!("postgres: {compared} releases total the same, exact and bounded");
@@ -694,15 +756,7 @@ async fn edge_values_answer_the_same_from_postgresql_and_from_files() {
     let (episodes, patients) = edge_rows();
     load(&client, "episodes", std::slice::from_ref(&episodes)).await;
     load(&client, "patients", std::slice::from_ref(&patients)).await;
-    client
-        .batch_execute(&format!(
-            "CREATE ROLE {user} LOGIN PASSWORD '{password}';
-             GRANT SELECT ON ALL TABLES IN SCHEMA public TO {user};",
-            user = READER.0,
-            password = READER.1
-        ))
-        .await
-        .unwrap();
+    grant_reader(&client).await;
     let dir = tempfile::tempdir().unwrap();
     let mut file_tables = Vec::new();
     for (name, batch) in [("episodes", &episodes), ("patients", &patients)] {
@@ -717,22 +771,8 @@ async fn edge_values_answer_the_same_from_postgresql_and_from_files() {
         writer.close().unwrap();
         file_tables.push(TableConfig::files(name, path));
     }
-    let in_database: Vec<TableConfig> = ["episodes", "patients"]
-        .iter()
-        .map(|name| TableConfig {
-            name: name.to_string(),
-            path: None,
-            format: None,
-            postgres: Some(name.to_string()),
-        })
-        .collect();
-    let database = Arc::new(
-        tally_node::postgres::PgDatabase::new(
-            &server.node_settings(READER.0, READER.1, "edges"),
-            std::time::Duration::from_secs(60),
-        )
-        .unwrap(),
-    );
+    let in_database = relations(&["episodes", "patients"]);
+    let database = reader_database(&server, "edges");
     let session = |tables: Vec<(String, Arc<tally_node::tables::TrustTable>)>| {
         let ctx = tally_common::session::new_context().unwrap();
         for (name, table) in tables {
@@ -754,12 +794,6 @@ async fn edge_values_answer_the_same_from_postgresql_and_from_files() {
     let policy = Policy::load(&default_policies()).unwrap();
     let snapshot = policy.snapshot();
     let governance = snapshot.governance();
-    let identity = tally_common::admission::RequestIdentity {
-        user: federation::DEMO_USER.into(),
-        groups: vec!["analysts".into()],
-        project: federation::DEMO_PROJECT.into(),
-        purpose: "planning".into(),
-    };
     let statements = [
         "SELECT specialty, COUNT(*), SUM(cost), AVG(cost) FROM episodes GROUP BY specialty",
         "SELECT COUNT(*) FROM episodes WHERE specialty > 'Z'",
@@ -777,29 +811,15 @@ async fn edge_values_answer_the_same_from_postgresql_and_from_files() {
         "SELECT specialty, SUM(cost), STDDEV(cost), COUNT(*) FROM episodes GROUP BY 1",
     ];
     for sql in statements {
-        let plan = tally_gateway::parse::plan_read_only(&files.state(), sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let explained = tally_gateway::Explanation::of(
-            plan,
-            &snapshot,
-            &identity,
-            &tally_common::admission::BudgetState::unspent(),
-        )
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        for release in &explained.releases {
+        let releases =
+            releases_of(&files, &snapshot, federation::DEMO_PROJECT, "planning", sql).await;
+        for release in &releases {
             let exact = Aggregation::Exact;
             let want = node_answer(&files, governance, release, &exact).await;
             let got = node_answer(&in_db, governance, release, &exact).await;
             assert!(!rows(&want).is_empty(), "{sql}");
             assert_same_answer(sql, &got, &want, false);
-            let bounded = Aggregation::Bounded {
-                bounds: ContributionBounds::of(governance, release),
-                key: [3; 32],
-            };
-            let want = node_answer(&files, governance, release, &bounded).await;
-            let got = node_answer(&in_db, governance, release, &bounded).await;
-            assert_same_rows(sql, rows(&got), rows(&want));
+            assert_same_bounded(&files, &in_db, governance, release, 3).await;
         }
     }
 }
@@ -873,35 +893,13 @@ async fn omop_releases_over_integer_patient_ids_total_the_same_from_postgresql()
         let batches = read_parquet(&files.join(format!("{table}.parquet")));
         load(&client, table, &batches).await;
     }
-    client
-        .batch_execute(&format!(
-            "CREATE ROLE {user} LOGIN PASSWORD '{password}';
-             GRANT SELECT ON ALL TABLES IN SCHEMA public TO {user};",
-            user = READER.0,
-            password = READER.1
-        ))
-        .await
-        .unwrap();
-    let database = Arc::new(
-        tally_node::postgres::PgDatabase::new(
-            &server.node_settings(READER.0, READER.1, "omop"),
-            std::time::Duration::from_secs(60),
-        )
-        .unwrap(),
-    );
+    grant_reader(&client).await;
+    let database = reader_database(&server, "omop");
     let in_files: Vec<TableConfig> = OMOP_TABLES
         .iter()
         .map(|t| TableConfig::files(t, files.join(format!("{t}.parquet"))))
         .collect();
-    let in_db: Vec<TableConfig> = OMOP_TABLES
-        .iter()
-        .map(|t| TableConfig {
-            name: t.to_string(),
-            path: None,
-            format: None,
-            postgres: Some(t.to_string()),
-        })
-        .collect();
+    let in_db = relations(&OMOP_TABLES);
     let opt_out = OptOutConfig {
         path: files.join("opt_outs.parquet"),
         patients_table: "person".into(),
@@ -937,32 +935,11 @@ async fn omop_releases_over_integer_patient_ids_total_the_same_from_postgresql()
     let policy = Policy::load(policies.path()).unwrap();
     let snapshot = policy.snapshot();
     let governance = snapshot.governance();
-    let identity = tally_common::admission::RequestIdentity {
-        user: federation::DEMO_USER.into(),
-        groups: vec!["analysts".into()],
-        project: "omop-demo".into(),
-        purpose: "research".into(),
-    };
     for sql in QUESTIONS {
-        let plan = tally_gateway::parse::plan_read_only(&from_files.state(), sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let explained = tally_gateway::Explanation::of(
-            plan,
-            &snapshot,
-            &identity,
-            &tally_common::admission::BudgetState::unspent(),
-        )
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        for release in &explained.releases {
-            let bounded = Aggregation::Bounded {
-                bounds: ContributionBounds::of(governance, release),
-                key: [9; 32],
-            };
-            let want = node_answer(&from_files, governance, release, &bounded).await;
-            let got = node_answer(&from_database, governance, release, &bounded).await;
-            assert!(!rows(&want).is_empty(), "{sql}");
-            assert_same_rows(sql, rows(&got), rows(&want));
+        for release in &releases_of(&from_files, &snapshot, "omop-demo", "research", sql).await {
+            let groups =
+                assert_same_bounded(&from_files, &from_database, governance, release, 9).await;
+            assert!(groups > 0, "{sql}");
         }
     }
 }
