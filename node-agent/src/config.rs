@@ -306,6 +306,17 @@ pub enum TableFormat {
     Csv,
 }
 
+impl TableFormat {
+    /// The format a file's extension names: CSV for `.csv` (any case), Parquet otherwise
+    /// (folders included).
+    pub fn of_path(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(ext) if ext.eq_ignore_ascii_case("csv") => TableFormat::Csv,
+            Some(_) | None => TableFormat::Parquet,
+        }
+    }
+}
+
 impl TableConfig {
     /// A table read from `path` (its format guessed from the extension).
     pub fn files(name: &str, path: PathBuf) -> Self {
@@ -323,12 +334,7 @@ impl TableConfig {
         match (&self.path, &self.postgres) {
             (Some(path), None) => Some(TableLocation::Files {
                 path,
-                format: self.format.unwrap_or_else(|| {
-                    match path.extension().and_then(|e| e.to_str()) {
-                        Some(ext) if ext.eq_ignore_ascii_case("csv") => TableFormat::Csv,
-                        _ => TableFormat::Parquet,
-                    }
-                }),
+                format: self.format.unwrap_or_else(|| TableFormat::of_path(path)),
             }),
             (None, Some(relation)) => Some(TableLocation::Postgres { relation }),
             (Some(_), Some(_)) | (None, None) => None,

@@ -19,10 +19,7 @@ const OPT_OUT_TABLE: &str = "__tally_opt_outs";
 /// Reads the opt-out list and finds the matching person ids in the patients table
 /// (registered in `ctx`).
 pub async fn load(ctx: &SessionContext, config: &OptOutConfig) -> Result<Excluded, NodeError> {
-    let format = match config.path.extension().and_then(|e| e.to_str()) {
-        Some(ext) if ext.eq_ignore_ascii_case("csv") => TableFormat::Csv,
-        _ => TableFormat::Parquet,
-    };
+    let format = TableFormat::of_path(&config.path);
     let fail = |reason: String| NodeError::Table {
         table: "opt_out".into(),
         reason,

@@ -465,6 +465,7 @@ fn arrow_type(name: &str) -> Option<DataType> {
             }
             DataType::Decimal128(precision, scale)
         }
+        // Any other type (json, uuid, arrays, timestamptz, ...) is not served: refused.
         _ => return None,
     })
 }
