@@ -98,11 +98,20 @@ pub enum ErrorCode {
     /// The privacy-budget ledger failed verification or cannot be written, so every query
     /// is refused (fail closed).
     LedgerBroken,
+    /// Every slot for running queries is taken and the wait queue is full, or the query
+    /// waited its whole time limit for a slot: try again later.
+    Busy,
+    /// The query's estimated cost (from its model alone) is above the trust's ceiling.
+    QueryCost,
+    /// The query used more processor time than the per-query budget allows.
+    CpuBudget,
+    /// Arithmetic over released values overflowed its integer type.
+    Overflow,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 41] = [
+    pub const ALL: [ErrorCode; 45] = [
         ErrorCode::SqlSyntax,
         ErrorCode::UnknownTable,
         ErrorCode::UnknownColumn,
@@ -144,6 +153,10 @@ impl ErrorCode {
         ErrorCode::FilterNotAllowed,
         ErrorCode::BudgetExhausted,
         ErrorCode::LedgerBroken,
+        ErrorCode::Busy,
+        ErrorCode::QueryCost,
+        ErrorCode::CpuBudget,
+        ErrorCode::Overflow,
     ];
 
     /// The stable identifier, e.g. `E_NOT_AGGREGATE`.
@@ -190,6 +203,10 @@ impl ErrorCode {
             ErrorCode::FilterNotAllowed => "E_FILTER_NOT_ALLOWED",
             ErrorCode::BudgetExhausted => "E_BUDGET_EXHAUSTED",
             ErrorCode::LedgerBroken => "E_LEDGER_BROKEN",
+            ErrorCode::Busy => "E_BUSY",
+            ErrorCode::QueryCost => "E_QUERY_COST",
+            ErrorCode::CpuBudget => "E_CPU_BUDGET",
+            ErrorCode::Overflow => "E_OVERFLOW",
         }
     }
 
@@ -207,7 +224,8 @@ impl ErrorCode {
             | ErrorCode::UnknownColumn
             | ErrorCode::Plan
             | ErrorCode::BadRequest
-            | ErrorCode::TooLarge => Code::InvalidArgument,
+            | ErrorCode::TooLarge
+            | ErrorCode::Overflow => Code::InvalidArgument,
             ErrorCode::ReadOnly
             | ErrorCode::NotAggregate
             | ErrorCode::Window
@@ -230,11 +248,15 @@ impl ErrorCode {
             | ErrorCode::PolicyDenied => Code::PermissionDenied,
             ErrorCode::SchemaMismatch => Code::FailedPrecondition,
             ErrorCode::TrustUnavailable => Code::Unavailable,
-            ErrorCode::TrustTimeout | ErrorCode::QueryTimeout => Code::DeadlineExceeded,
-            ErrorCode::Unauthenticated | ErrorCode::ClientCertificate => Code::Unauthenticated,
-            ErrorCode::RateLimited | ErrorCode::ResourcesExhausted | ErrorCode::BudgetExhausted => {
-                Code::ResourceExhausted
+            ErrorCode::TrustTimeout | ErrorCode::QueryTimeout | ErrorCode::CpuBudget => {
+                Code::DeadlineExceeded
             }
+            ErrorCode::Busy => Code::Unavailable,
+            ErrorCode::Unauthenticated | ErrorCode::ClientCertificate => Code::Unauthenticated,
+            ErrorCode::RateLimited
+            | ErrorCode::ResourcesExhausted
+            | ErrorCode::BudgetExhausted
+            | ErrorCode::QueryCost => Code::ResourceExhausted,
             ErrorCode::TrustFailed
             | ErrorCode::TrustProtocol
             | ErrorCode::Execution
@@ -323,6 +345,18 @@ impl TallyError {
     pub fn from_execution(err: DataFusionError, query_id: &str) -> Self {
         match find_tally_error(&err) {
             Some(tally) => tally,
+            None if matches!(
+                err.find_root(),
+                DataFusionError::ArrowError(e, _)
+                    if matches!(e.as_ref(), arrow::error::ArrowError::ArithmeticOverflow(_))
+            ) =>
+            {
+                tracing::info!(query_id, error = %err, "arithmetic overflowed");
+                TallyError::new(
+                    ErrorCode::Overflow,
+                    "arithmetic over the answer overflowed its integer type; compute it as a DOUBLE or with smaller factors",
+                )
+            }
             None if matches!(err.find_root(), DataFusionError::ResourcesExhausted(_)) => {
                 tracing::warn!(query_id, error = %err, "query exceeded the memory limit");
                 TallyError::new(

@@ -16,6 +16,7 @@ pub mod model;
 pub mod noise;
 pub mod policy;
 pub mod privacy;
+pub mod queue;
 pub mod server;
 pub mod session;
 pub mod tls;

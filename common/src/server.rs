@@ -141,3 +141,23 @@ async fn report(
         tracing::error!(server = name, error = %err, "server stopped");
     }
 }
+
+/// Runs one request's work, turning a panic inside it into a typed error (`E_INTERNAL`) for
+/// that request alone: the connection and the process carry on. The panic's text stays in
+/// the server log.
+pub async fn guarded<T>(
+    work: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::error!("a request's work panicked; that request alone failed");
+            Err(crate::TallyError::new(
+                crate::ErrorCode::Internal,
+                "the request failed inside Tally; the server log has the details",
+            )
+            .to_status())
+        }
+    }
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tally_common::identity::JwtConfig;
+use tally_common::queue::QueueLimits;
 use tally_common::tls::{CertificateFiles, require_loopback};
 
 use crate::error::GatewayError;
@@ -122,9 +123,21 @@ pub struct GatewayLimits {
     /// Deepest logical plan accepted (nested subqueries, joins, expressions).
     #[serde(default = "default_max_depth")]
     pub max_plan_depth: usize,
-    /// Seconds one query may take at the gateway, end to end.
+    /// Seconds one query may take at the gateway, end to end (waiting for a slot included).
     #[serde(default = "default_query_timeout")]
     pub query_timeout_secs: f64,
+    /// Queries reaching the trusts at once.
+    #[serde(default = "default_running")]
+    pub max_running_queries: usize,
+    /// Queries one user of one project may run at once.
+    #[serde(default = "default_running_per_user")]
+    pub max_running_per_user: usize,
+    /// Queries waiting for a slot; more are refused (`E_BUSY`) rather than queued.
+    #[serde(default = "default_waiting")]
+    pub max_waiting_queries: usize,
+    /// Queries one user of one project may have waiting; more are refused (`E_BUSY`).
+    #[serde(default = "default_waiting_per_user")]
+    pub max_waiting_per_user: usize,
 }
 
 impl Default for GatewayLimits {
@@ -135,6 +148,10 @@ impl Default for GatewayLimits {
             max_sql_bytes: default_max_sql(),
             max_plan_depth: default_max_depth(),
             query_timeout_secs: default_query_timeout(),
+            max_running_queries: default_running(),
+            max_running_per_user: default_running_per_user(),
+            max_waiting_queries: default_waiting(),
+            max_waiting_per_user: default_waiting_per_user(),
         }
     }
 }
@@ -144,6 +161,33 @@ impl GatewayLimits {
     pub fn query_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.query_timeout_secs)
     }
+
+    /// How many queries run and wait, per user of a project and in all: each user of each
+    /// project is served in turn.
+    pub fn admission(&self) -> QueueLimits {
+        QueueLimits {
+            running: self.max_running_queries,
+            running_per_tenant: self.max_running_per_user,
+            waiting: self.max_waiting_queries,
+            waiting_per_tenant: self.max_waiting_per_user,
+        }
+    }
+}
+
+fn default_running() -> usize {
+    32
+}
+
+fn default_running_per_user() -> usize {
+    8
+}
+
+fn default_waiting() -> usize {
+    256
+}
+
+fn default_waiting_per_user() -> usize {
+    32
 }
 
 fn default_user_rate() -> u32 {
@@ -361,6 +405,9 @@ impl GatewayConfig {
                 return Err(format!("{name} must be between 0 and 86400 seconds"));
             }
         }
+        self.limits.admission().validate().map_err(|e| {
+            format!("limits: {e} (max_running_queries, max_running_per_user, max_waiting_queries, max_waiting_per_user)")
+        })?;
         if self.nodes.is_empty() {
             return Err("at least one [[nodes]] entry is required".into());
         }

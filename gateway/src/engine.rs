@@ -27,6 +27,7 @@ use crate::catalogue::{Catalogue, CatalogueSchema};
 use crate::config::GatewayLimits;
 use crate::error::GatewayError;
 use crate::limits::RateLimiter;
+use tally_common::queue::FairQueue;
 use crate::lower::{lower, releases_of};
 use crate::parse::{QueryLimits, plan_read_only};
 use crate::planned::{PlanCache, PlannedQuery, StatementPlans};
@@ -152,6 +153,7 @@ pub struct Gateway {
     policy: Arc<Policy>,
     audit: Arc<AuditLog<GatewayAuditRecord>>,
     rates: RateLimiter,
+    queue: Arc<FairQueue>,
     query_timeout: Duration,
     plans: PlanCache,
     statements: StatementPlans,
@@ -231,7 +233,13 @@ impl Drop for AuditGuard {
     fn drop(&mut self) {
         if let Some(mut record) = self.record.take() {
             record.outcome = "failed";
-            record.codes = vec!["CANCELLED".into()];
+            // A panic inside the request's work (caught, and answered as E_INTERNAL), or the
+            // client gone.
+            record.codes = vec![if std::thread::panicking() {
+                ErrorCode::Internal.to_string()
+            } else {
+                "CANCELLED".into()
+            }];
             record.duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
             let _ = self.audit.append(record);
         }
@@ -250,6 +258,7 @@ impl Gateway {
     ) -> Result<Self, GatewayError> {
         let engine = |e: datafusion::error::DataFusionError| GatewayError::Engine(e.to_string());
         let ctx = new_context().map_err(engine)?;
+        ctx.add_analyzer_rule(Arc::new(crate::checked::CheckedArithmetic));
         QueryLimits {
             max_sql_bytes: limits.max_sql_bytes,
             max_plan_depth: limits.max_plan_depth,
@@ -273,6 +282,7 @@ impl Gateway {
                 limits.queries_per_minute_per_user,
                 limits.queries_per_minute_per_project,
             ),
+            queue: FairQueue::new(limits.admission()),
             query_timeout: limits.query_timeout(),
             plans: PlanCache::default(),
             statements: StatementPlans::default(),
@@ -525,6 +535,15 @@ impl Gateway {
         record.obligations = Some(decided.decision.obligations.clone());
         record.releases = decided.releases.clone();
         record.release_sql = decided.release_sql.clone();
+        let tenant = format!(
+            "user '{}' of project '{}'",
+            caller.identity.user, caller.identity.project
+        );
+        let deadline = started + self.query_timeout;
+        let running = match self.queue.admit(&tenant, deadline, "the gateway").await {
+            Ok(running) => running,
+            Err(error) => return Err(self.refuse(guard, error.into()).await),
+        };
         let reserved = match self
             .budget
             .reserve(
@@ -542,9 +561,9 @@ impl Gateway {
         };
         guard.record().rho_charged = Some(reserved.charged.as_f64());
         let dispatch = decided.dispatch.clone();
-        let result =
-            tokio::time::timeout(self.query_timeout, self.execute(decided.plan, &dispatch))
-                .await
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let result = tokio::time::timeout(remaining, self.execute(decided.plan, &dispatch))
+            .await
                 .unwrap_or_else(|_| {
                     Err(TallyError::new(
                         ErrorCode::QueryTimeout,
@@ -575,6 +594,7 @@ impl Gateway {
                 record.codes = vec![err.code.to_string()];
             }
         }
+        drop(running);
         guard.write().await?;
         drop(reserved);
         let (schema, batches) = result?;

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod budget;
 pub mod catalogue;
+pub mod checked;
 pub mod config;
 pub mod dial_in;
 pub mod engine;

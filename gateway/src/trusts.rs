@@ -208,9 +208,19 @@ impl Trust {
         if let Some(reason) = TallyError::from_status(&status) {
             tracing::info!(trust = %self.code, code = %reason.code, "trust did not answer");
             return match reason.code {
-                ErrorCode::QueryTimeout => TallyError::new(
+                // How long a query runs depends on the data: which trust and which budget
+                // stopped it is not said.
+                ErrorCode::QueryTimeout | ErrorCode::CpuBudget => TallyError::new(
                     ErrorCode::TrustTimeout,
-                    "a trust stopped the query at its own time limit",
+                    "a trust stopped the query at its own time or processor-time limit",
+                ),
+                // Load, not data: the trust is named so the analyst knows whom to wait for.
+                ErrorCode::Busy => TallyError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "trust {} ({}) is busy: {}",
+                        self.code, self.name, reason.message
+                    ),
                 ),
                 ErrorCode::Execution
                 | ErrorCode::Internal

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tally_common::queue::QueueLimits;
 use tally_common::tls::CertificateFiles;
 
 use crate::error::NodeError;
@@ -160,23 +161,56 @@ impl NodeTlsConfig {
     }
 }
 
-/// Limits on the work one query can make the node do.
+/// Limits on the work one query can make the node do, and on how many run at once.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeLimits {
-    /// Seconds one query may run, from admission to its last batch.
+    /// Seconds one query may take, from its arrival (waiting for a slot included) to its
+    /// last batch.
     #[serde(default = "default_query_timeout")]
     pub query_timeout_secs: f64,
-    /// MiB of memory the query engine may hold across all running queries (fractions allowed).
+    /// Processor seconds one query's work may use (default: its time limit).
+    #[serde(default)]
+    pub query_cpu_secs: Option<f64>,
+    /// MiB of memory the query engine may hold across all running queries (fractions
+    /// allowed); each running query may hold its share, this divided by
+    /// `max_running_queries`.
     #[serde(default = "default_memory_mb")]
     pub memory_limit_mb: f64,
+    /// Threads of the runtime queries run on, apart from the one serving Flight (default:
+    /// the machine's processors).
+    #[serde(default)]
+    pub query_threads: Option<usize>,
+    /// Queries running at once.
+    #[serde(default = "default_running")]
+    pub max_running_queries: usize,
+    /// Queries one project may run at once.
+    #[serde(default = "default_running_per_project")]
+    pub max_running_per_project: usize,
+    /// Queries waiting for a slot, across projects; more are refused (`E_BUSY`).
+    #[serde(default = "default_waiting")]
+    pub max_waiting_queries: usize,
+    /// Queries one project may have waiting; more are refused (`E_BUSY`).
+    #[serde(default = "default_waiting_per_project")]
+    pub max_waiting_per_project: usize,
+    /// The most a query may cost, estimated from its model alone before it runs (see
+    /// `cost.rs`); none by default.
+    #[serde(default)]
+    pub max_query_cost: Option<u64>,
 }
 
 impl Default for NodeLimits {
     fn default() -> Self {
         NodeLimits {
             query_timeout_secs: default_query_timeout(),
+            query_cpu_secs: None,
             memory_limit_mb: default_memory_mb(),
+            query_threads: None,
+            max_running_queries: default_running(),
+            max_running_per_project: default_running_per_project(),
+            max_waiting_queries: default_waiting(),
+            max_waiting_per_project: default_waiting_per_project(),
+            max_query_cost: None,
         }
     }
 }
@@ -187,9 +221,60 @@ impl NodeLimits {
         Duration::from_secs_f64(self.query_timeout_secs)
     }
 
-    /// The engine's memory limit in bytes.
+    /// The per-query processor-time budget.
+    pub fn query_cpu(&self) -> Duration {
+        self.query_cpu_secs
+            .map_or_else(|| self.query_timeout(), Duration::from_secs_f64)
+    }
+
+    /// The engine's memory limit in bytes, across running queries.
     pub fn memory_limit_bytes(&self) -> usize {
         (self.memory_limit_mb * 1024.0 * 1024.0) as usize
+    }
+
+    /// The memory one running query may hold.
+    pub fn query_memory_bytes(&self) -> usize {
+        self.memory_limit_bytes() / self.max_running_queries.max(1)
+    }
+
+    /// The threads of the query runtime.
+    pub fn query_threads(&self) -> usize {
+        self.query_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        })
+    }
+
+    /// How many queries run and wait, per project and in all.
+    pub fn admission(&self) -> QueueLimits {
+        QueueLimits {
+            running: self.max_running_queries,
+            running_per_tenant: self.max_running_per_project,
+            waiting: self.max_waiting_queries,
+            waiting_per_tenant: self.max_waiting_per_project,
+        }
+    }
+
+    /// Checks each limit's range.
+    fn validate(&self) -> Result<(), String> {
+        let timeout = self.query_timeout_secs;
+        if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0) {
+            return Err("limits.query_timeout_secs must be between 0 and 86400 seconds".into());
+        }
+        if let Some(cpu) = self.query_cpu_secs
+            && !(cpu.is_finite() && cpu > 0.0 && cpu <= 86_400.0)
+        {
+            return Err("limits.query_cpu_secs must be between 0 and 86400 seconds".into());
+        }
+        let memory = self.memory_limit_mb;
+        if !(memory.is_finite() && memory > 0.0) {
+            return Err("limits.memory_limit_mb must be a positive number".into());
+        }
+        if self.query_threads == Some(0) || self.max_query_cost == Some(0) {
+            return Err("limits.query_threads and limits.max_query_cost must be at least 1".into());
+        }
+        self.admission()
+            .validate()
+            .map_err(|e| format!("limits: {e} (max_running_queries, max_running_per_project, max_waiting_queries, max_waiting_per_project)"))
     }
 }
 
@@ -199,6 +284,22 @@ fn default_query_timeout() -> f64 {
 
 fn default_memory_mb() -> f64 {
     2048.0
+}
+
+fn default_running() -> usize {
+    4
+}
+
+fn default_running_per_project() -> usize {
+    2
+}
+
+fn default_waiting() -> usize {
+    64
+}
+
+fn default_waiting_per_project() -> usize {
+    16
 }
 
 fn default_rotate_mb() -> u64 {
@@ -427,14 +528,7 @@ impl NodeConfig {
 
     /// Checks what TOML types cannot: names, codes, duplicates, limits.
     pub fn validate(&self) -> Result<(), String> {
-        let timeout = self.limits.query_timeout_secs;
-        if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0) {
-            return Err("limits.query_timeout_secs must be between 0 and 86400 seconds".into());
-        }
-        let memory = self.limits.memory_limit_mb;
-        if !(memory.is_finite() && memory > 0.0) {
-            return Err("limits.memory_limit_mb must be a positive number".into());
-        }
+        self.limits.validate()?;
         if let Some(tls) = &self.tls
             && tls.allowed_gateways.is_empty()
         {

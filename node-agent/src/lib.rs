@@ -3,8 +3,10 @@
 
 pub mod budget;
 pub mod config;
+pub mod cost;
 pub mod dial_out;
 pub mod error;
+pub mod execution;
 pub mod identity;
 pub mod opt_out;
 pub mod postgres;
@@ -193,7 +195,10 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         table_infos,
         policy.clone(),
         audit.clone(),
-        config.limits.query_timeout(),
+        Arc::new(
+            execution::Execution::new(&config.limits)
+                .map_err(|e| NodeError::Engine(format!("the query runtime: {e}")))?,
+        ),
         privacy,
     );
     let flight = wire::NodeFlight::new(service);

@@ -9,7 +9,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
@@ -36,11 +36,13 @@ use tally_common::model::{ReleaseQuery, ReleaseRequest};
 use tally_common::noise::Rho;
 use tally_common::policy::{Decision, Policy, PolicySnapshot};
 use tally_common::privacy::{ContributionBounds, ReleaseNoise};
+use tally_common::queue::Slot;
 use tally_common::tls::{RefusedConnection, certificate_identity};
 use tally_common::{ErrorCode, TallyError};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::budget::{PrivacyState, Slot};
+use crate::budget::{PrivacyState, Slot as AnswerSlot};
+use crate::execution::Execution;
 use crate::identity::NodeIdentity;
 use crate::protect::protect;
 use crate::release::{Aggregation, ReleasePlan, build_plan};
@@ -160,7 +162,7 @@ pub struct NodeService {
     tables: Arc<Vec<TableInfo>>,
     policy: Arc<Policy>,
     audit: Arc<AuditLog<NodeAuditRecord>>,
-    query_timeout: Duration,
+    execution: Arc<Execution>,
     privacy: Option<Arc<PrivacyState>>,
 }
 
@@ -261,8 +263,8 @@ impl RequestContext {
 impl NodeService {
     /// The service of trust `trust`, checking who asks with `identity`, over `contexts`,
     /// whose tables are listed in `tables`, deciding with `policy`, keeping its budget and
-    /// stored answers in `privacy` (required by policies that add noise); each query may
-    /// run for `query_timeout`.
+    /// stored answers in `privacy` (required by policies that add noise); queries are
+    /// admitted, run and stopped by `execution`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         trust: String,
@@ -271,7 +273,7 @@ impl NodeService {
         tables: Vec<TableInfo>,
         policy: Arc<Policy>,
         audit: Arc<AuditLog<NodeAuditRecord>>,
-        query_timeout: Duration,
+        execution: Arc<Execution>,
         privacy: Option<Arc<PrivacyState>>,
     ) -> Self {
         NodeService {
@@ -281,7 +283,7 @@ impl NodeService {
             tables: Arc::new(tables),
             policy,
             audit,
-            query_timeout,
+            execution,
             privacy,
         }
     }
@@ -398,10 +400,18 @@ impl NodeService {
             Ok(ctx) => ctx.clone(),
             Err(error) => return Err(self.refuse(&context, refuse_with(error, &decision)).await),
         };
+        let running = match self.admit(&request.release, &context).await {
+            Ok(running) => running,
+            Err(error) => return Err(self.refuse(&context, refuse_with(error, &decision)).await),
+        };
         let answer = match slot {
-            None => self.exact(&ctx, &policy, &request.release, &context).await,
+            None => {
+                self.exact(&ctx, &policy, &request.release, &context, running)
+                    .await
+            }
             Some(slot) => {
-                self.protected(&ctx, &policy, &decision, &request.release, &context, slot)
+                let release = &request.release;
+                self.protected(&ctx, &policy, &decision, release, &context, slot, running)
                     .await
             }
         };
@@ -443,33 +453,39 @@ impl NodeService {
         }
     }
 
-    /// Runs a release's plan to the end within the query's time limit (an answer finished
-    /// after the limit is not given either).
+    /// A running slot for `release`, once its estimated cost is within the trust's ceiling:
+    /// refused (`E_QUERY_COST`) when it is not, and (`E_BUSY`) when the project's or the
+    /// node's queue is full or no slot frees within the query's time limit.
+    async fn admit(
+        &self,
+        release: &ReleaseQuery,
+        context: &RequestContext,
+    ) -> Result<Slot, TallyError> {
+        self.execution.check_cost(release)?;
+        self.execution
+            .admit(&context.identity.project, context.started)
+            .await
+    }
+
+    /// Runs a release's plan to the end on the query runtime, within the query's time limit
+    /// and processor-time budget (an answer finished after the limit is not given either).
     async fn run(
         &self,
         ctx: &SessionContext,
         plan: ReleasePlan,
         context: &RequestContext,
+        running: Slot,
     ) -> Result<Vec<RecordBatch>, TallyError> {
-        let timeout = || {
-            TallyError::new(
-                ErrorCode::QueryTimeout,
-                format!(
-                    "the query ran longer than this trust's limit of {:.0} s",
-                    self.query_timeout.as_secs_f64()
-                ),
-            )
+        let query = self.execution.query_context(ctx)?;
+        let query_id = context.query_id.clone();
+        let work = async move {
+            plan.run(&query)
+                .await
+                .map_err(|err| TallyError::from_execution(err, &query_id))
         };
-        let remaining = self.query_timeout.saturating_sub(context.started.elapsed());
-        if remaining.is_zero() {
-            return Err(timeout());
-        }
-        match tokio::time::timeout(remaining, plan.run(ctx)).await {
-            Ok(Ok(_)) if context.started.elapsed() > self.query_timeout => Err(timeout()),
-            Ok(Ok(batches)) => Ok(batches),
-            Ok(Err(err)) => Err(TallyError::from_execution(err, &context.query_id)),
-            Err(_) => Err(timeout()),
-        }
+        self.execution
+            .run(running, context.started, &context.query_id, work)
+            .await
     }
 
     /// Exact aggregates, for policies without noise.
@@ -479,12 +495,13 @@ impl NodeService {
         policy: &PolicySnapshot,
         release: &ReleaseQuery,
         context: &RequestContext,
+        running: Slot,
     ) -> Result<Answer, NotAnswered> {
         let (plan, expected) = build_plan(ctx, policy.governance(), release, &Aggregation::Exact)
             .await
             .map_err(NotAnswered::Refused)?;
         let batches = self
-            .run(ctx, plan, context)
+            .run(ctx, plan, context, running)
             .await
             .map_err(|e| NotAnswered::Failed(e, Rho::ZERO))?;
         let batch = arrow::compute::concat_batches(&expected, &batches).map_err(|_| {
@@ -510,7 +527,8 @@ impl NodeService {
         decision: &Decision,
         release: &ReleaseQuery,
         context: &RequestContext,
-        slot: Slot,
+        slot: AnswerSlot,
+        running: Slot,
     ) -> Result<Answer, NotAnswered> {
         let refused = NotAnswered::Refused;
         let governance = policy.governance();
@@ -561,7 +579,10 @@ impl NodeService {
             .await
             .map_err(refused)?;
         let failed = |e: TallyError| NotAnswered::Failed(e, rho);
-        let batches = self.run(ctx, plan, context).await.map_err(failed)?;
+        let batches = self
+            .run(ctx, plan, context, running)
+            .await
+            .map_err(failed)?;
         let batch = protect(&noise, &expected, groups, &batches).map_err(failed)?;
         state
             .answers
@@ -649,10 +670,35 @@ impl FlightSqlService for NodeService {
         request: Request<Ticket>,
         message: arrow_flight::sql::Any,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        use futures::FutureExt;
         let context = RequestContext::new(&request);
+        let on_panic = RequestContext::new(&request);
         let metadata = request.metadata().clone();
-        self.release(context, metadata, ReleaseRequest::from_any(&message))
-            .await
+        let release = self.release(context, metadata, ReleaseRequest::from_any(&message));
+        match std::panic::AssertUnwindSafe(release).catch_unwind().await {
+            Ok(answer) => answer,
+            Err(_) => {
+                tracing::error!(query_id = %on_panic.query_id, "a release request panicked; it alone failed");
+                let error = TallyError::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "the request failed at this trust; its log has the details under query id {}",
+                        on_panic.query_id
+                    ),
+                );
+                let outcome = Outcome {
+                    codes: vec![error.code.to_string()],
+                    failed: true,
+                    ..Outcome::default()
+                };
+                Err(
+                    match self.audit.write(on_panic.record("release", outcome)).await {
+                        Ok(()) => error.to_status(),
+                        Err(audit) => audit.to_status(),
+                    },
+                )
+            }
+        }
     }
 
     async fn get_flight_info_catalogs(

@@ -12,6 +12,7 @@ use arrow_flight::{
 };
 use futures::stream::BoxStream;
 use prost::Message;
+use tally_common::server::guarded;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::service::NodeService;
@@ -52,7 +53,7 @@ impl FlightService for NodeFlight {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        FlightService::get_flight_info(&self.inner, request).await
+        guarded(FlightService::get_flight_info(&self.inner, request)).await
     }
 
     async fn do_get(
@@ -65,7 +66,7 @@ impl FlightService for NodeFlight {
                 .refuse_request(&request, "an undecodable ticket")
                 .await);
         }
-        FlightService::do_get(&self.inner, request).await
+        guarded(FlightService::do_get(&self.inner, request)).await
     }
 
     async fn list_flights(&self, request: Request<Criteria>) -> Refused<FlightInfo> {
