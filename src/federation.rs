@@ -286,6 +286,26 @@ pub async fn start(
     security: Security,
     state: &Path,
 ) -> Result<LocalFederation, String> {
+    start_with(
+        data_dir,
+        gateway_listen,
+        policies,
+        security,
+        state,
+        GatewayLimits::default(),
+    )
+    .await
+}
+
+/// As [`start`], with the gateway's `limits` (a fuzzer or a load test raises its rate limits).
+pub async fn start_with(
+    data_dir: &Path,
+    gateway_listen: SocketAddr,
+    policies: &Path,
+    security: Security,
+    state: &Path,
+    limits: GatewayLimits,
+) -> Result<LocalFederation, String> {
     let identity = identity_provider(data_dir)?;
     let mut trusts = default_trusts();
     let dialing = match &security {
@@ -314,6 +334,7 @@ pub async fn start(
         &identity,
         state,
     );
+    config.limits = limits;
     if let Some((trust, folder)) = &dialing {
         dial_in(&mut config, trust.code, trust.name, folder);
     }

@@ -94,6 +94,7 @@ async fn gateway_limits_refuse_with_typed_errors_and_are_audited() {
         max_sql_bytes: 300,
         max_plan_depth: 8,
         query_timeout_secs: 60.0,
+        ..Default::default()
     };
     let (gateway, nodes) = limited(limits, tally_node::NodeLimits::default()).await;
     let mut client = connect(&gateway, &analyst_token()).await;
@@ -242,5 +243,156 @@ async fn time_and_memory_limits_stop_queries_with_typed_errors() {
         .filter(|record| record.outcome == "failed" && record.codes == ["E_RESOURCES"])
         .count();
     assert!(exhausted >= 1, "a trust's own log has the reason");
+    stop(gateway, nodes).await;
+}
+
+/// A node config's limits with one running slot and room for one waiting query per project.
+fn one_slot() -> tally_node::NodeLimits {
+    tally_node::NodeLimits {
+        max_running_queries: 1,
+        max_running_per_project: 1,
+        max_waiting_queries: 2,
+        max_waiting_per_project: 1,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_trust_queues_a_query_and_refuses_beyond_its_queue() {
+    let (gateway, nodes) = limited(Default::default(), one_slot()).await;
+    // Another project's query holds RXA's one slot (taken from the node's own queue).
+    let rxa = &nodes[0];
+    let held = rxa
+        .queue
+        .admit(
+            "project 'other'",
+            std::time::Instant::now() + std::time::Duration::from_secs(60),
+            "test",
+        )
+        .await
+        .expect("the free slot");
+    let mut first = connect(&gateway, &analyst_token()).await;
+    let waiting = tokio::spawn(async move { first.query(SQL).await });
+    // RXA holds the first query in the project's queue ...
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the query waits for RXA's slot");
+    // ... and, that queue being full, refuses a colleague's query at once, by name.
+    let mut colleague = connect(&gateway, &colleague_token()).await;
+    let err = expect_refusal(colleague.query(SQL).await);
+    assert!(
+        err.starts_with("E_BUSY") && err.contains("RXA") && err.contains("waiting to run"),
+        "{err}"
+    );
+    let refusal = rxa.audit.recent().pop().expect("RXA audited the refusal");
+    assert_eq!(
+        (refusal.outcome, refusal.codes),
+        ("refused", vec!["E_BUSY".to_string()])
+    );
+    assert_eq!(last_record(&gateway).2, ["E_BUSY"]);
+    // The slot freed, the waiting query runs.
+    drop(held);
+    let answer = waiting
+        .await
+        .unwrap()
+        .expect("answered once the slot is free");
+    assert_eq!(answer.trusts.len(), 3);
+    assert_eq!(rxa.queue.running(), 0, "every slot given back");
+    stop(gateway, nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_refuses_a_query_over_its_cost_ceiling_and_stops_one_over_its_cpu_budget() {
+    // The ceiling, checked against the model before anything runs: a count of one table
+    // costs 2, each extra aggregate more.
+    let ceiling = tally_node::NodeLimits {
+        max_query_cost: Some(4),
+        ..Default::default()
+    };
+    let (gateway, nodes) = limited(Default::default(), ceiling).await;
+    let mut client = connect(&gateway, &analyst_token()).await;
+    client.query(SQL).await.expect("within the ceiling");
+    let err = expect_refusal(
+        client
+            .query(
+                "SELECT specialty, COUNT(*), SUM(cost), AVG(cost) FROM episodes GROUP BY specialty",
+            )
+            .await,
+    );
+    assert!(
+        err.starts_with("E_TRUST_REFUSED")
+            && err.contains("E_QUERY_COST")
+            && err.contains("ceiling of 4"),
+        "{err}"
+    );
+    for node in &nodes {
+        let record = node.audit.recent().pop().expect("audited");
+        assert_eq!(record.codes, ["E_QUERY_COST"]);
+    }
+    stop(gateway, nodes).await;
+
+    // A processor-time budget no query fits in: the trust stops each one and says why in
+    // its own log; the analyst learns only that a trust stopped it, as for its time limit.
+    let frugal = tally_node::NodeLimits {
+        query_cpu_secs: Some(1e-9),
+        ..Default::default()
+    };
+    let (gateway, nodes) = limited(Default::default(), frugal).await;
+    let mut client = connect(&gateway, &analyst_token()).await;
+    let err = expect_refusal(client.query(SQL).await);
+    assert!(err.starts_with("E_TRUST_TIMEOUT"), "{err}");
+    assert_names_no_trust(&err);
+    for node in &nodes {
+        let record = node.audit.recent().pop().expect("audited");
+        assert_eq!(
+            (record.outcome, record.codes),
+            ("failed", vec!["E_CPU_BUDGET".to_string()])
+        );
+        assert_eq!(node.queue.running(), 0);
+    }
+    stop(gateway, nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arithmetic_over_released_values_fails_on_overflow_instead_of_wrapping() {
+    let (gateway, nodes) = limited(Default::default(), Default::default()).await;
+    let mut client = connect(&gateway, &analyst_token()).await;
+    for sql in [
+        "SELECT sex, COUNT(*) * 9223372036854775807 AS n FROM patients GROUP BY sex",
+        "SELECT COUNT(*) + 9223372036854775807 FROM patients",
+        "SELECT -(COUNT(*) - COUNT(*) - 9223372036854775807 - 1) FROM patients",
+        "SELECT SUM(n) FROM (SELECT sex, COUNT(*) * 4611686018427387904 AS n FROM patients GROUP BY sex) t",
+        "SELECT SUM(n) FROM (SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex \
+         UNION ALL SELECT 'x', 9223372036854775807) t",
+    ] {
+        let err = expect_refusal(client.query(sql).await);
+        assert!(err.starts_with("E_OVERFLOW"), "{sql}: {err}");
+        assert_eq!(last_record(&gateway).2, ["E_OVERFLOW"], "{sql}");
+    }
+    // Arithmetic that fits is untouched, names and types included.
+    let answer = client
+        .query("SELECT sex, COUNT(*) * 2 + 1 AS odd, -COUNT(*) AS negated FROM patients GROUP BY sex ORDER BY sex")
+        .await
+        .expect("fits");
+    let batch = &answer.batches[0];
+    let schema = batch.schema();
+    assert_eq!(schema.field(1).name(), "odd");
+    assert_eq!(
+        schema.field(1).data_type(),
+        &arrow::datatypes::DataType::Int64
+    );
+    let odd = batch
+        .column(1)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap();
+    let negated = batch
+        .column(2)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap();
+    for row in 0..batch.num_rows() {
+        assert_eq!(odd.value(row) % 2, 1);
+        assert_eq!(odd.value(row), -2 * negated.value(row) + 1);
+    }
     stop(gateway, nodes).await;
 }

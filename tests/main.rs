@@ -11,6 +11,7 @@ mod cli;
 mod dial_out;
 mod disclosure;
 mod equivalence;
+mod fuzz;
 mod jwt;
 mod limits;
 mod link;

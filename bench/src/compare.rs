@@ -909,6 +909,19 @@ impl BenchPolicies {
     }
 }
 
+/// Copies the files of the policy folder `from` into `to` (made if missing).
+pub(crate) fn copy_policy_files(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(to).map_err(|e| e.to_string())?;
+    for entry in std::fs::read_dir(from).map_err(|e| e.to_string())? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.is_file() {
+            let name = path.file_name().ok_or("file name")?;
+            std::fs::copy(&path, to.join(name)).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
 /// A copy of the policy folder `from` in `to` whose `uec-demand` project may also query the
 /// benchmark's sites `codes` and TPC-H `lineitem` (the shipped catalogue lists the demo
 /// trusts and tables only), with a budget large enough for every timed run, and with
@@ -919,14 +932,7 @@ fn bench_policies(
     codes: &[String],
     noise: bool,
 ) -> Result<PathBuf, String> {
-    std::fs::create_dir_all(to).map_err(|e| e.to_string())?;
-    for entry in std::fs::read_dir(from).map_err(|e| e.to_string())? {
-        let path = entry.map_err(|e| e.to_string())?.path();
-        if path.is_file() {
-            let name = path.file_name().ok_or("file name")?;
-            std::fs::copy(&path, to.join(name)).map_err(|e| e.to_string())?;
-        }
-    }
+    copy_policy_files(from, to)?;
     let catalogue_path = to.join("catalogue.json");
     let text = std::fs::read_to_string(&catalogue_path).map_err(|e| e.to_string())?;
     let mut catalogue: serde_json::Value =

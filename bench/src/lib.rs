@@ -3,6 +3,7 @@
 
 pub mod compare;
 mod data;
+pub mod fuzz;
 pub mod report;
 mod rows;
 pub mod workload;

@@ -99,6 +99,29 @@ enum Command {
         #[arg(long, default_value_os_t = PathBuf::from("bench-results"))]
         out: PathBuf,
     },
+    /// Fuzz the gateway's SQL and every Flight surface of a local federation (plaintext on
+    /// loopback, the built-in policy with a budget that never runs out); fails if any input
+    /// panicked, hung, or got an error without one of Tally's codes or with engine text.
+    Fuzz {
+        /// Where the generated demo data is kept.
+        #[arg(long, default_value = "target/fuzz")]
+        root: PathBuf,
+        /// SQL statements to send through the gateway.
+        #[arg(long, default_value_t = 100_000)]
+        statements: usize,
+        /// Malformed Flight requests, spread over the gateway and the nodes.
+        #[arg(long, default_value_t = 10_000)]
+        flight_requests: usize,
+        /// Random seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Clients sending at once.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds after which an unanswered request counts as a hang.
+        #[arg(long, default_value_t = 30)]
+        hang_secs: u64,
+    },
     /// (internal) Serve one site's rows for the Row shipping baseline.
     #[command(hide = true)]
     ServeRows {
@@ -177,6 +200,56 @@ async fn run(command: Command) -> Result<(), String> {
             write_report(&report, &out)
         }
         Command::ServeRows { dir } => tally_bench::compare::serve_rows(&dir).await,
+        Command::Fuzz {
+            root,
+            statements,
+            flight_requests,
+            seed,
+            clients,
+            hang_secs,
+        } => {
+            let data = root.join("data");
+            federation::ensure_data(&data, 20_000, 42)?;
+            let shipped = federation::policies_folder(None, &data)?;
+            let policies = tally_bench::fuzz::policies(&shipped, &root.join("policies"))?;
+            let state = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let limits = tally_gateway::GatewayLimits {
+                queries_per_minute_per_user: u32::MAX,
+                queries_per_minute_per_project: u32::MAX,
+                ..Default::default()
+            };
+            let local = federation::start_with(
+                &data,
+                "127.0.0.1:0".parse().map_err(|_| "address")?,
+                &policies,
+                federation::Security::InsecureLoopback,
+                state.path(),
+                limits,
+            )
+            .await?;
+            let token = local.analyst_token()?;
+            let options = tally_bench::fuzz::Options {
+                statements,
+                flight_requests,
+                seed,
+                hang_after: std::time::Duration::from_secs(hang_secs),
+                clients,
+            };
+            let report = tally_bench::fuzz::run(&local, &token, &options).await;
+            local.stop().await;
+            let report = report?;
+            println!("{}", report.summary());
+            std::fs::write(
+                root.join("fuzz-report.json"),
+                serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?;
+            if report.clean() {
+                Ok(())
+            } else {
+                Err("the fuzzer found inputs that broke a rule (see above)".into())
+            }
+        }
     }
 }
 

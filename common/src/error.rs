@@ -306,7 +306,7 @@ impl TallyError {
     /// analyst's own text), unknown tables, columns and functions keep their names; any other
     /// engine wording is logged and replaced by our own message.
     pub fn from_planning(err: DataFusionError) -> Self {
-        if let Some(tally) = find_tally_error(&err) {
+        if let Some(tally) = find_tally_error(&err).or_else(|| overflow(&err)) {
             return tally;
         }
         match err.find_root() {
@@ -343,20 +343,8 @@ impl TallyError {
     /// Maps an error raised while *executing* a query: our own errors pass through, engine
     /// errors become the generic message and are logged with the query id.
     pub fn from_execution(err: DataFusionError, query_id: &str) -> Self {
-        match find_tally_error(&err) {
+        match find_tally_error(&err).or_else(|| overflow(&err)) {
             Some(tally) => tally,
-            None if matches!(
-                err.find_root(),
-                DataFusionError::ArrowError(e, _)
-                    if matches!(e.as_ref(), arrow::error::ArrowError::ArithmeticOverflow(_))
-            ) =>
-            {
-                tracing::info!(query_id, error = %err, "arithmetic overflowed");
-                TallyError::new(
-                    ErrorCode::Overflow,
-                    "arithmetic over the answer overflowed its integer type; compute it as a DOUBLE or with smaller factors",
-                )
-            }
             None if matches!(err.find_root(), DataFusionError::ResourcesExhausted(_)) => {
                 tracing::warn!(query_id, error = %err, "query exceeded the memory limit");
                 TallyError::new(
@@ -388,6 +376,24 @@ impl TallyError {
         let (code, message) = status.message().split_once(": ")?;
         Some(TallyError::new(ErrorCode::parse(code)?, message))
     }
+}
+
+/// [`ErrorCode::Overflow`] when integer arithmetic overflowed (while running, or while
+/// folding constants in planning).
+fn overflow(err: &DataFusionError) -> Option<TallyError> {
+    let DataFusionError::ArrowError(arrow, _) = err.find_root() else {
+        return None;
+    };
+    matches!(
+        arrow.as_ref(),
+        arrow::error::ArrowError::ArithmeticOverflow(_)
+    )
+    .then(|| {
+        TallyError::new(
+            ErrorCode::Overflow,
+            "arithmetic over the answer overflowed its integer type; compute it as a DOUBLE or with smaller factors",
+        )
+    })
 }
 
 impl From<TallyError> for Status {

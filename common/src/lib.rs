@@ -8,6 +8,7 @@ pub mod audit;
 pub mod dialed;
 pub mod error;
 pub mod flight;
+pub mod front_door;
 pub mod generalise;
 pub mod governance;
 pub mod identity;

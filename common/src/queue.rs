@@ -298,7 +298,10 @@ mod tests {
     #[tokio::test]
     async fn a_freed_slot_goes_to_the_next_tenant_in_turn_not_the_busiest() {
         let queue = FairQueue::new(limits(1, 1));
-        let first = queue.admit("heavy", soon(), "node").await.expect("free slot");
+        let first = queue
+            .admit("heavy", soon(), "node")
+            .await
+            .expect("free slot");
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for tenant in ["heavy", "heavy", "heavy", "light"] {
@@ -352,11 +355,8 @@ mod tests {
     async fn a_tenant_at_its_cap_waits_while_others_run() {
         let queue = FairQueue::new(limits(3, 1));
         let _a = queue.admit("a", soon(), "node").await.unwrap();
-        let held = tokio::time::timeout(
-            Duration::from_millis(50),
-            queue.admit("a", soon(), "node"),
-        )
-        .await;
+        let held =
+            tokio::time::timeout(Duration::from_millis(50), queue.admit("a", soon(), "node")).await;
         assert!(held.is_err(), "a second query of 'a' waits for a's slot");
         let _b = queue.admit("b", soon(), "node").await.unwrap();
         assert_eq!(queue.running(), 2);

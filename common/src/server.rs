@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::flight_service_server::FlightService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpIncoming};
 
 use crate::dialed::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::front_door::TypedGrpc;
 use crate::tls::{OnRefused, ServerTls, accept_tls, require_loopback};
 
 /// How a server talks to its clients.
@@ -50,8 +51,7 @@ impl RunningServer {
         let stopped = async {
             let _ = stopped.await;
         };
-        let server =
-            tonic::transport::Server::builder().add_service(FlightServiceServer::new(service));
+        let server = tonic::transport::Server::builder().add_service(TypedGrpc::new(service));
         let (task, acceptor) = match transport {
             Transport::Tls(tls, on_refused) => {
                 let (incoming, acceptor) = accept_tls(listener, tls, on_refused);
@@ -113,7 +113,7 @@ impl DialedServer {
         let serving = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .add_service(FlightServiceServer::new(service))
+            .add_service(TypedGrpc::new(service))
             .serve_with_incoming_shutdown(ReceiverStream::new(connections), async {
                 let _ = stopped.await;
             });
@@ -139,25 +139,5 @@ async fn report(
 ) {
     if let Err(err) = serving.await {
         tracing::error!(server = name, error = %err, "server stopped");
-    }
-}
-
-/// Runs one request's work, turning a panic inside it into a typed error (`E_INTERNAL`) for
-/// that request alone: the connection and the process carry on. The panic's text stays in
-/// the server log.
-pub async fn guarded<T>(
-    work: impl std::future::Future<Output = Result<T, tonic::Status>>,
-) -> Result<T, tonic::Status> {
-    use futures::FutureExt;
-    match std::panic::AssertUnwindSafe(work).catch_unwind().await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::error!("a request's work panicked; that request alone failed");
-            Err(crate::TallyError::new(
-                crate::ErrorCode::Internal,
-                "the request failed inside Tally; the server log has the details",
-            )
-            .to_status())
-        }
     }
 }

@@ -20,8 +20,8 @@ use datafusion::logical_expr::expr::{AggregateFunction, ScalarFunction};
 use datafusion::logical_expr::expr_rewriter::NamePreserver;
 use datafusion::logical_expr::utils::merge_schema;
 use datafusion::logical_expr::{
-    Accumulator, BinaryExpr, ColumnarValue, Expr, ExprSchemable, LogicalPlan, Operator,
-    ScalarUDF, Volatility, create_udaf, create_udf,
+    Accumulator, BinaryExpr, ColumnarValue, Expr, ExprSchemable, LogicalPlan, Operator, ScalarUDF,
+    Volatility, create_udaf, create_udf,
 };
 use datafusion::optimizer::AnalyzerRule;
 use tally_common::{ErrorCode, TallyError};
@@ -64,10 +64,9 @@ fn checked(expr: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
                 })));
             }
             let udf = binary_udf(op, left_type)?;
-            Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(
-                udf,
-                vec![*left, *right],
-            ))))
+            Ok(Transformed::yes(Expr::ScalarFunction(
+                ScalarFunction::new_udf(udf, vec![*left, *right]),
+            )))
         }
         Expr::Negative(operand) => {
             let operand_type = operand.get_type(schema)?;
@@ -81,10 +80,9 @@ fn checked(expr: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
                 Volatility::Immutable,
                 Arc::new(|args| elementwise(args, |a| numeric::neg(a[0].as_ref()))),
             );
-            Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(
-                Arc::new(udf),
-                vec![*operand],
-            ))))
+            Ok(Transformed::yes(Expr::ScalarFunction(
+                ScalarFunction::new_udf(Arc::new(udf), vec![*operand]),
+            )))
         }
         Expr::AggregateFunction(aggregate)
             if aggregate.func.name() == "sum" && aggregate.params.args.len() == 1 =>
@@ -137,7 +135,10 @@ fn elementwise(
 /// `SUM` of whole numbers (DataFusion sums every integer type as Int64 or UInt64) with a
 /// checked running total; `SUM(DISTINCT ...)` of whole numbers is refused rather than left
 /// to wrap.
-fn checked_sum(aggregate: AggregateFunction, argument_type: &DataType) -> Result<Transformed<Expr>> {
+fn checked_sum(
+    aggregate: AggregateFunction,
+    argument_type: &DataType,
+) -> Result<Transformed<Expr>> {
     let udaf = match argument_type {
         DataType::Int64 => create_udaf(
             "checked_sum",
@@ -200,8 +201,7 @@ impl<T: ArrowNumericType> CheckedSum<T> {
     }
 
     fn value(&self) -> ScalarValue {
-        ScalarValue::new_primitive::<T>(self.total, &T::DATA_TYPE)
-            .unwrap_or(ScalarValue::Null)
+        ScalarValue::new_primitive::<T>(self.total, &T::DATA_TYPE).unwrap_or(ScalarValue::Null)
     }
 }
 

@@ -27,11 +27,11 @@ use crate::catalogue::{Catalogue, CatalogueSchema};
 use crate::config::GatewayLimits;
 use crate::error::GatewayError;
 use crate::limits::RateLimiter;
-use tally_common::queue::FairQueue;
 use crate::lower::{lower, releases_of};
 use crate::parse::{QueryLimits, plan_read_only};
 use crate::planned::{PlanCache, PlannedQuery, StatementPlans};
 use crate::send::{QueryDispatch, ReleaseRun};
+use tally_common::queue::FairQueue;
 
 /// One line of the gateway's audit log.
 #[derive(Debug, Clone, Serialize)]
@@ -564,15 +564,15 @@ impl Gateway {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let result = tokio::time::timeout(remaining, self.execute(decided.plan, &dispatch))
             .await
-                .unwrap_or_else(|_| {
-                    Err(TallyError::new(
-                        ErrorCode::QueryTimeout,
-                        format!(
-                            "the query took longer than the gateway's limit of {:.0} s",
-                            self.query_timeout.as_secs_f64()
-                        ),
-                    ))
-                });
+            .unwrap_or_else(|_| {
+                Err(TallyError::new(
+                    ErrorCode::QueryTimeout,
+                    format!(
+                        "the query took longer than the gateway's limit of {:.0} s",
+                        self.query_timeout.as_secs_f64()
+                    ),
+                ))
+            });
         let runs = dispatch.runs();
         let record = guard.record();
         record.trusts = runs.iter().map(|r| r.trust.clone()).collect();
@@ -615,11 +615,13 @@ impl Gateway {
     ) -> Result<(SchemaRef, Vec<RecordBatch>), TallyError> {
         let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
         let failed = |e| TallyError::from_execution(e, &dispatch.query_id);
+        // Planning reads no trust's data (releases are sent when the plan runs): its errors
+        // are about the analyst's SQL, and are named as such.
         let physical = self
             .state
             .create_physical_plan(&plan)
             .await
-            .map_err(failed)?;
+            .map_err(TallyError::from_planning)?;
         let batches = datafusion::physical_plan::collect(physical, self.task.clone())
             .await
             .map_err(failed)?;

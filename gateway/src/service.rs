@@ -24,7 +24,6 @@ use tally_common::flight::{
     FlightDataStream, MetadataRequest, PROJECT_HEADER, PURPOSE_HEADER, QUERY_ID_HEADER,
     encode_batches, flight_info, header_text, ticket_sql,
 };
-use tally_common::server::guarded;
 use tally_common::{ErrorCode, TallyError};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
@@ -119,7 +118,7 @@ impl GatewayService {
         sql: &str,
         plan: Option<&str>,
     ) -> Result<Response<FlightDataStream>, Status> {
-        let outcome = guarded(async { Ok(self.gateway.run(caller, sql, plan).await?) }).await?;
+        let outcome = self.gateway.run(caller, sql, plan).await?;
         let schema = outcome.schema.clone();
         let batches = futures::stream::iter(outcome.batches.clone().into_iter().map(Ok));
         let mut response = Response::new(encode_batches(schema, batches));
@@ -192,9 +191,10 @@ impl FlightSqlService for GatewayService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let caller = self.identify(&request, &query.query, "describe").await?;
-        let (schema, ticket) =
-            guarded(async { Ok(self.gateway.describe_statement(&caller, &query.query).await?) })
-                .await?;
+        let (schema, ticket) = self
+            .gateway
+            .describe_statement(&caller, &query.query)
+            .await?;
         let ticket = TicketStatementQuery {
             statement_handle: ticket.into(),
         };
@@ -222,8 +222,7 @@ impl FlightSqlService for GatewayService {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let caller = self.identify(&request, &query.query, "describe").await?;
-        let schema =
-            guarded(async { Ok(self.gateway.prepare(&caller, &query.query).await?) }).await?;
+        let schema = self.gateway.prepare(&caller, &query.query).await?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: query.query.into_bytes().into(),
             dataset_schema: schema_bytes(&schema)?,
@@ -270,8 +269,7 @@ impl FlightSqlService for GatewayService {
         let caller = self.identify(&request, &sql, "describe").await?;
         // The endpoint's ticket is a statement ticket naming the plan kept for the run, so
         // the prepared statement is planned, rate-limited and audited once like any other.
-        let (schema, ticket) =
-            guarded(async { Ok(self.gateway.describe_statement(&caller, &sql).await?) }).await?;
+        let (schema, ticket) = self.gateway.describe_statement(&caller, &sql).await?;
         let ticket = TicketStatementQuery {
             statement_handle: ticket.into(),
         };

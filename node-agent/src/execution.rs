@@ -151,10 +151,7 @@ impl Execution {
             return Err(timeout());
         }
         let Some(runtime) = &self.runtime else {
-            return Err(TallyError::new(
-                ErrorCode::Internal,
-                "the node is stopping",
-            ));
+            return Err(TallyError::new(ErrorCode::Internal, "the node is stopping"));
         };
         let mut task = runtime.spawn(Metered {
             work: Box::pin(work),
@@ -190,7 +187,11 @@ impl Execution {
             tokio::spawn(async move {
                 let stopping = Instant::now();
                 let _ = task.await;
-                tracing::info!(query_id, stopped_after_ms = stopping.elapsed().as_millis() as u64, "an aborted query stopped");
+                tracing::info!(
+                    query_id,
+                    stopped_after_ms = stopping.elapsed().as_millis() as u64,
+                    "an aborted query stopped"
+                );
                 drop(slot);
             });
         }
@@ -213,17 +214,17 @@ impl<T> Future for Metered<T> {
         let polled = self.work.as_mut().poll(cx);
         let spent = self.spent + thread_cpu_time().saturating_sub(before);
         self.spent = spent;
-        match polled {
-            Poll::Ready(result) => Poll::Ready(result),
-            Poll::Pending if spent > self.budget => Poll::Ready(Err(TallyError::new(
+        // Over budget is over budget, whether or not the work had just finished.
+        if spent > self.budget {
+            return Poll::Ready(Err(TallyError::new(
                 ErrorCode::CpuBudget,
                 format!(
-                    "the query used more than this trust's processor-time budget of {:.0} s",
+                    "the query used more than this trust's processor-time budget of {} s",
                     self.budget.as_secs_f64()
                 ),
-            ))),
-            Poll::Pending => Poll::Pending,
+            )));
         }
+        polled
     }
 }
 

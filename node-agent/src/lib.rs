@@ -45,6 +45,8 @@ pub struct NodeHandle {
     pub audit: Arc<AuditLog<NodeAuditRecord>>,
     /// The trust's policy (reloaded when its files change or on SIGHUP).
     pub policy: Arc<Policy>,
+    /// The queue its queries wait in for a running slot.
+    pub queue: Arc<tally_common::queue::FairQueue>,
     server: Option<RunningServer>,
     dial_out: Option<DialOut>,
     watcher: tokio::task::JoinHandle<()>,
@@ -185,6 +187,10 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
             ));
         }
     };
+    let execution = Arc::new(
+        execution::Execution::new(&config.limits)
+            .map_err(|e| NodeError::Engine(format!("the query runtime: {e}")))?,
+    );
     let service = NodeService::new(
         config.trust.code.clone(),
         identity,
@@ -195,10 +201,7 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         table_infos,
         policy.clone(),
         audit.clone(),
-        Arc::new(
-            execution::Execution::new(&config.limits)
-                .map_err(|e| NodeError::Engine(format!("the query runtime: {e}")))?,
-        ),
+        execution.clone(),
         privacy,
     );
     let flight = wire::NodeFlight::new(service);
@@ -246,6 +249,7 @@ pub async fn start(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
         listen_addr,
         audit,
         policy,
+        queue: execution.queue().clone(),
         server,
         dial_out,
         watcher,

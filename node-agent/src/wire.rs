@@ -12,7 +12,6 @@ use arrow_flight::{
 };
 use futures::stream::BoxStream;
 use prost::Message;
-use tally_common::server::guarded;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::service::NodeService;
@@ -53,7 +52,7 @@ impl FlightService for NodeFlight {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        guarded(FlightService::get_flight_info(&self.inner, request)).await
+        FlightService::get_flight_info(&self.inner, request).await
     }
 
     async fn do_get(
@@ -66,7 +65,7 @@ impl FlightService for NodeFlight {
                 .refuse_request(&request, "an undecodable ticket")
                 .await);
         }
-        guarded(FlightService::do_get(&self.inner, request)).await
+        FlightService::do_get(&self.inner, request).await
     }
 
     async fn list_flights(&self, request: Request<Criteria>) -> Refused<FlightInfo> {
