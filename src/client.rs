@@ -8,7 +8,9 @@ use arrow::record_batch::RecordBatch;
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
-use tally_common::flight::{PROJECT_HEADER, PURPOSE_HEADER, header_text, http_url};
+use tally_common::flight::{
+    PROJECT_HEADER, PURPOSE_HEADER, QUERY_ID_HEADER, header_text, http_url,
+};
 use tally_common::tls::client_tls;
 use tally_gateway::budget::BudgetReport;
 use tally_gateway::{BUDGET_ACTION, TRUSTS_HEADER};
@@ -55,6 +57,8 @@ pub struct Answer {
     pub batches: Vec<RecordBatch>,
     /// Trusts that contributed, as reported by the gateway.
     pub trusts: Vec<String>,
+    /// The gateway's query id (its audit log's and the trusts').
+    pub query_id: String,
     /// Round-trip time seen by the client.
     pub elapsed: Duration,
 }
@@ -178,6 +182,7 @@ impl AnalystClient {
         );
         let mut batches = Vec::new();
         let mut trusts = Vec::new();
+        let mut query_id = String::new();
         for endpoint in info.endpoint {
             let Some(ticket) = endpoint.ticket else {
                 continue;
@@ -189,6 +194,7 @@ impl AnalystClient {
                 .filter(|s| !s.is_empty())
                 .map(str::to_string)
                 .collect();
+            query_id = header_text(headers, QUERY_ID_HEADER);
             let mut got: Vec<RecordBatch> = stream.try_collect().await.map_err(refused)?;
             batches.append(&mut got);
         }
@@ -196,6 +202,7 @@ impl AnalystClient {
             schema,
             batches,
             trusts,
+            query_id,
             elapsed: started.elapsed(),
         })
     }

@@ -292,21 +292,35 @@ pub async fn start(
         policies,
         security,
         state,
-        GatewayLimits::default(),
+        &Limits::default(),
     )
     .await
 }
 
-/// As [`start`], with the gateway's `limits` (a fuzzer or a load test raises its rate limits).
+/// The gateway's and every node's limits, for [`start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// The gateway's.
+    pub gateway: GatewayLimits,
+    /// Every node's.
+    pub node: NodeLimits,
+}
+
+/// As [`start`], within `limits` (a fuzzer or a load test raises the gateway's rates, say).
 pub async fn start_with(
     data_dir: &Path,
     gateway_listen: SocketAddr,
     policies: &Path,
     security: Security,
     state: &Path,
-    limits: GatewayLimits,
+    limits: &Limits,
 ) -> Result<LocalFederation, String> {
     let identity = identity_provider(data_dir)?;
+    let configure = |trust: &TrustSpec| {
+        let mut config = node_config(data_dir, trust, policies, &security, &identity, state);
+        config.limits = limits.node.clone();
+        config
+    };
     let mut trusts = default_trusts();
     let dialing = match &security {
         Security::Tls(folder) => trusts.pop().map(|trust| (trust, folder.clone())),
@@ -315,11 +329,9 @@ pub async fn start_with(
     let mut nodes = Vec::new();
     let mut endpoints = Vec::new();
     for trust in &trusts {
-        let node = tally_node::start(&node_config(
-            data_dir, trust, policies, &security, &identity, state,
-        ))
-        .await
-        .map_err(|e| format!("trust {}: {e}", trust.code))?;
+        let node = tally_node::start(&configure(trust))
+            .await
+            .map_err(|e| format!("trust {}: {e}", trust.code))?;
         let addr = node
             .listen_addr
             .ok_or_else(|| format!("trust {}: the node is not listening", trust.code))?;
@@ -334,7 +346,7 @@ pub async fn start_with(
         &identity,
         state,
     );
-    config.limits = limits;
+    config.limits = limits.gateway.clone();
     if let Some((trust, folder)) = &dialing {
         dial_in(&mut config, trust.code, trust.name, folder);
     }
@@ -342,7 +354,7 @@ pub async fn start_with(
         .await
         .map_err(|e| e.to_string())?;
     if let (Some((trust, _)), Some(port)) = (&dialing, gateway.trust_port_addr) {
-        let mut config = node_config(data_dir, trust, policies, &security, &identity, state);
+        let mut config = configure(trust);
         config.listen = None;
         config.gateway = Some(dialing_out_to(port));
         let node = tally_node::start(&config)

@@ -4,6 +4,8 @@
 //! untouched.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,6 +22,8 @@ const BURST: Duration = Duration::from_millis(1);
 pub struct Link {
     /// Where to connect instead of the site.
     pub addr: SocketAddr,
+    /// Bytes per second each way (an `f64`'s bits), read for every chunk.
+    rate: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -27,18 +31,15 @@ impl Link {
     /// Listens on a loopback port and forwards each connection to `site`, at most
     /// `mbit_per_s` megabits per second each way.
     pub async fn start(site: SocketAddr, mbit_per_s: f64) -> Result<Link, String> {
-        if mbit_per_s.is_nan() || mbit_per_s <= 0.0 {
-            return Err(format!(
-                "a link needs a positive rate, not {mbit_per_s} Mbit/s"
-            ));
-        }
+        let rate = Arc::new(AtomicU64::new(bytes_per_s(mbit_per_s)?.to_bits()));
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let bytes_per_s = mbit_per_s * 1e6 / 8.0;
+        let shared = rate.clone();
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
+                let rate = shared.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(site).await else {
                         return;
@@ -48,14 +49,30 @@ impl Link {
                     let (from_gateway, to_gateway) = inbound.into_split();
                     let (from_site, to_site) = outbound.into_split();
                     tokio::join!(
-                        pace(from_gateway, to_site, bytes_per_s),
-                        pace(from_site, to_gateway, bytes_per_s)
+                        pace(from_gateway, to_site, &rate),
+                        pace(from_site, to_gateway, &rate)
                     );
                 });
             }
         });
-        Ok(Link { addr, task })
+        Ok(Link { addr, rate, task })
     }
+
+    /// Changes the rate of every connection, open or to come (a link slowing down).
+    pub fn set_rate(&self, mbit_per_s: f64) -> Result<(), String> {
+        self.rate
+            .store(bytes_per_s(mbit_per_s)?.to_bits(), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn bytes_per_s(mbit_per_s: f64) -> Result<f64, String> {
+    if mbit_per_s.is_nan() || mbit_per_s <= 0.0 {
+        return Err(format!(
+            "a link needs a positive rate, not {mbit_per_s} Mbit/s"
+        ));
+    }
+    Ok(mbit_per_s * 1e6 / 8.0)
 }
 
 impl Drop for Link {
@@ -64,8 +81,8 @@ impl Drop for Link {
     }
 }
 
-/// Copies `from` to `to` no faster than `bytes_per_s` on average, then closes `to`.
-async fn pace(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, bytes_per_s: f64) {
+/// Copies `from` to `to` no faster than `rate` bytes per second on average, then closes `to`.
+async fn pace(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, rate: &AtomicU64) {
     let mut buffer = vec![0u8; 64 * 1024];
     let mut free_at = Instant::now();
     loop {
@@ -74,6 +91,7 @@ async fn pace(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, bytes_per_s: f64)
             Ok(n) => n,
         };
         let now = Instant::now();
+        let bytes_per_s = f64::from_bits(rate.load(Ordering::Relaxed));
         free_at = free_at.max(now) + Duration::from_secs_f64(n as f64 / bytes_per_s);
         if free_at > now + BURST {
             tokio::time::sleep_until(free_at - BURST).await;

@@ -22,7 +22,8 @@ fn a_bounded_fuzz_run_finds_no_panic_hang_or_untyped_error() {
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let policies =
-            tally_bench::fuzz::policies(&default_policies(), &dir.path().join("policies")).unwrap();
+            tally_bench::unlimited_budgets(&default_policies(), &dir.path().join("policies"))
+                .unwrap();
         let limits = tally_gateway::GatewayLimits {
             queries_per_minute_per_user: u32::MAX,
             queries_per_minute_per_project: u32::MAX,
@@ -34,7 +35,10 @@ fn a_bounded_fuzz_run_finds_no_panic_hang_or_untyped_error() {
             &policies,
             Security::InsecureLoopback,
             dir.path(),
-            limits,
+            &federation::Limits {
+                gateway: limits,
+                node: Default::default(),
+            },
         )
         .await
         .unwrap();

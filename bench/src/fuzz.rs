@@ -1354,22 +1354,3 @@ fn mutate_bytes(rng: &mut StdRng, data: &mut Vec<u8>) {
         }
     }
 }
-
-/// A copy of the policy folder `from` in `to` whose demo project's budget never runs out,
-/// so that every fuzzed release is decided and run rather than refused for budget.
-pub fn policies(
-    from: &std::path::Path,
-    to: &std::path::Path,
-) -> Result<std::path::PathBuf, String> {
-    crate::compare::copy_policy_files(from, to)?;
-    let path = to.join("catalogue.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
-    let mut catalogue: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    let project = catalogue
-        .pointer_mut("/governance/projects/uec-demand")
-        .ok_or("the catalogue has no uec-demand project")?;
-    project["budget"] = serde_json::json!({ "rho_cap": 1.0e6 });
-    std::fs::write(&path, catalogue.to_string()).map_err(|e| e.to_string())?;
-    Ok(to.to_path_buf())
-}

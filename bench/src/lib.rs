@@ -4,8 +4,10 @@
 pub mod compare;
 mod data;
 pub mod fuzz;
+pub mod isolation;
 pub mod report;
 mod rows;
+pub mod soak;
 pub mod workload;
 
 use std::path::Path;
@@ -170,4 +172,23 @@ pub async fn links(data: &Path, policies: &Path, rounds: usize) -> Result<String
     }
     let _ = std::fs::remove_dir_all(certs.parent().unwrap_or(&certs));
     Ok(report)
+}
+
+/// A copy of the policy folder `from` in `to` whose projects' budgets never run out, so that
+/// a long run's releases are decided and run rather than refused for budget.
+pub fn unlimited_budgets(from: &Path, to: &Path) -> Result<std::path::PathBuf, String> {
+    compare::copy_policy_files(from, to)?;
+    let path = to.join("catalogue.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+    let mut catalogue: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let projects = catalogue
+        .pointer_mut("/governance/projects")
+        .and_then(serde_json::Value::as_object_mut)
+        .ok_or("the catalogue has no projects")?;
+    for project in projects.values_mut() {
+        project["budget"] = serde_json::json!({ "rho_cap": 1.0e6 });
+    }
+    std::fs::write(&path, catalogue.to_string()).map_err(|e| e.to_string())?;
+    Ok(to.to_path_buf())
 }

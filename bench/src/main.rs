@@ -122,6 +122,43 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         hang_secs: u64,
     },
+    /// One project's heaviest queries against another project's small ones at the same
+    /// trusts: the small ones' latency before, during and after, and memory given back.
+    Isolation {
+        /// Where generated data is kept.
+        #[arg(long, default_value = "target/isolation")]
+        root: PathBuf,
+        /// Patients to generate across the three trusts.
+        #[arg(long, default_value_t = 400_000)]
+        patients: usize,
+        /// Clients sending heavy queries at once.
+        #[arg(long, default_value_t = 4)]
+        heavy_clients: usize,
+        /// Seconds of each phase.
+        #[arg(long, default_value_t = 30)]
+        phase_secs: u64,
+        /// Each trust's processor-time budget per query, seconds.
+        #[arg(long, default_value_t = 1.0)]
+        cpu_budget_secs: f64,
+    },
+    /// Soak: the gateway and three nodes as processes, N clients for M minutes with a
+    /// realistic mix, and faults on a schedule (a node killed, a node stopped, the gateway
+    /// killed, a link slowed, a node restarted); fails on a lost audit record, an untyped
+    /// error, or a fault not recovered from within 10 s.
+    Soak {
+        /// Where data, configs, logs and state are kept.
+        #[arg(long, default_value = "target/soak")]
+        root: PathBuf,
+        /// Analyst clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Minutes to run.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Run without faults.
+        #[arg(long)]
+        no_faults: bool,
+    },
     /// (internal) Serve one site's rows for the Row shipping baseline.
     #[command(hide = true)]
     ServeRows {
@@ -200,6 +237,38 @@ async fn run(command: Command) -> Result<(), String> {
             write_report(&report, &out)
         }
         Command::ServeRows { dir } => tally_bench::compare::serve_rows(&dir).await,
+        Command::Soak {
+            root,
+            clients,
+            minutes,
+            no_faults,
+        } => {
+            let options = tally_bench::soak::Options {
+                root,
+                clients,
+                minutes,
+                faults: !no_faults,
+            };
+            println!("{}", tally_bench::soak::run(&options).await?);
+            Ok(())
+        }
+        Command::Isolation {
+            root,
+            patients,
+            heavy_clients,
+            phase_secs,
+            cpu_budget_secs,
+        } => {
+            let options = tally_bench::isolation::Options {
+                root,
+                patients,
+                heavy_clients,
+                phase_secs,
+                cpu_budget_secs,
+            };
+            println!("{}", tally_bench::isolation::run(&options).await?);
+            Ok(())
+        }
         Command::Fuzz {
             root,
             statements,
@@ -211,7 +280,7 @@ async fn run(command: Command) -> Result<(), String> {
             let data = root.join("data");
             federation::ensure_data(&data, 20_000, 42)?;
             let shipped = federation::policies_folder(None, &data)?;
-            let policies = tally_bench::fuzz::policies(&shipped, &root.join("policies"))?;
+            let policies = tally_bench::unlimited_budgets(&shipped, &root.join("policies"))?;
             let state = tempfile::tempdir().map_err(|e| e.to_string())?;
             let limits = tally_gateway::GatewayLimits {
                 queries_per_minute_per_user: u32::MAX,
@@ -224,7 +293,10 @@ async fn run(command: Command) -> Result<(), String> {
                 &policies,
                 federation::Security::InsecureLoopback,
                 state.path(),
-                limits,
+                &federation::Limits {
+                    gateway: limits,
+                    node: Default::default(),
+                },
             )
             .await?;
             let token = local.analyst_token()?;

@@ -273,6 +273,9 @@ impl fmt::Display for ErrorCode {
     }
 }
 
+/// The longest error message sent, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
 /// An error Tally is willing to show: a stable code and a message written by us.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
@@ -366,9 +369,20 @@ impl TallyError {
         DataFusionError::External(Box::new(self))
     }
 
-    /// The gRPC status carrying `CODE: message`.
+    /// The gRPC status carrying `CODE: message`, the message cut to [`MAX_MESSAGE_BYTES`]
+    /// (it travels in an HTTP/2 header, and a syntax error quotes the analyst's token:
+    /// a 60 KB string literal would otherwise break the connection).
     pub fn to_status(&self) -> Status {
-        Status::new(self.code.grpc_code(), self.to_string())
+        let mut text = self.to_string();
+        if text.len() > MAX_MESSAGE_BYTES {
+            let mut end = MAX_MESSAGE_BYTES;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            text.push('…');
+        }
+        Status::new(self.code.grpc_code(), text)
     }
 
     /// Reads a status sent by a Tally peer back into a typed error, if it carries our format.
@@ -481,6 +495,19 @@ mod tests {
             let back = TallyError::from_status(&err.to_status()).expect("our format");
             assert_eq!(back, err);
         }
+    }
+
+    #[test]
+    fn a_long_message_is_cut_at_a_character_boundary() {
+        let quoted = format!(
+            "Expected: end of statement, found: '{}'",
+            "é".repeat(40_000)
+        );
+        let status = TallyError::new(ErrorCode::SqlSyntax, quoted).to_status();
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
+        assert!(status.message().ends_with('…'));
+        let back = TallyError::from_status(&status).expect("still ours");
+        assert_eq!(back.code, ErrorCode::SqlSyntax);
     }
 
     #[test]

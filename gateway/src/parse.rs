@@ -37,6 +37,13 @@ pub const MAX_SQL_SELECTS: usize = 64;
 /// Deepest nesting of brackets (`(`, `[`, `{`) accepted by default.
 pub const MAX_SQL_NESTING: usize = 64;
 
+/// Deepest nesting of brackets that follow a word (calls such as `CAST(`, `abs(`, `ARRAY[`,
+/// subqueries after `IN (` or `FROM (`) accepted by default. The SQL parser retries a
+/// keyword construct that fails (`CAST(...)`) as a function call, so a failure inside
+/// such constructs nested `n` deep is parsed 2^n times: 20 took 2 s, 30 would take
+/// half an hour. At 12 the worst case parses in milliseconds.
+pub const MAX_SQL_CALL_NESTING: usize = 12;
+
 /// Most tables a query may read by default, counting each use of a CTE as the tables its
 /// body reads (a long join is a deep plan; a CTE used twice by a CTE used twice ... grows
 /// exponentially).
@@ -57,6 +64,8 @@ pub struct QueryLimits {
     pub max_sql_selects: usize,
     /// Deepest bracket nesting accepted (see [`MAX_SQL_NESTING`]).
     pub max_sql_nesting: usize,
+    /// Deepest nesting of brackets after a word accepted (see [`MAX_SQL_CALL_NESTING`]).
+    pub max_sql_call_nesting: usize,
     /// Most tables read, CTE uses expanded (see [`MAX_SQL_RELATIONS`]).
     pub max_sql_relations: usize,
 }
@@ -70,6 +79,7 @@ impl Default for QueryLimits {
             max_sql_operators: MAX_SQL_OPERATORS,
             max_sql_selects: MAX_SQL_SELECTS,
             max_sql_nesting: MAX_SQL_NESTING,
+            max_sql_call_nesting: MAX_SQL_CALL_NESTING,
             max_sql_relations: MAX_SQL_RELATIONS,
         }
     }
@@ -165,6 +175,8 @@ struct TokenCounts {
     selects: usize,
     /// Deepest bracket nesting.
     deepest: usize,
+    /// Deepest nesting of brackets that follow a word.
+    deepest_calls: usize,
     /// Tables read, counting each use of a CTE as the tables it reads (see [`relations`]).
     relations: u64,
 }
@@ -221,6 +233,11 @@ pub fn check_tokens(
             counts.deepest,
             limits.max_sql_nesting,
         ),
+        (
+            "levels of calls, casts or subqueries nested in one another",
+            counts.deepest_calls,
+            limits.max_sql_call_nesting,
+        ),
     ];
     for (what, found, limit) in checks {
         if found > limit {
@@ -246,6 +263,8 @@ fn count_tokens(tokens: &[&Token]) -> TokenCounts {
     };
     // Whether each open bracket level is inside a FROM list (where a comma adds a table).
     let mut in_from = vec![false];
+    // Whether each open bracket level follows a word (a call, a cast, a subquery).
+    let mut after_word = vec![false];
     // Tokens that bring a table into a query: FROM, JOIN, and commas of FROM lists.
     let mut table_slots = vec![false; tokens.len()];
     for (at, token) in tokens.iter().enumerate() {
@@ -257,9 +276,13 @@ fn count_tokens(tokens: &[&Token]) -> TokenCounts {
                 }
                 in_from.push(false);
                 counts.deepest = counts.deepest.max(in_from.len() - 1);
+                after_word.push(at > 0 && matches!(tokens[at - 1], Token::Word(_)));
+                let calls = after_word.iter().filter(|w| **w).count();
+                counts.deepest_calls = counts.deepest_calls.max(calls);
             }
             Token::RParen | Token::RBracket | Token::RBrace if in_from.len() > 1 => {
                 in_from.pop();
+                after_word.pop();
             }
             Token::Comma if in_from.last().copied().unwrap_or(false) => table_slots[at] = true,
             // `a.b.c`: each period after the first of a chain is a field access.
@@ -641,6 +664,18 @@ mod tests {
             ("65 CTEs", ctes(65)),
             ("65 unions", chain("SELECT 1", " UNION ALL ", 65)),
             ("nested brackets", nested(65)),
+            (
+                "13 CASTs failing inside",
+                format!(
+                    "SELECT {}1 AS ){}",
+                    "CAST(".repeat(13),
+                    " AS INT)".repeat(12)
+                ),
+            ),
+            (
+                "13 nested calls",
+                format!("SELECT {}1{}", "abs(".repeat(13), ")".repeat(13)),
+            ),
             ("4,001 tokens", format!("SELECT {}", chain("1", ",", 2_001))),
             ("1,300 tables by commas", join(1_300, true)),
             ("600 JOINs", join(600, false)),
@@ -691,6 +726,11 @@ mod tests {
             // The final SELECT is a block too.
             ctes(limits.max_sql_selects - 1),
             nested(limits.max_sql_nesting),
+            format!(
+                "SELECT {}1{}",
+                "abs(".repeat(limits.max_sql_call_nesting),
+                ")".repeat(limits.max_sql_call_nesting)
+            ),
             join(limits.max_sql_relations, true),
             doubling_ctes(6),
         ];

@@ -1,0 +1,217 @@
+//! One project's heaviest queries against another's small ones at the same trusts (issue
+//! 14's first measure). A local federation (in this process, plaintext on loopback) serves
+//! generated data; one client of project `cardiac-audit` sends small queries throughout;
+//! during the middle phase clients of project `uec-demand` send, back to back, the heaviest
+//! release the model and the default policy allow, each with a new constant (so no stored
+//! answer serves it), which the trusts stop at their processor-time budget. Reported: the
+//! small queries' latency before, during and after, every outcome by code, and the
+//! process's resident memory before the heavy phase and after it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tally::client::AnalystClient;
+use tally::federation::{self, Limits, Security};
+use tokio::sync::Mutex;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where data and policies are kept.
+    pub root: PathBuf,
+    /// Patients to generate across the three trusts.
+    pub patients: usize,
+    /// Clients sending heavy queries at once.
+    pub heavy_clients: usize,
+    /// Seconds of each phase (before, during, after the heavy queries).
+    pub phase_secs: u64,
+    /// Each trust's processor-time budget per query, seconds.
+    pub cpu_budget_secs: f64,
+}
+
+/// The small queries: a dashboard's, repeated.
+const SMALL: &[&str] = &[
+    "SELECT specialty, COUNT(*) FROM episodes GROUP BY specialty",
+    "SELECT admission_method, COUNT(*) FROM episodes GROUP BY admission_method",
+    "SELECT year(admission_date) AS y, COUNT(*) FROM episodes GROUP BY 1",
+];
+
+/// The heaviest release the default policy allows: the declared join, eight dimensions,
+/// every aggregate of both measures, a filter (with `{k}` a new constant each time).
+const HEAVY: &str = "SELECT age_band(e.age_at_admission), month(e.admission_date), \
+    month(e.discharge_date), e.specialty, e.admission_method, e.trust_code, p.sex, p.ethnicity, \
+    COUNT(*), COUNT(e.cost), COUNT(e.length_of_stay), SUM(e.cost), SUM(e.length_of_stay), \
+    AVG(e.cost), AVG(e.length_of_stay), STDDEV(e.cost), STDDEV(e.length_of_stay), \
+    STDDEV_POP(e.cost), STDDEV_POP(e.length_of_stay), VARIANCE(e.cost), \
+    VARIANCE(e.length_of_stay), VAR_POP(e.cost), VAR_POP(e.length_of_stay) \
+    FROM episodes e JOIN patients p ON e.person_id = p.person_id \
+    WHERE e.cost > {k} AND p.imd_decile <> 11 \
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8";
+
+/// Latencies and outcomes of one kind of query in one phase.
+#[derive(Default)]
+struct Tally {
+    millis: Vec<f64>,
+    by_code: BTreeMap<String, usize>,
+}
+
+impl Tally {
+    fn add(&mut self, took: Duration, outcome: Result<(), String>) {
+        self.millis.push(took.as_secs_f64() * 1e3);
+        let code = match outcome {
+            Ok(()) => "answered".to_string(),
+            Err(message) => message.split(':').next().unwrap_or("?").to_string(),
+        };
+        *self.by_code.entry(code).or_default() += 1;
+    }
+
+    fn line(&mut self, label: &str) -> String {
+        self.millis.sort_by(f64::total_cmp);
+        let at = |p: f64| {
+            let n = self.millis.len();
+            if n == 0 {
+                return f64::NAN;
+            }
+            self.millis[(((n - 1) as f64) * p).round() as usize]
+        };
+        format!(
+            "| {label} | {} | {:.1} | {:.1} | {:.1} | {:?} |",
+            self.millis.len(),
+            at(0.5),
+            at(0.99),
+            at(1.0),
+            self.by_code
+        )
+    }
+}
+
+/// The process's resident memory, MiB (Linux).
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Runs the three phases and returns a Markdown report.
+pub async fn run(options: &Options) -> Result<String, String> {
+    let data = options.root.join(format!("data-{}", options.patients));
+    federation::ensure_data(&data, options.patients, 42)?;
+    let shipped = federation::policies_folder(None, &data)?;
+    let policies = crate::unlimited_budgets(&shipped, &options.root.join("policies"))?;
+    let state = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let limits = Limits {
+        gateway: tally_gateway::GatewayLimits {
+            queries_per_minute_per_user: u32::MAX,
+            queries_per_minute_per_project: u32::MAX,
+            ..Default::default()
+        },
+        node: tally_node::NodeLimits {
+            query_cpu_secs: Some(options.cpu_budget_secs),
+            ..Default::default()
+        },
+    };
+    let local = federation::start_with(
+        &data,
+        "127.0.0.1:0".parse().map_err(|_| "address")?,
+        &policies,
+        Security::InsecureLoopback,
+        state.path(),
+        &limits,
+    )
+    .await?;
+    let token = local.analyst_token()?;
+    let target = local.gateway_target();
+    let mut small = AnalystClient::connect_for(&target, &token, "cardiac-audit", "research")
+        .await
+        .map_err(|e| e.to_string())?;
+    let phase = Duration::from_secs(options.phase_secs);
+    let mut report = String::from(
+        "| phase | small queries | p50 ms | p99 ms | max ms | outcomes |\n|---|---|---|---|---|---|\n",
+    );
+    let mut before = Tally::default();
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < phase {
+        let began = Instant::now();
+        let outcome = small.query(SMALL[i % SMALL.len()]).await.map(drop);
+        before.add(began.elapsed(), outcome.map_err(|e| e.to_string()));
+        i += 1;
+    }
+    report.push_str(&before.line("before"));
+    report.push('\n');
+    let rss_before = rss_mib();
+
+    let heavy = Arc::new(Mutex::new(Tally::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let constant = Arc::new(AtomicUsize::new(0));
+    let mut heavy_tasks = Vec::new();
+    for _ in 0..options.heavy_clients {
+        let (heavy, stop, constant) = (heavy.clone(), stop.clone(), constant.clone());
+        let mut client = AnalystClient::connect_for(&target, &token, "uec-demand", "research")
+            .await
+            .map_err(|e| e.to_string())?;
+        heavy_tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let k = constant.fetch_add(1, Ordering::SeqCst);
+                let sql = HEAVY.replace("{k}", &k.to_string());
+                let began = Instant::now();
+                let outcome = client.query(&sql).await.map(drop);
+                heavy
+                    .lock()
+                    .await
+                    .add(began.elapsed(), outcome.map_err(|e| e.to_string()));
+            }
+        }));
+    }
+    let mut during = Tally::default();
+    let loaded = Instant::now();
+    let mut rss_peak = rss_before;
+    while loaded.elapsed() < phase {
+        let began = Instant::now();
+        let outcome = small.query(SMALL[i % SMALL.len()]).await.map(drop);
+        during.add(began.elapsed(), outcome.map_err(|e| e.to_string()));
+        rss_peak = rss_peak.max(rss_mib());
+        i += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for task in heavy_tasks {
+        let _ = task.await;
+    }
+    report.push_str(&during.line("during heavy queries"));
+    report.push('\n');
+
+    let mut after = Tally::default();
+    let settled = Instant::now();
+    while settled.elapsed() < phase {
+        let began = Instant::now();
+        let outcome = small.query(SMALL[i % SMALL.len()]).await.map(drop);
+        after.add(began.elapsed(), outcome.map_err(|e| e.to_string()));
+        i += 1;
+    }
+    report.push_str(&after.line("after"));
+    report.push('\n');
+    let rss_after = rss_mib();
+    let mut heavy = std::mem::take(&mut *heavy.lock().await);
+    report.push_str(&format!(
+        "\n| heavy queries ({} clients, CPU budget {} s) | count | p50 ms | p99 ms | max ms | outcomes |\n|---|---|---|---|---|---|\n{}\n",
+        options.heavy_clients,
+        options.cpu_budget_secs,
+        heavy.line("uec-demand").replacen("| uec-demand |", "| |", 1)
+    ));
+    report.push_str(&format!(
+        "\nresident memory (gateway and three nodes in one process): before {rss_before:.0} MiB, peak {rss_peak:.0} MiB, after {rss_after:.0} MiB ({:+.1} %)\n",
+        (rss_after / rss_before - 1.0) * 100.0
+    ));
+    local.stop().await;
+    Ok(report)
+}
