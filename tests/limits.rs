@@ -265,7 +265,7 @@ async fn a_busy_trust_queues_a_query_and_refuses_beyond_its_queue() {
     let held = rxa
         .queue
         .admit(
-            "project 'other'",
+            &tally_common::queue::tenant_key(&["other"]),
             std::time::Instant::now() + std::time::Duration::from_secs(60),
             "test",
         )
@@ -276,13 +276,12 @@ async fn a_busy_trust_queues_a_query_and_refuses_beyond_its_queue() {
     // RXA holds the first query in the project's queue ...
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "the query waits for RXA's slot");
-    // ... and, that queue being full, refuses a colleague's query at once, by name.
+    // ... and, that queue being full, refuses a colleague's query at once; which trust is
+    // busy is not said (how long the queries ahead run depends on the data).
     let mut colleague = connect(&gateway, &colleague_token()).await;
     let err = expect_refusal(colleague.query(SQL).await);
-    assert!(
-        err.starts_with("E_BUSY") && err.contains("RXA") && err.contains("waiting to run"),
-        "{err}"
-    );
+    assert!(err.starts_with("E_BUSY"), "{err}");
+    assert_names_no_trust(&err);
     let refusal = rxa.audit.recent().pop().expect("RXA audited the refusal");
     assert_eq!(
         (refusal.outcome, refusal.codes),
@@ -363,6 +362,9 @@ async fn arithmetic_over_released_values_fails_on_overflow_instead_of_wrapping()
         "SELECT SUM(n) FROM (SELECT sex, COUNT(*) * 4611686018427387904 AS n FROM patients GROUP BY sex) t",
         "SELECT SUM(n) FROM (SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex \
          UNION ALL SELECT 'x', 9223372036854775807) t",
+        // A running total of 2^62 per sex.
+        "SELECT sex, SUM(n) OVER (ORDER BY sex) AS running FROM (SELECT sex, \
+         4611686018427387904 + COUNT(*) - COUNT(*) AS n FROM patients GROUP BY sex) t",
     ] {
         let err = expect_refusal(client.query(sql).await);
         assert!(err.starts_with("E_OVERFLOW"), "{sql}: {err}");
@@ -394,5 +396,47 @@ async fn arithmetic_over_released_values_fails_on_overflow_instead_of_wrapping()
         assert_eq!(odd.value(row) % 2, 1);
         assert_eq!(odd.value(row), -2 * negated.value(row) + 1);
     }
+    // Sums of checked sums, and running totals that fit, are answered as before.
+    let total = |answer: &tally::client::Answer, column: usize| -> Vec<i64> {
+        answer
+            .batches
+            .iter()
+            .flat_map(|b| {
+                let values = b
+                    .column(column)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .expect("whole numbers")
+                    .clone();
+                values.values().to_vec()
+            })
+            .collect()
+    };
+    let counts = client
+        .query("SELECT sex, COUNT(*) + 1 AS k FROM patients GROUP BY sex ORDER BY sex")
+        .await
+        .expect("counts");
+    let summed = client
+        .query("SELECT SUM(k) FROM (SELECT sex, COUNT(*) + 1 AS k FROM patients GROUP BY sex) t")
+        .await
+        .expect("a sum of checked sums");
+    let running = client
+        .query(
+            "SELECT sex, SUM(k) OVER (ORDER BY sex) AS running FROM \
+             (SELECT sex, COUNT(*) + 1 AS k FROM patients GROUP BY sex) t ORDER BY sex",
+        )
+        .await
+        .expect("a running total that fits");
+    let each = total(&counts, 1);
+    assert_eq!(total(&summed, 0), [each.iter().sum::<i64>()]);
+    let mut so_far = 0;
+    let expected: Vec<i64> = each
+        .iter()
+        .map(|k| {
+            so_far += k;
+            so_far
+        })
+        .collect();
+    assert_eq!(total(&running, 1), expected);
     stop(gateway, nodes).await;
 }

@@ -45,10 +45,10 @@ const HEAVY: &str = "SELECT age_band(e.age_at_admission), month(e.admission_date
     month(e.discharge_date), e.specialty, e.admission_method, e.trust_code, p.sex, p.ethnicity, \
     COUNT(*), COUNT(e.cost), COUNT(e.length_of_stay), SUM(e.cost), SUM(e.length_of_stay), \
     AVG(e.cost), AVG(e.length_of_stay), STDDEV(e.cost), STDDEV(e.length_of_stay), \
-    STDDEV_POP(e.cost), STDDEV_POP(e.length_of_stay), VARIANCE(e.cost), \
-    VARIANCE(e.length_of_stay), VAR_POP(e.cost), VAR_POP(e.length_of_stay) \
+    STDDEV_POP(e.cost), STDDEV_POP(e.length_of_stay), VAR_SAMP(e.cost), \
+    VAR_SAMP(e.length_of_stay), VAR_POP(e.cost), VAR_POP(e.length_of_stay) \
     FROM episodes e JOIN patients p ON e.person_id = p.person_id \
-    WHERE e.cost > {k} AND p.imd_decile <> 11 \
+    WHERE e.age_at_admission <> {k} AND p.imd_decile <> 11 \
     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8";
 
 /// Latencies and outcomes of one kind of query in one phase.
@@ -88,18 +88,23 @@ impl Tally {
     }
 }
 
-/// The process's resident memory, MiB (Linux).
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+/// Sends the small queries one after another for `phase`, noting the peak resident memory.
+async fn small_phase(
+    small: &mut AnalystClient,
+    phase: Duration,
+    sent: &mut usize,
+    rss_peak: &mut f64,
+) -> Tally {
+    let mut tally = Tally::default();
+    let started = Instant::now();
+    while started.elapsed() < phase {
+        let began = Instant::now();
+        let outcome = small.query(SMALL[*sent % SMALL.len()]).await.map(drop);
+        tally.add(began.elapsed(), outcome.map_err(|e| e.to_string()));
+        *rss_peak = rss_peak.max(crate::rss_mib(None));
+        *sent += 1;
+    }
+    tally
 }
 
 /// Runs the three phases and returns a Markdown report.
@@ -138,18 +143,12 @@ pub async fn run(options: &Options) -> Result<String, String> {
     let mut report = String::from(
         "| phase | small queries | p50 ms | p99 ms | max ms | outcomes |\n|---|---|---|---|---|---|\n",
     );
-    let mut before = Tally::default();
-    let started = Instant::now();
-    let mut i = 0;
-    while started.elapsed() < phase {
-        let began = Instant::now();
-        let outcome = small.query(SMALL[i % SMALL.len()]).await.map(drop);
-        before.add(began.elapsed(), outcome.map_err(|e| e.to_string()));
-        i += 1;
-    }
+    let mut sent = 0;
+    let mut rss_peak = 0.0;
+    let mut before = small_phase(&mut small, phase, &mut sent, &mut rss_peak).await;
     report.push_str(&before.line("before"));
     report.push('\n');
-    let rss_before = rss_mib();
+    let rss_before = crate::rss_mib(None);
 
     let heavy = Arc::new(Mutex::new(Tally::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -173,16 +172,7 @@ pub async fn run(options: &Options) -> Result<String, String> {
             }
         }));
     }
-    let mut during = Tally::default();
-    let loaded = Instant::now();
-    let mut rss_peak = rss_before;
-    while loaded.elapsed() < phase {
-        let began = Instant::now();
-        let outcome = small.query(SMALL[i % SMALL.len()]).await.map(drop);
-        during.add(began.elapsed(), outcome.map_err(|e| e.to_string()));
-        rss_peak = rss_peak.max(rss_mib());
-        i += 1;
-    }
+    let mut during = small_phase(&mut small, phase, &mut sent, &mut rss_peak).await;
     stop.store(true, Ordering::SeqCst);
     for task in heavy_tasks {
         let _ = task.await;
@@ -190,17 +180,10 @@ pub async fn run(options: &Options) -> Result<String, String> {
     report.push_str(&during.line("during heavy queries"));
     report.push('\n');
 
-    let mut after = Tally::default();
-    let settled = Instant::now();
-    while settled.elapsed() < phase {
-        let began = Instant::now();
-        let outcome = small.query(SMALL[i % SMALL.len()]).await.map(drop);
-        after.add(began.elapsed(), outcome.map_err(|e| e.to_string()));
-        i += 1;
-    }
+    let mut after = small_phase(&mut small, phase, &mut sent, &mut rss_peak).await;
     report.push_str(&after.line("after"));
     report.push('\n');
-    let rss_after = rss_mib();
+    let rss_after = crate::rss_mib(None);
     let mut heavy = std::mem::take(&mut *heavy.lock().await);
     report.push_str(&format!(
         "\n| heavy queries ({} clients, CPU budget {} s) | count | p50 ms | p99 ms | max ms | outcomes |\n|---|---|---|---|---|---|\n{}\n",

@@ -192,3 +192,22 @@ pub fn unlimited_budgets(from: &Path, to: &Path) -> Result<std::path::PathBuf, S
     std::fs::write(&path, catalogue.to_string()).map_err(|e| e.to_string())?;
     Ok(to.to_path_buf())
 }
+
+/// The resident memory of process `pid` (this process when `None`), MiB; NaN where
+/// `/proc` does not say (not Linux, or the process is gone).
+pub fn rss_mib(pid: Option<u32>) -> f64 {
+    let status = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    std::fs::read_to_string(status)
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}

@@ -101,16 +101,7 @@ impl Process {
     }
 
     fn rss_mib(&self) -> f64 {
-        self.pid()
-            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
-            .map_or(f64::NAN, |kb| kb / 1024.0)
+        self.pid().map_or(f64::NAN, |pid| crate::rss_mib(Some(pid)))
     }
 }
 

@@ -35,16 +35,32 @@ impl<S> FrontDoor<S> {
     }
 }
 
-/// A status with one of our codes: kept as it is if it has one, else a malformed request.
-fn typed(status: Status) -> Status {
+/// Where a status that is not ours arose.
+#[derive(Debug, Clone, Copy)]
+enum Arose {
+    /// Reading or dispatching the request (Arrow Flight's or gRPC's own answer).
+    Request,
+    /// Sending the answer, after the request was taken.
+    Answer,
+}
+
+/// A status with one of our codes: kept as it is if it has one, else a malformed request
+/// (while reading it) or a fault of ours (while answering it).
+fn typed(status: Status, arose: Arose) -> Status {
     if TallyError::from_status(&status).is_some() {
         return status;
     }
-    tracing::info!(code = ?status.code(), detail = %status.message(), "a Flight request could not be read");
-    TallyError::new(
-        ErrorCode::BadRequest,
-        "the request is not a Flight SQL request Tally understands",
-    )
+    tracing::info!(code = ?status.code(), detail = %status.message(), ?arose, "a status without a Tally code");
+    match arose {
+        Arose::Request => TallyError::new(
+            ErrorCode::BadRequest,
+            "the request is not a Flight SQL request Tally understands",
+        ),
+        Arose::Answer => TallyError::new(
+            ErrorCode::Internal,
+            "the answer could not be sent; the server log has the details",
+        ),
+    }
     .to_status()
 }
 
@@ -62,7 +78,7 @@ pub async fn guarded<T>(
     work: impl std::future::Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {
     match AssertUnwindSafe(work).catch_unwind().await {
-        Ok(result) => result.map_err(typed),
+        Ok(result) => result.map_err(|status| typed(status, Arose::Request)),
         Err(_) => Err(panicked()),
     }
 }
@@ -77,7 +93,7 @@ fn typed_stream<T: Send + 'static>(
             let next = match (*ended, item) {
                 (true, _) => None,
                 (false, Ok(Ok(message))) => Some(Ok(message)),
-                (false, Ok(Err(status))) => Some(Err(typed(status))),
+                (false, Ok(Err(status))) => Some(Err(typed(status, Arose::Answer))),
                 (false, Err(_)) => {
                     *ended = true;
                     Some(Err(panicked()))
@@ -245,7 +261,7 @@ where
             if let Some(status) = Status::from_header_map(headers)
                 && status.code() != tonic::Code::Ok
             {
-                let _ = typed(status).add_header(headers);
+                let _ = typed(status, Arose::Request).add_header(headers);
             }
             Ok(response)
         })

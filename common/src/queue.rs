@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Deserialize;
 use tokio::sync::oneshot;
@@ -203,7 +203,8 @@ impl FairQueue {
 
     /// A running slot for `tenant`, waiting in its queue until `deadline` at the latest.
     /// Refused with [`ErrorCode::Busy`] when the tenant's or the whole queue is full, or
-    /// when the deadline passes first; `what` names the server in the message.
+    /// when the deadline passes first; `what` names the server in the message. `tenant` is
+    /// a key (see [`tenant_key`]); messages name no tenant.
     pub async fn admit(
         self: &Arc<Self>,
         tenant: &str,
@@ -226,13 +227,12 @@ impl FairQueue {
             }
             if waiting_here >= self.limits.waiting_per_tenant {
                 return Err(busy(format!(
-                    "{what} already has {waiting_here} queries of {tenant} waiting to run, the limit; try again shortly"
+                    "{what} already has {waiting_here} of your project's queries waiting to run, the limit; try again shortly"
                 )));
             }
             if state.waiting >= self.limits.waiting {
                 return Err(busy(format!(
-                    "{what} has {} queries waiting to run, the limit; try again shortly",
-                    state.waiting
+                    "{what} has as many queries waiting to run as it holds; try again shortly"
                 )));
             }
             let (wake, woken) = oneshot::channel();
@@ -263,15 +263,16 @@ impl FairQueue {
             }
             // The queue drops no waiter it has not woken: timing out is the only way here.
             Ok(Err(_)) | Err(_) => Err(busy(format!(
-                "{what} had no free slot for this query within its time limit ({})",
-                seconds(wait)
+                "{what} had no free slot for this query within its time limit"
             ))),
         }
     }
 }
 
-fn seconds(wait: Duration) -> String {
-    format!("{:.0} s", wait.as_secs_f64())
+/// The key of the tenant made of `parts` (a project, a user): distinct parts, distinct keys,
+/// whatever characters the names hold.
+pub fn tenant_key(parts: &[&str]) -> String {
+    parts.iter().map(|p| format!("{}:{p}", p.len())).collect()
 }
 
 fn busy(message: String) -> TallyError {
@@ -290,6 +291,8 @@ mod tests {
             waiting_per_tenant: 4,
         }
     }
+
+    use std::time::Duration;
 
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(5)
@@ -339,7 +342,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let err = queue.admit("a", soon(), "node").await.unwrap_err();
         assert_eq!(err.code, ErrorCode::Busy);
-        assert!(err.message.contains("queries of a waiting"), "{err}");
+        assert!(err.message.contains("your project's"), "{err}");
         let late = queue
             .admit("b", Instant::now() + Duration::from_millis(30), "node")
             .await
@@ -361,6 +364,15 @@ mod tests {
         let _b = queue.admit("b", soon(), "node").await.unwrap();
         assert_eq!(queue.running(), 2);
         assert_eq!(queue.lock().waiting, 0, "the timed-out waiter left");
+    }
+
+    #[test]
+    fn tenant_keys_do_not_collide_whatever_the_names() {
+        assert_ne!(
+            tenant_key(&["a' of project 'b", "c"]),
+            tenant_key(&["a", "b' of project 'c"])
+        );
+        assert_ne!(tenant_key(&["ab", "c"]), tenant_key(&["a", "bc"]));
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! adds, subtracts, multiplies, negates and sums whole numbers modulo 2^64, so
 //! `COUNT(*) * 9223372036854775807` would answer a negative count. This analyzer rule runs
 //! on every plan the gateway executes, after type coercion, and replaces each of those
-//! operations on an integer type with a checked one that stops the query with
-//! `E_OVERFLOW` instead; names are kept, so the answer's schema is unchanged. Floating-point
-//! and decimal arithmetic are left as they are (they overflow to infinity or are checked
-//! by Arrow already); division and remainder are checked by Arrow.
+//! operations on an integer type, `SUM(...) OVER (...)` included, with a checked one that
+//! stops the query with `E_OVERFLOW` instead; names are kept, so the answer's columns keep
+//! their names and types. Floating-point arithmetic is left as it is (it overflows to
+//! infinity); division and remainder are checked by Arrow. Left as DataFusion computes
+//! them: sums of decimals (released values are whole numbers or floats) and bit shifts.
 
 use std::sync::Arc;
 
@@ -18,10 +19,11 @@ use datafusion::common::{DFSchema, Result, ScalarValue};
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::expr::{AggregateFunction, ScalarFunction};
 use datafusion::logical_expr::expr_rewriter::NamePreserver;
+use datafusion::logical_expr::function::AccumulatorFactoryFunction;
 use datafusion::logical_expr::utils::merge_schema;
 use datafusion::logical_expr::{
-    Accumulator, BinaryExpr, ColumnarValue, Expr, ExprSchemable, LogicalPlan, Operator, ScalarUDF,
-    Volatility, create_udaf, create_udf,
+    Accumulator, AggregateUDF, BinaryExpr, ColumnarValue, Expr, ExprSchemable, LogicalPlan,
+    Operator, ScalarUDF, Volatility, WindowFunctionDefinition, create_udaf, create_udf,
 };
 use datafusion::optimizer::AnalyzerRule;
 use tally_common::{ErrorCode, TallyError};
@@ -35,11 +37,17 @@ impl AnalyzerRule for CheckedArithmetic {
         plan.transform_up_with_subqueries(|plan| {
             let inputs = merge_schema(&plan.inputs());
             let names = NamePreserver::new(&plan);
-            plan.map_expressions(|expr| {
+            let rewritten = plan.map_expressions(|expr| {
                 let name = names.save(&expr);
                 let rewritten = expr.transform_up(|e| checked(e, &inputs))?;
                 Ok(rewritten.update_data(|e| name.restore(e)))
-            })
+            })?;
+            // The checked functions' answers may be NULL where the operators' were not:
+            // the node's schema follows its new expressions.
+            match rewritten.transformed {
+                true => rewritten.map_data(LogicalPlan::recompute_schema),
+                false => Ok(rewritten),
+            }
         })
         .data()
     }
@@ -90,13 +98,30 @@ fn checked(expr: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
             let argument_type = aggregate.params.args[0].get_type(schema)?;
             checked_sum(aggregate, &argument_type)
         }
+        // A running or sliding `SUM(...) OVER (...)` of released values.
+        Expr::WindowFunction(mut window)
+            if matches!(&window.fun, WindowFunctionDefinition::AggregateUDF(f) if f.name() == "sum")
+                && window.params.args.len() == 1 =>
+        {
+            let argument_type = window.params.args[0].get_type(schema)?;
+            match checked_sum_udaf(&argument_type) {
+                Some(udaf) => {
+                    window.fun = WindowFunctionDefinition::AggregateUDF(Arc::new(udaf));
+                    Ok(Transformed::yes(Expr::WindowFunction(window)))
+                }
+                None => Ok(Transformed::no(Expr::WindowFunction(window))),
+            }
+        }
         other => Ok(Transformed::no(other)),
     }
 }
 
+/// An Arrow kernel over two arrays that fails on overflow.
+type Kernel = fn(&ArrayRef, &ArrayRef) -> Result<ArrayRef, arrow::error::ArrowError>;
+
 /// `checked_add`, `checked_subtract` or `checked_multiply` over two values of `data_type`.
 fn binary_udf(op: Operator, data_type: DataType) -> Result<Arc<ScalarUDF>> {
-    let (name, kernel): (&str, fn(&ArrayRef, &ArrayRef) -> Result<ArrayRef, _>) = match op {
+    let (name, kernel): (&str, Kernel) = match op {
         Operator::Plus => ("checked_add", |a, b| numeric::add(a, b)),
         Operator::Minus => ("checked_subtract", |a, b| numeric::sub(a, b)),
         Operator::Multiply => ("checked_multiply", |a, b| numeric::mul(a, b)),
@@ -139,24 +164,8 @@ fn checked_sum(
     aggregate: AggregateFunction,
     argument_type: &DataType,
 ) -> Result<Transformed<Expr>> {
-    let udaf = match argument_type {
-        DataType::Int64 => create_udaf(
-            "checked_sum",
-            vec![DataType::Int64],
-            Arc::new(DataType::Int64),
-            Volatility::Immutable,
-            Arc::new(|_| Ok(Box::new(CheckedSum::<Int64Type>::new()))),
-            Arc::new(vec![DataType::Int64]),
-        ),
-        DataType::UInt64 => create_udaf(
-            "checked_sum",
-            vec![DataType::UInt64],
-            Arc::new(DataType::UInt64),
-            Volatility::Immutable,
-            Arc::new(|_| Ok(Box::new(CheckedSum::<UInt64Type>::new()))),
-            Arc::new(vec![DataType::UInt64]),
-        ),
-        _ => return Ok(Transformed::no(Expr::AggregateFunction(aggregate))),
+    let Some(udaf) = checked_sum_udaf(argument_type) else {
+        return Ok(Transformed::no(Expr::AggregateFunction(aggregate)));
     };
     if aggregate.params.distinct {
         return Err(TallyError::new(
@@ -178,6 +187,31 @@ fn checked_sum(
     )))
 }
 
+/// The checked `SUM` of `argument_type`, when it is one DataFusion sums by wrapping.
+fn checked_sum_udaf(argument_type: &DataType) -> Option<AggregateUDF> {
+    let udaf = |data_type: DataType, accumulator: AccumulatorFactoryFunction| {
+        create_udaf(
+            "checked_sum",
+            vec![data_type.clone()],
+            Arc::new(data_type.clone()),
+            Volatility::Immutable,
+            accumulator,
+            Arc::new(vec![data_type]),
+        )
+    };
+    match argument_type {
+        DataType::Int64 => Some(udaf(
+            DataType::Int64,
+            Arc::new(|_| Ok(Box::new(CheckedSum::<Int64Type>::new()))),
+        )),
+        DataType::UInt64 => Some(udaf(
+            DataType::UInt64,
+            Arc::new(|_| Ok(Box::new(CheckedSum::<UInt64Type>::new()))),
+        )),
+        _ => None,
+    }
+}
+
 /// A running total that fails on overflow.
 #[derive(Debug)]
 struct CheckedSum<T: ArrowNumericType> {
@@ -197,6 +231,15 @@ impl<T: ArrowNumericType> CheckedSum<T> {
             None => part,
             Some(total) => total.add_checked(part)?,
         });
+        Ok(())
+    }
+
+    /// Takes `values` out of the total (a sliding window's rows leaving it).
+    fn subtract(&mut self, values: &ArrayRef) -> Result<()> {
+        if let Some(part) = arrow::compute::sum_checked(values.as_primitive::<T>())? {
+            let total = self.total.unwrap_or(T::Native::ZERO);
+            self.total = Some(total.sub_checked(part)?);
+        }
         Ok(())
     }
 
@@ -224,6 +267,14 @@ impl<T: ArrowNumericType + std::fmt::Debug> Accumulator for CheckedSum<T> {
 
     fn size(&self) -> usize {
         std::mem::size_of_val(self)
+    }
+
+    fn retract_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        values.iter().try_for_each(|v| self.subtract(v))
+    }
+
+    fn supports_retract_batch(&self) -> bool {
+        true
     }
 }
 

@@ -535,10 +535,8 @@ impl Gateway {
         record.obligations = Some(decided.decision.obligations.clone());
         record.releases = decided.releases.clone();
         record.release_sql = decided.release_sql.clone();
-        let tenant = format!(
-            "user '{}' of project '{}'",
-            caller.identity.user, caller.identity.project
-        );
+        let tenant =
+            tally_common::queue::tenant_key(&[&caller.identity.project, &caller.identity.user]);
         let deadline = started + self.query_timeout;
         let running = match self.queue.admit(&tenant, deadline, "the gateway").await {
             Ok(running) => running,
@@ -629,19 +627,56 @@ impl Gateway {
     }
 }
 
+/// Whether an error ends a query as `failed` (Tally or a trust could not answer) rather
+/// than `refused` (the query, the identity or the policy said no).
 fn is_failure(code: ErrorCode) -> bool {
-    matches!(
-        code,
+    match code {
         ErrorCode::Execution
-            | ErrorCode::Internal
-            | ErrorCode::TrustUnavailable
-            | ErrorCode::TrustTimeout
-            | ErrorCode::TrustFailed
-            | ErrorCode::TrustProtocol
-            | ErrorCode::PolicyError
-            | ErrorCode::QueryTimeout
-            | ErrorCode::ResourcesExhausted
-    )
+        | ErrorCode::Internal
+        | ErrorCode::TrustUnavailable
+        | ErrorCode::TrustTimeout
+        | ErrorCode::TrustFailed
+        | ErrorCode::TrustProtocol
+        | ErrorCode::PolicyError
+        | ErrorCode::QueryTimeout
+        | ErrorCode::ResourcesExhausted
+        | ErrorCode::CpuBudget
+        | ErrorCode::Busy => true,
+        ErrorCode::SqlSyntax
+        | ErrorCode::UnknownTable
+        | ErrorCode::UnknownColumn
+        | ErrorCode::Plan
+        | ErrorCode::ReadOnly
+        | ErrorCode::NotAggregate
+        | ErrorCode::Window
+        | ErrorCode::SchemaMismatch
+        | ErrorCode::TrustRefused
+        | ErrorCode::Unauthenticated
+        | ErrorCode::BadRequest
+        | ErrorCode::TooLarge
+        | ErrorCode::Project
+        | ErrorCode::Purpose
+        | ErrorCode::TableNotAllowed
+        | ErrorCode::AggregateNotAllowed
+        | ErrorCode::ExpressionShape
+        | ErrorCode::UnclassifiedColumn
+        | ErrorCode::IdentifierColumn
+        | ErrorCode::QuasiIdentifier
+        | ErrorCode::MeasureUsage
+        | ErrorCode::SetOperation
+        | ErrorCode::Values
+        | ErrorCode::GroupingSets
+        | ErrorCode::LimitBelowAggregate
+        | ErrorCode::PolicyDenied
+        | ErrorCode::RateLimited
+        | ErrorCode::ClientCertificate
+        | ErrorCode::QueryShape
+        | ErrorCode::FilterNotAllowed
+        | ErrorCode::BudgetExhausted
+        | ErrorCode::LedgerBroken
+        | ErrorCode::QueryCost
+        | ErrorCode::Overflow => false,
+    }
 }
 
 fn new_query_id() -> String {

@@ -11,7 +11,7 @@ use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use datafusion::sql::sqlparser::dialect::{Dialect, GenericDialect, dialect_from_str};
 use datafusion::sql::sqlparser::keywords::Keyword;
-use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer, Word};
 
 use tally_common::{ErrorCode, TallyError};
 
@@ -37,11 +37,12 @@ pub const MAX_SQL_SELECTS: usize = 64;
 /// Deepest nesting of brackets (`(`, `[`, `{`) accepted by default.
 pub const MAX_SQL_NESTING: usize = 64;
 
-/// Deepest nesting of brackets that follow a word (calls such as `CAST(`, `abs(`, `ARRAY[`,
-/// subqueries after `IN (` or `FROM (`) accepted by default. The SQL parser retries a
-/// keyword construct that fails (`CAST(...)`) as a function call, so a failure inside
-/// such constructs nested `n` deep is parsed 2^n times: 20 took 2 s, 30 would take
-/// half an hour. At 12 the worst case parses in milliseconds.
+/// Deepest nesting of calls accepted by default: brackets after a name or a keyword
+/// construct (`abs(`, `CAST(`, `ARRAY[`, `EXTRACT(`), and `INTERVAL`s in a row. The SQL
+/// parser retries a keyword construct that fails (`CAST(...)`, `INTERVAL ...`) another
+/// way, so a failure inside such constructs nested `n` deep is parsed 2^n times: 20 took
+/// 2 s, 24 `INTERVAL`s 6 s, 30 would take half an hour. At 12 the worst case parses in
+/// milliseconds.
 pub const MAX_SQL_CALL_NESTING: usize = 12;
 
 /// Most tables a query may read by default, counting each use of a CTE as the tables its
@@ -263,11 +264,24 @@ fn count_tokens(tokens: &[&Token]) -> TokenCounts {
     };
     // Whether each open bracket level is inside a FROM list (where a comma adds a table).
     let mut in_from = vec![false];
-    // Whether each open bracket level follows a word (a call, a cast, a subquery).
-    let mut after_word = vec![false];
+    // Whether each open bracket level is a call (follows a name or a keyword construct such
+    // as CAST, ARRAY or EXTRACT), and how many such levels are open; `INTERVAL`s in a row
+    // nest the same way without brackets.
+    let mut is_call = vec![false];
+    let mut calls = 0;
+    let mut intervals = 0;
     // Tokens that bring a table into a query: FROM, JOIN, and commas of FROM lists.
     let mut table_slots = vec![false; tokens.len()];
     for (at, token) in tokens.iter().enumerate() {
+        match token {
+            Token::Word(word)
+                if word.quote_style.is_none() && word.keyword == Keyword::INTERVAL =>
+            {
+                intervals += 1;
+            }
+            _ => intervals = 0,
+        }
+        counts.deepest_calls = counts.deepest_calls.max(calls + intervals);
         match token {
             Token::LParen | Token::LBracket | Token::LBrace => {
                 if matches!(token, Token::LBracket) {
@@ -276,13 +290,17 @@ fn count_tokens(tokens: &[&Token]) -> TokenCounts {
                 }
                 in_from.push(false);
                 counts.deepest = counts.deepest.max(in_from.len() - 1);
-                after_word.push(at > 0 && matches!(tokens[at - 1], Token::Word(_)));
-                let calls = after_word.iter().filter(|w| **w).count();
+                let call =
+                    at > 0 && matches!(tokens[at - 1], Token::Word(word) if leads_a_call(word));
+                is_call.push(call);
+                calls += usize::from(call);
                 counts.deepest_calls = counts.deepest_calls.max(calls);
             }
             Token::RParen | Token::RBracket | Token::RBrace if in_from.len() > 1 => {
                 in_from.pop();
-                after_word.pop();
+                if is_call.pop() == Some(true) {
+                    calls -= 1;
+                }
             }
             Token::Comma if in_from.last().copied().unwrap_or(false) => table_slots[at] = true,
             // `a.b.c`: each period after the first of a chain is a field access.
@@ -479,6 +497,28 @@ fn relation_name(tokens: &[&Token], at: usize) -> Option<String> {
 }
 
 /// Keywords that combine expressions into a bigger expression.
+/// Whether a bracket after `word` opens a call (a function, or a keyword construct such as
+/// `CAST(`, `ARRAY[`, `EXTRACT(`), rather than grouping after an operator or a clause.
+fn leads_a_call(word: &Word) -> bool {
+    word.quote_style.is_some()
+        || !(is_operator_keyword(word.keyword)
+            || matches!(
+                word.keyword,
+                Keyword::WHERE
+                    | Keyword::ON
+                    | Keyword::HAVING
+                    | Keyword::WHEN
+                    | Keyword::THEN
+                    | Keyword::ELSE
+                    | Keyword::SELECT
+                    | Keyword::AS
+                    | Keyword::BY
+                    | Keyword::FROM
+                    | Keyword::JOIN
+                    | Keyword::VALUES
+            ))
+}
+
 fn is_operator_keyword(keyword: Keyword) -> bool {
     matches!(
         keyword,
@@ -676,6 +716,19 @@ mod tests {
                 "13 nested calls",
                 format!("SELECT {}1{}", "abs(".repeat(13), ")".repeat(13)),
             ),
+            (
+                "13 INTERVALs in a row",
+                format!("SELECT {}'1' DAY", "INTERVAL ".repeat(13)),
+            ),
+            (
+                "INTERVALs inside casts",
+                format!(
+                    "SELECT {}{}1 AS INT){}",
+                    "CAST(".repeat(6),
+                    "INTERVAL ".repeat(7),
+                    " AS INT)".repeat(5)
+                ),
+            ),
             ("4,001 tokens", format!("SELECT {}", chain("1", ",", 2_001))),
             ("1,300 tables by commas", join(1_300, true)),
             ("600 JOINs", join(600, false)),
@@ -730,6 +783,12 @@ mod tests {
                 "SELECT {}1{}",
                 "abs(".repeat(limits.max_sql_call_nesting),
                 ")".repeat(limits.max_sql_call_nesting)
+            ),
+            // Brackets after operators and clauses group; they are not calls.
+            format!(
+                "SELECT x FROM t WHERE {}x = 1{}",
+                "x = 1 AND (".repeat(20),
+                ")".repeat(20)
             ),
             join(limits.max_sql_relations, true),
             doubling_ctes(6),

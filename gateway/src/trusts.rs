@@ -209,25 +209,59 @@ impl Trust {
             tracing::info!(trust = %self.code, code = %reason.code, "trust did not answer");
             return match reason.code {
                 // How long a query runs depends on the data: which trust and which budget
-                // stopped it is not said.
+                // stopped it is not said. Nor which trust is busy: how long the queries
+                // ahead of this one run depends on the data too.
                 ErrorCode::QueryTimeout | ErrorCode::CpuBudget => TallyError::new(
                     ErrorCode::TrustTimeout,
                     "a trust stopped the query at its own time or processor-time limit",
                 ),
-                // Load, not data: the trust is named so the analyst knows whom to wait for.
                 ErrorCode::Busy => TallyError::new(
                     ErrorCode::Busy,
-                    format!(
-                        "trust {} ({}) is busy: {}",
-                        self.code, self.name, reason.message
-                    ),
+                    "a trust has no free slot for this query: try again shortly",
                 ),
                 ErrorCode::Execution
                 | ErrorCode::Internal
                 | ErrorCode::ResourcesExhausted
                 | ErrorCode::TrustFailed
-                | ErrorCode::TrustProtocol => failed(),
-                refused => TallyError::new(
+                | ErrorCode::TrustProtocol
+                | ErrorCode::TrustTimeout
+                | ErrorCode::TrustUnavailable
+                | ErrorCode::Overflow => failed(),
+                // Refusals depend on the query, the identity and the trust's policy only.
+                refused @ (ErrorCode::SqlSyntax
+                | ErrorCode::UnknownTable
+                | ErrorCode::UnknownColumn
+                | ErrorCode::Plan
+                | ErrorCode::ReadOnly
+                | ErrorCode::NotAggregate
+                | ErrorCode::Window
+                | ErrorCode::SchemaMismatch
+                | ErrorCode::TrustRefused
+                | ErrorCode::Unauthenticated
+                | ErrorCode::BadRequest
+                | ErrorCode::TooLarge
+                | ErrorCode::Project
+                | ErrorCode::Purpose
+                | ErrorCode::TableNotAllowed
+                | ErrorCode::AggregateNotAllowed
+                | ErrorCode::ExpressionShape
+                | ErrorCode::UnclassifiedColumn
+                | ErrorCode::IdentifierColumn
+                | ErrorCode::QuasiIdentifier
+                | ErrorCode::MeasureUsage
+                | ErrorCode::SetOperation
+                | ErrorCode::Values
+                | ErrorCode::GroupingSets
+                | ErrorCode::LimitBelowAggregate
+                | ErrorCode::PolicyDenied
+                | ErrorCode::PolicyError
+                | ErrorCode::RateLimited
+                | ErrorCode::ClientCertificate
+                | ErrorCode::QueryShape
+                | ErrorCode::FilterNotAllowed
+                | ErrorCode::BudgetExhausted
+                | ErrorCode::LedgerBroken
+                | ErrorCode::QueryCost) => TallyError::new(
                     ErrorCode::TrustRefused,
                     format!(
                         "trust {} ({}) refused the query: {}",

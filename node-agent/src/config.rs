@@ -177,11 +177,8 @@ pub struct NodeLimits {
     /// `max_running_queries`.
     #[serde(default = "default_memory_mb")]
     pub memory_limit_mb: f64,
-    /// Threads of the runtime queries run on, apart from the one serving Flight (default:
-    /// the machine's processors).
-    #[serde(default)]
-    pub query_threads: Option<usize>,
-    /// Queries running at once.
+    /// Queries running at once, each on a worker thread of its own (apart from the threads
+    /// serving Flight).
     #[serde(default = "default_running")]
     pub max_running_queries: usize,
     /// Queries one project may run at once.
@@ -205,7 +202,6 @@ impl Default for NodeLimits {
             query_timeout_secs: default_query_timeout(),
             query_cpu_secs: None,
             memory_limit_mb: default_memory_mb(),
-            query_threads: None,
             max_running_queries: default_running(),
             max_running_per_project: default_running_per_project(),
             max_waiting_queries: default_waiting(),
@@ -237,13 +233,6 @@ impl NodeLimits {
         self.memory_limit_bytes() / self.max_running_queries.max(1)
     }
 
-    /// The threads of the query runtime.
-    pub fn query_threads(&self) -> usize {
-        self.query_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
-        })
-    }
-
     /// How many queries run and wait, per project and in all.
     pub fn admission(&self) -> QueueLimits {
         QueueLimits {
@@ -269,8 +258,8 @@ impl NodeLimits {
         if !(memory.is_finite() && memory > 0.0) {
             return Err("limits.memory_limit_mb must be a positive number".into());
         }
-        if self.query_threads == Some(0) || self.max_query_cost == Some(0) {
-            return Err("limits.query_threads and limits.max_query_cost must be at least 1".into());
+        if self.max_query_cost == Some(0) {
+            return Err("limits.max_query_cost must be at least 1".into());
         }
         self.admission()
             .validate()

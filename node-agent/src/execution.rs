@@ -1,33 +1,44 @@
-//! Where and within what a release's work runs. Admitted queries ([`tally_common::queue`])
-//! run on a runtime of their own, never on the one that serves Flight and keeps the
-//! time limits, so a heavy query cannot starve the server, its timers or other trusts'
-//! connections. Each query runs in one partition (its processor time is then the time of
-//! its one task, which is metered), with a memory pool of its own (its share of the node's
-//! limit), and is stopped at its time limit or its processor-time budget, whichever comes
-//! first: its task is aborted, which drops DataFusion's streams and so frees their memory.
-//! A panic inside a query's work ends that query alone, with a typed error.
+//! Where and within what a release's work runs. Each running slot of the admission queue
+//! ([`tally_common::queue`]) is a worker: an OS thread with a single-threaded runtime of its
+//! own, never the runtime that serves Flight and keeps the time limits, so a heavy query
+//! cannot starve the server, its timers or other trusts' connections. A worker runs one
+//! query at a time, in one partition, so everything that query spawns (a sort's buffered
+//! runs included) runs on that thread, and the thread's processor clock, read while the
+//! query runs, is the query's processor time. Each query has a memory pool of its own (its
+//! share of the node's limit) and is stopped at its time limit, its processor-time budget,
+//! or when its request is dropped, whichever comes first: its future is aborted at its next
+//! yield, which drops DataFusion's streams and so frees their memory, and only then are its
+//! worker and slot handed on. A panic inside a query's work ends that query alone, with a
+//! typed error.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use datafusion::execution::context::SessionContext;
 use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::execution::session_state::SessionStateBuilder;
+use futures::FutureExt;
+use futures::future::{AbortHandle, Abortable};
 use tally_common::model::ReleaseQuery;
 use tally_common::queue::{FairQueue, Slot};
 use tally_common::{ErrorCode, TallyError};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::NodeLimits;
 
-/// The node's query runtime and the budgets every query runs within.
+/// One query's work, as a worker runs it.
+type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The node's query workers and the budgets every query runs within.
 pub struct Execution {
-    /// Always present until dropped (a runtime is shut down in the background on drop,
-    /// since a node may be stopped from async code).
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Each worker's queue of jobs (it runs one at a time); closing them ends the threads.
+    workers: Vec<mpsc::UnboundedSender<Job>>,
+    /// Workers not running a query.
+    idle: Arc<Mutex<Vec<usize>>>,
     queue: Arc<FairQueue>,
     timeout: Duration,
     cpu_budget: Duration,
@@ -35,25 +46,30 @@ pub struct Execution {
     max_cost: Option<u64>,
 }
 
-impl Drop for Execution {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
 impl Execution {
-    /// The runtime and budgets `limits` configure.
+    /// One worker per running slot, and the budgets `limits` configure.
     pub fn new(limits: &NodeLimits) -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(limits.query_threads())
-            .thread_name("tally-query")
-            .thread_stack_size(tally_common::session::WORKER_STACK_BYTES)
-            .enable_all()
-            .build()?;
+        let mut workers = Vec::new();
+        for index in 0..limits.max_running_queries {
+            let (jobs, mut next) = mpsc::unbounded_channel::<Job>();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::thread::Builder::new()
+                .name(format!("tally-query-{index}"))
+                .stack_size(tally_common::session::WORKER_STACK_BYTES)
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        while let Some(job) = next.recv().await {
+                            job.await;
+                        }
+                    });
+                })?;
+            workers.push(jobs);
+        }
         Ok(Execution {
-            runtime: Some(runtime),
+            idle: Arc::new(Mutex::new((0..workers.len()).rev().collect())),
+            workers,
             queue: FairQueue::new(limits.admission()),
             timeout: limits.query_timeout(),
             cpu_budget: limits.query_cpu(),
@@ -91,7 +107,7 @@ impl Execution {
     pub async fn admit(&self, project: &str, started: Instant) -> Result<Slot, TallyError> {
         self.queue
             .admit(
-                &format!("project '{project}'"),
+                &tally_common::queue::tenant_key(&[project]),
                 started + self.timeout,
                 "this trust",
             )
@@ -109,23 +125,16 @@ impl Execution {
                 tracing::error!(error = %e, "a query's runtime could not be made");
                 TallyError::new(ErrorCode::Internal, "the query could not be started")
             })?;
-        // (Not creating a default catalog, which would replace the tables' own in the
-        // catalogue list this state shares with the context.)
-        let config = state
-            .config()
-            .clone()
-            .with_target_partitions(1)
-            .with_create_default_catalog_and_schema(false);
-        let state = SessionStateBuilder::new_from_existing(state)
-            .with_config(config)
+        let state = crate::release::one_partition(state)
             .with_runtime_env(runtime)
             .build();
         Ok(SessionContext::new_with_state(state))
     }
 
     /// Runs `work` on the query runtime while `slot` is held, stopping it at the time limit
-    /// counted from `started` or at the processor-time budget. The slot is given back only
-    /// once the work has really stopped (an aborted task stops at its next yield).
+    /// counted from `started`, at the processor-time budget, or when this future is dropped.
+    /// The slot is given back only once the work has really stopped (an aborted task stops
+    /// at its next yield).
     pub async fn run<T, W>(
         &self,
         slot: Slot,
@@ -150,18 +159,44 @@ impl Execution {
         if remaining.is_zero() {
             return Err(timeout());
         }
-        let Some(runtime) = &self.runtime else {
-            return Err(TallyError::new(ErrorCode::Internal, "the node is stopping"));
+        // The slot guarantees a worker is idle: there are as many workers as slots.
+        let Some(worker) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
+            return Err(TallyError::new(
+                ErrorCode::Internal,
+                "no query worker is idle",
+            ));
         };
-        let mut task = runtime.spawn(Metered {
+        let (abort, registration) = AbortHandle::new_pair();
+        let (answer, answered) = oneshot::channel();
+        let metered = Metered {
             work: Box::pin(work),
             budget: self.cpu_budget,
-            spent: Duration::ZERO,
+            since: None,
+        };
+        let idle = self.idle.clone();
+        let job: Job = Box::pin(async move {
+            // Given back when the work has stopped (dropped, if it never ends): the worker
+            // first, then the slot, both before the answer goes.
+            let held = (slot, Idle(idle, worker));
+            let stopped = AssertUnwindSafe(Abortable::new(metered, registration))
+                .catch_unwind()
+                .await;
+            let (slot, worker) = held;
+            drop(worker);
+            drop(slot);
+            let _ = answer.send(stopped);
         });
-        let outcome = match tokio::time::timeout(remaining, &mut task).await {
-            Ok(Ok(_)) if started.elapsed() > self.timeout => Err(timeout()),
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) if join.is_panic() => {
+        if self.workers[worker].send(job).is_err() {
+            return Err(TallyError::new(
+                ErrorCode::Internal,
+                "the query worker has stopped",
+            ));
+        }
+        let _abort_on_drop = Aborting(abort);
+        match tokio::time::timeout(remaining, answered).await {
+            Ok(Ok(Ok(Ok(_)))) if started.elapsed() > self.timeout => Err(timeout()),
+            Ok(Ok(Ok(Ok(result)))) => result,
+            Ok(Ok(Err(_panic))) => {
                 tracing::error!(query_id, "a query's work panicked; the query alone failed");
                 Err(TallyError::new(
                     ErrorCode::Internal,
@@ -170,50 +205,59 @@ impl Execution {
                     ),
                 ))
             }
-            Ok(Err(_)) => Err(TallyError::new(
+            Ok(Ok(Ok(Err(_)))) | Ok(Err(_)) => Err(TallyError::new(
                 ErrorCode::Internal,
                 "the query was cancelled at this trust",
             )),
-            Err(_) => {
-                task.abort();
-                Err(timeout())
-            }
-        };
-        if task.is_finished() {
-            drop(slot);
-        } else {
-            // Still running (aborted, not yet at a yield): its slot is held until it stops.
-            let query_id = query_id.to_string();
-            tokio::spawn(async move {
-                let stopping = Instant::now();
-                let _ = task.await;
-                tracing::info!(
-                    query_id,
-                    stopped_after_ms = stopping.elapsed().as_millis() as u64,
-                    "an aborted query stopped"
-                );
-                drop(slot);
-            });
+            Err(_) => Err(timeout()),
         }
-        outcome
     }
 }
 
-/// A query's work, stopped once the processor time its polls took exceeds `budget`.
+/// A query's work, aborted when this is dropped: at its time limit, and when the request
+/// itself is dropped (the gateway gave up, the connection closed), so that no query
+/// outlives the request that asked for it.
+struct Aborting(AbortHandle);
+
+impl Drop for Aborting {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A worker's place in the idle list, taken back when its query's work ends.
+struct Idle(Arc<Mutex<Vec<usize>>>, usize);
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.1);
+    }
+}
+
+/// A query's work, stopped once its worker thread's processor time since the work began
+/// (the query's own, since a worker runs one query at a time) exceeds `budget`.
 struct Metered<T> {
     work: Pin<Box<dyn Future<Output = Result<T, TallyError>> + Send>>,
     budget: Duration,
-    spent: Duration,
+    since: Option<Duration>,
 }
 
 impl<T> Future for Metered<T> {
     type Output = Result<T, TallyError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let before = thread_cpu_time();
+        let Some(now) = thread_cpu_time() else {
+            return Poll::Ready(Err(TallyError::new(
+                ErrorCode::Internal,
+                "this trust cannot read its processor clock, so it runs no query",
+            )));
+        };
+        let since = *self.since.get_or_insert(now);
         let polled = self.work.as_mut().poll(cx);
-        let spent = self.spent + thread_cpu_time().saturating_sub(before);
-        self.spent = spent;
+        let spent = thread_cpu_time().unwrap_or(now).saturating_sub(since);
         // Over budget is over budget, whether or not the work had just finished.
         if spent > self.budget {
             return Poll::Ready(Err(TallyError::new(
@@ -228,8 +272,8 @@ impl<T> Future for Metered<T> {
     }
 }
 
-/// The processor time the calling thread has used.
-fn thread_cpu_time() -> Duration {
+/// The processor time the calling thread has used (none if the clock cannot be read).
+fn thread_cpu_time() -> Option<Duration> {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -237,10 +281,7 @@ fn thread_cpu_time() -> Duration {
     // SAFETY: `clock_gettime` writes one `timespec` through a pointer to a live local; the
     // per-thread CPU clock exists on every platform Tally supports (Linux, macOS).
     let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
-    if status != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+    (status == 0).then(|| Duration::new(now.tv_sec as u64, now.tv_nsec as u32))
 }
 
 #[cfg(test)]
@@ -298,6 +339,37 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("the aborted query's slot was never given back");
+    }
+
+    #[tokio::test]
+    async fn work_whose_request_is_dropped_stops_and_frees_its_slot() {
+        let execution = Execution::new(&limits(60.0, 60.0)).unwrap();
+        let slot = execution.admit("p", Instant::now()).await.unwrap();
+        let steps = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = steps.clone();
+        let work = async move {
+            loop {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::hint::black_box((0..10_000u64).sum::<u64>());
+                tokio::task::yield_now().await;
+            }
+        };
+        let request = execution.run::<(), _>(slot, Instant::now(), "q", work);
+        // The gateway gives up after 100 ms: the request's future is dropped.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), request)
+                .await
+                .is_err()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let stopped_at = steps.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            steps.load(std::sync::atomic::Ordering::SeqCst),
+            stopped_at,
+            "the work stopped"
+        );
+        assert_eq!(execution.queue().running(), 0, "and gave its slot back");
     }
 
     #[tokio::test]

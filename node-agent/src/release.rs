@@ -13,7 +13,7 @@ use datafusion::common::{Column, Result as DfResult, ScalarValue};
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::FunctionRegistry;
 use datafusion::execution::memory_pool::MemoryConsumer;
-use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::functions::string::expr_fn::starts_with;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use std::sync::Arc;
@@ -100,17 +100,7 @@ impl ReleasePlan {
                 // One partition: the rows arrive in the files' patient order through
                 // order-preserving joins (the small side built), with no merge; DataFusion
                 // sorts only where it cannot prove that order.
-                let state = ctx.state();
-                // (Not creating a default catalog, which would replace the tables' own in
-                // the catalogue list this state shares with the context.)
-                let config = state
-                    .config()
-                    .clone()
-                    .with_target_partitions(1)
-                    .with_create_default_catalog_and_schema(false);
-                let state = SessionStateBuilder::new_from_existing(state)
-                    .with_config(config)
-                    .build();
+                let state = one_partition(ctx.state()).build();
                 let plan = state.create_physical_plan(&rows).await?;
                 // One ordered stream: a patient split over two would count twice (the
                 // totals also refuse rows out of order).
@@ -133,6 +123,17 @@ impl ReleasePlan {
             ReleasePlan::Pushed(pushed) => pushed.run(ctx).await,
         }
     }
+}
+
+/// A state like `state` whose plans run in one partition. (It creates no default catalog,
+/// which would replace the tables' own in the catalogue list it shares with `state`.)
+pub(crate) fn one_partition(state: SessionState) -> SessionStateBuilder {
+    let config = state
+        .config()
+        .clone()
+        .with_target_partitions(1)
+        .with_create_default_catalog_and_schema(false);
+    SessionStateBuilder::new_from_existing(state).with_config(config)
 }
 
 /// The plan for `release` over `ctx`'s tables, validated against `governance` (already

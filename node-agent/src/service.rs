@@ -400,18 +400,10 @@ impl NodeService {
             Ok(ctx) => ctx.clone(),
             Err(error) => return Err(self.refuse(&context, refuse_with(error, &decision)).await),
         };
-        let running = match self.admit(&request.release, &context).await {
-            Ok(running) => running,
-            Err(error) => return Err(self.refuse(&context, refuse_with(error, &decision)).await),
-        };
         let answer = match slot {
-            None => {
-                self.exact(&ctx, &policy, &request.release, &context, running)
-                    .await
-            }
+            None => self.exact(&ctx, &policy, &request.release, &context).await,
             Some(slot) => {
-                let release = &request.release;
-                self.protected(&ctx, &policy, &decision, release, &context, slot, running)
+                self.protected(&ctx, &policy, &decision, &request.release, &context, slot)
                     .await
             }
         };
@@ -495,8 +487,11 @@ impl NodeService {
         policy: &PolicySnapshot,
         release: &ReleaseQuery,
         context: &RequestContext,
-        running: Slot,
     ) -> Result<Answer, NotAnswered> {
+        let running = self
+            .admit(release, context)
+            .await
+            .map_err(NotAnswered::Refused)?;
         let (plan, expected) = build_plan(ctx, policy.governance(), release, &Aggregation::Exact)
             .await
             .map_err(NotAnswered::Refused)?;
@@ -528,7 +523,6 @@ impl NodeService {
         release: &ReleaseQuery,
         context: &RequestContext,
         slot: AnswerSlot,
-        running: Slot,
     ) -> Result<Answer, NotAnswered> {
         let refused = NotAnswered::Refused;
         let governance = policy.governance();
@@ -545,6 +539,9 @@ impl NodeService {
                 "this trust's policy adds noise but the node has no state_dir for its budget ledger",
             ))
         })?;
+        // A stored answer (above) needs no slot; a release computed afresh waits for one
+        // before anything is charged.
+        let running = self.admit(release, context).await.map_err(refused)?;
         let budget = &decision.obligations.budget;
         let rho = Rho::from_decimal(budget.rho_per_release).map_err(refused)?;
         let cap = Rho::from_decimal(budget.rho_cap).map_err(refused)?;
