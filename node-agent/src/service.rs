@@ -461,19 +461,24 @@ impl NodeService {
 
     /// Runs a release's plan to the end on the query runtime, within the query's time limit
     /// and processor-time budget (an answer finished after the limit is not given either).
+    /// `finish` turns the plan's batches into the answer (assembling it, adding noise) on the
+    /// query's worker too, within the same budgets.
     async fn run(
         &self,
         ctx: &SessionContext,
         plan: ReleasePlan,
         context: &RequestContext,
         running: Slot,
-    ) -> Result<Vec<RecordBatch>, TallyError> {
+        finish: impl FnOnce(Vec<RecordBatch>) -> Result<RecordBatch, TallyError> + Send + 'static,
+    ) -> Result<RecordBatch, TallyError> {
         let query = self.execution.query_context(ctx)?;
         let query_id = context.query_id.clone();
         let work = async move {
-            plan.run(&query)
+            let batches = plan
+                .run(&query)
                 .await
-                .map_err(|err| TallyError::from_execution(err, &query_id))
+                .map_err(|err| TallyError::from_execution(err, &query_id))?;
+            finish(batches)
         };
         self.execution
             .run(running, context.started, &context.query_id, work)
@@ -495,16 +500,15 @@ impl NodeService {
         let (plan, expected) = build_plan(ctx, policy.governance(), release, &Aggregation::Exact)
             .await
             .map_err(NotAnswered::Refused)?;
-        let batches = self
-            .run(ctx, plan, context, running)
+        let assemble = move |batches: Vec<RecordBatch>| {
+            arrow::compute::concat_batches(&expected, &batches).map_err(|_| {
+                TallyError::new(ErrorCode::Internal, "the answer could not be assembled")
+            })
+        };
+        let batch = self
+            .run(ctx, plan, context, running, assemble)
             .await
             .map_err(|e| NotAnswered::Failed(e, Rho::ZERO))?;
-        let batch = arrow::compute::concat_batches(&expected, &batches).map_err(|_| {
-            NotAnswered::Failed(
-                TallyError::new(ErrorCode::Internal, "the answer could not be assembled"),
-                Rho::ZERO,
-            )
-        })?;
         Ok(Answer {
             batch,
             charged: Rho::ZERO,
@@ -576,11 +580,12 @@ impl NodeService {
             .await
             .map_err(refused)?;
         let failed = |e: TallyError| NotAnswered::Failed(e, rho);
-        let batches = self
-            .run(ctx, plan, context, running)
+        let add_noise =
+            move |batches: Vec<RecordBatch>| protect(&noise, &expected, groups, &batches);
+        let batch = self
+            .run(ctx, plan, context, running, add_noise)
             .await
             .map_err(failed)?;
-        let batch = protect(&noise, &expected, groups, &batches).map_err(failed)?;
         state
             .answers
             .put(&key, &batch.schema(), std::slice::from_ref(&batch))
