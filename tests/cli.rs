@@ -314,6 +314,24 @@ fn example_configs_load_and_bad_configs_say_why() {
             ),
             "must be an http:// URL",
         ),
+        (
+            format!(
+                "policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\n[limits]\nmax_running_queries = 2\nmax_running_per_project = 3\n{identity}{tables}"
+            ),
+            "a per-tenant admission limit is larger than the whole",
+        ),
+        (
+            format!(
+                "policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\n[limits]\nmax_waiting_queries = 0\n{identity}{tables}"
+            ),
+            "admission limits must be at least 1",
+        ),
+        (
+            format!(
+                "policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\n[limits]\nquery_cpu_secs = -1\n{identity}{tables}"
+            ),
+            "limits.query_cpu_secs must be between 0 and 86400 seconds",
+        ),
     ];
     // Past the identity check, to the tables'.
     let head = "policies = \"p\"\n[trust]\ncode = \"RXA\"\nname = \"A\"\n[identity]\ntrust_gateway_identity = true\n";
