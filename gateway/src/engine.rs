@@ -11,6 +11,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::execution::TaskContext;
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
 use serde::Serialize;
 use tally_common::admission::{
     BudgetState, Origin, Refused, RequestIdentity, decide, policy_input,
@@ -542,6 +543,17 @@ impl Gateway {
             Ok(running) => running,
             Err(error) => return Err(self.refuse(guard, error.into()).await),
         };
+        // Planned before the budget is charged: planning reads no trust's data (releases are
+        // sent when the plan runs), so what it refuses (a constant that overflows, a type
+        // that does not fit) costs nothing. Its errors are about the analyst's SQL.
+        let schema: SchemaRef = Arc::new(decided.plan.schema().as_arrow().clone());
+        let physical = match self.state.create_physical_plan(&decided.plan).await {
+            Ok(physical) => physical,
+            Err(error) => {
+                let refused = TallyError::from_planning(error);
+                return Err(self.refuse(guard, refused.into()).await);
+            }
+        };
         let reserved = match self
             .budget
             .reserve(
@@ -560,7 +572,7 @@ impl Gateway {
         guard.record().rho_charged = Some(reserved.charged.as_f64());
         let dispatch = decided.dispatch.clone();
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let result = tokio::time::timeout(remaining, self.execute(decided.plan, &dispatch))
+        let result = tokio::time::timeout(remaining, self.execute(physical, &dispatch))
             .await
             .unwrap_or_else(|_| {
                 Err(TallyError::new(
@@ -579,7 +591,7 @@ impl Gateway {
         record.rows_from_trusts = Some(runs.iter().map(|r| r.rows).sum());
         record.bytes_from_trusts = Some(runs.iter().map(|r| r.bytes).sum());
         match &result {
-            Ok((_, batches)) => {
+            Ok(batches) => {
                 record.outcome = "answered";
                 record.rows = Some(batches.iter().map(RecordBatch::num_rows).sum());
             }
@@ -595,7 +607,7 @@ impl Gateway {
         drop(running);
         guard.write().await?;
         drop(reserved);
-        let (schema, batches) = result?;
+        let batches = result?;
         Ok(QueryOutcome {
             query_id,
             schema,
@@ -608,22 +620,12 @@ impl Gateway {
 
     async fn execute(
         &self,
-        plan: LogicalPlan,
+        physical: Arc<dyn ExecutionPlan>,
         dispatch: &Arc<QueryDispatch>,
-    ) -> Result<(SchemaRef, Vec<RecordBatch>), TallyError> {
-        let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
-        let failed = |e| TallyError::from_execution(e, &dispatch.query_id);
-        // Planning reads no trust's data (releases are sent when the plan runs): its errors
-        // are about the analyst's SQL, and are named as such.
-        let physical = self
-            .state
-            .create_physical_plan(&plan)
+    ) -> Result<Vec<RecordBatch>, TallyError> {
+        datafusion::physical_plan::collect(physical, self.task.clone())
             .await
-            .map_err(TallyError::from_planning)?;
-        let batches = datafusion::physical_plan::collect(physical, self.task.clone())
-            .await
-            .map_err(failed)?;
-        Ok((schema, batches))
+            .map_err(|e| TallyError::from_execution(e, &dispatch.query_id))
     }
 }
 
