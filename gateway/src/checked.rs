@@ -199,16 +199,18 @@ fn checked_sum_udaf(argument_type: &DataType) -> Option<AggregateUDF> {
             Arc::new(vec![data_type]),
         )
     };
-    match argument_type {
-        DataType::Int64 => Some(udaf(
+    if *argument_type == DataType::Int64 {
+        Some(udaf(
             DataType::Int64,
             Arc::new(|_| Ok(Box::new(CheckedSum::<Int64Type>::new()))),
-        )),
-        DataType::UInt64 => Some(udaf(
+        ))
+    } else if *argument_type == DataType::UInt64 {
+        Some(udaf(
             DataType::UInt64,
             Arc::new(|_| Ok(Box::new(CheckedSum::<UInt64Type>::new()))),
-        )),
-        _ => None,
+        ))
+    } else {
+        None
     }
 }
 

@@ -273,14 +273,11 @@ fn count_tokens(tokens: &[&Token]) -> TokenCounts {
     // Tokens that bring a table into a query: FROM, JOIN, and commas of FROM lists.
     let mut table_slots = vec![false; tokens.len()];
     for (at, token) in tokens.iter().enumerate() {
-        match token {
-            Token::Word(word)
-                if word.quote_style.is_none() && word.keyword == Keyword::INTERVAL =>
-            {
-                intervals += 1;
-            }
-            _ => intervals = 0,
-        }
+        let interval = matches!(
+            token,
+            Token::Word(word) if word.quote_style.is_none() && word.keyword == Keyword::INTERVAL
+        );
+        intervals = if interval { intervals + 1 } else { 0 };
         counts.deepest_calls = counts.deepest_calls.max(calls + intervals);
         match token {
             Token::LParen | Token::LBracket | Token::LBrace => {
