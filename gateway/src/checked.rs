@@ -39,7 +39,7 @@ impl AnalyzerRule for CheckedArithmetic {
             let names = NamePreserver::new(&plan);
             let rewritten = plan.map_expressions(|expr| {
                 let name = names.save(&expr);
-                let rewritten = expr.transform_up(|e| checked(e, &inputs))?;
+                let rewritten = expr.transform_down(|e| checked(e, &inputs))?;
                 Ok(rewritten.update_data(|e| name.restore(e)))
             })?;
             // The checked functions' answers may be NULL where the operators' were not:
