@@ -427,6 +427,20 @@ async fn arithmetic_over_released_values_fails_on_overflow_instead_of_wrapping()
         )
         .await
         .expect("a running total that fits");
+    // As many operators as the gateway accepts, each one checked, answered (the same
+    // release as `COUNT(*)`, so the stored answer plus 255).
+    let count = client
+        .query("SELECT COUNT(*) FROM patients")
+        .await
+        .expect("count");
+    let chain = client
+        .query(&format!(
+            "SELECT COUNT(*){} FROM patients",
+            " + 1".repeat(255)
+        ))
+        .await
+        .expect("a chain at the operator limit");
+    assert_eq!(total(&chain, 0), [total(&count, 0)[0] + 255]);
     let each = total(&counts, 1);
     assert_eq!(total(&summed, 0), [each.iter().sum::<i64>()]);
     let mut so_far = 0;

@@ -284,6 +284,41 @@ impl<T: ArrowNumericType + std::fmt::Debug> Accumulator for CheckedSum<T> {
 mod tests {
     use super::*;
     use arrow::array::Int64Array;
+    use datafusion::prelude::SessionContext;
+
+    /// A session with the rule installed and a one-row table `t(n BIGINT)`.
+    fn session() -> SessionContext {
+        let ctx = SessionContext::new();
+        ctx.add_analyzer_rule(Arc::new(CheckedArithmetic));
+        let n: ArrayRef = Arc::new(Int64Array::from(vec![40]));
+        let batch = arrow::record_batch::RecordBatch::try_from_iter([("n", n)]).unwrap();
+        ctx.register_batch("t", batch).unwrap();
+        ctx
+    }
+
+    #[tokio::test]
+    async fn a_long_chain_of_checked_operators_is_planned_and_answered() {
+        // As many operators as the gateway accepts: typing the checked calls must not grow
+        // faster than the chain (a nest of calls typed bottom-up had hung the gateway).
+        let sql = format!("SELECT n{} AS total FROM t", " + 1".repeat(255));
+        let batches = session().sql(&sql).await.unwrap().collect().await.unwrap();
+        let total = batches[0].column(0).as_primitive::<Int64Type>().value(0);
+        assert_eq!(total, 40 + 255);
+        let err = session()
+            .sql(&format!(
+                "SELECT n{} * 9223372036854775807 FROM t",
+                " + 1".repeat(200)
+            ))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            TallyError::from_execution(err, "q").code,
+            ErrorCode::Overflow
+        );
+    }
 
     #[test]
     fn a_checked_sum_fails_where_a_wrapping_one_would_turn_negative() {
