@@ -237,6 +237,9 @@ const GATEWAY_ATTACKS: &[GatewayAttack] = &[
     ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE diagnosis_icd10 LIKE '%0'", Refused("E_QUERY_SHAPE")),
     ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE diagnosis_icd10 LIKE 'G61_0'", Refused("E_QUERY_SHAPE")),
     ("oracle", "SELECT COUNT(*) AS n FROM episodes WHERE year(admission_date) = '2021'", Refused("E_PLAN")),
+    // A constant outside the column's width is refused at the gateway, not by each trust.
+    ("oracle", "SELECT COUNT(*) AS n FROM patients WHERE imd_decile > -7370503736269814701", Refused("E_PLAN")),
+    ("oracle", "SELECT COUNT(*) AS n FROM patients WHERE imd_decile IN (1, 4294967296)", Refused("E_PLAN")),
     ("oracle", "SELECT COUNT(*) AS n, SUM(cost) AS s FROM episodes WHERE admission_date BETWEEN DATE '2020-03-14' AND DATE '2020-03-14' AND diagnosis_icd10 = 'M06.9'", Answered(0)),
     ("oracle", "SELECT COUNT(*) AS n, SUM(cost) AS s FROM episodes WHERE cost > 300000", Refused("E_MEASURE_USAGE")),
     ("oracle", "SELECT COUNT(*) AS n, SUM(length_of_stay) AS s FROM episodes WHERE cost > 300000", Answered(0)),

@@ -370,6 +370,14 @@ async fn arithmetic_over_released_values_fails_on_overflow_instead_of_wrapping()
         assert!(err.starts_with("E_OVERFLOW"), "{sql}: {err}");
         assert_eq!(last_record(&gateway).2, ["E_OVERFLOW"], "{sql}");
     }
+    for sql in [
+        "SELECT COUNT(*) / 0 FROM patients",
+        "SELECT sex, COUNT(*) % (COUNT(*) - COUNT(*)) FROM patients GROUP BY sex",
+    ] {
+        let err = expect_refusal(client.query(sql).await);
+        assert!(err.starts_with("E_DIVIDE_BY_ZERO"), "{sql}: {err}");
+        assert_eq!(last_record(&gateway).2, ["E_DIVIDE_BY_ZERO"], "{sql}");
+    }
     // Arithmetic that fits is untouched, names and types included.
     let answer = client
         .query("SELECT sex, COUNT(*) * 2 + 1 AS odd, -COUNT(*) AS negated FROM patients GROUP BY sex ORDER BY sex")

@@ -107,11 +107,13 @@ pub enum ErrorCode {
     CpuBudget,
     /// Arithmetic over released values overflowed its integer type.
     Overflow,
+    /// Arithmetic over released values divided a whole number by zero.
+    DivideByZero,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 45] = [
+    pub const ALL: [ErrorCode; 46] = [
         ErrorCode::SqlSyntax,
         ErrorCode::UnknownTable,
         ErrorCode::UnknownColumn,
@@ -157,6 +159,7 @@ impl ErrorCode {
         ErrorCode::QueryCost,
         ErrorCode::CpuBudget,
         ErrorCode::Overflow,
+        ErrorCode::DivideByZero,
     ];
 
     /// The stable identifier, e.g. `E_NOT_AGGREGATE`.
@@ -207,6 +210,7 @@ impl ErrorCode {
             ErrorCode::QueryCost => "E_QUERY_COST",
             ErrorCode::CpuBudget => "E_CPU_BUDGET",
             ErrorCode::Overflow => "E_OVERFLOW",
+            ErrorCode::DivideByZero => "E_DIVIDE_BY_ZERO",
         }
     }
 
@@ -225,7 +229,8 @@ impl ErrorCode {
             | ErrorCode::Plan
             | ErrorCode::BadRequest
             | ErrorCode::TooLarge
-            | ErrorCode::Overflow => Code::InvalidArgument,
+            | ErrorCode::Overflow
+            | ErrorCode::DivideByZero => Code::InvalidArgument,
             ErrorCode::ReadOnly
             | ErrorCode::NotAggregate
             | ErrorCode::Window
@@ -309,7 +314,7 @@ impl TallyError {
     /// analyst's own text), unknown tables, columns and functions keep their names; any other
     /// engine wording is logged and replaced by our own message.
     pub fn from_planning(err: DataFusionError) -> Self {
-        if let Some(tally) = find_tally_error(&err).or_else(|| overflow(&err)) {
+        if let Some(tally) = find_tally_error(&err).or_else(|| arithmetic(&err)) {
             return tally;
         }
         match err.find_root() {
@@ -346,7 +351,7 @@ impl TallyError {
     /// Maps an error raised while *executing* a query: our own errors pass through, engine
     /// errors become the generic message and are logged with the query id.
     pub fn from_execution(err: DataFusionError, query_id: &str) -> Self {
-        match find_tally_error(&err).or_else(|| overflow(&err)) {
+        match find_tally_error(&err).or_else(|| arithmetic(&err)) {
             Some(tally) => tally,
             None if matches!(err.find_root(), DataFusionError::ResourcesExhausted(_)) => {
                 tracing::warn!(query_id, error = %err, "query exceeded the memory limit");
@@ -392,22 +397,24 @@ impl TallyError {
     }
 }
 
-/// [`ErrorCode::Overflow`] when integer arithmetic overflowed (while running, or while
-/// folding constants in planning).
-fn overflow(err: &DataFusionError) -> Option<TallyError> {
+/// [`ErrorCode::Overflow`] when integer arithmetic overflowed, [`ErrorCode::DivideByZero`]
+/// when a whole number was divided by zero (while running, or while folding constants in
+/// planning).
+fn arithmetic(err: &DataFusionError) -> Option<TallyError> {
     let DataFusionError::ArrowError(arrow, _) = err.find_root() else {
         return None;
     };
-    matches!(
-        arrow.as_ref(),
-        arrow::error::ArrowError::ArithmeticOverflow(_)
-    )
-    .then(|| {
-        TallyError::new(
+    match arrow.as_ref() {
+        arrow::error::ArrowError::ArithmeticOverflow(_) => Some(TallyError::new(
             ErrorCode::Overflow,
             "arithmetic over the answer overflowed its integer type; compute it as a DOUBLE or with smaller factors",
-        )
-    })
+        )),
+        arrow::error::ArrowError::DivideByZero => Some(TallyError::new(
+            ErrorCode::DivideByZero,
+            "arithmetic over the answer divided by zero; write NULLIF(divisor, 0) for NULL instead",
+        )),
+        _ => None,
+    }
 }
 
 impl From<TallyError> for Status {

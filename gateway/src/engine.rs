@@ -677,7 +677,8 @@ fn is_failure(code: ErrorCode) -> bool {
         | ErrorCode::BudgetExhausted
         | ErrorCode::LedgerBroken
         | ErrorCode::QueryCost
-        | ErrorCode::Overflow => false,
+        | ErrorCode::Overflow
+        | ErrorCode::DivideByZero => false,
     }
 }
 

@@ -725,10 +725,18 @@ fn literal_for(
                 .cast_to(&DataType::Int64)
                 .ok()
                 .filter(|_| value.data_type().is_integer());
-            match whole {
-                Some(ScalarValue::Int64(Some(v))) => Ok(Literal::Int(v)),
-                _ => Err(mismatch()),
+            let Some(ScalarValue::Int64(Some(v))) = whole else {
+                return Err(mismatch());
+            };
+            // Each trust checks the constant fits the column's own width: one that does
+            // not is refused here, by name, rather than by every trust.
+            if value.cast_to(target).is_err() {
+                return Err(TallyError::new(
+                    ErrorCode::Plan,
+                    format!("{v} is outside the range of {} ({target})", on.to_sql()),
+                ));
             }
+            Ok(Literal::Int(v))
         }
         DataType::Float32 | DataType::Float64 | DataType::Decimal128(..) => {
             if !value.data_type().is_numeric() {

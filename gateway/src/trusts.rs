@@ -226,7 +226,8 @@ impl Trust {
                 | ErrorCode::TrustProtocol
                 | ErrorCode::TrustTimeout
                 | ErrorCode::TrustUnavailable
-                | ErrorCode::Overflow => failed(),
+                | ErrorCode::Overflow
+                | ErrorCode::DivideByZero => failed(),
                 // Refusals depend on the query, the identity and the trust's policy only.
                 refused @ (ErrorCode::SqlSyntax
                 | ErrorCode::UnknownTable
