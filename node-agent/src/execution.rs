@@ -181,6 +181,11 @@ impl Execution {
             let stopped = AssertUnwindSafe(Abortable::new(metered, registration))
                 .catch_unwind()
                 .await;
+            // The query's work is dropped by now: its memory goes back to the system here,
+            // not whenever this worker next runs a query (mimalloc keeps a thread's freed
+            // pages for that thread, and a worker may then sit idle for hours).
+            // SAFETY: `mi_collect` takes no pointers; it tidies the calling thread's heap.
+            unsafe { libmimalloc_sys::mi_collect(true) };
             let (slot, worker) = held;
             drop(worker);
             drop(slot);
