@@ -5,7 +5,7 @@
 //! release the model and the default policy allow, each with a new constant (so no stored
 //! answer serves it), which the trusts stop at their processor-time budget. Reported: the
 //! small queries' latency before, during and after, every outcome by code, and the
-//! process's resident memory before the heavy phase and after it.
+//! process's resident memory before the heavy phase and after each round of it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -28,6 +28,9 @@ pub struct Options {
     pub heavy_clients: usize,
     /// Seconds of each phase (before, during, after the heavy queries).
     pub phase_secs: u64,
+    /// Rounds of heavy queries, each followed by an after phase (memory that one round
+    /// leaves behind would grow round by round).
+    pub rounds: usize,
     /// Each trust's processor-time budget per query, seconds.
     pub cpu_budget_secs: f64,
 }
@@ -149,41 +152,42 @@ pub async fn run(options: &Options) -> Result<String, String> {
     report.push_str(&before.line("before"));
     report.push('\n');
     let rss_before = crate::rss_mib(None);
-
+    let mut rss_after = Vec::new();
     let heavy = Arc::new(Mutex::new(Tally::default()));
-    let stop = Arc::new(AtomicBool::new(false));
     let constant = Arc::new(AtomicUsize::new(0));
-    let mut heavy_tasks = Vec::new();
-    for _ in 0..options.heavy_clients {
-        let (heavy, stop, constant) = (heavy.clone(), stop.clone(), constant.clone());
-        let mut client = AnalystClient::connect_for(&target, &token, "uec-demand", "research")
-            .await
-            .map_err(|e| e.to_string())?;
-        heavy_tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let k = constant.fetch_add(1, Ordering::SeqCst);
-                let sql = HEAVY.replace("{k}", &k.to_string());
-                let began = Instant::now();
-                let outcome = client.query(&sql).await.map(drop);
-                heavy
-                    .lock()
-                    .await
-                    .add(began.elapsed(), outcome.map_err(|e| e.to_string()));
-            }
-        }));
+    for round in 1..=options.rounds {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut heavy_tasks = Vec::new();
+        for _ in 0..options.heavy_clients {
+            let (heavy, stop, constant) = (heavy.clone(), stop.clone(), constant.clone());
+            let mut client = AnalystClient::connect_for(&target, &token, "uec-demand", "research")
+                .await
+                .map_err(|e| e.to_string())?;
+            heavy_tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let k = constant.fetch_add(1, Ordering::SeqCst);
+                    let sql = HEAVY.replace("{k}", &k.to_string());
+                    let began = Instant::now();
+                    let outcome = client.query(&sql).await.map(drop);
+                    heavy
+                        .lock()
+                        .await
+                        .add(began.elapsed(), outcome.map_err(|e| e.to_string()));
+                }
+            }));
+        }
+        let mut during = small_phase(&mut small, phase, &mut sent, &mut rss_peak).await;
+        stop.store(true, Ordering::SeqCst);
+        for task in heavy_tasks {
+            let _ = task.await;
+        }
+        report.push_str(&during.line(&format!("during heavy queries (round {round})")));
+        report.push('\n');
+        let mut after = small_phase(&mut small, phase, &mut sent, &mut rss_peak).await;
+        report.push_str(&after.line(&format!("after (round {round})")));
+        report.push('\n');
+        rss_after.push(crate::rss_mib(None));
     }
-    let mut during = small_phase(&mut small, phase, &mut sent, &mut rss_peak).await;
-    stop.store(true, Ordering::SeqCst);
-    for task in heavy_tasks {
-        let _ = task.await;
-    }
-    report.push_str(&during.line("during heavy queries"));
-    report.push('\n');
-
-    let mut after = small_phase(&mut small, phase, &mut sent, &mut rss_peak).await;
-    report.push_str(&after.line("after"));
-    report.push('\n');
-    let rss_after = crate::rss_mib(None);
     let mut heavy = std::mem::take(&mut *heavy.lock().await);
     report.push_str(&format!(
         "\n| heavy queries ({} clients, CPU budget {} s) | count | p50 ms | p99 ms | max ms | outcomes |\n|---|---|---|---|---|---|\n{}\n",
@@ -191,9 +195,20 @@ pub async fn run(options: &Options) -> Result<String, String> {
         options.cpu_budget_secs,
         heavy.line("uec-demand").replacen("| uec-demand |", "| |", 1)
     ));
+    let afters: Vec<String> = rss_after
+        .iter()
+        .enumerate()
+        .map(|(i, after)| {
+            format!(
+                "after round {} {after:.0} MiB ({:+.1} %)",
+                i + 1,
+                (after / rss_before - 1.0) * 100.0
+            )
+        })
+        .collect();
     report.push_str(&format!(
-        "\nresident memory (gateway and three nodes in one process): before {rss_before:.0} MiB, peak {rss_peak:.0} MiB, after {rss_after:.0} MiB ({:+.1} %)\n",
-        (rss_after / rss_before - 1.0) * 100.0
+        "\nresident memory (gateway and three nodes in one process): before {rss_before:.0} MiB, peak {rss_peak:.0} MiB; {}\n",
+        afters.join(", ")
     ));
     local.stop().await;
     Ok(report)

@@ -137,6 +137,9 @@ enum Command {
         /// Seconds of each phase.
         #[arg(long, default_value_t = 30)]
         phase_secs: u64,
+        /// Rounds of heavy queries, each followed by an after phase.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         /// Each trust's processor-time budget per query, seconds.
         #[arg(long, default_value_t = 1.0)]
         cpu_budget_secs: f64,
@@ -257,6 +260,7 @@ async fn run(command: Command) -> Result<(), String> {
             patients,
             heavy_clients,
             phase_secs,
+            rounds,
             cpu_budget_secs,
         } => {
             let options = tally_bench::isolation::Options {
@@ -264,6 +268,7 @@ async fn run(command: Command) -> Result<(), String> {
                 patients,
                 heavy_clients,
                 phase_secs,
+                rounds,
                 cpu_budget_secs,
             };
             println!("{}", tally_bench::isolation::run(&options).await?);
