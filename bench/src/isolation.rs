@@ -112,6 +112,9 @@ async fn small_phase(
 
 /// Runs the three phases and returns a Markdown report.
 pub async fn run(options: &Options) -> Result<String, String> {
+    if options.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
+    }
     let data = options.root.join(format!("data-{}", options.patients));
     federation::ensure_data(&data, options.patients, 42)?;
     let shipped = federation::policies_folder(None, &data)?;
