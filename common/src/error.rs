@@ -413,7 +413,25 @@ fn arithmetic(err: &DataFusionError) -> Option<TallyError> {
             ErrorCode::DivideByZero,
             "arithmetic over the answer divided by zero; write NULLIF(divisor, 0) for NULL instead",
         )),
-        _ => None,
+        // Any other engine failure keeps the generic message (its text stays in the log).
+        arrow::error::ArrowError::NotYetImplemented(_)
+        | arrow::error::ArrowError::ExternalError(_)
+        | arrow::error::ArrowError::CastError(_)
+        | arrow::error::ArrowError::MemoryError(_)
+        | arrow::error::ArrowError::ParseError(_)
+        | arrow::error::ArrowError::SchemaError(_)
+        | arrow::error::ArrowError::ComputeError(_)
+        | arrow::error::ArrowError::CsvError(_)
+        | arrow::error::ArrowError::JsonError(_)
+        | arrow::error::ArrowError::AvroError(_)
+        | arrow::error::ArrowError::IoError(..)
+        | arrow::error::ArrowError::IpcError(_)
+        | arrow::error::ArrowError::InvalidArgumentError(_)
+        | arrow::error::ArrowError::ParquetError(_)
+        | arrow::error::ArrowError::CDataInterface(_)
+        | arrow::error::ArrowError::DictionaryKeyOverflowError
+        | arrow::error::ArrowError::RunEndIndexOverflowError
+        | arrow::error::ArrowError::OffsetOverflowError(_) => None,
     }
 }
 
