@@ -19,6 +19,7 @@ where
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(tally_common::session::WORKER_STACK_BYTES)
+        .on_thread_park(tally_common::memory::release_freed_memory_when_idle)
         .build();
     let runtime = match runtime {
         Ok(runtime) => runtime,

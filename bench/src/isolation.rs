@@ -1,11 +1,13 @@
 //! One project's heaviest queries against another's small ones at the same trusts (issue
 //! 14's first measure). A local federation (in this process, plaintext on loopback) serves
-//! generated data; one client of project `cardiac-audit` sends small queries throughout;
+//! generated data; one client of project `cardiac-audit` sends small queries throughout
+//! (first for an unmeasured warm-up);
 //! during the middle phase clients of project `uec-demand` send, back to back, the heaviest
 //! release the model and the default policy allow, each with a new constant (so no stored
 //! answer serves it), which the trusts stop at their processor-time budget. Reported: the
 //! small queries' latency before, during and after, every outcome by code, and the
-//! process's resident memory before the heavy phase and after each round of it.
+//! process's resident memory (the median over the phase) before the heavy phase and after
+//! each round of it, with the bytes still allocated.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,6 +28,10 @@ pub struct Options {
     pub patients: usize,
     /// Clients sending heavy queries at once.
     pub heavy_clients: usize,
+    /// Seconds of small queries before the measured phases, so that "before" is the
+    /// settled process (the gateway's per-minute rate windows fill for a minute, the
+    /// runtimes start their threads, the allocator takes its working set).
+    pub warm_up_secs: u64,
     /// Seconds of each phase (before, during, after the heavy queries).
     pub phase_secs: u64,
     /// Rounds of heavy queries, each followed by an after phase (memory that one round
@@ -59,6 +65,8 @@ const HEAVY: &str = "SELECT age_band(e.age_at_admission), month(e.admission_date
 struct Tally {
     millis: Vec<f64>,
     by_code: BTreeMap<String, usize>,
+    /// The process's resident memory after each query, MiB (small queries only).
+    rss_mib: Vec<f64>,
 }
 
 impl Tally {
@@ -69,6 +77,15 @@ impl Tally {
             Err(message) => message.split(':').next().unwrap_or("?").to_string(),
         };
         *self.by_code.entry(code).or_default() += 1;
+    }
+
+    /// The median of the resident memory sampled over the phase: steadier than one sample.
+    fn median_rss_mib(&mut self) -> f64 {
+        self.rss_mib.sort_by(f64::total_cmp);
+        self.rss_mib
+            .get(self.rss_mib.len() / 2)
+            .copied()
+            .unwrap_or(f64::NAN)
     }
 
     fn line(&mut self, label: &str) -> String {
@@ -104,7 +121,9 @@ async fn small_phase(
         let began = Instant::now();
         let outcome = small.query(SMALL[*sent % SMALL.len()]).await.map(drop);
         tally.add(began.elapsed(), outcome.map_err(|e| e.to_string()));
-        *rss_peak = rss_peak.max(crate::rss_mib(None));
+        let rss = crate::rss_mib(None);
+        tally.rss_mib.push(rss);
+        *rss_peak = rss_peak.max(rss);
         *sent += 1;
     }
     tally
@@ -151,10 +170,15 @@ pub async fn run(options: &Options) -> Result<String, String> {
     );
     let mut sent = 0;
     let mut rss_peak = 0.0;
+    let warm_up = Duration::from_secs(options.warm_up_secs);
+    let mut warming = small_phase(&mut small, warm_up, &mut sent, &mut rss_peak).await;
+    report.push_str(&warming.line("warm-up (not measured)"));
+    report.push('\n');
     let mut before = small_phase(&mut small, phase, &mut sent, &mut rss_peak).await;
     report.push_str(&before.line("before"));
     report.push('\n');
-    let rss_before = crate::rss_mib(None);
+    let rss_before = before.median_rss_mib();
+    let live_before = crate::live_heap_mib();
     let mut rss_after = Vec::new();
     let heavy = Arc::new(Mutex::new(Tally::default()));
     let constant = Arc::new(AtomicUsize::new(0));
@@ -189,7 +213,7 @@ pub async fn run(options: &Options) -> Result<String, String> {
         let mut after = small_phase(&mut small, phase, &mut sent, &mut rss_peak).await;
         report.push_str(&after.line(&format!("after (round {round})")));
         report.push('\n');
-        rss_after.push(crate::rss_mib(None));
+        rss_after.push((after.median_rss_mib(), crate::live_heap_mib()));
     }
     let mut heavy = std::mem::take(&mut *heavy.lock().await);
     report.push_str(&format!(
@@ -201,16 +225,18 @@ pub async fn run(options: &Options) -> Result<String, String> {
     let afters: Vec<String> = rss_after
         .iter()
         .enumerate()
-        .map(|(i, after)| {
+        .map(|(i, (rss, live))| {
             format!(
-                "after round {} {after:.0} MiB ({:+.1} %)",
+                "after round {} {rss:.0} MiB ({:+.1} %; {live:.0} MiB live)",
                 i + 1,
-                (after / rss_before - 1.0) * 100.0
+                (rss / rss_before - 1.0) * 100.0
             )
         })
         .collect();
     report.push_str(&format!(
-        "\nresident memory (gateway and three nodes in one process): before {rss_before:.0} MiB, peak {rss_peak:.0} MiB; {}\n",
+        "\nresident memory of the process (gateway and three nodes), the median over each phase: \
+         before {rss_before:.0} MiB ({live_before:.0} MiB live at its end: allocated, not freed); \
+         peak {rss_peak:.0} MiB; {}\n",
         afters.join(", ")
     ));
     local.stop().await;

@@ -10,7 +10,9 @@ mod rows;
 pub mod soak;
 pub mod workload;
 
+use std::alloc::{GlobalAlloc, Layout};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tally_common::admission::{BudgetState, Origin, RequestIdentity, decide};
@@ -191,6 +193,56 @@ pub fn unlimited_budgets(from: &Path, to: &Path) -> Result<std::path::PathBuf, S
     }
     std::fs::write(&path, catalogue.to_string()).map_err(|e| e.to_string())?;
     Ok(to.to_path_buf())
+}
+
+/// mimalloc, counting the bytes the process holds live, so that a report can tell memory
+/// still in use from memory the allocator keeps after it was freed (`live_heap_mib`).
+pub struct CountingAllocator(pub mimalloc::MiMalloc);
+
+/// Bytes allocated through [`CountingAllocator`] and not yet freed.
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed on unchanged to mimalloc; the counter only observes sizes.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is passed on unchanged.
+        let block = unsafe { self.0.alloc(layout) };
+        if !block.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        block
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is passed on unchanged.
+        let block = unsafe { self.0.alloc_zeroed(layout) };
+        if !block.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        block
+    }
+
+    unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on unchanged.
+        unsafe { self.0.dealloc(block, layout) }
+    }
+
+    unsafe fn realloc(&self, block: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract is passed on unchanged.
+        let moved = unsafe { self.0.realloc(block, layout, new_size) };
+        if !moved.is_null() {
+            LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        moved
+    }
+}
+
+/// The bytes this process holds live (allocated and not freed), MiB, as counted by
+/// [`CountingAllocator`]; 0 where it is not the global allocator.
+pub fn live_heap_mib() -> f64 {
+    LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
 }
 
 /// The resident memory of process `pid` (this process when `None`), MiB; NaN where

@@ -5,9 +5,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// The same allocator as `tally`, so the in-process baselines are measured alike.
+/// The same allocator as `tally`, so the in-process baselines are measured alike, counting
+/// the bytes held live for the isolation report.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tally_bench::CountingAllocator =
+    tally_bench::CountingAllocator(mimalloc::MiMalloc);
 
 use clap::{Parser, Subcommand};
 use tally::federation;
@@ -134,6 +136,9 @@ enum Command {
         /// Clients sending heavy queries at once.
         #[arg(long, default_value_t = 4)]
         heavy_clients: usize,
+        /// Seconds of small queries before the measured phases (the process settles).
+        #[arg(long, default_value_t = 60)]
+        warm_up_secs: u64,
         /// Seconds of each phase.
         #[arg(long, default_value_t = 30)]
         phase_secs: u64,
@@ -259,6 +264,7 @@ async fn run(command: Command) -> Result<(), String> {
             root,
             patients,
             heavy_clients,
+            warm_up_secs,
             phase_secs,
             rounds,
             cpu_budget_secs,
@@ -267,6 +273,7 @@ async fn run(command: Command) -> Result<(), String> {
                 root,
                 patients,
                 heavy_clients,
+                warm_up_secs,
                 phase_secs,
                 rounds,
                 cpu_budget_secs,

@@ -13,6 +13,7 @@ pub mod generalise;
 pub mod governance;
 pub mod identity;
 pub mod ledger;
+pub mod memory;
 pub mod model;
 pub mod noise;
 pub mod policy;

@@ -52,8 +52,11 @@ impl Execution {
         let mut workers = Vec::new();
         for index in 0..limits.max_running_queries {
             let (jobs, mut next) = mpsc::unbounded_channel::<Job>();
+            // One thread for the blocking calls (DataFusion reads files through them), so
+            // that the worker can reach its heap when a query ends.
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads(1)
                 .build()?;
             std::thread::Builder::new()
                 .name(format!("tally-query-{index}"))
@@ -184,8 +187,8 @@ impl Execution {
             // The query's work is dropped by now: its memory goes back to the system here,
             // not whenever this worker next runs a query (mimalloc keeps a thread's freed
             // pages for that thread, and a worker may then sit idle for hours).
-            // SAFETY: `mi_collect` takes no pointers; it tidies the calling thread's heap.
-            unsafe { libmimalloc_sys::mi_collect(true) };
+            tally_common::memory::release_freed_memory();
+            let _ = tokio::task::spawn_blocking(tally_common::memory::release_freed_memory).await;
             let (slot, worker) = held;
             drop(worker);
             drop(slot);
