@@ -136,7 +136,9 @@ struct Fault {
 
 /// Runs the soak and returns a Markdown report; fails if a rule was broken.
 pub async fn run(options: &Options) -> Result<String, String> {
-    let root = &options.root;
+    // Absolute: the processes' configs name files, and a config's relative paths are read
+    // from the config's own folder.
+    let root = &std::path::absolute(&options.root).map_err(|e| e.to_string())?;
     let data = root.join("data");
     federation::ensure_data(&data, 20_000, 42)?;
     let shipped = federation::policies_folder(None, &data)?;
