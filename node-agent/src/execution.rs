@@ -52,8 +52,9 @@ impl Execution {
         let mut workers = Vec::new();
         for index in 0..limits.max_running_queries {
             let (jobs, mut next) = mpsc::unbounded_channel::<Job>();
-            // One thread for the blocking calls (DataFusion reads files through them), so
-            // that the worker can reach its heap when a query ends.
+            // One thread for the blocking calls, so that the worker can reach its heap when
+            // a query ends. They are short file reads (object_store's local files; spilling
+            // is off), none waiting on another, so one thread serialises them and no more.
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .max_blocking_threads(1)
@@ -184,15 +185,16 @@ impl Execution {
             let stopped = AssertUnwindSafe(Abortable::new(metered, registration))
                 .catch_unwind()
                 .await;
-            // The query's work is dropped by now: its memory goes back to the system here,
-            // not whenever this worker next runs a query (mimalloc keeps a thread's freed
-            // pages for that thread, and a worker may then sit idle for hours).
-            tally_common::memory::release_freed_memory();
-            let _ = tokio::task::spawn_blocking(tally_common::memory::release_freed_memory).await;
             let (slot, worker) = held;
             drop(worker);
             drop(slot);
             let _ = answer.send(stopped);
+            // The query's work is dropped by now: its memory goes back to the system here,
+            // not whenever this worker next runs a query (mimalloc keeps a thread's freed
+            // pages for that thread, and a worker may then sit idle for hours). After the
+            // answer, so that the answer does not wait for it.
+            tally_common::memory::release_freed_memory();
+            let _ = tokio::task::spawn_blocking(tally_common::memory::release_freed_memory).await;
         });
         if self.workers[worker].send(job).is_err() {
             return Err(TallyError::new(
