@@ -121,7 +121,7 @@ async fn small_phase(
         let began = Instant::now();
         let outcome = small.query(SMALL[*sent % SMALL.len()]).await.map(drop);
         tally.add(began.elapsed(), outcome.map_err(|e| e.to_string()));
-        let rss = crate::rss_mib(None);
+        let rss = tally_common::memory::resident_mib(None);
         tally.rss_mib.push(rss);
         *rss_peak = rss_peak.max(rss);
         *sent += 1;

@@ -244,22 +244,3 @@ unsafe impl GlobalAlloc for CountingAllocator {
 pub fn live_heap_mib() -> f64 {
     LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
 }
-
-/// The resident memory of process `pid` (this process when `None`), MiB; NaN where
-/// `/proc` does not say (not Linux, or the process is gone).
-pub fn rss_mib(pid: Option<u32>) -> f64 {
-    let status = match pid {
-        Some(pid) => format!("/proc/{pid}/status"),
-        None => "/proc/self/status".to_string(),
-    };
-    std::fs::read_to_string(status)
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}

@@ -101,7 +101,9 @@ impl Process {
     }
 
     fn rss_mib(&self) -> f64 {
-        self.pid().map_or(f64::NAN, |pid| crate::rss_mib(Some(pid)))
+        self.pid().map_or(f64::NAN, |pid| {
+            tally_common::memory::resident_mib(Some(pid))
+        })
     }
 }
 

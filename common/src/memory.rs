@@ -37,21 +37,28 @@ pub fn release_freed_memory_when_idle() {
     }
 }
 
+/// The resident memory of process `pid` (this process when `None`), MiB; NaN where
+/// `/proc` does not say (not Linux, or the process is gone).
+pub fn resident_mib(pid: Option<u32>) -> f64 {
+    let status = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    std::fs::read_to_string(status)
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::release_freed_memory;
-
-    /// This process's resident memory, MiB.
-    fn resident_mib() -> f64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let kib: f64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse().ok())
-            .unwrap();
-        kib / 1024.0
-    }
+    use super::{release_freed_memory, resident_mib};
 
     #[test]
     fn memory_a_thread_freed_goes_back_to_the_system() {
@@ -70,13 +77,13 @@ mod tests {
                     }
                 })
                 .collect();
-            let held = resident_mib();
+            let held = resident_mib(None);
             for block in blocks {
                 // SAFETY: each block came from mi_malloc above and is freed once.
                 unsafe { libmimalloc_sys::mi_free(block as *mut std::ffi::c_void) };
             }
             release_freed_memory();
-            let released = resident_mib();
+            let released = resident_mib(None);
             assert!(
                 held - released > 48.0,
                 "resident {held:.0} MiB with the blocks, {released:.0} MiB after"
