@@ -1,5 +1,6 @@
-//! What every Tally program does around its work: logs to stderr (`RUST_LOG`, default
-//! warnings), an async runtime, and an exit code with the error printed.
+//! What every Tally program does around its work: memory set up to go back to the system,
+//! logs to stderr (`RUST_LOG`, default warnings), an async runtime, and an exit code with
+//! the error printed.
 
 use std::process::ExitCode;
 
@@ -9,6 +10,7 @@ pub fn run_main<F>(work: F) -> ExitCode
 where
     F: Future<Output = Result<(), String>>,
 {
+    tally_common::memory::release_memory_eagerly();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -7,7 +7,8 @@
 //! answer serves it), which the trusts stop at their processor-time budget. Reported: the
 //! small queries' latency before, during and after, every outcome by code, and the
 //! process's resident memory (the median over the phase) before the heavy phase and after
-//! each round of it, with the bytes still allocated.
+//! each round of it, with the bytes still allocated; the memory maps at those points are
+//! saved beside the data.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -129,6 +130,15 @@ async fn small_phase(
     tally
 }
 
+/// Copies the process's memory map, with each mapping's resident size (`/proc/self/smaps`),
+/// to `root/name`: compared before and after, it shows where resident memory grew (the
+/// allocators' heaps, the program's code, thread stacks).
+fn save_memory_map(root: &std::path::Path, name: &str) -> Result<(), String> {
+    std::fs::copy("/proc/self/smaps", root.join(name))
+        .map(drop)
+        .map_err(|e| format!("cannot save the memory map to {}: {e}", root.display()))
+}
+
 /// Runs the three phases and returns a Markdown report.
 pub async fn run(options: &Options) -> Result<String, String> {
     if options.rounds == 0 {
@@ -178,6 +188,7 @@ pub async fn run(options: &Options) -> Result<String, String> {
     report.push_str(&before.line("before"));
     report.push('\n');
     let rss_before = before.median_rss_mib();
+    save_memory_map(&options.root, "smaps-before")?;
     let live_before = crate::live_heap_mib();
     let mut rss_after = Vec::new();
     let heavy = Arc::new(Mutex::new(Tally::default()));
@@ -214,6 +225,7 @@ pub async fn run(options: &Options) -> Result<String, String> {
         report.push_str(&after.line(&format!("after (round {round})")));
         report.push('\n');
         rss_after.push((after.median_rss_mib(), crate::live_heap_mib()));
+        save_memory_map(&options.root, &format!("smaps-after-{round}"))?;
     }
     let mut heavy = std::mem::take(&mut *heavy.lock().await);
     report.push_str(&format!(
@@ -236,8 +248,9 @@ pub async fn run(options: &Options) -> Result<String, String> {
     report.push_str(&format!(
         "\nresident memory of the process (gateway and three nodes), the median over each phase: \
          before {rss_before:.0} MiB ({live_before:.0} MiB live at its end: allocated, not freed); \
-         peak {rss_peak:.0} MiB; {}\n",
-        afters.join(", ")
+         peak {rss_peak:.0} MiB; {} (memory maps at those points: {}/smaps-*)\n",
+        afters.join(", "),
+        options.root.display()
     ));
     local.stop().await;
     Ok(report)

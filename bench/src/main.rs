@@ -127,7 +127,7 @@ enum Command {
     /// One project's heaviest queries against another project's small ones at the same
     /// trusts: the small ones' latency before, during and after, and memory given back.
     Isolation {
-        /// Where generated data is kept.
+        /// Where generated data is kept (and the memory maps the run saves).
         #[arg(long, default_value = "target/isolation")]
         root: PathBuf,
         /// Patients to generate across the three trusts.

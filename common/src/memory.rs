@@ -1,6 +1,8 @@
 //! Giving freed memory back to the system. Tally's programs allocate with mimalloc, which
 //! keeps the pages a thread has freed for that thread's next allocations; a thread that then
-//! goes idle would hold a heavy query's memory for as long as it stays idle.
+//! goes idle would hold a heavy query's memory for as long as it stays idle. C libraries
+//! (zstd, under Parquet) allocate with glibc's allocator, which keeps freed memory in
+//! per-thread arenas the same way.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -13,6 +15,30 @@ const IDLE_RELEASE_INTERVAL: Duration = Duration::from_secs(1);
 pub fn release_freed_memory() {
     // SAFETY: `mi_collect` takes no pointers; it tidies the calling thread's heap.
     unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
+/// Sets the process up to give freed memory back: to call first thing in `main` (memory
+/// touched before stays as it is). Measured in BENCHMARKS.md (issue 14), each where Linux
+/// and glibc have the switch:
+/// - ordinary 4 KiB pages only, never transparent huge pages: a 2 MiB huge page stays
+///   resident while any byte of it is in use, so the few blocks a heavy query leaves
+///   scattered over the heap kept far more than they hold (36 MiB more at rest, and about
+///   twice the memory left behind by a heavy query);
+/// - glibc's thresholds stay at 128 KiB: a block that large has a mapping of its own,
+///   unmapped when freed, and an arena's free top past that goes back. By default both grow
+///   with the largest block freed so far (to 32 and 64 MiB), and what is freed below them
+///   stays with the thread's arena (zstd's buffers, under Parquet, did).
+pub fn release_memory_eagerly() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `PR_SET_THP_DISABLE` takes integer arguments only and affects this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` takes integers only; a fixed trim threshold is a supported setting.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+    }
 }
 
 /// [`release_freed_memory`], at most once per [`IDLE_RELEASE_INTERVAL`] per thread: for an
@@ -58,7 +84,7 @@ pub fn resident_mib(pid: Option<u32>) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{release_freed_memory, resident_mib};
+    use super::{release_freed_memory, release_memory_eagerly, resident_mib};
 
     #[test]
     fn memory_a_thread_freed_goes_back_to_the_system() {
@@ -88,6 +114,50 @@ mod tests {
                 held - released > 48.0,
                 "resident {held:.0} MiB with the blocks, {released:.0} MiB after"
             );
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn memory_glibc_freed_goes_back_and_huge_pages_are_off() {
+        release_memory_eagerly();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(
+            status.lines().any(|l| l == "THP_enabled:\t0"),
+            "transparent huge pages still on"
+        );
+        // On a thread of its own (its own glibc arena): a 16 MiB block freed first would, by
+        // glibc's default, raise the size below which freed memory is kept to 32 MiB; then
+        // 24 MiB in 1 MiB blocks, written, then freed.
+        std::thread::spawn(|| {
+            const MIB: usize = 1024 * 1024;
+            // SAFETY: blocks from glibc's malloc, written within their size, freed once.
+            unsafe {
+                // Written and seen, so that the compiler keeps the pair.
+                let large = std::hint::black_box(libc::malloc(16 * MIB));
+                assert!(!large.is_null());
+                large.cast::<u8>().write(1);
+                libc::free(std::hint::black_box(large));
+                let blocks: Vec<*mut libc::c_void> = (0..24)
+                    .map(|_| {
+                        let block = libc::malloc(MIB);
+                        assert!(!block.is_null());
+                        block.cast::<u8>().write_bytes(1, MIB);
+                        block
+                    })
+                    .collect();
+                let held = resident_mib(None);
+                for block in blocks {
+                    libc::free(block);
+                }
+                let released = resident_mib(None);
+                assert!(
+                    held - released > 16.0,
+                    "resident {held:.0} MiB with the blocks, {released:.0} MiB after"
+                );
+            }
         })
         .join()
         .unwrap();

@@ -189,12 +189,15 @@ impl Execution {
             drop(worker);
             drop(slot);
             let _ = answer.send(stopped);
-            // The query's work is dropped by now: its memory goes back to the system here,
-            // not whenever this worker next runs a query (mimalloc keeps a thread's freed
-            // pages for that thread, and a worker may then sit idle for hours). After the
-            // answer, so that the answer does not wait for it.
-            tally_common::memory::release_freed_memory();
+            // The query's memory goes back to the system here, not whenever this worker next
+            // runs a query (mimalloc keeps a thread's freed pages for that thread, and a
+            // worker may then sit idle for hours). After the answer, so that the answer does
+            // not wait for it. The blocking thread first: while the worker waits for it, its
+            // runtime drops the tasks the stopped query had spawned (their abort takes effect
+            // only when the runtime next runs them), so the worker's own heap is tidied once
+            // their memory is freed too.
             let _ = tokio::task::spawn_blocking(tally_common::memory::release_freed_memory).await;
+            tally_common::memory::release_freed_memory();
         });
         if self.workers[worker].send(job).is_err() {
             return Err(TallyError::new(
