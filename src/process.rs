@@ -10,7 +10,7 @@ pub fn run_main<F>(work: F) -> ExitCode
 where
     F: Future<Output = Result<(), String>>,
 {
-    tally_common::memory::release_memory_eagerly();
+    let memory_settings_failed = tally_common::memory::release_memory_eagerly();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -18,6 +18,9 @@ where
         )
         .with_writer(std::io::stderr)
         .init();
+    for failed in memory_settings_failed {
+        tracing::warn!("{failed}: freed memory may be slower to go back to the system");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(tally_common::session::WORKER_STACK_BYTES)

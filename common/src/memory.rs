@@ -2,7 +2,7 @@
 //! keeps the pages a thread has freed for that thread's next allocations; a thread that then
 //! goes idle would hold a heavy query's memory for as long as it stays idle. C libraries
 //! (zstd, under Parquet) allocate with glibc's allocator, which keeps freed memory in
-//! per-thread arenas the same way.
+//! per-thread arenas.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -23,22 +23,45 @@ pub fn release_freed_memory() {
 /// - ordinary 4 KiB pages only, never transparent huge pages: a 2 MiB huge page stays
 ///   resident while any byte of it is in use, so the few blocks a heavy query leaves
 ///   scattered over the heap kept far more than they hold (36 MiB more at rest, and about
-///   twice the memory left behind by a heavy query);
-/// - glibc's thresholds stay at 128 KiB: a block that large has a mapping of its own,
-///   unmapped when freed, and an arena's free top past that goes back. By default both grow
-///   with the largest block freed so far (to 32 and 64 MiB), and what is freed below them
-///   stays with the thread's arena (zstd's buffers, under Parquet, did).
-pub fn release_memory_eagerly() {
+///   twice the memory left behind by a heavy query). The setting passes to child processes;
+/// - glibc's mmap and trim thresholds fixed at 128 KiB: a block that large has a mapping
+///   of its own, unmapped when freed, and an arena's free top past that goes back. By
+///   default both grow with the largest block freed so far (to 32 and 64 MiB), and what is
+///   freed below them stays with the thread's arena (zstd's buffers, under Parquet, did).
+///
+/// Returns what could not be set, for the caller to log.
+pub fn release_memory_eagerly() -> Vec<String> {
+    let mut failed = Vec::new();
     #[cfg(target_os = "linux")]
-    // SAFETY: `PR_SET_THP_DISABLE` takes integer arguments only and affects this process.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    {
+        // SAFETY: `prctl` with integer arguments only; the unused ones must be zero.
+        let status = unsafe {
+            libc::prctl(
+                libc::PR_SET_THP_DISABLE,
+                1 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        if status != 0 {
+            failed.push(format!(
+                "transparent huge pages stay on ({})",
+                std::io::Error::last_os_error()
+            ));
+        }
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` takes integers only; a fixed trim threshold is a supported setting.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+    for (setting, name) in [
+        (libc::M_MMAP_THRESHOLD, "mmap"),
+        (libc::M_TRIM_THRESHOLD, "trim"),
+    ] {
+        // SAFETY: `mallopt` takes integers only; 128 KiB is glibc's own default for both.
+        if unsafe { libc::mallopt(setting, 128 * 1024) } != 1 {
+            failed.push(format!("glibc's {name} threshold stays adaptive"));
+        }
     }
+    failed
 }
 
 /// [`release_freed_memory`], at most once per [`IDLE_RELEASE_INTERVAL`] per thread: for an
@@ -84,10 +107,16 @@ pub fn resident_mib(pid: Option<u32>) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::{release_freed_memory, release_memory_eagerly, resident_mib};
+
+    /// The tests below measure the whole process's resident memory: one at a time.
+    static MEASURING: Mutex<()> = Mutex::new(());
 
     #[test]
     fn memory_a_thread_freed_goes_back_to_the_system() {
+        let _alone = MEASURING.lock().unwrap_or_else(|p| p.into_inner());
         // On a thread of its own, through mimalloc itself (a test binary's global allocator
         // is the system's): 64 MiB in small blocks, written, then freed.
         std::thread::spawn(|| {
@@ -122,15 +151,22 @@ mod tests {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn memory_glibc_freed_goes_back_and_huge_pages_are_off() {
-        release_memory_eagerly();
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        assert!(
-            status.lines().any(|l| l == "THP_enabled:\t0"),
-            "transparent huge pages still on"
-        );
-        // On a thread of its own (its own glibc arena): a 16 MiB block freed first would, by
-        // glibc's default, raise the size below which freed memory is kept to 32 MiB; then
-        // 24 MiB in 1 MiB blocks, written, then freed.
+        let _alone = MEASURING.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(release_memory_eagerly(), Vec::<String>::new());
+        // SAFETY: `prctl` with integer arguments only; the unused ones must be zero.
+        let disabled = unsafe {
+            libc::prctl(
+                libc::PR_GET_THP_DISABLE,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        assert_eq!(disabled, 1, "transparent huge pages still on");
+        // On a thread of its own, through glibc's malloc: a 16 MiB block freed first would,
+        // by glibc's default, raise the sizes below which it keeps freed memory (to 16 and
+        // 32 MiB); then 24 MiB in 1 MiB blocks, written, then freed.
         std::thread::spawn(|| {
             const MIB: usize = 1024 * 1024;
             // SAFETY: blocks from glibc's malloc, written within their size, freed once.

@@ -11,6 +11,7 @@
 //! worker and slot handed on. A panic inside a query's work ends that query alone, with a
 //! typed error.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -37,8 +38,9 @@ type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub struct Execution {
     /// Each worker's queue of jobs (it runs one at a time); closing them ends the threads.
     workers: Vec<mpsc::UnboundedSender<Job>>,
-    /// Workers not running a query.
-    idle: Arc<Mutex<Vec<usize>>>,
+    /// Workers not running a query, the longest idle first: the next query goes to a worker
+    /// that has finished tidying after its last one, not to the one that just stopped.
+    idle: Arc<Mutex<VecDeque<usize>>>,
     queue: Arc<FairQueue>,
     timeout: Duration,
     cpu_budget: Duration,
@@ -72,7 +74,7 @@ impl Execution {
             workers.push(jobs);
         }
         Ok(Execution {
-            idle: Arc::new(Mutex::new((0..workers.len()).rev().collect())),
+            idle: Arc::new(Mutex::new((0..workers.len()).collect())),
             workers,
             queue: FairQueue::new(limits.admission()),
             timeout: limits.query_timeout(),
@@ -164,7 +166,12 @@ impl Execution {
             return Err(timeout());
         }
         // The slot guarantees a worker is idle: there are as many workers as slots.
-        let Some(worker) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
+        let Some(worker) = self
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+        else {
             return Err(TallyError::new(
                 ErrorCode::Internal,
                 "no query worker is idle",
@@ -239,14 +246,14 @@ impl Drop for Aborting {
 }
 
 /// A worker's place in the idle list, taken back when its query's work ends.
-struct Idle(Arc<Mutex<Vec<usize>>>, usize);
+struct Idle(Arc<Mutex<VecDeque<usize>>>, usize);
 
 impl Drop for Idle {
     fn drop(&mut self) {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(self.1);
+            .push_back(self.1);
     }
 }
 
