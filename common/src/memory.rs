@@ -114,38 +114,57 @@ mod tests {
     /// The tests below measure the whole process's resident memory: one at a time.
     static MEASURING: Mutex<()> = Mutex::new(());
 
-    #[test]
-    fn memory_a_thread_freed_goes_back_to_the_system() {
-        let _alone = MEASURING.lock().unwrap_or_else(|p| p.into_inner());
-        // On a thread of its own, through mimalloc itself (a test binary's global allocator
-        // is the system's): 64 MiB in small blocks, written, then freed.
-        std::thread::spawn(|| {
-            const BLOCK: usize = 1024;
-            let blocks: Vec<usize> = (0..64 * 1024)
+    /// On a thread of its own: `blocks` blocks of `size` bytes from `allocate`, written, then
+    /// given to `free`, then `tidy`; resident memory must drop by more than `at_least_mib`.
+    fn freed_goes_back(
+        blocks: usize,
+        size: usize,
+        allocate: unsafe extern "C" fn(usize) -> *mut std::ffi::c_void,
+        free: unsafe extern "C" fn(*mut std::ffi::c_void),
+        tidy: fn(),
+        at_least_mib: f64,
+    ) {
+        std::thread::spawn(move || {
+            let held: Vec<usize> = (0..blocks)
                 .map(|_| {
-                    // SAFETY: a fresh block of BLOCK bytes, written within its size.
+                    // SAFETY: a fresh block of `size` bytes, written within its size.
                     unsafe {
-                        let block = libmimalloc_sys::mi_malloc(BLOCK).cast::<u8>();
+                        let block = allocate(size).cast::<u8>();
                         assert!(!block.is_null());
-                        block.write_bytes(1, BLOCK);
+                        block.write_bytes(1, size);
                         block as usize
                     }
                 })
                 .collect();
-            let held = resident_mib(None);
-            for block in blocks {
-                // SAFETY: each block came from mi_malloc above and is freed once.
-                unsafe { libmimalloc_sys::mi_free(block as *mut std::ffi::c_void) };
+            let with_blocks = resident_mib(None);
+            for block in held {
+                // SAFETY: each block came from `allocate` above and is freed once.
+                unsafe { free(block as *mut std::ffi::c_void) };
             }
-            release_freed_memory();
-            let released = resident_mib(None);
+            tidy();
+            let after = resident_mib(None);
             assert!(
-                held - released > 48.0,
-                "resident {held:.0} MiB with the blocks, {released:.0} MiB after"
+                with_blocks - after > at_least_mib,
+                "resident {with_blocks:.0} MiB with the blocks, {after:.0} MiB after"
             );
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn memory_a_thread_freed_goes_back_to_the_system() {
+        let _alone = MEASURING.lock().unwrap_or_else(|p| p.into_inner());
+        // Through mimalloc itself (a test binary's global allocator is the system's): 64 MiB
+        // in 1 KiB blocks, then the thread tidies its heap.
+        freed_goes_back(
+            64 * 1024,
+            1024,
+            libmimalloc_sys::mi_malloc,
+            libmimalloc_sys::mi_free,
+            release_freed_memory,
+            48.0,
+        );
     }
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -164,38 +183,17 @@ mod tests {
             )
         };
         assert_eq!(disabled, 1, "transparent huge pages still on");
-        // On a thread of its own, through glibc's malloc: a 16 MiB block freed first would,
-        // by glibc's default, raise the sizes below which it keeps freed memory (to 16 and
-        // 32 MiB); then 24 MiB in 1 MiB blocks, written, then freed.
-        std::thread::spawn(|| {
-            const MIB: usize = 1024 * 1024;
-            // SAFETY: blocks from glibc's malloc, written within their size, freed once.
-            unsafe {
-                // Written and seen, so that the compiler keeps the pair.
-                let large = std::hint::black_box(libc::malloc(16 * MIB));
-                assert!(!large.is_null());
-                large.cast::<u8>().write(1);
-                libc::free(std::hint::black_box(large));
-                let blocks: Vec<*mut libc::c_void> = (0..24)
-                    .map(|_| {
-                        let block = libc::malloc(MIB);
-                        assert!(!block.is_null());
-                        block.cast::<u8>().write_bytes(1, MIB);
-                        block
-                    })
-                    .collect();
-                let held = resident_mib(None);
-                for block in blocks {
-                    libc::free(block);
-                }
-                let released = resident_mib(None);
-                assert!(
-                    held - released > 16.0,
-                    "resident {held:.0} MiB with the blocks, {released:.0} MiB after"
-                );
-            }
-        })
-        .join()
-        .unwrap();
+        // A 16 MiB block freed first would, by glibc's default, raise the sizes below which
+        // it keeps freed memory (to 16 and 32 MiB); then 24 MiB in 1 MiB blocks.
+        // SAFETY: a block from glibc's malloc, written within its size, freed once; seen, so
+        // that the compiler keeps the pair.
+        unsafe {
+            let large = std::hint::black_box(libc::malloc(16 * 1024 * 1024));
+            assert!(!large.is_null());
+            large.cast::<u8>().write(1);
+            libc::free(std::hint::black_box(large));
+        }
+        // Nothing to tidy: glibc gives them back as they are freed.
+        freed_goes_back(24, 1024 * 1024, libc::malloc, libc::free, || {}, 16.0);
     }
 }
