@@ -152,7 +152,8 @@ enum Command {
     /// Soak: the gateway and three nodes as processes, N clients for M minutes with a
     /// realistic mix, and faults on a schedule (a node killed, a node stopped, the gateway
     /// killed, a link slowed, a node restarted); fails on a lost audit record, an untyped
-    /// error, or a fault not recovered from within 10 s.
+    /// error, a fault not recovered from within 10 s, or a process's resident memory over
+    /// the last minute more than 10 % above the second minute's.
     Soak {
         /// Where data, configs, logs and state are kept.
         #[arg(long, default_value = "target/soak")]

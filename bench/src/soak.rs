@@ -3,10 +3,12 @@
 //! gateway reaching RXC through an emulated link, N analyst clients sending a realistic mix
 //! for M minutes, and faults on a schedule: a node killed (SIGKILL) and restarted, a node
 //! stopped (SIGSTOP) and continued, the gateway killed and restarted, the link to a trust
-//! slowed, a node restarted gracefully. Reported: outcomes by code, latency percentiles,
-//! each process's resident memory over time, how long after each fault's end a query was
-//! answered by every trust again, and whether every answered query's audit record is in
-//! the gateway's log and every log's hash chain holds.
+//! slowed, a node restarted gracefully, at 20 to 60 % of the run (in a run of ten minutes
+//! or more, all between the second minute and the last). Reported: outcomes by code,
+//! latency percentiles, each process's resident memory every 10 s and whether it stayed
+//! flat, how long after each fault's end a query was answered by every trust again, and
+//! whether every answered query's audit record is in the gateway's log and every log's
+//! hash chain holds.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -53,6 +55,8 @@ struct Process {
     name: String,
     args: Vec<String>,
     child: Option<Child>,
+    /// When the running child was started.
+    started: Instant,
 }
 
 impl Process {
@@ -61,6 +65,7 @@ impl Process {
             name: name.to_string(),
             args,
             child: None,
+            started: Instant::now(),
         };
         process.spawn()?;
         Ok(process)
@@ -77,6 +82,7 @@ impl Process {
             .spawn()
             .map_err(|e| format!("{}: {e}", self.name))?;
         self.child = Some(child);
+        self.started = Instant::now();
         Ok(())
     }
 
@@ -100,11 +106,30 @@ impl Process {
         }
     }
 
-    fn rss_mib(&self) -> f64 {
-        self.pid().map_or(f64::NAN, |pid| {
-            tally_common::memory::resident_mib(Some(pid))
+    /// A sample of the running child's resident memory, if there is a child.
+    fn sample(&self, at: Duration) -> Option<Sample> {
+        self.pid().map(|pid| Sample {
+            at: at.as_secs(),
+            process: self.name.clone(),
+            pid,
+            age: self.started.elapsed().as_secs(),
+            mib: tally_common::memory::resident_mib(Some(pid)),
         })
     }
+}
+
+/// One process's resident memory at one moment.
+struct Sample {
+    /// Seconds into the run.
+    at: u64,
+    /// Which process (gateway, RXA, ...).
+    process: String,
+    /// Which life of it.
+    pid: u32,
+    /// Seconds since this life started.
+    age: u64,
+    /// Resident memory, MiB.
+    mib: f64,
 }
 
 /// A free loopback port.
@@ -306,16 +331,18 @@ pub async fn run(options: &Options) -> Result<String, String> {
         }));
     }
 
+    // In a run of ten minutes or more, between the second minute and the last, which
+    // memory is compared over (each must see the processes at work, not restarting).
     let faults: Vec<Fault> = if options.faults {
         let at = |fraction: f64| Duration::from_secs_f64(length.as_secs_f64() * fraction);
         vec![
             Fault {
-                at: at(0.10),
+                at: at(0.20),
                 lasts: Duration::from_secs(20),
                 what: "node RXA killed (SIGKILL), restarted",
             },
             Fault {
-                at: at(0.25),
+                at: at(0.30),
                 lasts: Duration::from_secs(20),
                 what: "node RXB stopped (SIGSTOP), continued",
             },
@@ -325,12 +352,12 @@ pub async fn run(options: &Options) -> Result<String, String> {
                 what: "gateway killed (SIGKILL), restarted",
             },
             Fault {
-                at: at(0.55),
+                at: at(0.50),
                 lasts: Duration::from_secs(30),
                 what: "link to RXC slowed to 0.05 Mbit/s",
             },
             Fault {
-                at: at(0.70),
+                at: at(0.60),
                 lasts: Duration::from_secs(3),
                 what: "node RXC stopped (SIGTERM), restarted",
             },
@@ -338,7 +365,7 @@ pub async fn run(options: &Options) -> Result<String, String> {
     } else {
         Vec::new()
     };
-    let mut rss_rows = Vec::new();
+    let mut samples = Vec::new();
     let mut recoveries = Vec::new();
     let mut next_fault = 0;
     let mut next_sample = Duration::ZERO;
@@ -346,12 +373,15 @@ pub async fn run(options: &Options) -> Result<String, String> {
         let now = started.elapsed();
         if now >= next_sample {
             let (gateway, nodes) = &*processes.lock().await;
-            rss_rows.push((
-                now.as_secs(),
-                gateway.rss_mib(),
-                nodes.iter().map(Process::rss_mib).collect::<Vec<_>>(),
-            ));
-            next_sample += Duration::from_secs(30);
+            samples.extend(
+                std::iter::once(gateway)
+                    .chain(nodes)
+                    .filter_map(|p| p.sample(now)),
+            );
+            // Once per 10 s mark, none made up for after a fault's pause.
+            while next_sample <= now {
+                next_sample += Duration::from_secs(10);
+            }
         }
         if let Some(fault) = faults.get(next_fault)
             && now >= fault.at
@@ -388,7 +418,7 @@ pub async fn run(options: &Options) -> Result<String, String> {
         }
     }
     let mut seen = std::mem::take(&mut *seen.lock().await);
-    report(options, &run_dir, &mut seen, &rss_rows, &recoveries)
+    report(options, &run_dir, &mut seen, &samples, &recoveries)
 }
 
 /// Starts or ends the fault named `what`.
@@ -443,7 +473,7 @@ fn report(
     options: &Options,
     run_dir: &Path,
     seen: &mut Seen,
-    rss_rows: &[(u64, f64, Vec<f64>)],
+    samples: &[Sample],
     recoveries: &[(&str, Duration, Option<Duration>)],
 ) -> Result<String, String> {
     seen.millis.sort_by(f64::total_cmp);
@@ -482,16 +512,8 @@ fn report(
             ))
         ));
     }
-    text.push_str(
-        "\n| at s | gateway MiB | RXA MiB | RXB MiB | RXC MiB |\n|---|---|---|---|---|\n",
-    );
-    for (secs, gateway, nodes) in rss_rows {
-        let nodes: Vec<String> = nodes.iter().map(|m| format!("{m:.0}")).collect();
-        text.push_str(&format!(
-            "| {secs} | {gateway:.0} | {} |\n",
-            nodes.join(" | ")
-        ));
-    }
+    let (memory, unflat) = memory_report(options, samples);
+    text.push_str(&memory);
     // Every answered query's record is in the gateway's log, and every chain holds.
     let mut logged = HashSet::new();
     let gateway_log = tally_common::audit::read_records(&run_dir.join("gateway.jsonl"))
@@ -533,10 +555,121 @@ fn report(
         .iter()
         .filter(|(_, _, r)| r.is_none_or(|d| d > Duration::from_secs(10)))
         .count();
-    if missing > 0 || !broken.is_empty() || untyped > 0 || unrecovered > 0 {
+    if missing > 0 || !broken.is_empty() || untyped > 0 || unrecovered > 0 || !unflat.is_empty() {
         return Err(format!(
-            "{text}\nthe soak broke a rule: {missing} records missing, chains broken {broken:?}, {untyped} untyped errors, {unrecovered} faults not recovered within 10 s"
+            "{text}\nthe soak broke a rule: {missing} records missing, chains broken {broken:?}, {untyped} untyped errors, {unrecovered} faults not recovered within 10 s, memory not flat in {unflat:?}"
         ));
     }
     Ok(text)
+}
+
+/// Resident memory over time, then whether it stayed flat: for each named process, the
+/// mean over the last minute of the run against the mean over the second minute (whichever
+/// life of the process was running then: a restarted process counts against its
+/// predecessor), and the same for each life of a process on its own (its second minute of
+/// life against its last), so that a restart can neither hide growth nor be mistaken for
+/// it. Returns the text and what was not flat: more than 10 % up, or not measured in a run
+/// or life long enough to measure (three minutes: the two minutes apart).
+fn memory_report(options: &Options, samples: &[Sample]) -> (String, Vec<String>) {
+    let names = ["gateway", "RXA", "RXB", "RXC"];
+    let mut text = String::from(
+        "\n| at s | gateway MiB | RXA MiB | RXB MiB | RXC MiB |\n|---|---|---|---|---|\n",
+    );
+    let mut times: Vec<u64> = samples.iter().map(|s| s.at).collect();
+    times.dedup();
+    for at in times {
+        let row: Vec<String> = names
+            .iter()
+            .map(|name| {
+                samples
+                    .iter()
+                    .find(|s| s.at == at && s.process == *name)
+                    .map_or("-".to_string(), |s| format!("{:.0}", s.mib))
+            })
+            .collect();
+        text.push_str(&format!("| {at} | {} |\n", row.join(" | ")));
+    }
+    text.push_str(
+        "\n| process | second minute MiB | last minute MiB | change |\n|---|---|---|---|\n",
+    );
+    let mut unflat = Vec::new();
+    let mut judge = |label: String, series: Vec<(u64, f64)>, end: u64| match flatness(&series, end)
+    {
+        Flatness::TooShort => {
+            text.push_str(&format!(
+                "| {label} | - | - | under three minutes: not measured |\n"
+            ));
+        }
+        Flatness::Unmeasured => {
+            text.push_str(&format!(
+                "| {label} | - | - | **no sample in one of the minutes** |\n"
+            ));
+            unflat.push(label);
+        }
+        Flatness::Measured { second, last } => {
+            let change = (last / second - 1.0) * 100.0;
+            text.push_str(&format!(
+                "| {label} | {second:.0} | {last:.0} | {change:+.1} % |\n"
+            ));
+            if change.is_nan() || change > 10.0 {
+                unflat.push(label);
+            }
+        }
+    };
+    let run_end = (options.minutes * 60.0) as u64;
+    for name in names {
+        let series = samples
+            .iter()
+            .filter(|s| s.process == name)
+            .map(|s| (s.at, s.mib))
+            .collect();
+        judge(name.to_string(), series, run_end);
+    }
+    let mut lives: Vec<(&str, u32, u64)> = Vec::new();
+    for s in samples {
+        if !lives
+            .iter()
+            .any(|(name, pid, _)| *name == s.process && *pid == s.pid)
+        {
+            lives.push((&s.process, s.pid, s.at.saturating_sub(s.age)));
+        }
+    }
+    for (name, pid, from) in lives {
+        let series: Vec<(u64, f64)> = samples
+            .iter()
+            .filter(|s| s.process == name && s.pid == pid)
+            .map(|s| (s.age, s.mib))
+            .collect();
+        let end = series.iter().map(|(age, _)| *age).max().unwrap_or(0);
+        judge(format!("{name}, its life from {from} s"), series, end);
+    }
+    (text, unflat)
+}
+
+/// How a series of memory samples (seconds, MiB) over `end` seconds compares.
+enum Flatness {
+    /// Under three minutes: the second minute and the last would overlap.
+    TooShort,
+    /// Long enough, but one of the two minutes has no sample.
+    Unmeasured,
+    /// The mean of each minute, MiB.
+    Measured { second: f64, last: f64 },
+}
+
+fn flatness(series: &[(u64, f64)], end: u64) -> Flatness {
+    if end < 180 {
+        return Flatness::TooShort;
+    }
+    let mean = |within: &dyn Fn(u64) -> bool| {
+        let picked: Vec<f64> = series
+            .iter()
+            .filter(|(t, _)| within(*t))
+            .map(|(_, mib)| *mib)
+            .collect();
+        (!picked.is_empty()).then(|| picked.iter().sum::<f64>() / picked.len() as f64)
+    };
+    match (mean(&|t| (60..120).contains(&t)), mean(&|t| t + 60 >= end)) {
+        (Some(second), Some(last)) => Flatness::Measured { second, last },
+        (None, _) | (_, None) => Flatness::Unmeasured,
+    }
 }

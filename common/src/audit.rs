@@ -6,7 +6,8 @@
 //! a record breaks its own hash; deleting or reordering records breaks a `prev`; [`verify`]
 //! names the first record that fails. Each line is written and synced to disk before
 //! `append` (or `write`) returns, and a log reopened after a restart (or a crash) continues
-//! the chain. Records written concurrently through `write` are committed in groups: one
+//! the chain (reading only its last lines, so a restart costs the same however long the log
+//! is). Records written concurrently through `write` are committed in groups: one
 //! blocking task writes every record waiting and syncs once for all of them.
 //!
 //! A chain alone cannot show that records were cut off its end, so the writer also keeps
@@ -22,6 +23,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -113,12 +115,12 @@ impl<R: Serialize + Clone> AuditLog<R> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(path)?;
-        set_aside_torn_tail(path, &mut file)?;
+        set_aside_torn_tail(path, &file)?;
         let last = match last_record_hash(&file)? {
             Some(hash) => hash,
             None => match segments(path)?.iter().rev().nth(1) {
@@ -254,7 +256,6 @@ impl ChainedFile {
     /// Syncs the lines written, then records the newest one's hash in the head file.
     fn sync(&mut self) -> std::io::Result<()> {
         self.file.sync_data()?;
-        use std::os::unix::fs::FileExt;
         self.head
             .write_all_at(head_line(&self.last).as_bytes(), 0)?;
         self.head.sync_data()
@@ -301,44 +302,80 @@ fn split_hash(line: &str) -> Option<(String, &str)> {
     (hash.len() == 64).then(|| (format!("{}}}", &stripped[..at]), hash))
 }
 
-/// The hash of the last record of `file`, if it has one.
+/// How many bytes from a line's end hold its hash: the hash field, 64 hex digits and `"}`.
+const HASH_TAIL: usize = HASH_FIELD.len() + 64 + 2;
+
+/// The hash of the last record of `file` that has one, read backwards from the end (a
+/// reopened log's files can be large; only their last lines are read).
 fn last_record_hash(file: &File) -> std::io::Result<Option<String>> {
-    let mut reader = file.try_clone()?;
-    reader.seek(SeekFrom::Start(0))?;
-    let mut last = None;
-    for line in BufReader::new(reader).lines() {
-        let line = line?;
-        if let Some((_, hash)) = split_hash(&line) {
-            last = Some(hash.to_string());
+    lines_backwards(file, |_, line_end| {
+        let line_end = line_end.strip_suffix(b"\r").unwrap_or(line_end);
+        let tail = &line_end[line_end.len().saturating_sub(HASH_TAIL)..];
+        let (_, hash) = split_hash(std::str::from_utf8(tail).ok()?)?;
+        Some(hash.to_string())
+    })
+}
+
+/// Walks `file`'s lines from the last to the first, in one pass backwards a block at a time,
+/// until `visit` returns something. `visit` gets each line's start offset and its last
+/// bytes (enough for [`HASH_TAIL`] and a carriage return; without the newline). The first
+/// line visited is the one after the file's last newline: empty if the file ends in one.
+fn lines_backwards<T>(
+    file: &File,
+    mut visit: impl FnMut(u64, &[u8]) -> Option<T>,
+) -> std::io::Result<Option<T>> {
+    const BLOCK: u64 = 64 * 1024;
+    let mut line_end = Vec::with_capacity(HASH_TAIL + 1);
+    let mut buffer = vec![0; BLOCK as usize];
+    let mut end = file.metadata()?.len();
+    while end > 0 {
+        let begin = end.saturating_sub(BLOCK);
+        let block = &mut buffer[..(end - begin) as usize];
+        file.read_exact_at(block, begin)?;
+        let mut rest: &[u8] = block;
+        while let Some(newline) = rest.iter().rposition(|b| *b == b'\n') {
+            keep_line_end(&mut line_end, &rest[newline + 1..]);
+            if let Some(found) = visit(begin + newline as u64 + 1, &line_end) {
+                return Ok(Some(found));
+            }
+            line_end.clear();
+            rest = &rest[..newline];
         }
+        keep_line_end(&mut line_end, rest);
+        end = begin;
     }
-    Ok(last)
+    Ok(visit(0, &line_end))
+}
+
+/// Puts `before` (the bytes of a line just before those in `line_end`) in front of
+/// `line_end`, which keeps no more than the line's last `HASH_TAIL + 1` bytes.
+fn keep_line_end(line_end: &mut Vec<u8>, before: &[u8]) {
+    let room = (HASH_TAIL + 1).saturating_sub(line_end.len());
+    let kept = &before[before.len().saturating_sub(room)..];
+    line_end.splice(0..0, kept.iter().copied());
 }
 
 /// A crash in the middle of a write can leave a last line without its newline: that record
 /// was never acknowledged. It is moved to `<path>.torn` (for inspection) and cut off, so the
-/// chain continues from the last complete record.
-fn set_aside_torn_tail(path: &Path, file: &mut File) -> std::io::Result<()> {
-    let mut content = Vec::new();
-    file.seek(SeekFrom::Start(0))?;
-    file.read_to_end(&mut content)?;
-    if content.is_empty() || content.ends_with(b"\n") {
+/// chain continues from the last complete record. Reads only the file's last line.
+fn set_aside_torn_tail(path: &Path, file: &File) -> std::io::Result<()> {
+    let length = file.metadata()?.len();
+    let keep = lines_backwards(file, |start, _| Some(start))?.unwrap_or(0);
+    if keep == length {
         return Ok(());
     }
-    let keep = content
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map_or(0, |i| i + 1);
     let mut torn_name = path.as_os_str().to_owned();
     torn_name.push(".torn");
     let mut torn = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&torn_name)?;
-    torn.write_all(&content[keep..])?;
+    let mut tail = file.try_clone()?;
+    tail.seek(SeekFrom::Start(keep))?;
+    std::io::copy(&mut tail.take(length - keep), &mut torn)?;
     torn.write_all(b"\n")?;
     torn.sync_all()?;
-    file.set_len(keep as u64)?;
+    file.set_len(keep)?;
     file.sync_all()?;
     tracing::warn!(path = %path.display(), torn = %Path::new(&torn_name).display(), "audit log ended in a torn line; it was moved aside");
     Ok(())
@@ -438,24 +475,25 @@ pub struct VerifiedLog {
 /// Checks the hash chain of the log whose active file is `path`, across its rotated
 /// segments; names the first record that fails.
 pub fn verify(path: &Path) -> Result<VerifiedLog, ChainBreak> {
-    let mut records = 0;
-    let files = read_chain(path, |_| records += 1)?;
-    Ok(VerifiedLog { records, files })
+    replay(path, |_| {})
 }
 
 /// Every record of the log whose active file is `path`, oldest first, after checking the
 /// chain (a log that does not verify is not read).
 pub fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, ChainBreak> {
     let mut records = Vec::new();
-    read_chain(path, |record| records.push(record))?;
+    replay(path, |record| records.push(record))?;
     Ok(records)
 }
 
-/// Walks the chain across every segment, passing each verified record to `visit`.
-fn read_chain(
+/// Walks the chain of the log whose active file is `path` across every segment, passing
+/// each record to `visit` as soon as it is verified, so memory does not grow with the log.
+/// Records are visited before the rest of the chain is checked: on an error, whatever the
+/// caller built from them must be thrown away.
+pub fn replay(
     path: &Path,
     mut visit: impl FnMut(serde_json::Value),
-) -> Result<Vec<PathBuf>, ChainBreak> {
+) -> Result<VerifiedLog, ChainBreak> {
     let fail = |file: &Path, line: usize, reason: String| ChainBreak {
         file: file.to_path_buf(),
         line,
@@ -515,7 +553,10 @@ fn read_chain(
                 .into(),
         ));
     }
-    Ok(files)
+    Ok(VerifiedLog {
+        records: total,
+        files,
+    })
 }
 
 /// Milliseconds since the Unix epoch, for record timestamps.
@@ -678,5 +719,52 @@ pub(crate) mod tests {
         assert_eq!(verify(&path).unwrap().records, 3);
         let torn = std::fs::read_to_string(dir.path().join("audit.jsonl.torn")).unwrap();
         assert_eq!(torn, "{\"n\":2,\"no\n");
+    }
+
+    #[test]
+    fn reopening_continues_from_the_last_line_with_a_hash() {
+        // After the last record: a carriage return before its newline (a file converted to
+        // CRLF), an empty line, and a line that is not a record. The chain continues from
+        // the last record all the same (and `verify` names the line that is not one).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_log(&path, 0, 2, None);
+        let written = lines(&path);
+        let hash = |line: &str| split_hash(line).unwrap().1.to_string();
+        let damaged = format!("{}\n{}\r\n\n{{}}\n", written[0], written[1]);
+        std::fs::write(&path, damaged).unwrap();
+        write_log(&path, 2, 3, None);
+        let appended: serde_json::Value =
+            serde_json::from_str(lines(&path).last().unwrap()).unwrap();
+        assert_eq!(appended["prev"], hash(&written[1]));
+        assert_eq!(verify(&path).unwrap_err().line, 3);
+    }
+
+    #[test]
+    fn reopening_reads_back_across_lines_longer_than_a_block() {
+        // A last record of 150 KiB and a torn tail of 100 KiB: both span several of the
+        // 64 KiB blocks in which a reopened log is read backwards from its end.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_log(&path, 0, 1, None);
+        let log = AuditLog::open(&path, None).unwrap();
+        let long = "x".repeat(150 * 1024);
+        log.append(Entry {
+            n: 1,
+            note: long.clone(),
+        })
+        .unwrap();
+        drop(log);
+        let torn_tail = format!("{{\"n\":2,\"note\":\"{}", "y".repeat(100 * 1024));
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(torn_tail.as_bytes()).unwrap();
+        drop(file);
+        write_log(&path, 3, 4, None);
+        let records = read_records(&path).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[1]["note"], long.as_str());
+        assert_eq!(records[2]["n"], 3);
+        let torn = std::fs::read_to_string(dir.path().join("audit.jsonl.torn")).unwrap();
+        assert_eq!(torn, torn_tail + "\n");
     }
 }

@@ -16,11 +16,12 @@
 //! **Storage.** The ledger is an [`AuditLog`] of [`LedgerRecord`]s (one JSON object per line,
 //! SHA-256 chained, each line synced to disk before the append returns, a `.head` file naming
 //! the newest record; it never rotates, so record *n* is line *n*). On [`Ledger::open`] the
-//! whole file is verified with [`audit::read_records`] and replayed into memory. An edited,
-//! deleted, reordered or cut-off record, or a record that is not a [`LedgerRecord`], makes
-//! `open` fail with [`ErrorCode::LedgerBroken`] naming the file and the record: a ledger
-//! that cannot be trusted is never silently continued. (A last line torn by a crash *during*
-//! a write was never acknowledged, so nothing was answered on its strength; [`AuditLog`]
+//! whole file is verified with [`audit::replay`] and replayed into memory as it is read (the
+//! file's records are never all held at once). An edited, deleted, reordered or cut-off
+//! record, or a record that is not a [`LedgerRecord`], makes `open` fail with
+//! [`ErrorCode::LedgerBroken`] naming the file and the record: a ledger that cannot be
+//! trusted is never silently continued. (A last line torn by a crash *during* a write was
+//! never acknowledged, so nothing was answered on its strength; [`AuditLog`]
 //! moves it aside to `<path>.torn` and the chain continues. Deleting both the ledger and its
 //! head file cannot be detected locally; the transparency register's published head hashes
 //! are the anchor against that.)
@@ -234,31 +235,42 @@ impl Ledger {
                 path.display()
             ))
         })?;
-        let records = audit::read_records(path).map_err(|chain| {
-            tracing::error!(path = %path.display(), %chain, "budget ledger fails verification");
-            broken(format!(
-                "the budget ledger does not verify: {chain}; every query is refused until it \
-                 is restored"
-            ))
-        })?;
+        // Replayed record by record as the chain is read, so opening needs no more memory
+        // than the state itself. The first record that cannot be applied is kept and
+        // reported, unless the chain itself breaks (reported first, as the graver fault).
         let mut state = State::default();
-        for (index, mut value) in records.into_iter().enumerate() {
-            let number = index + 1;
-            let fail = |why: String| {
-                tracing::error!(path = %path.display(), record = number, %why, "budget ledger record rejected");
-                broken(format!(
-                    "the budget ledger {}, record {number}: {why}; every query is refused until \
-                     it is restored",
-                    path.display()
-                ))
-            };
+        let mut number = 0usize;
+        let mut rejected = None;
+        let replayed = audit::replay(path, |mut value| {
+            number += 1;
+            if rejected.is_some() {
+                return;
+            }
             if let Some(fields) = value.as_object_mut() {
                 fields.remove("prev");
                 fields.remove("hash");
             }
-            let record: LedgerRecord = serde_json::from_value(value)
-                .map_err(|err| fail(format!("not a ledger record ({err})")))?;
-            state.apply(&record).map_err(fail)?;
+            let applied = serde_json::from_value::<LedgerRecord>(value)
+                .map_err(|err| format!("not a ledger record ({err})"))
+                .and_then(|record| state.apply(&record));
+            if let Err(why) = applied {
+                rejected = Some((number, why));
+            }
+        });
+        if let Err(chain) = replayed {
+            tracing::error!(path = %path.display(), %chain, "budget ledger fails verification");
+            return Err(broken(format!(
+                "the budget ledger does not verify: {chain}; every query is refused until it \
+                 is restored"
+            )));
+        }
+        if let Some((number, why)) = rejected {
+            tracing::error!(path = %path.display(), record = number, %why, "budget ledger record rejected");
+            return Err(broken(format!(
+                "the budget ledger {}, record {number}: {why}; every query is refused until \
+                 it is restored",
+                path.display()
+            )));
         }
         Ok(Ledger {
             log: Some(log),
