@@ -1,7 +1,7 @@
 //! `tally audit register`: the public transparency register. It reads gateway audit logs and
 //! writes what a member of the public may see of every query (when, for which project and
-//! purpose, the SQL, the decision and its reason codes, the trusts that answered, the policy
-//! version) as `register.json` and a static, self-contained `index.html`.
+//! purpose, the SQL, the decision and its reason codes, the trusts that answered an answered
+//! query, the policy version) as `register.json` and a static, self-contained `index.html`.
 //!
 //! Never published: who asked (user, groups), tokens, the answers or their size, anything
 //! about suppressed groups, obligations, the releases sent to the trusts (their models and
@@ -138,7 +138,7 @@ pub struct Entry {
     pub outcome: Outcome,
     /// Reason codes of a refusal or failure.
     pub reason_codes: Vec<String>,
-    /// Trusts that answered their part.
+    /// Trusts that answered their part, for an answered query; empty otherwise.
     pub trusts: Vec<String>,
     /// The version of the policy that decided (absent when the policy was not reached).
     pub policy_version: Option<String>,
@@ -228,7 +228,13 @@ fn parse_record(record: serde_json::Value) -> Result<Option<(u64, Entry)>, Strin
         sql: public_sql(&record.sql, outcome),
         outcome,
         reason_codes: distinct(record.codes),
-        trusts: record.trusts,
+        // Only an answered query names its trusts (each it reached answered). A query that
+        // failed or was refused on the way logs the trusts that answered before it stopped,
+        // which would name the one that did not: whether a trust fails can depend on its data.
+        trusts: match outcome {
+            Outcome::Answered => record.trusts,
+            Outcome::Refused | Outcome::Failed => Vec::new(),
+        },
         policy_version: record.policy_version,
         budget_spent: record.rho_charged,
     };
@@ -612,6 +618,24 @@ mod tests {
         // A query without constants reads as typed.
         let plain = "SELECT specialty, COUNT(*) AS n\nFROM episodes GROUP BY specialty";
         assert_eq!(public_sql(plain, Outcome::Answered), plain);
+    }
+
+    #[test]
+    fn only_an_answered_query_names_its_trusts() {
+        // The log of a query that failed or was refused on the way lists the trusts that
+        // answered before it stopped (here RXX and RYY); published, that would name the
+        // trust that did not, and whether a trust fails can depend on its data.
+        for outcome in ["failed", "refused"] {
+            let (_, entry) = parse_record(record("run", outcome, "SELECT COUNT(*) FROM episodes"))
+                .expect("parses")
+                .expect("listed");
+            assert!(entry.trusts.is_empty(), "{outcome}: {:?}", entry.trusts);
+            let html = render_html(&Register {
+                generated_at: "2025-06-01T14:03:07.120Z".into(),
+                entries: vec![entry],
+            });
+            assert!(!html.contains("RXX") && !html.contains("RYY"), "{html}");
+        }
     }
 
     #[test]
