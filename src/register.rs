@@ -23,7 +23,7 @@ use chrono::{DateTime, SecondsFormat};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 use serde::{Deserialize, Serialize};
-use tally_common::audit::{ChainBreak, now_millis, read_records};
+use tally_common::audit::{ChainBreak, now_millis, replay};
 
 /// Published in place of the SQL of a query that does not tokenize.
 pub const WITHHELD_SQL: &str = "(withheld: the text could not be parsed)";
@@ -199,16 +199,28 @@ pub fn read(logs: &[PathBuf]) -> Result<Register, RegisterError> {
 /// its time in milliseconds. A log whose hash chain does not verify is not published.
 /// Records the register does not list (successful describes) are skipped.
 fn read_log(path: &Path, timed: &mut Vec<(u64, Entry)>) -> Result<(), RegisterError> {
-    let records = read_records(path).map_err(RegisterError::Chain)?;
-    for (index, record) in records.into_iter().enumerate() {
-        let parsed = parse_record(record).map_err(|reason| RegisterError::Record {
-            path: path.to_path_buf(),
-            record: index + 1,
-            reason,
-        })?;
-        timed.extend(parsed);
-    }
-    Ok(())
+    // Each record is read into its public entry as the chain is verified, so memory holds
+    // the entries, never a whole log's records (a busy gateway logs gigabytes).
+    let mut number = 0usize;
+    let mut rejected = None;
+    replay(path, |record| {
+        number += 1;
+        if rejected.is_some() {
+            return;
+        }
+        match parse_record(record) {
+            Ok(parsed) => timed.extend(parsed),
+            Err(reason) => {
+                rejected = Some(RegisterError::Record {
+                    path: path.to_path_buf(),
+                    record: number,
+                    reason,
+                });
+            }
+        }
+    })
+    .map_err(RegisterError::Chain)?;
+    rejected.map_or(Ok(()), Err)
 }
 
 /// The public entry for one gateway audit record, with its time in milliseconds, or `None`
