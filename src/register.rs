@@ -23,7 +23,7 @@ use chrono::{DateTime, SecondsFormat};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer, Whitespace};
 use serde::{Deserialize, Serialize};
-use tally_common::audit::{ChainBreak, now_millis, replay};
+use tally_common::audit::{ChainBreak, ReplayError, now_millis, replay_into};
 
 /// Published in place of the SQL of a query that does not tokenize.
 pub const WITHHELD_SQL: &str = "(withheld: the text could not be parsed)";
@@ -201,26 +201,18 @@ pub fn read(logs: &[PathBuf]) -> Result<Register, RegisterError> {
 fn read_log(path: &Path, timed: &mut Vec<(u64, Entry)>) -> Result<(), RegisterError> {
     // Each record is read into its public entry as the chain is verified, so memory holds
     // the entries, never a whole log's records (a busy gateway logs gigabytes).
-    let mut number = 0usize;
-    let mut rejected = None;
-    replay(path, |record| {
-        number += 1;
-        if rejected.is_some() {
-            return;
-        }
-        match parse_record(record) {
-            Ok(parsed) => timed.extend(parsed),
-            Err(reason) => {
-                rejected = Some(RegisterError::Record {
-                    path: path.to_path_buf(),
-                    record: number,
-                    reason,
-                });
-            }
-        }
+    replay_into(path, |record| {
+        parse_record(record).map(|parsed| timed.extend(parsed))
     })
-    .map_err(RegisterError::Chain)?;
-    rejected.map_or(Ok(()), Err)
+    .map(|_| ())
+    .map_err(|error| match error {
+        ReplayError::Chain(chain) => RegisterError::Chain(chain),
+        ReplayError::Rejected { record, why } => RegisterError::Record {
+            path: path.to_path_buf(),
+            record,
+            reason: why,
+        },
+    })
 }
 
 /// The public entry for one gateway audit record, with its time in milliseconds, or `None`

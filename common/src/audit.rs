@@ -486,6 +486,44 @@ pub fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, ChainBreak> {
     Ok(records)
 }
 
+/// Why [`replay_into`] stopped.
+#[derive(Debug)]
+pub enum ReplayError<E> {
+    /// The chain breaks (reported first: it makes every record suspect).
+    Chain(ChainBreak),
+    /// The chain holds, but `apply` rejected this record (1-based across the log's files).
+    Rejected {
+        /// The record's number.
+        record: usize,
+        /// Why `apply` rejected it.
+        why: E,
+    },
+}
+
+/// Replays the log at `path` into the caller's state through `apply`, record by record as
+/// the chain is verified (see [`replay`]). Once `apply` rejects a record, the rest of the
+/// chain is still verified but no longer applied.
+pub fn replay_into<E>(
+    path: &Path,
+    mut apply: impl FnMut(serde_json::Value) -> Result<(), E>,
+) -> Result<VerifiedLog, ReplayError<E>> {
+    let mut number = 0usize;
+    let mut rejected = None;
+    let verified = replay(path, |record| {
+        number += 1;
+        if rejected.is_none()
+            && let Err(why) = apply(record)
+        {
+            rejected = Some(ReplayError::Rejected {
+                record: number,
+                why,
+            });
+        }
+    })
+    .map_err(ReplayError::Chain)?;
+    rejected.map_or(Ok(verified), Err)
+}
+
 /// Walks the chain of the log whose active file is `path` across every segment, passing
 /// each record to `visit` as soon as it is verified, so memory does not grow with the log.
 /// Records are visited before the rest of the chain is checked: on an error, whatever the

@@ -16,8 +16,8 @@
 //! **Storage.** The ledger is an [`AuditLog`] of [`LedgerRecord`]s (one JSON object per line,
 //! SHA-256 chained, each line synced to disk before the append returns, a `.head` file naming
 //! the newest record; it never rotates, so record *n* is line *n*). On [`Ledger::open`] the
-//! whole file is verified with [`audit::replay`] and replayed into memory as it is read (the
-//! file's records are never all held at once). An edited, deleted, reordered or cut-off
+//! whole file is verified with [`audit::replay_into`] and replayed into memory as it is read
+//! (the file's records are never all held at once). An edited, deleted, reordered or cut-off
 //! record, or a record that is not a [`LedgerRecord`], makes `open` fail with
 //! [`ErrorCode::LedgerBroken`] naming the file and the record: a ledger that cannot be
 //! trusted is never silently continued. (A last line torn by a crash *during* a write was
@@ -46,7 +46,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use chrono::{DateTime, SecondsFormat};
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{self, AuditLog};
+use crate::audit::{self, AuditLog, ReplayError};
 use crate::error::{ErrorCode, TallyError};
 use crate::noise::Rho;
 
@@ -236,41 +236,34 @@ impl Ledger {
             ))
         })?;
         // Replayed record by record as the chain is read, so opening needs no more memory
-        // than the state itself. The first record that cannot be applied is kept and
-        // reported, unless the chain itself breaks (reported first, as the graver fault).
+        // than the state itself.
         let mut state = State::default();
-        let mut number = 0usize;
-        let mut rejected = None;
-        let replayed = audit::replay(path, |mut value| {
-            number += 1;
-            if rejected.is_some() {
-                return;
-            }
+        let replayed = audit::replay_into(path, |mut value| {
             if let Some(fields) = value.as_object_mut() {
                 fields.remove("prev");
                 fields.remove("hash");
             }
-            let applied = serde_json::from_value::<LedgerRecord>(value)
+            serde_json::from_value::<LedgerRecord>(value)
                 .map_err(|err| format!("not a ledger record ({err})"))
-                .and_then(|record| state.apply(&record));
-            if let Err(why) = applied {
-                rejected = Some((number, why));
-            }
+                .and_then(|record| state.apply(&record))
         });
-        if let Err(chain) = replayed {
-            tracing::error!(path = %path.display(), %chain, "budget ledger fails verification");
-            return Err(broken(format!(
-                "the budget ledger does not verify: {chain}; every query is refused until it \
-                 is restored"
-            )));
-        }
-        if let Some((number, why)) = rejected {
-            tracing::error!(path = %path.display(), record = number, %why, "budget ledger record rejected");
-            return Err(broken(format!(
-                "the budget ledger {}, record {number}: {why}; every query is refused until \
-                 it is restored",
-                path.display()
-            )));
+        match replayed {
+            Ok(_) => {}
+            Err(ReplayError::Chain(chain)) => {
+                tracing::error!(path = %path.display(), %chain, "budget ledger fails verification");
+                return Err(broken(format!(
+                    "the budget ledger does not verify: {chain}; every query is refused until \
+                     it is restored"
+                )));
+            }
+            Err(ReplayError::Rejected { record, why }) => {
+                tracing::error!(path = %path.display(), record, %why, "budget ledger record rejected");
+                return Err(broken(format!(
+                    "the budget ledger {}, record {record}: {why}; every query is refused \
+                     until it is restored",
+                    path.display()
+                )));
+            }
         }
         Ok(Ledger {
             log: Some(log),
